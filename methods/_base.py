@@ -1,0 +1,274 @@
+"""Contracts every method plugin meets: configs, the quantized model and its deployable export.
+
+A method turns an FP32 ``nn.Module`` into a :class:`QuantizedModel`:
+
+* ``module`` is the fake-quant graph whose forward gives the accuracy;
+* ``export()`` returns the deployable form, one :class:`LayerExport` per quantized conv/linear
+  (integer codes, scales, group size, activation quantizer), the only thing the TVM schedules see;
+* ``cost()`` summarises effective bits per weight (scales included), sparsity and op counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "ConfigError",
+    "MethodConfig",
+    "LayerExport",
+    "CostSummary",
+    "QuantContext",
+    "QuantizedModel",
+    "TernaryMethod",
+    "WeightFormat",
+    "ActMode",
+    "FirstLast",
+]
+
+WeightFormat = Literal["ternary", "int8", "fp32"]
+ActMode = Literal["fp32", "int", "ternary"]
+FirstLast = Literal["fp32", "int8", "same"]
+
+
+class ConfigError(ValueError):
+    """A config field holds a bad value; the message names the field and the rule."""
+
+
+def _check(cond: bool, cls: str, field_name: str, rule: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{cls}.{field_name} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Knobs shared by every method; subclasses add their own fields and checks.
+
+    Frozen and self-validating (torchao style): a bad value raises :class:`ConfigError` naming
+    the field.
+
+    Example:
+        >>> MethodConfig(act_bits=8).act_bits
+        8
+        >>> MethodConfig(act_bits=3)
+        Traceback (most recent call last):
+        ...
+        ternbench.methods._base.ConfigError: MethodConfig.act_bits must be one of (4, 8, 32), got 3
+    """
+
+    #: activation precision fed to quantized layers (32 = float, 8/4 = symmetric integer)
+    act_bits: int = 8
+    #: policy for the first conv and the last linear layer: keep FP32, use 8-8, or the method itself
+    first_last: FirstLast = "int8"
+    #: re-estimate BatchNorm statistics after quantization (post-training methods)
+    bn_recalibrate: bool = True
+
+    allowed_act_bits: ClassVar[tuple[int, ...]] = (4, 8, 32)
+
+    def __post_init__(self) -> None:
+        cls = type(self).__name__
+        _check(self.act_bits in self.allowed_act_bits, cls, "act_bits",
+               f"one of {self.allowed_act_bits}", self.act_bits)
+        _check(self.first_last in ("fp32", "int8", "same"), cls, "first_last",
+               "one of ('fp32', 'int8', 'same')", self.first_last)
+        _check(isinstance(self.bn_recalibrate, bool), cls, "bn_recalibrate", "a bool",
+               self.bn_recalibrate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+@dataclass(frozen=True)
+class LayerExport:
+    """Deployable form of one conv/linear layer.
+
+    Semantics (``x`` is the layer input, flattened per output position to the fan-in order of
+    ``weight.reshape(out, -1)``, i.e. (C, kh, kw) for convs)::
+
+        a   = clamp(round(x / act_scale), -qmax, qmax)          # act_mode == "int"
+        acc = sum_{k in group g} a[k] * codes[o, k]             # exact integer
+        y_o = act_scale * sum_g scales[o, g] * acc_g + bias[o]
+
+    For ``act_mode == "fp32"`` the activation is used as is (``act_scale`` is 1).
+    """
+
+    name: str
+    op: Literal["conv2d", "linear"]
+    weight_format: WeightFormat
+    codes: np.ndarray  # int8 [out, fan_in]; {-1,0,1} when ternary; float32 when fp32
+    scales: np.ndarray  # float32 [out, fan_in // group_size]
+    group_size: int
+    bias: np.ndarray | None  # float32 [out]
+    act_mode: ActMode
+    act_bits: int
+    act_scale: float
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    input_shape: tuple[int, ...] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
+    output_hw: tuple[int, int] = (1, 1)
+
+    @property
+    def fan_in(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def act_qmax(self) -> int:
+        return 2 ** (self.act_bits - 1) - 1
+
+    def weight_bits(self, scale_bits: int = 32) -> int:
+        """Storage bits for this layer's weights including scales (bias excluded)."""
+        n = self.codes.size
+        per = {"ternary": 2, "int8": 8, "fp32": 32}[self.weight_format]
+        extra = self.scales.size * scale_bits if self.weight_format != "fp32" else 0
+        return n * per + extra
+
+    def dequantized_weight(self) -> np.ndarray:
+        """float32 [out, fan_in]: codes times their group scale."""
+        if self.weight_format == "fp32":
+            return self.codes.astype(np.float32)
+        g = np.repeat(self.scales, self.group_size, axis=1)
+        return self.codes.astype(np.float32) * g
+
+    def macs_per_sample(self) -> int:
+        ho, wo = self.output_hw
+        return self.out_channels * self.fan_in * ho * wo
+
+
+@dataclass(frozen=True)
+class CostSummary:
+    """Model-level cost of the deployable form, per inference of one sample."""
+
+    effective_bits: float  # bits per weight, scales included, over all conv/linear weights
+    sparsity: float  # fraction of zero codes over ternary weights (0 if none)
+    muls: int  # multiplications per inference
+    adds: int  # additions per inference
+    params: int  # conv/linear weights counted
+    ternary_fraction: float  # fraction of weights stored as ternary
+
+    def as_metrics(self) -> dict[str, tuple[float, str]]:
+        return {
+            "effective_bits": (self.effective_bits, "bits/weight"),
+            "sparsity": (self.sparsity, "fraction"),
+            "muls": (float(self.muls), "ops"),
+            "adds": (float(self.adds), "ops"),
+            "params": (float(self.params), "count"),
+            "ternary_fraction": (self.ternary_fraction, "fraction"),
+        }
+
+
+def summarize_cost(layers: Iterable[LayerExport], scale_bits: int = 32) -> CostSummary:
+    """Cost of a set of exported layers.
+
+    A ternary MAC is an add/sub (zeros skipped); each group contributes one multiply by its
+    scale per output. Int8 and FP32 MACs count as one multiply and one add.
+    """
+    bits = params = muls = adds = 0
+    tern_params = tern_zeros = 0
+    for lx in layers:
+        n = lx.codes.size
+        params += n
+        bits += lx.weight_bits(scale_bits)
+        ho, wo = lx.output_hw
+        pos = ho * wo
+        if lx.weight_format == "ternary":
+            nnz = int(np.count_nonzero(lx.codes))
+            tern_params += n
+            tern_zeros += n - nnz
+            adds += nnz * pos
+            muls += lx.out_channels * (lx.fan_in // lx.group_size) * pos
+        else:
+            muls += n * pos
+            adds += n * pos
+    return CostSummary(
+        effective_bits=bits / max(params, 1),
+        sparsity=tern_zeros / tern_params if tern_params else 0.0,
+        muls=muls,
+        adds=adds,
+        params=params,
+        ternary_fraction=tern_params / max(params, 1),
+    )
+
+
+@dataclass
+class QuantContext:
+    """What a method may use while quantizing: data and budgets, chosen by the profile.
+
+    Loaders yield ``(x, y)`` float/long batches. ``train_epochs`` is the QAT/fine-tune budget of
+    the profile; a method's own config may override it.
+    """
+
+    calib_loader: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    train_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    seed: int = 0
+    device: str = "cpu"
+    train_epochs: float = 0.0
+    bn_batches: int = 50
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class QuantizedModel:
+    """Result of :meth:`TernaryMethod.quantize`."""
+
+    module: nn.Module
+    method: str
+    config: MethodConfig
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def quant_layers(self) -> Iterator[tuple[str, nn.Module]]:
+        from ._layers import QuantLayer
+
+        for name, m in self.module.named_modules():
+            if isinstance(m, QuantLayer):
+                yield name, m
+
+    def export(self) -> dict[str, LayerExport]:
+        """Deployable form of every conv/linear layer, keyed by module name."""
+        return {name: m.export(name) for name, m in self.quant_layers()}  # type: ignore[operator]
+
+    def cost(self) -> CostSummary:
+        return summarize_cost(self.export().values())
+
+
+@runtime_checkable
+class TernaryMethod(Protocol):
+    """The interface every registered method implements."""
+
+    name: str
+    config: MethodConfig
+
+    def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
+        """Return a new quantized model; ``model`` itself is left untouched."""
+        ...
+
+
+def config_from_mapping(cls: type[MethodConfig], values: Mapping[str, Any]) -> MethodConfig:
+    """Build ``cls`` from user values, naming unknown fields with a suggestion."""
+    import difflib
+
+    known = cls.field_names()
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"{cls.__name__} has no field '{key}'.{hint} Fields: {', '.join(known)}"
+            )
+    return cls(**values)

@@ -1,0 +1,262 @@
+"""Fake-quant conv/linear layers, weight and activation quantizers, and the module-swap helper.
+
+Every quantized layer is a :class:`QuantConv2d` or :class:`QuantLinear` carrying a weight
+quantizer (how codes and scales are derived from the latent FP weight) and an activation
+quantizer (how the layer input is rounded). Methods differ only in the quantizers they plug in,
+so export, cost and the deployed integer reference are shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import LayerExport, WeightFormat
+
+__all__ = [
+    "WeightQuantizer",
+    "IdentityWeight",
+    "Int8ChannelWeight",
+    "ActQuantizer",
+    "QuantLayer",
+    "QuantConv2d",
+    "QuantLinear",
+    "swap_layers",
+    "calibrating",
+    "ste",
+    "Position",
+]
+
+Position = Literal["first", "middle", "last"]
+
+
+def ste(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Straight-through estimator: forward ``x_hat``, gradient of the identity."""
+    return x + (x_hat - x).detach()
+
+
+class WeightQuantizer(nn.Module):
+    """Maps a latent FP weight to (codes, scales, group_size) and back to a fake-quant weight.
+
+    Subclasses implement :meth:`encode`; :meth:`forward` returns ``codes * scales`` with an STE
+    so the same object serves post-training methods and QAT.
+    """
+
+    fmt: WeightFormat = "ternary"
+
+    def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size."""
+        raise NotImplementedError  # abstract: subclasses define the quantizer
+
+    def dequantize(self, w2d: Tensor) -> Tensor:
+        codes, scales, gs = self.encode(w2d)
+        return codes.to(w2d.dtype) * scales.repeat_interleave(gs, dim=1)
+
+    def forward(self, w: Tensor) -> Tensor:
+        w2d = w.reshape(w.shape[0], -1)
+        return ste(w2d, self.dequantize(w2d)).reshape(w.shape)
+
+
+class IdentityWeight(WeightQuantizer):
+    """FP32 weights (baselines and FP first/last layers)."""
+
+    fmt: WeightFormat = "fp32"
+
+    def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
+        return w2d, torch.ones(w2d.shape[0], 1, dtype=w2d.dtype, device=w2d.device), w2d.shape[1]
+
+    def forward(self, w: Tensor) -> Tensor:
+        return w
+
+
+class Int8ChannelWeight(WeightQuantizer):
+    """Symmetric per-output-channel 8-bit weights: ``s = max|w| / 127``."""
+
+    fmt: WeightFormat = "int8"
+
+    def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
+        s = w2d.detach().abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        codes = torch.clamp(torch.round(w2d.detach() / s), -127, 127)
+        return codes, s, w2d.shape[1]
+
+
+class ActQuantizer(nn.Module):
+    """Symmetric per-tensor activation quantizer with a max-abs calibrated step.
+
+    ``bits == 32`` passes the input through. While ``calibrating`` is set (see
+    :func:`calibrating`) it records the running max |x| and passes the input through.
+    """
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+        self.calibrating = False
+        self.register_buffer("max_abs", torch.zeros(()))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def scale(self) -> float:
+        if self.bits >= 32:
+            return 1.0
+        m = float(self.max_abs)
+        return m / self.qmax if m > 0 else 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bits >= 32:
+            return x
+        if self.calibrating:
+            self.max_abs = torch.maximum(self.max_abs, x.detach().abs().amax())
+            return x
+        s = self.scale
+        return ste(x, torch.clamp(torch.round(x / s), -self.qmax, self.qmax) * s)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class QuantLayer:
+    """Mixin shared by :class:`QuantConv2d` and :class:`QuantLinear`."""
+
+    wq: WeightQuantizer
+    aq: ActQuantizer
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    seen_input_shape: tuple[int, ...]
+    seen_output_hw: tuple[int, int]
+
+    def _record_shapes(self, x: Tensor, y: Tensor) -> None:
+        self.seen_input_shape = tuple(int(s) for s in x.shape[1:])
+        self.seen_output_hw = (int(y.shape[2]), int(y.shape[3])) if y.dim() == 4 else (1, 1)
+
+    def quantized_weight(self) -> Tensor:
+        return self.wq(self.weight)
+
+    def export(self, name: str) -> LayerExport:
+        w2d = self.weight.detach().reshape(self.weight.shape[0], -1).float().cpu()
+        codes, scales, gs = self.wq.encode(w2d)
+        fmt = self.wq.fmt
+        code_np = codes.numpy().astype(np.float32 if fmt == "fp32" else np.int8)
+        is_conv = isinstance(self, nn.Conv2d)
+        bits = self.aq.bits
+        bias = self.bias
+        return LayerExport(
+            name=name,
+            op="conv2d" if is_conv else "linear",
+            weight_format=fmt,
+            codes=code_np,
+            scales=scales.detach().float().cpu().numpy().astype(np.float32),
+            group_size=int(gs),
+            bias=None if bias is None else bias.detach().float().cpu().numpy(),
+            act_mode="fp32" if bits >= 32 else "int",
+            act_bits=bits,
+            act_scale=float(self.aq.scale),
+            in_channels=int(self.weight.shape[1]),
+            out_channels=int(self.weight.shape[0]),
+            kernel_size=tuple(self.kernel_size) if is_conv else (1, 1),  # type: ignore[attr-defined]
+            stride=tuple(self.stride) if is_conv else (1, 1),  # type: ignore[attr-defined]
+            padding=tuple(self.padding) if is_conv else (0, 0),  # type: ignore[attr-defined]
+            input_shape=getattr(self, "seen_input_shape", ()),
+            output_hw=getattr(self, "seen_output_hw", (1, 1)),
+        )
+
+
+class QuantConv2d(nn.Conv2d, QuantLayer):
+    """``nn.Conv2d`` whose input and weight pass through quantizers."""
+
+    def __init__(self, conv: nn.Conv2d, wq: WeightQuantizer, aq: ActQuantizer) -> None:
+        if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError("QuantConv2d supports groups=1, dilation=1, zero padding only")
+        super().__init__(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
+            conv.padding, bias=conv.bias is not None,  # type: ignore[arg-type]
+        )
+        with torch.no_grad():
+            self.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias)  # type: ignore[union-attr]
+        self.wq = wq
+        self.aq = aq
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._conv_forward(self.aq(x), self.quantized_weight(), self.bias)
+        self._record_shapes(x, y)
+        return y
+
+
+class QuantLinear(nn.Linear, QuantLayer):
+    """``nn.Linear`` whose input and weight pass through quantizers."""
+
+    def __init__(self, lin: nn.Linear, wq: WeightQuantizer, aq: ActQuantizer) -> None:
+        super().__init__(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                self.bias.copy_(lin.bias)  # type: ignore[union-attr]
+        self.wq = wq
+        self.aq = aq
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(self.aq(x), self.quantized_weight(), self.bias)
+        self._record_shapes(x, y)
+        return y
+
+
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def swap_layers(
+    model: nn.Module,
+    make: Callable[[str, nn.Module, Position], nn.Module | None],
+) -> nn.Module:
+    """Replace every Conv2d/Linear in ``model`` (in place) by ``make(name, module, position)``.
+
+    ``position`` is ``"first"`` for the first conv/linear in module order, ``"last"`` for the
+    last one, else ``"middle"``; ``make`` returning ``None`` keeps the module.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+        >>> _ = swap_layers(m, lambda n, mod, pos: None)
+    """
+    targets = _targets(model)
+    for i, (name, mod) in enumerate(targets):
+        pos: Position = "first" if i == 0 else "last" if i == len(targets) - 1 else "middle"
+        new = make(name, mod, pos)
+        if new is None:
+            continue
+        parent = model
+        *path, leaf = name.split(".")
+        for p in path:
+            parent = getattr(parent, p)
+        setattr(parent, leaf, new)
+    return model
+
+
+class calibrating:
+    """Context manager: activation quantizers record ranges instead of rounding."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.qs = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+    def __enter__(self) -> calibrating:
+        for q in self.qs:
+            q.calibrating = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for q in self.qs:
+            q.calibrating = False
+
+
+def iter_quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLayer):
+            yield n, m
