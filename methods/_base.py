@@ -103,6 +103,9 @@ class LayerExport:
         acc = sum_{k in group g} a[k] * codes[o, k]             # exact integer
         y_o = act_scale * sum_g scales[o, g] * acc_g + bias[o]
 
+    Group ``g`` holds fan-in indices ``[g*group_size, (g+1)*group_size)``; when the group size does
+    not divide the fan-in the last group is shorter (a kernel may zero-pad it).
+
     For ``act_mode == "fp32"`` the activation is used as is (``act_scale`` is 1).
     """
 
@@ -110,7 +113,7 @@ class LayerExport:
     op: Literal["conv2d", "linear"]
     weight_format: WeightFormat
     codes: np.ndarray  # int8 [out, fan_in]; {-1,0,1} when ternary; float32 when fp32
-    scales: np.ndarray  # float32 [out, fan_in // group_size]
+    scales: np.ndarray  # float32 [out, ceil(fan_in / group_size)]; the last group may be partial
     group_size: int
     bias: np.ndarray | None  # float32 [out]
     act_mode: ActMode
@@ -121,6 +124,7 @@ class LayerExport:
     kernel_size: tuple[int, int] = (1, 1)
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    scale_bits: int = 32  # storage precision of ``scales`` (their values are exact in it)
     input_shape: tuple[int, ...] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
     output_hw: tuple[int, int] = (1, 1)
 
@@ -132,19 +136,23 @@ class LayerExport:
     def act_qmax(self) -> int:
         return 2 ** (self.act_bits - 1) - 1
 
-    def weight_bits(self, scale_bits: int = 32) -> int:
+    def weight_bits(self) -> int:
         """Storage bits for this layer's weights including scales (bias excluded)."""
         n = self.codes.size
         per = {"ternary": 2, "int8": 8, "fp32": 32}[self.weight_format]
-        extra = self.scales.size * scale_bits if self.weight_format != "fp32" else 0
+        extra = self.scales.size * self.scale_bits if self.weight_format != "fp32" else 0
         return n * per + extra
 
     def dequantized_weight(self) -> np.ndarray:
         """float32 [out, fan_in]: codes times their group scale."""
         if self.weight_format == "fp32":
             return self.codes.astype(np.float32)
-        g = np.repeat(self.scales, self.group_size, axis=1)
+        g = np.repeat(self.scales, self.group_size, axis=1)[:, : self.fan_in]
         return self.codes.astype(np.float32) * g
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
 
     def macs_per_sample(self) -> int:
         ho, wo = self.output_hw
@@ -173,7 +181,7 @@ class CostSummary:
         }
 
 
-def summarize_cost(layers: Iterable[LayerExport], scale_bits: int = 32) -> CostSummary:
+def summarize_cost(layers: Iterable[LayerExport]) -> CostSummary:
     """Cost of a set of exported layers.
 
     A ternary MAC is an add/sub (zeros skipped); each group contributes one multiply by its
@@ -184,7 +192,7 @@ def summarize_cost(layers: Iterable[LayerExport], scale_bits: int = 32) -> CostS
     for lx in layers:
         n = lx.codes.size
         params += n
-        bits += lx.weight_bits(scale_bits)
+        bits += lx.weight_bits()
         ho, wo = lx.output_hw
         pos = ho * wo
         if lx.weight_format == "ternary":
@@ -192,7 +200,7 @@ def summarize_cost(layers: Iterable[LayerExport], scale_bits: int = 32) -> CostS
             tern_params += n
             tern_zeros += n - nnz
             adds += nnz * pos
-            muls += lx.out_channels * (lx.fan_in // lx.group_size) * pos
+            muls += lx.out_channels * lx.n_groups * pos
         else:
             muls += n * pos
             adds += n * pos

@@ -48,6 +48,7 @@ class WeightQuantizer(nn.Module):
     """
 
     fmt: WeightFormat = "ternary"
+    scale_bits: int = 32
 
     def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
         """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size."""
@@ -55,7 +56,8 @@ class WeightQuantizer(nn.Module):
 
     def dequantize(self, w2d: Tensor) -> Tensor:
         codes, scales, gs = self.encode(w2d)
-        return codes.to(w2d.dtype) * scales.repeat_interleave(gs, dim=1)
+        full = scales.repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
+        return codes.to(w2d.dtype) * full
 
     def forward(self, w: Tensor) -> Tensor:
         w2d = w.reshape(w.shape[0], -1)
@@ -163,6 +165,7 @@ class QuantLayer:
             kernel_size=tuple(self.kernel_size) if is_conv else (1, 1),  # type: ignore[attr-defined]
             stride=tuple(self.stride) if is_conv else (1, 1),  # type: ignore[attr-defined]
             padding=tuple(self.padding) if is_conv else (0, 0),  # type: ignore[attr-defined]
+            scale_bits=self.wq.scale_bits,
             input_shape=getattr(self, "seen_input_shape", ()),
             output_hw=getattr(self, "seen_output_hw", (1, 1)),
         )

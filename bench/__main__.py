@@ -1,0 +1,7 @@
+"""``python -m ternbench.bench`` is the ``ternbench`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,227 @@
+"""Run configuration: profiles (how much work each cell does) and the validated ``BenchConfig``.
+
+Example:
+    >>> cfg = BenchConfig(methods=("fgq", "int8"), profile="smoke")
+    >>> cfg.profile_obj.n_eval
+    1000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ternbench.methods import ConfigError, get_method_info, list_methods
+from ternbench.methods._base import config_from_mapping
+
+from .train import TrainCfg
+
+__all__ = ["Profile", "PROFILES", "BenchConfig", "parse_override", "ConfigError"]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much data and time every cell of a run gets."""
+
+    name: str
+    description: str
+    #: recipe of the FP32 baseline every method starts from (trained once, cached)
+    fp32: TrainCfg
+    n_eval: int | None  # test images evaluated (None = the whole split)
+    n_calib: int  # training images for activation calibration
+    bn_batches: int  # training batches for BatchNorm re-estimation
+    train_subset: int | None  # training images available to fine-tune/QAT
+    train_epochs: float  # QAT / fine-tune budget handed to methods
+    eval_shards: int  # evaluation tasks per cell (merged exactly)
+    latency_number: int
+    latency_repeat: int
+    latency_min_repeat_ms: int
+    batch_size: int = 256
+    deploy_check_samples: int = 32
+
+    def digest(self) -> str:
+        return hashlib.sha256(
+            json.dumps(dataclasses.asdict(self), sort_keys=True, default=str).encode()
+        ).hexdigest()[:10]
+
+
+# The FP32 baseline recipe is shared by smoke and default so both start from the same cached
+# (and shipped) checkpoint: ResNet-8 reaches ~90% on Fashion-MNIST after 3 epochs (notes/data.md).
+_FP32_DEFAULT = TrainCfg(epochs=3, batch_size=128, lr=0.1, seed=0)
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="under a minute of accuracy work: 1k test images, few timing repeats",
+        fp32=_FP32_DEFAULT, n_eval=1000, n_calib=256, bn_batches=8, train_subset=2048,
+        train_epochs=0.25, eval_shards=2, latency_number=5, latency_repeat=3,
+        latency_min_repeat_ms=5,
+    ),
+    "default": Profile(
+        name="default",
+        description="the main job: full test split, 1k calibration images, stable timings",
+        fp32=_FP32_DEFAULT, n_eval=None, n_calib=1024, bn_batches=50, train_subset=None,
+        train_epochs=1.0, eval_shards=4, latency_number=20, latency_repeat=7,
+        latency_min_repeat_ms=20,
+    ),
+    "paper": Profile(
+        name="paper",
+        description="longer FP32 baseline and the papers' fine-tune budgets (hours on CPU)",
+        fp32=TrainCfg(epochs=30, batch_size=128, lr=0.1, seed=0), n_eval=None, n_calib=2048,
+        bn_batches=100, train_subset=None, train_epochs=10.0, eval_shards=8,
+        latency_number=50, latency_repeat=11, latency_min_repeat_ms=50,
+    ),
+}
+
+Executor = Literal["ray", "local"]
+
+
+def _fail(field_name: str, rule: str, value: Any) -> None:
+    raise ConfigError(f"BenchConfig.{field_name} must be {rule}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a ``ternbench run`` needs; validated on construction.
+
+    ``overrides`` maps a method name to config-field values (``--set fgq.group_size=8``).
+    """
+
+    methods: tuple[str, ...] = ("fp32", "int8", "twn", "fgq")
+    models: tuple[str, ...] = ("resnet8",)
+    datasets: tuple[str, ...] = ("fashion-mnist",)
+    seeds: tuple[int, ...] = (0,)
+    targets: tuple[str, ...] = ("x86",)
+    profile: str = "default"
+    out: Path = Path("runs/latest")
+    executor: Executor = "ray"
+    ray_address: str | None = None
+    data_root: str | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency_threads: int = 1
+    latency_batch: int = 1
+    accuracy_threads: int = 1
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        from .data import list_datasets
+        from .models import list_models
+
+        if not self.methods:
+            _fail("methods", "a non-empty list (see `ternbench list methods`)", self.methods)
+        expanded: list[str] = []
+        for pat in self.methods:
+            names = list_methods(pat) if any(c in pat for c in "*?[") else [pat]
+            if not names:
+                _fail("methods", "patterns matching registered methods", pat)
+            for n in names:
+                get_method_info(n)  # raises UnknownMethodError with "did you mean"
+                if n.lower() not in expanded:
+                    expanded.append(n.lower())
+        object.__setattr__(self, "methods", tuple(expanded))
+        for m in self.models:
+            if m not in list_models():
+                _did_you_mean("models", m, list_models())
+        for d in self.datasets:
+            if d not in list_datasets():
+                _did_you_mean("datasets", d, list_datasets())
+        if not self.models:
+            _fail("models", "a non-empty list", self.models)
+        if not self.datasets:
+            _fail("datasets", "a non-empty list", self.datasets)
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            _fail("seeds", "non-empty non-negative integers", self.seeds)
+        if self.profile not in PROFILES:
+            _did_you_mean("profile", self.profile, list(PROFILES))
+        for t in self.targets:
+            if t not in ("x86",):
+                _fail("targets", "a list of 'x86' (arm and cuda are not built yet)", t)
+        if self.executor not in ("ray", "local"):
+            _fail("executor", "'ray' or 'local'", self.executor)
+        for name in ("latency_threads", "latency_batch", "accuracy_threads"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                _fail(name, "a positive integer", v)
+        if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
+            _fail("num_cpus", "a positive integer or None", self.num_cpus)
+        object.__setattr__(self, "out", Path(self.out))
+        for meth, values in self.overrides.items():
+            if meth not in self.methods:
+                _fail("overrides", f"for methods in the run {list(self.methods)}", meth)
+            config_from_mapping(get_method_info(meth).config_cls, values)  # validates fields
+
+    @property
+    def profile_obj(self) -> Profile:
+        return PROFILES[self.profile]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **cli: Any) -> BenchConfig:
+        """Read a ``[run]`` table (and ``[methods.<name>]`` override tables) from TOML.
+
+        Values given on the command line (``cli``, ``None`` dropped) win over the file.
+        """
+        p = Path(path)
+        try:
+            data = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+        run = dict(data.get("run", {}))
+        unknown = set(data) - {"run", "methods"}
+        if unknown:
+            raise ConfigError(f"config file {p}: unknown table(s) {sorted(unknown)}; "
+                              "use [run] and [methods.<name>]")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for k in run:
+            if k not in known:
+                _did_you_mean(f"[run] key in {p}", k, sorted(known))
+        overrides = {k: dict(v) for k, v in data.get("methods", {}).items()}
+        for key in ("methods", "models", "datasets", "seeds", "targets"):
+            if key in run and isinstance(run[key], str):
+                run[key] = [s.strip() for s in run[key].split(",") if s.strip()]
+        for key in ("methods", "models", "datasets", "seeds", "targets"):
+            if key in run:
+                if not isinstance(run[key], list):
+                    _fail(key, "a list", run[key])
+                run[key] = tuple(run[key])
+        merged = {**run, **{k: v for k, v in cli.items() if v is not None}}
+        merged["overrides"] = {**overrides, **merged.get("overrides", {})}
+        return cls(**merged)
+
+
+def _did_you_mean(field_name: str, value: str, options: list[str]) -> None:
+    import difflib
+
+    close = difflib.get_close_matches(value, options, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown {field_name.rstrip('s')} {value!r}.{hint} "
+                      f"Available: {', '.join(options)}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"fgq.group_size=8"`` -> ``("fgq", "group_size", 8)`` (value parsed as TOML, else str).
+
+    Example:
+        >>> parse_override("fgq.solver=twn")
+        ('fgq', 'solver', 'twn')
+    """
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects METHOD.FIELD=VALUE (e.g. fgq.group_size=8), got {text!r}")
+    lhs, raw = text.split("=", 1)
+    meth, fld = lhs.split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return meth.strip().lower(), fld.strip(), value

@@ -1,0 +1,164 @@
+"""Executors run accuracy cells: :class:`RayExecutor` (the default; an embedded local Ray or an
+existing cluster) and :class:`LocalExecutor` (in process, for debugging and unit tests).
+
+Both run the same task functions (:mod:`ternbench.bench.tasks`) in the same order of operations
+with the same thread count, so they produce identical rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .tasks import CellSpec, eval_shard, quantize_cell, shard_indices
+
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "CellOutcome", "make_executor"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellOutcome:
+    """What an accuracy cell produced: the quantize info and the per-shard counts, or an error."""
+
+    info: dict[str, Any] | None = None
+    shards: list[dict[str, Any]] | None = None
+    error: BaseException | None = None
+
+
+class Executor(Protocol):
+    name: str
+
+    def run_cells(
+        self,
+        cells: list[CellSpec],
+        baselines: dict[str, dict[str, torch.Tensor]],
+        indices: dict[str, np.ndarray],
+    ) -> Iterator[tuple[CellSpec, CellOutcome]]:
+        """Yield each cell with its outcome as it finishes (any order)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs every task in this process, one after the other."""
+
+    name = "local"
+
+    def run_cells(
+        self,
+        cells: list[CellSpec],
+        baselines: dict[str, dict[str, torch.Tensor]],
+        indices: dict[str, np.ndarray],
+    ) -> Iterator[tuple[CellSpec, CellOutcome]]:
+        for cell in cells:
+            threads = torch.get_num_threads()
+            try:
+                module, info = quantize_cell(cell, baselines[cell.baseline_key])
+                shards = [eval_shard(cell, module, s)
+                          for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)]
+                yield cell, CellOutcome(info, shards)
+            except Exception as exc:  # the cell fails, the run goes on
+                log.debug("cell %s failed", cell.key, exc_info=True)
+                yield cell, CellOutcome(error=exc)
+            finally:
+                torch.set_num_threads(threads)
+
+    def close(self) -> None:
+        return None
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Turn a RayTaskError into the exception the task raised, so users see the real cause."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+class RayExecutor:
+    """Runs quantize and evaluation-shard tasks on Ray.
+
+    With ``address`` (or ``RAY_ADDRESS``) it joins an existing cluster, whose workers need
+    ternbench installed; otherwise it starts an embedded local Ray and shuts it down on
+    :meth:`close`. Tasks are retried on worker death (``max_retries``).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None,
+                 max_retries: int = 2) -> None:
+        import ray
+
+        self._ray = ray
+        self.started = False
+        self.max_retries = max_retries
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if not ray.is_initialized():
+            # Ray 2.60 silently turns on token auth once ~/.ray/auth_token exists; an embedded
+            # cluster has no other clients, so disable it unless the user chose a mode.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if address:
+                log.info("connecting to Ray cluster at %s", address)
+                ray.init(address=address, log_to_driver=False)
+            else:
+                n = num_cpus or os.cpu_count() or 1
+                log.info("starting an embedded Ray with %d CPUs", n)
+                ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False,
+                         object_store_memory=512 * 2**20)
+            self.started = True
+        opts = {"num_cpus": 1, "max_retries": max_retries}
+        self._quantize = ray.remote(**opts)(quantize_cell).options(num_returns=2)
+        self._eval = ray.remote(**opts)(eval_shard)
+
+    def run_cells(
+        self,
+        cells: list[CellSpec],
+        baselines: dict[str, dict[str, torch.Tensor]],
+        indices: dict[str, np.ndarray],
+    ) -> Iterator[tuple[CellSpec, CellOutcome]]:
+        ray = self._ray
+        base_refs = {k: ray.put(v) for k, v in baselines.items()}
+        pending: dict[Any, tuple[CellSpec, list[Any]]] = {}
+        for cell in cells:
+            module_ref, info_ref = self._quantize.remote(cell, base_refs[cell.baseline_key])
+            # shards depend on the module ref: Ray starts them once quantize has finished,
+            # and the module never travels through the driver
+            shard_refs = [self._eval.remote(cell, module_ref, s)
+                          for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)]
+            pending[info_ref] = (cell, shard_refs)
+        waiting = {ref: info_ref for info_ref, (_, srefs) in pending.items()
+                   for ref in [info_ref, *srefs]}
+        remaining = {info_ref: 1 + len(s) for info_ref, (_, s) in pending.items()}
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            for ref in ready:
+                owner = waiting.pop(ref)
+                remaining[owner] -= 1
+                if remaining[owner] == 0:
+                    cell, srefs = pending[owner]
+                    try:
+                        info = ray.get(owner)
+                        shards = ray.get(srefs)
+                        yield cell, CellOutcome(info, shards)
+                    except Exception as exc:
+                        yield cell, CellOutcome(error=_unwrap(exc))
+
+    def close(self) -> None:
+        if self.started and self._ray.is_initialized():
+            self._ray.shutdown()
+            self.started = False
+
+
+def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None) -> Executor:
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(address=address, num_cpus=num_cpus)
+    raise ValueError(f"executor must be 'ray' or 'local', got {kind!r}")

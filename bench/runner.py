@@ -1,0 +1,261 @@
+"""Plan a run, execute its accuracy cells through an executor, time the exported layers with
+TVM, and keep every finished part on disk (see :mod:`ternbench.bench.results`).
+
+Example:
+    >>> from ternbench.bench.config import BenchConfig
+    >>> plan(BenchConfig(methods=("fgq",), profile="smoke"))[0].method
+    'fgq'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ternbench.methods import create_method
+from ternbench.methods._export_io import load_exports
+
+from .config import BenchConfig
+from .executor import CellOutcome, Executor, make_executor
+from .results import SCHEMA_VERSION, ResultStore, atomic_write_bytes, make_row
+from .tasks import CellSpec, eval_indices, merge_shards
+
+__all__ = ["plan", "run", "RunSummary"]
+
+log = logging.getLogger(__name__)
+ACC_PART = "accuracy"
+
+
+@dataclass
+class RunSummary:
+    frame: pd.DataFrame
+    failed: int
+    done: int
+    skipped: int
+    out: Any
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
+    from .cache import baseline_key
+
+    return baseline_key(model, dataset, cfg.profile_obj.fp32)
+
+
+def plan(cfg: BenchConfig) -> list[CellSpec]:
+    """The grid: method x model x dataset x seed, each with a stable key (used for resume)."""
+    cells = []
+    prof = cfg.profile_obj
+    for model in cfg.models:
+        for dataset in cfg.datasets:
+            bkey = baseline_key_for(cfg, model, dataset)
+            for method in cfg.methods:
+                overrides = dict(cfg.overrides.get(method, {}))
+                mcfg = create_method(method, overrides).config.to_json()
+                for seed in cfg.seeds:
+                    payload = {"v": SCHEMA_VERSION, "method": method, "config": mcfg,
+                               "model": model, "dataset": dataset, "seed": seed,
+                               "profile": prof.digest(), "baseline": bkey,
+                               "threads": cfg.accuracy_threads}
+                    cells.append(CellSpec(
+                        key=_key(payload), method=method, overrides=overrides,
+                        method_config=mcfg, model=model, dataset=dataset, seed=seed,
+                        prof=prof, data_root=cfg.data_root,
+                        threads=cfg.accuracy_threads, baseline_key=bkey,
+                    ))
+    return cells
+
+
+def _base_fields(cell: CellSpec, run_id: str) -> dict[str, Any]:
+    return {"run_id": run_id, "cell_key": cell.key, "method": cell.method,
+            "method_config": cell.method_config, "profile": cell.profile, "model": cell.model,
+            "dataset": cell.dataset, "subset": cell.subset, "seed": cell.seed,
+            "target": "-", "layer": "", "impl": "", "status": "ok", "error": ""}
+
+
+def _failed_rows(base: dict[str, Any], exc: BaseException, **fields: Any) -> list[dict[str, Any]]:
+    msg = f"{type(exc).__name__}: {exc}"
+    return [make_row(base, **fields, metric="error", value=float("nan"), unit="",
+                     status="failed", error=msg)]
+
+
+def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str) -> list[dict[str, Any]]:
+    base = _base_fields(cell, run_id)
+    if out.error is not None:
+        return _failed_rows(base, out.error)
+    assert out.info is not None and out.shards is not None
+    rows = []
+    units = {"top1": "%", "top5": "%", "loss": "nats", "n_eval": "count"}
+    for metric, value in merge_shards(out.shards).items():
+        rows.append(make_row(base, metric=metric, value=value, unit=units[metric]))
+    for metric, (value, unit) in out.info["cost"].items():
+        rows.append(make_row(base, metric=metric, value=float(value), unit=unit))
+    mi = out.info["method_info"]
+    rows.append(make_row(base, metric="bn_recalibrated", value=float(bool(
+        mi.get("bn_recalibrated", False))), unit="bool"))
+    rows.append(make_row(base, metric="deploy_max_abs_diff",
+                         value=float(out.info["deploy_max_abs_diff"]), unit="logit"))
+    rows.append(make_row(base, metric="quantize_seconds",
+                         value=float(out.info["quantize_seconds"]), unit="s"))
+    return rows
+
+
+def _save_subsets(store: ResultStore, cells: list[CellSpec]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    by_subset: dict[tuple[str, str], np.ndarray] = {}
+    for c in cells:
+        k = (c.dataset, c.subset)
+        if k not in by_subset:
+            by_subset[k] = eval_indices(c)
+            name = f"{c.dataset}-{c.subset.replace(':', '-').replace('@', '-')}.npy"
+            buf = io.BytesIO()
+            np.save(buf, by_subset[k], allow_pickle=False)
+            atomic_write_bytes(store.root / "subsets" / name, buf.getvalue())
+        out[c.key] = by_subset[k]
+    return out
+
+
+def _baselines(cfg: BenchConfig, cells: list[CellSpec], progress: bool | None
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+    from .cache import load_or_train_fp32
+
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    infos = []
+    for c in cells:
+        if c.baseline_key in states:
+            continue
+        model, info = load_or_train_fp32(c.model, c.dataset, cfg.profile_obj.fp32,
+                                         root=cfg.data_root, progress=progress)
+        states[c.baseline_key] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        infos.append({"model": c.model, "dataset": c.dataset,
+                      **{k: v for k, v in info.items() if isinstance(v, str | int | float)}})
+    return states, infos
+
+
+def latency_rows(cell: CellSpec, target: str, store: ResultStore, cfg: BenchConfig,
+                 run_id: str, torch_cache: dict[tuple, Any]) -> list[dict[str, Any]]:
+    """Time every exported layer of ``cell`` on ``target`` beside torch FP32 on the same shape."""
+    from ternbench.schedules import EvaluatorCfg, measure_layer, measure_torch_fp32
+
+    prof = cfg.profile_obj
+    ev = EvaluatorCfg(number=prof.latency_number, repeat=prof.latency_repeat,
+                      min_repeat_ms=prof.latency_min_repeat_ms)
+    base = {**_base_fields(cell, run_id), "target": target}
+    exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
+    rows: list[dict[str, Any]] = []
+    tot = {"tvm": 0.0, "torch_fp32": 0.0}
+    for name, lx in exports.items():
+        lat = measure_layer(lx, batch=cfg.latency_batch, target=target, ev=ev,
+                            threads=cfg.latency_threads)
+        shape = (lx.op, lx.input_shape, lx.out_channels, lx.kernel_size, lx.stride, lx.padding)
+        ref = torch_cache.get(shape)
+        if ref is None:  # FP32 depends on the shape only: time it once per run and reuse
+            ref = measure_torch_fp32(lx, batch=cfg.latency_batch, ev=ev,
+                                     threads=cfg.latency_threads)
+            torch_cache[shape] = ref
+        for m in (lat, ref):
+            rows.append(make_row(base, layer=name, impl=m.impl, metric="latency_us",
+                                 value=m.median_us, unit="us"))
+        rows.append(make_row(base, layer=name, impl=lat.impl, metric="kernel_max_abs_err",
+                             value=lat.max_abs_err, unit="abs"))
+        tot["tvm"] += lat.median_us
+        tot["torch_fp32"] += ref.median_us
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="latency_us",
+                         value=tot["tvm"], unit="us"))
+    rows.append(make_row(base, layer="__total__", impl="torch_fp32", metric="latency_us",
+                         value=tot["torch_fp32"], unit="us"))
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="threads",
+                         value=float(cfg.latency_threads), unit="count"))
+    return rows
+
+
+def run(cfg: BenchConfig, *, argv: list[str] | None = None, executor: Executor | None = None,
+        progress: bool | None = None, report: bool = True,
+        on_event: Callable[[str], None] | None = None) -> RunSummary:
+    """Run the grid of ``cfg``; finished parts already in ``cfg.out`` are skipped (resume)."""
+    store = ResultStore(cfg.out)
+    meta = store.open_session(argv or [], cfg.to_dict())
+    run_id = meta["run_id"]
+    cells = plan(cfg)
+    indices = _save_subsets(store, cells)
+    todo = [c for c in cells if not store.is_done(c.key, ACC_PART)]
+    lat_todo = [(c, t) for c in cells for t in cfg.targets
+                if not store.is_done(c.key, f"latency-{t}")]
+    skipped = (len(cells) - len(todo)) + (len(cells) * len(cfg.targets) - len(lat_todo))
+    if skipped:
+        log.info("resuming: %d finished parts in %s are kept", skipped, cfg.out)
+    failed = done = 0
+    total = len(todo) + len(lat_todo)
+    # tqdm's disable=None switches itself off when stderr is not a terminal
+    bar = tqdm(total=total, desc="cells", unit="part",
+               disable=None if progress is None else not progress)
+    t0 = time.time()
+    if todo:
+        baselines, binfo = _baselines(cfg, todo, progress)
+        meta["baselines"] = binfo
+        store.write_meta(meta)
+        own = executor is None
+        ex = executor or make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus)
+        meta["sessions"][-1]["executor"] = ex.name
+        store.write_meta(meta)
+        try:
+            for cell, outcome in ex.run_cells(todo, baselines, indices):
+                rows = accuracy_rows(cell, outcome, run_id)
+                if outcome.info is not None:
+                    atomic_write_bytes(store.root / "exports" / f"{cell.key}.npz",
+                                       outcome.info["export_npz"])
+                store.write_part(cell.key, ACC_PART, rows)
+                if outcome.error is not None:
+                    failed += 1
+                    log.error("cell %s/%s/%s failed: %s", cell.method, cell.model, cell.dataset,
+                              outcome.error)
+                else:
+                    done += 1
+                store.consolidate()
+                bar.update(1)
+                bar.set_postfix_str(f"{cell.method} done")
+        finally:
+            if own:
+                ex.close()
+    torch_cache: dict[tuple, Any] = {}
+    for cell, target in lat_todo:
+        part = f"latency-{target}"
+        if not (store.root / "exports" / f"{cell.key}.npz").exists():
+            bar.update(1)
+            continue  # its accuracy part failed; nothing was exported to time
+        try:
+            rows = latency_rows(cell, target, store, cfg, run_id, torch_cache)
+            done += 1
+        except Exception as exc:  # one failed target must not lose the others
+            log.error("latency %s on %s failed: %s", cell.method, target, exc)
+            log.debug("latency failure", exc_info=True)
+            rows = _failed_rows({**_base_fields(cell, run_id), "target": target}, exc)
+            failed += 1
+        store.write_part(cell.key, part, rows)
+        store.consolidate()
+        bar.update(1)
+        bar.set_postfix_str(f"{cell.method} {target} timed")
+    bar.close()
+    frame = store.consolidate()
+    meta["sessions"][-1]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    meta["sessions"][-1]["seconds"] = round(time.time() - t0, 1)
+    store.write_meta(meta)
+    if report and len(frame):
+        from ternbench.reports import build_report
+
+        build_report(store.root, store.root)
+    return RunSummary(frame=frame, failed=failed, done=done, skipped=skipped, out=cfg.out)

@@ -1,0 +1,139 @@
+"""The pure task functions every executor runs: they take names and configs, never live state
+from the driver, except the FP32 baseline weights and (for evaluation) the quantized module that
+an earlier task of the same cell produced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ternbench.methods import QuantContext, create_method, summarize_cost
+from ternbench.methods._deploy import max_logit_diff
+from ternbench.methods._export_io import exports_to_bytes
+
+from .config import Profile
+from .data import get_dataset_info, load_dataset, make_loader, subset_indices
+from .models import create_model
+from .train import evaluate, seed_everything
+
+__all__ = ["CellSpec", "quantize_cell", "eval_shard", "eval_indices", "shard_indices"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """One accuracy cell: a method variant on a model/dataset/seed under a profile."""
+
+    key: str
+    method: str
+    overrides: dict[str, Any]
+    method_config: str  # JSON of the full resolved config
+    model: str
+    dataset: str
+    seed: int
+    prof: Profile  # carried whole: workers need not know profiles registered in the driver
+    data_root: str | None = None
+    threads: int = 1
+    baseline_key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> str:
+        return self.prof.name
+
+    @property
+    def profile_obj(self) -> Profile:
+        return self.prof
+
+    @property
+    def subset(self) -> str:
+        n = self.profile_obj.n_eval
+        return f"test:{'all' if n is None else n}@seed{self.seed}"
+
+    def build_model(self) -> nn.Module:
+        info = get_dataset_info(self.dataset)
+        return create_model(self.model, in_chans=info.in_chans, num_classes=info.num_classes,
+                            image_size=info.image_size)
+
+
+def _test_split(dataset: str) -> str:
+    return "val" if dataset == "imagenet" else "test"
+
+
+def eval_indices(spec: CellSpec) -> np.ndarray:
+    """The test-set indices a cell evaluates (deterministic in the seed)."""
+    ds = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
+    return subset_indices(len(ds), spec.profile_obj.n_eval, spec.seed)  # type: ignore[arg-type]
+
+
+def shard_indices(idx: np.ndarray, shards: int) -> list[np.ndarray]:
+    return [s for s in np.array_split(idx, max(1, min(shards, len(idx)))) if len(s)]
+
+
+def _context(spec: CellSpec) -> QuantContext:
+    prof = spec.profile_obj
+    train = load_dataset(spec.dataset, "train", spec.data_root) if spec.dataset != "imagenet" \
+        else load_dataset(spec.dataset, "val", spec.data_root)
+    train_aug = load_dataset(spec.dataset, "train", spec.data_root, augment=True) \
+        if spec.dataset != "imagenet" else train
+    n = len(train)  # type: ignore[arg-type]
+    # calibration and training draws use seeds derived from the cell seed, apart from eval's
+    calib = make_loader(train, subset_indices(n, prof.n_calib, spec.seed + 1), prof.batch_size)
+    tr_idx = subset_indices(n, prof.train_subset, spec.seed + 2)
+    train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed)
+    return QuantContext(calib_loader=calib, train_loader=train_loader, seed=spec.seed,
+                        train_epochs=prof.train_epochs, bn_batches=prof.bn_batches)
+
+
+def quantize_cell(spec: CellSpec, baseline_state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """Quantize the FP32 baseline with the cell's method; returns the fake-quant module and a
+    dict with the cost summary, method info, parity check and the export (npz bytes)."""
+    torch.set_num_threads(spec.threads)
+    seed_everything(spec.seed)
+    t0 = time.perf_counter()
+    model = spec.build_model()
+    model.load_state_dict(baseline_state)
+    model.eval()
+    method = create_method(spec.method, spec.overrides)
+    qm = method.quantize(model, _context(spec))
+    exports = qm.export()
+    cost = summarize_cost(exports.values())
+    test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
+    idx = eval_indices(spec)[: spec.profile_obj.deploy_check_samples]
+    x = torch.stack([test[int(i)][0] for i in idx])
+    info = {
+        "cost": cost.as_metrics(),
+        "method_info": {k: v for k, v in qm.info.items() if isinstance(v, int | float | bool)},
+        "deploy_max_abs_diff": max_logit_diff(qm, x),
+        "method_config": qm.config.to_json(),
+        "export_npz": exports_to_bytes(exports),
+        "quantize_seconds": time.perf_counter() - t0,
+    }
+    return qm.module, info
+
+
+@torch.no_grad()
+def eval_shard(spec: CellSpec, module: nn.Module, indices: np.ndarray) -> dict[str, Any]:
+    """Exact counts on one shard of the cell's evaluation subset (merged by summing)."""
+    torch.set_num_threads(spec.threads)
+    test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
+    loader = make_loader(test, indices, spec.profile_obj.batch_size)
+    return evaluate(module.eval(), loader)
+
+
+def merge_shards(parts: list[dict[str, Any]]) -> dict[str, float]:
+    n = sum(int(p["n"]) for p in parts)
+    c1 = sum(int(p["correct1"]) for p in parts)
+    c5 = sum(int(p.get("correct5", 0)) for p in parts)
+    loss = sum(float(p["loss_sum"]) for p in parts)
+    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
+            "loss": loss / max(n, 1), "n_eval": float(n)}
+

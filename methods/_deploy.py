@@ -1,0 +1,91 @@
+"""The deployed form run as integer arithmetic: the reference the fake-quant model must match.
+
+:func:`deploy` rebuilds a model whose conv/linear layers compute from :class:`LayerExport` alone
+(integer activation codes, integer codes, float group scales), exactly as a kernel does. Integer
+accumulations are carried in float64, which is exact for these magnitudes (< 2**53).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._base import LayerExport, QuantizedModel
+from ._layers import QuantLayer, swap_layers
+
+__all__ = ["IntegerLayer", "deploy", "layer_reference", "max_logit_diff"]
+
+
+def _quantize_input(lx: LayerExport, x: Tensor) -> Tensor:
+    x = x.to(torch.float64)
+    if lx.act_mode == "fp32":
+        return x
+    q = lx.act_qmax
+    return torch.clamp(torch.round(x / lx.act_scale), -q, q)
+
+
+def layer_reference(lx: LayerExport, x: Tensor) -> Tensor:
+    """Output of layer ``lx`` on float input ``x`` (NCHW or NF), computed from the export."""
+    a = _quantize_input(lx, x)
+    codes = torch.from_numpy(np.asarray(lx.codes)).to(torch.float64)
+    scales = torch.from_numpy(lx.scales).to(torch.float64)
+    out, fan_in = codes.shape
+    gs, g = lx.group_size, lx.n_groups
+    # One output channel per (o, g): the group's codes alone, so each accumulation stays exact.
+    padded = F.pad(codes, (0, g * gs - fan_in)).reshape(out, g, gs)
+    masked = torch.zeros(out, g, g * gs, dtype=torch.float64)
+    for j in range(g):
+        masked[:, j, j * gs : (j + 1) * gs] = padded[:, j]
+    wg = masked[:, :, :fan_in].reshape(out * g, fan_in)
+    if lx.op == "conv2d":
+        kh, kw = lx.kernel_size
+        acc = F.conv2d(a, wg.reshape(out * g, lx.in_channels, kh, kw),
+                       stride=lx.stride, padding=lx.padding)
+        acc = acc.reshape(acc.shape[0], out, g, *acc.shape[2:])
+        y = (acc * scales[None, :, :, None, None]).sum(2)
+    else:
+        acc = F.linear(a, wg).reshape(a.shape[0], out, g)
+        y = (acc * scales[None]).sum(2)
+    y = y * (lx.act_scale if lx.act_mode != "fp32" else 1.0)
+    if lx.bias is not None:
+        b = torch.from_numpy(lx.bias).to(torch.float64)
+        y = y + (b[None, :, None, None] if lx.op == "conv2d" else b[None])
+    return y
+
+
+class IntegerLayer(nn.Module):
+    """A conv/linear that computes from its export only (float64 inside, float32 out)."""
+
+    def __init__(self, lx: LayerExport) -> None:
+        super().__init__()
+        self.lx = lx
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_reference(self.lx, x).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.lx.op} {self.lx.weight_format} groups={self.lx.n_groups}"
+
+
+def deploy(qm: QuantizedModel) -> nn.Module:
+    """A copy of ``qm.module`` whose quantized layers are :class:`IntegerLayer` from the export."""
+    exports = qm.export()
+    m = copy.deepcopy(qm.module).eval()
+
+    def make(name: str, mod: nn.Module, pos: str) -> nn.Module | None:
+        return IntegerLayer(exports[name]) if isinstance(mod, QuantLayer) else None
+
+    return swap_layers(m, make)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def max_logit_diff(qm: QuantizedModel, x: Tensor) -> float:
+    """max |logits(fake-quant) - logits(deployed)| on ``x``."""
+    qm.module.eval()
+    ref = qm.module(x)
+    dep = deploy(qm)(x)
+    return float((ref - dep).abs().max())

@@ -1,0 +1,94 @@
+"""Save and load the deployable form as ``.npz`` (arrays + a JSON header; never pickle).
+
+Ternary codes are stored 2-bit packed (4 per byte), which is also the storage the effective-bits
+figure counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ._base import LayerExport
+
+__all__ = ["pack_ternary", "unpack_ternary", "save_exports", "load_exports", "exports_to_bytes"]
+
+_ARRAYS = ("codes", "scales", "bias")
+
+
+def pack_ternary(codes: np.ndarray) -> np.ndarray:
+    """int8 {-1,0,1} [..., n] -> uint8 [..., ceil(n/4)], 2-bit two's complement, low bits first.
+
+    Example:
+        >>> unpack_ternary(pack_ternary(np.array([[1, -1, 0, 1, -1]], np.int8)), 5).tolist()
+        [[1, -1, 0, 1, -1]]
+    """
+    c = np.asarray(codes)
+    if c.size and (c.min() < -1 or c.max() > 1):
+        raise ValueError("pack_ternary expects codes in {-1, 0, 1}")
+    n = c.shape[-1]
+    pad = (-n) % 4
+    u = (np.pad(c, [(0, 0)] * (c.ndim - 1) + [(0, pad)]).astype(np.int16) & 3).astype(np.uint8)
+    u = u.reshape(*c.shape[:-1], -1, 4)
+    return (u[..., 0] | (u[..., 1] << 2) | (u[..., 2] << 4) | (u[..., 3] << 6)).astype(np.uint8)
+
+
+def unpack_ternary(packed: np.ndarray, n: int) -> np.ndarray:
+    b = np.asarray(packed, dtype=np.uint8)[..., None] >> np.array([0, 2, 4, 6], np.uint8)
+    c = (b & 3).astype(np.int8)
+    c = np.where(c == 3, -1, c).astype(np.int8)
+    return c.reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def exports_to_bytes(exports: Mapping[str, LayerExport]) -> bytes:
+    arrays: dict[str, np.ndarray] = {}
+    header = []
+    for i, (name, lx) in enumerate(exports.items()):
+        meta = {f.name: getattr(lx, f.name) for f in dataclasses.fields(lx) if f.name not in _ARRAYS}
+        meta["key"] = name
+        meta["has_bias"] = lx.bias is not None
+        header.append(meta)
+        if lx.weight_format == "ternary":
+            arrays[f"{i}.codes_packed"] = pack_ternary(lx.codes)
+        else:
+            arrays[f"{i}.codes"] = np.asarray(lx.codes)
+        arrays[f"{i}.scales"] = lx.scales
+        if lx.bias is not None:
+            arrays[f"{i}.bias"] = lx.bias
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def save_exports(path: str | Path, exports: Mapping[str, LayerExport]) -> None:
+    from ternbench.bench.results import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), exports_to_bytes(exports))
+
+
+def load_exports(path: str | Path) -> dict[str, LayerExport]:
+    """Read what :func:`save_exports` wrote (``allow_pickle=False``)."""
+    with np.load(Path(path), allow_pickle=False) as z:
+        header = json.loads(z["header"].tobytes().decode())
+        out: dict[str, LayerExport] = {}
+        for i, meta in enumerate(header):
+            key = meta.pop("key")
+            has_bias = meta.pop("has_bias")
+            if meta["weight_format"] == "ternary":
+                n = meta["in_channels"] * meta["kernel_size"][0] * meta["kernel_size"][1]
+                codes = unpack_ternary(z[f"{i}.codes_packed"], n)
+            else:
+                codes = z[f"{i}.codes"]
+            for k in ("kernel_size", "stride", "padding", "input_shape", "output_hw"):
+                meta[k] = tuple(meta[k])
+            out[key] = LayerExport(
+                codes=codes, scales=z[f"{i}.scales"],
+                bias=z[f"{i}.bias"] if has_bias else None, **meta,
+            )
+    return out

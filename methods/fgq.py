@@ -1,0 +1,68 @@
+"""FGQ: Ternary Neural Networks with Fine-Grained Quantization (Mellempudi et al., 2017).
+
+Post-training ternarization of a pre-trained FP32 model with one scale per group of N weights
+along the reduction (fan-in) axis, and 8-bit activations. Inside a group the N products are
+add/sub of 8-bit activations; one multiply by the group scale remains, so 1 - 1/N of the
+multiplications go away.
+
+Groups are contiguous along the flattened fan-in in ``weight.reshape(out, -1)`` order, i.e.
+(C, kh, kw) for convs (the spec's ``flat_fanin`` axis); when N does not divide the fan-in the
+last group is shorter.
+
+Example:
+    >>> from ternbench.methods import create_method
+    >>> create_method("fgq", group_size=16, solver="twn").config.solver
+    'twn'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._ptq import TernaryGroupWeight, post_training_quantize
+from ._registry import register_method
+
+PAPER = "Mellempudi et al. 2017, Ternary Neural Networks with Fine-Grained Quantization, arXiv:1705.01462"
+
+
+@dataclass(frozen=True)
+class FGQConfig(MethodConfig):
+    """FGQ knobs. ``solver``: ``exact`` (L2-optimal top-k search) or ``twn`` (0.7 mean rule)."""
+
+    group_size: int = 4
+    solver: Literal["exact", "twn"] = "exact"
+    #: optional short STE fine-tune after ternarization (epochs over the training subset)
+    finetune_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        cls = type(self).__name__
+        _check(isinstance(self.group_size, int) and self.group_size >= 1, cls, "group_size",
+               "a positive integer (the paper uses 4, 8, 16, 32, 64)", self.group_size)
+        _check(self.solver in ("exact", "twn"), cls, "solver", "'exact' or 'twn'", self.solver)
+        _check(self.finetune_epochs >= 0, cls, "finetune_epochs", ">= 0", self.finetune_epochs)
+
+
+class FGQ:
+    name = "fgq"
+
+    def __init__(self, config: FGQConfig) -> None:
+        self.config = config
+
+    def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
+        cfg = self.config
+        return post_training_quantize(
+            model, ctx, cfg, self.name,
+            lambda: TernaryGroupWeight(cfg.group_size, cfg.solver),
+            finetune_epochs=cfg.finetune_epochs,
+        )
+
+
+@register_method("fgq", config=FGQConfig, paper=PAPER, kind="ptq")
+def fgq(config: MethodConfig) -> FGQ:
+    assert isinstance(config, FGQConfig)
+    return FGQ(config)

@@ -1,0 +1,64 @@
+"""Shared fixtures: seeds, a tiny CNN, capability probes, a tiny profile for end-to-end runs."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@functools.cache
+def has_fashion_mnist() -> bool:
+    root = Path(os.environ.get("TERNBENCH_FASHION_MNIST", FASHION))
+    return (root / "t10k-images-idx3-ubyte.gz").exists()
+
+
+needs_fashion = pytest.mark.skipif(
+    not has_fashion_mnist(),
+    reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (.ci/run does)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_cnn(in_chans: int = 1, classes: int = 10) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+    )
+
+
+@pytest.fixture
+def cnn() -> nn.Module:
+    return tiny_cnn().eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_profile():
+    """A profile small enough for end-to-end tests (FP32 baseline: 1 epoch on 1024 images)."""
+    from ternbench.bench.config import PROFILES, Profile
+    from ternbench.bench.train import TrainCfg
+
+    prof = Profile(
+        name="tiny", description="tests only", fp32=TrainCfg(epochs=1, train_subset=1024, seed=0),
+        n_eval=256, n_calib=128, bn_batches=4, train_subset=512, train_epochs=0.1,
+        eval_shards=2, latency_number=1, latency_repeat=2, latency_min_repeat_ms=0,
+        batch_size=128, deploy_check_samples=8,
+    )
+    PROFILES["tiny"] = prof
+    yield prof
+    PROFILES.pop("tiny", None)

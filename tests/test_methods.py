@@ -1,0 +1,231 @@
+"""The math of the methods on hand-made tensors, and export/deploy parity for every method."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from ternbench.methods import (
+    ConfigError,
+    QuantContext,
+    UnknownMethodError,
+    create_method,
+    list_methods,
+    summarize_cost,
+)
+from ternbench.methods._deploy import deploy, max_logit_diff
+from ternbench.methods._export_io import (
+    exports_to_bytes,
+    load_exports,
+    pack_ternary,
+    save_exports,
+    unpack_ternary,
+)
+from ternbench.methods._ternarize import ternarize_exact, ternarize_rows, ternarize_twn
+
+
+def _brute_force(w: torch.Tensor) -> float:
+    best = float("inf")
+    for mask in itertools.product([0, 1], repeat=w.numel()):
+        m = torch.tensor(mask, dtype=w.dtype)
+        k = int(m.sum())
+        alpha = float((w.abs() * m).sum()) / max(k, 1)
+        best = min(best, float(((w - alpha * torch.sign(w) * m) ** 2).sum()))
+    return best
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 7])
+def test_exact_solver_equals_brute_force(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    for _ in range(25):
+        w = torch.randn(1, n, generator=g, dtype=torch.float64)
+        codes, alpha = ternarize_exact(w)
+        err = float(((w - alpha * codes) ** 2).sum())
+        assert err == pytest.approx(_brute_force(w[0]), abs=1e-12)
+
+
+def test_exact_solver_hand_made() -> None:
+    codes, alpha = ternarize_exact(torch.tensor([[3.0, -3.0, 0.1, -0.2], [0.0, 0.0, 0.0, 0.0]]))
+    assert codes.tolist() == [[1, -1, 0, 0], [0, 0, 0, 0]]
+    assert alpha[0].item() == pytest.approx(3.0)
+
+
+def test_twn_rule_hand_made() -> None:
+    w = torch.tensor([[1.0, -0.5, 0.1, 0.0]])  # mean|w| = 0.4 -> delta 0.28
+    codes, alpha = ternarize_twn(w)
+    assert codes.tolist() == [[1, -1, 0, 0]]
+    assert alpha.item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("solver", ["exact", "twn"])
+def test_partial_last_group(solver: str) -> None:
+    w = torch.randn(3, 10)
+    codes, scales = ternarize_rows(w, 4, solver)  # groups of 4, 4, 2
+    assert codes.shape == (3, 10) and scales.shape == (3, 3)
+    alone, a_last = ternarize_rows(w[:, 8:], 2, solver)
+    assert torch.equal(codes[:, 8:], alone)
+    assert torch.allclose(scales[:, 2:], a_last)
+
+
+def test_pack_roundtrip() -> None:
+    c = np.random.default_rng(0).integers(-1, 2, size=(5, 37)).astype(np.int8)
+    assert np.array_equal(unpack_ternary(pack_ternary(c), 37), c)
+    assert pack_ternary(c).shape == (5, 10)
+    with pytest.raises(ValueError):
+        pack_ternary(np.array([[2]], np.int8))
+
+
+def _ctx(x: torch.Tensor) -> QuantContext:
+    y = torch.zeros(len(x), dtype=torch.long)
+    return QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)] * 2, bn_batches=2)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_deployed_matches_fake_quant(name: str, cnn: torch.nn.Module) -> None:
+    """The export run as integer arithmetic gives the fake-quant logits (float tolerance)."""
+    x = torch.randn(32, 1, 12, 12)
+    qm = create_method(name).quantize(cnn, _ctx(x))
+    with torch.no_grad():
+        ref = qm.module(x)
+    diff = max_logit_diff(qm, x)
+    assert diff <= 1e-4 * max(1.0, float(ref.abs().max())), diff
+    # and the caller's model is untouched
+    assert not any(type(m).__name__.startswith("Quant") for m in cnn.modules())
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_export_roundtrip_and_cost(name: str, cnn: torch.nn.Module, tmp_path) -> None:
+    x = torch.randn(16, 1, 12, 12)
+    qm = create_method(name).quantize(cnn, _ctx(x))
+    ex = qm.export()
+    save_exports(tmp_path / "e.npz", ex)
+    back = load_exports(tmp_path / "e.npz")
+    assert list(back) == list(ex)
+    for k in ex:
+        assert np.array_equal(back[k].codes, ex[k].codes)
+        assert np.array_equal(back[k].scales, ex[k].scales)
+        assert back[k].input_shape == ex[k].input_shape
+    assert summarize_cost(back.values()) == qm.cost()
+    assert b"pickle" not in exports_to_bytes(ex)[:0]  # npz of plain arrays
+
+
+def test_fgq_group_cost_counts() -> None:
+    """N=4 with FP16 scales: 2 + 16/4 = 6 bits per weight on ternary layers (the paper's figure)."""
+    from torch import nn
+
+    m = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False),
+                      nn.Conv2d(8, 8, 1, bias=False))
+    x = torch.randn(4, 8, 2, 2)
+    qm = create_method("fgq", group_size=4, first_last="same", bn_recalibrate=False).quantize(
+        m, _ctx(x))
+    cost = qm.cost()
+    assert cost.effective_bits == pytest.approx(6.0)
+    assert cost.ternary_fraction == 1.0
+    # one multiply per group per output position: 8 outputs x 2 groups x 4 positions x 3 layers
+    assert cost.muls == 8 * 2 * 4 * 3
+    nnz = sum(int(np.count_nonzero(lx.codes)) for lx in qm.export().values())
+    assert cost.adds == nnz * 4
+
+
+def test_fgq_scales_are_fp16_values(cnn) -> None:
+    qm = create_method("fgq", group_size=8, bn_recalibrate=False).quantize(
+        cnn, _ctx(torch.randn(8, 1, 12, 12)))
+    for lx in qm.export().values():
+        if lx.weight_format == "ternary":
+            assert np.array_equal(lx.scales.astype(np.float16).astype(np.float32), lx.scales)
+
+
+def test_first_last_policy(cnn) -> None:
+    x = torch.randn(8, 1, 12, 12)
+    ex = create_method("fgq", first_last="fp32", bn_recalibrate=False).quantize(cnn, _ctx(x)).export()
+    fmts = [lx.weight_format for lx in ex.values()]
+    assert fmts[0] == fmts[-1] == "fp32" and set(fmts[1:-1]) == {"ternary"}
+    ex = create_method("fgq", first_last="same", bn_recalibrate=False).quantize(cnn, _ctx(x)).export()
+    assert {lx.weight_format for lx in ex.values()} == {"ternary"}
+
+
+def test_bn_recalibration_changes_stats_and_is_recorded(cnn) -> None:
+    x = torch.randn(32, 1, 12, 12) * 3
+    on = create_method("twn", bn_recalibrate=True).quantize(cnn, _ctx(x))
+    off = create_method("twn", bn_recalibrate=False).quantize(cnn, _ctx(x))
+    assert on.info["bn_recalibrated"] and not off.info["bn_recalibrated"]
+    bn_on = [m for m in on.module.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    bn_off = [m for m in off.module.modules() if isinstance(m, torch.nn.BatchNorm2d)][0]
+    assert not torch.allclose(bn_on.running_var, bn_off.running_var)
+
+
+def test_deploy_uses_export_only(cnn) -> None:
+    """Corrupting the exported codes must change the deployed output (the check can fail)."""
+    x = torch.randn(8, 1, 12, 12)
+    qm = create_method("fgq", bn_recalibrate=False).quantize(cnn, _ctx(x))
+    dep = deploy(qm)
+    layer = [m for m in dep.modules() if type(m).__name__ == "IntegerLayer"][1]
+    layer.lx.codes[:] = -layer.lx.codes
+    with torch.no_grad():
+        assert (dep(x) - qm.module(x)).abs().max() > 1e-3
+
+
+def test_unknown_method_suggests() -> None:
+    with pytest.raises(UnknownMethodError, match="Did you mean 'fgq'"):
+        create_method("fgqq")
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"group_size": 0}, "group_size"),
+    ({"group_size": 2.5}, "group_size"),
+    ({"solver": "magic"}, "solver"),
+    ({"act_bits": 3}, "act_bits"),
+    ({"first_last": "int4"}, "first_last"),
+    ({"finetune_epochs": -1}, "finetune_epochs"),
+    ({"groupsize": 4}, "Did you mean 'group_size'"),
+])
+def test_config_errors_name_the_field(kw, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        create_method("fgq", **kw)
+
+
+def test_list_methods_wildcards() -> None:
+    assert list_methods("fg*") == ["fgq"]
+    assert set(list_methods("*")) >= {"fp32", "int8", "twn", "fgq"}
+    assert list_methods("fp32,int8") == ["fp32", "int8"]
+    assert list_methods(kind="baseline") == ["fp32", "int8"]
+
+
+def test_builtins_register_through_entry_points() -> None:
+    from importlib import metadata
+
+    eps = {ep.value for ep in metadata.entry_points(group="ternbench.methods")}
+    assert {"ternbench.methods.fgq", "ternbench.methods.baselines"} <= eps
+
+
+def test_duplicate_registration_warns(caplog) -> None:
+    from ternbench.methods import MethodConfig, register_method
+    from ternbench.methods._registry import _REGISTRY
+
+    def f1(cfg):
+        return None
+
+    f1.__module__ = "pkg_a"
+
+    def f2(cfg):
+        return None
+
+    f2.__module__ = "pkg_b"
+    try:
+        register_method("dup_test", config=MethodConfig, paper="x", kind="ptq")(f1)
+        register_method("dup_test", config=MethodConfig, paper="x", kind="ptq")(f2)
+        assert "registered twice" in caplog.text and "pkg_a" in caplog.text
+    finally:
+        _REGISTRY.pop("dup_test", None)
+
+
+def test_lean_import() -> None:
+    """Importing the methods must not import tvm or ray (they cost seconds and memory)."""
+    code = ("import sys, ternbench.methods as m; m.list_methods(); "
+            "bad=[k for k in ('tvm','ray') if k in sys.modules]; print(bad); assert not bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
