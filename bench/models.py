@@ -1,0 +1,179 @@
+"""Model registry: CIFAR-style ResNet-8/20 and torchvision's ResNet-18.
+
+Every model is built only from ``Conv2d`` (groups=1, dilation=1), ``BatchNorm2d``, ``ReLU``,
+``Linear`` and pooling, because the quantization layer swap (``ternbench.methods._layers``)
+replaces exactly the Conv2d/Linear modules; the first conv is the first such module and the
+classifier the last, in module order.
+
+Example:
+    >>> import torch
+    >>> from ternbench.bench.models import create_model
+    >>> m = create_model("resnet8", in_chans=1, num_classes=10)
+    >>> m(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+__all__ = ["CifarResNet", "BasicBlock", "list_models", "create_model", "get_model_info"]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (He et al. 2016).
+
+    The shortcut is option B: a strided 1x1 conv + BN when the shape changes, so every weight
+    layer is a Conv2d/Linear that the quantizers can see (option A's zero-padding has none).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes),
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR-style ResNet-(6n+2): 3x3 stem, three stages of 16/32/64 channels, avg pool, Linear.
+
+    ``blocks_per_stage`` = n (1 for ResNet-8, 3 for ResNet-20). Works for any input size (global
+    average pooling); stages 2 and 3 halve the resolution.
+    """
+
+    def __init__(self, blocks_per_stage: int, *, in_chans: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        in_planes = 16
+        stages = []
+        for planes, stride in ((16, 1), (32, 2), (64, 2)):
+            blocks = []
+            for b in range(blocks_per_stage):
+                blocks.append(BasicBlock(in_planes, planes, stride if b == 0 else 1))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(64, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    # He init for convs (as in the ResNet papers / torchvision), unit BN, default Linear.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _resnet18(in_chans: int, num_classes: int, image_size: int | None) -> nn.Module:
+    from torchvision.models import resnet18
+
+    model = resnet18(weights=None, num_classes=num_classes)
+    if image_size is not None and image_size <= 64:
+        # Small images (CIFAR, Fashion-MNIST): the 7x7/2 stem + max pool would shrink 32 px to
+        # 8 px before the first stage; the usual CIFAR adaptation is a 3x3/1 stem without pool.
+        model.conv1 = nn.Conv2d(in_chans, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    elif in_chans != 3:
+        model.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    description: str
+    factory: Callable[[int, int, int | None], nn.Module]
+
+
+_MODELS: dict[str, ModelInfo] = {
+    "resnet8": ModelInfo(
+        "resnet8",
+        "CIFAR-style ResNet-8 (1 BasicBlock per stage, 16/32/64 ch, ~78k params)",
+        lambda c, k, s: CifarResNet(1, in_chans=c, num_classes=k),
+    ),
+    "resnet20": ModelInfo(
+        "resnet20",
+        "CIFAR-style ResNet-20 (3 BasicBlocks per stage, 16/32/64 ch, ~0.27M params)",
+        lambda c, k, s: CifarResNet(3, in_chans=c, num_classes=k),
+    ),
+    "resnet18": ModelInfo(
+        "resnet18",
+        "torchvision ResNet-18 (11.7M params); 3x3/1 stem without max pool for images <= 64 px",
+        _resnet18,
+    ),
+}
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``.
+
+    Example:
+        >>> list_models("resnet*")
+        ['resnet8', 'resnet20', 'resnet18']
+    """
+    return [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Registry entry of ``name``; unknown names raise ``ValueError`` with suggestions."""
+    try:
+        return _MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_MODELS), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        avail = ", ".join(_MODELS)
+        raise ValueError(f"Unknown model {name!r}.{hint} Available: {avail}.") from None
+
+
+def create_model(
+    name: str, *, in_chans: int, num_classes: int, image_size: int | None = None
+) -> nn.Module:
+    """Build a freshly initialised model (FP32, train mode).
+
+    Args:
+        name: a name from :func:`list_models`.
+        in_chans: input channels (1 for Fashion-MNIST, 3 for CIFAR/ImageNet).
+        num_classes: classifier outputs.
+        image_size: input side length; only ResNet-18 uses it (small-image stem for <= 64 px).
+    """
+    info = get_model_info(name)
+    if in_chans < 1 or num_classes < 1:
+        raise ValueError(
+            f"in_chans and num_classes must be >= 1, got in_chans={in_chans}, "
+            f"num_classes={num_classes}"
+        )
+    return info.factory(in_chans, num_classes, image_size)

@@ -1,0 +1,71 @@
+"""End to end on the embedded dataset: plan -> executor -> results store -> resume -> report."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from ternbench.bench.config import BenchConfig
+from ternbench.bench.runner import plan, run
+
+from conftest import needs_fashion
+
+pytestmark = [needs_fashion]
+ACC = ["method", "metric", "value"]
+
+
+def _acc(df: pd.DataFrame) -> pd.DataFrame:
+    df = df[(df.target == "-") & (df.metric != "quantize_seconds")][ACC]
+    return df.sort_values(ACC[:2]).reset_index(drop=True)
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    d = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("TERNBENCH_CACHE", str(d))
+    return d
+
+
+def test_plan_keys_are_stable_and_distinct(tiny_profile) -> None:
+    a = plan(BenchConfig(methods=("fp32", "fgq"), profile="tiny", seeds=(0, 1)))
+    b = plan(BenchConfig(methods=("fp32", "fgq"), profile="tiny", seeds=(0, 1)))
+    assert [c.key for c in a] == [c.key for c in b] and len({c.key for c in a}) == 4
+    c = plan(BenchConfig(methods=("fgq",), profile="tiny", overrides={"fgq": {"group_size": 8}}))
+    assert c[0].key not in {x.key for x in a}
+
+
+@pytest.mark.tvm
+def test_local_run_with_latency_resume_and_report(tiny_profile, cache, tmp_path) -> None:
+    cfg = BenchConfig(methods=("fp32", "fgq"), profile="tiny", out=tmp_path / "run",
+                      executor="local")
+    s = run(cfg, progress=False)
+    df = s.frame
+    assert s.failed == 0, df[df.status != "ok"][["method", "error"]]
+    acc = df[(df.target == "-") & (df.metric == "top1")].set_index("method").value
+    assert set(acc.index) == {"fp32", "fgq"} and ((0 <= acc) & (acc <= 100)).all()
+    lat = df[(df.target == "x86") & (df.metric == "latency_us")]
+    assert {"torch_fp32", "tvm"} <= set(lat.impl) and (lat.value > 0).all()
+    assert (df[df.metric == "kernel_max_abs_err"].value < 1e-3).all()
+    total = lat[lat.layer == "__total__"]
+    assert len(total) == 4  # (fp32, fgq) x (tvm, torch_fp32)
+    for f in ("results.parquet", "results.csv", "run.json", "report.md", "report.html"):
+        assert (tmp_path / "run" / f).exists(), f
+    assert list((tmp_path / "run" / "subsets").glob("*.npy"))
+    # resume: everything finished is kept and nothing is recomputed
+    parts = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "cells").glob("*.json")}
+    s2 = run(cfg, progress=False, report=False)
+    assert s2.done == 0 and s2.skipped == 4
+    assert {p: p.stat().st_mtime_ns for p in parts} == parts
+    pd.testing.assert_frame_equal(s2.frame, df)
+
+
+@pytest.mark.ray
+def test_ray_and_local_give_identical_rows(tiny_profile, cache, tmp_path) -> None:
+    methods = ("fp32", "int8", "twn", "fgq")
+    local = run(BenchConfig(methods=methods, profile="tiny", out=tmp_path / "l",
+                            executor="local", targets=()), progress=False, report=False)
+    ray = run(BenchConfig(methods=methods, profile="tiny", out=tmp_path / "r",
+                          executor="ray", targets=(), num_cpus=2), progress=False, report=False)
+    assert local.failed == ray.failed == 0
+    pd.testing.assert_frame_equal(_acc(local.frame), _acc(ray.frame))
+    assert len(_acc(local.frame)) > 30
