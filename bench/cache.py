@@ -146,8 +146,13 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], meta: di
     with _atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"ternbench_format": str(FORMAT_VERSION)})
         digest, size = _sha256(tmp), tmp.stat().st_size
-    side = {"format": FORMAT_VERSION, "file": path.name, "sha256": digest, "size": size,
-            "meta": meta}
+    side = {
+        "format": FORMAT_VERSION,
+        "file": path.name,
+        "sha256": digest,
+        "size": size,
+        "meta": meta,
+    }
     with _atomic_path(_sidecar(path)) as tmp:
         tmp.write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
 
@@ -171,18 +176,21 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         expected, size = str(side["sha256"]), int(side["size"])
         meta = dict(side.get("meta") or {})
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} has no metadata file {side_path.name} "
-                              "(an interrupted write?)") from None
+        raise CheckpointError(
+            f"checkpoint {path} has no metadata file {side_path.name} (an interrupted write?)"
+        ) from None
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint metadata {side_path} is unreadable: {e}") from e
     actual_size = path.stat().st_size
     if actual_size != size:
-        raise CheckpointError(f"checkpoint {path} is {actual_size} bytes, expected {size} "
-                              "(truncated or corrupt)")
+        raise CheckpointError(
+            f"checkpoint {path} is {actual_size} bytes, expected {size} (truncated or corrupt)"
+        )
     digest = _sha256(path)
     if digest != expected:
-        raise CheckpointError(f"checkpoint {path} has sha256 {digest[:12]}..., expected "
-                              f"{expected[:12]}... (corrupt)")
+        raise CheckpointError(
+            f"checkpoint {path} has sha256 {digest[:12]}..., expected {expected[:12]}... (corrupt)"
+        )
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -195,14 +203,20 @@ def _clean_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
-            if isinstance(inner, Mapping) and inner and all(
-                    isinstance(v, Tensor) for v in inner.values()):
+            if (
+                isinstance(inner, Mapping)
+                and inner
+                and all(isinstance(v, Tensor) for v in inner.values())
+            ):
                 obj = inner
                 break
     if not isinstance(obj, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"{path} does not hold a state dict (a mapping of names to "
-                              f"tensors); got {type(obj).__name__}")
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a mapping of names to "
+            f"tensors); got {type(obj).__name__}"
+        )
     out = {}
     for k, v in obj.items():
         out[k.removeprefix("module.")] = v
@@ -274,8 +288,9 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _build(model: str, dataset: str) -> nn.Module:
     info = get_dataset_info(dataset)
-    return create_model(model, in_chans=info.in_chans, num_classes=info.num_classes,
-                        image_size=info.image_size)
+    return create_model(
+        model, in_chans=info.in_chans, num_classes=info.num_classes, image_size=info.image_size
+    )
 
 
 def _try_load(model: str, dataset: str, path: Path) -> tuple[nn.Module, dict] | None:
@@ -350,8 +365,9 @@ def load_or_train_fp32(
         seed_everything(cfg.seed)  # model init is part of the reproducible recipe
         net = _build(model, dataset)
         log.info("training FP32 baseline %s (%s on %s, %d images)", key, model, dataset, len(idx))
-        history = train(net, loader, cfg, device=device, progress=progress,
-                        desc=f"fp32 {model}/{dataset}")
+        history = train(
+            net, loader, cfg, device=device, progress=progress, desc=f"fp32 {model}/{dataset}"
+        )
         meta = {
             "key": key,
             "model": model,
@@ -369,13 +385,17 @@ def load_or_train_fp32(
         save_checkpoint(user_path, net.state_dict(), meta)
         log.info("saved FP32 baseline %s to %s", key, user_path)
     return net.to(device).eval(), {
-        "key": key, "path": str(user_path), "source": "trained",
-        "train_seconds": history["seconds"], "history": history,
+        "key": key,
+        "path": str(user_path),
+        "source": "trained",
+        "train_seconds": history["seconds"],
+        "history": history,
     }
 
 
-def ship_checkpoint(model: str, dataset: str, cfg: TrainCfg, *, dest: str | Path | None = None
-                    ) -> Path:
+def ship_checkpoint(
+    model: str, dataset: str, cfg: TrainCfg, *, dest: str | Path | None = None
+) -> Path:
     """Copy the cached baseline into the package's ``checkpoints/`` (or ``dest``) folder.
 
     The cached checkpoint must exist (run :func:`load_or_train_fp32` first) and is verified
@@ -384,8 +404,10 @@ def ship_checkpoint(model: str, dataset: str, cfg: TrainCfg, *, dest: str | Path
     key = baseline_key(model, dataset, cfg)
     src = cache_dir() / f"{key}.safetensors"
     if not src.is_file():
-        raise FileNotFoundError(f"no cached baseline {src}; train it first with "
-                                f"load_or_train_fp32({model!r}, {dataset!r}, cfg)")
+        raise FileNotFoundError(
+            f"no cached baseline {src}; train it first with "
+            f"load_or_train_fp32({model!r}, {dataset!r}, cfg)"
+        )
     load_checkpoint(src)  # raises CheckpointError rather than shipping a corrupt file
     out_dir = Path(dest) if dest is not None else shipped_dir()
     target = out_dir / src.name

@@ -23,7 +23,7 @@ EPILOG = textwrap.dedent("""\
     examples:
       ternbench run --methods fgq,twn,int8 --profile smoke --out runs/smoke
       ternbench run --methods 'fg*' --set fgq.group_size=8 --executor local
-      ternbench run --dataset cifar10 --data-root ~/data --model resnet20 --ray-address 10.0.0.5:6379
+      ternbench run --dataset cifar10 --data-root ~/data --model resnet20 --ray-address HOST:6379
       ternbench run --config bench.toml --dry-run
       ternbench list methods
       ternbench report runs/smoke
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ternbench",
         description="Benchmark ternary neural-network methods on accuracy (Ray) and "
-                    "latency (TVM), and report them side by side.",
+        "latency (TVM), and report them side by side.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,
     )
@@ -52,33 +52,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    r = sub.add_parser("run", help="run a grid of methods x models x datasets x seeds",
-                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
-    r.add_argument("--methods", type=_csv, default=None,
-                   help="comma list of methods or wildcards (default: fp32,int8,twn,fgq); "
-                        "fp32 is added when missing, as every delta is taken against it")
-    r.add_argument("--model", "--models", dest="models", type=_csv, default=None,
-                   help="comma list of models (default: resnet8)")
-    r.add_argument("--dataset", "--datasets", dest="datasets", type=_csv, default=None,
-                   help="comma list of datasets (default: fashion-mnist, the embedded one)")
-    r.add_argument("--data-root", default=None,
-                   help="folder holding the dataset (CIFAR: the folder with cifar-10-batches-py; "
-                        "ImageNet: the val ImageFolder)")
-    r.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                   help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()))
-    r.add_argument("--seed", "--seeds", dest="seeds", type=lambda s: [int(x) for x in _csv(s)],
-                   default=None, help="comma list of seeds (default: 0)")
+    r = sub.add_parser(
+        "run",
+        help="run a grid of methods x models x datasets x seeds",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    r.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="comma list of methods or wildcards (default: fp32,int8,twn,fgq); "
+        "fp32 is added when missing, as every delta is taken against it",
+    )
+    r.add_argument(
+        "--model",
+        "--models",
+        dest="models",
+        type=_csv,
+        default=None,
+        help="comma list of models (default: resnet8)",
+    )
+    r.add_argument(
+        "--dataset",
+        "--datasets",
+        dest="datasets",
+        type=_csv,
+        default=None,
+        help="comma list of datasets (default: fashion-mnist, the embedded one)",
+    )
+    r.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the dataset (CIFAR: the folder with cifar-10-batches-py; "
+        "ImageNet: the val ImageFolder)",
+    )
+    r.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=None,
+        help="; ".join(f"{k}: {v.description}" for k, v in PROFILES.items()),
+    )
+    r.add_argument(
+        "--seed",
+        "--seeds",
+        dest="seeds",
+        type=lambda s: [int(x) for x in _csv(s)],
+        default=None,
+        help="comma list of seeds (default: 0)",
+    )
     r.add_argument("--targets", type=_csv, default=None, help="latency targets (default: x86)")
-    r.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD.FIELD=VALUE",
-                   help="override a method's config field, e.g. --set fgq.group_size=8 (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="override a method's config field, e.g. --set fgq.group_size=8 (repeatable)",
+    )
     r.add_argument("--out", default=None, help="run directory (default: runs/latest)")
-    r.add_argument("--executor", choices=["ray", "local"], default=None,
-                   help="ray (default): embedded local Ray or --ray-address; local: in process")
-    r.add_argument("--ray-address", default=None,
-                   help="join an existing Ray cluster (host:port); RAY_ADDRESS is honoured too")
+    r.add_argument(
+        "--executor",
+        choices=["ray", "local"],
+        default=None,
+        help="ray (default): embedded local Ray or --ray-address; local: in process",
+    )
+    r.add_argument(
+        "--ray-address",
+        default=None,
+        help="join an existing Ray cluster (host:port); RAY_ADDRESS is honoured too",
+    )
     r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray")
-    r.add_argument("--threads", type=int, default=None,
-                   help="threads for latency measurements (default: 1)")
+    r.add_argument(
+        "--threads", type=int, default=None, help="threads for latency measurements (default: 1)"
+    )
     r.add_argument("--config", default=None, help="TOML file with [run] and [methods.<name>]")
     r.add_argument("--dry-run", action="store_true", help="print the planned grid and exit")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
@@ -107,8 +154,12 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "datasets": tuple(a.datasets) if a.datasets else None,
         "seeds": tuple(a.seeds) if a.seeds else None,
         "targets": tuple(a.targets) if a.targets else None,
-        "profile": a.profile, "out": a.out, "executor": a.executor,
-        "ray_address": a.ray_address, "data_root": a.data_root, "num_cpus": a.num_cpus,
+        "profile": a.profile,
+        "out": a.out,
+        "executor": a.executor,
+        "ray_address": a.ray_address,
+        "data_root": a.data_root,
+        "num_cpus": a.num_cpus,
         "latency_threads": a.threads,
     }
     if overrides:
@@ -130,21 +181,28 @@ def _cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
     cfg = _config_from_args(a)
     if a.dry_run:
         cells = plan(cfg)
-        print(f"{len(cells)} cells, profile {cfg.profile}, targets {','.join(cfg.targets)}, "
-              f"out {cfg.out}")
+        print(
+            f"{len(cells)} cells, profile {cfg.profile}, targets {','.join(cfg.targets)}, "
+            f"out {cfg.out}"
+        )
         for c in cells:
-            print(f"  {c.key}  {c.method:6s} {c.model:9s} {c.dataset:14s} seed={c.seed} "
-                  f"{c.method_config}")
+            print(
+                f"  {c.key}  {c.method:6s} {c.model:9s} {c.dataset:14s} seed={c.seed} "
+                f"{c.method_config}"
+            )
         return 0
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():
-        summary = run(cfg, argv=argv, progress=False if a.no_progress else None,
-                      report=not a.no_report)
+        summary = run(
+            cfg, argv=argv, progress=False if a.no_progress else None, report=not a.no_report
+        )
     _print_summary(summary.frame, cfg.out)
     if summary.failed:
-        print(f"{summary.failed} part(s) failed; see {cfg.out}/results.csv (status=failed)",
-              file=sys.stderr)
+        print(
+            f"{summary.failed} part(s) failed; see {cfg.out}/results.csv (status=failed)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -156,11 +214,16 @@ def _print_summary(df: Any, out: Path) -> None:
     ok = df[df.status == "ok"]
     acc = ok[(ok.target == "-") & ok.metric.isin(["top1", "effective_bits", "sparsity"])]
     lat = ok[(ok.layer == "__total__") & (ok.metric == "latency_us")]
-    table = acc.pivot_table(index=["method", "model", "dataset"], columns="metric",
-                            values="value", aggfunc="mean")
+    table = acc.pivot_table(
+        index=["method", "model", "dataset"], columns="metric", values="value", aggfunc="mean"
+    )
     if len(lat):
-        lt = lat.pivot_table(index=["method", "model", "dataset"], columns=["target", "impl"],
-                             values="value", aggfunc="mean")
+        lt = lat.pivot_table(
+            index=["method", "model", "dataset"],
+            columns=["target", "impl"],
+            values="value",
+            aggfunc="mean",
+        )
         lt.columns = [f"{t}:{i} us" for t, i in lt.columns]
         table = table.join(lt)
     print(table.round(3).to_string())
@@ -215,8 +278,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     from .results import SchemaMismatchError
 
-    errs: list[type[BaseException]] = [ConfigError, UnknownMethodError, SchemaMismatchError,
-                                       FileNotFoundError, NotADirectoryError, PermissionError]
+    errs: list[type[BaseException]] = [
+        ConfigError,
+        UnknownMethodError,
+        SchemaMismatchError,
+        FileNotFoundError,
+        NotADirectoryError,
+        PermissionError,
+    ]
     try:
         from .cache import CheckpointError
 
@@ -231,9 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     a = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(a.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=getattr(logging, str(a.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     if a.command is None:
         parser.print_help()
         return 2
@@ -249,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ternbench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ternbench: interrupted; finished cells are kept, re-run with the same --out "
-              "to resume", file=sys.stderr)
+        print(
+            "ternbench: interrupted; finished cells are kept, re-run with the same --out to resume",
+            file=sys.stderr,
+        )
         return 130
 
 

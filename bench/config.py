@@ -58,23 +58,44 @@ PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
         description="under a minute of accuracy work: 1k test images, few timing repeats",
-        fp32=_FP32_DEFAULT, n_eval=1000, n_calib=256, bn_batches=8, train_subset=2048,
-        train_epochs=0.25, eval_shards=2, latency_number=5, latency_repeat=3,
+        fp32=_FP32_DEFAULT,
+        n_eval=1000,
+        n_calib=256,
+        bn_batches=8,
+        train_subset=2048,
+        train_epochs=0.25,
+        eval_shards=2,
+        latency_number=5,
+        latency_repeat=3,
         latency_min_repeat_ms=5,
     ),
     "default": Profile(
         name="default",
         description="the main job: full test split, 1k calibration images, stable timings",
-        fp32=_FP32_DEFAULT, n_eval=None, n_calib=1024, bn_batches=50, train_subset=None,
-        train_epochs=1.0, eval_shards=4, latency_number=20, latency_repeat=7,
+        fp32=_FP32_DEFAULT,
+        n_eval=None,
+        n_calib=1024,
+        bn_batches=50,
+        train_subset=None,
+        train_epochs=1.0,
+        eval_shards=4,
+        latency_number=20,
+        latency_repeat=7,
         latency_min_repeat_ms=20,
     ),
     "paper": Profile(
         name="paper",
         description="longer FP32 baseline and the papers' fine-tune budgets (hours on CPU)",
-        fp32=TrainCfg(epochs=30, batch_size=128, lr=0.1, seed=0), n_eval=None, n_calib=2048,
-        bn_batches=100, train_subset=None, train_epochs=10.0, eval_shards=8,
-        latency_number=50, latency_repeat=11, latency_min_repeat_ms=50,
+        fp32=TrainCfg(epochs=30, batch_size=128, lr=0.1, seed=0),
+        n_eval=None,
+        n_calib=2048,
+        bn_batches=100,
+        train_subset=None,
+        train_epochs=10.0,
+        eval_shards=8,
+        latency_number=50,
+        latency_repeat=11,
+        latency_min_repeat_ms=50,
     ),
 }
 
@@ -180,8 +201,10 @@ class BenchConfig:
         run = dict(data.get("run", {}))
         unknown = set(data) - {"run", "methods"}
         if unknown:
-            raise ConfigError(f"config file {p}: unknown table(s) {sorted(unknown)}; "
-                              "use [run] and [methods.<name>]")
+            raise ConfigError(
+                f"config file {p}: unknown table(s) {sorted(unknown)}; "
+                "use [run] and [methods.<name>]"
+            )
         known = {f.name for f in dataclasses.fields(cls)}
         for k in run:
             if k not in known:
@@ -205,8 +228,9 @@ def _did_you_mean(field_name: str, value: str, options: list[str]) -> None:
 
     close = difflib.get_close_matches(value, options, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"unknown {field_name.rstrip('s')} {value!r}.{hint} "
-                      f"Available: {', '.join(options)}")
+    raise ConfigError(
+        f"unknown {field_name.rstrip('s')} {value!r}.{hint} Available: {', '.join(options)}"
+    )
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

@@ -212,8 +212,16 @@ class FashionMNIST(Dataset[tuple[Tensor, int]]):
     """
 
     classes = (
-        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
     )
 
     def __init__(self, folder: Path, split: str, *, augment: bool = False) -> None:
@@ -343,13 +351,17 @@ def _local_cifar_cls(base_name: str) -> type:
 
     base = getattr(D, base_name)
     name = f"_Local{base_name}"
-    cls = type(name, (base,), {
-        "train_list": [[n, None] for n, _ in base.train_list],
-        "test_list": [[n, None] for n, _ in base.test_list],
-        "meta": {**base.meta, "md5": None},
-        "__module__": __name__,
-        "__qualname__": name,
-    })
+    cls = type(
+        name,
+        (base,),
+        {
+            "train_list": [[n, None] for n, _ in base.train_list],
+            "test_list": [[n, None] for n, _ in base.test_list],
+            "meta": {**base.meta, "md5": None},
+            "__module__": __name__,
+            "__qualname__": name,
+        },
+    )
     return cls
 
 
@@ -386,7 +398,9 @@ def _load_imagenet(info: DatasetInfo, root: str | Path | None) -> Dataset:
         log.warning(
             "imagenet: %s has %d class folders, not %d; label indices follow the sorted folder "
             "names and will not match models trained on the full ImageNet-1k",
-            folder, len(ds.classes), info.num_classes,
+            folder,
+            len(ds.classes),
+            info.num_classes,
         )
     return ds
 

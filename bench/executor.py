@@ -62,8 +62,10 @@ class LocalExecutor:
             threads = torch.get_num_threads()
             try:
                 module, info = quantize_cell(cell, baselines[cell.baseline_key])
-                shards = [eval_shard(cell, module, s)
-                          for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)]
+                shards = [
+                    eval_shard(cell, module, s)
+                    for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)
+                ]
                 yield cell, CellOutcome(info, shards)
             except Exception as exc:  # the cell fails, the run goes on
                 log.debug("cell %s failed", cell.key, exc_info=True)
@@ -91,8 +93,9 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None,
-                 max_retries: int = 2) -> None:
+    def __init__(
+        self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 2
+    ) -> None:
         import ray
 
         self._ray = ray
@@ -110,12 +113,17 @@ class RayExecutor:
             else:
                 n = num_cpus or os.cpu_count() or 1
                 log.info("starting an embedded Ray with %d CPUs", n)
-                ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=512 * 2**20)
+                ray.init(
+                    num_cpus=n,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    object_store_memory=512 * 2**20,
+                )
             self.started = True
-        opts = {"num_cpus": 1, "max_retries": max_retries}
-        self._quantize = ray.remote(**opts)(quantize_cell).options(num_returns=2)
-        self._eval = ray.remote(**opts)(eval_shard)
+        self._quantize: Any = ray.remote(num_cpus=1, max_retries=max_retries)(
+            quantize_cell
+        ).options(num_returns=2)
+        self._eval = ray.remote(num_cpus=1, max_retries=max_retries)(eval_shard)
 
     def run_cells(
         self,
@@ -130,11 +138,14 @@ class RayExecutor:
             module_ref, info_ref = self._quantize.remote(cell, base_refs[cell.baseline_key])
             # shards depend on the module ref: Ray starts them once quantize has finished,
             # and the module never travels through the driver
-            shard_refs = [self._eval.remote(cell, module_ref, s)
-                          for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)]
+            shard_refs = [
+                self._eval.remote(cell, module_ref, s)
+                for s in shard_indices(indices[cell.key], cell.profile_obj.eval_shards)
+            ]
             pending[info_ref] = (cell, shard_refs)
-        waiting = {ref: info_ref for info_ref, (_, srefs) in pending.items()
-                   for ref in [info_ref, *srefs]}
+        waiting = {
+            ref: info_ref for info_ref, (_, srefs) in pending.items() for ref in [info_ref, *srefs]
+        }
         remaining = {info_ref: 1 + len(s) for info_ref, (_, s) in pending.items()}
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1)

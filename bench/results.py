@@ -2,7 +2,7 @@
 
 Layout of a run directory::
 
-    run.json                 run metadata (argv, git, versions, hardware, seeds), one entry per session
+    run.json                 metadata (argv, git, versions, hardware, seeds), one entry per session
     config.json              the BenchConfig of the latest session
     cells/<key>.<part>.json  rows of one finished part of a cell (accuracy, latency-x86), atomic
     exports/<key>.npz        the deployable form of a cell's quantized model (no pickle)
@@ -43,9 +43,24 @@ __all__ = [
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 COLUMNS = [
-    "schema_version", "run_id", "cell_key", "method", "method_config", "profile", "model",
-    "dataset", "subset", "seed", "target", "layer", "impl", "metric", "value", "unit",
-    "status", "error",
+    "schema_version",
+    "run_id",
+    "cell_key",
+    "method",
+    "method_config",
+    "profile",
+    "model",
+    "dataset",
+    "subset",
+    "seed",
+    "target",
+    "layer",
+    "impl",
+    "metric",
+    "value",
+    "unit",
+    "status",
+    "error",
 ]
 
 
@@ -85,8 +100,13 @@ def make_row(base: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -105,8 +125,16 @@ def _cpu_model() -> str:
 def collect_env() -> dict[str, Any]:
     """Versions, git state and hardware, recorded with every run (BiBench ``collect_env``)."""
     versions: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in ("ternbench", "torch", "torchvision", "apache-tvm", "apache-tvm-ffi", "ray",
-                "numpy", "pandas"):
+    for pkg in (
+        "ternbench",
+        "torch",
+        "torchvision",
+        "apache-tvm",
+        "apache-tvm-ffi",
+        "ray",
+        "numpy",
+        "pandas",
+    ):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -172,15 +200,18 @@ class ResultStore:
             "run_id": time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6],
             "sessions": [],
         }
-        meta["sessions"].append({
-            "argv": list(argv),
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            **collect_env(),
-        })
+        meta["sessions"].append(
+            {
+                "argv": list(argv),
+                "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **collect_env(),
+            }
+        )
         meta["config"] = dict(config)
         self.write_meta(meta)
-        atomic_write_bytes(self.root / "config.json",
-                           json.dumps(config, indent=2, default=str).encode())
+        atomic_write_bytes(
+            self.root / "config.json", json.dumps(config, indent=2, default=str).encode()
+        )
         return meta
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:

@@ -21,10 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
-
 from ternbench.methods import create_method
 from ternbench.methods._export_io import load_exports
+from tqdm.auto import tqdm
 
 from .config import BenchConfig
 from .executor import CellOutcome, Executor, make_executor
@@ -47,7 +46,9 @@ class RunSummary:
 
 
 def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
+        :16
+    ]
 
 
 def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
@@ -67,30 +68,61 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                 overrides = dict(cfg.overrides.get(method, {}))
                 mcfg = create_method(method, overrides).config.to_json()
                 for seed in cfg.seeds:
-                    payload = {"v": SCHEMA_VERSION, "method": method, "config": mcfg,
-                               "model": model, "dataset": dataset, "seed": seed,
-                               "profile": prof.digest(), "baseline": bkey,
-                               "threads": cfg.accuracy_threads}
-                    cells.append(CellSpec(
-                        key=_key(payload), method=method, overrides=overrides,
-                        method_config=mcfg, model=model, dataset=dataset, seed=seed,
-                        prof=prof, data_root=cfg.data_root,
-                        threads=cfg.accuracy_threads, baseline_key=bkey,
-                    ))
+                    payload = {
+                        "v": SCHEMA_VERSION,
+                        "method": method,
+                        "config": mcfg,
+                        "model": model,
+                        "dataset": dataset,
+                        "seed": seed,
+                        "profile": prof.digest(),
+                        "baseline": bkey,
+                        "threads": cfg.accuracy_threads,
+                    }
+                    cells.append(
+                        CellSpec(
+                            key=_key(payload),
+                            method=method,
+                            overrides=overrides,
+                            method_config=mcfg,
+                            model=model,
+                            dataset=dataset,
+                            seed=seed,
+                            prof=prof,
+                            data_root=cfg.data_root,
+                            threads=cfg.accuracy_threads,
+                            baseline_key=bkey,
+                        )
+                    )
     return cells
 
 
 def _base_fields(cell: CellSpec, run_id: str) -> dict[str, Any]:
-    return {"run_id": run_id, "cell_key": cell.key, "method": cell.method,
-            "method_config": cell.method_config, "profile": cell.profile, "model": cell.model,
-            "dataset": cell.dataset, "subset": cell.subset, "seed": cell.seed,
-            "target": "-", "layer": "", "impl": "", "status": "ok", "error": ""}
+    return {
+        "run_id": run_id,
+        "cell_key": cell.key,
+        "method": cell.method,
+        "method_config": cell.method_config,
+        "profile": cell.profile,
+        "model": cell.model,
+        "dataset": cell.dataset,
+        "subset": cell.subset,
+        "seed": cell.seed,
+        "target": "-",
+        "layer": "",
+        "impl": "",
+        "status": "ok",
+        "error": "",
+    }
 
 
 def _failed_rows(base: dict[str, Any], exc: BaseException, **fields: Any) -> list[dict[str, Any]]:
     msg = f"{type(exc).__name__}: {exc}"
-    return [make_row(base, **fields, metric="error", value=float("nan"), unit="",
-                     status="failed", error=msg)]
+    return [
+        make_row(
+            base, **fields, metric="error", value=float("nan"), unit="", status="failed", error=msg
+        )
+    ]
 
 
 def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str) -> list[dict[str, Any]]:
@@ -105,12 +137,27 @@ def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str) -> list[dict[st
     for metric, (value, unit) in out.info["cost"].items():
         rows.append(make_row(base, metric=metric, value=float(value), unit=unit))
     mi = out.info["method_info"]
-    rows.append(make_row(base, metric="bn_recalibrated", value=float(bool(
-        mi.get("bn_recalibrated", False))), unit="bool"))
-    rows.append(make_row(base, metric="deploy_max_abs_diff",
-                         value=float(out.info["deploy_max_abs_diff"]), unit="logit"))
-    rows.append(make_row(base, metric="quantize_seconds",
-                         value=float(out.info["quantize_seconds"]), unit="s"))
+    rows.append(
+        make_row(
+            base,
+            metric="bn_recalibrated",
+            value=float(bool(mi.get("bn_recalibrated", False))),
+            unit="bool",
+        )
+    )
+    rows.append(
+        make_row(
+            base,
+            metric="deploy_max_abs_diff",
+            value=float(out.info["deploy_max_abs_diff"]),
+            unit="logit",
+        )
+    )
+    rows.append(
+        make_row(
+            base, metric="quantize_seconds", value=float(out.info["quantize_seconds"]), unit="s"
+        )
+    )
     return rows
 
 
@@ -129,8 +176,9 @@ def _save_subsets(store: ResultStore, cells: list[CellSpec]) -> dict[str, np.nda
     return out
 
 
-def _baselines(cfg: BenchConfig, cells: list[CellSpec], progress: bool | None
-               ) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
+def _baselines(
+    cfg: BenchConfig, cells: list[CellSpec], progress: bool | None
+) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
     from .cache import load_or_train_fp32
 
     states: dict[str, dict[str, torch.Tensor]] = {}
@@ -138,54 +186,107 @@ def _baselines(cfg: BenchConfig, cells: list[CellSpec], progress: bool | None
     for c in cells:
         if c.baseline_key in states:
             continue
-        model, info = load_or_train_fp32(c.model, c.dataset, cfg.profile_obj.fp32,
-                                         root=cfg.data_root, progress=progress)
+        model, info = load_or_train_fp32(
+            c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress
+        )
         states[c.baseline_key] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        infos.append({"model": c.model, "dataset": c.dataset,
-                      **{k: v for k, v in info.items() if isinstance(v, str | int | float)}})
+        infos.append(
+            {
+                "model": c.model,
+                "dataset": c.dataset,
+                **{k: v for k, v in info.items() if isinstance(v, str | int | float)},
+            }
+        )
     return states, infos
 
 
-def latency_rows(cell: CellSpec, target: str, store: ResultStore, cfg: BenchConfig,
-                 run_id: str, torch_cache: dict[tuple, Any]) -> list[dict[str, Any]]:
+def latency_rows(
+    cell: CellSpec,
+    target: str,
+    store: ResultStore,
+    cfg: BenchConfig,
+    run_id: str,
+    torch_cache: dict[tuple, Any],
+) -> list[dict[str, Any]]:
     """Time every exported layer of ``cell`` on ``target`` beside torch FP32 on the same shape."""
     from ternbench.schedules import EvaluatorCfg, measure_layer, measure_torch_fp32
 
     prof = cfg.profile_obj
-    ev = EvaluatorCfg(number=prof.latency_number, repeat=prof.latency_repeat,
-                      min_repeat_ms=prof.latency_min_repeat_ms)
+    ev = EvaluatorCfg(
+        number=prof.latency_number,
+        repeat=prof.latency_repeat,
+        min_repeat_ms=prof.latency_min_repeat_ms,
+    )
     base = {**_base_fields(cell, run_id), "target": target}
     exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
     rows: list[dict[str, Any]] = []
     tot = {"tvm": 0.0, "torch_fp32": 0.0}
     for name, lx in exports.items():
-        lat = measure_layer(lx, batch=cfg.latency_batch, target=target, ev=ev,
-                            threads=cfg.latency_threads)
+        lat = measure_layer(
+            lx, batch=cfg.latency_batch, target=target, ev=ev, threads=cfg.latency_threads
+        )
         shape = (lx.op, lx.input_shape, lx.out_channels, lx.kernel_size, lx.stride, lx.padding)
         ref = torch_cache.get(shape)
         if ref is None:  # FP32 depends on the shape only: time it once per run and reuse
-            ref = measure_torch_fp32(lx, batch=cfg.latency_batch, ev=ev,
-                                     threads=cfg.latency_threads)
+            ref = measure_torch_fp32(
+                lx, batch=cfg.latency_batch, ev=ev, threads=cfg.latency_threads
+            )
             torch_cache[shape] = ref
         for m in (lat, ref):
-            rows.append(make_row(base, layer=name, impl=m.impl, metric="latency_us",
-                                 value=m.median_us, unit="us"))
-        rows.append(make_row(base, layer=name, impl=lat.impl, metric="kernel_max_abs_err",
-                             value=lat.max_abs_err, unit="abs"))
+            rows.append(
+                make_row(
+                    base, layer=name, impl=m.impl, metric="latency_us", value=m.median_us, unit="us"
+                )
+            )
+        rows.append(
+            make_row(
+                base,
+                layer=name,
+                impl=lat.impl,
+                metric="kernel_max_abs_err",
+                value=lat.max_abs_err,
+                unit="abs",
+            )
+        )
         tot["tvm"] += lat.median_us
         tot["torch_fp32"] += ref.median_us
-    rows.append(make_row(base, layer="__total__", impl="tvm", metric="latency_us",
-                         value=tot["tvm"], unit="us"))
-    rows.append(make_row(base, layer="__total__", impl="torch_fp32", metric="latency_us",
-                         value=tot["torch_fp32"], unit="us"))
-    rows.append(make_row(base, layer="__total__", impl="tvm", metric="threads",
-                         value=float(cfg.latency_threads), unit="count"))
+    rows.append(
+        make_row(
+            base, layer="__total__", impl="tvm", metric="latency_us", value=tot["tvm"], unit="us"
+        )
+    )
+    rows.append(
+        make_row(
+            base,
+            layer="__total__",
+            impl="torch_fp32",
+            metric="latency_us",
+            value=tot["torch_fp32"],
+            unit="us",
+        )
+    )
+    rows.append(
+        make_row(
+            base,
+            layer="__total__",
+            impl="tvm",
+            metric="threads",
+            value=float(cfg.latency_threads),
+            unit="count",
+        )
+    )
     return rows
 
 
-def run(cfg: BenchConfig, *, argv: list[str] | None = None, executor: Executor | None = None,
-        progress: bool | None = None, report: bool = True,
-        on_event: Callable[[str], None] | None = None) -> RunSummary:
+def run(
+    cfg: BenchConfig,
+    *,
+    argv: list[str] | None = None,
+    executor: Executor | None = None,
+    progress: bool | None = None,
+    report: bool = True,
+    on_event: Callable[[str], None] | None = None,
+) -> RunSummary:
     """Run the grid of ``cfg``; finished parts already in ``cfg.out`` are skipped (resume)."""
     store = ResultStore(cfg.out)
     meta = store.open_session(argv or [], cfg.to_dict())
@@ -193,16 +294,18 @@ def run(cfg: BenchConfig, *, argv: list[str] | None = None, executor: Executor |
     cells = plan(cfg)
     indices = _save_subsets(store, cells)
     todo = [c for c in cells if not store.is_done(c.key, ACC_PART)]
-    lat_todo = [(c, t) for c in cells for t in cfg.targets
-                if not store.is_done(c.key, f"latency-{t}")]
+    lat_todo = [
+        (c, t) for c in cells for t in cfg.targets if not store.is_done(c.key, f"latency-{t}")
+    ]
     skipped = (len(cells) - len(todo)) + (len(cells) * len(cfg.targets) - len(lat_todo))
     if skipped:
         log.info("resuming: %d finished parts in %s are kept", skipped, cfg.out)
     failed = done = 0
     total = len(todo) + len(lat_todo)
     # tqdm's disable=None switches itself off when stderr is not a terminal
-    bar = tqdm(total=total, desc="cells", unit="part",
-               disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=total, desc="cells", unit="part", disable=None if progress is None else not progress
+    )
     t0 = time.time()
     if todo:
         baselines, binfo = _baselines(cfg, todo, progress)
@@ -216,13 +319,19 @@ def run(cfg: BenchConfig, *, argv: list[str] | None = None, executor: Executor |
             for cell, outcome in ex.run_cells(todo, baselines, indices):
                 rows = accuracy_rows(cell, outcome, run_id)
                 if outcome.info is not None:
-                    atomic_write_bytes(store.root / "exports" / f"{cell.key}.npz",
-                                       outcome.info["export_npz"])
+                    atomic_write_bytes(
+                        store.root / "exports" / f"{cell.key}.npz", outcome.info["export_npz"]
+                    )
                 store.write_part(cell.key, ACC_PART, rows)
                 if outcome.error is not None:
                     failed += 1
-                    log.error("cell %s/%s/%s failed: %s", cell.method, cell.model, cell.dataset,
-                              outcome.error)
+                    log.error(
+                        "cell %s/%s/%s failed: %s",
+                        cell.method,
+                        cell.model,
+                        cell.dataset,
+                        outcome.error,
+                    )
                 else:
                     done += 1
                 store.consolidate()

@@ -12,11 +12,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
 from ternbench.methods import QuantContext, create_method, summarize_cost
 from ternbench.methods._deploy import max_logit_diff
 from ternbench.methods._export_io import exports_to_bytes
+from torch import nn
 
 from .config import Profile
 from .data import get_dataset_info, load_dataset, make_loader, subset_indices
@@ -60,8 +59,12 @@ class CellSpec:
 
     def build_model(self) -> nn.Module:
         info = get_dataset_info(self.dataset)
-        return create_model(self.model, in_chans=info.in_chans, num_classes=info.num_classes,
-                            image_size=info.image_size)
+        return create_model(
+            self.model,
+            in_chans=info.in_chans,
+            num_classes=info.num_classes,
+            image_size=info.image_size,
+        )
 
 
 def _test_split(dataset: str) -> str:
@@ -80,20 +83,33 @@ def shard_indices(idx: np.ndarray, shards: int) -> list[np.ndarray]:
 
 def _context(spec: CellSpec) -> QuantContext:
     prof = spec.profile_obj
-    train = load_dataset(spec.dataset, "train", spec.data_root) if spec.dataset != "imagenet" \
+    train = (
+        load_dataset(spec.dataset, "train", spec.data_root)
+        if spec.dataset != "imagenet"
         else load_dataset(spec.dataset, "val", spec.data_root)
-    train_aug = load_dataset(spec.dataset, "train", spec.data_root, augment=True) \
-        if spec.dataset != "imagenet" else train
+    )
+    train_aug = (
+        load_dataset(spec.dataset, "train", spec.data_root, augment=True)
+        if spec.dataset != "imagenet"
+        else train
+    )
     n = len(train)  # type: ignore[arg-type]
     # calibration and training draws use seeds derived from the cell seed, apart from eval's
     calib = make_loader(train, subset_indices(n, prof.n_calib, spec.seed + 1), prof.batch_size)
     tr_idx = subset_indices(n, prof.train_subset, spec.seed + 2)
     train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed)
-    return QuantContext(calib_loader=calib, train_loader=train_loader, seed=spec.seed,
-                        train_epochs=prof.train_epochs, bn_batches=prof.bn_batches)
+    return QuantContext(
+        calib_loader=calib,
+        train_loader=train_loader,
+        seed=spec.seed,
+        train_epochs=prof.train_epochs,
+        bn_batches=prof.bn_batches,
+    )
 
 
-def quantize_cell(spec: CellSpec, baseline_state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+def quantize_cell(
+    spec: CellSpec, baseline_state: dict[str, torch.Tensor]
+) -> tuple[nn.Module, dict]:
     """Quantize the FP32 baseline with the cell's method; returns the fake-quant module and a
     dict with the cost summary, method info, parity check and the export (npz bytes)."""
     torch.set_num_threads(spec.threads)
@@ -134,6 +150,9 @@ def merge_shards(parts: list[dict[str, Any]]) -> dict[str, float]:
     c1 = sum(int(p["correct1"]) for p in parts)
     c5 = sum(int(p.get("correct5", 0)) for p in parts)
     loss = sum(float(p["loss_sum"]) for p in parts)
-    return {"top1": 100.0 * c1 / max(n, 1), "top5": 100.0 * c5 / max(n, 1),
-            "loss": loss / max(n, 1), "n_eval": float(n)}
-
+    return {
+        "top1": 100.0 * c1 / max(n, 1),
+        "top5": 100.0 * c5 / max(n, 1),
+        "loss": loss / max(n, 1),
+        "n_eval": float(n),
+    }

@@ -79,20 +79,37 @@ class TrainCfg:
             if not ok:
                 raise ValueError(f"TrainCfg.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        check(_is_real(self.epochs) and math.isfinite(self.epochs) and self.epochs > 0,
-              "epochs", "a number > 0")
+        check(
+            _is_real(self.epochs) and math.isfinite(self.epochs) and self.epochs > 0,
+            "epochs",
+            "a number > 0",
+        )
         check(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an int >= 1")
         check(_is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0, "lr", "a number > 0")
         check(_is_real(self.momentum) and 0 <= self.momentum < 1, "momentum", "in [0, 1)")
-        check(_is_real(self.weight_decay) and math.isfinite(self.weight_decay)
-              and self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        check(_is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-              "label_smoothing", "in [0, 1)")
+        check(
+            _is_real(self.weight_decay)
+            and math.isfinite(self.weight_decay)
+            and self.weight_decay >= 0,
+            "weight_decay",
+            "a number >= 0",
+        )
+        check(
+            _is_real(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            "label_smoothing",
+            "in [0, 1)",
+        )
         check(self.optimizer in ("sgd", "adam"), "optimizer", "one of ('sgd', 'adam')")
-        check(self.schedule in ("onecycle", "cosine", "step"), "schedule",
-              "one of ('onecycle', 'cosine', 'step')")
-        check(self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= 1),
-              "train_subset", "None or an int >= 1")
+        check(
+            self.schedule in ("onecycle", "cosine", "step"),
+            "schedule",
+            "one of ('onecycle', 'cosine', 'step')",
+        )
+        check(
+            self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= 1),
+            "train_subset",
+            "None or an int >= 1",
+        )
         check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0")
         # Canonical types, so TrainCfg(epochs=3) and TrainCfg(epochs=3.0) hash (cache key) alike.
         for name in ("epochs", "lr", "momentum", "weight_decay", "label_smoothing"):
@@ -117,14 +134,21 @@ def _make_optimizer(model: nn.Module, cfg: TrainCfg) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("model has no trainable parameters")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999),
-                            weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+    return torch.optim.Adam(
+        params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay
+    )
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainCfg,
-                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _make_scheduler(
+    opt: torch.optim.Optimizer, cfg: TrainCfg, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     S = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
         # OneCycle's default pct_start 0.3 needs >= 2 steps per phase; tiny runs are still valid.
@@ -191,8 +215,13 @@ def train(
     history: dict[str, Any] = {"epochs": [], "step_loss": [], "steps": 0, "seconds": 0.0}
     t_start = time.perf_counter()
     step = 0
-    bar = tqdm(total=total_steps, desc=desc, disable=None if progress is None else not progress,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        desc=desc,
+        disable=None if progress is None else not progress,
+        leave=False,
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(n_epochs):
             t_epoch = time.perf_counter()
@@ -235,8 +264,15 @@ def train(
                 "seconds": time.perf_counter() - t_epoch,
             }
             history["epochs"].append(record)
-            log.info("%s epoch %d: loss %.4f acc %.4f (%d steps, %.1fs)", desc, epoch + 1,
-                     record["loss"], record["acc"], ep_steps, record["seconds"])
+            log.info(
+                "%s epoch %d: loss %.4f acc %.4f (%d steps, %.1fs)",
+                desc,
+                epoch + 1,
+                record["loss"],
+                record["acc"],
+                ep_steps,
+                record["seconds"],
+            )
             if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
                 break
             if step >= total_steps:
@@ -308,14 +344,25 @@ def recalibrate_bn(
     """
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats]
+    bns = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not bns:
         return 0
     modes = {m: m.training for m in model.modules()}
-    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()
-                           if k in ("running_mean", "running_var", "num_batches_tracked")})
-             for m in bns]
+    saved = [
+        (
+            m.momentum,
+            {
+                k: v.clone()
+                for k, v in m.state_dict().items()
+                if k in ("running_mean", "running_var", "num_batches_tracked")
+            },
+        )
+        for m in bns
+    ]
     used = 0
     model.to(device)
     try:

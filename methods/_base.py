@@ -74,12 +74,27 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         cls = type(self).__name__
-        _check(self.act_bits in self.allowed_act_bits, cls, "act_bits",
-               f"one of {self.allowed_act_bits}", self.act_bits)
-        _check(self.first_last in ("fp32", "int8", "same"), cls, "first_last",
-               "one of ('fp32', 'int8', 'same')", self.first_last)
-        _check(isinstance(self.bn_recalibrate, bool), cls, "bn_recalibrate", "a bool",
-               self.bn_recalibrate)
+        _check(
+            self.act_bits in self.allowed_act_bits,
+            cls,
+            "act_bits",
+            f"one of {self.allowed_act_bits}",
+            self.act_bits,
+        )
+        _check(
+            self.first_last in ("fp32", "int8", "same"),
+            cls,
+            "first_last",
+            "one of ('fp32', 'int8', 'same')",
+            self.first_last,
+        )
+        _check(
+            isinstance(self.bn_recalibrate, bool),
+            cls,
+            "bn_recalibrate",
+            "a bool",
+            self.bn_recalibrate,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,7 +140,9 @@ class LayerExport:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     scale_bits: int = 32  # storage precision of ``scales`` (their values are exact in it)
-    input_shape: tuple[int, ...] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
+    input_shape: tuple[
+        int, ...
+    ] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
     output_hw: tuple[int, int] = (1, 1)
 
     @property
@@ -240,7 +257,7 @@ class QuantizedModel:
     config: MethodConfig
     info: dict[str, Any] = field(default_factory=dict)
 
-    def quant_layers(self) -> Iterator[tuple[str, nn.Module]]:
+    def quant_layers(self) -> Iterator[tuple[str, Any]]:
         from ._layers import QuantLayer
 
         for name, m in self.module.named_modules():
@@ -259,8 +276,11 @@ class QuantizedModel:
 class TernaryMethod(Protocol):
     """The interface every registered method implements."""
 
-    name: str
-    config: MethodConfig
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> MethodConfig: ...
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
         """Return a new quantized model; ``model`` itself is left untouched."""

@@ -43,8 +43,9 @@ def layer_reference(lx: LayerExport, x: Tensor) -> Tensor:
     wg = masked[:, :, :fan_in].reshape(out * g, fan_in)
     if lx.op == "conv2d":
         kh, kw = lx.kernel_size
-        acc = F.conv2d(a, wg.reshape(out * g, lx.in_channels, kh, kw),
-                       stride=lx.stride, padding=lx.padding)
+        acc = F.conv2d(
+            a, wg.reshape(out * g, lx.in_channels, kh, kw), stride=lx.stride, padding=lx.padding
+        )
         acc = acc.reshape(acc.shape[0], out, g, *acc.shape[2:])
         y = (acc * scales[None, :, :, None, None]).sum(2)
     else:

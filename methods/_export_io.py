@@ -49,7 +49,9 @@ def exports_to_bytes(exports: Mapping[str, LayerExport]) -> bytes:
     arrays: dict[str, np.ndarray] = {}
     header = []
     for i, (name, lx) in enumerate(exports.items()):
-        meta = {f.name: getattr(lx, f.name) for f in dataclasses.fields(lx) if f.name not in _ARRAYS}
+        meta = {
+            f.name: getattr(lx, f.name) for f in dataclasses.fields(lx) if f.name not in _ARRAYS
+        }
         meta["key"] = name
         meta["has_bias"] = lx.bias is not None
         header.append(meta)
@@ -88,7 +90,9 @@ def load_exports(path: str | Path) -> dict[str, LayerExport]:
             for k in ("kernel_size", "stride", "padding", "input_shape", "output_hw"):
                 meta[k] = tuple(meta[k])
             out[key] = LayerExport(
-                codes=codes, scales=z[f"{i}.scales"],
-                bias=z[f"{i}.bias"] if has_bias else None, **meta,
+                codes=codes,
+                scales=z[f"{i}.scales"],
+                bias=z[f"{i}.bias"] if has_bias else None,
+                **meta,
             )
     return out

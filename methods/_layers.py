@@ -94,6 +94,8 @@ class ActQuantizer(nn.Module):
     :func:`calibrating`) it records the running max |x| and passes the input through.
     """
 
+    max_abs: Tensor
+
     def __init__(self, bits: int = 8) -> None:
         super().__init__()
         self.bits = bits
@@ -129,8 +131,8 @@ class QuantLayer:
 
     wq: WeightQuantizer
     aq: ActQuantizer
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    weight: Tensor
+    bias: Tensor | None
     seen_input_shape: tuple[int, ...]
     seen_output_hw: tuple[int, int]
 
@@ -171,15 +173,19 @@ class QuantLayer:
         )
 
 
-class QuantConv2d(nn.Conv2d, QuantLayer):
+class QuantConv2d(nn.Conv2d, QuantLayer):  # type: ignore[misc]
     """``nn.Conv2d`` whose input and weight pass through quantizers."""
 
     def __init__(self, conv: nn.Conv2d, wq: WeightQuantizer, aq: ActQuantizer) -> None:
         if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
             raise ValueError("QuantConv2d supports groups=1, dilation=1, zero padding only")
         super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,  # type: ignore[arg-type]
-            conv.padding, bias=conv.bias is not None,  # type: ignore[arg-type]
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,  # type: ignore[arg-type]
+            conv.padding,
+            bias=conv.bias is not None,  # type: ignore[arg-type]
         )
         with torch.no_grad():
             self.weight.copy_(conv.weight)
@@ -194,7 +200,7 @@ class QuantConv2d(nn.Conv2d, QuantLayer):
         return y
 
 
-class QuantLinear(nn.Linear, QuantLayer):
+class QuantLinear(nn.Linear, QuantLayer):  # type: ignore[misc]
     """``nn.Linear`` whose input and weight pass through quantizers."""
 
     def __init__(self, lin: nn.Linear, wq: WeightQuantizer, aq: ActQuantizer) -> None:

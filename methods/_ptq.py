@@ -1,4 +1,4 @@
-"""The post-training flow shared by PTQ methods: swap layers, re-estimate BN, calibrate, fine-tune."""
+"""Post-training flow shared by PTQ methods: swap layers, re-estimate BN, calibrate, fine-tune."""
 
 from __future__ import annotations
 
@@ -77,9 +77,7 @@ class TernaryGroupWeight(WeightQuantizer):
         return f"group={g}, solver={self.solver}"
 
 
-def make_layer(
-    mod: nn.Module, wq: WeightQuantizer, act_bits: int
-) -> QuantConv2d | QuantLinear:
+def make_layer(mod: nn.Module, wq: WeightQuantizer, act_bits: int) -> QuantConv2d | QuantLinear:
     aq = ActQuantizer(act_bits)
     if isinstance(mod, nn.Conv2d):
         return QuantConv2d(mod, wq, aq)
@@ -148,15 +146,20 @@ def post_training_quantize(
             raise ValueError(f"{method}: finetune_epochs > 0 needs a training loader")
         from ternbench.bench.train import TrainCfg, train
 
-        tcfg = TrainCfg(epochs=finetune_epochs, lr=1e-3, optimizer="sgd", schedule="cosine",
-                        weight_decay=1e-4, label_smoothing=0.0, seed=ctx.seed)
+        tcfg = TrainCfg(
+            epochs=finetune_epochs,
+            lr=1e-3,
+            optimizer="sgd",
+            schedule="cosine",
+            weight_decay=1e-4,
+            label_smoothing=0.0,
+            seed=ctx.seed,
+        )
         train(m, ctx.train_loader, tcfg, device=ctx.device, desc=f"{method} fine-tune")
         m.eval()
         info["finetune_epochs"] = finetune_epochs
     return QuantizedModel(module=m.eval(), method=method, config=cfg, info=info)
 
 
-def first_batches(
-    loader: Iterable[tuple[Tensor, Tensor]], n: int
-) -> list[tuple[Tensor, Tensor]]:
+def first_batches(loader: Iterable[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:
     return list(islice(iter(loader), n))

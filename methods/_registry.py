@@ -85,7 +85,11 @@ def register_method(
         if old is not None and old.module != info.module:
             log.warning(
                 "method %r registered twice: %s (%s) replaces %s (%s)",
-                key, info.module, info.distribution or "?", old.module, old.distribution or "?",
+                key,
+                info.module,
+                info.distribution or "?",
+                old.module,
+                old.distribution or "?",
             )
         _REGISTRY[key] = info
         return factory

@@ -85,7 +85,7 @@ def ternarize_rows(
     elif solver == "twn":
         pad = g * group_size - fan_in
         if pad:
-            # the TWN threshold is a mean over the group's real entries, so solve the last group apart
+            # the TWN threshold is a mean over the real entries: solve the last group apart
             full = rows.reshape(out, g, group_size)
             c_main, a_main = ternarize_twn(full[:, :-1].reshape(-1, group_size), ratio)
             c_last, a_last = ternarize_twn(full[:, -1, : group_size - pad], ratio)

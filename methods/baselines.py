@@ -82,8 +82,13 @@ class TWNConfig(MethodConfig):
         super().__post_init__()
         cls = type(self).__name__
         _check(0 < self.ratio < 2, cls, "ratio", "in (0, 2)", self.ratio)
-        _check(self.granularity in ("tensor", "channel"), cls, "granularity",
-               "'tensor' or 'channel'", self.granularity)
+        _check(
+            self.granularity in ("tensor", "channel"),
+            cls,
+            "granularity",
+            "'tensor' or 'channel'",
+            self.granularity,
+        )
         _check(self.finetune_epochs >= 0, cls, "finetune_epochs", ">= 0", self.finetune_epochs)
 
 
@@ -108,15 +113,20 @@ def fp32(config: MethodConfig) -> FP32:
     return FP32(config)
 
 
-@register_method("int8", config=Int8Config, paper="8-bit weights and activations (8-8)",
-                 kind="baseline")
+@register_method(
+    "int8", config=Int8Config, paper="8-bit weights and activations (8-8)", kind="baseline"
+)
 def int8(config: MethodConfig) -> Int8:
     assert isinstance(config, Int8Config)
     return Int8(config)
 
 
-@register_method("twn", config=TWNConfig,
-                 paper="Li & Liu 2016, Ternary Weight Networks, arXiv:1605.04711", kind="ptq")
+@register_method(
+    "twn",
+    config=TWNConfig,
+    paper="Li & Liu 2016, Ternary Weight Networks, arXiv:1605.04711",
+    kind="ptq",
+)
 def twn(config: MethodConfig) -> TWN:
     assert isinstance(config, TWNConfig)
     return TWN(config)

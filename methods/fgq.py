@@ -26,7 +26,10 @@ from ._base import MethodConfig, QuantContext, QuantizedModel, _check
 from ._ptq import TernaryGroupWeight, post_training_quantize
 from ._registry import register_method
 
-PAPER = "Mellempudi et al. 2017, Ternary Neural Networks with Fine-Grained Quantization, arXiv:1705.01462"
+PAPER = (
+    "Mellempudi et al. 2017, Ternary Neural Networks with Fine-Grained Quantization, "
+    "arXiv:1705.01462"
+)
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,13 @@ class FGQConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         cls = type(self).__name__
-        _check(isinstance(self.group_size, int) and self.group_size >= 1, cls, "group_size",
-               "a positive integer (the paper uses 4, 8, 16, 32, 64)", self.group_size)
+        _check(
+            isinstance(self.group_size, int) and self.group_size >= 1,
+            cls,
+            "group_size",
+            "a positive integer (the paper uses 4, 8, 16, 32, 64)",
+            self.group_size,
+        )
         _check(self.solver in ("exact", "twn"), cls, "solver", "'exact' or 'twn'", self.solver)
         _check(self.finetune_epochs >= 0, cls, "finetune_epochs", ">= 0", self.finetune_epochs)
 
@@ -56,7 +64,10 @@ class FGQ:
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
         cfg = self.config
         return post_training_quantize(
-            model, ctx, cfg, self.name,
+            model,
+            ctx,
+            cfg,
+            self.name,
             lambda: TernaryGroupWeight(cfg.group_size, cfg.solver),
             finetune_epochs=cfg.finetune_epochs,
         )

@@ -16,5 +16,11 @@ from __future__ import annotations
 from .render import build_report
 from .tables import SCHEMA_VERSION, ReportData, ResultsError, load_results, prepare
 
-__all__ = ["SCHEMA_VERSION", "ReportData", "ResultsError", "build_report", "load_results",
-           "prepare"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ReportData",
+    "ResultsError",
+    "build_report",
+    "load_results",
+    "prepare",
+]

@@ -54,8 +54,13 @@ _TORCH_SHADES = ("#444444", "#7a7a7a", "#a0a0a0")
 _FRONT_STYLES = ("-", "--", ":", "-.")
 _ANNOTATE_MAX = 8  # more point labels than this overlap; the legend still names every point
 # fixed hash salt and no date: the same results give byte-identical SVGs
-_RC: dict[Any, Any] = {"svg.hashsalt": "ternbench", "font.size": 9, "axes.titlesize": 10,
-       "axes.spines.top": False, "axes.spines.right": False}
+_RC: dict[Any, Any] = {
+    "svg.hashsalt": "ternbench",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+}
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,15 @@ class _Styles:
             self.label[int(r.vid)] = r.label
 
     def handle(self, vid: int) -> Line2D:
-        return Line2D([], [], ls="none", marker=self.marker[vid], color=self.color[vid],
-                      markersize=7, label=self.label[vid])
+        return Line2D(
+            [],
+            [],
+            ls="none",
+            marker=self.marker[vid],
+            color=self.color[vid],
+            markersize=7,
+            label=self.label[vid],
+        )
 
 
 def _panels(n: int, width: float = 5.2, height: float = 3.8) -> tuple[Figure, list[Any]]:
@@ -151,8 +163,9 @@ def _panels(n: int, width: float = 5.2, height: float = 3.8) -> tuple[Figure, li
     return fig, axes[:n]
 
 
-def _pareto_scatter(ax: Any, pts: pd.DataFrame, x: str, y: str, styles: _Styles,
-                    annotate: bool, per_run: bool) -> list[Any]:
+def _pareto_scatter(
+    ax: Any, pts: pd.DataFrame, x: str, y: str, styles: _Styles, annotate: bool, per_run: bool
+) -> list[Any]:
     """Scatter ``pts`` (columns vid, run_id, x, y), grey dominated points, draw fronts as steps.
 
     With ``per_run`` each run gets its own front (runs may come from different machines, so
@@ -165,25 +178,44 @@ def _pareto_scatter(ax: Any, pts: pd.DataFrame, x: str, y: str, styles: _Styles,
         for r, on_front in zip(grp.itertuples(), front, strict=True):
             vid = int(r.vid)
             xv, yv = getattr(r, x), getattr(r, y)
-            ax.scatter([xv], [yv], s=48 if on_front else 36, marker=styles.marker[vid],
-                       facecolors=styles.color[vid] if on_front else _DOMINATED,
-                       edgecolors=styles.color[vid] if on_front else "#8a8a8a",
-                       linewidths=1.0, zorder=3 if on_front else 2,
-                       alpha=1.0 if on_front else 0.8)
+            ax.scatter(
+                [xv],
+                [yv],
+                s=48 if on_front else 36,
+                marker=styles.marker[vid],
+                facecolors=styles.color[vid] if on_front else _DOMINATED,
+                edgecolors=styles.color[vid] if on_front else "#8a8a8a",
+                linewidths=1.0,
+                zorder=3 if on_front else 2,
+                alpha=1.0 if on_front else 0.8,
+            )
             if annotate:
-                ax.annotate(styles.label[vid], (xv, yv), xytext=(4, 4),
-                            textcoords="offset points", fontsize=7,
-                            color="#222222" if on_front else "#8a8a8a")
+                ax.annotate(
+                    styles.label[vid],
+                    (xv, yv),
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color="#222222" if on_front else "#8a8a8a",
+                )
         fp = grp[front].sort_values(x)
         ls = _FRONT_STYLES[k % len(_FRONT_STYLES)]
         if len(fp) > 1:
             # where="post": between two front points the best reachable accuracy is the left one's
-            ax.step(fp[x], fp[y], where="post", color="#333333", ls=ls, lw=1.1, alpha=0.7,
-                    zorder=1)
+            ax.step(fp[x], fp[y], where="post", color="#333333", ls=ls, lw=1.1, alpha=0.7, zorder=1)
         name = f"Pareto front [{run_id}]" if per_run else "Pareto front"
         handles.append(Line2D([], [], color="#333333", ls=ls, lw=1.1, alpha=0.7, label=name))
-    handles.append(Line2D([], [], ls="none", marker="o", markerfacecolor=_DOMINATED,
-                          markeredgecolor="#8a8a8a", label="dominated"))
+    handles.append(
+        Line2D(
+            [],
+            [],
+            ls="none",
+            marker="o",
+            markerfacecolor=_DOMINATED,
+            markeredgecolor="#8a8a8a",
+            label="dominated",
+        )
+    )
     return handles
 
 
@@ -211,8 +243,9 @@ def _top1_by_model(data: ReportData) -> pd.DataFrame:
     return acc.groupby(["vid", "model", "dataset"], as_index=False)["top1"].mean()
 
 
-def plot_accuracy_vs_latency(data: ReportData, target: str, out_dir: Path,
-                             styles: _Styles | None = None) -> Plot | None:
+def plot_accuracy_vs_latency(
+    data: ReportData, target: str, out_dir: Path, styles: _Styles | None = None
+) -> Plot | None:
     """Top-1 vs model total latency (log x) of each variant's fastest kernel on ``target``."""
     styles = styles or _Styles(data)
     lat = data.latency[data.latency["target"].eq(target) & data.latency["primary"]]
@@ -225,16 +258,29 @@ def plot_accuracy_vs_latency(data: ReportData, target: str, out_dir: Path,
         fig, axes = _panels(len(groups))
         for ax, (model, dataset) in zip(axes, groups, strict=True):
             p = pts[pts["model"].eq(model) & pts["dataset"].eq(dataset)]
-            fronts = _pareto_scatter(ax, p, "latency_us", "top1", styles,
-                                     annotate=len(p) <= _ANNOTATE_MAX, per_run=data.compare)
+            fronts = _pareto_scatter(
+                ax,
+                p,
+                "latency_us",
+                "top1",
+                styles,
+                annotate=len(p) <= _ANNOTATE_MAX,
+                per_run=data.compare,
+            )
             torch_us = p.groupby("run_id")["torch_fp32_us"].mean().dropna()
             for run_id, t in torch_us.items():
                 if t > 0:
                     ax.axvline(t, color=_TORCH_COLOR, ls="--", lw=0.9, alpha=0.8)
-                    ax.annotate(f"torch FP32{f' [{run_id}]' if data.compare else ''}",
-                                (t, 0.02), xycoords=("data", "axes fraction"), rotation=90,
-                                fontsize=7, color=_TORCH_COLOR, xytext=(3, 0),
-                                textcoords="offset points")
+                    ax.annotate(
+                        f"torch FP32{f' [{run_id}]' if data.compare else ''}",
+                        (t, 0.02),
+                        xycoords=("data", "axes fraction"),
+                        rotation=90,
+                        fontsize=7,
+                        color=_TORCH_COLOR,
+                        xytext=(3, 0),
+                        textcoords="offset points",
+                    )
             ax.set_xscale("log")
             _plain_log_axis(ax.xaxis, [*p["latency_us"], *torch_us])
             ax.set_xlabel(f"model latency on {target} (µs, log scale)")
@@ -246,17 +292,24 @@ def plot_accuracy_vs_latency(data: ReportData, target: str, out_dir: Path,
         handles.append(Line2D([], [], color=_TORCH_COLOR, ls="--", label="torch FP32 latency"))
         _legend(fig, handles)
         fig.suptitle(f"Accuracy vs latency — {target}")
-        return _save(fig, out_dir, _slug("acc_vs_latency", target),
-                     f"Accuracy vs model latency on {target}", f"latency:{target}")
+        return _save(
+            fig,
+            out_dir,
+            _slug("acc_vs_latency", target),
+            f"Accuracy vs model latency on {target}",
+            f"latency:{target}",
+        )
 
 
-def plot_accuracy_vs_bits(data: ReportData, out_dir: Path,
-                          styles: _Styles | None = None) -> Plot | None:
+def plot_accuracy_vs_bits(
+    data: ReportData, out_dir: Path, styles: _Styles | None = None
+) -> Plot | None:
     """Top-1 vs effective bits per weight, Pareto front of (fewer bits, higher accuracy)."""
     styles = styles or _Styles(data)
     acc = data.accuracy
     pts = acc.groupby(["vid", "run_id", "model", "dataset"], as_index=False)[
-        ["top1", "effective_bits"]].mean()
+        ["top1", "effective_bits"]
+    ].mean()
     pts = pts[pts["top1"].notna() & pts["effective_bits"].notna()]
     if pts.empty:
         return None
@@ -265,8 +318,15 @@ def plot_accuracy_vs_bits(data: ReportData, out_dir: Path,
         fig, axes = _panels(len(groups))
         for ax, (model, dataset) in zip(axes, groups, strict=True):
             p = pts[pts["model"].eq(model) & pts["dataset"].eq(dataset)]
-            fronts = _pareto_scatter(ax, p, "effective_bits", "top1", styles,
-                                     annotate=len(p) <= _ANNOTATE_MAX, per_run=data.compare)
+            fronts = _pareto_scatter(
+                ax,
+                p,
+                "effective_bits",
+                "top1",
+                styles,
+                annotate=len(p) <= _ANNOTATE_MAX,
+                per_run=data.compare,
+            )
             ax.set_xlabel("effective bits per weight")
             ax.set_ylabel("top-1 accuracy (%)")
             ax.set_title(f"{model} / {dataset}")
@@ -274,18 +334,32 @@ def plot_accuracy_vs_bits(data: ReportData, out_dir: Path,
         vids = list(dict.fromkeys(int(v) for v in pts["vid"]))
         _legend(fig, [styles.handle(v) for v in vids] + fronts)
         fig.suptitle("Accuracy vs effective bits")
-        return _save(fig, out_dir, "acc_vs_bits", "Accuracy vs effective bits per weight",
-                     "accuracy")
+        return _save(
+            fig, out_dir, "acc_vs_bits", "Accuracy vs effective bits per weight", "accuracy"
+        )
 
 
-def plot_layer_breakdown(data: ReportData, target: str, model: str, dataset: str,
-                         out_dir: Path, styles: _Styles | None = None) -> Plot | None:
+def plot_layer_breakdown(
+    data: ReportData,
+    target: str,
+    model: str,
+    dataset: str,
+    out_dir: Path,
+    styles: _Styles | None = None,
+) -> Plot | None:
     """Grouped bars per layer: each variant's fastest kernel and the torch FP32 baseline."""
     styles = styles or _Styles(data)
-    prim = data.latency[data.latency["target"].eq(target) & data.latency["primary"]
-                        & data.latency["model"].eq(model) & data.latency["dataset"].eq(dataset)]
-    lay = data.layers.merge(prim[["vid", "model", "dataset", "target", "impl"]],
-                            on=["vid", "model", "dataset", "target", "impl"], how="inner")
+    prim = data.latency[
+        data.latency["target"].eq(target)
+        & data.latency["primary"]
+        & data.latency["model"].eq(model)
+        & data.latency["dataset"].eq(dataset)
+    ]
+    lay = data.layers.merge(
+        prim[["vid", "model", "dataset", "target", "impl"]],
+        on=["vid", "model", "dataset", "target", "impl"],
+        how="inner",
+    )
     if lay.empty:
         return None
     layer_names = list(lay.sort_values("layer_order")["layer"].drop_duplicates())
@@ -305,27 +379,52 @@ def plot_layer_breakdown(data: ReportData, target: str, model: str, dataset: str
     width = 0.8 / len(series)
     vals_all = [v for *_, vals in series for v in vals.values() if v > 0]
     with matplotlib.rc_context(_RC):
-        fig = Figure(figsize=(min(16.0, 3.0 + 0.9 * len(layer_names) * max(1, len(series)) / 2),
-                              4.2), layout="constrained")
+        fig = Figure(
+            figsize=(min(16.0, 3.0 + 0.9 * len(layer_names) * max(1, len(series)) / 2), 4.2),
+            layout="constrained",
+        )
         ax = fig.add_subplot()
         handles = []
         for k, (label, color, hatch, vals) in enumerate(series):
             ys = [vals.get(name, np.nan) for name in layer_names]
-            ax.bar(x - 0.4 + width * (k + 0.5), ys, width, color=color, hatch=hatch,
-                   edgecolor="white" if hatch is None else "#dddddd", linewidth=0.5)
-            handles.append(Patch(facecolor=color, hatch=hatch, label=label,
-                                 edgecolor="white" if hatch is None else "#dddddd"))
+            ax.bar(
+                x - 0.4 + width * (k + 0.5),
+                ys,
+                width,
+                color=color,
+                hatch=hatch,
+                edgecolor="white" if hatch is None else "#dddddd",
+                linewidth=0.5,
+            )
+            handles.append(
+                Patch(
+                    facecolor=color,
+                    hatch=hatch,
+                    label=label,
+                    edgecolor="white" if hatch is None else "#dddddd",
+                )
+            )
         if vals_all and max(vals_all) / min(vals_all) > 50:
             ax.set_yscale("log")  # layers span orders of magnitude; linear would hide small ones
             _plain_log_axis(ax.yaxis, vals_all)
-        ax.set_xticks(x, layer_names, rotation=30 if len(layer_names) > 4 else 0,
-                      ha="right" if len(layer_names) > 4 else "center", fontsize=8)
+        ax.set_xticks(
+            x,
+            layer_names,
+            rotation=30 if len(layer_names) > 4 else 0,
+            ha="right" if len(layer_names) > 4 else "center",
+            fontsize=8,
+        )
         ax.set_ylabel(f"latency on {target} (µs)")
         ax.set_title(f"Per-layer latency — {model} / {dataset} on {target}")
         ax.grid(True, axis="y", alpha=0.25)
         _legend(fig, handles)
-        return _save(fig, out_dir, _slug("layers", target, model, dataset),
-                     f"Per-layer latency of {model}/{dataset} on {target}", f"layers:{target}")
+        return _save(
+            fig,
+            out_dir,
+            _slug("layers", target, model, dataset),
+            f"Per-layer latency of {model}/{dataset} on {target}",
+            f"layers:{target}",
+        )
 
 
 def _as_numeric(values: pd.Series) -> pd.Series | None:
@@ -333,8 +432,9 @@ def _as_numeric(values: pd.Series) -> pd.Series | None:
     return num if num.notna().all() else None
 
 
-def plot_ablation(data: ReportData, axis: str, out_dir: Path,
-                  styles: _Styles | None = None) -> Plot | None:
+def plot_ablation(
+    data: ReportData, axis: str, out_dir: Path, styles: _Styles | None = None
+) -> Plot | None:
     """Curves of top-1, effective bits and (first target's) latency along one ``sweep.*`` axis.
 
     One curve per (run, method, model, dataset, values of the other sweep axes).
@@ -346,14 +446,18 @@ def plot_ablation(data: ReportData, axis: str, out_dir: Path,
         return None
     others = [c for c in data.sweep_cols if c != axis]
     base = data.accuracy.groupby(["vid", "model", "dataset"], as_index=False)[
-        ["top1", "effective_bits"]].mean()
+        ["top1", "effective_bits"]
+    ].mean()
     pts = base.merge(v[["vid", "run_id", "method", axis, *others]], on="vid", how="inner")
     panels = [("top1", "top-1 accuracy (%)"), ("effective_bits", "effective bits per weight")]
     targets = data.targets
     if targets:
         lat = data.latency[data.latency["target"].eq(targets[0]) & data.latency["primary"]]
-        pts = pts.merge(lat[["vid", "model", "dataset", "latency_us"]],
-                        on=["vid", "model", "dataset"], how="left")
+        pts = pts.merge(
+            lat[["vid", "model", "dataset", "latency_us"]],
+            on=["vid", "model", "dataset"],
+            how="left",
+        )
         if pts["latency_us"].notna().any():
             panels.append(("latency_us", f"model latency on {targets[0]} (µs)"))
     if pts.empty:
@@ -376,10 +480,14 @@ def plot_ablation(data: ReportData, axis: str, out_dir: Path,
             run_id, method, model, dataset, *rest = keys
             color = styles.colors.get(str(method), "#333333")
             marker = _MARKERS[k % len(_MARKERS)]
-            extra = ", ".join(f"{c.removeprefix('sweep.')}={o}" for c, o in zip(others, rest,
-                                                                                  strict=True))
-            label = f"{method} {model}/{dataset}" + (f" ({extra})" if extra else "") + (
-                f" [{run_id}]" if data.compare else "")
+            extra = ", ".join(
+                f"{c.removeprefix('sweep.')}={o}" for c, o in zip(others, rest, strict=True)
+            )
+            label = (
+                f"{method} {model}/{dataset}"
+                + (f" ({extra})" if extra else "")
+                + (f" [{run_id}]" if data.compare else "")
+            )
             for ax, (col, _) in zip(axes, panels, strict=True):
                 g = grp[grp[col].notna()]
                 if len(g):
@@ -398,12 +506,12 @@ def plot_ablation(data: ReportData, axis: str, out_dir: Path,
                 ax.minorticks_off()
         _legend(fig, handles)
         fig.suptitle(f"Ablation over {short}")
-        return _save(fig, out_dir, _slug("ablation", short), f"Ablation over {short}",
-                     "ablation")
+        return _save(fig, out_dir, _slug("ablation", short), f"Ablation over {short}", "ablation")
 
 
-def render_all(data: ReportData, out_dir: Path,
-               registry: Sequence[str] | None = None) -> list[Plot]:
+def render_all(
+    data: ReportData, out_dir: Path, registry: Sequence[str] | None = None
+) -> list[Plot]:
     """Every plot the data supports, in report order; plots without data are skipped."""
     styles = _Styles(data, registry)
     plots: list[Plot | None] = [plot_accuracy_vs_bits(data, out_dir, styles)]

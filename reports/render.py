@@ -51,8 +51,9 @@ def _load_template_source(name: str) -> str:
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FunctionLoader(_load_template_source),
-        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",),
-                                            default_for_string=False),
+        autoescape=jinja2.select_autoescape(
+            enabled_extensions=("html.j2",), default_for_string=False
+        ),
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -74,16 +75,18 @@ def _md_table(df: pd.DataFrame, index: bool = False) -> str:
     return clean.to_markdown(index=index, tablefmt="github", disable_numparse=True)
 
 
-def _html_table(df: pd.DataFrame, css: pd.DataFrame | None = None, caption: str | None = None,
-                uuid: str = "t") -> str:
+def _html_table(
+    df: pd.DataFrame, css: pd.DataFrame | None = None, caption: str | None = None, uuid: str = "t"
+) -> str:
     """HTML table via :class:`pandas.io.formats.style.Styler`; ``css`` gives per-cell styles."""
     if df.empty:
         return "<p class='note'>(none)</p>"
     styler = df.style.hide(axis="index").format(escape="html")
     styler = styler.set_uuid(uuid).set_table_attributes('class="tb"')
     if css is not None:
-        styler = styler.apply(lambda _: css.reindex(index=df.index, columns=df.columns,
-                                                    fill_value=""), axis=None)
+        styler = styler.apply(
+            lambda _: css.reindex(index=df.index, columns=df.columns, fill_value=""), axis=None
+        )
     if caption:
         styler = styler.set_caption(html.escape(caption))
     return styler.to_html(doctype_html=False, cell_ids=False)
@@ -96,9 +99,12 @@ def _speed_css(df: pd.DataFrame, numeric: pd.DataFrame, pairs: Mapping[str, str]
         if disp not in df.columns:
             continue
         vals = pd.to_numeric(numeric[num], errors="coerce").to_numpy()
-        css[disp] = ["" if pd.isna(v) else ("color:#137333;font-weight:600" if v > 1
-                                             else "color:#b3261e" if v < 1 else "")
-                     for v in vals]
+        css[disp] = [
+            ""
+            if pd.isna(v)
+            else ("color:#137333;font-weight:600" if v > 1 else "color:#b3261e" if v < 1 else "")
+            for v in vals
+        ]
     return css
 
 
@@ -106,13 +112,18 @@ def _acc_css(df: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
     css = pd.DataFrame("", index=df.index, columns=df.columns)
     col = "Δ Top-1 vs fp32 (pp)"
     vals = pd.to_numeric(acc["delta_top1"], errors="coerce").to_numpy()
-    css[col] = ["" if pd.isna(v) or ref else ("color:#b3261e" if v < -1.0 else "color:#137333"
-                                               if v >= 0 else "")
-                for v, ref in zip(vals, acc["is_reference"], strict=True)]
+    css[col] = [
+        ""
+        if pd.isna(v) or ref
+        else ("color:#b3261e" if v < -1.0 else "color:#137333" if v >= 0 else "")
+        for v, ref in zip(vals, acc["is_reference"], strict=True)
+    ]
     # bold the best top-1 per model / dataset / run
     best = acc.groupby(["run_id", "model", "dataset"])["top1"].transform("max")
-    css["Top-1 (%)"] = ["font-weight:700" if pd.notna(t) and t == b else ""
-                        for t, b in zip(acc["top1"], best, strict=True)]
+    css["Top-1 (%)"] = [
+        "font-weight:700" if pd.notna(t) and t == b else ""
+        for t, b in zip(acc["top1"], best, strict=True)
+    ]
     return css
 
 
@@ -157,8 +168,9 @@ def _plot_ctx(p: _plots.Plot, out_dir: Path, idx: int, with_svg: bool) -> dict[s
     return ctx
 
 
-def _context(data: ReportData, plots: list[_plots.Plot], out_dir: Path, title: str,
-             with_svg: bool) -> dict[str, Any]:
+def _context(
+    data: ReportData, plots: list[_plots.Plot], out_dir: Path, title: str, with_svg: bool
+) -> dict[str, Any]:
     pctx = {p.name: _plot_ctx(p, out_dir, i, with_svg) for i, p in enumerate(plots)}
     by_section: dict[str, list[dict[str, str]]] = {}
     for p in plots:
@@ -170,21 +182,27 @@ def _context(data: ReportData, plots: list[_plots.Plot], out_dir: Path, title: s
     for target in data.targets:
         lat = data.latency[data.latency["target"].eq(target)].reset_index(drop=True)
         disp = format_latency(lat, data.sweep_cols)
-        css = _speed_css(disp, lat, {"Speed-up vs torch": "speedup_torch",
-                                     "Speed-up vs TVM FP32": "speedup_tvm_fp32"})
+        css = _speed_css(
+            disp,
+            lat,
+            {"Speed-up vs torch": "speedup_torch", "Speed-up vs TVM FP32": "speedup_tvm_fp32"},
+        )
         lay = data.layers[data.layers["target"].eq(target)].reset_index(drop=True)
         lay_disp = format_layers(lay)
         lay_css = _speed_css(lay_disp, lay, {"Speed-up vs torch": "speedup_torch"})
-        sections.append(_Section(
-            target=target,
-            table_md=_md_table(disp),
-            table_html=_html_table(disp, css, uuid=f"lat{len(sections)}"),
-            plots=by_section.get(f"latency:{target}", []),
-            layers_md=_md_table(lay_disp) if len(lay) else "",
-            layers_html=_html_table(lay_disp, lay_css, uuid=f"lay{len(sections)}")
-            if len(lay) else "",
-            layer_plots=by_section.get(f"layers:{target}", []),
-        ))
+        sections.append(
+            _Section(
+                target=target,
+                table_md=_md_table(disp),
+                table_html=_html_table(disp, css, uuid=f"lat{len(sections)}"),
+                plots=by_section.get(f"latency:{target}", []),
+                layers_md=_md_table(lay_disp) if len(lay) else "",
+                layers_html=_html_table(lay_disp, lay_css, uuid=f"lay{len(sections)}")
+                if len(lay)
+                else "",
+                layer_plots=by_section.get(f"layers:{target}", []),
+            )
+        )
     failed = format_failed(data.failed)
     failed_md = format_failed(data.failed, max_error=300)
     n_fail_cells = data.failed[["run_id", "cell_key"]].drop_duplicates().shape[0]
@@ -199,7 +217,8 @@ def _context(data: ReportData, plots: list[_plots.Plot], out_dir: Path, title: s
         "meta_html": _html_table(meta, uuid="meta"),
         "acc_md": _md_table(acc_disp) if len(acc_disp) else "",
         "acc_html": _html_table(acc_disp, _acc_css(acc_disp, data.accuracy), uuid="acc")
-        if len(acc_disp) else "",
+        if len(acc_disp)
+        else "",
         "acc_plots": by_section.get("accuracy", []),
         "latency": sections,
         "failed_md": _md_table(failed_md) if len(failed) else "",
@@ -219,8 +238,9 @@ def render_templates(context: Mapping[str, Any], formats: Sequence[str]) -> dict
 # --------------------------------------------------------------------------- entry point
 
 
-def _load(results: str | Path | pd.DataFrame | Sequence[str | Path],
-          meta: list[dict] | None) -> tuple[pd.DataFrame, list[dict]]:
+def _load(
+    results: str | Path | pd.DataFrame | Sequence[str | Path], meta: list[dict] | None
+) -> tuple[pd.DataFrame, list[dict]]:
     if isinstance(results, pd.DataFrame):
         return results, list(meta or [])
     if isinstance(results, str | Path):
@@ -228,8 +248,9 @@ def _load(results: str | Path | pd.DataFrame | Sequence[str | Path],
     elif isinstance(results, Sequence):
         df, metas = load_results(*results)
     else:
-        raise TypeError(f"results must be a path, a list of paths or a DataFrame, "
-                        f"got {type(results).__name__}")
+        raise TypeError(
+            f"results must be a path, a list of paths or a DataFrame, got {type(results).__name__}"
+        )
     return df, list(meta) if meta is not None else metas
 
 
@@ -264,8 +285,11 @@ def build_report(
     plots_dir.mkdir(parents=True, exist_ok=True)
     figs = _plots.render_all(data, plots_dir)
     if title is None:
-        title = (f"ternbench report — {data.run_ids[0]}" if len(data.run_ids) == 1
-                 else f"ternbench comparison — {' vs '.join(data.run_ids)}")
+        title = (
+            f"ternbench report — {data.run_ids[0]}"
+            if len(data.run_ids) == 1
+            else f"ternbench comparison — {' vs '.join(data.run_ids)}"
+        )
     ctx = _context(data, figs, out, title, with_svg="html" in fmts)
     rendered = render_templates(ctx, fmts)
     paths: dict[str, Path] = {}

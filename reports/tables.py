@@ -48,14 +48,40 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: the tidy schema (version 1), in the runner's column order
 COLUMNS = (
-    "schema_version", "run_id", "cell_key", "method", "method_config", "profile", "model",
-    "dataset", "subset", "seed", "target", "layer", "impl", "metric", "value", "unit", "status",
+    "schema_version",
+    "run_id",
+    "cell_key",
+    "method",
+    "method_config",
+    "profile",
+    "model",
+    "dataset",
+    "subset",
+    "seed",
+    "target",
+    "layer",
+    "impl",
+    "metric",
+    "value",
+    "unit",
+    "status",
     "error",
 )
 _STR_COLUMNS = tuple(c for c in COLUMNS if c not in ("schema_version", "seed", "value"))
 # columns a report cannot be built without; the rest get neutral defaults when absent
-_REQUIRED = ("run_id", "method", "method_config", "model", "dataset", "target", "layer", "impl",
-             "metric", "value", "status")
+_REQUIRED = (
+    "run_id",
+    "method",
+    "method_config",
+    "model",
+    "dataset",
+    "target",
+    "layer",
+    "impl",
+    "metric",
+    "value",
+    "status",
+)
 
 MODEL_TARGET = "-"  # target of accuracy and cost rows
 TOTAL_LAYER = "__total__"  # layer of the sum-over-layers latency row
@@ -76,8 +102,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     # keep "" as "" (layer/impl/error are often empty); only the value column may be missing
-    return pd.read_csv(path, keep_default_na=False,
-                       na_values={"value": ["", "nan", "NaN", "NA"]})
+    return pd.read_csv(path, keep_default_na=False, na_values={"value": ["", "nan", "NaN", "NA"]})
 
 
 def _find_results(src: Path) -> tuple[Path, Path]:
@@ -143,8 +168,12 @@ def load_results(*dirs: str | Path) -> tuple[pd.DataFrame, list[dict]]:
                 while f"{rid}#{n}" in seen:
                     n += 1
                 rename[rid] = f"{rid}#{n}"
-                log.warning("run_id %r appears in several inputs; %s is shown as %r",
-                            rid, table.parent, rename[rid])
+                log.warning(
+                    "run_id %r appears in several inputs; %s is shown as %r",
+                    rid,
+                    table.parent,
+                    rename[rid],
+                )
         if rename:
             df["run_id"] = df["run_id"].replace(rename)
             meta["run_id"] = rename.get(str(meta["run_id"]), meta["run_id"])
@@ -250,8 +279,9 @@ def _sort_value(v: Any) -> tuple[int, float, str]:
     return (1, 0.0, json.dumps(v, sort_keys=True, default=str))
 
 
-def _build_variants(df: pd.DataFrame, run_ids: list[str], registry: Sequence[str] | None,
-                    sweep_cols: list[str]) -> pd.DataFrame:
+def _build_variants(
+    df: pd.DataFrame, run_ids: list[str], registry: Sequence[str] | None, sweep_cols: list[str]
+) -> pd.DataFrame:
     """One row per (run_id, method, canonical config) with a display label and an order."""
     keys = df[["run_id", "method", "config_key"]].drop_duplicates().reset_index(drop=True)
     rank = method_rank(keys["method"], registry)
@@ -265,9 +295,12 @@ def _build_variants(df: pd.DataFrame, run_ids: list[str], registry: Sequence[str
         fields: list[str] = []
         if len(configs) > 1:
             all_keys = sorted({k for d in dicts.values() for k in d})
-            fields = [k for k in all_keys
-                      if len({json.dumps(d.get(k), sort_keys=True, default=str)
-                              for d in dicts.values()}) > 1]
+            fields = [
+                k
+                for k in all_keys
+                if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in dicts.values()})
+                > 1
+            ]
         for idx, row in grp.iterrows():
             d = dicts[row["config_key"]]
             if fields:
@@ -280,9 +313,12 @@ def _build_variants(df: pd.DataFrame, run_ids: list[str], registry: Sequence[str
             if compare:
                 label += f" [{row['run_id']}]"
             labels[int(idx)] = label
-            order[int(idx)] = (rank.get(str(method), len(rank)),
-                               tuple(_sort_value(d.get(k)) for k in fields),
-                               run_pos.get(row["run_id"], len(run_pos)), int(idx))
+            order[int(idx)] = (
+                rank.get(str(method), len(rank)),
+                tuple(_sort_value(d.get(k)) for k in fields),
+                run_pos.get(row["run_id"], len(run_pos)),
+                int(idx),
+            )
     keys["label"] = [labels[int(i)] for i in keys.index]
     ordered = sorted(keys.index, key=lambda i: order[int(i)])
     keys = keys.loc[ordered].reset_index(drop=True)
@@ -327,8 +363,12 @@ class ReportData:
         return list(dict.fromkeys(self.latency["target"])) if len(self.latency) else []
 
 
-def prepare(df: pd.DataFrame, metas: Sequence[Mapping[str, Any]] | None = None, *,
-            registry: Sequence[str] | None = None) -> ReportData:
+def prepare(
+    df: pd.DataFrame,
+    metas: Sequence[Mapping[str, Any]] | None = None,
+    *,
+    registry: Sequence[str] | None = None,
+) -> ReportData:
     """Normalize ``df`` and compute every numeric table of the report.
 
     ``registry`` overrides the method order (default: ``ternbench.methods.list_methods()``).
@@ -337,38 +377,75 @@ def prepare(df: pd.DataFrame, metas: Sequence[Mapping[str, Any]] | None = None, 
     if df.empty:
         raise ResultsError("the results table is empty: nothing to report")
     metas = [dict(m) for m in (metas or [])]
-    run_ids = list(dict.fromkeys([str(m["run_id"]) for m in metas if m.get("run_id")]
-                                 + list(df["run_id"].unique())))
+    run_ids = list(
+        dict.fromkeys(
+            [str(m["run_id"]) for m in metas if m.get("run_id")] + list(df["run_id"].unique())
+        )
+    )
     run_ids = [r for r in run_ids if r in set(df["run_id"])] or run_ids
     sweep_cols = [c for c in df.columns if str(c).startswith(SWEEP_PREFIX)]
     df["config_key"] = df["method_config"].map(_canonical_config)
     variants = _build_variants(df, run_ids, registry, sweep_cols)
-    df = df.merge(variants[["vid", "label", "run_id", "method", "config_key"]],
-                  on=["run_id", "method", "config_key"], how="left")
+    df = df.merge(
+        variants[["vid", "label", "run_id", "method", "config_key"]],
+        on=["run_id", "method", "config_key"],
+        how="left",
+    )
     accuracy = _accuracy_table(df, variants, sweep_cols)
     latency, layers = _latency_tables(df, variants, sweep_cols)
     return ReportData(
-        df=df, variants=variants, run_ids=run_ids, sweep_cols=sweep_cols, accuracy=accuracy,
-        latency=latency, layers=layers, failed=_failed_table(df),
+        df=df,
+        variants=variants,
+        run_ids=run_ids,
+        sweep_cols=sweep_cols,
+        accuracy=accuracy,
+        latency=latency,
+        layers=layers,
+        failed=_failed_table(df),
         meta=_meta_table(metas, df, run_ids),
     )
 
 
-_ACC_METRICS = ("top1", "top5", "loss", "n_eval", "effective_bits", "sparsity", "muls", "adds",
-                "params", "ternary_fraction", "deploy_max_abs_diff", "bn_recalibrated")
+_ACC_METRICS = (
+    "top1",
+    "top5",
+    "loss",
+    "n_eval",
+    "effective_bits",
+    "sparsity",
+    "muls",
+    "adds",
+    "params",
+    "ternary_fraction",
+    "deploy_max_abs_diff",
+    "bn_recalibrated",
+)
 
 
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["status"].eq("ok") & df["metric"].ne("error")]
 
 
-def _accuracy_table(df: pd.DataFrame, variants: pd.DataFrame,
-                    sweep_cols: list[str]) -> pd.DataFrame:
+def _accuracy_table(
+    df: pd.DataFrame, variants: pd.DataFrame, sweep_cols: list[str]
+) -> pd.DataFrame:
     rows = _ok(df)
     rows = rows[rows["target"].eq(MODEL_TARGET) & rows["layer"].eq("")]
     keys = ["vid", "model", "dataset", "subset"]
-    cols = ["vid", "label", "run_id", "method", "model", "dataset", "subset", *_ACC_METRICS,
-            "delta_top1", "is_reference", "n_seeds", *sweep_cols]
+    cols = [
+        "vid",
+        "label",
+        "run_id",
+        "method",
+        "model",
+        "dataset",
+        "subset",
+        *_ACC_METRICS,
+        "delta_top1",
+        "is_reference",
+        "n_seeds",
+        *sweep_cols,
+    ]
     if rows.empty:
         return pd.DataFrame(columns=cols)
     # seeds are averaged; n_seeds tells the reader how many went into a mean
@@ -380,20 +457,25 @@ def _accuracy_table(df: pd.DataFrame, variants: pd.DataFrame,
     for m in _ACC_METRICS:
         if m not in wide.columns:
             wide[m] = np.nan
-    wide = wide.merge(variants[["vid", "label", "run_id", "method", "method_rank", *sweep_cols]],
-                      on="vid", how="left")
+    wide = wide.merge(
+        variants[["vid", "label", "run_id", "method", "method_rank", *sweep_cols]],
+        on="vid",
+        how="left",
+    )
 
     # reference: the first fp32 variant of the same run / model / dataset (subset if possible)
     ref = wide[wide["method"].eq(REFERENCE_METHOD) & wide["top1"].notna()].sort_values("vid")
     exact = ref.drop_duplicates(["run_id", "model", "dataset", "subset"])
     loose = ref.drop_duplicates(["run_id", "model", "dataset"])
-    exact_map = {(r.run_id, r.model, r.dataset, r.subset): (r.vid, r.top1)
-                 for r in exact.itertuples()}
+    exact_map = {
+        (r.run_id, r.model, r.dataset, r.subset): (r.vid, r.top1) for r in exact.itertuples()
+    }
     loose_map = {(r.run_id, r.model, r.dataset): (r.vid, r.top1) for r in loose.itertuples()}
     deltas, is_ref = [], []
     for r in wide.itertuples():
         hit = exact_map.get((r.run_id, r.model, r.dataset, r.subset)) or loose_map.get(
-            (r.run_id, r.model, r.dataset))
+            (r.run_id, r.model, r.dataset)
+        )
         if hit is None:
             deltas.append(np.nan)
             is_ref.append(False)
@@ -415,21 +497,60 @@ def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
     return own
 
 
-def _latency_tables(df: pd.DataFrame, variants: pd.DataFrame,
-                    sweep_cols: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    lat_cols = ["vid", "label", "run_id", "method", "model", "dataset", "target", "impl",
-                "latency_us", "torch_fp32_us", "speedup_torch", "tvm_fp32_us",
-                "speedup_tvm_fp32", "primary", *sweep_cols]
-    layer_cols = ["vid", "label", "run_id", "method", "model", "dataset", "target", "impl",
-                  "layer", "layer_order", "latency_us", "torch_fp32_us", "speedup_torch"]
+def _latency_tables(
+    df: pd.DataFrame, variants: pd.DataFrame, sweep_cols: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    lat_cols = [
+        "vid",
+        "label",
+        "run_id",
+        "method",
+        "model",
+        "dataset",
+        "target",
+        "impl",
+        "latency_us",
+        "torch_fp32_us",
+        "speedup_torch",
+        "tvm_fp32_us",
+        "speedup_tvm_fp32",
+        "primary",
+        *sweep_cols,
+    ]
+    layer_cols = [
+        "vid",
+        "label",
+        "run_id",
+        "method",
+        "model",
+        "dataset",
+        "target",
+        "impl",
+        "layer",
+        "layer_order",
+        "latency_us",
+        "torch_fp32_us",
+        "speedup_torch",
+    ]
     rows = _ok(df)
-    rows = rows[rows["metric"].eq("latency_us") & rows["target"].ne(MODEL_TARGET)
-                & rows["impl"].ne("")]
+    rows = rows[
+        rows["metric"].eq("latency_us") & rows["target"].ne(MODEL_TARGET) & rows["impl"].ne("")
+    ]
     if rows.empty:
         return pd.DataFrame(columns=lat_cols), pd.DataFrame(columns=layer_cols)
 
-    cell = ["vid", "run_id", "method", "model", "dataset", "target", "impl", "seed", "subset",
-            "cell_key"]
+    cell = [
+        "vid",
+        "run_id",
+        "method",
+        "model",
+        "dataset",
+        "target",
+        "impl",
+        "seed",
+        "subset",
+        "cell_key",
+    ]
     is_total = rows["layer"].isin([TOTAL_LAYER, ""])
     total = rows[is_total].groupby(cell)["value"].mean()
     # a cell without a __total__ row gets the sum of its per-layer rows
@@ -444,9 +565,12 @@ def _latency_tables(df: pd.DataFrame, variants: pd.DataFrame,
     torch_run = torch_rows.groupby(["run_id", "model", "dataset", "target"])["latency_us"].mean()
     # TVM FP32: the fp32 method's tvm_fp32 kernel of the same run, else the variant's own rows
     tvm32 = totals[totals["impl"].eq(TVM_FP32_IMPL)]
-    tvm32_ref = (tvm32[tvm32["method"].eq(REFERENCE_METHOD)].sort_values("vid")
-                 .drop_duplicates(["run_id", "model", "dataset", "target"])
-                 .set_index(["run_id", "model", "dataset", "target"])["latency_us"])
+    tvm32_ref = (
+        tvm32[tvm32["method"].eq(REFERENCE_METHOD)]
+        .sort_values("vid")
+        .drop_duplicates(["run_id", "model", "dataset", "target"])
+        .set_index(["run_id", "model", "dataset", "target"])["latency_us"]
+    )
     tvm32_own = tvm32.set_index(["vid", "model", "dataset", "target"])["latency_us"]
 
     def lookup(s: pd.Series, key: tuple) -> float:
@@ -454,7 +578,8 @@ def _latency_tables(df: pd.DataFrame, variants: pd.DataFrame,
 
     out = []
     for (vid, run_id, method, model, dataset, target), grp in totals.groupby(
-            ["vid", "run_id", "method", "model", "dataset", "target"], sort=False):
+        ["vid", "run_id", "method", "model", "dataset", "target"], sort=False
+    ):
         kernels = _kernel_impls(list(grp["impl"]), str(method))
         if not kernels:
             continue
@@ -468,20 +593,33 @@ def _latency_tables(df: pd.DataFrame, variants: pd.DataFrame,
         best = sub["latency_us"].min()
         for r in sub.itertuples():
             lat = float(r.latency_us)
-            out.append({
-                "vid": vid, "run_id": run_id, "method": method, "model": model,
-                "dataset": dataset, "target": target, "impl": r.impl, "latency_us": lat,
-                "torch_fp32_us": t_us, "speedup_torch": _ratio(t_us, lat),
-                "tvm_fp32_us": f_us, "speedup_tvm_fp32": _ratio(f_us, lat),
-                "primary": bool(lat == best),
-            })
+            out.append(
+                {
+                    "vid": vid,
+                    "run_id": run_id,
+                    "method": method,
+                    "model": model,
+                    "dataset": dataset,
+                    "target": target,
+                    "impl": r.impl,
+                    "latency_us": lat,
+                    "torch_fp32_us": t_us,
+                    "speedup_torch": _ratio(t_us, lat),
+                    "tvm_fp32_us": f_us,
+                    "speedup_tvm_fp32": _ratio(f_us, lat),
+                    "primary": bool(lat == best),
+                }
+            )
     lat = pd.DataFrame(out, columns=[c for c in lat_cols if c not in ("label", *sweep_cols)])
     lat = lat.merge(variants[["vid", "label", *sweep_cols]], on="vid", how="left")
     # keep one primary per variant/model/target even on exact ties
     # targets in the order the runner measured them, not alphabetically
     t_order = {t: i for i, t in enumerate(dict.fromkeys(rows["target"]))}
-    lat = lat.assign(_t=lat["target"].map(t_order)).sort_values(
-        ["_t", "model", "dataset", "vid", "impl"], kind="stable").drop(columns="_t")
+    lat = (
+        lat.assign(_t=lat["target"].map(t_order))
+        .sort_values(["_t", "model", "dataset", "vid", "impl"], kind="stable")
+        .drop(columns="_t")
+    )
     first = lat[lat["primary"]].drop_duplicates(["vid", "model", "dataset", "target"]).index
     lat["primary"] = lat.index.isin(first)
     lat = lat[lat_cols].reset_index(drop=True)
@@ -499,23 +637,33 @@ def _layer_table(rows: pd.DataFrame, lat: pd.DataFrame, variants: pd.DataFrame) 
     torch = per[per["impl"].eq(TORCH_IMPL)]
     torch_own = torch.set_index(["vid", "model", "dataset", "target", "layer"])["latency_us"]
     torch_run = torch.groupby(["run_id", "model", "dataset", "target", "layer"])[
-        "latency_us"].mean()
+        "latency_us"
+    ].mean()
     kernels = lat[["vid", "model", "dataset", "target", "impl"]].drop_duplicates()
     per = per.merge(kernels, on=["vid", "model", "dataset", "target", "impl"], how="inner")
-    t_us = [torch_own.get((r.vid, r.model, r.dataset, r.target, r.layer), np.nan)
-            for r in per.itertuples()]
-    t_run = [torch_run.get((r.run_id, r.model, r.dataset, r.target, r.layer), np.nan)
-             for r in per.itertuples()]
-    per["torch_fp32_us"] = [float(a) if not pd.isna(a) else float(b) for a, b in zip(t_us, t_run,
-                                                                                    strict=True)]
-    per["speedup_torch"] = [_ratio(t, v) for t, v in zip(per["torch_fp32_us"], per["latency_us"],
-                                                          strict=True)]
+    t_us = [
+        torch_own.get((r.vid, r.model, r.dataset, r.target, r.layer), np.nan)
+        for r in per.itertuples()
+    ]
+    t_run = [
+        torch_run.get((r.run_id, r.model, r.dataset, r.target, r.layer), np.nan)
+        for r in per.itertuples()
+    ]
+    per["torch_fp32_us"] = [
+        float(a) if not pd.isna(a) else float(b) for a, b in zip(t_us, t_run, strict=True)
+    ]
+    per["speedup_torch"] = [
+        _ratio(t, v) for t, v in zip(per["torch_fp32_us"], per["latency_us"], strict=True)
+    ]
     per["layer_order"] = per["layer"].map(order).astype("int64")
     per = per.merge(variants[["vid", "label", "method"]], on="vid", how="left")
     t_order = {t: i for i, t in enumerate(dict.fromkeys(lat["target"]))}
     per = per.assign(_t=per["target"].map(t_order))
-    return per.sort_values(["_t", "model", "dataset", "vid", "impl", "layer_order"],
-                           kind="stable").drop(columns="_t").reset_index(drop=True)
+    return (
+        per.sort_values(["_t", "model", "dataset", "vid", "impl", "layer_order"], kind="stable")
+        .drop(columns="_t")
+        .reset_index(drop=True)
+    )
 
 
 def _ratio(num: float, den: float) -> float:
@@ -525,20 +673,51 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _failed_table(df: pd.DataFrame) -> pd.DataFrame:
-    cols = ["vid", "label", "run_id", "model", "dataset", "subset", "seed", "target", "layer",
-            "impl", "cell_key", "error"]
+    cols = [
+        "vid",
+        "label",
+        "run_id",
+        "model",
+        "dataset",
+        "subset",
+        "seed",
+        "target",
+        "layer",
+        "impl",
+        "cell_key",
+        "error",
+    ]
     bad = df[df["status"].ne("ok")]
     if bad.empty:
         return pd.DataFrame(columns=cols)
     bad = bad.drop_duplicates(["run_id", "cell_key", "target", "layer", "impl", "error"])
-    return bad[cols].sort_values(["vid", "model", "dataset", "seed"], kind="stable").reset_index(
-        drop=True)
+    return (
+        bad[cols]
+        .sort_values(["vid", "model", "dataset", "seed"], kind="stable")
+        .reset_index(drop=True)
+    )
 
 
 # --------------------------------------------------------------------------- metadata
 
-_META_ORDER = ("run_id", "started", "finished", "profile", "executor", "git", "versions",
-               "python", "torch", "torchvision", "tvm", "ray", "cpu", "threads", "seeds", "argv")
+_META_ORDER = (
+    "run_id",
+    "started",
+    "finished",
+    "profile",
+    "executor",
+    "git",
+    "versions",
+    "python",
+    "torch",
+    "torchvision",
+    "tvm",
+    "ray",
+    "cpu",
+    "threads",
+    "seeds",
+    "argv",
+)
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -556,15 +735,19 @@ def _meta_value(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, list | tuple):
-        return " ".join(str(x) for x in v) if all(isinstance(x, str) for x in v) else ", ".join(
-            str(x) for x in v)
+        return (
+            " ".join(str(x) for x in v)
+            if all(isinstance(x, str) for x in v)
+            else ", ".join(str(x) for x in v)
+        )
     if isinstance(v, float):
         return f"{v:g}"
     return str(v)
 
 
-def _meta_table(metas: Sequence[Mapping[str, Any]], df: pd.DataFrame,
-                run_ids: list[str]) -> pd.DataFrame:
+def _meta_table(
+    metas: Sequence[Mapping[str, Any]], df: pd.DataFrame, run_ids: list[str]
+) -> pd.DataFrame:
     by_run = {str(m.get("run_id")): m for m in metas if m.get("run_id")}
     cols: dict[str, dict[str, str]] = {}
     for rid in run_ids:
@@ -584,8 +767,10 @@ def _meta_table(metas: Sequence[Mapping[str, Any]], df: pd.DataFrame,
         return (_META_ORDER.index(head) if head in _META_ORDER else len(_META_ORDER), "")
 
     fields.sort(key=rank)  # stable: keeps first-seen order inside one rank
-    table = pd.DataFrame({rid: [c.get(f, "") for f in fields] for rid, c in cols.items()},
-                         index=pd.Index(fields, name="field"))
+    table = pd.DataFrame(
+        {rid: [c.get(f, "") for f in fields] for rid, c in cols.items()},
+        index=pd.Index(fields, name="field"),
+    )
     return table
 
 
@@ -639,11 +824,13 @@ def format_accuracy(acc: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Dat
         out["Subset"] = acc["subset"].astype(str)
     out["Top-1 (%)"] = [fmt_num(v, ".2f") for v in acc["top1"]]
     out["Δ Top-1 vs fp32 (pp)"] = [
-        "ref" if ref else fmt_num(d, "+.2f") for d, ref in zip(acc["delta_top1"],
-                                                              acc["is_reference"], strict=True)]
+        "ref" if ref else fmt_num(d, "+.2f")
+        for d, ref in zip(acc["delta_top1"], acc["is_reference"], strict=True)
+    ]
     out["Eff. bits"] = [fmt_num(v, ".2f") for v in acc["effective_bits"]]
-    out["Sparsity"] = [fmt_num(100 * v if not pd.isna(v) else v, ".1f", "%")
-                       for v in acc["sparsity"]]
+    out["Sparsity"] = [
+        fmt_num(100 * v if not pd.isna(v) else v, ".1f", "%") for v in acc["sparsity"]
+    ]
     out["MULs"] = [fmt_ops(v) for v in acc["muls"]]
     out["ADDs"] = [fmt_ops(v) for v in acc["adds"]]
     if len(acc) and pd.to_numeric(acc["n_seeds"], errors="coerce").max() > 1:
@@ -670,15 +857,17 @@ def format_latency(lat: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Data
 
 def format_layers(layers: pd.DataFrame) -> pd.DataFrame:
     """Display strings for one target's per-layer latency table."""
-    return pd.DataFrame({
-        "Method": layers["label"].astype(str),
-        "Model": layers["model"].astype(str),
-        "Kernel": layers["impl"].astype(str),
-        "Layer": layers["layer"].astype(str),
-        "Latency (µs)": [fmt_num(v, ".1f") for v in layers["latency_us"]],
-        "Torch FP32 (µs)": [fmt_num(v, ".1f") for v in layers["torch_fp32_us"]],
-        "Speed-up vs torch": [fmt_num(v, ".2f", "×") for v in layers["speedup_torch"]],
-    }).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "Method": layers["label"].astype(str),
+            "Model": layers["model"].astype(str),
+            "Kernel": layers["impl"].astype(str),
+            "Layer": layers["layer"].astype(str),
+            "Latency (µs)": [fmt_num(v, ".1f") for v in layers["latency_us"]],
+            "Torch FP32 (µs)": [fmt_num(v, ".1f") for v in layers["torch_fp32_us"]],
+            "Speed-up vs torch": [fmt_num(v, ".2f", "×") for v in layers["speedup_torch"]],
+        }
+    ).reset_index(drop=True)
 
 
 def format_failed(failed: pd.DataFrame, max_error: int | None = None) -> pd.DataFrame:
@@ -694,15 +883,17 @@ def format_failed(failed: pd.DataFrame, max_error: int | None = None) -> pd.Data
         parts = [p for p in (r.target if r.target != MODEL_TARGET else "", r.layer, r.impl) if p]
         return " / ".join(parts) or "accuracy"
 
-    return pd.DataFrame({
-        "Method": failed["label"].astype(str),
-        "Model": failed["model"].astype(str),
-        "Dataset": failed["dataset"].astype(str),
-        "Seed": failed["seed"].astype(str),
-        "Stage": [where(r) for r in failed.itertuples()],
-        "Cell": failed["cell_key"].astype(str),
-        "Error": [err(e) for e in failed["error"]],
-    }).reset_index(drop=True)
+    return pd.DataFrame(
+        {
+            "Method": failed["label"].astype(str),
+            "Model": failed["model"].astype(str),
+            "Dataset": failed["dataset"].astype(str),
+            "Seed": failed["seed"].astype(str),
+            "Stage": [where(r) for r in failed.itertuples()],
+            "Cell": failed["cell_key"].astype(str),
+            "Error": [err(e) for e in failed["error"]],
+        }
+    ).reset_index(drop=True)
 
 
 def format_meta(meta: pd.DataFrame) -> pd.DataFrame:

@@ -35,10 +35,17 @@ def _seed() -> None:
 
 def tiny_cnn(in_chans: int = 1, classes: int = 10) -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(in_chans, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 16, 1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, classes),
+        nn.Conv2d(in_chans, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, classes),
     )
 
 
@@ -54,10 +61,20 @@ def tiny_profile():
     from ternbench.bench.train import TrainCfg
 
     prof = Profile(
-        name="tiny", description="tests only", fp32=TrainCfg(epochs=1, train_subset=1024, seed=0),
-        n_eval=256, n_calib=128, bn_batches=4, train_subset=512, train_epochs=0.1,
-        eval_shards=2, latency_number=1, latency_repeat=2, latency_min_repeat_ms=0,
-        batch_size=128, deploy_check_samples=8,
+        name="tiny",
+        description="tests only",
+        fp32=TrainCfg(epochs=1, train_subset=1024, seed=0),
+        n_eval=256,
+        n_calib=128,
+        bn_batches=4,
+        train_subset=512,
+        train_epochs=0.1,
+        eval_shards=2,
+        latency_number=1,
+        latency_repeat=2,
+        latency_min_repeat_ms=0,
+        batch_size=128,
+        deploy_check_samples=8,
     )
     PROFILES["tiny"] = prof
     yield prof

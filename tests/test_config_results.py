@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from ternbench.bench.cli import main
 from ternbench.bench.config import BenchConfig, parse_override
 from ternbench.bench.results import (
@@ -23,18 +22,21 @@ def test_wildcards_expand_and_validate() -> None:
     assert cfg.methods == ("fgq", "int8")
 
 
-@pytest.mark.parametrize("kw,exc,match", [
-    ({"methods": ("fgqq",)}, UnknownMethodError, "Did you mean 'fgq'"),
-    ({"methods": ()}, ConfigError, "methods must be a non-empty"),
-    ({"models": ("resnet9",)}, ConfigError, "resnet8"),
-    ({"datasets": ("fashion_mnist",)}, ConfigError, "fashion-mnist"),
-    ({"profile": "smok"}, ConfigError, "smoke"),
-    ({"seeds": (-1,)}, ConfigError, "seeds"),
-    ({"targets": ("riscv",)}, ConfigError, "targets"),
-    ({"latency_threads": 0}, ConfigError, "latency_threads"),
-    ({"overrides": {"fgq": {"group_size": 0}}, "methods": ("fgq",)}, ConfigError, "group_size"),
-    ({"overrides": {"twn": {"ratio": 0.5}}, "methods": ("fgq",)}, ConfigError, "overrides"),
-])
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        ({"methods": ("fgqq",)}, UnknownMethodError, "Did you mean 'fgq'"),
+        ({"methods": ()}, ConfigError, "methods must be a non-empty"),
+        ({"models": ("resnet9",)}, ConfigError, "resnet8"),
+        ({"datasets": ("fashion_mnist",)}, ConfigError, "fashion-mnist"),
+        ({"profile": "smok"}, ConfigError, "smoke"),
+        ({"seeds": (-1,)}, ConfigError, "seeds"),
+        ({"targets": ("riscv",)}, ConfigError, "targets"),
+        ({"latency_threads": 0}, ConfigError, "latency_threads"),
+        ({"overrides": {"fgq": {"group_size": 0}}, "methods": ("fgq",)}, ConfigError, "group_size"),
+        ({"overrides": {"twn": {"ratio": 0.5}}, "methods": ("fgq",)}, ConfigError, "overrides"),
+    ],
+)
 def test_bad_config(kw, exc, match) -> None:
     with pytest.raises(exc, match=match):
         BenchConfig(**kw)
@@ -50,7 +52,9 @@ def test_parse_override() -> None:
 
 def test_toml_config(tmp_path) -> None:
     p = tmp_path / "b.toml"
-    p.write_text('[run]\nmethods = "fgq,int8"\nprofile = "smoke"\n\n[methods.fgq]\ngroup_size = 16\n')
+    p.write_text(
+        '[run]\nmethods = "fgq,int8"\nprofile = "smoke"\n\n[methods.fgq]\ngroup_size = 16\n'
+    )
     cfg = BenchConfig.from_toml(p)
     assert cfg.methods == ("fgq", "int8") and cfg.overrides == {"fgq": {"group_size": 16}}
     cfg = BenchConfig.from_toml(p, profile="default")  # the command line wins
@@ -58,7 +62,7 @@ def test_toml_config(tmp_path) -> None:
     p.write_text('[run]\nmethod = "fgq"\n')
     with pytest.raises(ConfigError, match="Did you mean 'methods'"):
         BenchConfig.from_toml(p)
-    p.write_text('[run\n')
+    p.write_text("[run\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         BenchConfig.from_toml(p)
 
@@ -70,8 +74,21 @@ def test_cli_unknown_method_exits_nonzero(capsys) -> None:
 
 
 def test_cli_dry_run_prints_grid(capsys, tmp_path) -> None:
-    assert main(["run", "--methods", "fgq,int8", "--profile", "smoke", "--dry-run",
-                 "--out", str(tmp_path / "r")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--methods",
+                "fgq,int8",
+                "--profile",
+                "smoke",
+                "--dry-run",
+                "--out",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "3 cells" in out and "fgq" in out and "fp32" in out  # fp32 joins as the reference
     assert not (tmp_path / "r").exists()
@@ -88,7 +105,9 @@ def test_store_resume_and_schema(tmp_path) -> None:
     assert not store.is_done("k", "accuracy")
     store.write_part("k", "accuracy", [make_row({"cell_key": "k"}, metric="top1", value=1.0)])
     assert store.is_done("k", "accuracy")
-    store.write_part("j", "accuracy", [make_row({"cell_key": "j"}, metric="error", status="failed")])
+    store.write_part(
+        "j", "accuracy", [make_row({"cell_key": "j"}, metric="error", status="failed")]
+    )
     assert not store.is_done("j", "accuracy")  # failed parts are retried
     df = store.consolidate()
     assert len(df) == 2 and (tmp_path / "run" / "results.parquet").exists()

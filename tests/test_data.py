@@ -115,8 +115,9 @@ def _fake_fashion(folder: Path, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
     return imgs, lbls
 
 
-def test_fashion_mnist_root_and_env_override(tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_root_and_env_override(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     imgs, lbls = _fake_fashion(tmp_path / "fm")
     ds = load_dataset("fashion-mnist", "train", root=tmp_path / "fm")
     assert len(ds) == 6
@@ -194,19 +195,35 @@ def _fake_cifar(root: Path, kind: str) -> dict[str, np.ndarray]:
     if kind == "cifar10":
         folder = root / "cifar-10-batches-py"
         files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-        label_key, meta_name, meta = "labels", "batches.meta", {
-            "num_cases_per_batch": 2, "label_names": [f"c{i}" for i in range(10)], "num_vis": 3072}
+        label_key, meta_name, meta = (
+            "labels",
+            "batches.meta",
+            {
+                "num_cases_per_batch": 2,
+                "label_names": [f"c{i}" for i in range(10)],
+                "num_vis": 3072,
+            },
+        )
     else:
         folder = root / "cifar-100-python"
         files = ["train", "test"]
-        label_key, meta_name, meta = "fine_labels", "meta", {
-            "fine_label_names": [f"f{i}" for i in range(100)],
-            "coarse_label_names": [f"k{i}" for i in range(20)]}
+        label_key, meta_name, meta = (
+            "fine_labels",
+            "meta",
+            {
+                "fine_label_names": [f"f{i}" for i in range(100)],
+                "coarse_label_names": [f"k{i}" for i in range(20)],
+            },
+        )
     folder.mkdir(parents=True)
     for name in files:
         data = rng.integers(0, 256, size=(2, 3072), dtype=np.uint8)  # rows: R plane, G, B
-        entry = {"batch_label": name, "data": data, label_key: [1, 7],
-                 "filenames": [f"{name}_{i}.png" for i in range(2)]}
+        entry = {
+            "batch_label": name,
+            "data": data,
+            label_key: [1, 7],
+            "filenames": [f"{name}_{i}.png" for i in range(2)],
+        }
         if kind == "cifar100":
             entry["coarse_labels"] = [0, 3]
         with open(folder / name, "wb") as f:

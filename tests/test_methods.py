@@ -9,7 +9,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from ternbench.methods import (
     ConfigError,
     QuantContext,
@@ -118,11 +117,15 @@ def test_fgq_group_cost_counts() -> None:
     """N=4 with FP16 scales: 2 + 16/4 = 6 bits per weight on ternary layers (the paper's figure)."""
     from torch import nn
 
-    m = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.Conv2d(8, 8, 1, bias=False),
-                      nn.Conv2d(8, 8, 1, bias=False))
+    m = nn.Sequential(
+        nn.Conv2d(8, 8, 1, bias=False),
+        nn.Conv2d(8, 8, 1, bias=False),
+        nn.Conv2d(8, 8, 1, bias=False),
+    )
     x = torch.randn(4, 8, 2, 2)
     qm = create_method("fgq", group_size=4, first_last="same", bn_recalibrate=False).quantize(
-        m, _ctx(x))
+        m, _ctx(x)
+    )
     cost = qm.cost()
     assert cost.effective_bits == pytest.approx(6.0)
     assert cost.ternary_fraction == 1.0
@@ -134,7 +137,8 @@ def test_fgq_group_cost_counts() -> None:
 
 def test_fgq_scales_are_fp16_values(cnn) -> None:
     qm = create_method("fgq", group_size=8, bn_recalibrate=False).quantize(
-        cnn, _ctx(torch.randn(8, 1, 12, 12)))
+        cnn, _ctx(torch.randn(8, 1, 12, 12))
+    )
     for lx in qm.export().values():
         if lx.weight_format == "ternary":
             assert np.array_equal(lx.scales.astype(np.float16).astype(np.float32), lx.scales)
@@ -142,10 +146,18 @@ def test_fgq_scales_are_fp16_values(cnn) -> None:
 
 def test_first_last_policy(cnn) -> None:
     x = torch.randn(8, 1, 12, 12)
-    ex = create_method("fgq", first_last="fp32", bn_recalibrate=False).quantize(cnn, _ctx(x)).export()
+    ex = (
+        create_method("fgq", first_last="fp32", bn_recalibrate=False)
+        .quantize(cnn, _ctx(x))
+        .export()
+    )
     fmts = [lx.weight_format for lx in ex.values()]
     assert fmts[0] == fmts[-1] == "fp32" and set(fmts[1:-1]) == {"ternary"}
-    ex = create_method("fgq", first_last="same", bn_recalibrate=False).quantize(cnn, _ctx(x)).export()
+    ex = (
+        create_method("fgq", first_last="same", bn_recalibrate=False)
+        .quantize(cnn, _ctx(x))
+        .export()
+    )
     assert {lx.weight_format for lx in ex.values()} == {"ternary"}
 
 
@@ -175,15 +187,18 @@ def test_unknown_method_suggests() -> None:
         create_method("fgqq")
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"group_size": 0}, "group_size"),
-    ({"group_size": 2.5}, "group_size"),
-    ({"solver": "magic"}, "solver"),
-    ({"act_bits": 3}, "act_bits"),
-    ({"first_last": "int4"}, "first_last"),
-    ({"finetune_epochs": -1}, "finetune_epochs"),
-    ({"groupsize": 4}, "Did you mean 'group_size'"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": 2.5}, "group_size"),
+        ({"solver": "magic"}, "solver"),
+        ({"act_bits": 3}, "act_bits"),
+        ({"first_last": "int4"}, "first_last"),
+        ({"finetune_epochs": -1}, "finetune_epochs"),
+        ({"groupsize": 4}, "Did you mean 'group_size'"),
+    ],
+)
 def test_config_errors_name_the_field(kw, match) -> None:
     with pytest.raises(ConfigError, match=match):
         create_method("fgq", **kw)
@@ -226,6 +241,26 @@ def test_duplicate_registration_warns(caplog) -> None:
 
 def test_lean_import() -> None:
     """Importing the methods must not import tvm or ray (they cost seconds and memory)."""
-    code = ("import sys, ternbench.methods as m; m.list_methods(); "
-            "bad=[k for k in ('tvm','ray') if k in sys.modules]; print(bad); assert not bad")
+    code = (
+        "import sys, ternbench.methods as m; m.list_methods(); "
+        "bad=[k for k in ('tvm','ray') if k in sys.modules]; print(bad); assert not bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.training
+def test_fgq_finetune_trains_and_keeps_parity(cnn) -> None:
+    """The optional STE fine-tune changes the latent weights and the export still matches."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 12, 12, generator=g)
+    y = torch.randint(0, 10, (64,), generator=g)
+    ctx = QuantContext(
+        calib_loader=[(x, y)], train_loader=[(x[:32], y[:32]), (x[32:], y[32:])], bn_batches=2
+    )
+    before = create_method("fgq", group_size=4).quantize(cnn, ctx)
+    after = create_method("fgq", group_size=4, finetune_epochs=1.0).quantize(cnn, ctx)
+    assert after.info["finetune_epochs"] == 1.0
+    w0 = [m.weight for m in before.module.modules() if hasattr(m, "wq")][1]
+    w1 = [m.weight for m in after.module.modules() if hasattr(m, "wq")][1]
+    assert not torch.equal(w0, w1)
+    assert max_logit_diff(after, x[:8]) < 1e-4

@@ -73,10 +73,15 @@ def test_model_registry() -> None:
         create_model("resnet-8", in_chans=1, num_classes=10)
 
 
-@pytest.mark.parametrize("name,in_chans,expected", [
-    ("resnet8", 1, 77_754), ("resnet8", 3, 78_042),
-    ("resnet20", 1, 272_186), ("resnet20", 3, 272_474),
-])
+@pytest.mark.parametrize(
+    "name,in_chans,expected",
+    [
+        ("resnet8", 1, 77_754),
+        ("resnet8", 3, 78_042),
+        ("resnet20", 1, 272_186),
+        ("resnet20", 3, 272_474),
+    ],
+)
 def test_cifar_resnet_param_counts(name: str, in_chans: int, expected: int) -> None:
     # Hand count for ResNet-8/3ch: stem 432+32, stage1 4608+64, stage2 13824+512+192,
     # stage3 55296+2048+384, fc 650 = 78042 (option-B 1x1 shortcuts included).
@@ -91,13 +96,23 @@ def test_forward_shapes_and_layer_types(name: str, in_chans: int, size: int) -> 
     with torch.no_grad():
         out = m(torch.randn(2, in_chans, size, size))
     assert out.shape == (2, 7)
-    allowed = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Linear, nn.AdaptiveAvgPool2d,
-               nn.MaxPool2d, nn.Identity)
+    allowed = (
+        nn.Conv2d,
+        nn.BatchNorm2d,
+        nn.ReLU,
+        nn.Linear,
+        nn.AdaptiveAvgPool2d,
+        nn.MaxPool2d,
+        nn.Identity,
+    )
     leaves = [mod for mod in m.modules() if not list(mod.children())]
     assert all(isinstance(mod, allowed) for mod in leaves), {type(x) for x in leaves}
     weights = [(n, mod) for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d | nn.Linear)]
-    assert all(mod.groups == 1 and mod.dilation == (1, 1)
-               for _, mod in weights if isinstance(mod, nn.Conv2d))
+    assert all(
+        mod.groups == 1 and mod.dilation == (1, 1)
+        for _, mod in weights
+        if isinstance(mod, nn.Conv2d)
+    )
     first, last = weights[0][1], weights[-1][1]
     assert isinstance(first, nn.Conv2d) and first.in_channels == in_chans
     assert isinstance(last, nn.Linear) and last.out_features == 7
@@ -161,11 +176,17 @@ def test_fractional_epochs(epochs: float, steps: int, n_records: int) -> None:
     assert len(h["epochs"]) == n_records
 
 
-@pytest.mark.parametrize("optimizer,schedule", [("sgd", "cosine"), ("sgd", "step"),
-                                                ("adam", "onecycle")])
+@pytest.mark.parametrize(
+    "optimizer,schedule", [("sgd", "cosine"), ("sgd", "step"), ("adam", "onecycle")]
+)
 def test_optimizers_and_schedules_learn(optimizer: str, schedule: str) -> None:
-    cfg = TrainCfg(epochs=4, lr=0.01 if optimizer == "adam" else 0.1, optimizer=optimizer,
-                   schedule=schedule, label_smoothing=0.0)  # type: ignore[arg-type]
+    cfg = TrainCfg(
+        epochs=4,
+        lr=0.01 if optimizer == "adam" else 0.1,
+        optimizer=optimizer,
+        schedule=schedule,
+        label_smoothing=0.0,
+    )  # type: ignore[arg-type]
     h = train(_toy_model(), _toy_batches(), cfg, progress=False)
     assert h["epochs"][-1]["loss"] < h["epochs"][0]["loss"]
 
@@ -205,17 +226,24 @@ def test_divergence_names_the_step() -> None:
 
 def test_evaluate_exact_counts() -> None:
     # Identity model: the inputs are the logits, so the expected counts follow by hand.
-    logits = torch.tensor([
-        [5.0, 4, 3, 2, 1, 0],   # y=0: top1 hit
-        [5.0, 4, 3, 2, 1, 0],   # y=4: top5 hit only
-        [5.0, 4, 3, 2, 1, 0],   # y=5: miss
-        [0.0, 0, 9, 0, 0, 1],   # y=2: top1 hit
-    ])
+    logits = torch.tensor(
+        [
+            [5.0, 4, 3, 2, 1, 0],  # y=0: top1 hit
+            [5.0, 4, 3, 2, 1, 0],  # y=4: top5 hit only
+            [5.0, 4, 3, 2, 1, 0],  # y=5: miss
+            [0.0, 0, 9, 0, 0, 1],  # y=2: top1 hit
+        ]
+    )
     y = torch.tensor([0, 4, 5, 2])
     loader = [(logits[:2], y[:2]), (logits[2:], y[2:])]
     r = evaluate(nn.Identity(), loader, topk=(1, 2, 5))
-    assert r == {"correct1": 2, "correct2": 2, "correct5": 3, "n": 4,
-                 "loss_sum": pytest.approx(float(F.cross_entropy(logits, y, reduction="sum")))}
+    assert r == {
+        "correct1": 2,
+        "correct2": 2,
+        "correct5": 3,
+        "n": 4,
+        "loss_sum": pytest.approx(float(F.cross_entropy(logits, y, reduction="sum"))),
+    }
     assert all(type(r[k]) is int for k in ("correct1", "correct5", "n"))
     # k larger than the class count counts every image
     r2 = evaluate(nn.Identity(), [(logits[:, :3], torch.tensor([0, 1, 2, 2]))], topk=(1, 5))
@@ -277,8 +305,7 @@ def test_resnet8_fashion_mnist_short_run_learns() -> None:
     seed_everything(0)
     model = create_model("resnet8", in_chans=1, num_classes=10)
     before = evaluate(model, plain)
-    h = train(model, loader, TrainCfg(epochs=1, batch_size=32, train_subset=512),
-              progress=False)
+    h = train(model, loader, TrainCfg(epochs=1, batch_size=32, train_subset=512), progress=False)
     assert h["steps"] == 16 and all(math.isfinite(v) for v in h["step_loss"])
     after = evaluate(model, plain)
     assert after["n"] == 512
@@ -383,8 +410,9 @@ def test_unsafe_pickle_refused(tmp_path: Path, fmt: str) -> None:
 def test_load_state_dict_file_plain_and_wrapped(tmp_path: Path) -> None:
     state = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.zeros(3)}
     torch.save(state, tmp_path / "a.pt")
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
-               tmp_path / "b.pth")
+    torch.save(
+        {"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "b.pth"
+    )
     for name in ("a.pt", "b.pth"):
         got = load_state_dict_file(tmp_path / name)
         assert got.keys() == state.keys()
@@ -397,9 +425,12 @@ def test_load_state_dict_file_plain_and_wrapped(tmp_path: Path) -> None:
 @needs_fmnist
 @pytest.mark.training
 @pytest.mark.usefixtures("one_thread")
-def test_load_or_train_cache_corrupt_and_shipped(tmp_path: Path, _tmp_cache: Path,
-                                                 monkeypatch: pytest.MonkeyPatch,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_load_or_train_cache_corrupt_and_shipped(
+    tmp_path: Path,
+    _tmp_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     shipped = tmp_path / "shipped"
     monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
     cfg = TrainCfg(epochs=1, batch_size=64, train_subset=256)

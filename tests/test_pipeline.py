@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
+from conftest import needs_fashion
 from ternbench.bench.config import BenchConfig
 from ternbench.bench.runner import plan, run
-
-from conftest import needs_fashion
 
 pytestmark = [needs_fashion]
 ACC = ["method", "metric", "value"]
@@ -36,8 +34,9 @@ def test_plan_keys_are_stable_and_distinct(tiny_profile) -> None:
 
 @pytest.mark.tvm
 def test_local_run_with_latency_resume_and_report(tiny_profile, cache, tmp_path) -> None:
-    cfg = BenchConfig(methods=("fp32", "fgq"), profile="tiny", out=tmp_path / "run",
-                      executor="local")
+    cfg = BenchConfig(
+        methods=("fp32", "fgq"), profile="tiny", out=tmp_path / "run", executor="local"
+    )
     s = run(cfg, progress=False)
     df = s.frame
     assert s.failed == 0, df[df.status != "ok"][["method", "error"]]
@@ -62,10 +61,25 @@ def test_local_run_with_latency_resume_and_report(tiny_profile, cache, tmp_path)
 @pytest.mark.ray
 def test_ray_and_local_give_identical_rows(tiny_profile, cache, tmp_path) -> None:
     methods = ("fp32", "int8", "twn", "fgq")
-    local = run(BenchConfig(methods=methods, profile="tiny", out=tmp_path / "l",
-                            executor="local", targets=()), progress=False, report=False)
-    ray = run(BenchConfig(methods=methods, profile="tiny", out=tmp_path / "r",
-                          executor="ray", targets=(), num_cpus=2), progress=False, report=False)
+    local = run(
+        BenchConfig(
+            methods=methods, profile="tiny", out=tmp_path / "l", executor="local", targets=()
+        ),
+        progress=False,
+        report=False,
+    )
+    ray = run(
+        BenchConfig(
+            methods=methods,
+            profile="tiny",
+            out=tmp_path / "r",
+            executor="ray",
+            targets=(),
+            num_cpus=2,
+        ),
+        progress=False,
+        report=False,
+    )
     assert local.failed == ray.failed == 0
     pd.testing.assert_frame_equal(_acc(local.frame), _acc(ray.frame))
     assert len(_acc(local.frame)) > 30

@@ -18,58 +18,165 @@ FAIL_REASON = "ValueError: group_size 64 does not divide fan_in 36 | see worker 
 
 # (method, config, sweep.group_size, top1, bits, sparsity, muls, adds, kernel, per-layer µs)
 VARIANTS = [
-    ("fp32", {"act_bits": 32, "first_last": "fp32"}, None, 91.50, 32.0, 0.0, 1_000_000,
-     1_000_000, "tvm_fp32", (100.0, 50.0)),
-    ("twn", {"act_bits": 8, "first_last": "int8"}, None, 88.25, 2.01, 0.40, 20_000, 600_000,
-     "tvm_t2_avx2", (40.0, 20.0)),
-    ("fgq", {"act_bits": 8, "first_last": "int8", "group_size": 4}, 4, 90.75, 2.50, 0.35,
-     250_000, 650_000, "tvm_t2_avx2", (50.0, 25.0)),
-    ("fgq", {"act_bits": 8, "first_last": "int8", "group_size": 16}, 16, 89.10, 2.12, 0.37,
-     62_500, 630_000, "tvm_t2_avx2", (30.0, 20.0)),
+    (
+        "fp32",
+        {"act_bits": 32, "first_last": "fp32"},
+        None,
+        91.50,
+        32.0,
+        0.0,
+        1_000_000,
+        1_000_000,
+        "tvm_fp32",
+        (100.0, 50.0),
+    ),
+    (
+        "twn",
+        {"act_bits": 8, "first_last": "int8"},
+        None,
+        88.25,
+        2.01,
+        0.40,
+        20_000,
+        600_000,
+        "tvm_t2_avx2",
+        (40.0, 20.0),
+    ),
+    (
+        "fgq",
+        {"act_bits": 8, "first_last": "int8", "group_size": 4},
+        4,
+        90.75,
+        2.50,
+        0.35,
+        250_000,
+        650_000,
+        "tvm_t2_avx2",
+        (50.0, 25.0),
+    ),
+    (
+        "fgq",
+        {"act_bits": 8, "first_last": "int8", "group_size": 16},
+        16,
+        89.10,
+        2.12,
+        0.37,
+        62_500,
+        630_000,
+        "tvm_t2_avx2",
+        (30.0, 20.0),
+    ),
 ]
 TORCH_LAYERS = (200.0, 100.0)  # torch FP32 per layer -> 300 µs total
 
 
 def _row(run_id: str, method: str, cfg: dict, sweep: object, **kw: object) -> dict:
     base = {
-        "schema_version": 1, "run_id": run_id, "cell_key": f"{method}-{sweep}-{kw.get('target')}",
-        "method": method, "method_config": json.dumps(cfg, sort_keys=True), "profile": "smoke",
-        "model": MODEL, "dataset": DATASET, "subset": SUBSET, "seed": 0, "target": "-",
-        "layer": "", "impl": "", "metric": "", "value": float("nan"), "unit": "",
-        "status": "ok", "error": "", "sweep.group_size": sweep,
+        "schema_version": 1,
+        "run_id": run_id,
+        "cell_key": f"{method}-{sweep}-{kw.get('target')}",
+        "method": method,
+        "method_config": json.dumps(cfg, sort_keys=True),
+        "profile": "smoke",
+        "model": MODEL,
+        "dataset": DATASET,
+        "subset": SUBSET,
+        "seed": 0,
+        "target": "-",
+        "layer": "",
+        "impl": "",
+        "metric": "",
+        "value": float("nan"),
+        "unit": "",
+        "status": "ok",
+        "error": "",
+        "sweep.group_size": sweep,
     }
     base.update(kw)
     return base
 
 
-def make_results(run_id: str = "run_a", top1_shift: float = 0.0,
-                 latency: bool = True, methods: tuple[str, ...] | None = None) -> pd.DataFrame:
+def make_results(
+    run_id: str = "run_a",
+    top1_shift: float = 0.0,
+    latency: bool = True,
+    methods: tuple[str, ...] | None = None,
+) -> pd.DataFrame:
     """The synthetic tidy frame: fp32, twn, fgq x2 (+ one failed fgq cell), 2 layers, x86."""
     rows = []
     for method, cfg, sweep, top1, bits, sp, muls, adds, kernel, lat in VARIANTS:
         if methods is not None and method not in methods:
             continue
         for metric, value, unit in (
-            ("top1", top1 + top1_shift, "%"), ("top5", 99.0, "%"), ("loss", 0.3, ""),
-            ("n_eval", 1000, "count"), ("bn_recalibrated", 0, "bool"),
-            ("deploy_max_abs_diff", 0.0, ""), ("effective_bits", bits, "bits/weight"),
-            ("sparsity", sp, "fraction"), ("muls", muls, "ops"), ("adds", adds, "ops"),
-            ("params", 10_000, "count"), ("ternary_fraction", 0.0 if method == "fp32" else 0.9,
-                                          "fraction"),
+            ("top1", top1 + top1_shift, "%"),
+            ("top5", 99.0, "%"),
+            ("loss", 0.3, ""),
+            ("n_eval", 1000, "count"),
+            ("bn_recalibrated", 0, "bool"),
+            ("deploy_max_abs_diff", 0.0, ""),
+            ("effective_bits", bits, "bits/weight"),
+            ("sparsity", sp, "fraction"),
+            ("muls", muls, "ops"),
+            ("adds", adds, "ops"),
+            ("params", 10_000, "count"),
+            ("ternary_fraction", 0.0 if method == "fp32" else 0.9, "fraction"),
         ):
-            rows.append(_row(run_id, method, cfg, sweep, metric=metric, value=float(value),
-                             unit=unit, target="-"))
+            rows.append(
+                _row(
+                    run_id,
+                    method,
+                    cfg,
+                    sweep,
+                    metric=metric,
+                    value=float(value),
+                    unit=unit,
+                    target="-",
+                )
+            )
         if not latency:
             continue
         for impl, per_layer in ((kernel, lat), ("torch_fp32", TORCH_LAYERS)):
             for layer, us in zip(LAYERS, per_layer, strict=True):
-                rows.append(_row(run_id, method, cfg, sweep, target="x86", layer=layer,
-                                 impl=impl, metric="latency_us", value=us, unit="us"))
-            rows.append(_row(run_id, method, cfg, sweep, target="x86", layer="__total__",
-                             impl=impl, metric="latency_us", value=sum(per_layer), unit="us"))
+                rows.append(
+                    _row(
+                        run_id,
+                        method,
+                        cfg,
+                        sweep,
+                        target="x86",
+                        layer=layer,
+                        impl=impl,
+                        metric="latency_us",
+                        value=us,
+                        unit="us",
+                    )
+                )
+            rows.append(
+                _row(
+                    run_id,
+                    method,
+                    cfg,
+                    sweep,
+                    target="x86",
+                    layer="__total__",
+                    impl=impl,
+                    metric="latency_us",
+                    value=sum(per_layer),
+                    unit="us",
+                )
+            )
     if methods is None or "fgq" in methods:
-        rows.append(_row(run_id, "fgq", {"act_bits": 8, "first_last": "int8", "group_size": 64},
-                         64, metric="error", status="failed", error=FAIL_REASON))
+        rows.append(
+            _row(
+                run_id,
+                "fgq",
+                {"act_bits": 8, "first_last": "int8", "group_size": 64},
+                64,
+                metric="error",
+                status="failed",
+                error=FAIL_REASON,
+            )
+        )
     df = pd.DataFrame(rows)
     df["sweep.group_size"] = df["sweep.group_size"].astype("float64")
     return df
@@ -80,13 +187,25 @@ def write_run(d: Path, df: pd.DataFrame, run_id: str, fmt: str = "parquet") -> P
     if fmt == "parquet":
         df.to_parquet(d / "results.parquet", index=False)
     df.to_csv(d / "results.csv", index=False)
-    meta = {"run_id": run_id, "argv": ["ternbench", "run", "--profile", "smoke"],
-            "git": {"sha": "abc1234", "dirty": False},
-            "versions": {"torch": "2.14.1", "torchvision": "0.29.1", "tvm": "0.27.0",
-                         "ray": "2.60.0", "python": "3.11.7"},
-            "cpu": "test-cpu", "threads": 2, "seeds": [0], "profile": "smoke",
-            "started": "2026-01-01T00:00:00Z", "finished": "2026-01-01T00:05:00Z",
-            "executor": "local"}
+    meta = {
+        "run_id": run_id,
+        "argv": ["ternbench", "run", "--profile", "smoke"],
+        "git": {"sha": "abc1234", "dirty": False},
+        "versions": {
+            "torch": "2.14.1",
+            "torchvision": "0.29.1",
+            "tvm": "0.27.0",
+            "ray": "2.60.0",
+            "python": "3.11.7",
+        },
+        "cpu": "test-cpu",
+        "threads": 2,
+        "seeds": [0],
+        "profile": "smoke",
+        "started": "2026-01-01T00:00:00Z",
+        "finished": "2026-01-01T00:05:00Z",
+        "executor": "local",
+    }
     (d / "run.json").write_text(json.dumps(meta), encoding="utf-8")
     return d
 
@@ -99,8 +218,11 @@ def _md_images(md: str) -> list[str]:
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Path], str, str]:
     out = tmp_path_factory.mktemp("report")
     paths = build_report(make_results(), out, meta=[{"run_id": "run_a", "cpu": "test-cpu"}])
-    return (paths, paths["md"].read_text(encoding="utf-8"),
-            paths["html"].read_text(encoding="utf-8"))
+    return (
+        paths,
+        paths["md"].read_text(encoding="utf-8"),
+        paths["html"].read_text(encoding="utf-8"),
+    )
 
 
 def test_numbers_computed_by_hand() -> None:
@@ -131,9 +253,27 @@ def test_total_is_summed_when_missing() -> None:
 def test_markdown_report(single: tuple[dict[str, Path], str, str]) -> None:
     paths, md, _ = single
     assert paths["md"].is_file() and paths["html"].is_file()
-    for text in ("91.50", "-3.25", "-0.75", "-2.40", "| ref", "2.50", "35.0%", "1.00M",
-                 "250.00k", "60.0", "300.0", "5.00×", "2.50×", "6.00×", "fgq (group_size=16)",
-                 "sweep.group_size", "test-cpu", "Per-layer latency", "conv1"):
+    for text in (
+        "91.50",
+        "-3.25",
+        "-0.75",
+        "-2.40",
+        "| ref",
+        "2.50",
+        "35.0%",
+        "1.00M",
+        "250.00k",
+        "60.0",
+        "300.0",
+        "5.00×",
+        "2.50×",
+        "6.00×",
+        "fgq (group_size=16)",
+        "sweep.group_size",
+        "test-cpu",
+        "Per-layer latency",
+        "conv1",
+    ):
         assert text in md, text
     # failed cell with its reason; the pipe inside the reason is escaped for the table
     assert "group_size 64 does not divide fan_in 36 \\| see worker log" in md
@@ -208,8 +348,7 @@ def test_wrong_schema_and_missing_results(tmp_path: Path) -> None:
 
 
 def test_no_latency_single_method(tmp_path: Path) -> None:
-    paths = build_report(make_results(latency=False, methods=("twn",)), tmp_path,
-                         title="only twn")
+    paths = build_report(make_results(latency=False, methods=("twn",)), tmp_path, title="only twn")
     md = paths["md"].read_text(encoding="utf-8")
     assert md.startswith("# only twn")
     assert "No latency rows" in md and "88.25" in md
@@ -220,7 +359,11 @@ def test_no_latency_single_method(tmp_path: Path) -> None:
 
 def test_pareto_and_colors() -> None:
     assert pareto_mask([1, 2, 3, 4], [50, 40, 60, float("nan")]).tolist() == [
-        True, False, True, False]
+        True,
+        False,
+        True,
+        False,
+    ]
     reg = ["fp32", "int8", "twn", "fgq"]
     full = method_colors(["fp32", "twn", "fgq"], registry=reg)
     alone = method_colors(["fgq"], registry=reg)
@@ -230,9 +373,11 @@ def test_pareto_and_colors() -> None:
 
 
 def test_inline_svg_prefixes_ids() -> None:
-    svg = ('<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "x" "http://www.w3.org/x.dtd">\n'
-           '<svg><metadata><a rdf:resource="http://x"/></metadata><defs><path id="m1"/></defs>'
-           '<use xlink:href="#m1"/><g clip-path="url(#p2)"/></svg>')
+    svg = (
+        '<?xml version="1.0"?>\n<!DOCTYPE svg PUBLIC "x" "http://www.w3.org/x.dtd">\n'
+        '<svg><metadata><a rdf:resource="http://x"/></metadata><defs><path id="m1"/></defs>'
+        '<use xlink:href="#m1"/><g clip-path="url(#p2)"/></svg>'
+    )
     out = inline_svg(svg, "f0")
     assert 'id="f0-m1"' in out and 'href="#f0-m1"' in out and "url(#f0-p2)" in out
     assert "http://" not in out and out.startswith('<svg class="plot"')

@@ -1,0 +1,373 @@
+"""ternbench.schedules: packing, rule selection, kernel correctness checks, latency fields.
+
+Tests that compile TVM kernels are marked ``tvm`` and skip without TVM; they use a tiny
+evaluator config, so they check plumbing and correctness, never speed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ternbench.methods._base import ConfigError, LayerExport
+from ternbench.schedules import (
+    EvaluatorCfg,
+    KernelMismatchError,
+    LayerLatency,
+    UnsupportedLayerError,
+    _tvm,
+    generic,
+    list_targets,
+    measure,
+    measure_layer,
+    measure_torch_fp32,
+    ops,
+    tvm_version,
+    x86,
+)
+
+EV = EvaluatorCfg(number=1, repeat=2, min_repeat_ms=0)
+
+
+def make_layer(
+    op: str = "linear",
+    fmt: str = "ternary",
+    out: int = 32,
+    cin: int = 64,
+    *,
+    gs: int | None = None,
+    hw: tuple[int, int] = (8, 8),
+    k: int = 3,
+    stride: int = 1,
+    pad: int = 1,
+    act: str = "int",
+    bias: bool = True,
+    seed: int = 0,
+    name: str | None = None,
+) -> LayerExport:
+    """A hand-made export with random codes (ternary / int8 / fp32)."""
+    rng = np.random.default_rng(seed)
+    in_shape: tuple[int, ...]
+    out_hw: tuple[int, ...]
+    if op == "linear":
+        fan, in_shape, out_hw, ks, st, pd = cin, (cin,), (1, 1), (1, 1), (1, 1), (0, 0)
+    else:
+        fan, in_shape = cin * k * k, (cin, *hw)
+        out_hw = tuple((s + 2 * pad - k) // stride + 1 for s in hw)
+        ks, st, pd = (k, k), (stride, stride), (pad, pad)
+    gs = gs or fan
+    if fmt == "ternary":
+        codes = rng.integers(-1, 2, (out, fan)).astype(np.int8)
+        scales = (rng.random((out, fan // gs)) + 0.5).astype(np.float32)
+    elif fmt == "int8":
+        codes = rng.integers(-127, 128, (out, fan)).astype(np.int8)
+        scales, gs = (rng.random((out, 1)) * 0.01 + 1e-3).astype(np.float32), fan
+    else:
+        codes = rng.standard_normal((out, fan)).astype(np.float32)
+        scales, gs = np.ones((out, 1), np.float32), fan
+    return LayerExport(
+        name=name or f"{op}_{fmt}_{out}x{fan}_gs{gs}",
+        op=op,  # type: ignore[arg-type]
+        weight_format=fmt,
+        codes=codes,
+        scales=scales,  # type: ignore[arg-type]
+        group_size=gs,
+        bias=rng.standard_normal(out).astype(np.float32) if bias else None,
+        act_mode=act,
+        act_bits=8 if act == "int" else 32,  # type: ignore[arg-type]
+        act_scale=0.05 if act == "int" else 1.0,
+        in_channels=cin,
+        out_channels=out,
+        kernel_size=ks,
+        stride=st,
+        padding=pd,
+        input_shape=in_shape,
+        output_hw=out_hw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def tvm_mod():
+    return pytest.importorskip("tvm")
+
+
+def _has_avx2() -> bool:
+    return "avx2" in _tvm.target_info("x86").features
+
+
+def _sane(lat: LayerLatency, lx: LayerExport, batch: int) -> None:
+    assert lat.layer == lx.name and lat.target == "x86" and lat.batch == batch
+    assert lat.median_us > 0 and len(lat.raw_us) == EV.repeat and all(r > 0 for r in lat.raw_us)
+    assert min(lat.raw_us) <= lat.median_us <= max(lat.raw_us)
+    assert lat.threads >= 1
+    assert lat.K == lx.fan_in and lat.N == lx.out_channels
+    assert lat.M == batch * lx.output_hw[0] * lx.output_hw[1]
+    assert math.isfinite(lat.max_abs_err) and lat.max_abs_err >= 0
+
+
+# ----------------------------------------------------------------------------- no TVM needed
+
+
+def test_evaluator_cfg_validates():
+    assert EvaluatorCfg().number == 20
+    with pytest.raises(ConfigError, match="repeat"):
+        EvaluatorCfg(repeat=0)
+    with pytest.raises(ConfigError, match="min_repeat_ms"):
+        EvaluatorCfg(min_repeat_ms=-1)
+    with pytest.raises(ConfigError, match="number"):
+        EvaluatorCfg(number=1.5)  # type: ignore[arg-type]
+
+
+def test_import_does_not_import_tvm():
+    code = (
+        "import sys, ternbench.schedules as s; s.list_targets(); s.tvm_version(); "
+        "assert 'tvm' not in sys.modules, 'tvm imported'"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_pack_t2_avx2_roundtrip():
+    rng = np.random.default_rng(1)
+    w = rng.integers(-1, 2, (10, 27)).astype(np.int8)
+    p = ops.pack_t2_avx2(w, 16, 32)
+    assert p.shape == (2, 2, 32) and p.dtype == np.uint8
+    # decode exactly like the kernel's W_dec stage: tile [nb, kq, ni, ki]
+    dec = np.empty((2, 8, 8, 4), np.int16)
+    for kq in range(8):
+        dec[:, kq] = ((p[:, kq // 4].reshape(2, 8, 4) >> (2 * (kq % 4))) & 3).astype(np.int16) - 1
+    full = dec.transpose(0, 2, 1, 3).reshape(16, 32)  # [n, k]
+    np.testing.assert_array_equal(full[:10, :27], w)
+    assert not full[10:].any() and not full[:, 27:].any()
+
+
+def test_pack_t2_blocked_roundtrip():
+    rng = np.random.default_rng(2)
+    w = rng.integers(-1, 2, (12, 18)).astype(np.int8)
+    p = ops.pack_t2_blocked(w, 8, 16, 20)
+    assert p.shape == (2, 5, 8)
+    n, k = np.meshgrid(np.arange(16), np.arange(20), indexing="ij")
+    code = (p[n // 8, k // 4, n % 8].astype(np.int32) >> (2 * (k % 4))) & 3
+    val = code - ((code & 2) << 1)
+    np.testing.assert_array_equal(val[:12, :18], w)
+    assert not val[12:].any() and not val[:, 18:].any()
+    with pytest.raises(ValueError, match="ternary"):
+        ops.pack_t2_blocked(w * 2, 8, 16, 20)
+
+
+def test_reference_matches_naive_loops():
+    """The oracle itself: grouped conv (F.unfold path) and grouped linear vs plain loops."""
+    lx = make_layer("conv2d", cin=3, out=4, gs=9, hw=(5, 4), stride=2, pad=1, seed=3)
+    rng = np.random.default_rng(4)
+    a = rng.integers(-127, 128, (2, 5, 4, 3)).astype(np.int8)  # NHWC
+    ref = measure.reference_output(lx, a)
+    ho, wo = lx.output_hw
+    xp = np.pad(a.astype(np.int64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    w = lx.codes.reshape(4, 3, 3, 3).astype(np.int64)
+    naive = np.zeros((2, ho, wo, 4))
+    for b in range(2):
+        for i in range(ho):
+            for j in range(wo):
+                patch = xp[b, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3, :].transpose(2, 0, 1)  # C,kh,kw
+                for o in range(4):
+                    acc = (patch * w[o]).reshape(3, 9).sum(1)  # group g = channel g (gs=9)
+                    naive[b, i, j, o] = lx.act_scale * (acc * lx.scales[o]).sum() + lx.bias[o]
+    np.testing.assert_allclose(ref, naive.reshape(-1, 4), rtol=1e-12, atol=1e-12)
+
+    lin = make_layer("linear", cin=12, out=5, gs=4, seed=5)
+    a2 = rng.integers(-127, 128, (3, 12)).astype(np.int8)
+    acc = (a2.astype(np.int64)[:, None, :] * lin.codes[None].astype(np.int64)).reshape(3, 5, 3, 4)
+    exp = lin.act_scale * (acc.sum(-1) * lin.scales[None]).sum(-1) + lin.bias
+    np.testing.assert_allclose(measure.reference_output(lin, a2), exp, rtol=1e-12)
+
+
+def test_rule_selection_is_gated_by_target_features():
+    info = _tvm.TargetInfo(
+        name="x86",
+        target_str="{}",
+        kind="llvm",
+        mcpu="generic",
+        is_x86=True,
+        features=frozenset({"avx2"}),
+    )
+    no_avx2 = _tvm.TargetInfo(
+        name="x86", target_str="{}", kind="llvm", mcpu="generic", is_x86=True, features=frozenset()
+    )
+    t2 = make_layer()
+    assert measure.select_rule(t2, info).name == "x86.t2_avx2"
+    assert measure.select_rule(t2, no_avx2).name == "generic.t2"
+    assert measure.select_rule(make_layer(gs=4), info).name == "x86.t2_avx2"
+    assert measure.select_rule(make_layer(cin=66, gs=6), info).name == "generic.t2"
+    assert measure.select_rule(make_layer(act="fp32"), info).name == "generic.t2"
+    assert measure.select_rule(make_layer(fmt="int8"), info).name == "x86.int8"
+    assert measure.select_rule(make_layer(fmt="fp32", act="fp32"), info).name == "x86.fp32"
+    tern_act = dataclasses.replace(make_layer(), act_mode="ternary")
+    with pytest.raises(UnsupportedLayerError):
+        measure.select_rule(tern_act, info)
+    assert [r.name for r in generic.rules()] == ["generic.t2", "generic.int8", "generic.fp32"]
+    assert x86.rules()[0].name == "x86.t2_avx2"
+
+
+def test_plan_pads_and_validates():
+    spec = ops.plan_gemm(
+        make_layer("conv2d", out=10, cin=3, pad=1), 2, "t2_avx2", nb=16, mb_max=4, rows_per_task=64
+    )
+    assert (spec.K, spec.Kp, spec.G, spec.gs, spec.N, spec.Np) == (27, 32, 1, 32, 10, 16)
+    assert spec.M == 2 * 8 * 8 and spec.M % (spec.mb * spec.m_task) == 0
+    assert spec.k_order == "ijc" and spec.input_shape == (2, 8, 8, 3)
+    grouped = ops.plan_gemm(
+        make_layer("conv2d", cin=4, gs=4), 1, "t2_avx2", nb=16, mb_max=4, rows_per_task=64
+    )
+    assert grouped.k_order == "cij" and (grouped.G, grouped.gs) == (9, 4)
+    bad = dataclasses.replace(make_layer("conv2d", cin=4), output_hw=(3, 3))
+    with pytest.raises(ValueError, match="output_hw"):
+        ops.plan_gemm(bad, 1, "dense_blocked", nb=8, mb_max=4, rows_per_task=64)
+
+
+def test_list_targets_and_version():
+    assert list_targets() == (["x86"] if _tvm.is_x86_host() else [])
+    v = tvm_version()
+    assert v is None or isinstance(v, str)
+
+
+# ----------------------------------------------------------------------------- TVM kernels
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(
+    ("label", "kw", "batch", "impl"),
+    [
+        ("linear_pc", dict(op="linear", out=32, cin=64), 1, "t2"),
+        ("linear_gs16", dict(op="linear", out=32, cin=64, gs=16), 1, "t2"),
+        ("linear_gs4", dict(op="linear", out=32, cin=64, gs=4), 1, "t2"),
+        ("linear_pad_nk", dict(op="linear", out=10, cin=27), 3, "t2"),
+        ("conv3x3_s2", dict(op="conv2d", out=16, cin=8, hw=(9, 9), stride=2, pad=1), 2, "t2"),
+        ("conv_first", dict(op="conv2d", out=8, cin=3, hw=(6, 6), pad=1, bias=False), 1, "t2"),
+        ("conv_gs4_s2", dict(op="conv2d", out=16, cin=4, gs=4, hw=(7, 7), stride=2), 1, "t2"),
+        ("conv1x1", dict(op="conv2d", out=24, cin=16, k=1, pad=0, hw=(5, 5)), 2, "t2"),
+        ("conv_nopad_gs16", dict(op="conv2d", out=16, cin=16, gs=16, pad=0, hw=(6, 6)), 1, "t2"),
+        ("conv_gs6", dict(op="conv2d", out=8, cin=2, gs=6, hw=(5, 5)), 1, "tvm_t2_generic"),
+        ("linear_int8", dict(op="linear", fmt="int8", out=32, cin=64), 1, "tvm_int8"),
+        (
+            "conv_int8",
+            dict(op="conv2d", fmt="int8", out=16, cin=8, hw=(7, 7), stride=2),
+            2,
+            "tvm_int8",
+        ),
+        ("linear_fp32", dict(op="linear", fmt="fp32", act="fp32", out=10, cin=64), 1, "tvm_fp32"),
+        (
+            "conv_fp32",
+            dict(op="conv2d", fmt="fp32", act="fp32", out=8, cin=3, hw=(6, 6)),
+            1,
+            "tvm_fp32",
+        ),
+        ("linear_t2_a32", dict(op="linear", act="fp32", out=16, cin=64), 1, "tvm_t2_generic_a32"),
+    ],
+)
+def test_measure_layer(tvm_mod, label, kw, batch, impl):
+    lx = make_layer(**kw, name=label)
+    lat = measure_layer(lx, batch=batch, ev=EV)
+    _sane(lat, lx, batch)
+    if impl == "t2":
+        impl = "tvm_t2_avx2" if _has_avx2() else "tvm_t2_generic"
+    assert lat.impl == impl
+    assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
+
+
+@pytest.mark.tvm
+def test_avx2_kernel_uses_maddubs(tvm_mod):
+    if not _has_avx2():
+        pytest.skip("host has no AVX2")
+    info = _tvm.target_info("x86")
+    kern = measure.select_rule(make_layer(), info).build(make_layer(), 1, info)
+    asm = kern.module.inspect_source("asm")
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+
+
+@pytest.mark.tvm
+def test_generic_fallback_without_avx2(tvm_mod, monkeypatch, caplog):
+    """A target without AVX2 gets the portable kernels, with a log line, still exact."""
+    real = _tvm.target_info("x86")
+    plain = _tvm.TargetInfo(
+        name="x86",
+        target_str=real.target_str,
+        kind="llvm",
+        mcpu=real.mcpu,
+        is_x86=True,
+        features=frozenset(),
+    )
+    monkeypatch.setattr(_tvm, "target_info", lambda name: plain)
+    monkeypatch.setattr(measure, "_fallback_logged", set())
+    lx = make_layer("conv2d", out=16, cin=8, hw=(9, 9), stride=2, name="conv_plain")
+    with caplog.at_level(logging.WARNING, logger="ternbench.schedules.measure"):
+        lat = measure_layer(lx, batch=1, ev=EV)
+    assert lat.impl == "tvm_t2_generic"
+    assert "not optimized for x86" in caplog.text
+    _sane(lat, lx, 1)
+
+
+@pytest.mark.tvm
+def test_same_shape_reuses_build(tvm_mod):
+    a = make_layer(out=24, cin=48, seed=1, name="a")
+    b = make_layer(out=24, cin=48, seed=2, name="b")
+    info = _tvm.target_info("x86")
+    rule = measure.select_rule(a, info)
+    ka = rule.build(a, 1, info)
+    n = ops.kernel_cache_size()
+    assert rule.build(b, 1, info) is ka and ops.kernel_cache_size() == n
+    assert rule.build(a, 2, info) is not ka  # batch is part of the shape
+    measure_layer(b, ev=EV)  # other weights through the cached kernel: still exact
+
+
+@pytest.mark.tvm
+def test_mismatch_raises_for_wrong_reference(tvm_mod, monkeypatch):
+    lx = make_layer(out=16, cin=32, name="bad_ref")
+    real = measure.reference_output
+    monkeypatch.setattr(measure, "reference_output", lambda lx_, a: real(lx_, a) * 1.001)
+    with pytest.raises(KernelMismatchError, match="bad_ref"):
+        measure_layer(lx, ev=EV)
+
+
+@pytest.mark.tvm
+def test_mismatch_raises_for_corrupted_kernel_weights(tvm_mod, monkeypatch):
+    lx = make_layer("conv2d", out=16, cin=4, hw=(5, 5), name="bad_kernel")
+    real = ops.pack_weight_args
+
+    def corrupt(spec, lx_):
+        args = real(spec, lx_)
+        args[0] = args[0].copy()
+        args[0].flat[0] ^= 0b11  # one 2-bit code (or int8 weight) changes
+        return args
+
+    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    with pytest.raises(KernelMismatchError, match="bad_kernel"):
+        measure_layer(lx, ev=EV)
+
+
+@pytest.mark.tvm
+def test_measure_with_given_input_and_threads(tvm_mod):
+    lx = make_layer("conv2d", out=16, cin=8, hw=(6, 6), stride=2, name="given_x")
+    x = torch.randn(1, 8, 6, 6) * 3  # cycled to batch 3; quantized with act_scale 0.05 (clips)
+    lat = measure_layer(lx, batch=3, ev=EV, x=x, threads=2)
+    _sane(lat, lx, 3)
+    assert 1 <= lat.threads <= 2
+    with pytest.raises(ValueError, match="per-sample shape"):
+        measure_layer(lx, ev=EV, x=torch.randn(1, 7, 6, 6))
+
+
+def test_torch_fp32_baseline():
+    before = torch.get_num_threads()
+    for lx in (
+        make_layer("conv2d", out=16, cin=8, hw=(7, 7), stride=2, name="c"),
+        make_layer("linear", out=10, cin=64, bias=False, name="l"),
+    ):
+        lat = measure_torch_fp32(lx, batch=2, ev=EV, threads=1)
+        _sane(lat, lx, 2)
+        assert lat.impl == "torch_fp32" and lat.target_str == "torch" and lat.threads == 1
+    assert torch.get_num_threads() == before
