@@ -1,1 +1,35 @@
-"""ternbench.schedules."""
+"""ternbench.schedules: TVM kernels and per-layer latency of exported layers.
+
+The only package of ternbench that uses Apache TVM, and it imports it lazily: importing
+``ternbench.schedules`` is cheap; the first build or measurement imports tvm (3-8 s).
+
+Example:
+    >>> from ternbench.schedules import EvaluatorCfg, list_targets
+    >>> "x86" in list_targets() or list_targets() == []
+    True
+"""
+
+from __future__ import annotations
+
+from ._tvm import host_target_string, tvm_version
+from .measure import (
+    EvaluatorCfg,
+    KernelMismatchError,
+    LayerLatency,
+    UnsupportedLayerError,
+    list_targets,
+    measure_layer,
+    measure_torch_fp32,
+)
+
+__all__ = [
+    "EvaluatorCfg",
+    "KernelMismatchError",
+    "LayerLatency",
+    "UnsupportedLayerError",
+    "host_target_string",
+    "list_targets",
+    "measure_layer",
+    "measure_torch_fp32",
+    "tvm_version",
+]

@@ -64,7 +64,7 @@ def make_layer(
     gs = gs or fan
     if fmt == "ternary":
         codes = rng.integers(-1, 2, (out, fan)).astype(np.int8)
-        scales = (rng.random((out, fan // gs)) + 0.5).astype(np.float32)
+        scales = (rng.random((out, -(-fan // gs))) + 0.5).astype(np.float32)  # last group partial
     elif fmt == "int8":
         codes = rng.integers(-127, 128, (out, fan)).astype(np.int8)
         scales, gs = (rng.random((out, 1)) * 0.01 + 1e-3).astype(np.float32), fan
@@ -180,11 +180,13 @@ def test_reference_matches_naive_loops():
                     naive[b, i, j, o] = lx.act_scale * (acc * lx.scales[o]).sum() + lx.bias[o]
     np.testing.assert_allclose(ref, naive.reshape(-1, 4), rtol=1e-12, atol=1e-12)
 
-    lin = make_layer("linear", cin=12, out=5, gs=4, seed=5)
-    a2 = rng.integers(-127, 128, (3, 12)).astype(np.int8)
-    acc = (a2.astype(np.int64)[:, None, :] * lin.codes[None].astype(np.int64)).reshape(3, 5, 3, 4)
-    exp = lin.act_scale * (acc.sum(-1) * lin.scales[None]).sum(-1) + lin.bias
-    np.testing.assert_allclose(measure.reference_output(lin, a2), exp, rtol=1e-12)
+    lin = make_layer("linear", cin=11, out=5, gs=4, seed=5)  # groups of 4, 4 and 3
+    a2 = rng.integers(-127, 128, (3, 11)).astype(np.int64)
+    prod = a2[:, None, :] * lin.codes[None].astype(np.int64)  # [B, O, K]
+    acc = np.stack([prod[..., 0:4].sum(-1), prod[..., 4:8].sum(-1), prod[..., 8:].sum(-1)], -1)
+    exp = lin.act_scale * (acc * lin.scales[None]).sum(-1) + lin.bias
+    np.testing.assert_allclose(measure.reference_output(lin, a2.astype(np.int8)), exp,
+                               rtol=1e-12)
 
 
 def test_rule_selection_is_gated_by_target_features():
@@ -252,6 +254,9 @@ def test_list_targets_and_version():
         ("conv_gs4_s2", dict(op="conv2d", out=16, cin=4, gs=4, hw=(7, 7), stride=2), 1, "t2"),
         ("conv1x1", dict(op="conv2d", out=24, cin=16, k=1, pad=0, hw=(5, 5)), 2, "t2"),
         ("conv_nopad_gs16", dict(op="conv2d", out=16, cin=16, gs=16, pad=0, hw=(6, 6)), 1, "t2"),
+        ("linear_partial_gs8", dict(op="linear", out=16, cin=30, gs=8), 2, "t2"),
+        ("conv_partial_gs4", dict(op="conv2d", out=8, cin=3, gs=4, hw=(5, 5)), 1, "t2"),
+        ("linear_partial_gs7", dict(op="linear", out=16, cin=30, gs=7), 1, "tvm_t2_generic"),
         ("conv_gs6", dict(op="conv2d", out=8, cin=2, gs=6, hw=(5, 5)), 1, "tvm_t2_generic"),
         ("linear_int8", dict(op="linear", fmt="int8", out=32, cin=64), 1, "tvm_int8"),
         (

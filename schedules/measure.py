@@ -1,0 +1,350 @@
+"""Per-layer latency: pick a rule, build, check against a torch reference, then time.
+
+A kernel is never timed unless its output matched the float64 torch reference of the export on
+the same input (:class:`KernelMismatchError` otherwise). Latency is the median of
+``time_evaluator`` repeats (C++ loop, explicit ``number / repeat / min_repeat_ms``); all raw
+repeats are kept.
+
+Example:
+    >>> from ternbench.schedules import EvaluatorCfg
+    >>> EvaluatorCfg(number=1, repeat=2, min_repeat_ms=0).repeat
+    2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ternbench.methods._base import ConfigError
+
+from . import _tvm, generic, ops, x86
+from .ops import Rule, UnsupportedLayerError
+
+if TYPE_CHECKING:
+    from ternbench.methods._base import LayerExport
+
+__all__ = [
+    "EvaluatorCfg",
+    "LayerLatency",
+    "KernelMismatchError",
+    "UnsupportedLayerError",
+    "list_targets",
+    "select_rule",
+    "measure_layer",
+    "measure_torch_fp32",
+    "reference_output",
+    "kernel_input",
+    "INT_RTOL",
+    "FLOAT_RTOL",
+]
+
+log = logging.getLogger(__name__)
+
+#: tolerance, relative to the reference output's max |y|, when the accumulation is integer
+#: (exact): only the float32 epilogue (scale fold, sum over groups, bias) rounds
+INT_RTOL = 1e-5
+#: when the kernel accumulates in float32 (fp32 weights or activations): the dot product itself
+#: rounds, ~eps32 * sqrt(K) relative to the output scale
+FLOAT_RTOL = 1e-4
+#: seed of the synthetic activations used when no input is given
+INPUT_SEED = 0
+
+#: ternbench target name -> module with ``rules()`` (arm/cuda come later)
+_TARGET_RULES: dict[str, Callable[[], list[Rule]]] = {"x86": x86.rules}
+_fallback_logged: set[tuple[str, str]] = set()
+
+
+class KernelMismatchError(RuntimeError):
+    """A kernel's output disagrees with the reference; it is never timed."""
+
+
+@dataclass(frozen=True)
+class EvaluatorCfg:
+    """``time_evaluator`` settings: ``repeat`` medians of ``number`` calls, each repeat lasting
+    at least ``min_repeat_ms`` (``number`` grows until it does)."""
+
+    number: int = 20
+    repeat: int = 7
+    min_repeat_ms: int = 20
+
+    def __post_init__(self) -> None:
+        for name, low in (("number", 1), ("repeat", 1), ("min_repeat_ms", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"EvaluatorCfg.{name} must be an int >= {low}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """Latency of one layer with one implementation on one target."""
+
+    layer: str
+    impl: str  # e.g. "tvm_t2_avx2", "tvm_t2_generic", "tvm_int8", "tvm_fp32", "torch_fp32"
+    target: str  # ternbench target name, e.g. "x86"
+    median_us: float
+    raw_us: tuple[float, ...]
+    threads: int
+    batch: int
+    M: int  # GEMM view: M = batch * Ho * Wo
+    K: int
+    N: int
+    max_abs_err: float  # vs the float64 torch reference, checked before timing
+    target_str: str  # full TVM target, or "torch"
+
+
+def list_targets() -> list[str]:
+    """Targets that can be measured from this process (``"x86"`` = the local x86 CPU)."""
+    return [t for t in _TARGET_RULES if t != "x86" or _tvm.is_x86_host()]
+
+
+def _check_target(target: str) -> None:
+    if target not in _TARGET_RULES:
+        raise ValueError(f"unknown target {target!r}; known: {sorted(_TARGET_RULES)}")
+
+
+def select_rule(lx: LayerExport, target: _tvm.TargetInfo) -> Rule:
+    """First applicable rule of the target, else the first applicable generic rule."""
+    for rule in _TARGET_RULES[target.name]():
+        if rule.applies(lx, target):
+            return rule
+    for rule in generic.rules():
+        if rule.applies(lx, target):
+            why = (lx.weight_format, f"act={lx.act_mode} gs={lx.group_size}")
+            level = logging.DEBUG if why in _fallback_logged else logging.WARNING
+            _fallback_logged.add(why)
+            log.log(level, "layer %s (%s, %s): not optimized for %s, using %s", lx.name,
+                    why[0], why[1], target.name, rule.name)
+            return rule
+    raise UnsupportedLayerError(
+        f"{lx.name}: no kernel for weight_format={lx.weight_format!r} act_mode={lx.act_mode!r}")
+
+
+# ----------------------------------------------------------------------------- inputs / reference
+
+
+def _quantize(x: torch.Tensor, lx: LayerExport) -> np.ndarray:
+    """The deployed activation quantizer of ``lx`` (same rounding as ``ActQuantizer``)."""
+    if lx.act_mode == "fp32":
+        return x.detach().to(torch.float32).numpy()
+    # float32 division and half-to-even rounding, exactly as ActQuantizer.forward
+    xf = x.detach().to(torch.float32)
+    q = torch.clamp(torch.round(xf / lx.act_scale), -lx.act_qmax, lx.act_qmax)
+    return q.to(torch.int8).numpy()
+
+
+def kernel_input(lx: LayerExport, spec: ops.GemmSpec, x: torch.Tensor | None = None
+                 ) -> np.ndarray:
+    """Kernel input (NHWC or [batch, F]; int8 codes or float32) from ``x`` or seeded noise.
+
+    ``x`` is the float layer input, NCHW / [n, F] per ``lx.input_shape``; its rows are cycled
+    when it holds fewer than ``batch`` samples and cut when it holds more.
+    """
+    per = spec.in_shape
+    a: np.ndarray
+    if x is None:
+        rng = np.random.default_rng(INPUT_SEED)
+        shape = (spec.batch, *per)
+        if lx.act_mode == "fp32":
+            a = rng.standard_normal(shape, dtype=np.float32)
+        else:
+            a = rng.integers(-lx.act_qmax, lx.act_qmax + 1, shape, dtype=np.int8)
+    else:
+        x = x.detach().cpu()
+        if tuple(x.shape[1:]) != per and x[0].numel() != math.prod(per):
+            raise ValueError(f"{lx.name}: x has per-sample shape {tuple(x.shape[1:])}, "
+                             f"expected {per}")
+        x = x.reshape(x.shape[0], *per)
+        if x.shape[0] < spec.batch:
+            x = x.repeat(-(-spec.batch // x.shape[0]), *([1] * len(per)))
+        a = _quantize(x[: spec.batch], lx)
+    if spec.op == "conv2d":
+        a = a.transpose(0, 2, 3, 1)  # NCHW -> NHWC
+    return np.ascontiguousarray(a)
+
+
+def reference_output(lx: LayerExport, a: np.ndarray) -> np.ndarray:
+    """float64 [M, N] reference of the export on kernel input ``a`` (NHWC / [B, F]).
+
+    ``act_scale * sum_g scales[o, g] * acc_g + bias`` with each ``acc_g`` from torch's
+    F.conv2d / F.linear (F.unfold for grouped convs) in float64 on the integer codes: exact,
+    since every partial sum is an integer far below 2**53.
+    """
+    n, k = lx.out_channels, lx.fan_in
+    gs = int(lx.group_size)
+    g = -(-k // gs)  # the last group may be partial: zero-padded to gs below
+    w = torch.from_numpy(np.asarray(lx.codes, dtype=np.float64))
+    if lx.weight_format == "fp32" or g == 1:
+        g, gs = 1, k
+    if lx.weight_format == "fp32":
+        scales = torch.ones(n, 1, dtype=torch.float64)
+    else:
+        scales = torch.from_numpy(np.asarray(lx.scales, dtype=np.float64))
+    kg = g * gs
+    w_g = F.pad(w, (0, kg - k)).reshape(n, g, gs)
+    bias = torch.zeros(n, dtype=torch.float64)
+    if lx.bias is not None:
+        bias = torch.from_numpy(np.asarray(lx.bias, dtype=np.float64))
+    act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)
+    xa = torch.from_numpy(a).to(torch.float64)
+    if lx.op == "linear":
+        if g == 1:
+            y = F.linear(xa, w) * scales[:, 0]
+        else:
+            acc = torch.einsum("bgk,ogk->bog", F.pad(xa, (0, kg - k)).reshape(-1, g, gs), w_g)
+            y = (acc * scales).sum(-1)
+        return (act_scale * y + bias).numpy()
+    xc = xa.permute(0, 3, 1, 2)  # NHWC -> NCHW
+    c = lx.in_channels
+    kh, kw = lx.kernel_size
+    if g == 1:
+        y = F.conv2d(xc, w.reshape(n, c, kh, kw), stride=lx.stride, padding=lx.padding)
+        y = y.permute(0, 2, 3, 1).reshape(-1, n) * scales[:, 0]
+    else:
+        cols = F.unfold(xc, (kh, kw), padding=lx.padding, stride=lx.stride)  # [B, K, L]
+        cols = F.pad(cols.transpose(1, 2), (0, kg - k)).reshape(-1, g, gs)  # K: (C, kh, kw)
+        y = torch.zeros(cols.shape[0], n, dtype=torch.float64)
+        # chunk the groups so the [M, N, chunk] partial products stay ~32 MiB
+        step = max(1, (4 << 20) // max(1, cols.shape[0] * n))
+        for g0 in range(0, g, step):
+            part = torch.einsum("mgk,ngk->mng", cols[:, g0:g0 + step], w_g[:, g0:g0 + step])
+            y += (part * scales[:, g0:g0 + step]).sum(-1)
+    return (act_scale * y + bias).numpy()
+
+
+def _max_err(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |out - ref|, max |ref|)."""
+    err = float(np.max(np.abs(out.astype(np.float64) - ref))) if ref.size else 0.0
+    return err, float(np.max(np.abs(ref))) if ref.size else 0.0
+
+
+def _check(name: str, what: str, out: np.ndarray, ref: np.ndarray, rtol: float) -> float:
+    if out.shape != ref.shape:
+        raise KernelMismatchError(f"{name}: {what} output shape {out.shape} != {ref.shape}")
+    if not np.all(np.isfinite(out)):
+        raise KernelMismatchError(f"{name}: {what} produced non-finite values")
+    err, scale = _max_err(out, ref)
+    tol = rtol * max(scale, float(np.finfo(np.float32).tiny))
+    if not err <= tol:
+        raise KernelMismatchError(
+            f"{name}: {what} disagrees with the torch reference: max |err| = {err:.3g} > "
+            f"{tol:.3g} ({rtol:g} x max |y| = {scale:.3g})")
+    return err
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _rtol(spec: ops.GemmSpec) -> float:
+    return INT_RTOL if spec.acc_dtype == "int32" else FLOAT_RTOL
+
+
+def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
+                  ev: EvaluatorCfg = EvaluatorCfg(), threads: int = 1,  # noqa: B008
+                  x: torch.Tensor | None = None) -> LayerLatency:
+    """Build, verify and time the TVM kernel of one exported layer.
+
+    ``x`` (optional) is a float layer input (NCHW / [n, F]); it is quantized with the layer's
+    activation quantizer. Without it, seeded random integer codes in [-qmax, qmax] are used.
+    Raises :class:`KernelMismatchError` when the kernel disagrees with the reference, and
+    :class:`UnsupportedLayerError` for formats without a kernel.
+    """
+    _check_target(target)
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    tvm = _tvm.require_tvm()
+    tinfo = _tvm.target_info(target)
+    rule = select_rule(lx, tinfo)
+    kern = rule.build(lx, batch, tinfo)
+    spec = kern.spec
+    dev = tvm.cpu(0)
+    a = kernel_input(lx, spec, x)
+    # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
+    # tensor can fail the alignment check)
+    args = [tvm.runtime.tensor(v, dev) for v in (a, *kern.pack(lx))]
+    out = tvm.runtime.empty((spec.M, spec.N), "float32", dev)
+    prev = _tvm.num_threads()
+    try:
+        used = _tvm.set_num_threads(threads)
+        kern.func(*args, out)  # also warms caches before timing
+        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(spec))
+        timer = kern.module.time_evaluator("main", dev, number=ev.number, repeat=ev.repeat,
+                                           min_repeat_ms=ev.min_repeat_ms)
+        res = timer(*args, out)
+    finally:
+        _tvm.set_num_threads(prev)
+    raw = tuple(float(r) * 1e6 for r in res.results)
+    log.debug("%s %s %s: %.1f us", lx.name, kern.impl, spec.shape_key, statistics.median(raw))
+    return LayerLatency(
+        layer=lx.name, impl=kern.impl, target=target, median_us=float(statistics.median(raw)),
+        raw_us=raw, threads=used, batch=batch, M=spec.M, K=spec.K, N=spec.N,
+        max_abs_err=err, target_str=kern.target_str)
+
+
+def _torch_repeats(fn: Callable[[], Any], ev: EvaluatorCfg, threads: int) -> list[float]:
+    """Per-call seconds of ``ev.repeat`` repeats, with time_evaluator's min_repeat_ms rule."""
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    number = ev.number
+    if ev.min_repeat_ms > 0:  # grow `number` until one repeat lasts min_repeat_ms (as TVM does)
+        while True:
+            per = timer.timeit(number).times[0]
+            if per * number * 1e3 >= ev.min_repeat_ms:
+                break
+            number = max(int(ev.min_repeat_ms / max(per * 1e3, 1e-6)) + 1,
+                         int(number * 1.618) + 1)
+    return [timer.timeit(number).times[0] for _ in range(ev.repeat)]
+
+
+def measure_torch_fp32(lx: LayerExport, *, batch: int = 1,
+                       ev: EvaluatorCfg = EvaluatorCfg(),  # noqa: B008
+                       threads: int = 1) -> LayerLatency:
+    """Time torch's F.conv2d / F.linear on float32 NCHW input with the dequantized weights."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    in_shape, (ho, wo) = ops.layer_geometry(lx)
+    gen = torch.Generator().manual_seed(INPUT_SEED)
+    xf = torch.randn(batch, *in_shape, generator=gen)
+    w = torch.from_numpy(lx.dequantized_weight().astype(np.float32))
+    bias = None if lx.bias is None else torch.from_numpy(np.asarray(lx.bias, np.float32))
+    if lx.op == "conv2d":
+        wt = w.reshape(lx.out_channels, lx.in_channels, *lx.kernel_size).contiguous()
+
+        def fn() -> torch.Tensor:
+            return F.conv2d(xf, wt, bias, stride=lx.stride, padding=lx.padding)
+    else:
+        wt = w.contiguous()
+
+        def fn() -> torch.Tensor:
+            return F.linear(xf, wt, bias)
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            y = fn()
+            if lx.op == "conv2d":
+                ref = F.conv2d(xf.double(), wt.double(), None if bias is None else bias.double(),
+                               stride=lx.stride, padding=lx.padding)
+                ref, y = (t.permute(0, 2, 3, 1).reshape(-1, lx.out_channels) for t in (ref, y))
+            else:
+                ref = F.linear(xf.double(), wt.double(), None if bias is None else bias.double())
+            err = _check(lx.name, "torch_fp32", y.numpy(), ref.numpy(), FLOAT_RTOL)
+            raw = tuple(t * 1e6 for t in _torch_repeats(fn, ev, threads))
+            used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev)
+    return LayerLatency(
+        layer=lx.name, impl="torch_fp32", target="x86", median_us=float(statistics.median(raw)),
+        raw_us=raw, threads=used, batch=batch, M=batch * ho * wo, K=lx.fan_in,
+        N=lx.out_channels, max_abs_err=err, target_str="torch")

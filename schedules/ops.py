@@ -1,0 +1,537 @@
+"""Compute definitions (TE) and weight packing (numpy) shared by every target's schedules.
+
+Every exported layer is lowered to one *grouped GEMM* with an optional input stage::
+
+    A[m, k]       = im2col(X)[m, k]  (conv, NHWC, padding inlined)  |  X[m, k]  (linear)
+    acc[m, g, n]  = sum_{kk < gs} A[m, g*gs + kk] * W[n, g*gs + kk]          (exact integer)
+    out[m, n]     = sum_g S[n, g] * acc[m, g, n] + bias[n]
+
+with ``S = scales * act_scale`` folded on the host (one float32 rounding). ``M = batch*Ho*Wo``,
+``K = fan_in`` in the export's (C, kh, kw) order, ``N = out_channels``. The output is float32
+``[M, N]``, i.e. NHWC for convs. Weight layouts (K and N are padded with zero weights, so
+padding never changes the result):
+
+* ``t2_avx2``: 2-bit unsigned codes ``u = w + 1``, tile ``[Np/8, Kp/16, 32]`` (an 8n x 4k int8
+  tile per 32 bytes after one shift+mask). The x86 kernel feeds ``vpmaddubsw`` with *unsigned*
+  activations ``a + 128`` and signed decoded weights, so the correction ``128 * sum_k w`` is a
+  weight-only constant ``Cw[n, g]`` (passed like the scales) and the epilogue has a single
+  producer, which lets it be fused under the group loop.
+* ``t2_blocked``: 2-bit two's-complement codes, 4 per byte, ``[Np/NB, Kp/4, NB]`` (portable
+  inline decode, vectorised over n).
+* ``dense_blocked``: int8 or float32 ``[Np/NB, Kp, NB]``.
+
+Nothing here imports tvm at module import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from . import _tvm
+
+if TYPE_CHECKING:
+    from ternbench.methods._base import LayerExport
+
+__all__ = [
+    "UnsupportedLayerError",
+    "GemmSpec",
+    "Rule",
+    "Kernel",
+    "pack_t2_avx2",
+    "pack_t2_blocked",
+    "pack_dense_blocked",
+    "group_code_sums",
+    "layer_geometry",
+    "plan_gemm",
+    "pack_weight_args",
+    "gemm_compute",
+    "kernel_cache_size",
+    "clear_kernel_cache",
+]
+
+log = logging.getLogger(__name__)
+
+WeightLayout = Literal["t2_avx2", "t2_blocked", "dense_blocked"]
+#: the 2-bit AVX2 tile: 8 output channels x 16 reduction elements in 32 bytes
+AVX2_TILE_N = 8
+AVX2_TILE_K = 16
+#: the unsigned activation offset of the AVX2 path (int8 a -> uint8 a + 128)
+AVX2_ACT_OFFSET = 128
+
+
+class UnsupportedLayerError(NotImplementedError):
+    """The layer's weight format / activation mode has no kernel (e.g. ternary activations)."""
+
+
+# ----------------------------------------------------------------------------- packing (numpy)
+
+
+def _pad2(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), dtype=w.dtype)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out
+
+
+def _check_ternary(codes: np.ndarray) -> None:
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError(
+            f"ternary codes must be in {{-1, 0, 1}}, got [{codes.min()}, {codes.max()}]")
+
+
+def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int) -> np.ndarray:
+    """Ternary codes [N, K] -> uint8 [Np/8, Kp/16, 32] for the AVX2 kernel.
+
+    Byte ``ni*4 + ki`` of tile ``(nb, kb)`` holds ``u = w + 1`` of output ``nb*8 + ni`` and
+    inputs ``k = kb*16 + r*4 + ki`` at bits ``2r`` (r = 0..3), so one ``>> 2r & 3`` yields the
+    contiguous 8n x 4k tile. Zero padding to (Np, Kp).
+
+    Example:
+        >>> w = np.zeros((8, 16), np.int8); w[0, 0] = 1
+        >>> p = pack_t2_avx2(w, 8, 16); p.shape, int(p[0, 0, 0]), int(p[0, 0, 1])
+        ((1, 1, 32), 86, 85)
+    """
+    _check_ternary(codes)
+    if np_ % AVX2_TILE_N or kp % AVX2_TILE_K:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of (8, 16)")
+    u = (_pad2(codes.astype(np.int8), np_, kp).astype(np.int16) + 1).astype(np.uint8)
+    u = u.reshape(np_ // 8, 8, kp // 16, 4, 4)  # nb, ni, kb, r, ki
+    u = u.transpose(0, 2, 3, 1, 4).reshape(np_ // 8, kp // 16, 4, 32)  # nb, kb, r, (ni, ki)
+    b = u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)
+    return np.ascontiguousarray(b)
+
+
+def pack_t2_blocked(codes: np.ndarray, nb: int, np_: int, kp: int) -> np.ndarray:
+    """Ternary codes [N, K] -> uint8 [Np/nb, Kp/4, nb]: 2-bit two's complement, 4 k per byte.
+
+    Code of ``(n, k)`` sits in byte ``[n // nb, k // 4, n % nb]`` at bits ``2 * (k % 4)``
+    (-1 -> 0b11, 0 -> 0b00, 1 -> 0b01).
+    """
+    _check_ternary(codes)
+    if np_ % nb or kp % 4:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of ({nb}, 4)")
+    c = (_pad2(codes.astype(np.int8), np_, kp).astype(np.int16) & 3).astype(np.uint8)
+    c = c.reshape(np_ // nb, nb, kp // 4, 4)
+    b = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)  # [Np/nb, nb, Kp/4]
+    return np.ascontiguousarray(b.transpose(0, 2, 1))
+
+
+def pack_dense_blocked(w: np.ndarray, nb: int, np_: int, kp: int, dtype: str) -> np.ndarray:
+    """Dense weights [N, K] -> [Np/nb, Kp, nb] of ``dtype`` (int8 or float32), zero padded."""
+    if np_ % nb:
+        raise ValueError(f"padded N={np_} must be a multiple of {nb}")
+    p = _pad2(w.astype(dtype), np_, kp)
+    return np.ascontiguousarray(p.reshape(np_ // nb, nb, kp).transpose(0, 2, 1))
+
+
+def group_code_sums(codes: np.ndarray, groups: int, gs: int, np_: int) -> np.ndarray:
+    """int32 [Np, G]: ``sum`` of the codes of each (output, group), zero rows for padding."""
+    n = codes.shape[0]
+    k = groups * gs
+    c = _pad2(codes.astype(np.int32), n, k) if codes.shape[1] < k else codes.astype(np.int32)
+    s = c[:, :k].reshape(n, groups, gs).sum(axis=2, dtype=np.int64).astype(np.int32)
+    return _pad2(s, np_, groups)
+
+
+# ----------------------------------------------------------------------------- GEMM description
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """Everything that determines one compiled kernel (weights are runtime arguments).
+
+    Equal specs (same shapes, group size, layout, tiles) share one build across layers and
+    methods. ``gs`` is the reduction length per group, ``G * gs <= Kp`` (the A-matrix width).
+    """
+
+    op: Literal["conv2d", "linear"]
+    batch: int
+    in_shape: tuple[int, ...]  # (C, H, W) or (F,)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out_hw: tuple[int, int]
+    k_order: Literal["cij", "ijc"]  # conv reduction order: export (C,kh,kw) or (kh,kw,C)
+    N: int
+    K: int
+    G: int
+    gs: int
+    Kp: int
+    Np: int
+    act_dtype: Literal["int8", "float32"]
+    layout: WeightLayout
+    w_dtype: Literal["uint8", "int8", "float32"]
+    nb: int  # output channels per parallel task / register tile
+    mb: int  # rows per register tile
+    m_task: int  # register tiles per parallel task
+
+    @property
+    def M(self) -> int:
+        return self.batch * self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def acc_dtype(self) -> str:
+        if self.act_dtype == "int8" and self.w_dtype != "float32":
+            return "int32"
+        return "float32"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Kernel input: NHWC for convs, [batch, F] for linears."""
+        if self.op == "conv2d":
+            c, h, w = self.in_shape
+            return (self.batch, h, w, c)
+        return (self.batch, self.K)
+
+    @property
+    def has_input_stage(self) -> bool:
+        """Whether ``gemm_compute`` materialises an ``A_in`` stage (im2col, pad or shift)."""
+        return self.op == "conv2d" or self.layout == "t2_avx2" or self.Kp != self.K
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.op} M={self.M} K={self.K} N={self.N} G={self.G}"
+
+
+def layer_geometry(lx: LayerExport) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """Validated per-sample input shape and output (Ho, Wo) of an export."""
+    k = lx.fan_in
+    if lx.codes.ndim != 2 or lx.codes.shape[0] != lx.out_channels:
+        raise ValueError(f"{lx.name}: codes must be [out={lx.out_channels}, fan_in]")
+    if lx.op == "linear":
+        shape = tuple(lx.input_shape) or (k,)
+        if math.prod(shape) != k:
+            raise ValueError(f"{lx.name}: linear input {shape} does not match fan_in {k}")
+        return (k,), (1, 1)
+    if len(lx.input_shape) != 3:
+        raise ValueError(f"{lx.name}: conv2d export needs input_shape (C, H, W), got "
+                         f"{lx.input_shape!r} (run a calibration forward before exporting)")
+    c, h, w = (int(v) for v in lx.input_shape)
+    (kh, kw), (sh, sw), (ph, pw) = lx.kernel_size, lx.stride, lx.padding
+    if c != lx.in_channels or c * kh * kw != k:
+        raise ValueError(f"{lx.name}: C*kh*kw = {c}*{kh}*{kw} does not match fan_in {k}")
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{lx.name}: empty output for input {lx.input_shape}")
+    if tuple(lx.output_hw) != (ho, wo):
+        raise ValueError(f"{lx.name}: output_hw {lx.output_hw} != computed {(ho, wo)}")
+    return (c, h, w), (ho, wo)
+
+
+def _groups(lx: LayerExport) -> tuple[int, int]:
+    """(G, gs) of an export: G = ceil(fan_in / gs); the last group may be partial (the kernels
+    zero-pad K to G * gs, which adds nothing to any sum)."""
+    k, gs = lx.fan_in, int(lx.group_size)
+    if gs < 1:
+        raise ValueError(f"{lx.name}: group_size must be >= 1, got {gs}")
+    g = -(-k // gs)
+    if lx.weight_format != "fp32" and tuple(lx.scales.shape) != (lx.out_channels, g):
+        raise ValueError(f"{lx.name}: scales {lx.scales.shape} != (out, ceil(fan_in / "
+                         f"group_size)) = {(lx.out_channels, g)}")
+    return g, gs
+
+
+def _act_dtype(lx: LayerExport) -> Literal["int8", "float32"]:
+    if lx.act_mode == "int":
+        if not 1 <= lx.act_qmax <= 127:
+            raise UnsupportedLayerError(f"{lx.name}: {lx.act_bits}-bit activations exceed int8")
+        return "int8"
+    if lx.act_mode == "fp32":
+        return "float32"
+    raise UnsupportedLayerError(f"{lx.name}: act_mode {lx.act_mode!r} has no kernel yet")
+
+
+def _row_tiles(m: int, mb_max: int, rows_per_task: int) -> tuple[int, int]:
+    """(mb, m_task): register-tile rows dividing M and tiles per task (perfect splits only,
+    since tensorize and vectorize refuse predicated loops)."""
+    mb = next(d for d in range(min(mb_max, m), 0, -1) if m % d == 0)
+    tiles = m // mb
+    cap = max(1, rows_per_task // mb)
+    m_task = next(d for d in range(min(cap, tiles), 0, -1) if tiles % d == 0)
+    return mb, m_task
+
+
+def _round_up(v: int, q: int) -> int:
+    return -(-v // q) * q
+
+
+def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_max: int,
+              rows_per_task: int) -> GemmSpec:
+    """GEMM view of ``lx`` for a weight layout and tile sizes (padding decided here)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    in_shape, out_hw = layer_geometry(lx)
+    g, gs = _groups(lx)
+    act = _act_dtype(lx)
+    k, n = lx.fan_in, lx.out_channels
+    if g == 1 or lx.weight_format == "fp32":
+        g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
+    kg = g * gs  # >= K: a partial last group is zero-padded
+    w_dtype: Literal["uint8", "int8", "float32"]
+    if layout == "t2_avx2":
+        if nb % AVX2_TILE_N:
+            raise ValueError("t2_avx2 needs nb to be a multiple of 8")
+        kp = _round_up(kg, AVX2_TILE_K)
+        if g == 1:
+            gs = kp  # one group: the zero padding just joins it
+        elif gs % 4:  # the intrinsic reduces 4 k at a time; padding beyond G*gs is in no group
+            raise ValueError(f"t2_avx2 needs group_size % 4 == 0, got {gs}")
+        w_dtype = "uint8"
+    elif layout == "t2_blocked":
+        kp, w_dtype = _round_up(kg, 4), "uint8"
+    else:
+        kp = kg
+        w_dtype = "int8" if lx.weight_format == "int8" else "float32"
+    if layout.startswith("t2") and lx.weight_format != "ternary":
+        raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
+    m = batch * out_hw[0] * out_hw[1]
+    mb, m_task = _row_tiles(m, mb_max, rows_per_task)
+    # One group: reduce in (kh, kw, C) order, so im2col copies contiguous channel runs (the
+    # weights are permuted on the host). Several groups must stay contiguous in K, which only
+    # the export's (C, kh, kw) order guarantees.
+    k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and g == 1 else "cij"
+    return GemmSpec(
+        op=lx.op, batch=batch, in_shape=in_shape, kernel=tuple(lx.kernel_size),  # type: ignore[arg-type]
+        stride=tuple(lx.stride), padding=tuple(lx.padding), out_hw=out_hw,  # type: ignore[arg-type]
+        k_order=k_order,
+        N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
+        w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task,
+    )
+
+
+def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
+    """Runtime weight arguments of a kernel, in PrimFunc order: weights (+ Cw), S, bias."""
+    codes = np.asarray(lx.codes)
+    if spec.op == "conv2d" and spec.k_order == "ijc":
+        c, kh, kw = spec.in_shape[0], *spec.kernel
+        codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
+    if spec.layout == "t2_avx2":
+        w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp),
+                  AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)]
+    elif spec.layout == "t2_blocked":
+        w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
+    else:
+        w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
+    scales = np.asarray(lx.scales, dtype=np.float64)
+    if lx.weight_format == "fp32":  # the codes are the weights; scales are ones by contract
+        scales = np.ones((spec.N, spec.G))
+    act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
+    s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
+    bias = np.zeros(spec.Np, np.float32)
+    if lx.bias is not None:
+        bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
+    return [*w_args, s, bias]
+
+
+# ----------------------------------------------------------------------------- TE compute
+
+
+def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
+    """``A_in [M, Kp]`` of a conv: a padded copy ``X_pad`` (bounds checks once per pixel,
+    contiguous over C) when the conv pads, then a gather with affine indices only.
+
+    ``shift`` (the AVX2 int8 -> uint8 offset) is applied in the first stage that copies data.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    c, h, w = spec.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    k_, kp = spec.K, spec.Kp
+    src = x
+    if ph or pw:
+        def pad(b: Any, y: Any, z: Any, ch: Any) -> Any:
+            inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
+            v = tirx.if_then_else(
+                inb, x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w - 1), 0), ch],
+                tirx.const(0, x.dtype))
+            return shift(v) if shift else v
+
+        src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
+
+    def col(m: Any, k: Any) -> Any:
+        kk = k if kp == k_ else te.min(k, k_ - 1)
+        b, r = m // (ho * wo), m % (ho * wo)
+        if spec.k_order == "cij":  # the export's fan-in order (C, kh, kw)
+            ch, i, j = kk // (kh * kw), (kk // kw) % kh, kk % kw
+        else:  # (kh, kw, C): contiguous runs of C in NHWC
+            i, j, ch = kk // (kw * c), (kk // c) % kw, kk % c
+        v = src[b, (r // wo) * sh + i, (r % wo) * sw + j, ch]
+        if shift and src is x:
+            v = shift(v)
+        if kp != k_:
+            v = tirx.if_then_else(k < k_, v, tirx.const(0, v.dtype))
+        return v
+
+    return te.compute((spec.M, kp), col, name="A_in")
+
+
+def gemm_compute(spec: GemmSpec) -> Any:
+    """PrimFunc ``main(X, *weights, S, bias, out)`` for ``spec`` (see module docstring).
+
+    Block names the schedules rely on: ``A_in`` (input stage, absent for an unpadded linear
+    that needs no shift), ``W_dec`` (AVX2 decode), ``acc`` (grouped GEMM), ``ep`` (scale
+    epilogue, reduction over groups) and ``out`` (bias).
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    m_, k_, kp, g_, gs, np_ = spec.M, spec.K, spec.Kp, spec.G, spec.gs, spec.Np
+    x = te.placeholder(spec.input_shape, spec.act_dtype, name="X")
+    avx2 = spec.layout == "t2_avx2"
+    zero = tirx.const(0, spec.act_dtype)
+
+    def shifted(v: Any) -> Any:
+        # int8 a -> uint8 a + 128 for vpmaddubsw's unsigned operand (padding 0 -> 128 is
+        # consistent with the weight-side correction, which counts every k of a group)
+        return (v.astype("int16") + AVX2_ACT_OFFSET).astype("uint8")
+
+    a_dtype = "uint8" if avx2 else spec.act_dtype
+    if spec.op == "conv2d":
+        a = _im2col(spec, x, shifted if avx2 else None)
+    elif spec.has_input_stage:
+        def row(m: Any, k: Any) -> Any:
+            v = x[m, k] if kp == k_ else tirx.if_then_else(k < k_, x[m, te.min(k, k_ - 1)], zero)
+            return shifted(v) if avx2 else v
+
+        a = te.compute((m_, kp), row, name="A_in")
+    else:
+        a = x
+    assert a.dtype == a_dtype
+
+    s = te.placeholder((np_, g_), "float32", name="S")
+    bias = te.placeholder((np_,), "float32", name="bias")
+    kk = te.reduce_axis((0, gs), "kk")
+    acc_t = spec.acc_dtype
+    if avx2:
+        wp = te.placeholder((np_ // 8, kp // 16, 32), "uint8", name="Wp")
+        cw = te.placeholder((np_, g_), "int32", name="Cw")
+        w_args = [wp, cw]
+        # decoded signed codes laid out [N/8, K/4, 8, 4]: each 8n x 4k tile is 32 contiguous
+        # bytes (a strided sub-region would silently tensorize wrong)
+        wd = te.compute(
+            (np_ // 8, kp // 4, 8, 4),
+            lambda nb, kq, ni, ki: (
+                (wp[nb, kq // 4, ni * 4 + ki] >> ((kq % 4) * 2).astype("uint8"))
+                & tirx.const(3, "uint8")
+            ).astype("int8") - tirx.const(1, "int8"),
+            name="W_dec",
+        )
+        q = gs // 4
+        acc = te.compute(
+            (m_, g_, np_),
+            lambda m, g, n: te.sum(
+                a[m, g * gs + kk].astype("int32")
+                * wd[n // 8, g * q + kk // 4, n % 8, kk % 4].astype("int32"),
+                axis=kk),
+            name="acc")
+
+        def term(m: Any, g: Any, n: Any) -> Any:
+            return s[n, g] * (acc[m, g, n] - cw[n, g]).astype("float32")
+    else:
+        if spec.layout == "t2_blocked":
+            wp = te.placeholder((np_ // spec.nb, kp // 4, spec.nb), "uint8", name="Wp")
+
+            def weight(n: Any, k: Any) -> Any:
+                code = (wp[n // spec.nb, k // 4, n % spec.nb].astype("int32") >> ((k % 4) * 2)) & 3
+                return (code - ((code & 2) << 1)).astype(acc_t)  # two's complement 2-bit
+        else:
+            wp = te.placeholder((np_ // spec.nb, kp, spec.nb), spec.w_dtype, name="W")
+
+            def weight(n: Any, k: Any) -> Any:
+                return wp[n // spec.nb, k, n % spec.nb].astype(acc_t)
+
+        w_args = [wp]
+        acc = te.compute(
+            (m_, g_, np_),
+            lambda m, g, n: te.sum(a[m, g * gs + kk].astype(acc_t) * weight(n, g * gs + kk),
+                                   axis=kk),
+            name="acc")
+
+        def term(m: Any, g: Any, n: Any) -> Any:
+            return s[n, g] * acc[m, g, n].astype("float32")
+
+    gr = te.reduce_axis((0, g_), "g")
+    ep = te.compute((m_, np_), lambda m, n: te.sum(term(m, gr, n), axis=gr), name="ep")
+    out = te.compute((m_, spec.N), lambda m, n: ep[m, n] + bias[n], name="out")
+    return te.create_prim_func([x, *w_args, s, bias, out])
+
+
+# ----------------------------------------------------------------------------- rules and kernels
+
+
+@dataclass
+class Kernel:
+    """A compiled layer kernel: ``module["main"](X, *weights, S, bias, out)``."""
+
+    rule: str
+    impl: str
+    spec: GemmSpec
+    target_str: str
+    module: Any
+    build_s: float
+
+    @property
+    def func(self) -> Any:
+        return self.module["main"]
+
+    def pack(self, lx: LayerExport) -> list[np.ndarray]:
+        return pack_weight_args(self.spec, lx)
+
+
+_CACHE: dict[tuple[str, GemmSpec, str], Kernel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def kernel_cache_size() -> int:
+    return len(_CACHE)
+
+
+def clear_kernel_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One schedule rule of a target (dlight style: the first rule that applies wins).
+
+    ``plan`` turns a layer into a :class:`GemmSpec` (layout, padding, tiles); ``schedule``
+    turns the spec's TE PrimFunc into a scheduled IRModule.
+    """
+
+    name: str
+    impl: str
+    applies: Callable[[LayerExport, _tvm.TargetInfo], bool]
+    plan: Callable[[LayerExport, int, _tvm.TargetInfo], GemmSpec]
+    schedule: Callable[[Any, GemmSpec], Any] = field(repr=False)
+
+    def impl_for(self, lx: LayerExport) -> str:
+        """Implementation name; weight-only layers (float activations) get an ``_a32`` suffix."""
+        if lx.act_mode == "fp32" and lx.weight_format != "fp32":
+            return self.impl + "_a32"
+        return self.impl
+
+    def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> Kernel:
+        """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``."""
+        spec = self.plan(lx, batch, target)
+        key = (self.name, spec, target.target_str)
+        with _CACHE_LOCK:
+            hit = _CACHE.get(key)
+            if hit is not None:
+                return hit
+            t0 = time.perf_counter()
+            mod = self.schedule(gemm_compute(spec), spec)
+            module = _tvm.compile_prim_module(mod, target)
+            kern = Kernel(rule=self.name, impl=self.impl_for(lx), spec=spec,
+                          target_str=target.target_str, module=module,
+                          build_s=time.perf_counter() - t0)
+            _CACHE[key] = kern
+        log.debug("built %s for %s in %.2fs", self.name, spec.shape_key, kern.build_s)
+        return kern

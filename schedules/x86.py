@@ -1,0 +1,186 @@
+"""x86 schedules: the AVX2 ``vpmaddubsw`` ternary kernel plus blocked int8/fp32 GEMMs.
+
+Same function names as :mod:`.generic` (``rules()``). The ternary rule needs AVX2 in the
+target's features: x86 intrinsics reaching a non-x86 LLVM backend abort the process
+("Do not know how to split the result of this operator!"), so the gate is checked before any
+compile.
+
+The ternary kernel (bitnet.cpp "I2_S"-like, measured in ``shared/notes/tvm.md`` §2):
+
+* weights: 2-bit ``u = w + 1`` in 8n x 16k tiles; one ``vpsrlw + vpand`` per 32 bytes decodes an
+  8n x 4k tile, minus 1 gives the signed codes;
+* activations: ``a + 128`` as uint8 (the ``A_in`` stage), so ``vpmaddubsw(u8 act, s8 w)``
+  followed by ``vpmaddwd(., 1)`` accumulates 8 int32 dot products of length 4; pair sums stay
+  within int16 (|255 + 255| < 2^15);
+* epilogue: ``S[n, g] * (acc - 128 * sum_{k in g} w[n, k]) + bias`` per group, fused under the
+  group loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import _tvm
+from .generic import schedule_blocked, schedule_input_stage
+from .ops import AVX2_TILE_K, GemmSpec, Rule, plan_gemm
+
+if TYPE_CHECKING:
+    from ternbench.methods._base import LayerExport
+
+__all__ = ["rules", "schedule_t2_avx2", "register_avx2_intrinsic", "AVX2_U8S8_8X4"]
+
+log = logging.getLogger(__name__)
+
+#: our own tensor intrinsic (``import tvm.s_tir.tensor_intrin`` would parse ~500 TVMScript
+#: functions and take minutes)
+AVX2_U8S8_8X4 = "ternbench_avx2_u8s8i32_8x4_local"
+
+# Tile constants (from the probe's 1-thread sweep, not re-tuned): T2_NB = 16 output channels
+# (2 AVX2 tiles) per task was best at batch 1 (NB = 64 was 2.6x slower); MB = 4 rows share a
+# decoded tile; a task covers up to 64 rows, and the decoded weight block of a task is reused
+# by all its rows.
+T2_NB = 16
+T2_MB = 4
+T2_ROWS_PER_TASK = 64
+# Blocked int8 / fp32 GEMMs: 16 outputs = two 256-bit vectors of int32/fp32 accumulators per
+# row, 4 rows -> 8 accumulator registers of the 16 ymm.
+DENSE_NB = 16
+DENSE_MB = 4
+DENSE_ROWS_PER_TASK = 64
+
+
+@functools.cache
+def register_avx2_intrinsic() -> str:
+    """Register the u8 x s8 -> i32 8x4 AVX2 tensor intrinsic once per process."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", W[vi, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
+            T.writes(C[0:8])
+            # the 4 activation bytes broadcast to all 8 lanes of 32 bits
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="uint8x32")
+            w_x32 = W.vload([0, 0], dtype="int8x32")
+            p16 = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), a_x32, w_x32,
+                dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p16, T.int16x16(1),
+                dtype="int32x8")
+
+    try:
+        tvm.s_tir.TensorIntrin.register(AVX2_U8S8_8X4, desc, impl)
+    except Exception:  # tvm raises a generic error when the name exists (e.g. module reload)
+        tvm.s_tir.TensorIntrin.get(AVX2_U8S8_8X4)
+    return AVX2_U8S8_8X4
+
+
+def schedule_t2_avx2(func: Any, spec: GemmSpec) -> Any:
+    """Tensorized ternary GEMM: ``(task | mo | g | ko | kr | mi | nb | [ni x ki] = intrinsic)``.
+
+    The decoded weight block lives at the task level when a task has several row tiles (decoded
+    once, reused by all of them) and at the ``ko`` level otherwise (batch-1 layers: each weight is
+    used once, so a 32 x NB/8-byte tile in L1 is enough). Groups need ``gs % 4 == 0``: a group
+    of 4, 8 or 12 is 1-3 intrinsic steps followed by its epilogue.
+    """
+    tvm = _tvm.require_tvm()
+    intrin = register_avx2_intrinsic()
+    sch = tvm.s_tir.Schedule(func)
+    acc, ep, out, wd = (sch.get_sblock(n) for n in ("acc", "ep", "out", "W_dec"))
+    m, g, n, kk = sch.get_loops(acc)
+    mp, mo, mi = sch.split(m, [None, spec.m_task, spec.mb])
+    no, nb, ni = sch.split(n, [None, spec.nb // 8, 8])
+    if spec.gs % AVX2_TILE_K == 0:
+        ko, kr, ki = sch.split(kk, [None, 4, 4])  # kk = ko*16 + kr*4 + ki
+        red = [ko, kr]
+    else:  # small groups (4, 8, 12): gs/4 sub-tiles of 4 k per group
+        kr, ki = sch.split(kk, [None, 4])
+        red = [kr]
+    sch.reorder(mp, no, mo, g, *red, mi, nb, ni, ki)
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(ep, g)
+    sch.set_scope(ep, 0, "local")
+    sch.reverse_compute_at(out, mo)
+    sch.compute_at(wd, no if spec.m_task > 1 else red[0])
+    wl = sch.get_loops(wd)
+    sch.vectorize(sch.fuse(wl[-2], wl[-1]))  # 32 bytes: one shift + mask + sub
+    sch.unroll(mi)
+    sch.unroll(nb)
+    sch.unroll(kr)
+    sch.vectorize(sch.get_loops(ep)[-1])
+    if spec.N % spec.nb == 0:  # else the last block is predicated and cannot be vectorised
+        sch.vectorize(sch.get_loops(out)[-1])
+    # every loop annotation before decompose_reduction (see generic.schedule_blocked)
+    sch.parallel(sch.fuse(mp, no))
+    schedule_input_stage(sch, spec)
+    acc_init = sch.decompose_reduction(acc, red[0])
+    ep_init = sch.decompose_reduction(ep, g)
+    sch.tensorize(ni, intrin)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+    sch.vectorize(sch.get_loops(ep_init)[-1])
+    return sch.mod
+
+
+def _is_x86(target: _tvm.TargetInfo) -> bool:
+    return target.is_x86 and target.kind == "llvm"
+
+
+def _applies_t2_avx2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    if not (_is_x86(target) and target.has("avx2")):
+        return False
+    if lx.weight_format != "ternary" or lx.act_mode != "int" or lx.act_qmax > 127:
+        return False
+    gs = int(lx.group_size)
+    # one group: K is zero-padded to the 16-wide tile; several: each group must be whole
+    # 4-k steps of the intrinsic (a partial last group and the tile padding are zero-padded)
+    return gs >= lx.fan_in or gs % 4 == 0
+
+
+def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
+    return plan_gemm(lx, batch, "t2_avx2", nb=T2_NB, mb_max=T2_MB,
+                     rows_per_task=T2_ROWS_PER_TASK)
+
+
+def _applies_dense(fmt: str) -> Any:
+    def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+        return _is_x86(target) and lx.weight_format == fmt and lx.act_mode in ("int", "fp32")
+
+    return applies
+
+
+def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
+    return plan_gemm(lx, batch, "dense_blocked", nb=DENSE_NB, mb_max=DENSE_MB,
+                     rows_per_task=DENSE_ROWS_PER_TASK)
+
+
+def rules() -> list[Rule]:
+    """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
+    return [
+        Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2),
+        Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked),
+        Rule("x86.fp32", "tvm_fp32", _applies_dense("fp32"), _plan_dense, schedule_blocked),
+    ]
