@@ -122,6 +122,21 @@ class LayerExport:
     not divide the fan-in the last group is shorter (a kernel may zero-pad it).
 
     For ``act_mode == "fp32"`` the activation is used as is (``act_scale`` is 1).
+
+    Ternary activations (``act_mode == "ternary"``, RTN/STTN)::
+
+        a   = sign(x) * [|x| > act_threshold]                   # in {-1, 0, +1}
+        x_q = act_scale * a + act_offset                        # the value the layer sees
+        w   = scales[o, g] * codes[o, k] + weight_offset[o]     # weight_offset None -> 0
+        y_o = sum_k x_q[k] * w[o, k] + bias[o]
+
+    Convolution zero-pads ``x_q`` (padded taps contribute nothing, offsets included), exactly as
+    the fake-quant graph does.
+
+    Multi-branch layers (residual edges of TRN, TTN-RE's expansion): the layer's output is the
+    sum of its branches, all fed the same input. Branch ``j >= 1`` is exported under
+    ``f"{name}#{j}"`` with ``branch_of == name`` and no bias; the primary (``name``) has
+    ``branch_of == ""``. ``enabled`` False marks an edge switched off at run time.
     """
 
     name: str
@@ -140,6 +155,11 @@ class LayerExport:
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
     scale_bits: int = 32  # storage precision of ``scales`` (their values are exact in it)
+    act_threshold: float = 0.0  # ternary activations only
+    act_offset: float = 0.0  # ternary activations only (RTN's beta)
+    weight_offset: np.ndarray | None = None  # float32 [out] (RTN's beta_w)
+    branch_of: str = ""
+    enabled: bool = True
     input_shape: tuple[
         int, ...
     ] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
@@ -264,9 +284,17 @@ class QuantizedModel:
             if isinstance(m, QuantLayer):
                 yield name, m
 
-    def export(self) -> dict[str, LayerExport]:
-        """Deployable form of every conv/linear layer, keyed by module name."""
-        return {name: m.export(name) for name, m in self.quant_layers()}  # type: ignore[operator]
+    def export(self, include_disabled: bool = False) -> dict[str, LayerExport]:
+        """Deployable form of every conv/linear layer (and branch), keyed by module name.
+
+        Branches switched off at run time are left out unless ``include_disabled``.
+        """
+        out: dict[str, LayerExport] = {}
+        for name, m in self.quant_layers():
+            for lx in m.exports(name):
+                if lx.enabled or include_disabled:
+                    out[lx.name] = lx
+        return out
 
     def cost(self) -> CostSummary:
         return summarize_cost(self.export().values())

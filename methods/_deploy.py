@@ -21,16 +21,34 @@ __all__ = ["IntegerLayer", "deploy", "layer_reference", "max_logit_diff"]
 
 
 def _quantize_input(lx: LayerExport, x: Tensor) -> Tensor:
+    """Integer activation codes (or the float input for ``act_mode == "fp32"``)."""
     x = x.to(torch.float64)
     if lx.act_mode == "fp32":
         return x
+    if lx.act_mode == "ternary":
+        return torch.sign(x) * (x.abs() > lx.act_threshold)
     q = lx.act_qmax
     return torch.clamp(torch.round(x / lx.act_scale), -q, q)
+
+
+def _with_offsets(lx: LayerExport, a: Tensor) -> Tensor:
+    """Float64 path for affine (offset) activations or weights: conv of the dequantized values."""
+    xq = a * lx.act_scale + lx.act_offset
+    w = torch.from_numpy(lx.dequantized_weight()).to(torch.float64)
+    if lx.weight_offset is not None:
+        w = w + torch.from_numpy(lx.weight_offset).to(torch.float64)[:, None]
+    b = None if lx.bias is None else torch.from_numpy(lx.bias).to(torch.float64)
+    if lx.op == "conv2d":
+        w4 = w.reshape(lx.out_channels, lx.in_channels, *lx.kernel_size)
+        return F.conv2d(xq, w4, b, stride=lx.stride, padding=lx.padding)
+    return F.linear(xq, w, b)
 
 
 def layer_reference(lx: LayerExport, x: Tensor) -> Tensor:
     """Output of layer ``lx`` on float input ``x`` (NCHW or NF), computed from the export."""
     a = _quantize_input(lx, x)
+    if lx.act_offset != 0.0 or lx.weight_offset is not None:
+        return _with_offsets(lx, a)
     codes = torch.from_numpy(np.asarray(lx.codes)).to(torch.float64)
     scales = torch.from_numpy(lx.scales).to(torch.float64)
     out, fan_in = codes.shape
@@ -59,26 +77,36 @@ def layer_reference(lx: LayerExport, x: Tensor) -> Tensor:
 
 
 class IntegerLayer(nn.Module):
-    """A conv/linear that computes from its export only (float64 inside, float32 out)."""
+    """A conv/linear computed from its export only: the sum of its enabled branches (float64
+    inside, float32 out)."""
 
-    def __init__(self, lx: LayerExport) -> None:
+    def __init__(self, lx: LayerExport, branches: list[LayerExport] | None = None) -> None:
         super().__init__()
         self.lx = lx
+        self.branches = list(branches or [])
 
     def forward(self, x: Tensor) -> Tensor:
-        return layer_reference(self.lx, x).to(x.dtype)
+        y = layer_reference(self.lx, x)
+        for b in self.branches:
+            if b.enabled:
+                y = y + layer_reference(b, x)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.lx.op} {self.lx.weight_format} groups={self.lx.n_groups}"
+        return (f"{self.lx.op} {self.lx.weight_format} groups={self.lx.n_groups} "
+                f"branches={1 + len(self.branches)}")
 
 
 def deploy(qm: QuantizedModel) -> nn.Module:
     """A copy of ``qm.module`` whose quantized layers are :class:`IntegerLayer` from the export."""
-    exports = qm.export()
+    exports = qm.export(include_disabled=True)
     m = copy.deepcopy(qm.module).eval()
 
     def make(name: str, mod: nn.Module, pos: str) -> nn.Module | None:
-        return IntegerLayer(exports[name]) if isinstance(mod, QuantLayer) else None
+        if not isinstance(mod, QuantLayer):
+            return None
+        branches = [lx for lx in exports.values() if lx.branch_of == name]
+        return IntegerLayer(exports[name], branches)
 
     return swap_layers(m, make)  # type: ignore[arg-type]
 

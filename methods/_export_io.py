@@ -18,7 +18,7 @@ from ._base import LayerExport
 
 __all__ = ["pack_ternary", "unpack_ternary", "save_exports", "load_exports", "exports_to_bytes"]
 
-_ARRAYS = ("codes", "scales", "bias")
+_ARRAYS = ("codes", "scales", "bias", "weight_offset")
 
 
 def pack_ternary(codes: np.ndarray) -> np.ndarray:
@@ -54,6 +54,7 @@ def exports_to_bytes(exports: Mapping[str, LayerExport]) -> bytes:
         }
         meta["key"] = name
         meta["has_bias"] = lx.bias is not None
+        meta["has_weight_offset"] = lx.weight_offset is not None
         header.append(meta)
         if lx.weight_format == "ternary":
             arrays[f"{i}.codes_packed"] = pack_ternary(lx.codes)
@@ -62,6 +63,8 @@ def exports_to_bytes(exports: Mapping[str, LayerExport]) -> bytes:
         arrays[f"{i}.scales"] = lx.scales
         if lx.bias is not None:
             arrays[f"{i}.bias"] = lx.bias
+        if lx.weight_offset is not None:
+            arrays[f"{i}.weight_offset"] = lx.weight_offset
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
@@ -82,6 +85,7 @@ def load_exports(path: str | Path) -> dict[str, LayerExport]:
         for i, meta in enumerate(header):
             key = meta.pop("key")
             has_bias = meta.pop("has_bias")
+            has_wo = meta.pop("has_weight_offset", False)
             if meta["weight_format"] == "ternary":
                 n = meta["in_channels"] * meta["kernel_size"][0] * meta["kernel_size"][1]
                 codes = unpack_ternary(z[f"{i}.codes_packed"], n)
@@ -93,6 +97,7 @@ def load_exports(path: str | Path) -> dict[str, LayerExport]:
                 codes=codes,
                 scales=z[f"{i}.scales"],
                 bias=z[f"{i}.bias"] if has_bias else None,
+                weight_offset=z[f"{i}.weight_offset"] if has_wo else None,
                 **meta,
             )
     return out

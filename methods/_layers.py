@@ -143,6 +143,10 @@ class QuantLayer:
     def quantized_weight(self) -> Tensor:
         return self.wq(self.weight)
 
+    def exports(self, name: str) -> list[LayerExport]:
+        """All branches of this layer; plain layers have one (see ``LayerExport``)."""
+        return [self.export(name)]
+
     def export(self, name: str) -> LayerExport:
         w2d = self.weight.detach().reshape(self.weight.shape[0], -1).float().cpu()
         codes, scales, gs = self.wq.encode(w2d)
