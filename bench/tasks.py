@@ -40,6 +40,7 @@ class CellSpec:
     seed: int
     prof: Profile  # carried whole: workers need not know profiles registered in the driver
     data_root: str | None = None
+    checkpoint_dir: str | None = None  # QAT checkpoints of this cell (resume after a kill)
     threads: int = 1
     baseline_key: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -103,6 +104,8 @@ def _context(spec: CellSpec) -> QuantContext:
         train_loader=train_loader,
         seed=spec.seed,
         train_epochs=prof.train_epochs,
+        checkpoint_dir=spec.checkpoint_dir,
+        progress=False,
         bn_batches=prof.bn_batches,
     )
 

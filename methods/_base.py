@@ -265,6 +265,9 @@ class QuantContext:
     device: str = "cpu"
     train_epochs: float = 0.0
     bn_batches: int = 50
+    #: where QAT writes a checkpoint every epoch and resumes from (None: no checkpoints)
+    checkpoint_dir: str | None = None
+    progress: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

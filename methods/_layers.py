@@ -54,6 +54,10 @@ class WeightQuantizer(nn.Module):
         """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size."""
         raise NotImplementedError  # abstract: subclasses define the quantizer
 
+    def offset(self, w2d: Tensor) -> Tensor | None:
+        """Per-output-channel weight offset [out] (RTN's beta_w); ``None`` for symmetric codes."""
+        return None
+
     def dequantize(self, w2d: Tensor) -> Tensor:
         codes, scales, gs = self.encode(w2d)
         full = scales.repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
@@ -113,6 +117,11 @@ class ActQuantizer(nn.Module):
         m = float(self.max_abs)
         return m / self.qmax if m > 0 else 1.0
 
+    def export_fields(self) -> dict[str, object]:
+        """The activation part of a ``LayerExport`` (ternary quantizers override this)."""
+        return {"act_mode": "fp32" if self.bits >= 32 else "int", "act_bits": self.bits,
+                "act_scale": float(self.scale)}
+
     def forward(self, x: Tensor) -> Tensor:
         if self.bits >= 32:
             return x
@@ -153,8 +162,8 @@ class QuantLayer:
         fmt = self.wq.fmt
         code_np = codes.numpy().astype(np.float32 if fmt == "fp32" else np.int8)
         is_conv = isinstance(self, nn.Conv2d)
-        bits = self.aq.bits
         bias = self.bias
+        offset = self.wq.offset(w2d)
         return LayerExport(
             name=name,
             op="conv2d" if is_conv else "linear",
@@ -163,9 +172,7 @@ class QuantLayer:
             scales=scales.detach().float().cpu().numpy().astype(np.float32),
             group_size=int(gs),
             bias=None if bias is None else bias.detach().float().cpu().numpy(),
-            act_mode="fp32" if bits >= 32 else "int",
-            act_bits=bits,
-            act_scale=float(self.aq.scale),
+            weight_offset=None if offset is None else offset.detach().float().numpy(),
             in_channels=int(self.weight.shape[1]),
             out_channels=int(self.weight.shape[0]),
             kernel_size=tuple(self.kernel_size) if is_conv else (1, 1),  # type: ignore[attr-defined]
@@ -174,6 +181,7 @@ class QuantLayer:
             scale_bits=self.wq.scale_bits,
             input_shape=getattr(self, "seen_input_shape", ()),
             output_hw=getattr(self, "seen_output_hw", (1, 1)),
+            **self.aq.export_fields(),  # type: ignore[arg-type]
         )
 
 

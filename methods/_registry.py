@@ -32,7 +32,15 @@ __all__ = [
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "ternbench.methods"
 # imported when the package metadata is not available (e.g. running from an unpacked sdist)
-_BUILTIN_MODULES = ("ternbench.methods.baselines", "ternbench.methods.fgq")
+_BUILTIN_MODULES = (
+    "ternbench.methods.baselines",
+    "ternbench.methods.fgq",
+    "ternbench.methods.ttn_re",
+    "ternbench.methods.ttq",
+    "ternbench.methods.rtn",
+    "ternbench.methods.sttn",
+    "ternbench.methods.trn",
+)
 
 Kind = Literal["baseline", "ptq", "qat"]
 
