@@ -110,6 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD.FIELD=VALUE",
         help="override a method's config field, e.g. --set fgq.group_size=8 (repeatable)",
     )
+    r.add_argument(
+        "--sweep",
+        dest="sweeps",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=V1,V2",
+        help="sweep a config field, e.g. --sweep fgq.group_size=4,16,64 (repeatable; several "
+        "fields of one method run their cartesian product)",
+    )
+    r.add_argument(
+        "--ablation",
+        dest="ablations",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="add a built-in ablation sweep (see `ternbench list ablations`), e.g. fgq-group-size",
+    )
     r.add_argument("--out", default=None, help="run directory (default: runs/latest)")
     r.add_argument(
         "--executor",
@@ -132,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ls = sub.add_parser("list", help="list methods, models, datasets, targets or profiles")
-    ls.add_argument("what", choices=["methods", "models", "datasets", "targets", "profiles"])
+    ls.add_argument(
+        "what", choices=["methods", "models", "datasets", "targets", "profiles", "ablations"]
+    )
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'fg*'")
 
     rep = sub.add_parser("report", help="(re)build the report of one run, or compare several")
@@ -142,12 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
-    from .config import BenchConfig, parse_override
+    from ternbench.methods import ConfigError
+
+    from .config import ABLATIONS, BenchConfig, merge_sweeps, parse_override, parse_sweep
 
     overrides: dict[str, dict[str, Any]] = {}
     for s in a.sets:
         meth, fld, val = parse_override(s)
         overrides.setdefault(meth, {})[fld] = val
+    specs = []
+    for name in a.ablations:
+        if name not in ABLATIONS:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(ABLATIONS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown ablation {name!r}.{hint} Available: {', '.join(ABLATIONS)}")
+        specs.append(ABLATIONS[name])
+    for s in a.sweeps:
+        meth, fld, vals = parse_sweep(s)
+        specs.append({meth: {fld: vals}})
+    sweeps = merge_sweeps(*specs)
+    if a.methods is not None:  # methods named only by a sweep or ablation join the run
+        a.methods = list(a.methods) + [m for m in sweeps if m not in a.methods]
     cli = {
         "methods": tuple(a.methods) if a.methods is not None else None,
         "models": tuple(a.models) if a.models else None,
@@ -164,6 +200,8 @@ def _config_from_args(a: argparse.Namespace) -> Any:
     }
     if overrides:
         cli["overrides"] = overrides
+    if sweeps:
+        cli["sweeps"] = sweeps
     if a.config:
         cfg = BenchConfig.from_toml(a.config, **cli)
     else:
@@ -252,6 +290,13 @@ def _cmd_list(a: argparse.Namespace) -> int:
         from ternbench.schedules import list_targets
 
         print("\n".join(t for t in list_targets() if fnmatch.fnmatch(t, a.pattern)))
+    elif a.what == "ablations":
+        from .config import ABLATIONS
+
+        for k, spec in ABLATIONS.items():
+            axes = "; ".join(f"{m}.{f}={','.join(map(str, v))}" for m, d in spec.items()
+                             for f, v in d.items())
+            print(f"{k:18s} {axes}")
     else:
         from .config import PROFILES
 

@@ -21,7 +21,16 @@ from ternbench.methods._base import config_from_mapping
 
 from .train import TrainCfg
 
-__all__ = ["Profile", "PROFILES", "BenchConfig", "parse_override", "ConfigError"]
+__all__ = [
+    "ABLATIONS",
+    "Profile",
+    "PROFILES",
+    "BenchConfig",
+    "parse_override",
+    "parse_sweep",
+    "merge_sweeps",
+    "ConfigError",
+]
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,8 @@ class BenchConfig:
     ray_address: str | None = None
     data_root: str | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per method, config fields with lists of values; the grid runs their cartesian product
+    sweeps: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
     latency_threads: int = 1
     latency_batch: int = 1
     accuracy_threads: int = 1
@@ -175,6 +186,20 @@ class BenchConfig:
             if meth not in self.methods:
                 _fail("overrides", f"for methods in the run {list(self.methods)}", meth)
             config_from_mapping(get_method_info(meth).config_cls, values)  # validates fields
+        sweeps: dict[str, dict[str, tuple[Any, ...]]] = {}
+        for meth, axes in self.sweeps.items():
+            if meth not in self.methods:
+                _fail("sweeps", f"for methods in the run {list(self.methods)}", meth)
+            sweeps[meth] = {}
+            for fld, vals in axes.items():
+                vals = tuple(vals) if isinstance(vals, list | tuple) else (vals,)
+                if not vals:
+                    _fail("sweeps", f"a non-empty list of values for {meth}.{fld}", vals)
+                for v in vals:  # every point must be a valid config
+                    config_from_mapping(get_method_info(meth).config_cls,
+                                        {**self.overrides.get(meth, {}), fld: v})
+                sweeps[meth][fld] = vals
+        object.__setattr__(self, "sweeps", sweeps)
 
     @property
     def profile_obj(self) -> Profile:
@@ -199,17 +224,19 @@ class BenchConfig:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
         run = dict(data.get("run", {}))
-        unknown = set(data) - {"run", "methods"}
+        unknown = set(data) - {"run", "methods", "sweep"}
         if unknown:
             raise ConfigError(
                 f"config file {p}: unknown table(s) {sorted(unknown)}; "
-                "use [run] and [methods.<name>]"
+                "use [run], [methods.<name>] and [sweep.<name>]"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         for k in run:
             if k not in known:
                 _did_you_mean(f"[run] key in {p}", k, sorted(known))
         overrides = {k: dict(v) for k, v in data.get("methods", {}).items()}
+        sweeps = {k: {f: tuple(v) if isinstance(v, list) else (v,) for f, v in d.items()}
+                  for k, d in data.get("sweep", {}).items()}
         for key in ("methods", "models", "datasets", "seeds", "targets"):
             if key in run and isinstance(run[key], str):
                 run[key] = [s.strip() for s in run[key].split(",") if s.strip()]
@@ -220,6 +247,7 @@ class BenchConfig:
                 run[key] = tuple(run[key])
         merged = {**run, **{k: v for k, v in cli.items() if v is not None}}
         merged["overrides"] = {**overrides, **merged.get("overrides", {})}
+        merged["sweeps"] = merge_sweeps(sweeps, merged.get("sweeps", {}))
         return cls(**merged)
 
 
@@ -249,3 +277,52 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     except tomllib.TOMLDecodeError:
         value = raw
     return meth.strip().lower(), fld.strip(), value
+
+
+#: Built-in named ablations (``--ablation NAME``): method -> field -> values.
+ABLATIONS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
+    "fgq-group-size": {"fgq": {"group_size": (4, 8, 16, 32, 64)}},
+    "fgq-solver": {"fgq": {"solver": ("exact", "twn")}},
+    "trn-budget": {"trn": {"active_fraction": (0.0, 0.25, 0.5, 0.75, 1.0)}},
+    "act-bits": {"fgq": {"act_bits": (8, 4)}},
+    "first-last": {"fgq": {"first_last": ("fp32", "int8", "same")}},
+    "bn-recalibration": {
+        "fgq": {"bn_recalibrate": (True, False)},
+        "twn": {"bn_recalibrate": (True, False)},
+    },
+}
+
+
+def parse_sweep(text: str) -> tuple[str, str, tuple[Any, ...]]:
+    """``"fgq.group_size=4,16,64"`` -> ``("fgq", "group_size", (4, 16, 64))``.
+
+    Example:
+        >>> parse_sweep("fgq.solver=exact,twn")
+        ('fgq', 'solver', ('exact', 'twn'))
+    """
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(
+            f"--sweep expects METHOD.FIELD=V1,V2,... (e.g. fgq.group_size=4,16,64), got {text!r}"
+        )
+    lhs, raw = text.split("=", 1)
+    meth, fld = lhs.split(".", 1)
+    values = []
+    for part in [p.strip() for p in raw.split(",")]:
+        if not part:
+            raise ConfigError(f"--sweep {text!r}: empty value in the list")
+        try:
+            values.append(tomllib.loads(f"v = {part}")["v"])
+        except tomllib.TOMLDecodeError:
+            values.append(part)
+    return meth.strip().lower(), fld.strip(), tuple(values)
+
+
+def merge_sweeps(
+    *specs: dict[str, dict[str, tuple[Any, ...]]],
+) -> dict[str, dict[str, tuple[Any, ...]]]:
+    """Union of sweep specs; a later spec's axis replaces an earlier one of the same field."""
+    out: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for spec in specs:
+        for meth, axes in spec.items():
+            out.setdefault(meth, {}).update(axes)
+    return out

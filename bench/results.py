@@ -246,13 +246,19 @@ class ResultStore:
         return out
 
     def frame(self) -> pd.DataFrame:
-        df = pd.DataFrame(self.rows(), columns=COLUMNS)
+        rows = self.rows()
+        # swept config fields become columns `sweep.<field>` (ablation axes of the report)
+        extra = sorted({k for r in rows for k in r if k.startswith("sweep.")})
+        df = pd.DataFrame(rows, columns=COLUMNS + extra)
         df["value"] = pd.to_numeric(df["value"], errors="coerce")
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce").fillna(-1).astype(int)
         df["schema_version"] = SCHEMA_VERSION
         for c in COLUMNS:
             if c not in ("value", "seed", "schema_version"):
                 df[c] = df[c].fillna("").astype(str)
+        for c in extra:  # numeric axes stay numeric; mixed or textual ones become strings
+            num = pd.to_numeric(df[c], errors="coerce")
+            df[c] = num if num.notna().sum() == df[c].notna().sum() else df[c].astype("string")
         return df
 
     def consolidate(self) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from ternbench.methods import create_method
+from ternbench.methods import create_method, get_method_info
 from ternbench.methods._export_io import load_exports
 from tqdm.auto import tqdm
 
@@ -57,44 +58,64 @@ def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
     return baseline_key(model, dataset, cfg.profile_obj.fp32)
 
 
+def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(overrides, sweep point) for every point of ``method``'s sweep (one point if none).
+
+    A method may declare a default sweep (TRN sweeps its enabled residual edges); a sweep given
+    by the user for that method replaces it.
+    """
+    base = dict(cfg.overrides.get(method, {}))
+    axes = cfg.sweeps.get(method) or get_method_info(method).default_sweep
+    if not axes:
+        return [(base, {})]
+    names = list(axes)
+    out = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        point = dict(zip(names, values, strict=True))
+        out.append(({**base, **point}, point))
+    return out
+
+
 def plan(cfg: BenchConfig) -> list[CellSpec]:
-    """The grid: method x model x dataset x seed, each with a stable key (used for resume)."""
+    """The grid: method variants x model x dataset x seed, each with a stable key (for resume)."""
     cells = []
     prof = cfg.profile_obj
     for model in cfg.models:
         for dataset in cfg.datasets:
             bkey = baseline_key_for(cfg, model, dataset)
             for method in cfg.methods:
-                overrides = dict(cfg.overrides.get(method, {}))
-                mcfg = create_method(method, overrides).config.to_json()
-                for seed in cfg.seeds:
-                    payload = {
-                        "v": SCHEMA_VERSION,
-                        "method": method,
-                        "config": mcfg,
-                        "model": model,
-                        "dataset": dataset,
-                        "seed": seed,
-                        "profile": prof.digest(),
-                        "baseline": bkey,
-                        "threads": cfg.accuracy_threads,
-                    }
-                    cells.append(
-                        CellSpec(
-                            key=_key(payload),
-                            method=method,
-                            overrides=overrides,
-                            method_config=mcfg,
-                            model=model,
-                            dataset=dataset,
-                            seed=seed,
-                            prof=prof,
-                            data_root=cfg.data_root,
-                            checkpoint_dir=str(cfg.out / "checkpoints" / _key(payload)),
-                            threads=cfg.accuracy_threads,
-                            baseline_key=bkey,
+                for overrides, point in method_variants(cfg, method):
+                    mcfg = create_method(method, overrides).config.to_json()
+                    for seed in cfg.seeds:
+                        payload = {
+                            "v": SCHEMA_VERSION,
+                            "method": method,
+                            "config": mcfg,
+                            "model": model,
+                            "dataset": dataset,
+                            "seed": seed,
+                            "profile": prof.digest(),
+                            "baseline": bkey,
+                            "threads": cfg.accuracy_threads,
+                        }
+                        key = _key(payload)
+                        cells.append(
+                            CellSpec(
+                                key=key,
+                                method=method,
+                                overrides=overrides,
+                                method_config=mcfg,
+                                model=model,
+                                dataset=dataset,
+                                seed=seed,
+                                prof=prof,
+                                data_root=cfg.data_root,
+                                checkpoint_dir=str(cfg.out / "checkpoints" / key),
+                                threads=cfg.accuracy_threads,
+                                baseline_key=bkey,
+                                sweep=point,
+                            )
                         )
-                    )
     return cells
 
 
@@ -114,6 +135,7 @@ def _base_fields(cell: CellSpec, run_id: str) -> dict[str, Any]:
         "impl": "",
         "status": "ok",
         "error": "",
+        **{f"sweep.{k}": v for k, v in cell.sweep.items()},
     }
 
 
@@ -154,6 +176,11 @@ def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str) -> list[dict[st
             unit="logit",
         )
     )
+    rows.append(make_row(base, metric="deploy_layer_rel_err",
+                         value=float(out.info["deploy_layer_rel_err"]), unit="relative"))
+    for key in ("edges_total", "active_edges", "epochs_run", "resumed_from_epoch"):
+        if key in mi:  # method-specific figures (TRN edges, QAT epochs)
+            rows.append(make_row(base, metric=key, value=float(mi[key]), unit="count"))
     rows.append(
         make_row(
             base, metric="quantize_seconds", value=float(out.info["quantize_seconds"]), unit="s"

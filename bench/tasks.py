@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 from ternbench.methods import QuantContext, create_method, summarize_cost
-from ternbench.methods._deploy import max_logit_diff
+from ternbench.methods._deploy import layer_parity, max_logit_diff
 from ternbench.methods._export_io import exports_to_bytes
 from torch import nn
 
@@ -43,6 +43,7 @@ class CellSpec:
     checkpoint_dir: str | None = None  # QAT checkpoints of this cell (resume after a kill)
     threads: int = 1
     baseline_key: str = ""
+    sweep: dict[str, Any] = field(default_factory=dict)  # the swept config fields of this cell
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -132,6 +133,7 @@ def quantize_cell(
         "cost": cost.as_metrics(),
         "method_info": {k: v for k, v in qm.info.items() if isinstance(v, int | float | bool)},
         "deploy_max_abs_diff": max_logit_diff(qm, x),
+        "deploy_layer_rel_err": layer_parity(qm, x),
         "method_config": qm.config.to_json(),
         "export_npz": exports_to_bytes(exports),
         "quantize_seconds": time.perf_counter() - t0,

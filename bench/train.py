@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 __all__ = [
     "TrainCfg",
+    "TrainState",
     "TrainingDivergedError",
     "seed_everything",
     "train",
@@ -159,6 +160,28 @@ def _make_scheduler(
     return S.MultiStepLR(opt, milestones=milestones, gamma=0.1)
 
 
+@dataclass
+class TrainState:
+    """The live state of one :func:`train` call, handed to its ``resume``/``checkpoint`` hooks.
+
+    ``epoch`` counts finished epochs and ``step`` optimizer steps; a ``resume`` hook that loads
+    a checkpoint sets both (and ``history``) so the loop continues with the next epoch.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: Any
+    steps_per_epoch: int
+    total_steps: int
+    n_epochs: int
+    epoch: int = 0
+    step: int = 0
+    history: dict[str, Any] = field(
+        default_factory=lambda: {"epochs": [], "step_loss": [], "steps": 0, "seconds": 0.0}
+    )
+
+
 def _batches(loader: Iterable) -> Iterable[tuple[Tensor, Tensor]]:
     for batch in loader:
         x, y = batch[0], batch[1]
@@ -175,6 +198,13 @@ def train(
     desc: str = "train",
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
     on_epoch_end: Callable[[int, dict[str, Any]], bool | None] | None = None,
+    batch_loss: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    make_scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+    | None = None,
+    before_step: Callable[[nn.Module], None] | None = None,
+    resume: Callable[[TrainState], None] | None = None,
+    checkpoint: Callable[[TrainState], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``loader`` with ``cfg``; return the history.
 
@@ -188,6 +218,17 @@ def train(
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after every (possibly partial)
             epoch; returning ``True`` stops training.
         progress: tqdm progress bar; ``None`` shows it only on a terminal.
+        batch_loss: ``(inputs, logits, targets) -> scalar``, used instead of ``loss_fn`` when a
+            loss needs the batch itself (knowledge distillation runs a teacher on it).
+        make_optimizer / make_scheduler: replace the optimizer built from ``cfg`` (``model ->
+            optimizer``) and the per-step scheduler (``(optimizer, total_steps) -> scheduler``).
+        before_step: ``before_step(model)`` after ``backward()``, before the optimizer step
+            (gradient edits).
+        resume: ``resume(state)`` once before the first step, after seeding; it may load a
+            checkpoint into ``state`` (model, optimizer, scheduler, RNGs) and set
+            ``state.epoch``/``state.step``/``state.history`` to continue from there.
+        checkpoint: ``checkpoint(state)`` after every finished (possibly partial) epoch,
+            before ``on_epoch_end``.
 
     Returns:
         ``{"epochs": [{"epoch", "steps", "loss", "acc", "lr", "n", "seconds"}, ...],
@@ -207,23 +248,32 @@ def train(
     seed_everything(cfg.seed)
     model.to(device)
     model.train()
-    opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg, total_steps)
+    opt = make_optimizer(model) if make_optimizer is not None else _make_optimizer(model, cfg)
+    if make_scheduler is not None:
+        sched = make_scheduler(opt, total_steps)
+    else:
+        sched = _make_scheduler(opt, cfg, total_steps)
+    if loss_fn is not None and batch_loss is not None:
+        raise ValueError("train: pass loss_fn or batch_loss, not both")
     if loss_fn is None:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
-    history: dict[str, Any] = {"epochs": [], "step_loss": [], "steps": 0, "seconds": 0.0}
+    state = TrainState(model, opt, sched, loader, steps_per_epoch, total_steps, n_epochs)
+    if resume is not None:
+        resume(state)
+    history = state.history
+    step = state.step
     t_start = time.perf_counter()
-    step = 0
     bar = tqdm(
         total=total_steps,
+        initial=step,
         desc=desc,
         disable=None if progress is None else not progress,
         leave=False,
         dynamic_ncols=True,
     )
     try:
-        for epoch in range(n_epochs):
+        for epoch in range(state.epoch, n_epochs):
             t_epoch = time.perf_counter()
             loss_sum, correct, seen, ep_steps = 0.0, 0, 0, 0
             for x, y in _batches(loader):
@@ -232,7 +282,7 @@ def train(
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
                 logits = model(x)
-                loss = loss_fn(logits, y)
+                loss = batch_loss(x, logits, y) if batch_loss is not None else loss_fn(logits, y)
                 loss_v = float(loss.detach())
                 if not math.isfinite(loss_v):
                     raise TrainingDivergedError(
@@ -242,6 +292,8 @@ def train(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    before_step(model)
                 opt.step()
                 sched.step()
                 step += 1
@@ -273,6 +325,10 @@ def train(
                 ep_steps,
                 record["seconds"],
             )
+            state.epoch, state.step = epoch + 1, step
+            history["steps"] = step
+            if checkpoint is not None:
+                checkpoint(state)
             if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
                 break
             if step >= total_steps:

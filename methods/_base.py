@@ -200,8 +200,8 @@ class LayerExport:
 class CostSummary:
     """Model-level cost of the deployable form, per inference of one sample."""
 
-    effective_bits: float  # bits per weight, scales included, over all conv/linear weights
-    sparsity: float  # fraction of zero codes over ternary weights (0 if none)
+    effective_bits: float  # bits per weight, scales and residual edges included
+    sparsity: float  # fraction of zero codes over all stored ternary codes, edges included
     muls: int  # multiplications per inference
     adds: int  # additions per inference
     params: int  # conv/linear weights counted
@@ -225,16 +225,18 @@ def summarize_cost(layers: Iterable[LayerExport]) -> CostSummary:
     scale per output. Int8 and FP32 MACs count as one multiply and one add.
     """
     bits = params = muls = adds = 0
-    tern_params = tern_zeros = 0
+    tern_params = tern_zeros = tern_primary = 0
     for lx in layers:
         n = lx.codes.size
-        params += n
+        if not lx.branch_of:  # a residual edge adds bits and ops, not weights
+            params += n
         bits += lx.weight_bits()
         ho, wo = lx.output_hw
         pos = ho * wo
         if lx.weight_format == "ternary":
             nnz = int(np.count_nonzero(lx.codes))
             tern_params += n
+            tern_primary += 0 if lx.branch_of else n
             tern_zeros += n - nnz
             adds += nnz * pos
             muls += lx.out_channels * lx.n_groups * pos
@@ -247,7 +249,7 @@ def summarize_cost(layers: Iterable[LayerExport]) -> CostSummary:
         muls=muls,
         adds=adds,
         params=params,
-        ternary_fraction=tern_params / max(params, 1),
+        ternary_fraction=tern_primary / max(params, 1),
     )
 
 

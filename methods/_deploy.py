@@ -17,18 +17,23 @@ from torch import Tensor, nn
 from ._base import LayerExport, QuantizedModel
 from ._layers import QuantLayer, swap_layers
 
-__all__ = ["IntegerLayer", "deploy", "layer_reference", "max_logit_diff"]
+__all__ = [
+    "IntegerLayer", "deploy", "layer_reference", "max_logit_diff", "layer_parity"
+]
 
 
 def _quantize_input(lx: LayerExport, x: Tensor) -> Tensor:
-    """Integer activation codes (or the float input for ``act_mode == "fp32"``)."""
-    x = x.to(torch.float64)
+    """Integer activation codes (or the float input for ``act_mode == "fp32"``).
+
+    The rounding is done in the input's own dtype, as the fake-quant graph does it, so both see
+    the same codes for the same input (a float64 division could round a near-tie differently).
+    """
     if lx.act_mode == "fp32":
-        return x
+        return x.to(torch.float64)
     if lx.act_mode == "ternary":
-        return torch.sign(x) * (x.abs() > lx.act_threshold)
+        return (torch.sign(x) * (x.abs() > lx.act_threshold)).to(torch.float64)
     q = lx.act_qmax
-    return torch.clamp(torch.round(x / lx.act_scale), -q, q)
+    return torch.clamp(torch.round(x / lx.act_scale), -q, q).to(torch.float64)
 
 
 def _with_offsets(lx: LayerExport, a: Tensor) -> Tensor:
@@ -118,3 +123,35 @@ def max_logit_diff(qm: QuantizedModel, x: Tensor) -> float:
     ref = qm.module(x)
     dep = deploy(qm)(x)
     return float((ref - dep).abs().max())
+
+
+@torch.no_grad()
+def layer_parity(qm: QuantizedModel, x: Tensor) -> float:
+    """Largest relative error of any deployed layer fed exactly the fake-quant layer's input.
+
+    End to end, a float32 graph and an integer one drift apart by rounding flips of near-tie
+    activations, which then propagate; layer by layer, on the same input, they must agree to
+    float precision. Relative to the layer output's max |y|.
+    """
+    exports = qm.export(include_disabled=True)
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+    hooks = []
+    for name, mod in qm.module.named_modules():
+        if isinstance(mod, QuantLayer):
+            def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
+                seen[name] = (inp[0].detach(), out.detach())
+
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        qm.module.eval()
+        qm.module(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    worst = 0.0
+    for name, (inp, out) in seen.items():
+        layer = IntegerLayer(exports[name], [lx for lx in exports.values() if lx.branch_of == name])
+        dep = layer(inp)
+        scale = float(out.abs().max()) or 1.0
+        worst = max(worst, float((dep - out).abs().max()) / scale)
+    return worst

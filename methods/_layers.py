@@ -8,6 +8,7 @@ so export, cost and the deployed integer reference are shared.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -53,6 +54,11 @@ class WeightQuantizer(nn.Module):
     def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
         """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size."""
         raise NotImplementedError  # abstract: subclasses define the quantizer
+
+    def branches(self, w2d: Tensor) -> list[tuple[Tensor, Tensor, int, bool]]:
+        """Extra additive branches ``(codes, scales, group_size, enabled)`` (TRN's residual
+        edges); plain quantizers have none."""
+        return []
 
     def offset(self, w2d: Tensor) -> Tensor | None:
         """Per-output-channel weight offset [out] (RTN's beta_w); ``None`` for symmetric codes."""
@@ -154,7 +160,16 @@ class QuantLayer:
 
     def exports(self, name: str) -> list[LayerExport]:
         """All branches of this layer; plain layers have one (see ``LayerExport``)."""
-        return [self.export(name)]
+        main = self.export(name)
+        w2d = self.weight.detach().reshape(self.weight.shape[0], -1).float().cpu()
+        out = [main]
+        for j, (codes, scales, gs, enabled) in enumerate(self.wq.branches(w2d), start=1):
+            out.append(dataclasses.replace(
+                main, name=f"{name}#{j}", codes=codes.numpy().astype(np.int8),
+                scales=scales.float().numpy().astype(np.float32), group_size=int(gs), bias=None,
+                weight_offset=None, branch_of=name, enabled=bool(enabled),
+            ))
+        return out
 
     def export(self, name: str) -> LayerExport:
         w2d = self.weight.detach().reshape(self.weight.shape[0], -1).float().cpu()

@@ -58,6 +58,8 @@ class MethodInfo:
     kind: Kind
     module: str
     distribution: str | None = None
+    #: swept by the harness when the user gives no sweep for this method
+    default_sweep: dict[str, tuple[Any, ...]] | None = None
 
     def summary(self) -> str:
         return self.paper.split(",")[0] if self.paper else ""
@@ -75,6 +77,7 @@ def register_method(
     config: type[MethodConfig],
     paper: str,
     kind: Kind,
+    default_sweep: dict[str, tuple[Any, ...]] | None = None,
 ) -> Callable[[Callable[[MethodConfig], TernaryMethod]], Callable[[MethodConfig], TernaryMethod]]:
     """Register ``factory(config) -> TernaryMethod`` under ``name`` (default: function name).
 
@@ -88,7 +91,9 @@ def register_method(
         factory: Callable[[MethodConfig], TernaryMethod],
     ) -> Callable[[MethodConfig], TernaryMethod]:
         key = (name or factory.__name__).lower()
-        info = MethodInfo(key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST)
+        info = MethodInfo(
+            key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST, default_sweep
+        )
         old = _REGISTRY.get(key)
         if old is not None and old.module != info.module:
             log.warning(
