@@ -163,6 +163,29 @@ def _panels(n: int, width: float = 5.2, height: float = 3.8) -> tuple[Figure, li
     return fig, axes[:n]
 
 
+def _sweep_curves(ax: Any, pts: pd.DataFrame, x: str, y: str, data: ReportData,
+                  styles: _Styles) -> None:
+    """Join each method's sweep points (one run) in the order of its swept value, so an
+    ablation reads as a curve (FGQ group size, TRN enabled edges) among the other methods."""
+    if not data.sweep_cols:
+        return
+    cols = ["vid", "method", *data.sweep_cols]
+    merged = pts.merge(data.variants[cols], on="vid", how="left", suffixes=("", "_v"))
+    for _, grp in merged.groupby(["run_id", "method"], sort=False):
+        if len(grp) < 2:
+            continue
+        axis = next((c for c in data.sweep_cols if grp[c].nunique(dropna=True) > 1), None)
+        if axis is None:
+            continue
+        g = grp.dropna(subset=[axis])
+        try:
+            g = g.sort_values(axis)
+        except TypeError:  # mixed types: keep the run order
+            pass
+        ax.plot(g[x], g[y], color=styles.color[int(g["vid"].iloc[0])], lw=1.0, alpha=0.55,
+                zorder=1)
+
+
 def _pareto_scatter(
     ax: Any, pts: pd.DataFrame, x: str, y: str, styles: _Styles, annotate: bool, per_run: bool
 ) -> list[Any]:
@@ -258,6 +281,7 @@ def plot_accuracy_vs_latency(
         fig, axes = _panels(len(groups))
         for ax, (model, dataset) in zip(axes, groups, strict=True):
             p = pts[pts["model"].eq(model) & pts["dataset"].eq(dataset)]
+            _sweep_curves(ax, p, "latency_us", "top1", data, styles)
             fronts = _pareto_scatter(
                 ax,
                 p,
@@ -318,6 +342,7 @@ def plot_accuracy_vs_bits(
         fig, axes = _panels(len(groups))
         for ax, (model, dataset) in zip(axes, groups, strict=True):
             p = pts[pts["model"].eq(model) & pts["dataset"].eq(dataset)]
+            _sweep_curves(ax, p, "effective_bits", "top1", data, styles)
             fronts = _pareto_scatter(
                 ax,
                 p,
