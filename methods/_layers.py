@@ -29,6 +29,7 @@ __all__ = [
     "QuantLinear",
     "swap_layers",
     "calibrating",
+    "passthrough",
     "ste",
     "Position",
 ]
@@ -110,6 +111,7 @@ class ActQuantizer(nn.Module):
         super().__init__()
         self.bits = bits
         self.calibrating = False
+        self.passthrough = False  # neither round nor record (BN re-estimation)
         self.register_buffer("max_abs", torch.zeros(()))
 
     @property
@@ -129,7 +131,7 @@ class ActQuantizer(nn.Module):
                 "act_scale": float(self.scale)}
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.bits >= 32:
+        if self.bits >= 32 or self.passthrough:
             return x
         if self.calibrating:
             self.max_abs = torch.maximum(self.max_abs, x.detach().abs().amax())
@@ -290,6 +292,22 @@ class calibrating:
     def __exit__(self, *exc: object) -> None:
         for q in self.qs:
             q.calibrating = False
+
+
+class passthrough:
+    """Context manager: activation quantizers neither round nor record ranges."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.qs = [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+    def __enter__(self) -> passthrough:
+        for q in self.qs:
+            q.passthrough = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for q in self.qs:
+            q.passthrough = False
 
 
 def iter_quant_layers(model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:

@@ -20,6 +20,7 @@ from ._layers import (
     QuantLinear,
     WeightQuantizer,
     calibrating,
+    passthrough,
     swap_layers,
 )
 from ._ternarize import Solver, ternarize_rows
@@ -136,7 +137,7 @@ def post_training_quantize(
     if cfg.bn_recalibrate:
         from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
 
-        with calibrating(m):  # activations pass through while BN statistics are gathered
+        with passthrough(m):  # activations pass through while BN statistics are gathered
             used = recalibrate_bn(m, bn_loader, batches=ctx.bn_batches, device=ctx.device)
         info["bn_recalibrated"] = True
         info["bn_batches"] = used

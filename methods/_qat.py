@@ -14,10 +14,11 @@ Every QAT method swaps its fake-quant layers into a copy of the FP32 model and h
 Example:
     >>> QATRecipe(lr=0.1, schedule="step", milestones=(0.5, 0.75)).gammas
     (0.1, 0.1)
-    >>> QATRecipe(lr=0)
-    Traceback (most recent call last):
-    ...
-    ternbench.methods._base.ConfigError: QATRecipe.lr must be a finite number > 0, got 0
+    >>> try:
+    ...     QATRecipe(lr=0)
+    ... except ConfigError as exc:
+    ...     print(exc)
+    QATRecipe.lr must be a finite number > 0, got 0
 """
 
 from __future__ import annotations
@@ -240,11 +241,13 @@ class QATMethodConfig(MethodConfig):
             if isinstance(v, list):
                 object.__setattr__(self, name, tuple(v))
         try:
-            self.recipe()
+            rec = self.recipe()
         except ConfigError as exc:
             raise ConfigError(
                 str(exc).replace("QATRecipe.", f"{type(self).__name__}.", 1)
             ) from None
+        for name in _RECIPE_FIELDS:  # canonical values (lr=1 and lr=1.0 are one config)
+            object.__setattr__(self, name, getattr(rec, name))
 
     def recipe(self) -> QATRecipe:
         return QATRecipe(**{k: getattr(self, k) for k in _RECIPE_FIELDS})
@@ -342,7 +345,7 @@ def _param_digest(module: nn.Module) -> str:
 
 
 def _rng_state(loader: Any) -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     assert np_state[0] == "MT19937"
     py_version, py_state, py_gauss = random.getstate()
     out: dict[str, Any] = {

@@ -140,7 +140,9 @@ class TTNREConfig(QATMethodConfig):
         super().__post_init__()
         cls = type(self).__name__
         _check(
-            isinstance(self.t_ex, int) and not isinstance(self.t_ex, bool) and self.t_ex in (1, 2, 4),
+            isinstance(self.t_ex, int)
+            and not isinstance(self.t_ex, bool)
+            and self.t_ex in (1, 2, 4),
             cls,
             "t_ex",
             "one of (1, 2, 4)",

@@ -43,9 +43,7 @@ from ._registry import register_method
 
 __all__ = ["TTQConfig", "TTQWeight", "TTQ", "PAPER"]
 
-PAPER = (
-    "Zhu, Han, Mao & Dally 2017, Trained Ternary Quantization, ICLR'17, arXiv:1612.01064"
-)
+PAPER = "Zhu, Han, Mao & Dally 2017, Trained Ternary Quantization, ICLR'17, arXiv:1612.01064"
 PAPER_RECIPE_TEXT = (
     "CIFAR-10 ResNets fine-tuned from FP32, AlexNet on ImageNet trained from scratch; "
     "t = 0.05, W_p = W_n = 1 on weights normalised to [-1, 1] (official code); the exact "
@@ -95,7 +93,8 @@ class TTQWeight(WeightQuantizer):
 
     def dequantize(self, w2d: Tensor) -> Tensor:
         pos, neg = self.masks(w2d)
-        return self.wp.detach() * pos.to(w2d.dtype) - self.wn.detach() * neg.to(w2d.dtype)
+        wp, wn = self.wp.detach().to(w2d.device), self.wn.detach().to(w2d.device)
+        return wp * pos.to(w2d.dtype) - wn * neg.to(w2d.dtype)
 
     def forward(self, w: Tensor) -> Tensor:
         w2d = w.reshape(w.shape[0], -1)

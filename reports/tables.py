@@ -488,8 +488,18 @@ def _accuracy_table(
     return wide[cols].reset_index(drop=True)
 
 
+COMPOSITE_IMPL = "tvm"  # the runner's model total over each layer's own TVM kernel
+
+
 def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
-    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the fp32 method)."""
+    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the fp32 method).
+
+    A model-total row over the per-layer kernels (impl ``"tvm"``) is the method's figure when
+    present: its layers may use different kernels (FGQ's int8 first/last layers).
+    """
+    impls = list(impls)
+    if COMPOSITE_IMPL in impls:
+        return [COMPOSITE_IMPL]
     tvm = [i for i in impls if i.startswith("tvm_")]
     own = [i for i in tvm if i != TVM_FP32_IMPL]
     if method == REFERENCE_METHOD or not own:
@@ -553,8 +563,10 @@ def _latency_tables(
     ]
     is_total = rows["layer"].isin([TOTAL_LAYER, ""])
     total = rows[is_total].groupby(cell)["value"].mean()
-    # a cell without a __total__ row gets the sum of its per-layer rows
-    summed = rows[~is_total].groupby(cell)["value"].sum()
+    # a cell without any __total__ row gets the sum of its per-layer rows (per impl); a cell
+    # with totals is not re-summed per impl (that would time a subset of its layers)
+    with_total = set(rows.loc[is_total, "cell_key"])
+    summed = rows[~is_total & ~rows["cell_key"].isin(with_total)].groupby(cell)["value"].sum()
     totals = total.combine_first(summed).rename("value").reset_index()
     mod = ["vid", "run_id", "method", "model", "dataset", "target", "impl"]
     totals = totals.groupby(mod)["value"].mean().rename("latency_us").reset_index()
@@ -564,7 +576,10 @@ def _latency_tables(
     torch_own = torch_rows.set_index(["vid", "model", "dataset", "target"])["latency_us"]
     torch_run = torch_rows.groupby(["run_id", "model", "dataset", "target"])["latency_us"].mean()
     # TVM FP32: the fp32 method's tvm_fp32 kernel of the same run, else the variant's own rows
-    tvm32 = totals[totals["impl"].eq(TVM_FP32_IMPL)]
+    tvm32 = totals[
+        totals["impl"].eq(TVM_FP32_IMPL)
+        | (totals["method"].eq(REFERENCE_METHOD) & totals["impl"].eq(COMPOSITE_IMPL))
+    ]
     tvm32_ref = (
         tvm32[tvm32["method"].eq(REFERENCE_METHOD)]
         .sort_values("vid")

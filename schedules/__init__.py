@@ -20,6 +20,7 @@ from .measure import (
     list_targets,
     measure_layer,
     measure_torch_fp32,
+    run_layer,
 )
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "list_targets",
     "measure_layer",
     "measure_torch_fp32",
+    "run_layer",
     "tvm_version",
 ]

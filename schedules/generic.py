@@ -4,10 +4,11 @@ Same function names as the per-target modules (``rules()``), in the style of TVM
 measurement picks the first applicable rule of the target's module and falls back to these
 rules, logging "not optimized for <target>".
 
-The one schedule (:func:`schedule_blocked`) serves every format: the weights are stored blocked
-``[N/NB, K, NB]`` (2-bit codes decoded inline for ternary), the NB output channels of a block are
-one vector, ``MB`` rows share each weight load, and the per-group epilogue is fused under the
-group loop so no ``[M, G, N]`` accumulator is ever written to memory.
+One loop nest (:func:`schedule_gemm`) serves every format: the weights are stored blocked
+``[N/NB, K, NB]`` (2-bit codes decoded inline for ternary weights, uint64 mask/sign bit-planes
+for ternary activations), the NB output channels of a block are one vector (scalar popcounts for
+the bit-planes), ``MB`` rows share each weight load, and the per-group epilogue is fused under
+the group loop so no ``[M, G, N]`` accumulator is ever written to memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from .ops import GemmSpec, Rule, plan_gemm
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
 
-__all__ = ["rules", "schedule_blocked", "schedule_input_stage", "NB", "MB", "ROWS_PER_TASK"]
+__all__ = [
+    "rules",
+    "schedule_blocked",
+    "schedule_gemm",
+    "schedule_input_stage",
+    "schedule_tt_popc",
+    "NB",
+    "MB",
+    "ROWS_PER_TASK",
+]
 
 # Tile constants (hand-picked, not tuned): NB = 8 lanes is one 256-bit vector of int32/fp32
 # (two 128-bit ones on SSE/NEON); MB = 4 rows reuse every decoded weight vector 4 times while
@@ -28,6 +38,10 @@ __all__ = ["rules", "schedule_blocked", "schedule_input_stage", "NB", "MB", "ROW
 NB = 8
 MB = 4
 ROWS_PER_TASK = 64
+# Ternary x ternary with scalar popcounts: a 4 x 4 tile of int32 accumulators plus the 2 x 4
+# weight words stay in general-purpose registers.
+TT_NB = 4
+TT_MB = 4
 
 
 def _vector_split(sch: Any, loop: Any, extent: int) -> None:
@@ -74,11 +88,29 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
 
 
 def schedule_blocked(func: Any, spec: GemmSpec) -> Any:
-    """Blocked GEMM schedule for the ``t2_blocked`` and ``dense_blocked`` layouts.
+    """Blocked GEMM schedule for the ``t2_blocked``, ``t2_decoded`` and ``dense_blocked``
+    layouts (see :func:`schedule_gemm`), vectorised over the NB output channels."""
+    return schedule_gemm(func, spec, vector_n=True)
 
-    Loop nest ``(task=(mp, no) parallel | mo | g | k... | mi unrolled | ni vectorised)``; the
-    epilogue ``ep`` (sum over groups of scale * acc) is computed at ``g`` into a local
-    MB x NB tile, and ``out`` (+ bias) at ``mo``.
+
+def schedule_tt_popc(func: Any, spec: GemmSpec) -> Any:
+    """Portable ternary x ternary (``tt_planes``) schedule: the blocked nest with *scalar*
+    popcounts (a vector popcount is a long bit-twiddling sequence on CPUs without one, while a
+    scalar ``popcnt`` / ``cnt`` is everywhere); the float epilogue is still vectorised."""
+    return schedule_gemm(func, spec, vector_n=False)
+
+
+def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
+    """The blocked nest shared by every non-tensorized kernel.
+
+    Loop nest ``(task=(mp, no) parallel | mo | g | k... | mi unrolled | ni)``, ``ni`` vectorised
+    when ``vector_n`` else unrolled. The epilogue ``ep`` (sum over groups of scale * acc) is
+    computed at ``g`` into a local MB x NB tile, and ``out`` (+ bias) at ``mo``. Optional stages:
+
+    * ``W_dec`` (``t2_decoded``): decoded once per task (its NB x Kp block is reused by the
+      task's ``m_task`` row tiles), or per 4-k step when a task has a single row tile;
+    * ``A_bits`` (``tt_planes``): at the root, parallel over rows; with a weight offset, ``out``
+      stays a root pass of its own (see :func:`_schedule_tt_stages`).
     """
     tvm = _tvm.require_tvm()
     sch = tvm.s_tir.Schedule(func)
@@ -87,34 +119,87 @@ def schedule_blocked(func: Any, spec: GemmSpec) -> Any:
     mp, mo, mi = sch.split(m, [None, spec.m_task, spec.mb])
     no, ni = sch.split(n, [None, spec.nb])
     red = [kk]
-    if spec.layout == "t2_blocked" and spec.gs % 4 == 0:
+    decode = spec.layout == "t2_decoded"
+    decode_per_k = decode and spec.m_task == 1 and spec.gs % 4 == 0
+    if (spec.layout == "t2_blocked" and spec.gs % 4 == 0) or decode_per_k:
         # k % 4 becomes the unrolled loop index: constant shifts for the 2-bit decode
         red = list(sch.split(kk, [None, 4]))
     sch.reorder(mp, no, mo, g, *red, mi, ni)
     sch.set_scope(acc, 0, "local")
     sch.reverse_compute_at(ep, g)
-    sch.set_scope(ep, 0, "local")
-    sch.reverse_compute_at(out, mo)
+    # `out` moves under the row-tile loop only when `ep` is its single producer stage (a
+    # second one is refused, and `asum` cannot move first since its consumer is `out`)
+    fuse_out = not spec.w_off
+    if fuse_out:
+        sch.set_scope(ep, 0, "local")
+        sch.reverse_compute_at(out, mo)
     sch.unroll(mi)
     if len(red) == 2:
         sch.unroll(red[1])
-    sch.vectorize(ni)
+    if vector_n:
+        sch.vectorize(ni)
+    else:
+        sch.unroll(ni)
     sch.vectorize(sch.get_loops(ep)[-1])
-    if spec.N % spec.nb == 0:  # else the last block is predicated and cannot be vectorised
+    if fuse_out and spec.N % spec.nb == 0:  # else predicated: cannot be vectorised
         sch.vectorize(sch.get_loops(out)[-1])
+    task = sch.fuse(mp, no)
+    if decode:
+        wd = sch.get_sblock("W_dec")
+        sch.compute_at(wd, red[0] if decode_per_k else task)
+        _wb, wk, wn = sch.get_loops(wd)[-3:]
+        if decode_per_k:
+            sch.unroll(wk)
+        elif (spec.G * spec.gs) % 4 == 0:  # whole bytes: k % 4 is the unrolled index
+            sch.unroll(sch.split(wk, [None, 4])[1])
+        sch.vectorize(wn)
     # parallel/vectorize check the subtree's dataflow, which decomposed reductions (blocks
     # without init) fail, so every loop annotation comes before decompose_reduction
-    sch.parallel(sch.fuse(mp, no))
+    sch.parallel(task)
     schedule_input_stage(sch, spec)
-    acc_init = sch.decompose_reduction(acc, red[0])
-    ep_init = sch.decompose_reduction(ep, g)
-    sch.vectorize(sch.get_loops(acc_init)[-1])
-    sch.vectorize(sch.get_loops(ep_init)[-1])
+    tt_inits = _schedule_tt_stages(sch, spec) if spec.layout == "tt_planes" else []
+    for blk, loop in tt_inits:
+        sch.decompose_reduction(blk, loop)  # scalar inits
+    inits = [sch.decompose_reduction(acc, red[0]), sch.decompose_reduction(ep, g)]
+    for init in inits:
+        sch.vectorize(sch.get_loops(init)[-1])
     return sch.mod
+
+
+def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
+    """Root stages of ``tt_planes``: ``A_bits``, parallel over rows (the mask and sign words of
+    one 64-k chunk built side by side), and, with a weight offset, the unfused ``out`` pass:
+    parallel over rows, ``asum`` of the row computed at its row loop, vectorised over NB.
+    Returns the (block, loop) pairs to ``decompose_reduction`` once annotations are done."""
+    bits = sch.get_sblock("A_bits")
+    m, _w, s, j = sch.get_loops(bits)
+    todo = [(bits, j)]
+    if spec.M > 1:
+        sch.parallel(m)
+    sch.unroll(s)
+    if spec.w_off:
+        out = sch.get_sblock("out")
+        om, on = sch.get_loops(out)
+        if spec.N % spec.nb == 0:
+            sch.vectorize(sch.split(on, [None, spec.nb])[1])
+        asum = sch.get_sblock("asum")
+        sch.compute_at(asum, om)
+        todo.append((asum, sch.get_loops(asum)[-1]))
+        if spec.M > 1:
+            sch.parallel(om)
+    return todo
 
 
 def _applies_t2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return lx.weight_format == "ternary" and lx.act_mode in ("int", "fp32")
+
+
+def _applies_tt(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    return lx.weight_format == "ternary" and lx.act_mode == "ternary"
+
+
+def _plan_tt(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
+    return plan_gemm(lx, batch, "tt_planes", nb=TT_NB, mb_max=TT_MB, rows_per_task=ROWS_PER_TASK)
 
 
 def _applies_int8(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -133,9 +218,11 @@ def _plan(layout: Any) -> Any:
 
 
 def rules() -> list[Rule]:
-    """Portable rules, one per weight format (always applicable to a supported layer)."""
+    """Portable rules, one per weight format and activation kind (always applicable to a
+    supported layer)."""
     return [
         Rule("generic.t2", "tvm_t2_generic", _applies_t2, _plan("t2_blocked"), schedule_blocked),
         Rule("generic.int8", "tvm_int8", _applies_int8, _plan("dense_blocked"), schedule_blocked),
         Rule("generic.fp32", "tvm_fp32", _applies_fp32, _plan("dense_blocked"), schedule_blocked),
+        Rule("generic.tt_popc", "tvm_tt_popc_generic", _applies_tt, _plan_tt, schedule_tt_popc),
     ]

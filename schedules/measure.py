@@ -40,6 +40,8 @@ __all__ = [
     "select_rule",
     "measure_layer",
     "measure_torch_fp32",
+    "run_layer",
+    "fp32_weight",
     "reference_output",
     "kernel_input",
     "INT_RTOL",
@@ -134,6 +136,9 @@ def _quantize(x: torch.Tensor, lx: LayerExport) -> np.ndarray:
     """The deployed activation quantizer of ``lx`` (same rounding as ``ActQuantizer``)."""
     if lx.act_mode == "fp32":
         return x.detach().to(torch.float32).numpy()
+    if lx.act_mode == "ternary":  # sign(x) * [|x| > threshold], compared in float64 as the
+        xd = x.detach().to(torch.float64)  # export's reference (methods._deploy) does
+        return (torch.sign(xd) * (xd.abs() > lx.act_threshold)).to(torch.int8).numpy()
     # float32 division and half-to-even rounding, exactly as ActQuantizer.forward
     xf = x.detach().to(torch.float32)
     q = torch.clamp(torch.round(xf / lx.act_scale), -lx.act_qmax, lx.act_qmax)
@@ -145,7 +150,8 @@ def kernel_input(lx: LayerExport, spec: ops.GemmSpec, x: torch.Tensor | None = N
     """Kernel input (NHWC or [batch, F]; int8 codes or float32) from ``x`` or seeded noise.
 
     ``x`` is the float layer input, NCHW / [n, F] per ``lx.input_shape``; its rows are cycled
-    when it holds fewer than ``batch`` samples and cut when it holds more.
+    when it holds fewer than ``batch`` samples and cut when it holds more. Ternary-activation
+    layers get codes in {-1, 0, 1}.
     """
     per = spec.in_shape
     a: np.ndarray
@@ -154,6 +160,8 @@ def kernel_input(lx: LayerExport, spec: ops.GemmSpec, x: torch.Tensor | None = N
         shape = (spec.batch, *per)
         if lx.act_mode == "fp32":
             a = rng.standard_normal(shape, dtype=np.float32)
+        elif lx.act_mode == "ternary":
+            a = rng.integers(-1, 2, shape, dtype=np.int8)
         else:
             a = rng.integers(-lx.act_qmax, lx.act_qmax + 1, shape, dtype=np.int8)
     else:
@@ -175,8 +183,11 @@ def reference_output(lx: LayerExport, a: np.ndarray) -> np.ndarray:
 
     ``act_scale * sum_g scales[o, g] * acc_g + bias`` with each ``acc_g`` from torch's
     F.conv2d / F.linear (F.unfold for grouped convs) in float64 on the integer codes: exact,
-    since every partial sum is an integer far below 2**53.
+    since every partial sum is an integer far below 2**53. Ternary activations with offsets
+    are computed from the dequantized values instead (see :func:`_affine_reference`).
     """
+    if lx.act_mode == "ternary" and (lx.act_offset != 0.0 or lx.weight_offset is not None):
+        return _affine_reference(lx, a)
     n, k = lx.out_channels, lx.fan_in
     gs = int(lx.group_size)
     g = -(-k // gs)  # the last group may be partial: zero-padded to gs below
@@ -219,6 +230,21 @@ def reference_output(lx: LayerExport, a: np.ndarray) -> np.ndarray:
     return (act_scale * y + bias).numpy()
 
 
+def _affine_reference(lx: LayerExport, a: np.ndarray) -> np.ndarray:
+    """float64 [M, N]: ``x_q = act_scale * a + act_offset`` against ``w = scales * codes +
+    weight_offset``, convs zero-padding ``x_q`` (padded taps add nothing, offsets included)."""
+    xq = torch.from_numpy(a).to(torch.float64) * float(lx.act_scale) + float(lx.act_offset)
+    w = torch.from_numpy(lx.dequantized_weight()).to(torch.float64)
+    if lx.weight_offset is not None:
+        w = w + torch.from_numpy(np.asarray(lx.weight_offset, np.float64)).reshape(-1, 1)
+    b = None if lx.bias is None else torch.from_numpy(np.asarray(lx.bias, np.float64))
+    if lx.op == "linear":
+        return F.linear(xq, w, b).numpy()
+    w4 = w.reshape(lx.out_channels, lx.in_channels, *lx.kernel_size)
+    y = F.conv2d(xq.permute(0, 3, 1, 2), w4, b, stride=lx.stride, padding=lx.padding)
+    return y.permute(0, 2, 3, 1).reshape(-1, lx.out_channels).numpy()
+
+
 def _max_err(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     """(max |out - ref|, max |ref|)."""
     err = float(np.max(np.abs(out.astype(np.float64) - ref))) if ref.size else 0.0
@@ -243,7 +269,44 @@ def _check(name: str, what: str, out: np.ndarray, ref: np.ndarray, rtol: float) 
 
 
 def _rtol(spec: ops.GemmSpec) -> float:
-    return INT_RTOL if spec.acc_dtype == "int32" else FLOAT_RTOL
+    # offsets (affine ternary layers) add float terms of the size of the fan-in to the
+    # epilogue, which then rounds like a float accumulation
+    return INT_RTOL if spec.acc_dtype == "int32" and not spec.affine else FLOAT_RTOL
+
+
+def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None
+             ) -> tuple[ops.Kernel, np.ndarray, list[Any], Any]:
+    """(kernel, kernel input, runtime args, output tensor) of ``lx`` on ``target``."""
+    _check_target(target)
+    tvm = _tvm.require_tvm()
+    tinfo = _tvm.target_info(target)
+    kern = select_rule(lx, tinfo).build(lx, batch, tinfo)
+    dev = tvm.cpu(0)
+    a = kernel_input(lx, kern.spec, x)
+    # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
+    # tensor can fail the alignment check)
+    args = [tvm.runtime.tensor(v, dev) for v in (a, *kern.pack(lx))]
+    out = tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev)
+    return kern, a, args, out
+
+
+def run_layer(lx: LayerExport, x: torch.Tensor | None = None, *, batch: int | None = None,
+              target: str = "x86") -> tuple[str, np.ndarray]:
+    """Run the layer's TVM kernel once, unchecked: ``(impl, y)`` with ``y`` float32 in the
+    layer's own layout (NCHW for convs, [B, N] for linears), comparable with
+    ``methods._deploy.layer_reference(lx, x)``.
+
+    ``x`` is the float layer input (quantized like :func:`measure_layer` does); ``batch``
+    defaults to its sample count (1 without ``x``).
+    """
+    if batch is None:
+        batch = 1 if x is None else int(x.shape[0])
+    kern, _a, args, out = _prepare(lx, batch, target, x)
+    kern.func(*args, out)
+    y = out.numpy()
+    if lx.op == "conv2d":
+        y = y.reshape(batch, *kern.spec.out_hw, kern.spec.N).transpose(0, 3, 1, 2)
+    return kern.impl, np.ascontiguousarray(y)
 
 
 def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
@@ -252,24 +315,16 @@ def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
     """Build, verify and time the TVM kernel of one exported layer.
 
     ``x`` (optional) is a float layer input (NCHW / [n, F]); it is quantized with the layer's
-    activation quantizer. Without it, seeded random integer codes in [-qmax, qmax] are used.
+    activation quantizer (ternary layers: ``sign(x) * [|x| > act_threshold]``). Without it,
+    seeded random codes in [-qmax, qmax] ({-1, 0, 1} for ternary activations) are used.
     Raises :class:`KernelMismatchError` when the kernel disagrees with the reference, and
     :class:`UnsupportedLayerError` for formats without a kernel.
     """
-    _check_target(target)
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    tvm = _tvm.require_tvm()
-    tinfo = _tvm.target_info(target)
-    rule = select_rule(lx, tinfo)
-    kern = rule.build(lx, batch, tinfo)
+    kern, a, args, out = _prepare(lx, batch, target, x)
     spec = kern.spec
-    dev = tvm.cpu(0)
-    a = kernel_input(lx, spec, x)
-    # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
-    # tensor can fail the alignment check)
-    args = [tvm.runtime.tensor(v, dev) for v in (a, *kern.pack(lx))]
-    out = tvm.runtime.empty((spec.M, spec.N), "float32", dev)
+    dev = _tvm.require_tvm().cpu(0)
     prev = _tvm.num_threads()
     try:
         used = _tvm.set_num_threads(threads)
@@ -304,10 +359,29 @@ def _torch_repeats(fn: Callable[[], Any], ev: EvaluatorCfg, threads: int) -> lis
     return [timer.timeit(number).times[0] for _ in range(ev.repeat)]
 
 
+def fp32_weight(lx: LayerExport) -> np.ndarray:
+    """float32 [out, fan_in] weights the export stands for: ``scales * codes + weight_offset``.
+
+    Example:
+        >>> import dataclasses
+        >>> from ternbench.methods._base import LayerExport
+        >>> lx = LayerExport("l", "linear", "ternary", np.array([[1, -1]], np.int8),
+        ...                  np.array([[0.5]], np.float32), 2, None, "ternary", 2, 1.0, 2, 1,
+        ...                  weight_offset=np.array([0.25], np.float32))
+        >>> fp32_weight(lx).tolist()
+        [[0.75, -0.25]]
+    """
+    w = lx.dequantized_weight().astype(np.float32)
+    if lx.weight_offset is not None:
+        w = w + np.asarray(lx.weight_offset, np.float32).reshape(-1, 1)
+    return np.ascontiguousarray(w)
+
+
 def measure_torch_fp32(lx: LayerExport, *, batch: int = 1,
                        ev: EvaluatorCfg = EvaluatorCfg(),  # noqa: B008
                        threads: int = 1) -> LayerLatency:
-    """Time torch's F.conv2d / F.linear on float32 NCHW input with the dequantized weights."""
+    """Time torch's F.conv2d / F.linear on float32 NCHW input with the dequantized weights
+    (``weight_offset`` included; the input is float whatever the layer's activation mode)."""
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if batch < 1:
@@ -315,7 +389,7 @@ def measure_torch_fp32(lx: LayerExport, *, batch: int = 1,
     in_shape, (ho, wo) = ops.layer_geometry(lx)
     gen = torch.Generator().manual_seed(INPUT_SEED)
     xf = torch.randn(batch, *in_shape, generator=gen)
-    w = torch.from_numpy(lx.dequantized_weight().astype(np.float32))
+    w = torch.from_numpy(fp32_weight(lx))
     bias = None if lx.bias is None else torch.from_numpy(np.asarray(lx.bias, np.float32))
     if lx.op == "conv2d":
         wt = w.reshape(lx.out_channels, lx.in_channels, *lx.kernel_size).contiguous()

@@ -18,7 +18,16 @@ padding never changes the result):
   producer, which lets it be fused under the group loop.
 * ``t2_blocked``: 2-bit two's-complement codes, 4 per byte, ``[Np/NB, Kp/4, NB]`` (portable
   inline decode, vectorised over n).
+* ``t2_decoded``: the ``t2_blocked`` bytes, decoded once per tile into a float32 (or int32)
+  ``W_dec [Np/NB, Kp, NB]`` stage that feeds the blocked dense GEMM (weight-only ternary layers
+  with float activations).
 * ``dense_blocked``: int8 or float32 ``[Np/NB, Kp, NB]``.
+* ``tt_planes`` (ternary activations *and* weights): mask/sign bit-planes, uint64
+  ``[Np/NB, KW, NB]`` each, ``KW = Kp / 64``; every group is zero-padded to whole 64-bit words
+  (``gsp = Kp / G`` bits), so a word never straddles two groups. The activations are packed at
+  run time by the kernel itself (stage ``A_bits [M, KW, 2]``) and a group's dot product is
+  ``popc(am & wm) - 2 * popc(am & wm & (as ^ ws))``. The affine terms of RTN-style offsets are
+  added in the epilogue (see :func:`tt_compute`).
 
 Nothing here imports tvm at module import time.
 """
@@ -53,22 +62,27 @@ __all__ = [
     "plan_gemm",
     "pack_weight_args",
     "gemm_compute",
+    "tt_compute",
+    "pack_planes",
+    "tt_affine_terms",
     "kernel_cache_size",
     "clear_kernel_cache",
 ]
 
 log = logging.getLogger(__name__)
 
-WeightLayout = Literal["t2_avx2", "t2_blocked", "dense_blocked"]
+WeightLayout = Literal["t2_avx2", "t2_blocked", "t2_decoded", "dense_blocked", "tt_planes"]
 #: the 2-bit AVX2 tile: 8 output channels x 16 reduction elements in 32 bytes
 AVX2_TILE_N = 8
 AVX2_TILE_K = 16
 #: the unsigned activation offset of the AVX2 path (int8 a -> uint8 a + 128)
 AVX2_ACT_OFFSET = 128
+#: bits per activation/weight plane word of the ternary x ternary kernel
+TT_WORD = 64
 
 
 class UnsupportedLayerError(NotImplementedError):
-    """The layer's weight format / activation mode has no kernel (e.g. ternary activations)."""
+    """The layer's weight format / activation mode has no kernel (e.g. int16 activations)."""
 
 
 # ----------------------------------------------------------------------------- packing (numpy)
@@ -140,6 +154,80 @@ def group_code_sums(codes: np.ndarray, groups: int, gs: int, np_: int) -> np.nda
     return _pad2(s, np_, groups)
 
 
+def _group_padded(codes: np.ndarray, groups: int, gs: int, gsp: int) -> np.ndarray:
+    """[N, K] -> [N, G * gsp]: group ``g`` (``gs`` codes, the last one maybe partial) starts at
+    column ``g * gsp``; the gap up to the next group is zeros."""
+    n, k = codes.shape
+    c = _pad2(codes, n, groups * gs).reshape(n, groups, gs)
+    out = np.zeros((n, groups, gsp), dtype=codes.dtype)
+    out[:, :, :gs] = c
+    return out.reshape(n, groups * gsp)
+
+
+def _bits_to_u64(bits: np.ndarray) -> np.ndarray:
+    """bool [..., 64 * W] -> uint64 [..., W]: bit ``j`` of word ``q`` is ``bits[..., 64q + j]``."""
+    b = bits.reshape(*bits.shape[:-1], -1, TT_WORD).astype(np.uint64)
+    return np.bitwise_or.reduce(b << np.arange(TT_WORD, dtype=np.uint64), axis=-1)
+
+
+def pack_planes(codes: np.ndarray, groups: int, gs: int, gsp: int, nb: int, np_: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary codes [N, K] -> (mask, sign) uint64 ``[Np/nb, G*gsp/64, nb]`` bit-planes.
+
+    ``mask`` has a bit where the code is nonzero, ``sign`` where it is -1. Each group is
+    zero-padded to ``gsp`` (a multiple of 64) bits and rows to ``Np``; padding bits are 0 in
+    both planes, so they never contribute to a dot product.
+
+    Example:
+        >>> m, s = pack_planes(np.array([[1, -1, 0]], np.int8), 1, 3, 64, 1, 1)
+        >>> int(m[0, 0, 0]), int(s[0, 0, 0])
+        (3, 2)
+    """
+    _check_ternary(codes)
+    if gsp % TT_WORD or gsp < gs or np_ % nb:
+        raise ValueError(f"bad plane geometry gs={gs} gsp={gsp} nb={nb} Np={np_}")
+    c = _pad2(_group_padded(codes.astype(np.int8), groups, gs, gsp), np_, groups * gsp)
+    planes = []
+    for bits in (c != 0, c < 0):
+        p = _bits_to_u64(bits)  # [Np, KW]
+        planes.append(np.ascontiguousarray(
+            p.reshape(np_ // nb, nb, p.shape[1]).transpose(0, 2, 1)))
+    return planes[0], planes[1]
+
+
+def tt_affine_terms(lx: LayerExport, spec: GemmSpec) -> dict[str, np.ndarray]:
+    """Host-side float64 parts of the affine (offset) terms of a ternary-activation layer.
+
+    With ``x_q = α a + β_a`` on valid taps (0 on padded ones) and ``w = s c + β_w``::
+
+        y = α Σ_g s_g dot_g + α β_w Σ_valid a + β_a Σ_valid (s c + β_w) + bias
+
+    Returns float32 arrays: ``Bw [Np] = α β_w`` (times the run-time ``Σ a``, kernel input
+    ``Bw`` when ``spec.w_off``); ``Tw [kh*kw, Np]``, the ``β_a`` term per kernel tap summed over
+    channels (kernel input when ``spec.border``: the kernel sums the taps that are inside the
+    image); and ``bias [Np]`` with the ``β_a`` term folded in when every tap is always valid
+    (linear layers, unpadded convs).
+    """
+    n, k = spec.N, spec.K
+    alpha, beta_a = float(lx.act_scale), float(lx.act_offset)
+    beta_w = (np.zeros(n) if lx.weight_offset is None
+              else np.asarray(lx.weight_offset, dtype=np.float64).reshape(n))
+    deq = lx.dequantized_weight().astype(np.float64)  # codes * scales: exact in float32
+    taps = spec.kernel[0] * spec.kernel[1] if spec.op == "conv2d" else 1
+    c = k // taps
+    # per-tap sums over channels, in the export's (C, kh, kw) order
+    tw = beta_a * (deq.reshape(n, c, taps).sum(axis=1) + beta_w[:, None] * c)  # [N, taps]
+    bias = np.zeros(spec.Np)
+    if lx.bias is not None:
+        bias[:n] = np.asarray(lx.bias, dtype=np.float64)
+    if not spec.border:  # every tap of every output is valid: a per-channel constant
+        bias[:n] += tw.sum(axis=1)
+    bw = np.zeros(spec.Np)
+    bw[:n] = alpha * beta_w
+    return {"Bw": bw.astype(np.float32), "Tw": _pad2(tw.T, taps, spec.Np).astype(np.float32),
+            "bias": bias.astype(np.float32)}
+
+
 # ----------------------------------------------------------------------------- GEMM description
 
 
@@ -167,14 +255,28 @@ class GemmSpec:
     Np: int
     act_dtype: Literal["int8", "float32"]
     layout: WeightLayout
-    w_dtype: Literal["uint8", "int8", "float32"]
+    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
     nb: int  # output channels per parallel task / register tile
     mb: int  # rows per register tile
     m_task: int  # register tiles per parallel task
+    # ternary activations (``tt_planes``) with offsets: which affine terms the kernel computes
+    w_off: bool = False  # weight offset: + Bw[n] * sum_k a[m, k]
+    border: bool = False  # act offset on a padded conv: + sum over in-image taps of Tw[t, n]
+    affine: bool = False  # any offset (the epilogue then rounds like a float GEMM)
 
     @property
     def M(self) -> int:
         return self.batch * self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def gsp(self) -> int:
+        """Padded length of one group along ``Kp`` (``tt_planes``: a multiple of 64)."""
+        return self.Kp // self.G
+
+    @property
+    def words(self) -> int:
+        """uint64 words per row of a bit-plane (``tt_planes``)."""
+        return self.Kp // TT_WORD
 
     @property
     def acc_dtype(self) -> str:
@@ -245,7 +347,9 @@ def _act_dtype(lx: LayerExport) -> Literal["int8", "float32"]:
         return "int8"
     if lx.act_mode == "fp32":
         return "float32"
-    raise UnsupportedLayerError(f"{lx.name}: act_mode {lx.act_mode!r} has no kernel yet")
+    if lx.act_mode == "ternary":  # codes in {-1, 0, 1}, packed into bit-planes by the kernel
+        return "int8"
+    raise UnsupportedLayerError(f"{lx.name}: act_mode {lx.act_mode!r} has no kernel")
 
 
 def _row_tiles(m: int, mb_max: int, rows_per_task: int) -> tuple[int, int]:
@@ -271,11 +375,16 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     g, gs = _groups(lx)
     act = _act_dtype(lx)
     k, n = lx.fan_in, lx.out_channels
+    if (layout == "tt_planes") != (lx.act_mode == "ternary"):
+        raise ValueError(f"layout {layout} does not fit act_mode {lx.act_mode!r}")
     if g == 1 or lx.weight_format == "fp32":
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
     kg = g * gs  # >= K: a partial last group is zero-padded
-    w_dtype: Literal["uint8", "int8", "float32"]
-    if layout == "t2_avx2":
+    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    if layout == "tt_planes":
+        kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
+        w_dtype = "uint64"
+    elif layout == "t2_avx2":
         if nb % AVX2_TILE_N:
             raise ValueError("t2_avx2 needs nb to be a multiple of 8")
         kp = _round_up(kg, AVX2_TILE_K)
@@ -284,12 +393,12 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         elif gs % 4:  # the intrinsic reduces 4 k at a time; padding beyond G*gs is in no group
             raise ValueError(f"t2_avx2 needs group_size % 4 == 0, got {gs}")
         w_dtype = "uint8"
-    elif layout == "t2_blocked":
+    elif layout in ("t2_blocked", "t2_decoded"):
         kp, w_dtype = _round_up(kg, 4), "uint8"
     else:
         kp = kg
         w_dtype = "int8" if lx.weight_format == "int8" else "float32"
-    if layout.startswith("t2") and lx.weight_format != "ternary":
+    if layout.startswith(("t2", "tt")) and lx.weight_format != "ternary":
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
     m = batch * out_hw[0] * out_hw[1]
     mb, m_task = _row_tiles(m, mb_max, rows_per_task)
@@ -297,12 +406,19 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     # weights are permuted on the host). Several groups must stay contiguous in K, which only
     # the export's (C, kh, kw) order guarantees.
     k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and g == 1 else "cij"
+    w_off = border = affine = False
+    if layout == "tt_planes":
+        w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+        a_off = float(lx.act_offset) != 0.0
+        border = a_off and lx.op == "conv2d" and any(tuple(lx.padding))
+        affine = w_off or a_off
     return GemmSpec(
         op=lx.op, batch=batch, in_shape=in_shape, kernel=tuple(lx.kernel_size),  # type: ignore[arg-type]
         stride=tuple(lx.stride), padding=tuple(lx.padding), out_hw=out_hw,  # type: ignore[arg-type]
         k_order=k_order,
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
-        w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task,
+        w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
+        affine=affine,
     )
 
 
@@ -312,10 +428,12 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     if spec.op == "conv2d" and spec.k_order == "ijc":
         c, kh, kw = spec.in_shape[0], *spec.kernel
         codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
+    if spec.layout == "tt_planes":
+        return _pack_tt_args(spec, lx, codes)
     if spec.layout == "t2_avx2":
         w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp),
                   AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)]
-    elif spec.layout == "t2_blocked":
+    elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
@@ -330,7 +448,38 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     return [*w_args, s, bias]
 
 
+def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray) -> list[np.ndarray]:
+    """``tt_planes`` arguments: Wm, Ws, [Bw], [Tw], S, bias (see :func:`tt_compute`)."""
+    wm, ws = pack_planes(codes, spec.G, spec.gs, spec.gsp, spec.nb, spec.Np)
+    terms = tt_affine_terms(lx, spec)
+    s = np.asarray(lx.scales, dtype=np.float64) * float(lx.act_scale)
+    args = [wm, ws]
+    if spec.w_off:
+        args.append(terms["Bw"])
+    if spec.border:
+        args.append(terms["Tw"])
+    return [*args, _pad2(s.astype(np.float32), spec.Np, spec.G), terms["bias"]]
+
+
 # ----------------------------------------------------------------------------- TE compute
+
+
+def _source_col(spec: GemmSpec, k: Any) -> tuple[Any, Any]:
+    """(fan-in index read for A column ``k``, validity predicate or None).
+
+    Columns past ``K`` are zeros; so are, for ``tt_planes`` with several groups, the columns
+    that pad each group of ``gs`` to ``gsp`` bits.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    k_, kp = spec.K, spec.Kp
+    if spec.layout == "tt_planes" and spec.G > 1 and spec.gsp != spec.gs:
+        g, kk = k // spec.gsp, k % spec.gsp
+        src = g * spec.gs + kk
+        return te.min(src, k_ - 1), tirx.all(kk < spec.gs, src < k_)
+    if kp == k_:
+        return k, None
+    return te.min(k, k_ - 1), k < k_
 
 
 def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
@@ -344,7 +493,6 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
     c, h, w = spec.in_shape
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
-    k_, kp = spec.K, spec.Kp
     src = x
     if ph or pw:
         def pad(b: Any, y: Any, z: Any, ch: Any) -> Any:
@@ -357,7 +505,7 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
         src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
 
     def col(m: Any, k: Any) -> Any:
-        kk = k if kp == k_ else te.min(k, k_ - 1)
+        kk, valid = _source_col(spec, k)
         b, r = m // (ho * wo), m % (ho * wo)
         if spec.k_order == "cij":  # the export's fan-in order (C, kh, kw)
             ch, i, j = kk // (kh * kw), (kk // kw) % kh, kk % kw
@@ -366,44 +514,36 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
         v = src[b, (r // wo) * sh + i, (r % wo) * sw + j, ch]
         if shift and src is x:
             v = shift(v)
-        if kp != k_:
-            v = tirx.if_then_else(k < k_, v, tirx.const(0, v.dtype))
+        if valid is not None:
+            v = tirx.if_then_else(valid, v, tirx.const(0, v.dtype))
         return v
 
-    return te.compute((spec.M, kp), col, name="A_in")
+    return te.compute((spec.M, spec.Kp), col, name="A_in")
 
 
 def gemm_compute(spec: GemmSpec) -> Any:
     """PrimFunc ``main(X, *weights, S, bias, out)`` for ``spec`` (see module docstring).
 
     Block names the schedules rely on: ``A_in`` (input stage, absent for an unpadded linear
-    that needs no shift), ``W_dec`` (AVX2 decode), ``acc`` (grouped GEMM), ``ep`` (scale
-    epilogue, reduction over groups) and ``out`` (bias).
+    that needs no shift), ``W_dec`` (AVX2 decode, or the ``t2_decoded`` decode to the
+    accumulator type), ``acc`` (grouped GEMM), ``ep`` (scale epilogue, reduction over groups)
+    and ``out`` (bias). ``tt_planes`` specs get :func:`tt_compute`.
     """
+    if spec.layout == "tt_planes":
+        return tt_compute(spec)
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
-    m_, k_, kp, g_, gs, np_ = spec.M, spec.K, spec.Kp, spec.G, spec.gs, spec.Np
+    m_, kp, g_, gs, np_ = spec.M, spec.Kp, spec.G, spec.gs, spec.Np
     x = te.placeholder(spec.input_shape, spec.act_dtype, name="X")
     avx2 = spec.layout == "t2_avx2"
-    zero = tirx.const(0, spec.act_dtype)
 
     def shifted(v: Any) -> Any:
         # int8 a -> uint8 a + 128 for vpmaddubsw's unsigned operand (padding 0 -> 128 is
         # consistent with the weight-side correction, which counts every k of a group)
         return (v.astype("int16") + AVX2_ACT_OFFSET).astype("uint8")
 
-    a_dtype = "uint8" if avx2 else spec.act_dtype
-    if spec.op == "conv2d":
-        a = _im2col(spec, x, shifted if avx2 else None)
-    elif spec.has_input_stage:
-        def row(m: Any, k: Any) -> Any:
-            v = x[m, k] if kp == k_ else tirx.if_then_else(k < k_, x[m, te.min(k, k_ - 1)], zero)
-            return shifted(v) if avx2 else v
-
-        a = te.compute((m_, kp), row, name="A_in")
-    else:
-        a = x
-    assert a.dtype == a_dtype
+    a = _input_stage(spec, x, shifted if avx2 else None)
+    assert a.dtype == ("uint8" if avx2 else spec.act_dtype)
 
     s = te.placeholder((np_, g_), "float32", name="S")
     bias = te.placeholder((np_,), "float32", name="bias")
@@ -435,12 +575,25 @@ def gemm_compute(spec: GemmSpec) -> Any:
         def term(m: Any, g: Any, n: Any) -> Any:
             return s[n, g] * (acc[m, g, n] - cw[n, g]).astype("float32")
     else:
-        if spec.layout == "t2_blocked":
+        if spec.layout in ("t2_blocked", "t2_decoded"):
             wp = te.placeholder((np_ // spec.nb, kp // 4, spec.nb), "uint8", name="Wp")
 
-            def weight(n: Any, k: Any) -> Any:
-                code = (wp[n // spec.nb, k // 4, n % spec.nb].astype("int32") >> ((k % 4) * 2)) & 3
+            def decode(nb: Any, k: Any, ni: Any) -> Any:
+                byte = wp[nb, k // 4, ni].astype("int32")
+                if spec.layout == "t2_decoded":
+                    # field to the top bits, arithmetic shift back: sign-extended in 2 ops
+                    return ((byte << (30 - (k % 4) * 2)) >> 30).astype(acc_t)
+                code = (byte >> ((k % 4) * 2)) & 3
                 return (code - ((code & 2) << 1)).astype(acc_t)  # two's complement 2-bit
+
+            if spec.layout == "t2_blocked":  # decoded inline, in the GEMM's inner loop
+                def weight(n: Any, k: Any) -> Any:
+                    return decode(n // spec.nb, k, n % spec.nb)
+            else:  # decoded into a dense [N/NB, Kp, NB] stage the schedule places per tile
+                wd = te.compute((np_ // spec.nb, kp, spec.nb), decode, name="W_dec")
+
+                def weight(n: Any, k: Any) -> Any:
+                    return wd[n // spec.nb, k, n % spec.nb]
         else:
             wp = te.placeholder((np_ // spec.nb, kp, spec.nb), spec.w_dtype, name="W")
 
@@ -461,6 +614,117 @@ def gemm_compute(spec: GemmSpec) -> Any:
     ep = te.compute((m_, np_), lambda m, n: te.sum(term(m, gr, n), axis=gr), name="ep")
     out = te.compute((m_, spec.N), lambda m, n: ep[m, n] + bias[n], name="out")
     return te.create_prim_func([x, *w_args, s, bias, out])
+
+
+def _input_stage(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
+    """``A [M, Kp]``: the ``A_in`` stage (im2col, K padding, shift), or ``X`` itself."""
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    if spec.op == "conv2d":
+        return _im2col(spec, x, shift)
+    if not spec.has_input_stage:
+        return x
+
+    def row(m: Any, k: Any) -> Any:
+        src, valid = _source_col(spec, k)
+        v = x[m, src]
+        if valid is not None:
+            v = tirx.if_then_else(valid, v, tirx.const(0, x.dtype))
+        return shift(v) if shift else v
+
+    return te.compute((spec.M, spec.Kp), row, name="A_in")
+
+
+def tt_compute(spec: GemmSpec) -> Any:
+    """PrimFunc ``main(X, Wm, Ws, [Bw], [Tw], S, bias, out)`` of a ``tt_planes`` spec.
+
+    ``X`` holds ternary activation codes (int8, NHWC or [B, F]). Blocks::
+
+        A_in  [M, Kp]     im2col / group padding (zeros = no bit), as for the other layouts
+        A_bits[M, KW, 2]  uint64 mask (s=0: a != 0) and sign (s=1: a < 0) planes
+        acc   [M, G, Np]  sum_q popc(am & wm) - 2 popc(am & wm & (as ^ ws))   (int32, exact)
+        ep    [M, Np]     sum_g S[n, g] * acc                                   (S = α scales)
+        asum  [M]         sum_k a = sum_q popc(am) - 2 popc(am & as)            (w_off only)
+        out   [M, N]      ep + bias [+ Bw[n] * asum] [+ sum of Tw[t, n] over the kernel taps
+                          t inside the image (border only, inline)]
+
+    The affine terms follow :func:`tt_affine_terms`; a padded tap is a zero in ``A_in`` (no
+    bit) and outside the image for ``corr``, so it contributes nothing, offsets included.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    m_, g_, np_, nb, kw_ = spec.M, spec.G, spec.Np, spec.nb, spec.words
+    q_per_g = spec.gsp // TT_WORD
+    x = te.placeholder(spec.input_shape, "int8", name="X")
+    a = _input_stage(spec, x, None)
+    j = te.reduce_axis((0, TT_WORD), "j")
+
+    def bits(m: Any, w: Any, s: Any) -> Any:
+        v = a[m, w * TT_WORD + j]
+        bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
+        return te.sum(bit.astype("uint64") << j.astype("uint64"), axis=j)  # disjoint bits: OR
+
+    planes = te.compute((m_, kw_, 2), bits, name="A_bits")
+    wm = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Wm")
+    ws = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Ws")
+
+    def popc(v: Any) -> Any:
+        return tirx.popcount(v).astype("int32")
+
+    q = te.reduce_axis((0, q_per_g), "q")
+
+    def dot(m: Any, g: Any, n: Any) -> Any:
+        w = g * q_per_g + q
+        nz = planes[m, w, 0] & wm[n // nb, w, n % nb]
+        neg = nz & (planes[m, w, 1] ^ ws[n // nb, w, n % nb])
+        return te.sum(popc(nz) - (popc(neg) << 1), axis=q)
+
+    acc = te.compute((m_, g_, np_), dot, name="acc")
+    s = te.placeholder((np_, g_), "float32", name="S")
+    bias = te.placeholder((np_,), "float32", name="bias")
+    gr = te.reduce_axis((0, g_), "g")
+    ep = te.compute((m_, np_), lambda m, n: te.sum(
+        s[n, gr] * acc[m, gr, n].astype("float32"), axis=gr), name="ep")
+    extra_args: list[Any] = []
+    terms: list[Callable[[Any, Any], Any]] = []
+    if spec.w_off:
+        bw = te.placeholder((np_,), "float32", name="Bw")
+        qa = te.reduce_axis((0, kw_), "qa")
+        asum = te.compute((m_,), lambda m: te.sum(
+            popc(planes[m, qa, 0]) - (popc(planes[m, qa, 0] & planes[m, qa, 1]) << 1),
+            axis=qa), name="asum")
+        extra_args.append(bw)
+        terms.append(lambda m, n: bw[n] * asum[m].astype("float32"))
+    if spec.border:
+        c, h, w_ = spec.in_shape
+        (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+        ho, wo = spec.out_hw
+        tw = te.placeholder((kh * kw, np_), "float32", name="Tw")
+
+        def corr(m: Any, n: Any) -> Any:
+            # an explicit sum over the kh*kw taps, not a reduction block: `out` keeps a single
+            # producer stage (ep), so it can still be fused under the GEMM's row-tile loop
+            r = m % (ho * wo)
+            oy, ox = (r // wo) * sh - ph, (r % wo) * sw - pw
+            v = None
+            for i in range(kh):
+                for jj in range(kw):
+                    inside = tirx.all(oy + i >= 0, oy + i < h, ox + jj >= 0, ox + jj < w_)
+                    tap = tirx.Select(inside, tw[i * kw + jj, n], tirx.const(0.0, "float32"))
+                    v = tap if v is None else v + tap
+            return v
+
+        extra_args.append(tw)
+        terms.append(corr)
+
+    def out_f(m: Any, n: Any) -> Any:
+        v = ep[m, n] + bias[n]
+        for term in terms:
+            v = v + term(m, n)
+        return v
+
+    out = te.compute((m_, spec.N), out_f, name="out")
+    return te.create_prim_func([x, wm, ws, *extra_args, s, bias, out])
 
 
 # ----------------------------------------------------------------------------- rules and kernels
@@ -511,10 +775,13 @@ class Rule:
     applies: Callable[[LayerExport, _tvm.TargetInfo], bool]
     plan: Callable[[LayerExport, int, _tvm.TargetInfo], GemmSpec]
     schedule: Callable[[Any, GemmSpec], Any] = field(repr=False)
+    #: tag weight-only layers (float activations) with ``_a32`` (rules that serve both kinds)
+    a32_suffix: bool = True
 
     def impl_for(self, lx: LayerExport) -> str:
-        """Implementation name; weight-only layers (float activations) get an ``_a32`` suffix."""
-        if lx.act_mode == "fp32" and lx.weight_format != "fp32":
+        """Implementation name; weight-only layers (float activations) get an ``_a32`` suffix
+        unless the rule serves only them."""
+        if self.a32_suffix and lx.act_mode == "fp32" and lx.weight_format != "fp32":
             return self.impl + "_a32"
         return self.impl
 

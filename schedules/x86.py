@@ -1,4 +1,5 @@
-"""x86 schedules: the AVX2 ``vpmaddubsw`` ternary kernel plus blocked int8/fp32 GEMMs.
+"""x86 schedules: the AVX2 ``vpmaddubsw`` ternary kernel, the ternary x ternary popcount kernel,
+ternary weights with float activations, plus blocked int8/fp32 GEMMs.
 
 Same function names as :mod:`.generic` (``rules()``). The ternary rule needs AVX2 in the
 target's features: x86 intrinsics reaching a non-x86 LLVM backend abort the process
@@ -14,6 +15,12 @@ The ternary kernel (bitnet.cpp "I2_S"-like, measured in ``shared/notes/tvm.md`` 
   within int16 (|255 + 255| < 2^15);
 * epilogue: ``S[n, g] * (acc - 128 * sum_{k in g} w[n, k]) + bias`` per group, fused under the
   group loop.
+
+Ternary activations (``tvm_tt_popc``, RTN/STTN): the kernel packs its int8 activation codes into
+uint64 mask/sign planes (stage ``A_bits``, cost included), then per group
+``popc(am & wm) - 2 popc(am & wm & (as ^ ws))`` vectorised over 8 output channels; offsets
+(``act_offset``, ``weight_offset``) add exact border-aware corrections (see
+:func:`.ops.tt_compute`). Ternary weights with float activations (TWN) use ``tvm_t2_f32``.
 """
 
 from __future__ import annotations
@@ -23,13 +30,20 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import _tvm
-from .generic import schedule_blocked, schedule_input_stage
+from .generic import schedule_blocked, schedule_gemm, schedule_input_stage
 from .ops import AVX2_TILE_K, GemmSpec, Rule, plan_gemm
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
 
-__all__ = ["rules", "schedule_t2_avx2", "register_avx2_intrinsic", "AVX2_U8S8_8X4"]
+__all__ = [
+    "rules",
+    "schedule_t2_avx2",
+    "schedule_t2_f32",
+    "schedule_tt_popc",
+    "register_avx2_intrinsic",
+    "AVX2_U8S8_8X4",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +63,11 @@ T2_ROWS_PER_TASK = 64
 DENSE_NB = 16
 DENSE_MB = 4
 DENSE_ROWS_PER_TASK = 64
+# Ternary x ternary popcount GEMM: 8 output channels = two 256-bit vectors of uint64 plane
+# words per plane (the probe's best NB at batch 1), 4 rows per register tile.
+TT_NB = 8
+TT_MB = 4
+TT_ROWS_PER_TASK = 64
 
 
 @functools.cache
@@ -145,6 +164,21 @@ def schedule_t2_avx2(func: Any, spec: GemmSpec) -> Any:
     return sch.mod
 
 
+def schedule_tt_popc(func: Any, spec: GemmSpec) -> Any:
+    """Ternary x ternary (``tt_planes``) on AVX2: the blocked nest vectorised over 8 output
+    channels of uint64 words; LLVM lowers the vector popcount to ``vpshufb`` nibble lookups
+    plus ``vpsadbw`` (AVX2 has no vector popcount instruction)."""
+    return schedule_gemm(func, spec, vector_n=True)
+
+
+def schedule_t2_f32(func: Any, spec: GemmSpec) -> Any:
+    """Ternary weights, float activations (``t2_decoded``): the 2-bit codes are decoded into a
+    float32 tile (2 integer ops + 1 convert per 8 weights) once per task, or per 4-k step for
+    single-row-tile tasks (batch-1 linears), and the GEMM is the ``tvm_fp32`` blocked schedule
+    with the same tiles on it."""
+    return schedule_blocked(func, spec)
+
+
 def _is_x86(target: _tvm.TargetInfo) -> bool:
     return target.is_x86 and target.kind == "llvm"
 
@@ -165,6 +199,28 @@ def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmS
                      rows_per_task=T2_ROWS_PER_TASK)
 
 
+def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    # the vector popcount is only worth it with AVX2's 256-bit vpshufb; any group size works
+    # (groups are padded to whole 64-bit words)
+    return (_is_x86(target) and target.has("avx2") and lx.weight_format == "ternary"
+            and lx.act_mode == "ternary")
+
+
+def _plan_tt_popc(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
+    return plan_gemm(lx, batch, "tt_planes", nb=TT_NB, mb_max=TT_MB,
+                     rows_per_task=TT_ROWS_PER_TASK)
+
+
+def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    # plain vector code (decode + FMA/mul-add): any x86 LLVM target, no intrinsics
+    return _is_x86(target) and lx.weight_format == "ternary" and lx.act_mode == "fp32"
+
+
+def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
+    return plan_gemm(lx, batch, "t2_decoded", nb=DENSE_NB, mb_max=DENSE_MB,
+                     rows_per_task=DENSE_ROWS_PER_TASK)
+
+
 def _applies_dense(fmt: str) -> Any:
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
         return _is_x86(target) and lx.weight_format == fmt and lx.act_mode in ("int", "fp32")
@@ -181,6 +237,9 @@ def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
         Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2),
+        Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc),
+        Rule("x86.t2_f32", "tvm_t2_f32", _applies_t2_f32, _plan_t2_f32, schedule_t2_f32,
+             a32_suffix=False),
         Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked),
         Rule("x86.fp32", "tvm_fp32", _applies_dense("fp32"), _plan_dense, schedule_blocked),
     ]

@@ -28,6 +28,7 @@ from ternbench.schedules import (
     measure_layer,
     measure_torch_fp32,
     ops,
+    run_layer,
     tvm_version,
     x86,
 )
@@ -50,8 +51,14 @@ def make_layer(
     bias: bool = True,
     seed: int = 0,
     name: str | None = None,
+    act_offset: float = 0.0,
+    w_offset: bool = False,
 ) -> LayerExport:
-    """A hand-made export with random codes (ternary / int8 / fp32)."""
+    """A hand-made export with random codes (ternary / int8 / fp32).
+
+    ``act="ternary"``: ternary activations (threshold 0.5, scale 0.7) with an optional
+    activation offset and per-channel weight offsets (RTN style).
+    """
     rng = np.random.default_rng(seed)
     in_shape: tuple[int, ...]
     out_hw: tuple[int, ...]
@@ -71,6 +78,11 @@ def make_layer(
     else:
         codes = rng.standard_normal((out, fan)).astype(np.float32)
         scales, gs = np.ones((out, 1), np.float32), fan
+    tern: dict = {}
+    if act == "ternary":
+        tern = dict(act_threshold=0.5, act_offset=act_offset)
+        if w_offset:
+            tern["weight_offset"] = (rng.standard_normal(out) * 0.2).astype(np.float32)
     return LayerExport(
         name=name or f"{op}_{fmt}_{out}x{fan}_gs{gs}",
         op=op,  # type: ignore[arg-type]
@@ -80,8 +92,8 @@ def make_layer(
         group_size=gs,
         bias=rng.standard_normal(out).astype(np.float32) if bias else None,
         act_mode=act,
-        act_bits=8 if act == "int" else 32,  # type: ignore[arg-type]
-        act_scale=0.05 if act == "int" else 1.0,
+        act_bits={"int": 8, "ternary": 2}.get(act, 32),  # type: ignore[arg-type]
+        act_scale={"int": 0.05, "ternary": 0.7}.get(act, 1.0),
         in_channels=cin,
         out_channels=out,
         kernel_size=ks,
@@ -89,6 +101,7 @@ def make_layer(
         padding=pd,
         input_shape=in_shape,
         output_hw=out_hw,  # type: ignore[arg-type]
+        **tern,  # type: ignore[arg-type]
     )
 
 
@@ -206,14 +219,23 @@ def test_rule_selection_is_gated_by_target_features():
     assert measure.select_rule(t2, no_avx2).name == "generic.t2"
     assert measure.select_rule(make_layer(gs=4), info).name == "x86.t2_avx2"
     assert measure.select_rule(make_layer(cin=66, gs=6), info).name == "generic.t2"
-    assert measure.select_rule(make_layer(act="fp32"), info).name == "generic.t2"
     assert measure.select_rule(make_layer(fmt="int8"), info).name == "x86.int8"
     assert measure.select_rule(make_layer(fmt="fp32", act="fp32"), info).name == "x86.fp32"
-    tern_act = dataclasses.replace(make_layer(), act_mode="ternary")
+    # TWN style (ternary weights, float activations): decoded-to-fp32 blocked GEMM, any x86
+    twn = make_layer(act="fp32", gs=6, cin=66)
+    for target in (info, no_avx2):
+        rule = measure.select_rule(twn, target)
+        assert rule.name == "x86.t2_f32" and rule.impl_for(twn) == "tvm_t2_f32"
+    # ternary activations: popcount kernel, vectorised only with AVX2; any group size
+    for lx in (make_layer(act="ternary"), make_layer(act="ternary", gs=24, w_offset=True)):
+        assert measure.select_rule(lx, info).name == "x86.tt_popc"
+        assert measure.select_rule(lx, no_avx2).name == "generic.tt_popc"
     with pytest.raises(UnsupportedLayerError):
-        measure.select_rule(tern_act, info)
-    assert [r.name for r in generic.rules()] == ["generic.t2", "generic.int8", "generic.fp32"]
-    assert x86.rules()[0].name == "x86.t2_avx2"
+        measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
+    assert [r.name for r in generic.rules()] == [
+        "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
+    assert [r.name for r in x86.rules()][:3] == ["x86.t2_avx2", "x86.tt_popc", "x86.t2_f32"]
+    assert generic.rules()[0].impl_for(twn) == "tvm_t2_generic_a32"
 
 
 def test_plan_pads_and_validates():
@@ -272,7 +294,14 @@ def test_list_targets_and_version():
             1,
             "tvm_fp32",
         ),
-        ("linear_t2_a32", dict(op="linear", act="fp32", out=16, cin=64), 1, "tvm_t2_generic_a32"),
+        ("linear_t2_f32", dict(op="linear", act="fp32", out=16, cin=64), 1, "tvm_t2_f32"),
+        ("conv_t2_f32_gs16", dict(op="conv2d", act="fp32", out=16, cin=4, gs=16, hw=(6, 6)), 2,
+         "tvm_t2_f32"),
+        ("conv_t2_f32_s2", dict(op="conv2d", act="fp32", out=8, cin=3, hw=(9, 9), stride=2), 1,
+         "tvm_t2_f32"),
+        ("linear_tt", dict(op="linear", act="ternary", out=16, cin=100), 2, "tt"),
+        ("conv_tt_off", dict(op="conv2d", act="ternary", out=8, cin=8, hw=(7, 7), stride=2,
+                             act_offset=0.3, w_offset=True), 1, "tt"),
     ],
 )
 def test_measure_layer(tvm_mod, label, kw, batch, impl):
@@ -281,6 +310,8 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     _sane(lat, lx, batch)
     if impl == "t2":
         impl = "tvm_t2_avx2" if _has_avx2() else "tvm_t2_generic"
+    elif impl == "tt":
+        impl = "tvm_tt_popc" if _has_avx2() else "tvm_tt_popc_generic"
     assert lat.impl == impl
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
@@ -376,3 +407,187 @@ def test_torch_fp32_baseline():
         _sane(lat, lx, 2)
         assert lat.impl == "torch_fp32" and lat.target_str == "torch" and lat.threads == 1
     assert torch.get_num_threads() == before
+
+
+# ----------------------------------------------------------------------------- ternary activations
+
+
+def test_pack_planes_roundtrip():
+    """Mask/sign planes with each group padded to whole 64-bit words, decoded bit by bit."""
+    rng = np.random.default_rng(6)
+    w = rng.integers(-1, 2, (5, 50)).astype(np.int8)
+    gs, groups, gsp = 24, 3, 64  # groups of 24, 24 and 2 codes
+    wm, ws = ops.pack_planes(w, groups, gs, gsp, nb=4, np_=8)
+    assert wm.shape == ws.shape == (2, 3, 4) and wm.dtype == np.uint64
+    j = np.arange(64, dtype=np.uint64)
+    dec = np.zeros((8, groups * gsp), np.int64)
+    for n in range(8):
+        for q in range(groups):
+            m = (wm[n // 4, q, n % 4] >> j) & np.uint64(1)
+            sg = (ws[n // 4, q, n % 4] >> j) & np.uint64(1)
+            dec[n, q * 64 : (q + 1) * 64] = m.astype(np.int64) * (1 - 2 * sg.astype(np.int64))
+    for g in range(groups):
+        k0, k1 = g * gs, min((g + 1) * gs, 50)
+        np.testing.assert_array_equal(dec[:5, g * gsp : g * gsp + k1 - k0], w[:, k0:k1])
+        assert not dec[:, g * gsp + k1 - k0 : (g + 1) * gsp].any()  # group padding: no bits
+    assert not dec[5:].any()
+    assert not (ws & ~wm).any()  # a sign bit only where the mask is set
+    with pytest.raises(ValueError, match="ternary"):
+        ops.pack_planes(w * 2, groups, gs, gsp, 4, 8)
+
+
+def test_ternary_affine_terms_match_reference():
+    """The host-side offset terms plus the integer dot products give the layer's output
+    (numpy only), for a padded conv (border term) and an unpadded one (folded into bias)."""
+    rng = np.random.default_rng(7)
+    for pad in (1, 0):
+        lx = make_layer("conv2d", out=6, cin=3, hw=(5, 4), stride=2, pad=pad, gs=8,
+                        act="ternary", act_offset=0.25, w_offset=True, seed=pad)
+        spec = ops.plan_gemm(lx, 2, "tt_planes", nb=4, mb_max=4, rows_per_task=64)
+        assert spec.border == bool(pad) and spec.w_off and spec.affine
+        assert spec.Kp == spec.G * 64 and spec.k_order == "cij"
+        a = rng.integers(-1, 2, (2, 5, 4, 3)).astype(np.int8)  # NHWC codes
+        t = ops.tt_affine_terms(lx, spec)
+        xc = torch.from_numpy(a).permute(0, 3, 1, 2).double()
+        cols = torch.nn.functional.unfold(xc, 3, padding=pad, stride=2).transpose(1, 2)
+        cols = cols.reshape(-1, 27).numpy()  # [M, K] codes, zero on padded taps
+        ones = torch.nn.functional.unfold(torch.ones_like(xc[:, :1]), 3, padding=pad, stride=2)
+        valid = ones.transpose(1, 2).reshape(-1, 9).numpy()  # [M, taps]
+        dots = np.stack([cols[:, g * 8 : (g + 1) * 8] @ lx.codes[:, g * 8 : (g + 1) * 8].T
+                         for g in range(spec.G)], -1)  # [M, N, G]
+        y = (dots * lx.scales[None] * lx.act_scale).sum(-1) + t["bias"][:6]
+        y = y + t["Bw"][:6] * cols.sum(1, keepdims=True)
+        if spec.border:
+            y = y + valid @ t["Tw"][:, :6].astype(np.float64)
+        np.testing.assert_allclose(y, measure.reference_output(lx, a), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_input_quantizes_ternary():
+    lx = make_layer("linear", cin=4, out=8, act="ternary")
+    spec = ops.plan_gemm(lx, 2, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
+    x = torch.tensor([[0.6, -0.6, 0.5, -0.2], [-3.0, 0.0, 0.51, -0.5]])
+    a = measure.kernel_input(lx, spec, x)
+    np.testing.assert_array_equal(a, [[1, -1, 0, 0], [-1, 0, 1, 0]])
+    rnd = measure.kernel_input(lx, spec)
+    assert rnd.dtype == np.int8 and set(np.unique(rnd)) <= {-1, 0, 1}
+
+
+TT_CASES = [
+    # (label, make_layer kwargs, batch)
+    ("lin_pc", dict(op="linear", out=16, cin=100), 2),
+    ("lin_gs16_off", dict(op="linear", out=12, cin=72, gs=16, act_offset=-0.2, w_offset=True),
+     3),
+    ("lin_gs24_woff", dict(op="linear", out=10, cin=100, gs=24, w_offset=True), 1),
+    ("conv_pc_s2", dict(op="conv2d", out=8, cin=8, hw=(7, 7), stride=2), 2),
+    ("conv_pc_s2_off", dict(op="conv2d", out=8, cin=8, hw=(7, 7), stride=2, act_offset=0.3,
+                            w_offset=True), 2),
+    ("conv_gs16_s2_aoff", dict(op="conv2d", out=12, cin=5, hw=(6, 5), stride=2, gs=16,
+                               act_offset=0.4), 1),
+    ("conv_gs64_s2_off", dict(op="conv2d", out=16, cin=16, hw=(5, 5), stride=2, gs=64,
+                              act_offset=0.3, w_offset=True), 1),
+    ("conv1x1_nopad_off", dict(op="conv2d", out=8, cin=16, k=1, pad=0, hw=(4, 4),
+                               act_offset=0.3, w_offset=True), 2),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch"), TT_CASES, ids=[c[0] for c in TT_CASES])
+def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
+    """Ternary x ternary kernel vs ``methods._deploy.layer_reference`` on a float input."""
+    from ternbench.methods._deploy import layer_reference
+
+    lx = make_layer(**kw, act="ternary", name=label, seed=len(label))
+    x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(batch))
+    impl, y = run_layer(lx, x)
+    assert impl == ("tvm_tt_popc" if _has_avx2() else "tvm_tt_popc_generic")
+    ref = layer_reference(lx, x).numpy()
+    assert y.shape == ref.shape
+    affine = lx.act_offset != 0.0 or lx.weight_offset is not None
+    rtol = measure.FLOAT_RTOL if affine else measure.INT_RTOL
+    err = np.abs(y - ref).max()
+    assert err <= rtol * np.abs(ref).max(), (err, np.abs(ref).max())
+    assert np.abs(ref).max() > 1.0  # the check is not vacuous
+    lat = measure_layer(lx, batch=batch, ev=EV, x=x)
+    _sane(lat, lx, batch)
+
+
+@pytest.mark.tvm
+def test_ternary_generic_fallback_without_avx2(tvm_mod, monkeypatch, caplog):
+    from ternbench.methods._deploy import layer_reference
+
+    real = _tvm.target_info("x86")
+    plain = dataclasses.replace(real, features=frozenset())
+    monkeypatch.setattr(_tvm, "target_info", lambda name: plain)
+    monkeypatch.setattr(measure, "_fallback_logged", set())
+    lx = make_layer("conv2d", out=6, cin=3, gs=8, hw=(6, 6), stride=2, act="ternary",
+                    act_offset=0.2, w_offset=True, name="tt_plain")
+    x = torch.randn(2, 3, 6, 6)
+    with caplog.at_level(logging.WARNING, logger="ternbench.schedules.measure"):
+        impl, y = run_layer(lx, x)
+    assert impl == "tvm_tt_popc_generic" and "not optimized for x86" in caplog.text
+    ref = layer_reference(lx, x).numpy()
+    assert np.abs(y - ref).max() <= measure.FLOAT_RTOL * np.abs(ref).max()
+
+
+@pytest.mark.tvm
+def test_ternary_mismatch_raises(tvm_mod, monkeypatch):
+    lx = make_layer("conv2d", out=8, cin=4, hw=(5, 5), act="ternary", act_offset=0.3,
+                    w_offset=True, name="bad_tt")
+    real_ref = measure.reference_output
+    monkeypatch.setattr(measure, "reference_output", lambda lx_, a: real_ref(lx_, a) + 0.01)
+    with pytest.raises(KernelMismatchError, match="bad_tt"):
+        measure_layer(lx, ev=EV)
+    monkeypatch.setattr(measure, "reference_output", real_ref)
+    real_pack = ops.pack_weight_args
+
+    def corrupt(spec, lx_):
+        args = real_pack(spec, lx_)
+        args[1] = args[1].copy()
+        args[1].flat[0] ^= np.uint64(0xFFFF)  # flip 16 sign bits: some nonzero codes flip
+        return args
+
+    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    with pytest.raises(KernelMismatchError, match="bad_tt"):
+        measure_layer(lx, ev=EV)
+
+
+@pytest.mark.tvm
+def test_twn_layer_matches_layer_reference(tvm_mod):
+    from ternbench.methods._deploy import layer_reference
+
+    lx = make_layer("conv2d", out=16, cin=6, gs=9, hw=(7, 7), stride=2, act="fp32", name="twn")
+    x = torch.randn(2, 6, 7, 7)
+    impl, y = run_layer(lx, x)
+    assert impl == "tvm_t2_f32"
+    ref = layer_reference(lx, x).numpy()
+    assert np.abs(y - ref).max() <= measure.FLOAT_RTOL * np.abs(ref).max()
+
+
+@pytest.mark.tvm
+def test_new_kernels_are_vectorised(tvm_mod):
+    info = _tvm.target_info("x86")
+    if not _has_avx2():
+        pytest.skip("host has no AVX2")
+    lx = make_layer(act="ternary")
+    asm = measure.select_rule(lx, info).build(lx, 1, info).module.inspect_source("asm")
+    assert "vpshufb" in asm and "vpsadbw" in asm  # AVX2 vector popcount
+    twn = make_layer(act="fp32")
+    asm = measure.select_rule(twn, info).build(twn, 4, info).module.inspect_source("asm")
+    assert "vcvtdq2ps" in asm  # the 2-bit codes decoded to fp32 vectors
+    if "fma" in info.features:
+        assert "vfmadd" in asm
+
+
+def test_torch_fp32_baseline_ternary_export():
+    """Ternary-activation exports (with weight offsets) time torch on float input."""
+    for lx in (
+        make_layer("conv2d", out=8, cin=4, hw=(6, 6), act="ternary", act_offset=0.3,
+                   w_offset=True, name="tc"),
+        make_layer("linear", out=10, cin=40, gs=8, act="ternary", name="tl"),
+    ):
+        lat = measure_torch_fp32(lx, batch=2, ev=EV, threads=1)
+        _sane(lat, lx, 2)
+        assert lat.impl == "torch_fp32"
+        w = measure.fp32_weight(lx)
+        off = 0.0 if lx.weight_offset is None else lx.weight_offset[:, None]
+        np.testing.assert_array_equal(w, lx.dequantized_weight() + off)
