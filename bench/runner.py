@@ -338,6 +338,12 @@ def run(
         try:
             for cell, outcome in ex.run_cells(todo, baselines, indices):
                 rows = accuracy_rows(cell, outcome, run_id)
+                if outcome.info is not None and outcome.info.get("ledger"):
+                    meta.setdefault("ledger", {})[cell.key] = {
+                        "method": cell.method, "model": cell.model, "dataset": cell.dataset,
+                        "profile": cell.profile, "sweep": cell.sweep, **outcome.info["ledger"],
+                    }
+                    store.write_meta(meta)
                 if outcome.info is not None:
                     atomic_write_bytes(
                         store.root / "exports" / f"{cell.key}.npz", outcome.info["export_npz"]

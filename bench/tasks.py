@@ -135,6 +135,10 @@ def quantize_cell(
         "deploy_max_abs_diff": max_logit_diff(qm, x),
         "deploy_layer_rel_err": layer_parity(qm, x),
         "method_config": qm.config.to_json(),
+        # the recipe actually used, the paper's, and how they differ (training-time methods)
+        "ledger": {k: (v if isinstance(v, str) else [str(d) for d in v])
+                   for k, v in qm.info.items()
+                   if k in ("recipe", "paper_recipe", "deviations") and v is not None},
         "export_npz": exports_to_bytes(exports),
         "quantize_seconds": time.perf_counter() - t0,
     }

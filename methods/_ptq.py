@@ -130,8 +130,9 @@ def post_training_quantize(
     go stale otherwise: 20% -> 85% top-1 on Fashion-MNIST in our notes), then activation ranges
     are recorded on the corrected network.
     """
-    m = copy.deepcopy(model).to(ctx.device).eval()
+    m = copy.deepcopy(model).eval()
     swap_layers(m, policy_layer(cfg, ternary))
+    m.to(ctx.device)  # after the swap: the new layers are built on the CPU
     info: dict[str, object] = {"bn_recalibrated": False, "finetune_epochs": 0.0}
     bn_loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
     if cfg.bn_recalibrate:

@@ -203,6 +203,7 @@ def _context(
                 layer_plots=by_section.get(f"layers:{target}", []),
             )
         )
+    ledger = _ledger_table(metas_of(data))
     failed = format_failed(data.failed)
     failed_md = format_failed(data.failed, max_error=300)
     n_fail_cells = data.failed[["run_id", "cell_key"]].drop_duplicates().shape[0]
@@ -225,8 +226,30 @@ def _context(
         "failed_html": _html_table(failed, uuid="fail") if len(failed) else "",
         "n_failed": n_fail_cells,
         "ablation_plots": by_section.get("ablation", []),
+        "ledger_md": _md_table(ledger) if len(ledger) else "",
+        "ledger_html": _html_table(ledger, uuid="ledger") if len(ledger) else "",
         "sweep_cols": [c.removeprefix("sweep.") for c in data.sweep_cols],
     }
+
+
+def metas_of(data: ReportData) -> list[dict[str, Any]]:
+    return list(getattr(data, "metas", []) or [])
+
+
+def _ledger_table(metas: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per method variant whose recipe deviates from its paper's (from run.json)."""
+    rows = []
+    for meta in metas:
+        for entry in (meta.get("ledger") or {}).values():
+            devs = entry.get("deviations") or []
+            sweep = ", ".join(f"{k}={v}" for k, v in (entry.get("sweep") or {}).items())
+            rows.append({
+                "Method": entry.get("method", "") + (f" ({sweep})" if sweep else ""),
+                "Profile": entry.get("profile", ""),
+                "Paper recipe": entry.get("paper_recipe", ""),
+                "Deviations": "; ".join(devs) if devs else "none",
+            })
+    return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
 
 
 def render_templates(context: Mapping[str, Any], formats: Sequence[str]) -> dict[str, str]:

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,7 @@ class ReportData:
     layers: pd.DataFrame  #: vid x model/dataset x target x kernel impl x layer
     failed: pd.DataFrame  #: failed cells with their reasons
     meta: pd.DataFrame  #: run metadata, one column per run
+    metas: list[dict[str, Any]] = field(default_factory=list)  #: the run.json dicts
 
     @property
     def compare(self) -> bool:
@@ -403,6 +404,7 @@ def prepare(
         layers=layers,
         failed=_failed_table(df),
         meta=_meta_table(metas, df, run_ids),
+        metas=metas,
     )
 
 
