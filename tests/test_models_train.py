@@ -67,7 +67,7 @@ def _n_params(m: nn.Module) -> int:
 
 
 def test_model_registry() -> None:
-    assert list_models() == ["resnet8", "resnet20", "resnet18"]
+    assert list_models()[:3] == ["resnet8", "resnet20", "resnet18"]
     assert list_models("resnet2*") == ["resnet20"]
     with pytest.raises(ValueError, match=r"Did you mean 'resnet8'"):
         create_model("resnet-8", in_chans=1, num_classes=10)
