@@ -246,24 +246,24 @@ def _cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _print_summary(df: Any, out: Path) -> None:
+    """One line per method variant: top-1, bits, sparsity and model latency per target."""
     if df is None or not len(df):
         print(f"no results in {out}")
         return
-    ok = df[df.status == "ok"]
+    ok = df[df.status == "ok"].copy()
+    sweep = [c for c in ok.columns if c.startswith("sweep.")]
+    for c in sweep:  # pivot keys must not be NaN: a variant without that axis shows "-"
+        ok[c] = ok[c].astype(object).where(ok[c].notna(), "-")
+    index = ["method", *sweep, "model", "dataset"]
     acc = ok[(ok.target == "-") & ok.metric.isin(["top1", "effective_bits", "sparsity"])]
     lat = ok[(ok.layer == "__total__") & (ok.metric == "latency_us")]
-    table = acc.pivot_table(
-        index=["method", "model", "dataset"], columns="metric", values="value", aggfunc="mean"
-    )
+    table = acc.pivot_table(index=index, columns="metric", values="value", aggfunc="mean")
     if len(lat):
-        lt = lat.pivot_table(
-            index=["method", "model", "dataset"],
-            columns=["target", "impl"],
-            values="value",
-            aggfunc="mean",
-        )
+        lt = lat.pivot_table(index=index, columns=["target", "impl"], values="value",
+                             aggfunc="mean")
         lt.columns = [f"{t}:{i} us" for t, i in lt.columns]
         table = table.join(lt)
+    table.index.names = [n.removeprefix("sweep.") for n in table.index.names]
     print(table.round(3).to_string())
     print(f"\nresults: {out}/results.parquet  report: {out}/report.html")
 
