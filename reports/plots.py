@@ -84,9 +84,11 @@ def method_colors(methods: Iterable[str], registry: Sequence[str] | None = None)
     names = list(dict.fromkeys(methods))
     rank = method_rank(names, registry)
     n = max(rank.values(), default=0) + 1
-    cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    size = 10 if n <= 10 else 20
-    return {m: to_hex(cmap(rank[m] % size)) for m in names}
+    cmap = colormaps["tab10" if n <= 9 else "tab20"]
+    # greys are left out: dominated points are drawn grey
+    palette = [to_hex(cmap(i)) for i in range(cmap.N)]
+    palette = [c for c in palette if len({c[1:3], c[3:5], c[5:7]}) > 1]
+    return {m: palette[rank[m] % len(palette)] for m in names}
 
 
 def pareto_mask(x: Sequence[float], y: Sequence[float]) -> np.ndarray:
