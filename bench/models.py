@@ -1,9 +1,10 @@
-"""Model registry: CIFAR-style ResNet-8/20 and torchvision's ResNet-18.
+"""Model registry: CIFAR-style ResNet-8/20, torchvision's ResNet-18, and the STTN layout.
 
-Every model is built only from ``Conv2d`` (groups=1, dilation=1), ``BatchNorm2d``, ``ReLU``,
-``Linear`` and pooling, because the quantization layer swap (``ternbench.methods._layers``)
-replaces exactly the Conv2d/Linear modules; the first conv is the first such module and the
-classifier the last, in module order.
+The weight layers are only ``Conv2d`` (groups=1, dilation=1) and ``Linear``, because the
+quantization layer swap (``ternbench.methods._layers``) replaces exactly those modules; the
+first conv is the first such module and the classifier the last, in module order. The rest is
+``BatchNorm2d``, ``ReLU`` and pooling, plus ``Hardtanh``/``PReLU`` and a parameter-free
+shortcut in the ``sttn_*`` models (the STTN repository's block, see :class:`STTNResNet`).
 
 Example:
     >>> import torch
@@ -20,9 +21,19 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["CifarResNet", "BasicBlock", "list_models", "create_model", "get_model_info"]
+__all__ = [
+    "CifarResNet",
+    "BasicBlock",
+    "STTNResNet",
+    "STTNUnit",
+    "ParamFreeShortcut",
+    "list_models",
+    "create_model",
+    "get_model_info",
+]
 
 
 class BasicBlock(nn.Module):
@@ -86,6 +97,103 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+class ParamFreeShortcut(nn.Module):
+    """Parameter-free downsampling shortcut (STTN, Bi-Real style): a 2x2 max-pool when the
+    stride is 2, then zero channels appended up to ``planes``.
+
+    ``ceil_mode`` makes odd sizes match a 3x3/2 conv with padding 1 (7 -> 4).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        if planes < in_planes or stride not in (1, 2):
+            raise ValueError(
+                f"ParamFreeShortcut needs planes >= in_planes and stride 1 or 2, got "
+                f"{in_planes}->{planes}, stride {stride}"
+            )
+        self.pool: nn.Module = nn.MaxPool2d(2, 2, ceil_mode=True) if stride == 2 else nn.Identity()
+        self.extra = planes - in_planes
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.pool(x)
+        if self.extra == 0:
+            return y
+        return torch.cat([y, y.new_zeros(y.shape[0], self.extra, *y.shape[2:])], 1)
+
+
+class STTNUnit(nn.Module):
+    """One conv of the STTN repository's block: BN -> Hardtanh -> conv3x3 -> BN -> + shortcut
+    -> PReLU, every conv with its own shortcut.
+
+    The FP32 model carries ``Hardtanh`` (the repo's float option) where the ternary activation
+    goes: the STTN/RTN quantizers put theirs on the conv input, and a ternary activation with
+    threshold 0.5 and an STE on ``|x| < 1`` gives the same values and gradients after it.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(in_planes)
+        self.act = nn.Hardtanh()
+        self.conv = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn_out = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module
+        if stride == 1 and in_planes == planes:
+            self.shortcut = nn.Identity()
+        else:
+            self.shortcut = ParamFreeShortcut(in_planes, planes, stride)
+        self.prelu = nn.PReLU(planes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn_out(self.conv(self.act(self.bn_in(x))))
+        return self.prelu(out + self.shortcut(x))
+
+
+class STTNResNet(nn.Module):
+    """The STTN repository's ResNet (``resnet18_bwx2``) layout at any depth.
+
+    A stem (3x3/1 conv for small images, else 7x7/2 conv + 3x3/2 max pool) -> BN -> PReLU;
+    stages of blocks, each block two :class:`STTNUnit` (the first of a stage may downsample);
+    global average pool; Linear. Stem conv and Linear are the first and last weight layers
+    (kept FP32 by STTN).
+    """
+
+    def __init__(
+        self,
+        widths: tuple[int, ...],
+        blocks_per_stage: int,
+        *,
+        in_chans: int = 3,
+        num_classes: int = 10,
+        small_stem: bool = True,
+    ) -> None:
+        super().__init__()
+        stem: list[nn.Module]
+        if small_stem:
+            stem = [nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)]
+        else:
+            stem = [nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3, bias=False)]
+        stem += [nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0])]
+        if not small_stem:
+            stem.append(nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(*stem)
+        units: list[nn.Module] = []
+        in_planes = widths[0]
+        for i, planes in enumerate(widths):
+            for b in range(blocks_per_stage):
+                stride = 2 if i > 0 and b == 0 else 1
+                units.append(STTNUnit(in_planes, planes, stride))
+                units.append(STTNUnit(planes, planes, 1))
+                in_planes = planes
+        self.features = nn.Sequential(*units)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.features(self.stem(x))
+        return self.fc(self.avgpool(x).flatten(1))
+
+
 def _init_weights(model: nn.Module) -> None:
     # He init for convs (as in the ResNet papers / torchvision), unit BN, default Linear.
     for m in model.modules():
@@ -134,6 +242,29 @@ _MODELS: dict[str, ModelInfo] = {
         "resnet18",
         "torchvision ResNet-18 (11.7M params); 3x3/1 stem without max pool for images <= 64 px",
         _resnet18,
+    ),
+    "sttn_resnet8": ModelInfo(
+        "sttn_resnet8",
+        "STTN-repo layout, ResNet-8 size (BN-act-conv-BN-add-PReLU per conv, max-pool + "
+        "zero-channel downsampling, 16/32/64 ch)",
+        lambda c, k, s: STTNResNet((16, 32, 64), 1, in_chans=c, num_classes=k),
+    ),
+    "sttn_resnet20": ModelInfo(
+        "sttn_resnet20",
+        "STTN-repo layout, ResNet-20 size (3 blocks of 2 units per stage, 16/32/64 ch)",
+        lambda c, k, s: STTNResNet((16, 32, 64), 3, in_chans=c, num_classes=k),
+    ),
+    "sttn_resnet18": ModelInfo(
+        "sttn_resnet18",
+        "STTN-repo ResNet-18 (resnet18_bwx2 without the binary split, 64-512 ch); 3x3/1 stem "
+        "without max pool for images <= 64 px",
+        lambda c, k, s: STTNResNet(
+            (64, 128, 256, 512),
+            2,
+            in_chans=c,
+            num_classes=k,
+            small_stem=s is not None and s <= 64,
+        ),
     ),
 }
 
