@@ -392,5 +392,10 @@ def run(
     if report and len(frame):
         from ternbench.reports import build_report
 
-        build_report(store.root, store.root)
+        try:
+            build_report(store.root, store.root)
+        except Exception as exc:  # the results are safe on disk; a report can be rebuilt
+            log.error("report failed (results are kept; rebuild with `ternbench report %s`): %s",
+                      store.root, exc)
+            log.debug("report failure", exc_info=True)
     return RunSummary(frame=frame, failed=failed, done=done, skipped=skipped, out=cfg.out)

@@ -5,6 +5,7 @@ an earlier task of the same cell produced.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -136,13 +137,24 @@ def quantize_cell(
         "deploy_layer_rel_err": layer_parity(qm, x),
         "method_config": qm.config.to_json(),
         # the recipe actually used, the paper's, and how they differ (training-time methods)
-        "ledger": {k: (v if isinstance(v, str) else [str(d) for d in v])
-                   for k, v in qm.info.items()
-                   if k in ("recipe", "paper_recipe", "deviations") and v is not None},
+        "ledger": _ledger(qm.info),
         "export_npz": exports_to_bytes(exports),
         "quantize_seconds": time.perf_counter() - t0,
     }
     return qm.module, info
+
+
+def _ledger(info: dict[str, Any]) -> dict[str, Any]:
+    """Recipe (JSON text), paper recipe (text) and deviations (list of text) of a method."""
+    out: dict[str, Any] = {}
+    for key in ("recipe", "paper_recipe"):
+        if info.get(key) is not None:
+            v = info[key]
+            out[key] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+    if info.get("deviations") is not None:
+        devs = info["deviations"]
+        out["deviations"] = [devs] if isinstance(devs, str) else [str(d) for d in devs]
+    return out
 
 
 @torch.no_grad()

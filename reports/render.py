@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
+import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -243,11 +244,12 @@ def _ledger_table(metas: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         for entry in (meta.get("ledger") or {}).values():
             devs = entry.get("deviations") or []
             sweep = ", ".join(f"{k}={v}" for k, v in (entry.get("sweep") or {}).items())
+            paper = entry.get("paper_recipe", "")
             rows.append({
                 "Method": entry.get("method", "") + (f" ({sweep})" if sweep else ""),
-                "Profile": entry.get("profile", ""),
-                "Paper recipe": entry.get("paper_recipe", ""),
-                "Deviations": "; ".join(devs) if devs else "none",
+                "Profile": str(entry.get("profile", "")),
+                "Paper recipe": paper if isinstance(paper, str) else json.dumps(paper),
+                "Deviations": "; ".join(map(str, devs)) if devs else "none",
             })
     return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
 
