@@ -141,7 +141,7 @@ def layer_parity(qm: QuantizedModel, x: Tensor) -> float:
             def hook(m: nn.Module, inp: tuple[Tensor, ...], out: Tensor, name: str = name) -> None:
                 seen[name] = (inp[0].detach(), out.detach())
 
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(hook))  # type: ignore[attr-defined]
     try:
         qm.module.eval()
         qm.module(x)

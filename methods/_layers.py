@@ -211,10 +211,10 @@ class QuantConv2d(nn.Conv2d, QuantLayer):  # type: ignore[misc]
         super().__init__(
             conv.in_channels,
             conv.out_channels,
-            conv.kernel_size,
+            conv.kernel_size,  # type: ignore[arg-type]
             conv.stride,  # type: ignore[arg-type]
-            conv.padding,
-            bias=conv.bias is not None,  # type: ignore[arg-type]
+            conv.padding,  # type: ignore[arg-type]
+            bias=conv.bias is not None,
         )
         with torch.no_grad():
             self.weight.copy_(conv.weight)

@@ -33,7 +33,7 @@ import logging
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -143,9 +143,8 @@ class TRNWeight(TernaryGroupWeight):
         return f"{super().extra_repr()}, edges={len(self.edges)}, active={self.active}"
 
 
-def _trn_layers(module: nn.Module) -> list[tuple[str, nn.Module, TRNWeight]]:
-    return [(n, m, m.wq) for n, m in iter_quant_layers(module)  # type: ignore[attr-defined]
-            if isinstance(m.wq, TRNWeight)]  # type: ignore[attr-defined]
+def _trn_layers(module: nn.Module) -> list[tuple[str, Any, TRNWeight]]:
+    return [(n, m, m.wq) for n, m in iter_quant_layers(module) if isinstance(m.wq, TRNWeight)]
 
 
 def set_active_edges(qm: QuantizedModel, n: int) -> int:
@@ -209,7 +208,7 @@ class TRN:
         eps: dict[str, list[float]] = {}
         macs: dict[str, int] = {}
         for name, mod, wq in layers:
-            w2d = mod.weight.detach().reshape(mod.weight.shape[0], -1)  # type: ignore[union-attr]
+            w2d = mod.weight.detach().reshape(mod.weight.shape[0], -1)
             eps[name] = wq.build_edges(w2d, cfg.max_edges_per_layer)
             ho, wo = getattr(mod, "seen_output_hw", (1, 1))
             macs[name] = int(w2d.numel()) * ho * wo
@@ -252,7 +251,7 @@ class TRN:
         qm.module.trn_bn_sets = sets  # type: ignore[assignment]
         qm.module.eval()
 
-    def _sensitivity(self, qm: QuantizedModel, layers: list[tuple[str, nn.Module, TRNWeight]],
+    def _sensitivity(self, qm: QuantizedModel, layers: list[tuple[str, Any, TRNWeight]],
                      batches: list[tuple[Tensor, Tensor]], device: str) -> dict[str, float]:
         """Loss increase on calibration batches when each layer alone is ternarized."""
         for _, _, wq in layers:

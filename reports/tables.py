@@ -404,7 +404,7 @@ def prepare(
         layers=layers,
         failed=_failed_table(df),
         meta=_meta_table(metas, df, run_ids),
-        metas=metas,
+        metas=[dict(m) for m in metas],
     )
 
 
