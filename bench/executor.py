@@ -7,6 +7,7 @@ with the same thread count, so they produce identical rows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Iterator
@@ -77,6 +78,16 @@ class LocalExecutor:
         return None
 
 
+def task_placement(cell: CellSpec, cluster_gpus: float) -> tuple[CellSpec, dict[str, Any]]:
+    """Training-time cells ask Ray for one GPU when the cluster has any (and then train on
+    ``cuda``); everything else is CPU work."""
+    from ternbench.methods import get_method_info
+
+    if cluster_gpus >= 1 and get_method_info(cell.method).kind == "qat":
+        return dataclasses.replace(cell, device="cuda"), {"num_gpus": 1}
+    return cell, {}
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """Turn a RayTaskError into the exception the task raised, so users see the real cause."""
     cause = getattr(exc, "cause", None)
@@ -133,9 +144,12 @@ class RayExecutor:
     ) -> Iterator[tuple[CellSpec, CellOutcome]]:
         ray = self._ray
         base_refs = {k: ray.put(v) for k, v in baselines.items()}
+        gpus = float(ray.cluster_resources().get("GPU", 0))
         pending: dict[Any, tuple[CellSpec, list[Any]]] = {}
         for cell in cells:
-            module_ref, info_ref = self._quantize.remote(cell, base_refs[cell.baseline_key])
+            cell, opts = task_placement(cell, gpus)
+            quantize = self._quantize.options(**opts) if opts else self._quantize
+            module_ref, info_ref = quantize.remote(cell, base_refs[cell.baseline_key])
             # shards depend on the module ref: Ray starts them once quantize has finished,
             # and the module never travels through the driver
             shard_refs = [

@@ -64,8 +64,11 @@ def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any],
     A method may declare a default sweep (TRN sweeps its enabled residual edges); a sweep given
     by the user for that method replaces it.
     """
+    info = get_method_info(method)
     base = dict(cfg.overrides.get(method, {}))
-    axes = cfg.sweeps.get(method) or get_method_info(method).default_sweep
+    if cfg.profile_obj.apply_paper_recipes and info.paper_overrides:
+        base = {**info.paper_overrides, **base}  # the user's --set still wins
+    axes = cfg.sweeps.get(method) or info.default_sweep
     if not axes:
         return [(base, {})]
     names = list(axes)

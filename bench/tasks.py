@@ -43,6 +43,7 @@ class CellSpec:
     data_root: str | None = None
     checkpoint_dir: str | None = None  # QAT checkpoints of this cell (resume after a kill)
     threads: int = 1
+    device: str = "cpu"  # where quantize/train runs ("cuda" when the executor got a GPU)
     baseline_key: str = ""
     sweep: dict[str, Any] = field(default_factory=dict)  # the swept config fields of this cell
     extra: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +109,7 @@ def _context(spec: CellSpec) -> QuantContext:
         train_epochs=prof.train_epochs,
         checkpoint_dir=spec.checkpoint_dir,
         progress=False,
+        device=spec.device,
         bn_batches=prof.bn_batches,
     )
 
@@ -124,7 +126,8 @@ def quantize_cell(
     model.load_state_dict(baseline_state)
     model.eval()
     method = create_method(spec.method, spec.overrides)
-    qm = method.quantize(model, _context(spec))
+    qm = method.quantize(model.to(spec.device), _context(spec))
+    qm.module.to("cpu")  # export, parity and evaluation are CPU work
     exports = qm.export()
     cost = summarize_cost(exports.values())
     test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
@@ -141,7 +144,7 @@ def quantize_cell(
         "export_npz": exports_to_bytes(exports),
         "quantize_seconds": time.perf_counter() - t0,
     }
-    return qm.module, info
+    return qm.module.to("cpu"), info  # evaluation shards run on CPU workers
 
 
 def _ledger(info: dict[str, Any]) -> dict[str, Any]:

@@ -60,6 +60,8 @@ class MethodInfo:
     distribution: str | None = None
     #: swept by the harness when the user gives no sweep for this method
     default_sweep: dict[str, tuple[Any, ...]] | None = None
+    #: config fields that reproduce the paper's recipe; applied by the ``paper`` profile
+    paper_overrides: dict[str, Any] | None = None
 
     def summary(self) -> str:
         return self.paper.split(",")[0] if self.paper else ""
@@ -78,6 +80,7 @@ def register_method(
     paper: str,
     kind: Kind,
     default_sweep: dict[str, tuple[Any, ...]] | None = None,
+    paper_overrides: dict[str, Any] | None = None,
 ) -> Callable[[Callable[[MethodConfig], TernaryMethod]], Callable[[MethodConfig], TernaryMethod]]:
     """Register ``factory(config) -> TernaryMethod`` under ``name`` (default: function name).
 
@@ -92,7 +95,8 @@ def register_method(
     ) -> Callable[[MethodConfig], TernaryMethod]:
         key = (name or factory.__name__).lower()
         info = MethodInfo(
-            key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST, default_sweep
+            key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST, default_sweep,
+            paper_overrides,
         )
         old = _REGISTRY.get(key)
         if old is not None and old.module != info.module:

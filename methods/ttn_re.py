@@ -198,7 +198,15 @@ class TTNRE:
         return qm
 
 
-@register_method("ttn_re", config=TTNREConfig, paper=PAPER, kind="qat")
+@register_method(
+    "ttn_re", config=TTNREConfig, paper=PAPER, kind="qat",
+    paper_overrides={
+        "epochs": PAPER_RECIPE.epochs, "optimizer": PAPER_RECIPE.optimizer, "lr": PAPER_RECIPE.lr,
+        "momentum": PAPER_RECIPE.momentum, "nesterov": PAPER_RECIPE.nesterov,
+        "weight_decay": PAPER_RECIPE.weight_decay, "schedule": PAPER_RECIPE.schedule,
+        "milestones": PAPER_RECIPE.milestones, "gammas": PAPER_RECIPE.gammas,
+    },
+)
 def ttn_re(config: MethodConfig) -> TTNRE:
     assert isinstance(config, TTNREConfig)
     return TTNRE(config)

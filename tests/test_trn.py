@@ -125,3 +125,26 @@ def test_cli_sweep_dry_run(capsys) -> None:
     assert "9 cells" in out
     assert main(["run", "--ablation", "fgq-sizes", "--dry-run"]) == 2
     assert "fgq-group-size" in capsys.readouterr().err
+
+
+def test_paper_profile_applies_paper_recipes() -> None:
+    cells = {c.method: c for c in plan(BenchConfig(methods=("ttn_re", "sttn", "fgq"),
+                                                  profile="paper"))}
+    assert cells["ttn_re"].overrides["epochs"] == 200 and cells["ttn_re"].overrides["lr"] == 0.1
+    assert cells["sttn"].overrides["optimizer"] == "adam" and cells["sttn"].overrides["kd"]
+    assert cells["fgq"].overrides == {}
+    user = plan(BenchConfig(methods=("ttn_re",), profile="paper",
+                            overrides={"ttn_re": {"epochs": 5}}))
+    assert user[0].overrides["epochs"] == 5  # --set wins over the paper recipe
+    default = plan(BenchConfig(methods=("ttn_re",), profile="default"))
+    assert "epochs" not in default[0].overrides
+
+
+def test_qat_cells_ask_for_a_gpu_only_when_the_cluster_has_one() -> None:
+    from ternbench.bench.executor import task_placement
+
+    cells = {c.method: c for c in plan(BenchConfig(methods=("sttn", "fgq"), profile="smoke"))}
+    cell, opts = task_placement(cells["sttn"], 1.0)
+    assert opts == {"num_gpus": 1} and cell.device == "cuda"
+    assert task_placement(cells["sttn"], 0.0) == (cells["sttn"], {})
+    assert task_placement(cells["fgq"], 4.0) == (cells["fgq"], {})
