@@ -205,6 +205,7 @@ def _context(
             )
         )
     ledger = _ledger_table(metas_of(data))
+    papers = _paper_table(data)
     failed = format_failed(data.failed)
     failed_md = format_failed(data.failed, max_error=300)
     n_fail_cells = data.failed[["run_id", "cell_key"]].drop_duplicates().shape[0]
@@ -228,9 +229,38 @@ def _context(
         "n_failed": n_fail_cells,
         "ablation_plots": by_section.get("ablation", []),
         "ledger_md": _md_table(ledger) if len(ledger) else "",
+        "papers_md": _md_table(papers) if len(papers) else "",
+        "papers_html": _html_table(papers, uuid="papers") if len(papers) else "",
         "ledger_html": _html_table(ledger, uuid="ledger") if len(ledger) else "",
         "sweep_cols": [c.removeprefix("sweep.") for c in data.sweep_cols],
     }
+
+
+def _paper_table(data: ReportData) -> pd.DataFrame:
+    """The papers' reported top-1 for the models/datasets of this report, beside our best
+    variant of the same method (or "not run")."""
+    from .paper_numbers import matching
+
+    acc = data.accuracy
+    if not len(acc):
+        return pd.DataFrame()
+    pairs = {(str(m), str(d)) for m, d in zip(acc["model"], acc["dataset"], strict=True)}
+    rows = []
+    for p in matching(pairs):
+        ours = acc[(acc["method"] == p.method) & (acc["model"] == p.model)
+                   & (acc["dataset"] == p.dataset)]
+        fp = acc[(acc["method"] == "fp32") & (acc["model"] == p.model)
+                 & (acc["dataset"] == p.dataset)]
+        rows.append({
+            "Method": p.method, "Model / dataset": f"{p.model} / {p.dataset}",
+            "Reported top-1": f"{p.top1:.2f}",
+            "Reported FP32": "" if p.fp32_top1 is None else f"{p.fp32_top1:.2f}",
+            "Setting (paper)": p.setting,
+            "Ours top-1 (best variant)": f"{ours['top1'].max():.2f}" if len(ours) else "not run",
+            "Our FP32": f"{fp['top1'].max():.2f}" if len(fp) else "",
+            "Source": p.source,
+        })
+    return pd.DataFrame(rows)
 
 
 def metas_of(data: ReportData) -> list[dict[str, Any]]:

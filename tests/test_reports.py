@@ -381,3 +381,25 @@ def test_inline_svg_prefixes_ids() -> None:
     out = inline_svg(svg, "f0")
     assert 'id="f0-m1"' in out and 'href="#f0-m1"' in out and "url(#f0-p2)" in out
     assert "http://" not in out and out.startswith('<svg class="plot"')
+
+
+def test_paper_numbers_shown_only_for_matching_model_and_dataset(tmp_path) -> None:
+    """Reported numbers appear, labelled, beside ours when model and dataset match."""
+    import pandas as pd
+
+    from ternbench.reports import build_report
+
+    rows = []
+    for method, top1 in (("fp32", 91.0), ("ttn_re", 90.1)):
+        rows.append({"schema_version": 1, "run_id": "r", "cell_key": method, "method": method,
+                     "method_config": "{}", "profile": "default", "model": "resnet20",
+                     "dataset": "cifar10", "subset": "test:all@seed0", "seed": 0, "target": "-",
+                     "layer": "", "impl": "", "metric": "top1", "value": top1, "unit": "%",
+                     "status": "ok", "error": ""})
+    paths = build_report(pd.DataFrame(rows), tmp_path / "a")
+    md = paths["md"].read_text()
+    assert "Reported in the papers (not measured here)" in md
+    assert "91.65" in md and "90.10" in md
+    other = pd.DataFrame([{**r, "model": "resnet8", "dataset": "fashion-mnist"} for r in rows])
+    md2 = build_report(other, tmp_path / "b")["md"].read_text()
+    assert "Reported in the papers" not in md2
