@@ -386,7 +386,6 @@ def test_inline_svg_prefixes_ids() -> None:
 def test_paper_numbers_shown_only_for_matching_model_and_dataset(tmp_path) -> None:
     """Reported numbers appear, labelled, beside ours when model and dataset match."""
     import pandas as pd
-
     from ternbench.reports import build_report
 
     rows = []
