@@ -330,13 +330,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         NotADirectoryError,
         PermissionError,
+        FileExistsError,
+        IsADirectoryError,
     ]
-    try:
-        from .cache import CheckpointError
+    from ternbench.reports import ResultsError
 
-        errs.append(CheckpointError)
-    except ImportError:
-        pass
+    from .cache import CheckpointError
+
+    errs += [CheckpointError, ResultsError]
     return tuple(errs)
 
 

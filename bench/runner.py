@@ -301,6 +301,18 @@ def latency_rows(
     return rows
 
 
+def preflight(cfg: BenchConfig) -> None:
+    """Fail fast on inputs that would only break mid-run: datasets that are not where they
+    should be, an out path that is a file, a run directory of another schema."""
+    from .data import load_dataset
+
+    for dataset in cfg.datasets:
+        load_dataset(dataset, "val" if dataset == "imagenet" else "test", cfg.data_root)
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise NotADirectoryError(f"--out {cfg.out} is a file, not a run directory")
+    ResultStore(cfg.out).read_meta()  # raises SchemaMismatchError for an incompatible run
+
+
 def run(
     cfg: BenchConfig,
     *,
@@ -311,6 +323,7 @@ def run(
     on_event: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run the grid of ``cfg``; finished parts already in ``cfg.out`` are skipped (resume)."""
+    preflight(cfg)  # bad input fails here, before anything in cfg.out is touched
     store = ResultStore(cfg.out)
     meta = store.open_session(argv or [], cfg.to_dict())
     run_id = meta["run_id"]

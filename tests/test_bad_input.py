@@ -1,0 +1,121 @@
+"""Bad input, table-driven: every case gets one clear error line naming the input, a non-zero
+exit, no traceback, and leaves an existing run directory untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ternbench.bench.cli import main
+from ternbench.bench.results import ResultStore, make_row
+
+R = ["run", "--profile", "smoke", "--executor", "local", "--no-report", "--no-progress"]
+
+# (id, argv, words the error must contain); OUT is replaced by the existing run directory
+CASES: list[tuple[str, list[str], list[str]]] = [
+    ("unknown-method", [*R, "--methods", "fgqq"], ["fgqq", "Did you mean 'fgq'"]),
+    ("empty-methods", [*R, "--methods", ""], ["methods", "non-empty"]),
+    ("unknown-model", [*R, "--model", "resnet9"], ["resnet9", "resnet8"]),
+    ("unknown-dataset", [*R, "--dataset", "cifar11"], ["cifar11", "cifar10"]),
+    ("unknown-profile", [*R, "--profile", "smok"], ["smok", "choose from"]),
+    ("negative-seed", [*R, "--seed", "-1"], ["seeds", "-1"]),
+    ("non-int-seed", [*R, "--seed", "abc"], ["abc"]),
+    ("unknown-target", [*R, "--targets", "riscv"], ["targets", "riscv"]),
+    ("zero-threads", [*R, "--threads", "0"], ["latency_threads", "positive"]),
+    ("zero-cpus", [*R, "--num-cpus", "0"], ["num_cpus", "positive"]),
+    ("group-size-0", [*R, "--methods", "fgq", "--set", "fgq.group_size=0"], ["group_size", "0"]),
+    ("group-size-text", [*R, "--methods", "fgq", "--set", "fgq.group_size=abc"],
+     ["group_size", "abc"]),
+    ("set-without-method", [*R, "--set", "group_size=4"], ["METHOD.FIELD=VALUE"]),
+    ("set-unknown-field", [*R, "--methods", "fgq", "--set", "fgq.groupsize=4"],
+     ["groupsize", "Did you mean 'group_size'"]),
+    ("set-bad-solver", [*R, "--methods", "fgq", "--set", "fgq.solver=magic"], ["solver", "magic"]),
+    ("set-bad-act-bits", [*R, "--methods", "fgq", "--set", "fgq.act_bits=3"], ["act_bits", "3"]),
+    ("set-method-not-run", [*R, "--methods", "fgq", "--set", "twn.ratio=0.5"], ["overrides", "twn"]),
+    ("negative-ratio", [*R, "--methods", "twn", "--set", "twn.ratio=-1"], ["ratio", "-1"]),
+    ("negative-tolerance", [*R, "--methods", "trn", "--set", "trn.tolerance=-0.1"], ["tolerance"]),
+    ("negative-budget", [*R, "--methods", "trn", "--set", "trn.budget=-1"], ["budget"]),
+    ("bad-fraction", [*R, "--methods", "trn", "--set", "trn.active_fraction=2"],
+     ["active_fraction"]),
+    ("bad-t-ex", [*R, "--methods", "ttn_re", "--set", "ttn_re.t_ex=3"], ["t_ex", "3"]),
+    ("negative-lr", [*R, "--methods", "sttn", "--set", "sttn.lr=-1"], ["lr", "-1"]),
+    ("sweep-bad-value", [*R, "--sweep", "fgq.group_size=4,0"], ["group_size", "0"]),
+    ("sweep-empty-value", [*R, "--sweep", "fgq.group_size=4,,8"], ["empty value"]),
+    ("sweep-without-method", [*R, "--sweep", "group_size=4"], ["METHOD.FIELD=V1,V2"]),
+    ("unknown-ablation", [*R, "--ablation", "fgq-sizes"], ["fgq-sizes", "fgq-group-size"]),
+    ("missing-config", [*R, "--config", "CFG/missing.toml"], ["missing.toml", "does not exist"]),
+    ("broken-toml", [*R, "--config", "CFG/broken.toml"], ["broken.toml", "not valid TOML"]),
+    ("toml-unknown-key", [*R, "--config", "CFG/key.toml"], ["method", "Did you mean 'methods'"]),
+    ("toml-unknown-table", [*R, "--config", "CFG/table.toml"], ["unknown table", "[sweep.<name>]"]),
+    ("toml-wrong-type", [*R, "--config", "CFG/type.toml"], ["seeds", "a list"]),
+    ("cifar-missing-root", [*R, "--dataset", "cifar10", "--data-root", "CFG/nowhere"],
+     ["cifar-10-batches-py", "nowhere"]),
+    ("imagenet-empty-root", [*R, "--dataset", "imagenet", "--model", "resnet18",
+                             "--data-root", "CFG/empty"], ["no class folders", "--data-root"]),
+    ("out-is-a-file", [*R, "--out", "CFG/file.txt"], ["file.txt"]),
+    ("out-other-schema", [*R, "--out", "CFG/oldrun"], ["schema version", "new --out"]),
+    ("report-no-results", ["report", "CFG/empty"], ["no results.parquet"]),
+]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Path, Path]:
+    """An existing run directory with results, and a folder of bad config files."""
+    out = tmp_path / "run"
+    store = ResultStore(out)
+    store.open_session(["ternbench"], {"x": 1})
+    store.write_part("k", "accuracy", [make_row({"cell_key": "k", "method": "fp32"},
+                                                metric="top1", value=90.0, unit="%")])
+    store.consolidate()
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "broken.toml").write_text("[run\nmethods = 1\n")
+    (cfg / "key.toml").write_text('[run]\nmethod = "fgq"\n')
+    (cfg / "table.toml").write_text('[runs]\nmethods = "fgq"\n')
+    (cfg / "type.toml").write_text("[run]\nseeds = 3\n")
+    (cfg / "empty").mkdir()
+    (cfg / "file.txt").write_text("not a run")
+    old = cfg / "oldrun"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"schema_version": 0, "run_id": "x"}))
+    return out, cfg
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("argv,words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(argv, words, world, capsys) -> None:
+    out, cfg = world
+    before = _digest(out)
+    argv = [a.replace("CFG", str(cfg)) for a in argv]
+    if "--out" not in argv and argv[0] == "run":
+        argv += ["--out", str(out)]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code not in (0, None), err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith(("usage:", "  "))]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    assert _digest(out) == before  # the existing results are untouched
+
+
+def test_table_has_at_least_30_cases() -> None:
+    assert len(CASES) >= 30
+
+
+def test_debug_shows_the_traceback() -> None:
+    from ternbench.methods import UnknownMethodError
+
+    with pytest.raises(UnknownMethodError):
+        main(["--debug", "run", "--methods", "fgqq", "--dry-run"])
