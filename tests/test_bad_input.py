@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ternbench.bench.cli import main
 from ternbench.bench.results import ResultStore, make_row
 
