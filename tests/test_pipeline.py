@@ -83,3 +83,32 @@ def test_ray_and_local_give_identical_rows(tiny_profile, cache, tmp_path) -> Non
     assert local.failed == ray.failed == 0
     pd.testing.assert_frame_equal(_acc(local.frame), _acc(ray.frame))
     assert len(_acc(local.frame)) > 30
+
+
+def test_failed_latency_is_recorded_and_accuracy_kept(tiny_profile, cache, tmp_path,
+                                                      monkeypatch) -> None:
+    """A kernel that fails on a target marks that part failed with its reason; the rest stays."""
+    import ternbench.schedules as sched
+
+    def broken(lx, **kw):
+        raise RuntimeError(f"LLVM refused {lx.name}")
+
+    monkeypatch.setattr(sched, "measure_layer", broken)
+    cfg = BenchConfig(methods=("fp32", "fgq"), profile="tiny", out=tmp_path / "run",
+                      executor="local")
+    s = run(cfg, progress=False, report=False)
+    df = s.frame
+    assert s.failed == 2  # one latency part per cell
+    bad = df[df.status == "failed"]
+    assert set(bad.target) == {"x86"} and bad.error.str.contains("LLVM refused").all()
+    assert len(df[(df.metric == "top1") & (df.status == "ok")]) == 2
+    monkeypatch.undo()  # the next run retries only the failed parts
+    s2 = run(cfg, progress=False, report=False)
+    assert s2.failed == 0 and s2.done == 2 and s2.skipped == 2
+
+
+def test_same_command_twice_gives_identical_rows(tiny_profile, cache, tmp_path) -> None:
+    frames = [run(BenchConfig(methods=("fp32", "fgq", "twn"), profile="tiny",
+                              out=tmp_path / f"r{i}", executor="local", targets=()),
+                  progress=False, report=False).frame for i in range(2)]
+    pd.testing.assert_frame_equal(_acc(frames[0]), _acc(frames[1]))
