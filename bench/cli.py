@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list of seeds (default: 0)",
     )
-    r.add_argument("--targets", type=_csv, default=None, help="latency targets (default: x86)")
+    r.add_argument("--targets", type=_csv, default=None, help="latency targets (default: x86; '' for accuracy only)")
     r.add_argument(
         "--set",
         dest="sets",
@@ -189,7 +189,7 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "models": tuple(a.models) if a.models else None,
         "datasets": tuple(a.datasets) if a.datasets else None,
         "seeds": tuple(a.seeds) if a.seeds else None,
-        "targets": tuple(a.targets) if a.targets else None,
+        "targets": tuple(a.targets) if a.targets is not None else None,
         "profile": a.profile,
         "out": a.out,
         "executor": a.executor,
