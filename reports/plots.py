@@ -382,11 +382,12 @@ def plot_layer_breakdown(
         & data.latency["model"].eq(model)
         & data.latency["dataset"].eq(dataset)
     ]
-    lay = data.layers.merge(
-        prim[["vid", "model", "dataset", "target", "impl"]],
-        on=["vid", "model", "dataset", "target", "impl"],
-        how="inner",
-    )
+    keys = ["vid", "model", "dataset", "target"]
+    exact = data.layers.merge(prim[[*keys, "impl"]], on=[*keys, "impl"], how="inner")
+    # with a composite model total ("tvm"), each layer's own tvm_* kernel is the series
+    comp = prim[prim["impl"].eq("tvm")][keys]
+    own = data.layers[data.layers["impl"].str.startswith("tvm_")].merge(comp, on=keys)
+    lay = pd.concat([exact, own], ignore_index=True)
     if lay.empty:
         return None
     layer_names = list(lay.sort_values("layer_order")["layer"].drop_duplicates())

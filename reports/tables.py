@@ -657,7 +657,13 @@ def _layer_table(rows: pd.DataFrame, lat: pd.DataFrame, variants: pd.DataFrame) 
         "latency_us"
     ].mean()
     kernels = lat[["vid", "model", "dataset", "target", "impl"]].drop_duplicates()
-    per = per.merge(kernels, on=["vid", "model", "dataset", "target", "impl"], how="inner")
+    # a composite model total ("tvm") covers each layer's own kernel, whatever its impl
+    comp = kernels[kernels["impl"].eq(COMPOSITE_IMPL)].drop(columns="impl")
+    own = per[per["impl"].str.startswith("tvm_")].merge(
+        comp, on=["vid", "model", "dataset", "target"], how="inner")
+    per = pd.concat([
+        per.merge(kernels, on=["vid", "model", "dataset", "target", "impl"], how="inner"), own,
+    ], ignore_index=True)
     t_us = [
         torch_own.get((r.vid, r.model, r.dataset, r.target, r.layer), np.nan)
         for r in per.itertuples()
@@ -768,7 +774,9 @@ def _meta_table(
     by_run = {str(m.get("run_id")): m for m in metas if m.get("run_id")}
     cols: dict[str, dict[str, str]] = {}
     for rid in run_ids:
-        flat = {k: _meta_value(v) for k, v in _flatten(by_run.get(rid, {"run_id": rid})).items()}
+        meta = {k: v for k, v in by_run.get(rid, {"run_id": rid}).items()
+                if k != "ledger"}  # the ledger has its own section
+        flat = {k: _meta_value(v) for k, v in _flatten(meta).items()}
         flat["run_id"] = rid
         sub = df[df["run_id"].eq(rid)]
         flat["rows"] = str(len(sub))
