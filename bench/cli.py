@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma list of seeds (default: 0)",
     )
-    r.add_argument("--targets", type=_csv, default=None, help="latency targets (default: x86; '' for accuracy only)")
+    r.add_argument("--targets", type=_csv, default=None,
+                   help="latency targets (default: x86; '' for accuracy only)")
     r.add_argument(
         "--set",
         dest="sets",
