@@ -43,30 +43,14 @@ __all__ = [
     "registry_order",
 ]
 
+from ternbench.bench.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
+from ternbench.bench.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
+
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-#: the tidy schema (version 1), in the runner's column order
-COLUMNS = (
-    "schema_version",
-    "run_id",
-    "cell_key",
-    "method",
-    "method_config",
-    "profile",
-    "model",
-    "dataset",
-    "subset",
-    "seed",
-    "target",
-    "layer",
-    "impl",
-    "metric",
-    "value",
-    "unit",
-    "status",
-    "error",
-)
+# the tidy schema is the runner's; one definition of its columns and version
+SCHEMA_VERSION = _RESULTS_SCHEMA_VERSION
+COLUMNS = tuple(_RESULTS_COLUMNS)
 _STR_COLUMNS = tuple(c for c in COLUMNS if c not in ("schema_version", "seed", "value"))
 # columns a report cannot be built without; the rest get neutral defaults when absent
 _REQUIRED = (
