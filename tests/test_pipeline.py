@@ -112,3 +112,16 @@ def test_same_command_twice_gives_identical_rows(tiny_profile, cache, tmp_path) 
                               out=tmp_path / f"r{i}", executor="local", targets=()),
                   progress=False, report=False).frame for i in range(2)]
     pd.testing.assert_frame_equal(_acc(frames[0]), _acc(frames[1]))
+
+
+def test_diverging_training_fails_its_cell_with_the_reason(tiny_profile, cache, tmp_path) -> None:
+    cfg = BenchConfig(methods=("fp32", "ttn_re"), profile="tiny", out=tmp_path / "run",
+                      executor="local", targets=(),
+                      overrides={"ttn_re": {"lr": 1e30, "epochs": 1.0}})
+    s = run(cfg, progress=False, report=False)
+    df = s.frame
+    bad = df[df.status == "failed"]
+    assert s.failed == 1 and set(bad.method) == {"ttn_re"}
+    assert bad.error.str.contains("TrainingDivergedError").all(), bad.error.tolist()
+    assert not (df[df.method == "ttn_re"].metric == "top1").any()  # no bogus accuracy
+    assert len(df[(df.method == "fp32") & (df.metric == "top1")]) == 1
