@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--threads", type=int, default=None, help="threads for latency measurements (default: 1)"
     )
+    r.add_argument("--weights", default=None, metavar="PATH",
+                   help="your FP32 weights (.pt/.pth state dict or .safetensors) instead of the "
+                   "cached baseline; read with torch.load(weights_only=True), never unpickled")
     r.add_argument("--config", default=None, help="TOML file with [run] and [methods.<name>]")
     r.add_argument("--dry-run", action="store_true", help="print the planned grid and exit")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
@@ -198,6 +201,7 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "data_root": a.data_root,
         "num_cpus": a.num_cpus,
         "latency_threads": a.threads,
+        "weights": a.weights,
     }
     if overrides:
         cli["overrides"] = overrides

@@ -143,6 +143,9 @@ class BenchConfig:
     latency_batch: int = 1
     accuracy_threads: int = 1
     num_cpus: int | None = None
+    #: the user's own FP32 weights (state dict; read with weights_only=True) instead of the
+    #: cached/trained baseline; one model and one dataset per run then
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         from .data import list_datasets
@@ -186,6 +189,11 @@ class BenchConfig:
         if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
             _fail("num_cpus", "a positive integer or None", self.num_cpus)
         object.__setattr__(self, "out", Path(self.out))
+        if self.weights is not None and (len(self.models) > 1 or len(self.datasets) > 1):
+            _fail("weights", "used with a single --model and --dataset", self.weights)
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ConfigError(f"--weights {self.weights} does not exist (a .pt/.pth state dict "
+                              "or a .safetensors file)")
         for meth, values in self.overrides.items():
             if meth not in self.methods:
                 _fail("overrides", f"for methods in the run {list(self.methods)}", meth)

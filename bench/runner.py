@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,9 @@ def _key(payload: dict[str, Any]) -> str:
 def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
     from .cache import baseline_key
 
+    if cfg.weights is not None:  # the user's file: keyed by its content
+        digest = hashlib.sha256(Path(cfg.weights).read_bytes()).hexdigest()[:16]
+        return f"{model}-{dataset}-user-{digest}"
     return baseline_key(model, dataset, cfg.profile_obj.fp32)
 
 
@@ -207,6 +211,22 @@ def _save_subsets(store: ResultStore, cells: list[CellSpec]) -> dict[str, np.nda
     return out
 
 
+def _user_model(cell: CellSpec, path: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The user's FP32 weights in the cell's model; a file that does not fit is refused."""
+    from .cache import CheckpointError, load_state_dict_file
+
+    state = load_state_dict_file(path)
+    model = cell.build_model()
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"--weights {path} does not fit {cell.model} for {cell.dataset}: "
+            f"{first[1].strip() if len(first) > 1 else first[0]}") from None
+    return model.eval(), {"key": cell.baseline_key, "path": str(path), "source": "user"}
+
+
 def _baselines(
     cfg: BenchConfig, cells: list[CellSpec], progress: bool | None
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[dict[str, Any]]]:
@@ -217,9 +237,12 @@ def _baselines(
     for c in cells:
         if c.baseline_key in states:
             continue
-        model, info = load_or_train_fp32(
-            c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress
-        )
+        if cfg.weights is not None:
+            model, info = _user_model(c, cfg.weights)
+        else:
+            model, info = load_or_train_fp32(
+                c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress
+            )
         states[c.baseline_key] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         infos.append(
             {
@@ -308,6 +331,9 @@ def preflight(cfg: BenchConfig) -> None:
 
     for dataset in cfg.datasets:
         load_dataset(dataset, "val" if dataset == "imagenet" else "test", cfg.data_root)
+    if cfg.weights is not None:  # refuse an unsafe or unfitting file before anything is written
+        for c in plan(cfg)[:1]:
+            _user_model(c, cfg.weights)
     if cfg.out.exists() and not cfg.out.is_dir():
         raise NotADirectoryError(f"--out {cfg.out} is a file, not a run directory")
     ResultStore(cfg.out).read_meta()  # raises SchemaMismatchError for an incompatible run

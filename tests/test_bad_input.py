@@ -58,6 +58,11 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("out-is-a-file", [*R, "--out", "CFG/file.txt"], ["file.txt"]),
     ("out-other-schema", [*R, "--out", "CFG/oldrun"], ["schema version", "new --out"]),
     ("report-no-results", ["report", "CFG/empty"], ["no results.parquet"]),
+    ("weights-missing", [*R, "--weights", "CFG/none.pt"], ["none.pt", "does not exist"]),
+    ("weights-evil-pickle", [*R, "--weights", "CFG/evil.pt"], ["refused", "weights_only"]),
+    ("weights-wrong-model", [*R, "--weights", "CFG/small.pt"], ["does not fit", "resnet8"]),
+    ("weights-two-models", [*R, "--weights", "CFG/small.pt", "--model", "resnet8,resnet20"],
+     ["weights", "single"]),
 ]
 
 
@@ -78,6 +83,16 @@ def world(tmp_path: Path) -> tuple[Path, Path]:
     (cfg / "type.toml").write_text("[run]\nseeds = 3\n")
     (cfg / "empty").mkdir()
     (cfg / "file.txt").write_text("not a run")
+    import pickle
+
+    import torch
+
+    class Evil:
+        def __reduce__(self):  # would create a file if it were ever unpickled
+            return (open, (str(tmp_path / "PWNED"), "w"))
+
+    (cfg / "evil.pt").write_bytes(pickle.dumps({"weight": Evil()}))
+    torch.save({"conv.weight": torch.zeros(2, 2)}, cfg / "small.pt")
     old = cfg / "oldrun"
     old.mkdir()
     (old / "run.json").write_text(json.dumps({"schema_version": 0, "run_id": "x"}))
@@ -108,6 +123,7 @@ def test_bad_input(argv, words, world, capsys) -> None:
     for w in words:
         assert w in lines[0], (w, lines[0])
     assert _digest(out) == before  # the existing results are untouched
+    assert not (out.parent / "PWNED").exists()  # and no payload ran
 
 
 def test_table_has_at_least_30_cases() -> None:

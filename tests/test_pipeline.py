@@ -125,3 +125,20 @@ def test_diverging_training_fails_its_cell_with_the_reason(tiny_profile, cache, 
     assert bad.error.str.contains("TrainingDivergedError").all(), bad.error.tolist()
     assert not (df[df.method == "ttn_re"].metric == "top1").any()  # no bogus accuracy
     assert len(df[(df.method == "fp32") & (df.metric == "top1")]) == 1
+
+
+def test_user_weights_replace_the_baseline(tiny_profile, cache, tmp_path) -> None:
+    import json
+
+    import torch
+    from ternbench.bench.models import create_model
+
+    path = tmp_path / "mine.pt"
+    torch.save(create_model("resnet8", in_chans=1, num_classes=10).state_dict(), path)
+    s = run(BenchConfig(methods=("fp32",), profile="tiny", out=tmp_path / "run",
+                        executor="local", targets=(), weights=str(path)),
+            progress=False, report=False)
+    assert s.failed == 0
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["baselines"][0]["source"] == "user"
+    assert not any(cache.glob("*.safetensors"))  # nothing was trained
