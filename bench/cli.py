@@ -370,6 +370,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ternbench: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import errno
+
+        if a.debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"ternbench: error: cannot write results ({exc.strerror}: {exc.filename or ''}); "
+              "every part finished before this is kept: free space and re-run with the same "
+              "--out to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(
             "ternbench: interrupted; finished cells are kept, re-run with the same --out to resume",

@@ -142,3 +142,34 @@ def test_user_weights_replace_the_baseline(tiny_profile, cache, tmp_path) -> Non
     meta = json.loads((tmp_path / "run" / "run.json").read_text())
     assert meta["baselines"][0]["source"] == "user"
     assert not any(cache.glob("*.safetensors"))  # nothing was trained
+
+
+def test_disk_full_mid_run_keeps_earlier_rows(tiny_profile, cache, tmp_path, monkeypatch,
+                                              capsys) -> None:
+    import errno
+
+    from ternbench.bench.cli import main
+    from ternbench.bench.results import ResultStore
+
+    real = ResultStore.write_part
+    calls = {"n": 0}
+
+    def full_after_one(self, key, part, rows):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.part_path(key, part)))
+        return real(self, key, part, rows)
+
+    monkeypatch.setattr(ResultStore, "write_part", full_after_one)
+    out = tmp_path / "run"
+    code = main(["run", "--methods", "fgq", "--profile", "tiny", "--executor", "local",
+                 "--targets", "", "--no-report", "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "Traceback" not in err
+    parts = list(out.glob("cells/*.json"))
+    assert len(parts) == 1 and pd.read_csv(out / "results.csv").metric.eq("top1").any()
+    monkeypatch.undo()  # space freed: the re-run resumes and keeps the finished part
+    before = parts[0].stat().st_mtime_ns
+    assert main(["run", "--methods", "fgq", "--profile", "tiny", "--executor", "local",
+                 "--targets", "", "--no-report", "--no-progress", "--out", str(out)]) == 0
+    assert parts[0].stat().st_mtime_ns == before
