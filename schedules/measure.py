@@ -181,67 +181,15 @@ def kernel_input(lx: LayerExport, spec: ops.GemmSpec, x: torch.Tensor | None = N
 def reference_output(lx: LayerExport, a: np.ndarray) -> np.ndarray:
     """float64 [M, N] reference of the export on kernel input ``a`` (NHWC / [B, F]).
 
-    ``act_scale * sum_g scales[o, g] * acc_g + bias`` with each ``acc_g`` from torch's
-    F.conv2d / F.linear (F.unfold for grouped convs) in float64 on the integer codes: exact,
-    since every partial sum is an integer far below 2**53. Ternary activations with offsets
-    are computed from the dequantized values instead (see :func:`_affine_reference`).
+    The project's one reference of the deployed form,
+    :func:`ternbench.methods._deploy.integer_reference`, in the kernel's layout.
     """
-    if lx.act_mode == "ternary" and (lx.act_offset != 0.0 or lx.weight_offset is not None):
-        return _affine_reference(lx, a)
-    n, k = lx.out_channels, lx.fan_in
-    gs = int(lx.group_size)
-    g = -(-k // gs)  # the last group may be partial: zero-padded to gs below
-    w = torch.from_numpy(np.asarray(lx.codes, dtype=np.float64))
-    if lx.weight_format == "fp32" or g == 1:
-        g, gs = 1, k
-    if lx.weight_format == "fp32":
-        scales = torch.ones(n, 1, dtype=torch.float64)
-    else:
-        scales = torch.from_numpy(np.asarray(lx.scales, dtype=np.float64))
-    kg = g * gs
-    w_g = F.pad(w, (0, kg - k)).reshape(n, g, gs)
-    bias = torch.zeros(n, dtype=torch.float64)
-    if lx.bias is not None:
-        bias = torch.from_numpy(np.asarray(lx.bias, dtype=np.float64))
-    act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)
-    xa = torch.from_numpy(a).to(torch.float64)
-    if lx.op == "linear":
-        if g == 1:
-            y = F.linear(xa, w) * scales[:, 0]
-        else:
-            acc = torch.einsum("bgk,ogk->bog", F.pad(xa, (0, kg - k)).reshape(-1, g, gs), w_g)
-            y = (acc * scales).sum(-1)
-        return (act_scale * y + bias).numpy()
-    xc = xa.permute(0, 3, 1, 2)  # NHWC -> NCHW
-    c = lx.in_channels
-    kh, kw = lx.kernel_size
-    if g == 1:
-        y = F.conv2d(xc, w.reshape(n, c, kh, kw), stride=lx.stride, padding=lx.padding)
-        y = y.permute(0, 2, 3, 1).reshape(-1, n) * scales[:, 0]
-    else:
-        cols = F.unfold(xc, (kh, kw), padding=lx.padding, stride=lx.stride)  # [B, K, L]
-        cols = F.pad(cols.transpose(1, 2), (0, kg - k)).reshape(-1, g, gs)  # K: (C, kh, kw)
-        y = torch.zeros(cols.shape[0], n, dtype=torch.float64)
-        # chunk the groups so the [M, N, chunk] partial products stay ~32 MiB
-        step = max(1, (4 << 20) // max(1, cols.shape[0] * n))
-        for g0 in range(0, g, step):
-            part = torch.einsum("mgk,ngk->mng", cols[:, g0:g0 + step], w_g[:, g0:g0 + step])
-            y += (part * scales[:, g0:g0 + step]).sum(-1)
-    return (act_scale * y + bias).numpy()
+    from ternbench.methods._deploy import integer_reference
 
-
-def _affine_reference(lx: LayerExport, a: np.ndarray) -> np.ndarray:
-    """float64 [M, N]: ``x_q = act_scale * a + act_offset`` against ``w = scales * codes +
-    weight_offset``, convs zero-padding ``x_q`` (padded taps add nothing, offsets included)."""
-    xq = torch.from_numpy(a).to(torch.float64) * float(lx.act_scale) + float(lx.act_offset)
-    w = torch.from_numpy(lx.dequantized_weight()).to(torch.float64)
-    if lx.weight_offset is not None:
-        w = w + torch.from_numpy(np.asarray(lx.weight_offset, np.float64)).reshape(-1, 1)
-    b = None if lx.bias is None else torch.from_numpy(np.asarray(lx.bias, np.float64))
+    xa = torch.from_numpy(np.asarray(a)).to(torch.float64)
     if lx.op == "linear":
-        return F.linear(xq, w, b).numpy()
-    w4 = w.reshape(lx.out_channels, lx.in_channels, *lx.kernel_size)
-    y = F.conv2d(xq.permute(0, 3, 1, 2), w4, b, stride=lx.stride, padding=lx.padding)
+        return integer_reference(lx, xa).numpy()
+    y = integer_reference(lx, xa.permute(0, 3, 1, 2))
     return y.permute(0, 2, 3, 1).reshape(-1, lx.out_channels).numpy()
 
 
