@@ -15,8 +15,11 @@ from ._tvm import host_target_string, tvm_version
 from .measure import (
     EvaluatorCfg,
     KernelMismatchError,
+    LayerCheck,
     LayerLatency,
     UnsupportedLayerError,
+    build_layer,
+    check_layer,
     list_targets,
     measure_layer,
     measure_torch_fp32,
@@ -26,7 +29,10 @@ from .measure import (
 __all__ = [
     "EvaluatorCfg",
     "KernelMismatchError",
+    "LayerCheck",
     "LayerLatency",
+    "build_layer",
+    "check_layer",
     "UnsupportedLayerError",
     "host_target_string",
     "list_targets",

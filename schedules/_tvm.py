@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import json
 import importlib.metadata
 import logging
 import os
@@ -31,6 +32,9 @@ __all__ = [
     "num_threads",
     "set_num_threads",
     "compile_prim_module",
+    "KNOWN_TARGETS",
+    "ARM_TARGETS",
+    "cuda_arch",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,17 +92,24 @@ def is_x86_host() -> bool:
 class TargetInfo:
     """What the schedule rules need to know about a compilation target.
 
-    ``features`` holds the CPU features that were queried from LLVM for this target (only the
-    ones some rule gates on), so that an x86 intrinsic never reaches a non-x86 LLVM backend:
-    that aborts the whole process instead of raising.
+    ``features`` holds the CPU features of the target that some rule gates on (x86: queried
+    from LLVM for the host CPU; ARM: from the target's ``mattr``), so that an intrinsic never
+    reaches the wrong LLVM backend: that aborts the whole process instead of raising.
+
+    ``family`` is ``"x86"``, ``"arm"`` or ``"cuda"``; ``local`` says whether kernels built for
+    this target can run in this process (x86 on an x86 host, CUDA with a visible GPU); ARM
+    kernels are cross-compiled and checked under qemu-user or timed on a board over RPC.
     """
 
-    name: str  # ternbench target name, e.g. "x86"
+    name: str  # ternbench target name, e.g. "x86", "arm", "arm-sve", "cuda"
     target_str: str  # full TVM target (JSON form, re-parseable by tvm.target.Target)
-    kind: str  # TVM target kind, e.g. "llvm"
-    mcpu: str
+    kind: str  # TVM target kind, e.g. "llvm", "cuda"
+    mcpu: str  # LLVM CPU (or the CUDA arch, e.g. "sm_90")
     is_x86: bool
     features: frozenset[str]
+    family: str = "x86"
+    local: bool = True
+    description: str = ""
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -114,15 +125,66 @@ def _parse_target(target_str: str) -> Any:
     return tvm.target.Target(target_str)
 
 
-#: features that rules may gate on (queried once per target)
+#: features that x86 rules may gate on (queried once per target)
 _GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+
+#: cross-compiled aarch64 targets: name -> (mcpu, mattr, what it stands for). The default
+#: ``arm`` is a Cortex-A76 class core (Raspberry Pi 5, Graviton 2 class: NEON + sdot).
+ARM_TARGETS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "arm": ("cortex-a76", ("+neon", "+dotprod"), "aarch64 NEON + dotprod (Cortex-A76 class)"),
+    "arm-neon": ("cortex-a72", ("+neon",), "aarch64 NEON only (Cortex-A72, Raspberry Pi 4)"),
+    "arm-sve": ("neoverse-v1", ("+neon", "+dotprod", "+sve"),
+                "aarch64 NEON + dotprod + SVE (Neoverse-V1, Graviton 3 class)"),
+}
+ARM_TRIPLE = "aarch64-linux-gnu"
+#: CUDA arch used when no GPU is visible (codegen only); with a GPU, its own compute capability
+DEFAULT_CUDA_ARCH = "sm_90"
+#: every target name :func:`target_info` knows
+KNOWN_TARGETS = ("x86", *ARM_TARGETS, "cuda")
+
+
+def cuda_arch() -> str | None:
+    """``sm_XY`` of the first visible CUDA GPU, or None without one (asks torch: cheap, and
+    does not need TVM's CUDA runtime)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        major, minor = torch.cuda.get_device_capability(0)
+        return f"sm_{major}{minor}"
+    except Exception:  # pragma: no cover - a broken driver reads as "no GPU"
+        return None
 
 
 @functools.cache
 def target_info(name: str) -> TargetInfo:
-    """Target description for a ternbench target name (only "x86", the local CPU, for now)."""
-    if name != "x86":
-        raise ValueError(f"unknown target {name!r}; known: ['x86']")
+    """Target description for a ternbench target name (see :data:`KNOWN_TARGETS`).
+
+    Example:
+        >>> target_info("arm-neon").features
+        frozenset({'neon'})
+    """
+    if name == "x86":
+        return _x86_info()
+    if name in ARM_TARGETS:
+        mcpu, mattr, desc = ARM_TARGETS[name]
+        target = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": mcpu, "mattr": list(mattr)}
+        return TargetInfo(name=name, target_str=json.dumps(target, sort_keys=True),
+                          kind="llvm", mcpu=mcpu, is_x86=False,
+                          features=frozenset(a.lstrip("+") for a in mattr), family="arm",
+                          local=False, description=desc)
+    if name == "cuda":
+        arch = cuda_arch()
+        target = {"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH}
+        desc = f"CUDA {target['arch']}" + ("" if arch else " (codegen only: no GPU visible)")
+        return TargetInfo(name=name, target_str=json.dumps(target, sort_keys=True), kind="cuda",
+                          mcpu=str(target["arch"]), is_x86=False, features=frozenset(),
+                          family="cuda", local=arch is not None, description=desc)
+    raise ValueError(f"unknown target {name!r}; known: {list(KNOWN_TARGETS)}")
+
+
+def _x86_info() -> TargetInfo:
     if not is_x86_host():
         raise RuntimeError(
             f"target 'x86' measures on the local CPU, but this host is {platform.machine()}"
@@ -136,9 +198,10 @@ def target_info(name: str) -> TargetInfo:
     mcpu = str(codegen.llvm_get_system_cpu())
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
     feats = frozenset(f for f in _GATED_FEATURES if codegen.llvm_cpu_has_features(f, target))
-    info = TargetInfo(name=name, target_str=str(target), kind="llvm", mcpu=mcpu,
-                      is_x86=True, features=feats)
-    log.info("target %s: %s, features %s", name, info.target_str, sorted(feats))
+    info = TargetInfo(name="x86", target_str=str(target), kind="llvm", mcpu=mcpu,
+                      is_x86=True, features=feats, family="x86", local=True,
+                      description=f"local CPU ({mcpu})")
+    log.info("target x86: %s, features %s", info.target_str, sorted(feats))
     return info
 
 
@@ -171,7 +234,19 @@ def set_num_threads(n: int) -> int:
 
 
 def compile_prim_module(mod: Any, target: TargetInfo) -> Any:
-    """Compile a scheduled IRModule for ``target``; returns the runtime module (``["main"]``)."""
+    """Compile a scheduled IRModule for ``target``; returns TVM's Executable.
+
+    ``.jit()`` gives the runtime module of a local target (``["main"]``); cross targets are
+    exported with ``export_library`` (see :mod:`.cross`). CUDA kernels get an LLVM host.
+    """
     tvm = require_tvm()
-    ex = tvm.compile(mod, target=target.target())
-    return ex.jit()
+    tgt = target.target()
+    if target.kind == "cuda":
+        tgt = tvm.target.Target(json.loads(target.target_str), host=_host_llvm())
+    return tvm.compile(mod, target=tgt)
+
+
+@functools.cache
+def _host_llvm() -> Any:
+    tvm = require_tvm()
+    return tvm.target.Target({"kind": "llvm"})

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import _tvm
-from .ops import GemmSpec, Rule, plan_gemm
+from .ops import GemmSpec, Params, Rule, plan_gemm
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -198,8 +198,13 @@ def _applies_tt(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return lx.weight_format == "ternary" and lx.act_mode == "ternary"
 
 
-def _plan_tt(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-    return plan_gemm(lx, batch, "tt_planes", nb=TT_NB, mb_max=TT_MB, rows_per_task=ROWS_PER_TASK)
+def _tiles(params: Params, nb: int) -> dict[str, int]:
+    return {"nb": int(params.get("nb", nb)), "mb_max": int(params.get("mb", MB)),
+            "rows_per_task": int(params.get("rows", ROWS_PER_TASK))}
+
+
+def _plan_tt(lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "tt_planes", **_tiles(params, TT_NB))
 
 
 def _applies_int8(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -211,8 +216,8 @@ def _applies_fp32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 
 def _plan(layout: Any) -> Any:
-    def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-        return plan_gemm(lx, batch, layout, nb=NB, mb_max=MB, rows_per_task=ROWS_PER_TASK)
+    def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params) -> GemmSpec:
+        return plan_gemm(lx, batch, layout, **_tiles(params, NB))
 
     return plan
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import statistics
@@ -39,6 +40,10 @@ __all__ = [
     "list_targets",
     "select_rule",
     "measure_layer",
+    "build_layer",
+    "check_layer",
+    "LayerCheck",
+    "target_rules",
     "measure_torch_fp32",
     "run_layer",
     "fp32_weight",
@@ -59,9 +64,16 @@ FLOAT_RTOL = 1e-4
 #: seed of the synthetic activations used when no input is given
 INPUT_SEED = 0
 
-#: ternbench target name -> module with ``rules()`` (arm/cuda come later)
-_TARGET_RULES: dict[str, Callable[[], list[Rule]]] = {"x86": x86.rules}
 _fallback_logged: set[tuple[str, str]] = set()
+
+
+def target_rules(family: str) -> list[Rule]:
+    """The rule list of a target family (``x86``, ``arm``, ``cuda``): module ``.<family>``'s
+    ``rules()``, imported on first use (dlight style: same function name per target)."""
+    if family == "x86":
+        return x86.rules()
+    mod = importlib.import_module(f"{__package__}.{family}")
+    return list(mod.rules())
 
 
 class KernelMismatchError(RuntimeError):
@@ -103,20 +115,27 @@ class LayerLatency:
 
 
 def list_targets() -> list[str]:
-    """Targets that can be measured from this process (``"x86"`` = the local x86 CPU)."""
-    return [t for t in _TARGET_RULES if t != "x86" or _tvm.is_x86_host()]
+    """Target names kernels can be built for from this process: ``x86`` (the local CPU, on an
+    x86 host), the aarch64 cross targets (``arm``, ``arm-neon``, ``arm-sve``) and ``cuda``
+    (timed with a GPU, built only without one)."""
+    return [t for t in _tvm.KNOWN_TARGETS if t != "x86" or _tvm.is_x86_host()]
 
 
 def _check_target(target: str) -> None:
-    if target not in _TARGET_RULES:
-        raise ValueError(f"unknown target {target!r}; known: {sorted(_TARGET_RULES)}")
+    if target not in _tvm.KNOWN_TARGETS:
+        raise ValueError(f"unknown target {target!r}; known: {list(_tvm.KNOWN_TARGETS)}")
 
 
 def select_rule(lx: LayerExport, target: _tvm.TargetInfo) -> Rule:
-    """First applicable rule of the target, else the first applicable generic rule."""
-    for rule in _TARGET_RULES[target.name]():
+    """First applicable rule of the target, else (CPU targets) the first applicable generic
+    rule, logged once as "not optimized for <target>"."""
+    for rule in target_rules(target.family):
         if rule.applies(lx, target):
             return rule
+    if target.family == "cuda":  # the generic rules are CPU loop nests (no thread binding)
+        raise UnsupportedLayerError(
+            f"{lx.name}: no CUDA kernel for weight_format={lx.weight_format!r} "
+            f"act_mode={lx.act_mode!r} group_size={lx.group_size}")
     for rule in generic.rules():
         if rule.applies(lx, target):
             why = (lx.weight_format, f"act={lx.act_mode} gs={lx.group_size}")
@@ -222,14 +241,31 @@ def _rtol(spec: ops.GemmSpec) -> float:
     return INT_RTOL if spec.acc_dtype == "int32" and not spec.affine else FLOAT_RTOL
 
 
-def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None
-             ) -> tuple[ops.Kernel, np.ndarray, list[Any], Any]:
-    """(kernel, kernel input, runtime args, output tensor) of ``lx`` on ``target``."""
-    _check_target(target)
+def _device(tinfo: _tvm.TargetInfo) -> Any:
     tvm = _tvm.require_tvm()
+    return tvm.cuda(0) if tinfo.family == "cuda" else tvm.cpu(0)
+
+
+def build_layer(lx: LayerExport, batch: int, target: str,
+                params: ops.Params | None = None) -> ops.Kernel:
+    """Select the rule of ``target`` for ``lx`` and build its kernel (any target, local or
+    not: ARM kernels are cross-compiled, CUDA kernels need no GPU to build)."""
+    _check_target(target)
     tinfo = _tvm.target_info(target)
-    kern = select_rule(lx, tinfo).build(lx, batch, tinfo)
-    dev = tvm.cpu(0)
+    return select_rule(lx, tinfo).build(lx, batch, tinfo, params)
+
+
+def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None,
+             params: ops.Params | None = None
+             ) -> tuple[ops.Kernel, np.ndarray, list[Any], Any]:
+    """(kernel, kernel input, runtime args, output tensor) of ``lx`` on a local ``target``."""
+    tinfo = _tvm.target_info(target) if target in _tvm.KNOWN_TARGETS else None
+    if tinfo is not None and not tinfo.local:
+        raise RuntimeError(f"target {target!r} ({tinfo.description}) does not run in this "
+                           "process: use check_layer (qemu) or an RPC session")
+    kern = build_layer(lx, batch, target, params)
+    tvm = _tvm.require_tvm()
+    dev = _device(_tvm.target_info(target))
     a = kernel_input(lx, kern.spec, x)
     # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
     # tensor can fail the alignment check)
@@ -259,8 +295,10 @@ def run_layer(lx: LayerExport, x: torch.Tensor | None = None, *, batch: int | No
 
 def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
                   ev: EvaluatorCfg = EvaluatorCfg(), threads: int = 1,  # noqa: B008
-                  x: torch.Tensor | None = None) -> LayerLatency:
-    """Build, verify and time the TVM kernel of one exported layer.
+                  x: torch.Tensor | None = None,
+                  params: ops.Params | None = None) -> LayerLatency:
+    """Build, verify and time the TVM kernel of one exported layer on a local target (x86, or
+    CUDA with a GPU).
 
     ``x`` (optional) is a float layer input (NCHW / [n, F]); it is quantized with the layer's
     activation quantizer (ternary layers: ``sign(x) * [|x| > act_threshold]``). Without it,
@@ -270,25 +308,79 @@ def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    kern, a, args, out = _prepare(lx, batch, target, x)
+    kern, a, args, out = _prepare(lx, batch, target, x, params)
     spec = kern.spec
-    dev = _tvm.require_tvm().cpu(0)
+    tinfo = _tvm.target_info(target)
+    dev = _device(tinfo)
+    cpu = tinfo.family != "cuda"
     prev = _tvm.num_threads()
     try:
-        used = _tvm.set_num_threads(threads)
+        used = _tvm.set_num_threads(threads) if cpu else 0
         kern.func(*args, out)  # also warms caches before timing
         err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(spec))
         timer = kern.module.time_evaluator("main", dev, number=ev.number, repeat=ev.repeat,
                                            min_repeat_ms=ev.min_repeat_ms)
         res = timer(*args, out)
     finally:
-        _tvm.set_num_threads(prev)
+        if cpu:
+            _tvm.set_num_threads(prev)
     raw = tuple(float(r) * 1e6 for r in res.results)
     log.debug("%s %s %s: %.1f us", lx.name, kern.impl, spec.shape_key, statistics.median(raw))
     return LayerLatency(
         layer=lx.name, impl=kern.impl, target=target, median_us=float(statistics.median(raw)),
         raw_us=raw, threads=used, batch=batch, M=spec.M, K=spec.K, N=spec.N,
         max_abs_err=err, target_str=kern.target_str)
+
+
+@dataclass(frozen=True)
+class LayerCheck:
+    """A kernel built for a target that is not timed here, and how far it was checked.
+
+    ``status`` is ``"built and verified"`` (run somewhere - qemu-user, a GPU - and matched the
+    reference: ``max_abs_err``) or ``"built"`` (compiled only; ``why`` says what was missing).
+    """
+
+    layer: str
+    impl: str
+    target: str
+    status: str
+    max_abs_err: float | None
+    build_s: float
+    checked_with: str  # e.g. "qemu-aarch64", "cuda:0", "" when not run
+    why: str = ""
+
+
+def check_layer(lx: LayerExport, *, batch: int = 1, target: str,
+                x: torch.Tensor | None = None) -> LayerCheck:
+    """Build the kernel of ``lx`` for ``target`` and check it where it can run from here.
+
+    Local targets run in process; ARM kernels are exported as an aarch64 shared library and
+    run under qemu-user with a no-runtime harness (:mod:`.cross`), compared with the reference
+    (integer kernels bit-exact). Nothing here is a latency: emulated timings are never
+    reported. Raises :class:`KernelMismatchError` on a mismatch.
+    """
+    tinfo = _tvm.target_info(target) if target in _tvm.KNOWN_TARGETS else None
+    kern = build_layer(lx, batch, target)
+    if tinfo is not None and tinfo.local:
+        _k, a, args, out = _prepare(lx, batch, target, x)
+        kern.func(*args, out)
+        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(kern.spec))
+        where = "cuda:0" if tinfo.family == "cuda" else "cpu"
+        return LayerCheck(lx.name, kern.impl, target, "built and verified", err, kern.build_s,
+                          where)
+    if tinfo is not None and tinfo.family == "arm":
+        from . import cross
+
+        why = cross.qemu_unavailable_reason()
+        if why:
+            return LayerCheck(lx.name, kern.impl, target, "built", None, kern.build_s, "", why)
+        a = kernel_input(lx, kern.spec, x)
+        y = cross.run_under_qemu(kern, [a, *kern.pack(lx)], (kern.spec.M, kern.spec.N))
+        err = _check(lx.name, kern.impl, y, reference_output(lx, a), _rtol(kern.spec))
+        return LayerCheck(lx.name, kern.impl, target, "built and verified", err, kern.build_s,
+                          "qemu-aarch64")
+    return LayerCheck(lx.name, kern.impl, target, "built", None, kern.build_s, "",
+                      "no GPU visible" if target == "cuda" else "cannot run here")
 
 
 def _torch_repeats(fn: Callable[[], Any], ev: EvaluatorCfg, threads: int) -> list[float]:

@@ -38,7 +38,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,6 +67,7 @@ __all__ = [
     "tt_affine_terms",
     "kernel_cache_size",
     "clear_kernel_cache",
+    "Params",
 ]
 
 log = logging.getLogger(__name__)
@@ -732,14 +733,27 @@ def tt_compute(spec: GemmSpec) -> Any:
 
 @dataclass
 class Kernel:
-    """A compiled layer kernel: ``module["main"](X, *weights, S, bias, out)``."""
+    """A compiled layer kernel: ``module["main"](X, *weights, S, bias, out)``.
+
+    ``executable`` is TVM's build result; ``module`` (the loaded runtime module) exists only
+    for targets that run in this process (see :attr:`_tvm.TargetInfo.local`); a cross-compiled
+    kernel is exported with :meth:`export` and run elsewhere (qemu, an RPC board).
+    """
 
     rule: str
     impl: str
     spec: GemmSpec
     target_str: str
-    module: Any
+    executable: Any
     build_s: float
+    params: Mapping[str, int] = field(default_factory=dict)
+    _module: Any = field(default=None, repr=False)
+
+    @property
+    def module(self) -> Any:
+        if self._module is None:
+            self._module = self.executable.jit()
+        return self._module
 
     @property
     def func(self) -> Any:
@@ -747,6 +761,10 @@ class Kernel:
 
     def pack(self, lx: LayerExport) -> list[np.ndarray]:
         return pack_weight_args(self.spec, lx)
+
+    def export(self, path: str | Any, **kwargs: Any) -> None:
+        """``export_library`` (``fcompile=`` a cross compiler for ARM)."""
+        self.executable.export_library(str(path), **kwargs)
 
 
 _CACHE: dict[tuple[str, GemmSpec, str], Kernel] = {}
@@ -762,21 +780,32 @@ def clear_kernel_cache() -> None:
         _CACHE.clear()
 
 
+#: one point of a rule's tile-parameter grid (e.g. ``{"nb": 16, "mb": 4, "rows": 64}``)
+Params = Mapping[str, int]
+
+
 @dataclass(frozen=True)
 class Rule:
     """One schedule rule of a target (dlight style: the first rule that applies wins).
 
-    ``plan`` turns a layer into a :class:`GemmSpec` (layout, padding, tiles); ``schedule``
-    turns the spec's TE PrimFunc into a scheduled IRModule.
+    ``plan(lx, batch, target, params)`` turns a layer into a :class:`GemmSpec` (layout,
+    padding, tiles from ``params``); ``schedule`` turns the spec's TE PrimFunc into a scheduled
+    IRModule. ``grid`` lists the tile parameters a per-shape search may try; its first entry is
+    the default (used when no search result is cached).
     """
 
     name: str
     impl: str
     applies: Callable[[LayerExport, _tvm.TargetInfo], bool]
-    plan: Callable[[LayerExport, int, _tvm.TargetInfo], GemmSpec]
+    plan: Callable[[LayerExport, int, _tvm.TargetInfo, Params], GemmSpec]
     schedule: Callable[[Any, GemmSpec], Any] = field(repr=False)
     #: tag weight-only layers (float activations) with ``_a32`` (rules that serve both kinds)
     a32_suffix: bool = True
+    grid: tuple[Params, ...] = ({},)
+
+    @property
+    def default_params(self) -> Params:
+        return self.grid[0] if self.grid else {}
 
     def impl_for(self, lx: LayerExport) -> str:
         """Implementation name; weight-only layers (float activations) get an ``_a32`` suffix
@@ -785,9 +814,11 @@ class Rule:
             return self.impl + "_a32"
         return self.impl
 
-    def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> Kernel:
+    def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+              params: Params | None = None) -> Kernel:
         """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``."""
-        spec = self.plan(lx, batch, target)
+        p = dict(self.default_params if params is None else params)
+        spec = self.plan(lx, batch, target, p)
         key = (self.name, spec, target.target_str)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)
@@ -795,10 +826,10 @@ class Rule:
                 return hit
             t0 = time.perf_counter()
             mod = self.schedule(gemm_compute(spec), spec)
-            module = _tvm.compile_prim_module(mod, target)
+            exe = _tvm.compile_prim_module(mod, target)
             kern = Kernel(rule=self.name, impl=self.impl_for(lx), spec=spec,
-                          target_str=target.target_str, module=module,
-                          build_s=time.perf_counter() - t0)
+                          target_str=target.target_str, executable=exe,
+                          build_s=time.perf_counter() - t0, params=p)
             _CACHE[key] = kern
         log.debug("built %s for %s in %.2fs", self.name, spec.shape_key, kern.build_s)
         return kern

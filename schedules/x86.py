@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tvm
 from .generic import schedule_blocked, schedule_gemm, schedule_input_stage
-from .ops import AVX2_TILE_K, GemmSpec, Rule, plan_gemm
+from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -68,6 +68,9 @@ DENSE_ROWS_PER_TASK = 64
 TT_NB = 8
 TT_MB = 4
 TT_ROWS_PER_TASK = 64
+T2_DEFAULT = {"nb": T2_NB, "mb": T2_MB, "rows": T2_ROWS_PER_TASK}
+TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
+DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 
 
 @functools.cache
@@ -194,9 +197,15 @@ def _applies_t2_avx2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return gs >= lx.fan_in or gs % 4 == 0
 
 
-def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-    return plan_gemm(lx, batch, "t2_avx2", nb=T2_NB, mb_max=T2_MB,
-                     rows_per_task=T2_ROWS_PER_TASK)
+def _tiles(params: Params, nb: int, mb: int, rows: int) -> dict[str, int]:
+    """Tile keyword arguments of :func:`plan_gemm` from a grid point (defaults filled in)."""
+    return {"nb": int(params.get("nb", nb)), "mb_max": int(params.get("mb", mb)),
+            "rows_per_task": int(params.get("rows", rows))}
+
+
+def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                  params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "t2_avx2", **_tiles(params, T2_NB, T2_MB, T2_ROWS_PER_TASK))
 
 
 def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -206,9 +215,9 @@ def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
             and lx.act_mode == "ternary")
 
 
-def _plan_tt_popc(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-    return plan_gemm(lx, batch, "tt_planes", nb=TT_NB, mb_max=TT_MB,
-                     rows_per_task=TT_ROWS_PER_TASK)
+def _plan_tt_popc(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                  params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "tt_planes", **_tiles(params, TT_NB, TT_MB, TT_ROWS_PER_TASK))
 
 
 def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -216,9 +225,10 @@ def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return _is_x86(target) and lx.weight_format == "ternary" and lx.act_mode == "fp32"
 
 
-def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-    return plan_gemm(lx, batch, "t2_decoded", nb=DENSE_NB, mb_max=DENSE_MB,
-                     rows_per_task=DENSE_ROWS_PER_TASK)
+def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                 params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "t2_decoded",
+                     **_tiles(params, DENSE_NB, DENSE_MB, DENSE_ROWS_PER_TASK))
 
 
 def _applies_dense(fmt: str) -> Any:
@@ -228,18 +238,30 @@ def _applies_dense(fmt: str) -> Any:
     return applies
 
 
-def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo) -> GemmSpec:
-    return plan_gemm(lx, batch, "dense_blocked", nb=DENSE_NB, mb_max=DENSE_MB,
-                     rows_per_task=DENSE_ROWS_PER_TASK)
+def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "dense_blocked",
+                     **_tiles(params, DENSE_NB, DENSE_MB, DENSE_ROWS_PER_TASK))
+
+
+def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],
+          default: dict[str, int]) -> tuple[Params, ...]:
+    """Default first, then the rest of the cartesian grid (what a per-shape search tries)."""
+    pts = [{"nb": n, "mb": m, "rows": r} for n in nbs for m in mbs for r in rows]
+    return (default, *[p for p in pts if p != default])
 
 
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
-        Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2),
-        Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc),
+        Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2,
+             grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT)),
+        Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc,
+             grid=_grid((4, 8, 16), (2, 4), (16, 64, 256), TT_DEFAULT)),
         Rule("x86.t2_f32", "tvm_t2_f32", _applies_t2_f32, _plan_t2_f32, schedule_t2_f32,
-             a32_suffix=False),
-        Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked),
-        Rule("x86.fp32", "tvm_fp32", _applies_dense("fp32"), _plan_dense, schedule_blocked),
+             a32_suffix=False, grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
+        Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked,
+             grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
+        Rule("x86.fp32", "tvm_fp32", _applies_dense("fp32"), _plan_dense, schedule_blocked,
+             grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
     ]
