@@ -12,8 +12,8 @@ Example:
 from __future__ import annotations
 
 import functools
-import json
 import importlib.metadata
+import json
 import logging
 import os
 import platform
