@@ -146,6 +146,11 @@ class BenchConfig:
     #: the user's own FP32 weights (state dict; read with weights_only=True) instead of the
     #: cached/trained baseline; one model and one dataset per run then
     weights: str | None = None
+    #: TVM RPC endpoint of an ARM board ("HOST:PORT" or "tracker=HOST:PORT,key=KEY"): ARM
+    #: targets are then timed there instead of being verified under qemu
+    rpc: str | None = None
+    #: also time the whole deployed model end to end on x86 (beside torch FP32 eager and INT8)
+    whole_model: bool = True
 
     def __post_init__(self) -> None:
         from .data import list_datasets
@@ -177,9 +182,18 @@ class BenchConfig:
             _fail("seeds", "non-empty non-negative integers", self.seeds)
         if self.profile not in PROFILES:
             _did_you_mean("profile", self.profile, list(PROFILES))
+        known = ("x86", "arm", "arm-neon", "arm-sve", "cuda")  # ternbench.schedules targets
         for t in self.targets:
-            if t not in ("x86",):
-                _fail("targets", "a list of 'x86' (arm and cuda are not built yet)", t)
+            if t not in known:
+                _did_you_mean("targets", t, list(known))
+        if len(set(self.targets)) != len(self.targets):
+            _fail("targets", "distinct target names", self.targets)
+        if self.rpc is not None:
+            if not isinstance(self.rpc, str) or not self.rpc.strip():
+                _fail("rpc", "'HOST:PORT' or 'tracker=HOST:PORT,key=KEY'", self.rpc)
+            if not any(t.startswith("arm") for t in self.targets):
+                _fail("rpc", "used with an ARM target (--targets arm, arm-neon or arm-sve)",
+                      self.rpc)
         if self.executor not in ("ray", "local"):
             _fail("executor", "'ray' or 'local'", self.executor)
         for name in ("latency_threads", "latency_batch", "accuracy_threads"):

@@ -262,29 +262,62 @@ def latency_rows(
     run_id: str,
     torch_cache: dict[tuple, Any],
 ) -> list[dict[str, Any]]:
-    """Time every exported layer of ``cell`` on ``target`` beside torch FP32 on the same shape."""
-    from ternbench.schedules import EvaluatorCfg, measure_layer, measure_torch_fp32
+    """Latency (or build/verification) rows of every exported layer of ``cell`` on ``target``.
 
-    prof = cfg.profile_obj
-    ev = EvaluatorCfg(
-        number=prof.latency_number,
-        repeat=prof.latency_repeat,
-        min_repeat_ms=prof.latency_min_repeat_ms,
-    )
+    * local targets (x86; CUDA with a GPU): each kernel checked against the reference, then
+      timed, beside torch FP32 on the same shape (CPU); on x86 also the whole model end to end
+      (:func:`model_rows`);
+    * ARM with ``cfg.rpc``: checked and timed on the board over TVM RPC;
+    * ARM without a board: built and run bit-exact under qemu-user ("built and verified"),
+      never timed; CUDA without a GPU: "built".
+    """
+    from ternbench.schedules import _tvm
+
     base = {**_base_fields(cell, run_id), "target": target}
     exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
+    tinfo = _tvm.target_info(target)
+    if tinfo.family == "arm" and cfg.rpc:
+        return _timed_rows(cell, target, exports, base, cfg, torch_cache, rpc=cfg.rpc)
+    if not tinfo.local:
+        return _checked_rows(target, exports, base, cfg)
+    rows = _timed_rows(cell, target, exports, base, cfg, torch_cache)
+    if tinfo.family == "x86" and cfg.whole_model:
+        rows += model_rows(cell, store, cfg, base, exports)
+    return rows
+
+
+def _evaluator(cfg: BenchConfig) -> Any:
+    from ternbench.schedules import EvaluatorCfg
+
+    prof = cfg.profile_obj
+    return EvaluatorCfg(number=prof.latency_number, repeat=prof.latency_repeat,
+                        min_repeat_ms=prof.latency_min_repeat_ms)
+
+
+def _timed_rows(cell: CellSpec, target: str, exports: dict[str, Any], base: dict[str, Any],
+                cfg: BenchConfig, torch_cache: dict[tuple, Any], rpc: str | None = None
+                ) -> list[dict[str, Any]]:
+    from ternbench.schedules import measure_layer, measure_torch_fp32
+
+    ev = _evaluator(cfg)
     rows: list[dict[str, Any]] = []
     tot = {"tvm": 0.0, "torch_fp32": 0.0}
+    with_torch = target == "x86"  # torch FP32 runs on this CPU: only comparable with x86
     for name, lx in exports.items():
-        lat = measure_layer(
-            lx, batch=cfg.latency_batch, target=target, ev=ev, threads=cfg.latency_threads
-        )
+        if rpc:
+            from ternbench.schedules.rpc import RpcEndpoint, measure_layer_rpc
+
+            lat = measure_layer_rpc(lx, endpoint=RpcEndpoint.parse(rpc), target=target,
+                                    batch=cfg.latency_batch, ev=ev)
+        else:
+            lat = measure_layer(lx, batch=cfg.latency_batch, target=target, ev=ev,
+                                threads=cfg.latency_threads)
         rows.append(make_row(base, layer=name, impl=lat.impl, metric="latency_us",
                              value=lat.median_us, unit="us"))
         rows.append(make_row(base, layer=name, impl=lat.impl, metric="kernel_max_abs_err",
                              value=lat.max_abs_err, unit="abs"))
         tot["tvm"] += lat.median_us
-        if lx.branch_of:  # a residual edge: an extra kernel on its layer's input, no FP32 twin
+        if lx.branch_of or not with_torch:  # a residual edge has no FP32 twin
             continue
         shape = (lx.op, lx.input_shape, lx.out_channels, lx.kernel_size, lx.stride, lx.padding)
         ref = torch_cache.get(shape)
@@ -296,31 +329,91 @@ def latency_rows(
         rows.append(make_row(base, layer=name, impl=ref.impl, metric="latency_us",
                              value=ref.median_us, unit="us"))
         tot["torch_fp32"] += ref.median_us
-    rows.append(
-        make_row(
-            base, layer="__total__", impl="tvm", metric="latency_us", value=tot["tvm"], unit="us"
-        )
-    )
-    rows.append(
-        make_row(
-            base,
-            layer="__total__",
-            impl="torch_fp32",
-            metric="latency_us",
-            value=tot["torch_fp32"],
-            unit="us",
-        )
-    )
-    rows.append(
-        make_row(
-            base,
-            layer="__total__",
-            impl="tvm",
-            metric="threads",
-            value=float(cfg.latency_threads),
-            unit="count",
-        )
-    )
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="latency_us",
+                         value=tot["tvm"], unit="us"))
+    if with_torch:
+        rows.append(make_row(base, layer="__total__", impl="torch_fp32", metric="latency_us",
+                             value=tot["torch_fp32"], unit="us"))
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="threads",
+                         value=float(cfg.latency_threads), unit="count"))
+    if rpc:
+        rows.append(make_row(base, layer="__total__", impl="tvm", metric="kernel_status",
+                             value=1.0, unit=f"timed over RPC {rpc}"))
+    return rows
+
+
+def _checked_rows(target: str, exports: dict[str, Any], base: dict[str, Any],
+                  cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Build every layer for a target that cannot be timed here; run it where possible."""
+    from ternbench.schedules import check_layer
+
+    rows: list[dict[str, Any]] = []
+    built = verified = 0
+    how = ""
+    for name, lx in exports.items():
+        chk = check_layer(lx, batch=cfg.latency_batch, target=target)
+        built += 1
+        rows.append(make_row(base, layer=name, impl=chk.impl, metric="build_s",
+                             value=chk.build_s, unit="s"))
+        if chk.status == "built and verified":
+            verified += 1
+            how = chk.checked_with
+            rows.append(make_row(base, layer=name, impl=chk.impl, metric="kernel_max_abs_err",
+                                 value=float(chk.max_abs_err or 0.0), unit="abs"))
+        else:
+            how = how or chk.why
+    status = "built and verified" if verified == built else "built"
+    detail = f"{status} ({verified}/{built} layers checked: {how})" if verified else (
+        f"built ({built} layers; not run: {how})")
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="kernels_built",
+                         value=float(built), unit="layers"))
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="kernels_verified",
+                         value=float(verified), unit="layers"))
+    rows.append(make_row(base, layer="__total__", impl="tvm", metric="kernel_status",
+                         value=float(verified == built), unit=detail))
+    log.info("%s on %s: %s", base.get("method"), target, detail)
+    return rows
+
+
+def model_rows(cell: CellSpec, store: ResultStore, cfg: BenchConfig, base: dict[str, Any],
+               exports: dict[str, Any]) -> list[dict[str, Any]]:
+    """Whole-model latency on x86: the deployed model (TVM kernels chained with the model's
+    non-GEMM ops), checked against the fake-quant logits, timed beside torch FP32 eager and
+    torch INT8; plus the per-layer breakdown of the end-to-end time."""
+    from ternbench.methods._export_io import load_graph_state
+    from ternbench.schedules.model import compile_model, model_latency
+
+    exp = store.root / "exports"
+    gpath, cpath = exp / f"{cell.key}.graph.safetensors", exp / f"{cell.key}.check.npz"
+    if not (gpath.exists() and cpath.exists()):
+        log.warning("%s: no graph state / check logits in %s (written by an older ternbench);"
+                    " whole-model latency skipped", cell.method, exp)
+        return []
+    graph = load_graph_state(cell.build_model(), gpath.read_bytes())
+    with np.load(cpath) as z:
+        x, ref = torch.from_numpy(z["x"]), torch.from_numpy(z["logits"])
+    tvm_model = compile_model(graph, exports, batch=cfg.latency_batch)
+    prof = cfg.profile_obj
+    lat = model_latency(tvm_model, graph, x, ref, threads=cfg.latency_threads,
+                        repeat=max(3, prof.latency_repeat),
+                        min_repeat_ms=float(max(prof.latency_min_repeat_ms, 1) * 5))
+    mb = {**base, "layer": "__model__"}
+    rows = [
+        make_row(mb, impl="tvm", metric="latency_us", value=lat.tvm_us, unit="us"),
+        make_row(mb, impl="torch_fp32_eager", metric="latency_us", value=lat.torch_fp32_us,
+                 unit="us"),
+        make_row(mb, impl="tvm", metric="model_logit_rel_diff", value=lat.check.rel_diff,
+                 unit="relative"),
+        make_row(mb, impl="tvm", metric="model_top1_agreement",
+                 value=lat.check.top1_agreement, unit="fraction"),
+        make_row(mb, impl="tvm", metric="model_other_us", value=lat.other_us, unit="us"),
+    ]
+    if lat.torch_int8_us is not None:
+        rows.append(make_row(mb, impl="torch_int8", metric="latency_us",
+                             value=lat.torch_int8_us, unit="us"))
+    for name, us in lat.per_layer_us.items():
+        rows.append(make_row(base, layer=name, impl=lat.impls[name], metric="model_layer_us",
+                             value=us, unit="us"))
     return rows
 
 
@@ -387,9 +480,12 @@ def run(
                     }
                     store.write_meta(meta)
                 if outcome.info is not None:
-                    atomic_write_bytes(
-                        store.root / "exports" / f"{cell.key}.npz", outcome.info["export_npz"]
-                    )
+                    exp = store.root / "exports"
+                    atomic_write_bytes(exp / f"{cell.key}.npz", outcome.info["export_npz"])
+                    for suffix, k in ((".graph.safetensors", "graph_state"),
+                                      (".check.npz", "check_npz")):
+                        if outcome.info.get(k) is not None:
+                            atomic_write_bytes(exp / f"{cell.key}{suffix}", outcome.info[k])
                 store.write_part(cell.key, ACC_PART, rows)
                 if outcome.error is not None:
                     failed += 1

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from ternbench.methods import QuantContext, create_method, summarize_cost
 from ternbench.methods._deploy import layer_parity, max_logit_diff
-from ternbench.methods._export_io import exports_to_bytes
+from ternbench.methods._export_io import exports_to_bytes, graph_state_to_bytes
 from torch import nn
 
 from .config import Profile
@@ -142,9 +142,23 @@ def quantize_cell(
         # the recipe actually used, the paper's, and how they differ (training-time methods)
         "ledger": _ledger(qm.info),
         "export_npz": exports_to_bytes(exports),
+        # with the exports, these rebuild and check the deployed model end to end (TVM)
+        "graph_state": graph_state_to_bytes(qm.module),
+        "check_npz": _check_npz(qm.module, x),
         "quantize_seconds": time.perf_counter() - t0,
     }
     return qm.module.to("cpu"), info  # evaluation shards run on CPU workers
+
+
+@torch.no_grad()
+def _check_npz(module: nn.Module, x: torch.Tensor) -> bytes:
+    """The deploy-check inputs and the fake-quant model's logits on them (npz bytes)."""
+    import io
+
+    module.eval()
+    buf = io.BytesIO()
+    np.savez(buf, x=x.numpy(), logits=module(x).numpy())
+    return buf.getvalue()
 
 
 def _ledger(info: dict[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,16 @@ import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ._base import LayerExport
 
-__all__ = ["pack_ternary", "unpack_ternary", "save_exports", "load_exports", "exports_to_bytes"]
+__all__ = [
+    "pack_ternary", "unpack_ternary", "save_exports", "load_exports", "exports_to_bytes",
+    "graph_state", "graph_state_to_bytes", "load_graph_state",
+]
 
 _ARRAYS = ("codes", "scales", "bias", "weight_offset")
 
@@ -101,3 +105,44 @@ def load_exports(path: str | Path) -> dict[str, LayerExport]:
                 **meta,
             )
     return out
+
+
+def graph_state(module: Any) -> dict[str, Any]:
+    """The non-GEMM state of a (quantized) model: every ``state_dict`` entry outside its
+    conv/linear layers (BatchNorm statistics, ...), which the exports do not carry. With the
+    exports it rebuilds the deployed model on the float architecture (whole-model latency).
+
+    Example:
+        >>> from torch import nn
+        >>> sorted(graph_state(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))))[:2]
+        ['1.bias', '1.num_batches_tracked']
+    """
+    from torch import nn
+
+    skip = tuple(f"{n}." for n, m in module.named_modules()
+                 if isinstance(m, nn.Conv2d | nn.Linear))
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+            if not k.startswith(skip)}
+
+
+def graph_state_to_bytes(module: Any) -> bytes:
+    """:func:`graph_state` as safetensors bytes (no pickle)."""
+    from safetensors.torch import save
+
+    return save(graph_state(module))
+
+
+def load_graph_state(arch: Any, data: bytes | Mapping[str, Any]) -> Any:
+    """Load a :func:`graph_state` (safetensors bytes or a mapping) into a float architecture;
+    every non-conv/linear entry of the architecture must be there (a model of another shape
+    fails here, naming the keys). Returns ``arch`` in eval mode."""
+    from safetensors.torch import load
+
+    state = load(data) if isinstance(data, bytes | bytearray) else dict(data)
+    want = graph_state(arch)
+    missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    if missing or extra:
+        raise ValueError(f"graph state does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    arch.load_state_dict(state, strict=False)
+    return arch.eval()

@@ -29,6 +29,8 @@ from .tables import (
     format_latency,
     format_layers,
     format_meta,
+    format_model,
+    format_status,
     load_results,
     prepare,
 )
@@ -204,6 +206,8 @@ def _context(
                 layer_plots=by_section.get(f"layers:{target}", []),
             )
         )
+    model_disp = format_model(data.model) if len(data.model) else pd.DataFrame()
+    status_disp = format_status(data.status) if len(data.status) else pd.DataFrame()
     ledger = _ledger_table(metas_of(data))
     papers = _paper_table(data)
     failed = format_failed(data.failed)
@@ -224,6 +228,10 @@ def _context(
         else "",
         "acc_plots": by_section.get("accuracy", []),
         "latency": sections,
+        "model_md": _md_table(model_disp) if len(model_disp) else "",
+        "model_html": _html_table(model_disp, uuid="model") if len(model_disp) else "",
+        "status_md": _md_table(status_disp) if len(status_disp) else "",
+        "status_html": _html_table(status_disp, uuid="status") if len(status_disp) else "",
         "failed_md": _md_table(failed_md) if len(failed) else "",
         "failed_html": _html_table(failed, uuid="fail") if len(failed) else "",
         "n_failed": n_fail_cells,

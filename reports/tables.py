@@ -35,6 +35,8 @@ __all__ = [
     "format_accuracy",
     "format_failed",
     "format_latency",
+    "format_model",
+    "format_status",
     "format_layers",
     "format_meta",
     "load_results",
@@ -69,6 +71,7 @@ _REQUIRED = (
 
 MODEL_TARGET = "-"  # target of accuracy and cost rows
 TOTAL_LAYER = "__total__"  # layer of the sum-over-layers latency row
+MODEL_LAYER = "__model__"  # layer of the end-to-end (whole deployed model) rows
 TORCH_IMPL = "torch_fp32"  # baseline measured in the same run on the same shapes
 TVM_FP32_IMPL = "tvm_fp32"
 REFERENCE_METHOD = "fp32"  # Δtop1 is measured against this method
@@ -338,6 +341,10 @@ class ReportData:
     failed: pd.DataFrame  #: failed cells with their reasons
     meta: pd.DataFrame  #: run metadata, one column per run
     metas: list[dict[str, Any]] = field(default_factory=list)  #: the run.json dicts
+    #: vid x model/dataset x target: end-to-end TVM model vs torch FP32 eager / INT8
+    model: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: vid x target: kernels built / verified where they were not timed (ARM, CUDA)
+    status: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def compare(self) -> bool:
@@ -346,6 +353,11 @@ class ReportData:
     @property
     def targets(self) -> list[str]:
         return list(dict.fromkeys(self.latency["target"])) if len(self.latency) else []
+
+    @property
+    def status_targets(self) -> list[str]:
+        """Targets with build/verification status rows (not timed here)."""
+        return list(dict.fromkeys(self.status["target"])) if len(self.status) else []
 
 
 def prepare(
@@ -386,6 +398,8 @@ def prepare(
         accuracy=accuracy,
         latency=latency,
         layers=layers,
+        model=_model_table(df),
+        status=_status_table(df),
         failed=_failed_table(df),
         meta=_meta_table(metas, df, run_ids),
         metas=[dict(m) for m in metas],
@@ -531,6 +545,7 @@ def _latency_tables(
     rows = _ok(df)
     rows = rows[
         rows["metric"].eq("latency_us") & rows["target"].ne(MODEL_TARGET) & rows["impl"].ne("")
+        & rows["layer"].ne(MODEL_LAYER)
     ]
     if rows.empty:
         return pd.DataFrame(columns=lat_cols), pd.DataFrame(columns=layer_cols)
@@ -862,6 +877,86 @@ def format_latency(lat: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Data
         out["TVM FP32 (µs)"] = [fmt_num(v, ".1f") for v in lat["tvm_fp32_us"]]
         out["Speed-up vs TVM FP32"] = [fmt_num(v, ".2f", "×") for v in lat["speedup_tvm_fp32"]]
     return out.reset_index(drop=True)
+
+
+_MODEL_IMPLS = {"tvm": "tvm_us", "torch_fp32_eager": "torch_fp32_us",
+                "torch_int8": "torch_int8_us"}
+
+
+def _model_table(df: pd.DataFrame) -> pd.DataFrame:
+    """End-to-end latency of the deployed model (``__model__`` rows), one row per variant x
+    model x dataset x target, speed-ups taken within the same cell (same run, same input)."""
+    cols = ["vid", "label", "method", "model", "dataset", "target", "tvm_us", "torch_fp32_us",
+            "torch_int8_us", "speedup_fp32", "speedup_int8", "other_us", "logit_rel_diff",
+            "top1_agreement"]
+    rows = _ok(df)
+    rows = rows[rows["layer"].eq(MODEL_LAYER)]
+    if rows.empty:
+        return pd.DataFrame(columns=cols)
+    key = ["vid", "label", "method", "model", "dataset", "target"]
+    lat = rows[rows["metric"].eq("latency_us")]
+    wide = lat.pivot_table(index=key, columns="impl", values="value", aggfunc="mean")
+    wide = wide.rename(columns=_MODEL_IMPLS)
+    for metric, col in (("model_other_us", "other_us"), ("model_logit_rel_diff", "logit_rel_diff"),
+                        ("model_top1_agreement", "top1_agreement")):
+        m = rows[rows["metric"].eq(metric)].groupby(key)["value"].mean()
+        wide[col] = m
+    for c in cols:
+        if c not in key and c not in wide.columns:
+            wide[c] = np.nan
+    wide["speedup_fp32"] = wide["torch_fp32_us"] / wide["tvm_us"]
+    wide["speedup_int8"] = wide["torch_int8_us"] / wide["tvm_us"]
+    return wide.reset_index()[cols]
+
+
+def _status_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Targets that were built (and checked) but not timed here: one row per variant x model x
+    target, with the runner's status text (e.g. "built and verified (26/26 layers checked:
+    qemu-aarch64)")."""
+    cols = ["vid", "label", "method", "model", "dataset", "target", "status_text", "built",
+            "verified"]
+    rows = _ok(df)
+    rows = rows[rows["layer"].eq(TOTAL_LAYER) & rows["metric"].isin(
+        ["kernel_status", "kernels_built", "kernels_verified"])]
+    st = rows[rows["metric"].eq("kernel_status")]
+    if st.empty:
+        return pd.DataFrame(columns=cols)
+    key = ["vid", "label", "method", "model", "dataset", "target"]
+    out = st.groupby(key)["unit"].first().rename("status_text").to_frame()
+    for metric, col in (("kernels_built", "built"), ("kernels_verified", "verified")):
+        out[col] = rows[rows["metric"].eq(metric)].groupby(key)["value"].max()
+    return out.reset_index()[cols]
+
+
+def format_model(model: pd.DataFrame) -> pd.DataFrame:
+    """Display strings for the end-to-end model latency table."""
+    return pd.DataFrame(
+        {
+            "Method": model["label"].astype(str),
+            "Model": model["model"].astype(str),
+            "Target": model["target"].astype(str),
+            "TVM model (µs)": [fmt_num(v, ".0f") for v in model["tvm_us"]],
+            "Torch FP32 eager (µs)": [fmt_num(v, ".0f") for v in model["torch_fp32_us"]],
+            "Torch INT8 (µs)": [fmt_num(v, ".0f") for v in model["torch_int8_us"]],
+            "Speed-up vs FP32": [fmt_num(v, ".2f", "×") for v in model["speedup_fp32"]],
+            "Speed-up vs INT8": [fmt_num(v, ".2f", "×") for v in model["speedup_int8"]],
+            "Non-GEMM ops (µs)": [fmt_num(v, ".0f") for v in model["other_us"]],
+            "Logit Δ vs fake-quant": [fmt_num(v, ".1e") for v in model["logit_rel_diff"]],
+            "Top-1 agreement": [fmt_num(100 * v, ".1f", "%") for v in model["top1_agreement"]],
+        }
+    ).reset_index(drop=True)
+
+
+def format_status(status: pd.DataFrame) -> pd.DataFrame:
+    """Display strings for the built / verified (not timed) targets."""
+    return pd.DataFrame(
+        {
+            "Method": status["label"].astype(str),
+            "Model": status["model"].astype(str),
+            "Target": status["target"].astype(str),
+            "Status": status["status_text"].astype(str),
+        }
+    ).reset_index(drop=True)
 
 
 def format_layers(layers: pd.DataFrame) -> pd.DataFrame:

@@ -47,6 +47,14 @@ def test_local_run_with_latency_resume_and_report(tiny_profile, cache, tmp_path)
     assert (df[df.metric == "kernel_max_abs_err"].value < 1e-3).all()
     total = lat[lat.layer == "__total__"]
     assert len(total) == 4  # (fp32, fgq) x (tvm, torch_fp32)
+    # whole model: checked against the fake-quant logits, then timed beside torch
+    model = df[df.layer == "__model__"]
+    e2e = model[model.metric == "latency_us"]
+    assert set(e2e.impl) == {"tvm", "torch_fp32_eager", "torch_int8"} and (e2e.value > 0).all()
+    assert (model[model.metric == "model_top1_agreement"].value >= 0.9).all()
+    assert (model[model.metric == "model_logit_rel_diff"].value < 0.05).all()
+    per_layer = df[(df.metric == "model_layer_us") & (df.method == "fgq")]
+    assert len(per_layer) == len(lat[(lat.method == "fgq") & lat.impl.str.startswith("tvm_")])
     for f in ("results.parquet", "results.csv", "run.json", "report.md", "report.html"):
         assert (tmp_path / "run" / f).exists(), f
     assert list((tmp_path / "run" / "subsets").glob("*.npy"))

@@ -1,0 +1,312 @@
+"""Whole-model latency: every conv/linear of a ternary model as a TVM kernel, chained with the
+model's own non-GEMM ops (BatchNorm, ReLU, residual adds, pooling) in torch eager.
+
+:func:`compile_model` swaps each exported layer of a graph module for a :class:`TvmLayer`
+(activation quantizer in torch, then the layer's kernel and those of its enabled branches,
+written straight into a preallocated NHWC output that the next op sees as a channels-last NCHW
+tensor: no copies between layers). :func:`model_latency` checks the compiled model's logits
+against the fake-quant model's on real inputs *before* timing it, then times it interleaved with
+torch FP32 eager and torch INT8 (FX static quantization, fbgemm) on the same input, and breaks
+the end-to-end time down per layer.
+
+Example:
+    >>> from ternbench.schedules.model import ModelCheckError
+    >>> issubclass(ModelCheckError, RuntimeError)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from . import _tvm
+from .measure import build_layer
+
+if TYPE_CHECKING:
+    from ternbench.methods._base import LayerExport
+
+    from .ops import Kernel
+
+__all__ = [
+    "ModelCheckError",
+    "TvmLayer",
+    "ModelLatency",
+    "compile_model",
+    "check_model",
+    "model_latency",
+    "torch_int8_model",
+    "LOGIT_RTOL",
+    "MIN_TOP1_AGREEMENT",
+]
+
+log = logging.getLogger(__name__)
+
+#: largest |logit difference| vs the fake-quant model, relative to its max |logit|. The kernels
+#: are exact integer GEMMs with a float32 epilogue, but end to end a near-tie activation can
+#: round to the neighbouring code in one graph and not the other and the flip propagates; real
+#: kernel bugs give O(1) relative errors.
+LOGIT_RTOL = 0.05
+#: share of samples whose top-1 class must agree with the fake-quant model
+MIN_TOP1_AGREEMENT = 0.9
+
+
+class ModelCheckError(RuntimeError):
+    """The TVM model's logits disagree with the fake-quant model's; it is never timed."""
+
+
+class TvmLayer(nn.Module):
+    """One conv/linear computed by TVM kernels: quantize (torch) -> kernel(s) -> NCHW view.
+
+    The kernels take NHWC (conv) / [B, F] (linear) activation codes and write float32
+    ``[B*Ho*Wo, N]``; branches (TRN edges) are extra kernels on the same codes, summed.
+    """
+
+    def __init__(self, lx: LayerExport, branches: list[LayerExport], batch: int,
+                 target: str = "x86") -> None:
+        super().__init__()
+        tvm = _tvm.require_tvm()
+        self.lx = lx
+        self.batch = batch
+        self.kernels: list[tuple[Kernel, list[Any], Tensor]] = []
+        for part in (lx, *branches):
+            kern = build_layer(part, batch, target)
+            if kern.spec.act_dtype != ("float32" if part.act_mode == "fp32" else "int8"):
+                raise ValueError(f"{part.name}: unexpected kernel input {kern.spec.act_dtype}")
+            args = [tvm.runtime.tensor(v, tvm.cpu(0)) for v in kern.pack(part)]
+            out = torch.empty(kern.spec.M, kern.spec.N, dtype=torch.float32)
+            self.kernels.append((kern, args, out))
+        spec = self.kernels[0][0].spec
+        self.out_hw = spec.out_hw
+        self.impl = self.kernels[0][0].impl
+        self.seconds = 0.0  # time spent in this layer (quantize + kernels), when profiling
+        self.profile = False
+
+    def _codes(self, x: Tensor) -> Tensor:
+        lx = self.lx
+        if lx.act_mode == "fp32":
+            a = x.to(torch.float32)
+        elif lx.act_mode == "ternary":  # same comparison, in the input's dtype, as the export
+            a = (torch.sign(x) * (x.abs() > lx.act_threshold)).to(torch.int8)
+        else:  # float32 division, half-to-even rounding: exactly ActQuantizer
+            q = lx.act_qmax
+            a = torch.clamp(torch.round(x / lx.act_scale), -q, q).to(torch.int8)
+        if lx.op == "conv2d":
+            a = a.permute(0, 2, 3, 1)  # a channels-last tensor gives a contiguous NHWC view
+        else:
+            a = a.reshape(a.shape[0], -1)
+        return a if a.is_contiguous() else a.contiguous()
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] != self.batch:
+            raise ValueError(f"{self.lx.name}: compiled for batch {self.batch}, got {x.shape[0]}")
+        t0 = time.perf_counter() if self.profile else 0.0
+        a = self._codes(x)
+        y: Tensor | None = None
+        for kern, args, out in self.kernels:
+            kern.func(a, *args, out)
+            y = out if y is None else y + out
+        assert y is not None
+        if self.lx.op == "conv2d":
+            ho, wo = self.out_hw
+            y = y.view(self.batch, ho, wo, -1).permute(0, 3, 1, 2)  # NCHW, channels-last strides
+        if self.profile:
+            self.seconds += time.perf_counter() - t0
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.lx.name}: {self.impl} x{len(self.kernels)}"
+
+
+def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int,
+                  target: str = "x86") -> nn.Module:
+    """A copy of ``graph`` whose conv/linear layers named in ``exports`` are :class:`TvmLayer`.
+
+    ``graph`` is the fake-quant module or the float architecture with the quantized model's
+    non-GEMM state loaded (BatchNorm statistics etc.); every conv/linear of it must have an
+    export. Branch exports (``branch_of``) that are enabled join their layer.
+    """
+    from ternbench.methods._layers import swap_layers
+
+    m = copy.deepcopy(graph).eval()
+    missing: list[str] = []
+
+    def make(name: str, mod: nn.Module, pos: str) -> nn.Module | None:
+        lx = exports.get(name)
+        if lx is None:
+            missing.append(name)
+            return None
+        branches = [b for b in exports.values() if b.branch_of == name and b.enabled]
+        return TvmLayer(lx, branches, batch, target)
+
+    swap_layers(m, make)
+    if missing:
+        raise ValueError(f"no export for layers {missing}: cannot run the model through TVM")
+    return m
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """How the TVM model's logits compare with the fake-quant model's on real inputs."""
+
+    samples: int
+    max_abs_diff: float
+    rel_diff: float  # max |diff| / max |reference logit|
+    top1_agreement: float
+
+
+def check_model(tvm_model: nn.Module, x: Tensor, ref_logits: Tensor) -> ModelCheck:
+    """Run ``tvm_model`` on ``x`` in chunks of its batch and compare with ``ref_logits``.
+
+    Raises :class:`ModelCheckError` past :data:`LOGIT_RTOL` or under
+    :data:`MIN_TOP1_AGREEMENT`.
+    """
+    batch = _batch_of(tvm_model)
+    n = (x.shape[0] // batch) * batch
+    if n == 0:
+        raise ValueError(f"need at least {batch} check samples, got {x.shape[0]}")
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            outs.append(tvm_model(x[i:i + batch].contiguous(
+                memory_format=torch.channels_last)).clone())
+    got = torch.cat(outs).to(torch.float64)
+    ref = ref_logits[:n].to(torch.float64)
+    diff = float((got - ref).abs().max())
+    scale = float(ref.abs().max()) or 1.0
+    agree = float((got.argmax(1) == ref.argmax(1)).double().mean())
+    res = ModelCheck(samples=n, max_abs_diff=diff, rel_diff=diff / scale, top1_agreement=agree)
+    if not (res.rel_diff <= LOGIT_RTOL and agree >= MIN_TOP1_AGREEMENT):
+        raise ModelCheckError(
+            f"TVM model disagrees with the fake-quant model on {n} samples: max |dlogit| = "
+            f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
+            f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
+    return res
+
+
+def _batch_of(m: nn.Module) -> int:
+    for mod in m.modules():
+        if isinstance(mod, TvmLayer):
+            return mod.batch
+    raise ValueError("model has no TvmLayer (compile it with compile_model)")
+
+
+def torch_int8_model(fp32: nn.Module, calib: Tensor) -> nn.Module:
+    """Torch's own INT8 deployment of ``fp32``: FX graph-mode static quantization (fbgemm,
+    per-channel int8 weights, uint8 activations), calibrated on ``calib``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    m = copy.deepcopy(fp32).eval()
+    with warnings.catch_warnings():
+        # torch.ao.quantization is deprecated in favour of torchao, which is not installed
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.ao\.")
+        prev = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"
+        try:
+            prepared = prepare_fx(m, get_default_qconfig_mapping("fbgemm"), (calib[:1],))
+            with torch.inference_mode():
+                prepared(calib)
+            return convert_fx(prepared)
+        finally:
+            torch.backends.quantized.engine = prev
+
+
+@dataclass
+class ModelLatency:
+    """End-to-end latency of one model, TVM vs torch, measured side by side (medians, us)."""
+
+    tvm_us: float
+    torch_fp32_us: float
+    torch_int8_us: float | None
+    batch: int
+    threads: int
+    check: ModelCheck
+    per_layer_us: dict[str, float] = field(default_factory=dict)  # quantize + kernels
+    impls: dict[str, str] = field(default_factory=dict)
+    raw: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def other_us(self) -> float:
+        """Non-GEMM ops (torch eager) and call overhead: end to end minus the layers."""
+        return self.tvm_us - sum(self.per_layer_us.values())
+
+
+def _per_call(fn: Callable[[], Any], number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def _calls_for(fn: Callable[[], Any], min_ms: float) -> int:
+    """Calls per repeat so that one repeat lasts about ``min_ms`` (as time_evaluator does)."""
+    fn()
+    per = max(_per_call(fn, 1), 1e-7)
+    return max(1, int(min_ms / 1e3 / per) + 1)
+
+
+def model_latency(tvm_model: nn.Module, fp32_model: nn.Module, x_check: Tensor,
+                  ref_logits: Tensor, *, threads: int = 1, repeat: int = 15,
+                  min_repeat_ms: float = 100.0, int8: bool = True) -> ModelLatency:
+    """Check ``tvm_model`` against the fake-quant logits, then time it beside torch.
+
+    Rounds are interleaved (TVM, torch FP32 eager, torch INT8, TVM, ...) on the same input, the
+    first check sample(s) at the compiled batch; each figure is the median of ``repeat``
+    per-call means. A profiled pass then splits the TVM time per layer.
+    """
+    check = check_model(tvm_model, x_check, ref_logits)
+    batch = _batch_of(tvm_model)
+    x = x_check[:batch].contiguous()
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fp32 = copy.deepcopy(fp32_model).eval()
+    q8 = torch_int8_model(fp32, x_check) if int8 else None
+    prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
+    runs: dict[str, Callable[[], Any]] = {
+        "tvm": lambda: tvm_model(x_cl),
+        "torch_fp32": lambda: fp32(x),
+    }
+    if q8 is not None:
+        runs["torch_int8"] = lambda: q8(x)
+    raw: dict[str, list[float]] = {k: [] for k in runs}
+    try:
+        torch.set_num_threads(threads)
+        _tvm.set_num_threads(threads)
+        with torch.inference_mode():
+            numbers = {k: _calls_for(fn, min_repeat_ms) for k, fn in runs.items()}
+            for _ in range(repeat):
+                for k, fn in runs.items():
+                    raw[k].append(_per_call(fn, numbers[k]) * 1e6)
+            layers = [m for m in tvm_model.modules() if isinstance(m, TvmLayer)]
+            for m in layers:
+                m.seconds, m.profile = 0.0, True
+            n_prof = max(numbers["tvm"], 5)
+            try:
+                for _ in range(n_prof):
+                    tvm_model(x_cl)
+            finally:
+                for m in layers:
+                    m.profile = False
+    finally:
+        torch.set_num_threads(prev_torch)
+        _tvm.set_num_threads(prev_tvm)
+    med = {k: float(statistics.median(v)) for k, v in raw.items()}
+    per_layer = {m.lx.name: m.seconds / n_prof * 1e6 for m in layers}
+    log.info("model batch %d, %d thread(s): tvm %.0f us, torch fp32 %.0f us, torch int8 %s us",
+             batch, threads, med["tvm"], med["torch_fp32"],
+             f"{med['torch_int8']:.0f}" if "torch_int8" in med else "-")
+    return ModelLatency(
+        tvm_us=med["tvm"], torch_fp32_us=med["torch_fp32"],
+        torch_int8_us=med.get("torch_int8"), batch=batch, threads=threads, check=check,
+        per_layer_us=per_layer, impls={m.lx.name: m.impl for m in layers},
+        raw={k: [float(v) for v in vs] for k, vs in raw.items()})
