@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import statistics
 import time
@@ -26,7 +27,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from . import _tvm
@@ -74,22 +77,61 @@ class TvmLayer(nn.Module):
     def __init__(self, lx: LayerExport, branches: list[LayerExport], batch: int,
                  target: str = "x86") -> None:
         super().__init__()
-        tvm = _tvm.require_tvm()
         self.lx = lx
+        self.parts = [lx, *branches]
         self.batch = batch
+        self.target = target
+        self.folded = ""  # name of the BatchNorm folded into the epilogue, if any
         self.kernels: list[tuple[Kernel, list[Any], Tensor]] = []
-        for part in (lx, *branches):
-            kern = build_layer(part, batch, target)
-            if kern.spec.act_dtype != ("float32" if part.act_mode == "fp32" else "int8"):
-                raise ValueError(f"{part.name}: unexpected kernel input {kern.spec.act_dtype}")
-            args = [tvm.runtime.tensor(v, tvm.cpu(0)) for v in kern.pack(part)]
-            out = torch.empty(kern.spec.M, kern.spec.N, dtype=torch.float32)
-            self.kernels.append((kern, args, out))
+        self._build()
         spec = self.kernels[0][0].spec
         self.out_hw = spec.out_hw
         self.impl = self.kernels[0][0].impl
         self.seconds = 0.0  # time spent in this layer (quantize + kernels), when profiling
         self.profile = False
+
+    def _build(self) -> None:
+        tvm = _tvm.require_tvm()
+        self.kernels = []
+        for part in self.parts:
+            kern = build_layer(part, self.batch, self.target)
+            if kern.spec.act_dtype != ("float32" if part.act_mode == "fp32" else "int8"):
+                raise ValueError(f"{part.name}: unexpected kernel input {kern.spec.act_dtype}")
+            args = [tvm.runtime.tensor(v, tvm.cpu(0)) for v in kern.pack(part)]
+            out = torch.empty(kern.spec.M, kern.spec.N, dtype=torch.float32)
+            self.kernels.append((kern, args, out))
+
+    def fold_batchnorm(self, bn: nn.BatchNorm2d | nn.BatchNorm1d, name: str = "bn") -> None:
+        """Fold an eval-mode BatchNorm that consumes this layer's output into the kernels'
+        epilogue (per-channel scale into ``scales`` / weight offsets, shift into the primary's
+        bias): one float32 rounding more, one eager op and one pass over the output less."""
+        g = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features,
+             dtype=torch.float64)) / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = (bn.bias.detach().double() if bn.affine else 0.0) - bn.running_mean.double() * g
+        gn = g.numpy()
+        sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
+        parts = []
+        for i, p in enumerate(self.parts):
+            if p.out_channels != len(gn):
+                raise ValueError(f"{name}: {len(gn)} channels after {p.name} "
+                                 f"({p.out_channels} outputs)")
+            bias = np.zeros(len(gn)) if p.bias is None else np.asarray(p.bias, np.float64)
+            bias = bias * gn + (sn if i == 0 else 0.0)
+            repl: dict[str, Any] = {"bias": bias.astype(np.float32)}
+            if p.weight_format == "fp32":  # the codes are the weights
+                repl["codes"] = (np.asarray(p.codes, np.float64) * gn[:, None]).astype(np.float32)
+            else:
+                repl["scales"] = (np.asarray(p.scales, np.float64) * gn[:, None]).astype(
+                    np.float32)
+                repl["scale_bits"] = 32
+            if p.weight_offset is not None:
+                repl["weight_offset"] = (np.asarray(p.weight_offset, np.float64) * gn).astype(
+                    np.float32)
+            parts.append(dataclasses.replace(p, **repl))
+        self.parts = parts
+        self.lx = parts[0]
+        self.folded = name
+        self._build()
 
     def _codes(self, x: Tensor) -> Tensor:
         lx = self.lx
@@ -124,16 +166,20 @@ class TvmLayer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"{self.lx.name}: {self.impl} x{len(self.kernels)}"
+        fold = f" + {self.folded}" if self.folded else ""
+        return f"{self.lx.name}: {self.impl} x{len(self.kernels)}{fold}"
 
 
 def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int,
-                  target: str = "x86") -> nn.Module:
+                  target: str = "x86", fold_bn: bool = True) -> nn.Module:
     """A copy of ``graph`` whose conv/linear layers named in ``exports`` are :class:`TvmLayer`.
 
     ``graph`` is the fake-quant module or the float architecture with the quantized model's
     non-GEMM state loaded (BatchNorm statistics etc.); every conv/linear of it must have an
-    export. Branch exports (``branch_of``) that are enabled join their layer.
+    export. Branch exports (``branch_of``) that are enabled join their layer. With ``fold_bn``
+    the model is traced (torch.fx) and every BatchNorm that is the only consumer of a layer's
+    output is folded into that layer's epilogue (see :meth:`TvmLayer.fold_batchnorm`); a model
+    that cannot be traced runs unfolded.
     """
     from ternbench.methods._layers import swap_layers
 
@@ -151,8 +197,44 @@ def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch
     swap_layers(m, make)
     if missing:
         raise ValueError(f"no export for layers {missing}: cannot run the model through TVM")
-    return m
+    return _fold_batchnorms(m) if fold_bn else m
 
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, TvmLayer) or super().is_leaf_module(m, qualname)
+
+
+def _fold_batchnorms(m: nn.Module) -> nn.Module:
+    """Trace ``m`` and fold each BatchNorm fed only by a TvmLayer into it (see compile_model)."""
+    try:
+        graph = _Tracer().trace(m)
+    except Exception as exc:  # data-dependent control flow etc.: run the model as it is
+        log.info("model not traceable (%s): BatchNorm runs unfolded", exc)
+        return m
+    gm = torch.fx.GraphModule(m, graph)
+    mods = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), TvmLayer):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn = mods.get(users[0].target)
+        if not isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d) or bn.training:
+            continue
+        if not bn.track_running_stats or bn.running_var is None:
+            continue
+        mods[node.target].fold_batchnorm(bn, str(users[0].target))
+        users[0].replace_all_uses_with(node)
+        gm.graph.erase_node(users[0])
+        folded += 1
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()  # the folded BatchNorms
+    gm.recompile()
+    log.debug("folded %d BatchNorm layers into TVM epilogues", folded)
+    return gm
 
 @dataclass(frozen=True)
 class ModelCheck:
@@ -238,7 +320,8 @@ class ModelLatency:
 
     @property
     def other_us(self) -> float:
-        """Non-GEMM ops (torch eager) and call overhead: end to end minus the layers."""
+        """Non-GEMM ops (torch eager) and call overhead: end to end minus the layers (the layer
+    split is a mean over the timed calls, the end-to-end figure a median)."""
         return self.tvm_us - sum(self.per_layer_us.values())
 
 
@@ -263,7 +346,7 @@ def model_latency(tvm_model: nn.Module, fp32_model: nn.Module, x_check: Tensor,
 
     Rounds are interleaved (TVM, torch FP32 eager, torch INT8, TVM, ...) on the same input, the
     first check sample(s) at the compiled batch; each figure is the median of ``repeat``
-    per-call means. A profiled pass then splits the TVM time per layer.
+    per-call means. The same TVM calls record the time spent in each layer.
     """
     check = check_model(tvm_model, x_check, ref_logits)
     batch = _batch_of(tvm_model)
@@ -279,29 +362,28 @@ def model_latency(tvm_model: nn.Module, fp32_model: nn.Module, x_check: Tensor,
     if q8 is not None:
         runs["torch_int8"] = lambda: q8(x)
     raw: dict[str, list[float]] = {k: [] for k in runs}
+    layers = [m for m in tvm_model.modules() if isinstance(m, TvmLayer)]
+    calls = 0
     try:
         torch.set_num_threads(threads)
         _tvm.set_num_threads(threads)
         with torch.inference_mode():
             numbers = {k: _calls_for(fn, min_repeat_ms) for k, fn in runs.items()}
+            # the per-layer split comes from the very calls that are timed end to end (two
+            # perf_counter reads per layer: well under a microsecond)
+            for m in layers:
+                m.seconds, m.profile = 0.0, True
             for _ in range(repeat):
                 for k, fn in runs.items():
                     raw[k].append(_per_call(fn, numbers[k]) * 1e6)
-            layers = [m for m in tvm_model.modules() if isinstance(m, TvmLayer)]
-            for m in layers:
-                m.seconds, m.profile = 0.0, True
-            n_prof = max(numbers["tvm"], 5)
-            try:
-                for _ in range(n_prof):
-                    tvm_model(x_cl)
-            finally:
-                for m in layers:
-                    m.profile = False
+                calls += numbers["tvm"]
     finally:
+        for m in layers:
+            m.profile = False
         torch.set_num_threads(prev_torch)
         _tvm.set_num_threads(prev_tvm)
     med = {k: float(statistics.median(v)) for k, v in raw.items()}
-    per_layer = {m.lx.name: m.seconds / n_prof * 1e6 for m in layers}
+    per_layer = {m.lx.name: m.seconds / max(calls, 1) * 1e6 for m in layers}
     log.info("model batch %d, %d thread(s): tvm %.0f us, torch fp32 %.0f us, torch int8 %s us",
              batch, threads, med["tvm"], med["torch_fp32"],
              f"{med['torch_int8']:.0f}" if "torch_int8" in med else "-")

@@ -1,0 +1,110 @@
+"""Whole-model TVM latency: the compiled model matches the fake-quant one, BN folds, bad kernels
+are caught before timing, and the end-to-end figures come with their baselines."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_cnn
+from ternbench.methods import create_method
+from ternbench.methods._base import QuantContext
+from ternbench.methods._export_io import graph_state, graph_state_to_bytes, load_graph_state
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 28, 28, generator=g)
+    y = torch.randint(0, 10, (32,), generator=g)
+    return x, y
+
+
+def _quantize(name: str, data, **kw):
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    if name in ("rtn", "sttn", "ttn_re", "ttq"):
+        kw.setdefault("epochs", 0)
+    qm = create_method(name, **kw).quantize(tiny_cnn().eval(), ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    return qm, ref
+
+
+@pytest.mark.parametrize("name", ["fgq", "int8", "twn", "rtn", "trn", "fp32"])
+def test_tvm_model_matches_fake_quant(name, data) -> None:
+    from ternbench.schedules.model import TvmLayer, check_model, compile_model
+
+    qm, ref = _quantize(name, data)
+    m = compile_model(qm.module, qm.export(), batch=4)
+    layers = [mod for mod in m.modules() if isinstance(mod, TvmLayer)]
+    assert len(layers) == 4
+    assert sum(bool(mod.folded) for mod in layers) == 2  # both conv -> BN pairs of tiny_cnn
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+    res = check_model(m, data[0], ref)
+    assert res.samples == 32 and res.top1_agreement == 1.0
+    assert res.rel_diff < 1e-5  # exact integer GEMMs; only float32 epilogue rounding differs
+
+
+def test_unfolded_model_also_matches(data) -> None:
+    from ternbench.schedules.model import check_model, compile_model
+
+    qm, ref = _quantize("fgq", data)
+    m = compile_model(qm.module, qm.export(), batch=8, fold_bn=False)
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+    assert check_model(m, data[0], ref).rel_diff < 1e-5
+
+
+def test_wrong_kernel_is_caught_before_timing(data) -> None:
+    from ternbench.schedules.model import ModelCheckError, compile_model, model_latency
+
+    qm, ref = _quantize("fgq", data)
+    ex = qm.export()
+    name = next(n for n, lx in ex.items() if lx.weight_format == "ternary")
+    bad = dataclasses.replace(ex[name], codes=-np.asarray(ex[name].codes))  # flipped signs
+    m = compile_model(qm.module, {**ex, name: bad}, batch=4)
+    with pytest.raises(ModelCheckError, match="disagrees with the fake-quant model"):
+        model_latency(m, qm.module, data[0], ref, repeat=1, min_repeat_ms=0)
+
+
+def test_model_latency_side_by_side(data) -> None:
+    from ternbench.schedules.model import compile_model, model_latency
+
+    qm, ref = _quantize("rtn", data)
+    m = compile_model(qm.module, qm.export(), batch=1)
+    lat = model_latency(m, tiny_cnn().eval(), data[0], ref, repeat=2, min_repeat_ms=1)
+    assert lat.tvm_us > 0 and lat.torch_fp32_us > 0 and lat.torch_int8_us > 0
+    assert set(lat.per_layer_us) == {"0", "3", "6", "10"}
+    assert lat.impls["3"] == "tvm_tt_popc"  # RTN: ternary x ternary popcount on x86
+    assert all(len(v) == 2 for v in lat.raw.values())
+    assert 0 < sum(lat.per_layer_us.values()) < 3 * lat.tvm_us
+
+
+def test_graph_state_round_trip_rebuilds_the_model(data) -> None:
+    from ternbench.schedules.model import check_model, compile_model
+
+    qm, ref = _quantize("fgq", data)
+    state = graph_state(qm.module)
+    assert state and not any(k.startswith(("0.", "3.", "6.", "10.")) for k in state)
+    arch = load_graph_state(tiny_cnn(), graph_state_to_bytes(qm.module))
+    m = compile_model(arch, qm.export(), batch=4)
+    assert check_model(m, data[0], ref).rel_diff < 1e-5
+    with pytest.raises(ValueError, match="does not fit the model"):
+        load_graph_state(tiny_cnn(classes=3).append(torch.nn.BatchNorm1d(3)), state)
+
+
+def test_missing_export_is_named(data) -> None:
+    from ternbench.schedules.model import compile_model
+
+    qm, _ = _quantize("fgq", data)
+    ex = qm.export()
+    ex.pop("6")
+    with pytest.raises(ValueError, match=r"no export for layers \['6'\]"):
+        compile_model(qm.module, ex, batch=1)
