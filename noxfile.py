@@ -1,8 +1,9 @@
-"""nox sessions: ``tests`` (default), ``lint``, ``bench``, ``report``, ``asv``.
+"""nox sessions: ``tests`` (default), ``lint``, ``bench``, ``report``, ``kernels``, ``asv``.
 
     nox -s tests                                 # the test suite (what CI runs)
     nox -s bench -- --methods fgq,twn,int8       # the main job; arguments go to `ternbench run`
     nox -s report -- runs/latest                 # rebuild a report
+    nox -s kernels -- --threads 1 --out DIR      # kernel benchmark (`ternbench kernels --help`)
     nox -s asv                                   # asv suite for HEAD~1 and HEAD (docs/asv.md)
 
 Each session has its own virtualenv (~6 GB: torch, TVM, Ray; ~2 min to create from the local
@@ -57,6 +58,16 @@ def report(session: nox.Session) -> None:
     """Rebuild reports: `nox -s report -- RUN_DIR [RUN_DIR2 --out DIR]`."""
     _install(session, "test")
     session.run("python", "-m", "ternbench.bench", "report", *(session.posargs or ["runs/latest"]))
+
+
+@nox.session(python=PYTHON)
+def kernels(session: nox.Session) -> None:
+    """Kernel benchmark: `nox -s kernels -- --threads 1 --out DIR [--shapes gemv --quick]`."""
+    _install(session, "test")
+    # both thread pools must stop spin-waiting, and these are read when the libraries load
+    env = {"TVM_THREAD_POOL_SPIN_COUNT": "0", "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {k: os.environ.get(k, v) for k, v in env.items()}
+    session.run("python", "-m", "ternbench.bench", "kernels", *session.posargs, env=env)
 
 
 # ----------------------------------------------------------------------------------------- asv

@@ -1,9 +1,10 @@
-"""``ternbench`` command line: ``run``, ``list``, ``report``.
+"""``ternbench`` command line: ``run``, ``list``, ``report``, ``kernels``.
 
 Example:
     $ ternbench run --methods fgq,twn,int8 --profile smoke --out runs/smoke
     $ ternbench list methods 'fg*'
     $ ternbench report runs/smoke runs/other --out runs/compare
+    $ ternbench kernels --threads 1 --out runs/kernels
 """
 
 from __future__ import annotations
@@ -32,6 +33,152 @@ EPILOG = textwrap.dedent("""\
     Results: OUT/results.parquet + results.csv (tidy: one row per cell x metric), OUT/run.json,
     OUT/report.md + report.html.
     """)
+
+
+KERNELS_EPILOG = textwrap.dedent("""\
+    what is measured, per layer shape x batch, interleaved round by round in one process:
+      tvm_t2_avx2     ternary weights (2-bit), int8 activations (AVX2 vpmaddubsw kernel)
+      tvm_tt_popc     ternary weights and ternary activations (bit-planes + popcount)
+      tvm_int8        int8 weights, int8 activations (blocked TVM GEMM, same loop nest)
+      tvm_fp32        fp32 weights and activations (blocked TVM GEMM)
+      torch_fp32      F.conv2d / F.linear (MKL / oneDNN)
+      torch_int8      fbgemm: quantized Conv2d (quint8 input) / dynamic quantized Linear
+      tvm_*_generic   the portable schedules (--generic)
+      tvm_metaschedule  MetaSchedule's best schedule after TRIALS trials (--metaschedule)
+    Every TVM kernel is checked against a float64 reference before it is timed; a kernel that
+    disagrees is reported as failed (exit status 1), never timed. The 1-thread DRAM read
+    bandwidth is measured in the same run; roofline_fraction = minimum bytes (input + packed
+    weights + output) / time / bandwidth (> 1: served from the caches).
+
+    shapes: resnet18 (ImageNet 224: 7x7 stem, 3x3 at 56/28/14/7, 1x1 downsamples, fc
+    512->1000), cifar (ResNet-20: 16/32/64 channels at 32/16/8, fc 64->10), gemv (linear
+    4608->512: batch 1 is the GEMV, batch 64 the GEMM).
+
+    outputs: OUT/kernels.csv (one row per shape x batch x impl: median_us, speed-ups over
+    torch fp32 / int8 from the same run, GMAC/s, bytes, roofline_fraction, max_abs_err, and
+    provenance: TVM / torch versions, CPU, git) and OUT/kernels.md (summary table).
+
+    tuning: --tune searches each TVM kernel's tile grid first (checked, timed; results cached
+    in $TERNBENCH_CACHE/tuning, default ~/.cache/ternbench/tuning, and reused by every later
+    latency measurement). --metaschedule TRIALS tunes with TVM MetaSchedule (slow: minutes per
+    shape; needs cloudpickle; cached too).
+
+    environment: TVM's and torch's thread pools spin-wait and fight when calls alternate. This
+    command sets TVM_THREAD_POOL_SPIN_COUNT=0 itself; with --threads > 1 also export
+    OMP_WAIT_POLICY=PASSIVE before starting (torch reads it when it loads):
+      OMP_WAIT_POLICY=PASSIVE ternbench kernels --threads 2 --out runs/k2
+    Benchmark on a quiet machine: other load shows up as noise in the medians.
+
+    examples:
+      ternbench kernels --threads 1 --out runs/kernels
+      ternbench kernels --shapes gemv,cifar --batches 1 --quick --out /tmp/k
+      ternbench kernels --shapes resnet18 --layers 'resnet18.layer3.*' --batches 1,8
+      ternbench kernels --shapes resnet18 --tune --tune-points 12 --out runs/k-tuned
+      ternbench kernels --shapes gemv --metaschedule 64 --out runs/k-ms
+      nox -s kernels -- --threads 1 --out runs/kernels
+    """)
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in _csv(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {exc}") from exc
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return vals
+
+
+def _choice_list(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        vals = _csv(text)
+        bad = [v for v in vals if v not in choices]
+        if not vals or bad:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+        return vals
+
+    return parse
+
+
+def _add_kernels_parser(sub: Any) -> None:
+    k = sub.add_parser(
+        "kernels",
+        help="benchmark the TVM kernels per layer shape against torch fp32/int8",
+        description="Per-layer-shape kernel benchmark: ternary TVM kernels vs torch FP32 / "
+        "INT8 (fbgemm) and TVM dense GEMMs, with memory roofline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=KERNELS_EPILOG,
+    )
+    k.add_argument("--threads", type=_positive_int, default=1,
+                   help="threads for TVM and torch (default: 1)")
+    k.add_argument("--out", default="runs/kernels",
+                   help="output folder for kernels.csv and kernels.md (default: runs/kernels)")
+    k.add_argument("--shapes", type=_choice_list(("resnet18", "cifar", "gemv", "all")),
+                   default=["all"], metavar="SUITES",
+                   help="comma list of resnet18, cifar, gemv, all (default: all)")
+    k.add_argument("--layers", type=_csv, default=None, metavar="PATTERNS",
+                   help="only layers whose name matches a comma list of shell-style patterns, "
+                   "e.g. 'resnet18.layer3.*,*fc' (names: see kernels.md or the layer column)")
+    k.add_argument("--batches", type=_int_list, default=[1, 64], metavar="B1,B2",
+                   help="batch sizes (default: 1,64)")
+    k.add_argument("--act-modes", type=_choice_list(("int8", "ternary")),
+                   default=["int8", "ternary"], metavar="MODES",
+                   help="activation modes of the ternary kernels: int8 (t2_avx2), ternary "
+                   "(tt_popc) (default: both)")
+    k.add_argument("--tune", action="store_true",
+                   help="search each TVM kernel's tile grid first (cached across runs)")
+    k.add_argument("--tune-points", type=_positive_int, default=None, metavar="N",
+                   help="with --tune: at most the first N grid points per kernel and shape")
+    k.add_argument("--tune-budget", type=float, default=None, metavar="SECONDS",
+                   help="with --tune: stop searching a kernel's grid after this many seconds")
+    k.add_argument("--metaschedule", type=int, default=0, metavar="TRIALS",
+                   help="add a MetaSchedule baseline tuned with TRIALS trials (0: off; slow)")
+    k.add_argument("--generic", action="store_true",
+                   help="also time the portable (generic) ternary schedules")
+    k.add_argument("--quick", action="store_true",
+                   help="3 short rounds and a small bandwidth buffer (smoke tests, CI)")
+    k.add_argument("--rounds", type=_positive_int, default=None,
+                   help="interleaved timing rounds (default: 15; 3 with --quick)")
+    k.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_kernels(a: argparse.Namespace) -> int:
+    from . import kernels
+
+    # before anything imports tvm (torch is already loaded: see the epilog)
+    for note in kernels.configure_env(a.threads):
+        log.warning(note)
+    if a.metaschedule < 0:
+        print("ternbench: error: --metaschedule TRIALS must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        shapes = kernels.select_shapes(a.shapes, a.layers)
+    except ValueError as exc:
+        print(f"ternbench: error: {exc}", file=sys.stderr)
+        return 2
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        res = kernels.run_kernels(
+            a.out, threads=a.threads, shapes=shapes, batches=a.batches,
+            act_modes=a.act_modes, tune=a.tune, tune_points=a.tune_points,
+            tune_budget_s=a.tune_budget, metaschedule_trials=a.metaschedule,
+            generic=a.generic, quick=a.quick, rounds=a.rounds,
+            progress=False if a.no_progress else None)
+    print(res.md_path.read_text())
+    print(f"results: {res.csv_path}  summary: {res.md_path}")
+    if res.failures:
+        print(f"{len(res.failures)} kernel(s) failed; see the note column of {res.csv_path}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def _csv(text: str) -> list[str]:
@@ -102,7 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of seeds (default: 0)",
     )
     r.add_argument("--targets", type=_csv, default=None,
-                   help="latency targets (default: x86; '' for accuracy only)")
+                   help="latency targets, comma separated (default: x86; '' for accuracy "
+                   "only): x86 = this CPU, timed per layer and end to end; arm, arm-neon, "
+                   "arm-sve = aarch64 cross builds, run bit-exact under qemu-user ('built and "
+                   "verified') or timed on a board with --rpc; cuda = timed on a GPU, else "
+                   "'built'")
+    r.add_argument("--rpc", default=None, metavar="HOST:PORT",
+                   help="TVM RPC server of an ARM board (or tracker=HOST:PORT,key=KEY): ARM "
+                   "targets are timed there; see docs/arm.md to start the server")
+    r.add_argument("--no-whole-model", dest="whole_model", action="store_false", default=None,
+                   help="skip the end-to-end model latency on x86 (per-layer kernels only)")
     r.add_argument(
         "--set",
         dest="sets",
@@ -161,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)build the report of one run, or compare several")
     rep.add_argument("dirs", nargs="+", help="run directories")
     rep.add_argument("--out", default=None, help="output folder (default: the single run's dir)")
+    _add_kernels_parser(sub)
     return p
 
 
@@ -202,6 +359,8 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "num_cpus": a.num_cpus,
         "latency_threads": a.threads,
         "weights": a.weights,
+        "rpc": a.rpc,
+        "whole_model": a.whole_model,
     }
     if overrides:
         cli["overrides"] = overrides
@@ -364,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_run(a, ["ternbench", *argv])
         if a.command == "list":
             return _cmd_list(a)
+        if a.command == "kernels":
+            return _cmd_kernels(a)
         return _cmd_report(a)
     except _user_errors() as exc:
         if a.debug:

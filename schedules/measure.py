@@ -249,10 +249,18 @@ def _device(tinfo: _tvm.TargetInfo) -> Any:
 def build_layer(lx: LayerExport, batch: int, target: str,
                 params: ops.Params | None = None) -> ops.Kernel:
     """Select the rule of ``target`` for ``lx`` and build its kernel (any target, local or
-    not: ARM kernels are cross-compiled, CUDA kernels need no GPU to build)."""
+    not: ARM kernels are cross-compiled, CUDA kernels need no GPU to build).
+
+    ``params`` None: the best tile parameters a search (:func:`.tuning.search`) cached for
+    this shape, else the rule's default grid point."""
     _check_target(target)
     tinfo = _tvm.target_info(target)
-    return select_rule(lx, tinfo).build(lx, batch, tinfo, params)
+    rule = select_rule(lx, tinfo)
+    if params is None:
+        from . import tuning  # tuning imports this module
+
+        params = tuning.cached_params(rule, lx, batch, tinfo)
+    return rule.build(lx, batch, tinfo, params)
 
 
 def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None,

@@ -1,0 +1,211 @@
+"""ternbench.bench.kernels and ``ternbench kernels``: shapes, rows, checks, consistency.
+
+The benchmark runs on tiny shapes in quick mode: these tests check the plumbing (every kernel
+checked, speed-ups from the same run, roofline arithmetic), never the speed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from ternbench.bench import cli, kernels
+from ternbench.bench.kernels import KernelShape
+from ternbench.schedules import measure, ops
+
+TINY = [KernelShape("t", "t.conv", "conv2d", 8, 16, (6, 6), 3, 2, 1),
+        KernelShape("t", "t.lin", "linear", 64, 24)]
+BASELINES = {"torch_fp32", "torch_int8", "tvm_fp32", "tvm_int8"}
+#: impl -> (weight format, activations) of the synthetic layer it ran
+LAYER_OF = {"tvm_fp32": ("fp32", "fp32"), "tvm_int8": ("int8", "int8"),
+            "tvm_t2_avx2": ("ternary", "int8"), "tvm_t2_generic": ("ternary", "int8"),
+            "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary")}
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    # a private tuning cache, and the thread-pool variables restored after the test
+    monkeypatch.setenv("TERNBENCH_CACHE", str(tmp_path / "cache"))
+    for var in ("TVM_THREAD_POOL_SPIN_COUNT", "OMP_WAIT_POLICY", "TVM_NUM_THREADS"):
+        if var in os.environ:
+            monkeypatch.setenv(var, os.environ[var])
+        else:
+            monkeypatch.delenv(var, raising=False)
+
+
+# ----------------------------------------------------------------------------- no TVM needed
+
+
+def test_shape_suites():
+    r18 = kernels.resnet18_shapes()
+    assert len(r18) == 12 and len({s.label for s in r18}) == 12
+    stem = r18[0]
+    assert (stem.k, stem.stride, stem.pad, stem.out_hw) == (7, 2, 3, (112, 112))
+    assert stem.label == "conv 7x7/2 3x224x224->64"
+    assert {s.hw[0] for s in r18 if s.k == 3 and s.stride == 1} == {56, 28, 14, 7}
+    assert {(s.cin, s.cout, s.hw[0]) for s in r18 if s.k == 1 and s.op == "conv2d"} == {
+        (64, 128, 56), (128, 256, 28), (256, 512, 14)}
+    assert r18[-1].label == "linear 512->1000" and r18[-1].macs(64) == 64 * 512 * 1000
+    cifar = kernels.cifar_shapes()
+    assert {s.cout for s in cifar if s.op == "conv2d"} == {16, 32, 64}
+    assert {s.out_hw for s in cifar if s.op == "conv2d"} == {(32, 32), (16, 16), (8, 8)}
+    assert [s.label for s in kernels.gemv_shapes()] == ["linear 4608->512"]
+    assert len(kernels.select_shapes("all")) == 12 + len(cifar) + 1
+    assert kernels.select_shapes("gemv,cifar")[0].suite == "gemv"
+    assert [s.name for s in kernels.select_shapes("resnet18", ["*fc", "*.layer4.conv"])] == [
+        "resnet18.layer4.conv", "resnet18.fc"]
+    with pytest.raises(ValueError, match="unknown shape suite"):
+        kernels.select_shapes("vgg")
+    with pytest.raises(ValueError, match="matches"):
+        kernels.select_shapes("cifar", ["nothing*"])
+
+
+@pytest.mark.parametrize("shape", [*kernels.cifar_shapes()[:3], *TINY])
+@pytest.mark.parametrize(("fmt", "act"), [("ternary", "int8"), ("ternary", "ternary"),
+                                          ("int8", "int8"), ("fp32", "fp32")])
+def test_synthetic_layers_are_valid_exports(shape, fmt, act):
+    lx = kernels.synthetic_layer(shape, fmt, act)
+    assert ops.layer_geometry(lx)[1] == shape.out_hw
+    assert lx.codes.shape == (shape.cout, shape.fan_in) and lx.scales.shape[1] == 1
+    if fmt == "ternary":
+        assert set(np.unique(lx.codes)) <= {-1, 0, 1}
+    assert lx.act_mode == {"int8": "int", "ternary": "ternary", "fp32": "fp32"}[act]
+    # the fp32 layer holds the float weights of the ternary layer of the same seed
+    if fmt == "fp32":
+        tern = kernels.synthetic_layer(shape, "ternary", "int8")
+        np.testing.assert_array_equal(lx.codes, tern.dequantized_weight())
+
+
+def test_configure_env_sets_only_unset_variables(monkeypatch):
+    monkeypatch.delenv("TVM_THREAD_POOL_SPIN_COUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    notes = kernels.configure_env(2)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stays
+    if "tvm" in sys.modules:
+        assert any("TVM_THREAD_POOL_SPIN_COUNT" in n for n in notes)
+    else:
+        assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
+
+
+def test_cli_help_teaches(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["kernels", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("--threads", "--metaschedule", "--tune", "--quick", "roofline_fraction",
+                   "OMP_WAIT_POLICY=PASSIVE", "kernels.csv", "tvm_t2_avx2", "torch_int8",
+                   "nox -s kernels"):
+        assert needle in text, needle
+
+
+@pytest.mark.parametrize("bad", [["--batches", "0"], ["--shapes", "vgg"], ["--threads", "0"],
+                                 ["--act-modes", "int4"]])
+def test_cli_rejects_bad_arguments(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["kernels", *bad])
+    assert exc.value.code == 2
+
+
+def test_cli_unknown_layer_pattern(tmp_path, capsys):
+    assert cli.main(["kernels", "--layers", "nope*", "--out", str(tmp_path)]) == 2
+    assert "matches" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def _ref_scale(shape: KernelShape, batch: int, impl: str) -> float:
+    """max |y| of the reference output the impl's kernel was checked against."""
+    fmt, act = LAYER_OF[impl]
+    lx = kernels.synthetic_layer(shape, fmt, act)
+    layout = "tt_planes" if act == "ternary" else "dense_blocked" if fmt != "ternary" \
+        else "t2_blocked"
+    spec = ops.plan_gemm(lx, batch, layout, nb=8, mb_max=1, rows_per_task=1)
+    return float(np.abs(measure.reference_output(lx, measure.kernel_input(lx, spec))).max())
+
+
+@pytest.mark.tvm
+def test_quick_benchmark_rows(tmp_path):
+    pytest.importorskip("tvm")
+    res = kernels.run_kernels(tmp_path / "k", shapes=TINY, batches=(2,), quick=True,
+                              progress=False)
+    assert res.failures == ()
+    df = pd.read_csv(res.csv_path)
+    assert list(df.columns) == list(kernels.COLUMNS)
+    assert len(df) == len(TINY) * 6  # 4 baselines + t2 (int8 act) + tt (ternary act)
+    assert df["median_us"].notna().all() and (df["median_us"] > 0).all()
+    assert set(df["threads"]) == {1} and set(df["batch"]) == {2}
+    assert (df["rounds"] == kernels.QUICK_ROUNDS).all()
+    assert df["tvm_version"].notna().all() and df["cpu"].notna().all()
+    for (label, batch), g in df.groupby(["shape", "batch"]):
+        shape = next(s for s in TINY if s.label == label)
+        by = g.set_index("impl")
+        assert BASELINES <= set(by.index)
+        assert {"int8", "ternary"} <= set(g["act_mode"])
+        t_fp32, t_int8 = by.loc["torch_fp32", "median_us"], by.loc["torch_int8", "median_us"]
+        for r in g.itertuples():
+            # speed-ups come from the medians of this same run
+            assert math.isclose(r.speedup_vs_torch_fp32, t_fp32 / r.median_us, rel_tol=1e-9)
+            assert math.isclose(r.speedup_vs_torch_int8, t_int8 / r.median_us, rel_tol=1e-9)
+            assert math.isclose(r.gmacs, shape.macs(batch) / (r.median_us * 1e-6) / 1e9,
+                                rel_tol=1e-9)
+            assert 0 < r.roofline_fraction <= 100
+            assert math.isclose(r.roofline_fraction, r.bytes / (r.median_us * 1e-6)
+                                / (r.bandwidth_gbs * 1e9), rel_tol=1e-9)
+            assert (r.M, r.K, r.N) == (batch * shape.out_hw[0] * shape.out_hw[1],
+                                       shape.fan_in, shape.cout)
+            assert r.p25_us <= r.median_us <= r.p75_us
+            if r.backend == "tvm":  # every TVM kernel matched the reference before timing
+                assert r.max_abs_err <= measure.FLOAT_RTOL * _ref_scale(shape, batch, r.impl)
+                assert r.rule and r.params.startswith("{")
+            else:
+                assert np.isfinite(r.max_abs_err)
+        assert by.loc["torch_fp32", "speedup_vs_torch_fp32"] == 1.0
+    assert 0.1 < res.bandwidth_gbs < 10_000
+    md = res.md_path.read_text()
+    assert "| shape | batch |" in md and all(s.label in md for s in TINY)
+    assert "Geometric-mean speed-up" in md
+
+
+@pytest.mark.tvm
+def test_wrong_kernel_is_reported_not_timed(tmp_path, monkeypatch):
+    pytest.importorskip("tvm")
+    real = ops.pack_weight_args
+
+    def corrupt(spec, lx):
+        args = real(spec, lx)
+        if spec.layout in ("t2_avx2", "t2_blocked"):  # the int8-activation ternary kernel
+            args[0] = args[0].copy()
+            args[0].flat[0] ^= 0b11
+        return args
+
+    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    res = kernels.run_kernels(tmp_path / "k", shapes=TINY[1:], batches=(1,), quick=True,
+                              act_modes=("int8",), progress=False)
+    df = res.frame
+    bad = df[df["impl"].str.startswith("tvm_t2")]
+    assert len(bad) == 1 and bad["median_us"].isna().all()
+    assert "disagrees with the torch reference" in bad["note"].iloc[0]
+    assert len(res.failures) == 1
+    ok = df[~df["impl"].str.startswith("tvm_t2")]
+    assert ok["median_us"].notna().all() and set(ok["impl"]) == BASELINES
+    assert "Failed (not timed)" in res.md_path.read_text()
+
+
+@pytest.mark.tvm
+def test_cli_quick_run(tmp_path, capsys):
+    pytest.importorskip("tvm")
+    out = tmp_path / "cli"
+    rc = cli.main(["kernels", "--shapes", "cifar", "--layers", "resnet20.fc", "--batches", "1",
+                   "--act-modes", "ternary", "--quick", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    df = pd.read_csv(out / "kernels.csv")
+    assert set(df["layer"]) == {"resnet20.fc"} and set(df["shape"]) == {"linear 64->10"}
+    assert {"torch_fp32", "torch_int8", "tvm_fp32", "tvm_int8"} < set(df["impl"])
+    assert df[df["act_mode"] == "ternary"]["impl"].str.startswith("tvm_tt_popc").all()
+    printed = capsys.readouterr().out
+    assert "kernels.md" in printed and "| linear 64->10 | 1 |" in printed
