@@ -168,12 +168,21 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
 
 def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
     """Root stages of ``tt_planes``: ``A_bits``, parallel over rows (the mask and sign words of
-    one 64-k chunk built side by side), and, with a weight offset, the unfused ``out`` pass:
+    one 64-k chunk built side by side; for :attr:`GemmSpec.pixel_bits` convs ``X_bits`` packs the
+    pixels, parallel over image rows, and ``A_bits`` only gathers words), and, with a weight offset, the unfused ``out`` pass:
     parallel over rows, ``asum`` of the row computed at its row loop, vectorised over NB.
     Returns the (block, loop) pairs to ``decompose_reduction`` once annotations are done."""
     bits = sch.get_sblock("A_bits")
-    m, _w, s, j = sch.get_loops(bits)
-    todo = [(bits, j)]
+    if spec.pixel_bits:  # X_bits packs pixels (parallel over image rows); A_bits gathers words
+        xb = sch.get_sblock("X_bits")
+        b, y, _z, _q, xs, xj = sch.get_loops(xb)
+        todo = [(xb, xj)]
+        sch.parallel(sch.fuse(b, y))
+        sch.unroll(xs)
+        m, _w, s = sch.get_loops(bits)
+    else:
+        m, _w, s, j = sch.get_loops(bits)
+        todo = [(bits, j)]
     if spec.M > 1:
         sch.parallel(m)
     sch.unroll(s)

@@ -294,8 +294,19 @@ class GemmSpec:
         return (self.batch, self.K)
 
     @property
+    def pixel_bits(self) -> bool:
+        """``tt_planes`` conv whose 64-bit words hold 64 channels of one pixel and kernel tap
+        (one group, (kh, kw, C) order, C % 64 == 0): the bit-planes are packed once per input
+        pixel (``X_bits``) and gathered word by word, instead of packing the kh*kw times larger
+        im2col matrix bit by bit."""
+        return (self.layout == "tt_planes" and self.op == "conv2d" and self.G == 1
+                and self.k_order == "ijc" and self.in_shape[0] % TT_WORD == 0)
+
+    @property
     def has_input_stage(self) -> bool:
         """Whether ``gemm_compute`` materialises an ``A_in`` stage (im2col, pad or shift)."""
+        if self.pixel_bits:
+            return False
         return self.op == "conv2d" or self.layout == "t2_avx2" or self.Kp != self.K
 
     @property
@@ -636,6 +647,33 @@ def _input_stage(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> 
     return te.compute((spec.M, spec.Kp), row, name="A_in")
 
 
+def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[[Any, Any], Any], j: Any) -> Any:
+    """``A_bits [M, KW, 2]`` of a :attr:`GemmSpec.pixel_bits` conv: ``X_bits [B, Hp, Wp, C/64,
+    2]`` packs each (padded) input pixel once; ``A_bits`` gathers whole words, word ``w`` of
+    row ``m`` being tap ``(i, j) = divmod(w // (C/64), kw)`` and channel word ``w % (C/64)``."""
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    c, h, w_ = spec.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    cw = c // TT_WORD
+
+    def xbits(b: Any, y: Any, z: Any, q: Any, s: Any) -> Any:
+        inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w_ + pw)
+        v = x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w_ - 1), 0),
+              q * TT_WORD + j]
+        return word(tirx.if_then_else(inb, v, tirx.const(0, "int8")), s)
+
+    xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
+
+    def gather(m: Any, w: Any, s: Any) -> Any:
+        b, r = m // (ho * wo), m % (ho * wo)
+        tap, q = w // cw, w % cw
+        return xb[b, (r // wo) * sh + tap // kw, (r % wo) * sw + tap % kw, q, s]
+
+    return te.compute((spec.M, spec.words, 2), gather, name="A_bits")
+
+
 def tt_compute(spec: GemmSpec) -> Any:
     """PrimFunc ``main(X, Wm, Ws, [Bw], [Tw], S, bias, out)`` of a ``tt_planes`` spec.
 
@@ -657,15 +695,18 @@ def tt_compute(spec: GemmSpec) -> Any:
     m_, g_, np_, nb, kw_ = spec.M, spec.G, spec.Np, spec.nb, spec.words
     q_per_g = spec.gsp // TT_WORD
     x = te.placeholder(spec.input_shape, "int8", name="X")
-    a = _input_stage(spec, x, None)
     j = te.reduce_axis((0, TT_WORD), "j")
 
-    def bits(m: Any, w: Any, s: Any) -> Any:
-        v = a[m, w * TT_WORD + j]
+    def word(v: Any, s: Any) -> Any:
         bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
         return te.sum(bit.astype("uint64") << j.astype("uint64"), axis=j)  # disjoint bits: OR
 
-    planes = te.compute((m_, kw_, 2), bits, name="A_bits")
+    if spec.pixel_bits:
+        planes = _pixel_planes(spec, x, word, j)
+    else:
+        a = _input_stage(spec, x, None)
+        planes = te.compute((m_, kw_, 2), lambda m, w, s: word(a[m, w * TT_WORD + j], s),
+                            name="A_bits")
     wm = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Wm")
     ws = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Ws")
 

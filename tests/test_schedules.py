@@ -308,10 +308,18 @@ def test_list_targets_and_version():
         ("linear_tt", dict(op="linear", act="ternary", out=16, cin=100), 2, "tt"),
         ("conv_tt_off", dict(op="conv2d", act="ternary", out=8, cin=8, hw=(7, 7), stride=2,
                              act_offset=0.3, w_offset=True), 1, "tt"),
+        # C % 64 == 0: planes packed once per pixel (X_bits) and gathered word by word
+        ("conv_tt_pixel", dict(op="conv2d", act="ternary", out=16, cin=128, hw=(7, 7),
+                               stride=2), 2, "tt"),
+        ("conv_tt_pixel_off", dict(op="conv2d", act="ternary", out=8, cin=64, hw=(6, 6),
+                                   act_offset=0.3, w_offset=True), 1, "tt"),
     ],
 )
 def test_measure_layer(tvm_mod, label, kw, batch, impl):
     lx = make_layer(**kw, name=label)
+    if "pixel" in label:
+        spec = ops.plan_gemm(lx, batch, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
+        assert spec.pixel_bits and not spec.has_input_stage
     lat = measure_layer(lx, batch=batch, ev=EV)
     _sane(lat, lx, batch)
     if impl == "t2":
