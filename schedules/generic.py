@@ -168,9 +168,10 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
 
 def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
     """Root stages of ``tt_planes``: ``A_bits``, parallel over rows (the mask and sign words of
-    one 64-k chunk built side by side; for :attr:`GemmSpec.pixel_bits` convs ``X_bits`` packs the
-    pixels, parallel over image rows, and ``A_bits`` only gathers words), and, with a weight offset, the unfused ``out`` pass:
-    parallel over rows, ``asum`` of the row computed at its row loop, vectorised over NB.
+    one 64-k chunk built side by side; for :attr:`GemmSpec.pixel_bits` convs ``X_bits`` packs
+    the pixels, parallel over image rows, and ``A_bits`` only gathers words), and, with a
+    weight offset, the unfused ``out`` pass: parallel over rows, ``asum`` of the row computed
+    at its row loop, vectorised over NB.
     Returns the (block, loop) pairs to ``decompose_reduction`` once annotations are done."""
     bits = sch.get_sblock("A_bits")
     if spec.pixel_bits:  # X_bits packs pixels (parallel over image rows); A_bits gathers words

@@ -654,7 +654,7 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[[Any, Any], Any], j: An
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     c, h, w_ = spec.in_shape
-    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    (_kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
     cw = c // TT_WORD
 
