@@ -147,6 +147,10 @@ def _add_kernels_parser(sub: Any) -> None:
     k.add_argument("--rounds", type=_positive_int, default=None,
                    help="interleaved timing rounds (default: 15; 3 with --quick)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.add_argument("--target", choices=("x86", "cuda"), default="x86",
+                   help="x86 (this CPU, default) or cuda (the visible GPU: TVM CUDA kernels vs "
+                   "torch cuDNN/cuBLAS FP32 and FP16; --threads, --tune and --metaschedule "
+                   "do not apply)")
 
 
 def _cmd_kernels(a: argparse.Namespace) -> int:
@@ -165,6 +169,18 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         return 2
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    if a.target == "cuda":
+        from .kernels_cuda import gpu_unavailable_reason, run_kernels_cuda
+
+        why = gpu_unavailable_reason()
+        if why:
+            print(f"ternbench: error: --target cuda: {why}", file=sys.stderr)
+            return 2
+        csv = run_kernels_cuda(a.out, shapes=shapes, batches=a.batches,
+                               act_modes=a.act_modes, rounds=a.rounds or 15)
+        print((csv.parent / "kernels.md").read_text())
+        print(f"results: {csv}")
+        return 0
     with logging_redirect_tqdm():
         res = kernels.run_kernels(
             a.out, threads=a.threads, shapes=shapes, batches=a.batches,
