@@ -182,3 +182,30 @@ def test_disk_full_mid_run_keeps_earlier_rows(tiny_profile, cache, tmp_path, mon
     assert main(["run", "--methods", "fgq", "--profile", "tiny", "--executor", "local",
                  "--targets", "", "--no-report", "--no-progress", "--out", str(out)]) == 0
     assert parts[0].stat().st_mtime_ns == before
+
+
+@pytest.mark.tvm
+def test_arm_and_cuda_targets_are_built_and_reported(tiny_profile, cache, tmp_path) -> None:
+    """`--targets arm,cuda` on a machine without a board or GPU: ARM kernels run bit-exact under
+    qemu-user ("built and verified"), CUDA kernels are generated ("built"), the report says so."""
+    from ternbench.schedules import _tvm
+    from ternbench.schedules.cross import qemu_unavailable_reason
+
+    cfg = BenchConfig(methods=("fp32", "rtn"), profile="tiny", out=tmp_path / "run",
+                      executor="local", targets=("arm", "cuda"))
+    s = run(cfg, progress=False)
+    df = s.frame
+    assert s.failed == 0, df[df.status != "ok"][["method", "target", "error"]]
+    st = df[df.metric == "kernel_status"].set_index(["method", "target"]).unit
+    arm_ok = not qemu_unavailable_reason()
+    gpu = _tvm.cuda_arch() is not None
+    for method in ("fp32", "rtn"):
+        assert st[(method, "arm")].startswith("built and verified" if arm_ok else "built")
+        assert st[(method, "cuda")].startswith("built and verified" if gpu else "built (")
+    arm = df[df.target == "arm"]
+    built = arm[arm.metric == "kernels_built"].set_index("method").value
+    verified = arm[arm.metric == "kernels_verified"].set_index("method").value
+    assert (built > 0).all() and ((verified == built).all() if arm_ok else True)
+    assert not len(df[(df.metric == "latency_us") & df.target.isin(["arm"])])  # never timed
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Built and verified targets" in md and "qemu-aarch64" in md
