@@ -247,12 +247,13 @@ def _device(tinfo: _tvm.TargetInfo) -> Any:
 
 
 def build_layer(lx: LayerExport, batch: int, target: str,
-                params: ops.Params | None = None) -> ops.Kernel:
+                params: ops.Params | None = None, *, float_input: bool = False) -> ops.Kernel:
     """Select the rule of ``target`` for ``lx`` and build its kernel (any target, local or
     not: ARM kernels are cross-compiled, CUDA kernels need no GPU to build).
 
     ``params`` None: the best tile parameters a search (:func:`.tuning.search`) cached for
-    this shape, else the rule's default grid point."""
+    this shape, else the rule's default grid point. ``float_input``: see
+    :meth:`.ops.Rule.build` (whole models)."""
     _check_target(target)
     tinfo = _tvm.target_info(target)
     rule = select_rule(lx, tinfo)
@@ -260,7 +261,7 @@ def build_layer(lx: LayerExport, batch: int, target: str,
         from . import tuning  # tuning imports this module
 
         params = tuning.cached_params(rule, lx, batch, tinfo)
-    return rule.build(lx, batch, tinfo, params)
+    return rule.build(lx, batch, tinfo, params, float_input=float_input)
 
 
 def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None,

@@ -75,17 +75,23 @@ class TvmLayer(nn.Module):
     """
 
     def __init__(self, lx: LayerExport, branches: list[LayerExport], batch: int,
-                 target: str = "x86") -> None:
+                 target: str = "x86", float_input: bool = True) -> None:
         super().__init__()
         self.lx = lx
         self.parts = [lx, *branches]
         self.batch = batch
         self.target = target
+        self.float_input = float_input
         self.folded = ""  # name of the BatchNorm folded into the epilogue, if any
         self.kernels: list[tuple[Kernel, list[Any], Tensor]] = []
         self._build()
         spec = self.kernels[0][0].spec
         self.out_hw = spec.out_hw
+        # one quantize pass is shared by all parts: all take codes, or all the float input
+        fin = {k.spec.float_in for k, _a, _o in self.kernels}
+        if len(fin) != 1:
+            raise ValueError(f"{lx.name}: branches disagree on float input")
+        self.takes_float = fin.pop()
         self.impl = self.kernels[0][0].impl
         self.seconds = 0.0  # time spent in this layer (quantize + kernels), when profiling
         self.profile = False
@@ -94,7 +100,8 @@ class TvmLayer(nn.Module):
         tvm = _tvm.require_tvm()
         self.kernels = []
         for part in self.parts:
-            kern = build_layer(part, self.batch, self.target)
+            # ternary convs that can quantize while packing take the float input directly
+            kern = build_layer(part, self.batch, self.target, float_input=self.float_input)
             if kern.spec.act_dtype != ("float32" if part.act_mode == "fp32" else "int8"):
                 raise ValueError(f"{part.name}: unexpected kernel input {kern.spec.act_dtype}")
             args = [tvm.runtime.tensor(v, tvm.cpu(0)) for v in kern.pack(part)]
@@ -135,6 +142,9 @@ class TvmLayer(nn.Module):
 
     def _codes(self, x: Tensor) -> Tensor:
         lx = self.lx
+        if self.takes_float:  # the kernel quantizes while packing its bit-planes
+            a = x.to(torch.float32).permute(0, 2, 3, 1)
+            return a if a.is_contiguous() else a.contiguous()
         if lx.act_mode == "fp32":
             a = x.to(torch.float32)
         elif lx.act_mode == "ternary":  # same comparison, in the input's dtype, as the export
@@ -171,7 +181,8 @@ class TvmLayer(nn.Module):
 
 
 def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int,
-                  target: str = "x86", fold_bn: bool = True) -> nn.Module:
+                  target: str = "x86", fold_bn: bool = True,
+                  float_input: bool = True) -> nn.Module:
     """A copy of ``graph`` whose conv/linear layers named in ``exports`` are :class:`TvmLayer`.
 
     ``graph`` is the fake-quant module or the float architecture with the quantized model's
@@ -179,7 +190,9 @@ def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch
     export. Branch exports (``branch_of``) that are enabled join their layer. With ``fold_bn``
     the model is traced (torch.fx) and every BatchNorm that is the only consumer of a layer's
     output is folded into that layer's epilogue (see :meth:`TvmLayer.fold_batchnorm`); a model
-    that cannot be traced runs unfolded.
+    that cannot be traced runs unfolded. With ``float_input`` the ternary-activation convs
+    whose kernels can quantize while packing (:attr:`.ops.GemmSpec.pixel_bits`) take the float
+    input directly (no quantize pass in torch).
     """
     from ternbench.methods._layers import swap_layers
 
@@ -192,7 +205,7 @@ def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch
             missing.append(name)
             return None
         branches = [b for b in exports.values() if b.branch_of == name and b.enabled]
-        return TvmLayer(lx, branches, batch, target)
+        return TvmLayer(lx, branches, batch, target, float_input=float_input)
 
     swap_layers(m, make)
     if missing:

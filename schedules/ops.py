@@ -34,6 +34,7 @@ Nothing here imports tvm at module import time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -264,6 +265,11 @@ class GemmSpec:
     w_off: bool = False  # weight offset: + Bw[n] * sum_k a[m, k]
     border: bool = False  # act offset on a padded conv: + sum over in-image taps of Tw[t, n]
     affine: bool = False  # any offset (the epilogue then rounds like a float GEMM)
+    #: ``pixel_bits`` convs of a whole model: X is the layer's float32 input and the kernel
+    #: quantizes it while packing (``|x| > threshold`` / ``x < -threshold``, in float32 as the
+    #: fake-quant graph compares), so no separate quantize pass runs in torch
+    float_in: bool = False
+    threshold: float = 0.0
 
     @property
     def M(self) -> int:
@@ -662,7 +668,7 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[[Any, Any], Any], j: An
         inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w_ + pw)
         v = x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w_ - 1), 0),
               q * TT_WORD + j]
-        return word(tirx.if_then_else(inb, v, tirx.const(0, "int8")), s)
+        return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s)
 
     xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
 
@@ -694,11 +700,17 @@ def tt_compute(spec: GemmSpec) -> Any:
     te, tirx = tvm.te, tvm.tirx
     m_, g_, np_, nb, kw_ = spec.M, spec.G, spec.Np, spec.nb, spec.words
     q_per_g = spec.gsp // TT_WORD
-    x = te.placeholder(spec.input_shape, "int8", name="X")
+    if spec.float_in and not (spec.pixel_bits and spec.threshold >= 0):
+        raise ValueError("float_in needs a pixel_bits conv and a threshold >= 0")
+    x = te.placeholder(spec.input_shape, "float32" if spec.float_in else "int8", name="X")
     j = te.reduce_axis((0, TT_WORD), "j")
 
     def word(v: Any, s: Any) -> Any:
-        bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
+        if spec.float_in:  # code(x) = sign(x) [|x| > t]: nonzero iff |x| > t, -1 iff x < -t
+            t = tirx.const(spec.threshold, "float32")
+            bit = tirx.Select(s == 0, tirx.abs(v) > t, v < -t)
+        else:
+            bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
         return te.sum(bit.astype("uint64") << j.astype("uint64"), axis=j)  # disjoint bits: OR
 
     if spec.pixel_bits:
@@ -856,10 +868,17 @@ class Rule:
         return self.impl
 
     def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-              params: Params | None = None) -> Kernel:
-        """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``."""
+              params: Params | None = None, *, float_input: bool = False) -> Kernel:
+        """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``.
+
+        ``float_input``: where the layout can quantize while packing (``pixel_bits`` ternary
+        convs), take the layer's float input instead of activation codes; elsewhere ignored
+        (check ``kernel.spec.float_in``).
+        """
         p = dict(self.default_params if params is None else params)
         spec = self.plan(lx, batch, target, p)
+        if float_input and spec.pixel_bits and lx.act_threshold >= 0:
+            spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
         key = (self.name, spec, target.target_str)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)

@@ -108,3 +108,51 @@ def test_missing_export_is_named(data) -> None:
     ex.pop("6")
     with pytest.raises(ValueError, match=r"no export for layers \['6'\]"):
         compile_model(qm.module, ex, batch=1)
+
+
+def _wide_cnn() -> torch.nn.Module:
+    """64-channel convs: the ternary-activation layers get pixel-packed, float-input kernels."""
+    nn = torch.nn
+    return torch.nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10),
+    ).eval()
+
+
+def test_float_input_kernels_quantize_while_packing(data) -> None:
+    """RTN on 64-channel convs: the kernels take the float input and quantize it as they pack
+    (no torch quantize pass); the model still matches the fake-quant logits, and each such
+    kernel equals the codes-input kernel on the same data."""
+    from ternbench.schedules import build_layer, run_layer
+    from ternbench.schedules.model import TvmLayer, check_model, compile_model
+
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    qm = create_method("rtn", epochs=0).quantize(_wide_cnn(), ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    m = compile_model(qm.module, qm.export(), batch=2)
+    takes = {mod.lx.name: mod.takes_float for mod in m.modules() if isinstance(mod, TvmLayer)}
+    assert takes["3"] and takes["6"] and not takes["0"] and not takes["11"]
+    assert check_model(m, x, ref).rel_diff < 1e-5
+    unfused = compile_model(qm.module, qm.export(), batch=2, float_input=False)
+    assert not any(mod.takes_float for mod in unfused.modules() if isinstance(mod, TvmLayer))
+    # kernel level: float input (quantized inside) == codes input (quantized by the reference)
+    lx = qm.export()["6"]
+    kern = build_layer(lx, 2, "x86", float_input=True)
+    assert kern.spec.float_in and kern.spec.threshold == lx.act_threshold
+    import tvm  # noqa: F401  (loaded by build_layer already)
+
+    xin = torch.randn(2, 64, 28, 28) * 2 * lx.act_threshold
+    xin[0, 0, 0, :4] = torch.tensor([lx.act_threshold, -lx.act_threshold, 0.0, 1e9])  # ties
+    out = torch.empty(kern.spec.M, kern.spec.N)
+    w = [tvm.runtime.tensor(v) for v in kern.pack(lx)]
+    kern.func(xin.permute(0, 2, 3, 1).contiguous(), *w, out)
+    _impl, want = run_layer(lx, xin)
+    got = out.view(2, *kern.spec.out_hw, -1).permute(0, 3, 1, 2).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
