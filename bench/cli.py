@@ -147,6 +147,14 @@ def _add_kernels_parser(sub: Any) -> None:
     k.add_argument("--rounds", type=_positive_int, default=None,
                    help="interleaved timing rounds (default: 15; 3 with --quick)")
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
+    k.add_argument("--whole-model", default=None, metavar="MODEL",
+                   help="also time a whole ternary model end to end on x86 (resnet18 = 224 px "
+                   "ImageNet shapes, resnet18-cifar, resnet20), per --model-methods, beside "
+                   "torch FP32 eager and INT8: OUT/model.csv, OUT/model_layers.csv")
+    k.add_argument("--model-methods", type=_csv, default=["rtn", "sttn", "fgq", "twn"],
+                   metavar="METHODS", help="methods for --whole-model (default: rtn,sttn,fgq,twn)")
+    k.add_argument("--model-only", action="store_true",
+                   help="with --whole-model: skip the per-shape kernel benchmark")
     k.add_argument("--target", choices=("x86", "cuda"), default="x86",
                    help="x86 (this CPU, default) or cuda (the visible GPU: TVM CUDA kernels vs "
                    "torch cuDNN/cuBLAS FP32 and FP16; --threads, --tune and --metaschedule "
@@ -181,6 +189,28 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         print((csv.parent / "kernels.md").read_text())
         print(f"results: {csv}")
         return 0
+    if a.whole_model:
+        from .model_bench import (
+            WHOLE_MODELS,
+            model_markdown,
+            whole_model_latency,
+            write_model_results,
+        )
+
+        if a.whole_model not in WHOLE_MODELS:
+            print(f"ternbench: error: --whole-model {a.whole_model!r}: choose from "
+                  f"{', '.join(WHOLE_MODELS)}", file=sys.stderr)
+            return 2
+        results = [whole_model_latency(a.whole_model, m, threads=a.threads,
+                                       repeat=a.rounds or (3 if a.quick else 15),
+                                       min_repeat_ms=5.0 if a.quick else 200.0)
+                   for m in a.model_methods]
+        mcsv, _ = write_model_results(results, a.out)
+        (Path(a.out) / "model.md").write_text(model_markdown(results))
+        print(model_markdown(results))
+        print(f"results: {mcsv}")
+        if a.model_only:
+            return 0
     with logging_redirect_tqdm():
         res = kernels.run_kernels(
             a.out, threads=a.threads, shapes=shapes, batches=a.batches,

@@ -22,7 +22,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["WHOLE_MODELS", "WholeModelResult", "whole_model_latency"]
+__all__ = [
+    "WHOLE_MODELS", "WholeModelResult", "whole_model_latency", "write_model_results",
+    "model_markdown",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +110,46 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
         other_us=lat.other_us, logit_rel_diff=lat.check.rel_diff,
         top1_agreement=lat.check.top1_agreement, per_layer_us=lat.per_layer_us,
         impls=lat.impls, build_s=build_s)
+
+
+def write_model_results(results: list[WholeModelResult], out: str | Any) -> tuple[Any, Any]:
+    """``OUT/model.csv`` (one row per model x method) and ``OUT/model_layers.csv`` (the
+    per-layer split of the TVM time); returns both paths."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, layers = [], []
+    for r in results:
+        rows.append({
+            "model": r.model, "method": r.method, "image_size": r.image_size, "batch": r.batch,
+            "threads": r.threads, "tvm_us": r.tvm_us, "torch_fp32_eager_us": r.torch_fp32_us,
+            "torch_int8_us": r.torch_int8_us, "speedup_vs_torch_fp32": r.speedup_fp32,
+            "speedup_vs_torch_int8": r.speedup_int8, "non_gemm_us": r.other_us,
+            "logit_rel_diff": r.logit_rel_diff, "top1_agreement": r.top1_agreement,
+            "build_s": r.build_s,
+        })
+        layers += [{"model": r.model, "method": r.method, "layer": k, "impl": r.impls[k],
+                    "us": v} for k, v in r.per_layer_us.items()]
+    a, b = out / "model.csv", out / "model_layers.csv"
+    pd.DataFrame(rows).to_csv(a, index=False)
+    pd.DataFrame(layers).to_csv(b, index=False)
+    return a, b
+
+
+def model_markdown(results: list[WholeModelResult]) -> str:
+    """A short Markdown table of whole-model results."""
+    lines = ["## Whole model (end to end, TVM kernels + the model's non-GEMM ops)", "",
+             "| model | method | batch | TVM (ms) | torch FP32 eager (ms) | torch INT8 (ms) | "
+             "x FP32 | x INT8 | non-GEMM (ms) | logit Δ | top-1 agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        i8 = "-" if r.torch_int8_us is None else f"{r.torch_int8_us / 1e3:.1f}"
+        x8 = "-" if r.speedup_int8 is None else f"{r.speedup_int8:.2f}"
+        lines.append(f"| {r.model} | {r.method} | {r.batch} | {r.tvm_us / 1e3:.1f} | "
+                     f"{r.torch_fp32_us / 1e3:.1f} | {i8} | {r.speedup_fp32:.2f} | {x8} | "
+                     f"{r.other_us / 1e3:.1f} | {r.logit_rel_diff:.1e} | "
+                     f"{100 * r.top1_agreement:.0f}% |")
+    return "\n".join(lines) + "\n"

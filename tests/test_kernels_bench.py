@@ -209,3 +209,22 @@ def test_cli_quick_run(tmp_path, capsys):
     assert df[df["act_mode"] == "ternary"]["impl"].str.startswith("tvm_tt_popc").all()
     printed = capsys.readouterr().out
     assert "kernels.md" in printed and "| linear 64->10 | 1 |" in printed
+
+
+@pytest.mark.tvm
+def test_cli_whole_model(tmp_path, capsys):
+    """`kernels --whole-model`: the model is checked against its fake-quant logits, then timed
+    beside torch FP32 eager and INT8; model.csv / model_layers.csv / model.md are written."""
+    rc = cli.main(["kernels", "--whole-model", "resnet20", "--model-methods", "rtn",
+                   "--model-only", "--quick", "--rounds", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    df = pd.read_csv(tmp_path / "model.csv")
+    r = df.iloc[0]
+    assert (r.model, r.method, r.batch) == ("resnet20", "rtn", 1)
+    assert r.tvm_us > 0 and r.torch_fp32_eager_us > 0 and r.torch_int8_us > 0
+    assert math.isclose(r.speedup_vs_torch_fp32, r.torch_fp32_eager_us / r.tvm_us)
+    assert r.logit_rel_diff < 1e-5 and r.top1_agreement == 1.0
+    layers = pd.read_csv(tmp_path / "model_layers.csv")
+    assert len(layers) == 22 and (layers.us > 0).all()  # resnet20: 19 convs, 2 shortcuts, fc
+    assert "Whole model" in (tmp_path / "model.md").read_text()
+    assert cli.main(["kernels", "--whole-model", "resnet99", "--out", str(tmp_path)]) == 2
