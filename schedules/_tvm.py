@@ -126,7 +126,7 @@ def _parse_target(target_str: str) -> Any:
 
 
 #: features that x86 rules may gate on (queried once per target)
-_GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avxvnni")
+_GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
 
 #: cross-compiled aarch64 targets: name -> (mcpu, mattr, what it stands for). The default
 #: ``arm`` is a Cortex-A76 class core (Raspberry Pi 5, Graviton 2 class: NEON + sdot).

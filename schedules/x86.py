@@ -121,7 +121,69 @@ def register_avx2_intrinsic() -> str:
     return AVX2_U8S8_8X4
 
 
-def schedule_t2_avx2(func: Any, spec: GemmSpec) -> Any:
+#: LLVM intrinsic per VNNI flavour: AVX512-VNNI (+VL, 256-bit EVEX) or AVX-VNNI (VEX); LLVM
+#: has one intrinsic for both and picks the encoding from the target's features
+VNNI_LLVM = {"avx512vnni": "llvm.x86.avx512.vpdpbusd.256",
+             "avxvnni": "llvm.x86.avx512.vpdpbusd.256"}
+
+
+@functools.cache
+def register_vnni_intrinsic(flavour: str) -> str:
+    """The same 8x4 u8 x s8 -> i32 tile as :func:`register_avx2_intrinsic`, as one
+    ``vpdpbusd`` (multiply, sum 4, accumulate: 3 AVX2 instructions in one) per tile."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    name = f"ternbench_{flavour}_u8s8i32_8x4_local"
+    llvm_name = VNNI_LLVM[flavour]
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", W[vi, vk])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
+            T.writes(C[0:8])
+            # LLVM 22 types both byte operands as <32 x i8> (signedness is the instruction's)
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a_x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
+            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), C[T.ramp(T.int32(0), 1, 8)],
+                a_x32, W.vload([0, 0], dtype="int8x32"), dtype="int32x8")
+
+    try:
+        tvm.s_tir.TensorIntrin.register(name, desc, impl)
+    except Exception:  # already registered in this process
+        tvm.s_tir.TensorIntrin.get(name)
+    return name
+
+
+def _schedule_t2_vnni(flavour: str) -> Any:
+    def schedule(func: Any, spec: GemmSpec) -> Any:
+        return schedule_t2_avx2(func, spec, register_vnni_intrinsic(flavour))
+
+    schedule.__name__ = f"schedule_t2_{flavour}"
+    return schedule
+
+
+def schedule_t2_avx2(func: Any, spec: GemmSpec, intrin: str | None = None) -> Any:
     """Tensorized ternary GEMM: ``(task | mo | g | ko | kr | mi | nb | [ni x ki] = intrinsic)``.
 
     The decoded weight block lives at the task level when a task has several row tiles (decoded
@@ -130,7 +192,7 @@ def schedule_t2_avx2(func: Any, spec: GemmSpec) -> Any:
     of 4, 8 or 12 is 1-3 intrinsic steps followed by its epilogue.
     """
     tvm = _tvm.require_tvm()
-    intrin = register_avx2_intrinsic()
+    intrin = intrin or register_avx2_intrinsic()
     sch = tvm.s_tir.Schedule(func)
     acc, ep, out, wd = (sch.get_sblock(n) for n in ("acc", "ep", "out", "W_dec"))
     m, g, n, kk = sch.get_loops(acc)
@@ -203,6 +265,15 @@ def _tiles(params: Params, nb: int, mb: int, rows: int) -> dict[str, int]:
             "rows_per_task": int(params.get("rows", rows))}
 
 
+def _applies_vnni(flavour: str) -> Any:
+    def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+        if flavour == "avx512vnni" and not target.has("avx512vl"):
+            return False  # the 256-bit EVEX form needs AVX512-VL
+        return target.has(flavour) and _applies_t2_avx2(lx, target)
+
+    return applies
+
+
 def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
     return plan_gemm(lx, batch, "t2_avx2", **_tiles(params, T2_NB, T2_MB, T2_ROWS_PER_TASK))
@@ -254,6 +325,10 @@ def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
+        # VNNI CPUs: the same tiles and packing, one vpdpbusd per tile instead of three ops
+        *[Rule(f"x86.t2_{f}", "tvm_t2_vnni", _applies_vnni(f), _plan_t2_avx2,
+               _schedule_t2_vnni(f), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT))
+          for f in ("avx512vnni", "avxvnni")],
         Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2,
              grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT)),
         Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc,

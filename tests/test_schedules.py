@@ -605,3 +605,27 @@ def test_torch_fp32_baseline_ternary_export():
         w = measure.fp32_weight(lx)
         off = 0.0 if lx.weight_offset is None else lx.weight_offset[:, None]
         np.testing.assert_array_equal(w, lx.dequantized_weight() + off)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("mcpu,rule", [("sapphirerapids", "x86.t2_avx512vnni"),
+                                       ("alderlake", "x86.t2_avxvnni"),
+                                       ("znver3", "x86.t2_avx2")])
+def test_vnni_variant_selected_by_cpu_features(tvm_mod, mcpu, rule):
+    """On a VNNI CPU the int8-activation kernel is one vpdpbusd per 8x4 tile (same packing);
+    built here for that CPU and checked in its assembly (this host cannot run it)."""
+    import tvm
+    from tvm.target import codegen
+
+    t = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    feats = frozenset(f for f in _tvm._GATED_FEATURES if codegen.llvm_cpu_has_features(f, t))
+    info = _tvm.TargetInfo(name="x86", target_str=str(t), kind="llvm", mcpu=mcpu, is_x86=True,
+                           features=feats, family="x86", local=False)
+    lx = make_layer("conv2d", cin=16, out=16, hw=(6, 6))
+    chosen = measure.select_rule(lx, info)
+    assert chosen.name == rule
+    asm = chosen.build(lx, 1, info).executable.mod.inspect_source("s")
+    if "vnni" in rule:
+        assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    else:
+        assert "vpmaddubsw" in asm and "vpdpbusd" not in asm
