@@ -16,7 +16,7 @@ EVALUATOR = {"number": 20, "repeat": 7, "min_repeat_ms": 20}
 class KernelLatency:
     """Median kernel latency (us) of one layer shape on one target, batch 1, one thread."""
 
-    params = [["x86"], list(common.LAYERS)]
+    params = [["x86", "cuda"], list(common.LAYERS)]
     param_names = ["target", "layer"]
     unit = "us"
     timeout = 180
@@ -26,10 +26,10 @@ class KernelLatency:
             import tvm  # noqa: F401
         except ImportError:
             raise common.skip("apache-tvm is not installed") from None
-        from ternbench.schedules import list_targets
+        from ternbench.schedules import _tvm, list_targets
 
-        if target not in list_targets():
-            raise common.skip(f"target {target!r} cannot be measured on this machine")
+        if target not in list_targets() or not _tvm.target_info(target).local:
+            raise common.skip(f"target {target!r} cannot be timed on this machine")
         self.lx = common.layer_export(layer)
 
     def track_kernel_latency_us(self, target: str, layer: str) -> float:
@@ -37,3 +37,37 @@ class KernelLatency:
 
         lat = measure_layer(self.lx, target=target, ev=EvaluatorCfg(**EVALUATOR), threads=1)
         return float(lat.median_us)
+
+
+class WholeModel:
+    """End-to-end ternary ResNet-18 (224 px, batch 1, one thread) on x86: TVM kernels chained
+    with the model's non-GEMM ops, checked against the fake-quant logits, beside torch FP32
+    eager (``bench.model_bench``). asv reads lower as better, hence TVM / torch as the ratio."""
+
+    params = [["rtn", "fgq"]]
+    param_names = ["method"]
+    timeout = 600
+
+    def setup_cache(self) -> dict[str, dict[str, float]]:
+        try:
+            import tvm  # noqa: F401
+        except ImportError:
+            raise common.skip("apache-tvm is not installed") from None
+        from ternbench.bench.model_bench import whole_model_latency
+
+        out = {}
+        for method in self.params[0]:
+            r = whole_model_latency("resnet18", method, repeat=7, min_repeat_ms=100.0)
+            out[method] = {"tvm_ms": r.tvm_us / 1e3, "ratio": r.tvm_us / r.torch_fp32_us}
+        return out
+
+    def track_tvm_ms(self, results: dict[str, dict[str, float]], method: str) -> float:
+        return results[method]["tvm_ms"]
+
+    track_tvm_ms.unit = "ms"  # type: ignore[attr-defined]
+
+    def track_tvm_over_torch_fp32(self, results: dict[str, dict[str, float]],
+                                  method: str) -> float:
+        return results[method]["ratio"]
+
+    track_tvm_over_torch_fp32.unit = "ratio"  # type: ignore[attr-defined]
