@@ -209,9 +209,9 @@ def run_kernels_cuda(out: str | Path, *, suites: str | Sequence[str] = "all",
              "cuBLAS; TF32 off) in the same run.", "",
              "| shape | batch | impl | act | µs | xF | xH | GMAC/s |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['batch']} | {r['impl']} | {r['act_mode']} | "
-                     f"{r['median_us']:.1f} | {r['speedup_vs_torch_fp32']:.2f} | "
-                     f"{r['speedup_vs_torch_fp16']:.2f} | {r['gmacs']:.0f} |")
+    for row in rows:
+        lines.append(f"| {row['shape']} | {row['batch']} | {row['impl']} | {row['act_mode']} | "
+                     f"{row['median_us']:.1f} | {row['speedup_vs_torch_fp32']:.2f} | "
+                     f"{row['speedup_vs_torch_fp16']:.2f} | {row['gmacs']:.0f} |")
     (out / "kernels.md").write_text("\n".join(lines) + "\n")
     return csv

@@ -112,9 +112,13 @@ class TvmLayer(nn.Module):
         """Fold an eval-mode BatchNorm that consumes this layer's output into the kernels'
         epilogue (per-channel scale into ``scales`` / weight offsets, shift into the primary's
         bias): one float32 rounding more, one eager op and one pass over the output less."""
-        g = (bn.weight.detach().double() if bn.affine else torch.ones(bn.num_features,
-             dtype=torch.float64)) / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = (bn.bias.detach().double() if bn.affine else 0.0) - bn.running_mean.double() * g
+        if bn.running_var is None or bn.running_mean is None:
+            raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
+        ones = torch.ones(bn.num_features, dtype=torch.float64)
+        gamma = bn.weight.detach().double() if bn.affine else ones
+        beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
+        g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+        shift = beta - bn.running_mean.double() * g
         gn = g.numpy()
         sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
         parts = []
