@@ -74,9 +74,10 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 
 
 @functools.cache
-def register_avx2_intrinsic() -> str:
-    """Register the u8 x s8 -> i32 8x4 AVX2 tensor intrinsic once per process."""
-    tvm = _tvm.require_tvm()
+def _u8s8_8x4_desc() -> Any:
+    """What every x86 int8 tile intrinsic computes: ``C[i] += sum_k u8 A[k] * s8 W[i, k]``
+    for an 8x4 tile into a local int32 accumulator (AVX2 and VNNI implement it)."""
+    _tvm.require_tvm()
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
@@ -93,6 +94,15 @@ def register_avx2_intrinsic() -> str:
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
                         C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", W[vi, vk])
+
+    return desc
+
+
+@functools.cache
+def register_avx2_intrinsic() -> str:
+    """Register the u8 x s8 -> i32 8x4 AVX2 tensor intrinsic once per process."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def impl(
@@ -115,7 +125,7 @@ def register_avx2_intrinsic() -> str:
                 dtype="int32x8")
 
     try:
-        tvm.s_tir.TensorIntrin.register(AVX2_U8S8_8X4, desc, impl)
+        tvm.s_tir.TensorIntrin.register(AVX2_U8S8_8X4, _u8s8_8x4_desc(), impl)
     except Exception:  # tvm raises a generic error when the name exists (e.g. module reload)
         tvm.s_tir.TensorIntrin.get(AVX2_U8S8_8X4)
     return AVX2_U8S8_8X4
@@ -138,21 +148,6 @@ def register_vnni_intrinsic(flavour: str) -> str:
     llvm_name = VNNI_LLVM[flavour]
 
     @T.prim_func(s_tir=True)
-    def desc(
-        A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
-        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
-    ) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", W[vi, vk])
-
-    @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
@@ -169,7 +164,7 @@ def register_vnni_intrinsic(flavour: str) -> str:
                 a_x32, W.vload([0, 0], dtype="int8x32"), dtype="int32x8")
 
     try:
-        tvm.s_tir.TensorIntrin.register(name, desc, impl)
+        tvm.s_tir.TensorIntrin.register(name, _u8s8_8x4_desc(), impl)
     except Exception:  # already registered in this process
         tvm.s_tir.TensorIntrin.get(name)
     return name
