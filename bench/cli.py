@@ -473,6 +473,18 @@ def _print_summary(df: Any, out: Path) -> None:
                              aggfunc="mean")
         lt.columns = [f"{t}:{i} us" for t, i in lt.columns]
         table = table.join(lt)
+    model = ok[(ok.layer == "__model__") & (ok.metric == "latency_us")]
+    if len(model):  # the whole deployed model end to end
+        mt = model.pivot_table(index=index, columns=["target", "impl"], values="value",
+                               aggfunc="mean")
+        mt.columns = [f"{t}:model {i} us" for t, i in mt.columns]
+        table = table.join(mt)
+    status = ok[(ok.layer == "__total__") & (ok.metric == "kernel_status")]
+    if len(status):  # targets built / verified but not timed here
+        st = status.assign(s=status.unit.str.split(" (").str[0]).pivot_table(
+            index=index, columns="target", values="s", aggfunc="first")
+        st.columns = [f"{t}" for t in st.columns]
+        table = table.join(st)
     table.index.names = [n.removeprefix("sweep.") for n in table.index.names]
     print(table.round(3).to_string())
     print(f"\nresults: {out}/results.parquet  report: {out}/report.html")

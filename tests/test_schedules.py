@@ -234,7 +234,8 @@ def test_rule_selection_is_gated_by_target_features():
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:3] == ["x86.t2_avx2", "x86.tt_popc", "x86.t2_f32"]
+    assert [r.name for r in x86.rules()][:5] == [
+        "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_popc", "x86.t2_f32"]
     assert generic.rules()[0].impl_for(twn) == "tvm_t2_generic_a32"
 
 
