@@ -481,7 +481,7 @@ def _print_summary(df: Any, out: Path) -> None:
         table = table.join(mt)
     status = ok[(ok.layer == "__total__") & (ok.metric == "kernel_status")]
     if len(status):  # targets built / verified but not timed here
-        st = status.assign(s=status.unit.str.split(" (").str[0]).pivot_table(
+        st = status.assign(s=status.unit.str.split(" (", regex=False).str[0]).pivot_table(
             index=index, columns="target", values="s", aggfunc="first")
         st.columns = [f"{t}" for t in st.columns]
         table = table.join(st)

@@ -185,7 +185,8 @@ def test_disk_full_mid_run_keeps_earlier_rows(tiny_profile, cache, tmp_path, mon
 
 
 @pytest.mark.tvm
-def test_arm_and_cuda_targets_are_built_and_reported(tiny_profile, cache, tmp_path) -> None:
+def test_arm_and_cuda_targets_are_built_and_reported(tiny_profile, cache, tmp_path,
+                                                     capsys) -> None:
     """`--targets arm,cuda` on a machine without a board or GPU: ARM kernels run bit-exact under
     qemu-user ("built and verified"), CUDA kernels are generated ("built"), the report says so."""
     from ternbench.schedules import _tvm
@@ -209,3 +210,8 @@ def test_arm_and_cuda_targets_are_built_and_reported(tiny_profile, cache, tmp_pa
     assert not len(df[(df.metric == "latency_us") & df.target.isin(["arm"])])  # never timed
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Built and verified targets" in md and "qemu-aarch64" in md
+    from ternbench.bench.cli import _print_summary
+
+    _print_summary(df, tmp_path / "run")  # the run's closing table: one column per target
+    out = capsys.readouterr().out
+    assert "arm" in out and "cuda" in out and ("built and verified" in out or not arm_ok)
