@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,23 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 @functools.cache
 def has_fashion_mnist() -> bool:
     root = Path(os.environ.get("TERNBENCH_FASHION_MNIST", FASHION))
-    return (root / "t10k-images-idx3-ubyte.gz").exists()
+    return all((root / f"{split}-images-idx3-ubyte.gz").exists() for split in ("train", "t10k"))
 
 
 needs_fashion = pytest.mark.skipif(
     not has_fashion_mnist(),
     reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (.ci/run does)",
 )
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (steady timings, fixed reduction order for bit-exact
+    comparisons), restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

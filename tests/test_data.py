@@ -10,20 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import needs_fashion
 from ternbench.bench.data import (
-    FASHION_MNIST_DEFAULT_ROOT,
     DatasetMissingError,
     get_dataset_info,
     list_datasets,
     load_dataset,
     make_loader,
     subset_indices,
-)
-
-needs_fmnist = pytest.mark.skipif(
-    not (Path(FASHION_MNIST_DEFAULT_ROOT) / "t10k-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DEFAULT_ROOT} "
-    "(sudo apt-get install dataset-fashion-mnist)",
 )
 
 
@@ -56,7 +50,7 @@ def test_unknown_dataset_suggests() -> None:
 # ---------------------------------------------------------------------------- Fashion-MNIST
 
 
-@needs_fmnist
+@needs_fashion
 def test_fashion_mnist_real_files() -> None:
     train = load_dataset("fashion-mnist", "train")
     test = load_dataset("fashion-mnist", "test")
@@ -74,7 +68,7 @@ def test_fashion_mnist_real_files() -> None:
     assert abs(float(xs.mean())) < 0.05 and abs(float(xs.std()) - 1) < 0.05
 
 
-@needs_fmnist
+@needs_fashion
 def test_fashion_mnist_augment_is_shift_and_flip() -> None:
     plain = load_dataset("fashion-mnist", "test")
     aug = load_dataset("fashion-mnist", "test", augment=True)

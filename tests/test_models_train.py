@@ -7,12 +7,12 @@ import logging
 import math
 import os
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_fashion
 from ternbench.bench import cache
 from ternbench.bench.cache import (
     CheckpointError,
@@ -24,7 +24,6 @@ from ternbench.bench.cache import (
     save_checkpoint,
     ship_checkpoint,
 )
-from ternbench.bench.data import FASHION_MNIST_DEFAULT_ROOT
 from ternbench.bench.models import create_model, list_models
 from ternbench.bench.train import (
     TrainCfg,
@@ -35,21 +34,6 @@ from ternbench.bench.train import (
     train,
 )
 from torch import nn
-
-needs_fmnist = pytest.mark.skipif(
-    not (Path(FASHION_MNIST_DEFAULT_ROOT) / "train-images-idx3-ubyte.gz").is_file(),
-    reason=f"Fashion-MNIST not installed in {FASHION_MNIST_DEFAULT_ROOT} "
-    "(sudo apt-get install dataset-fashion-mnist)",
-)
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # 1 thread: steady on the shared CI machine (data.md) and restored for the other tests
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)
@@ -292,7 +276,7 @@ def test_recalibrate_bn_empty_loader_keeps_stats() -> None:
 # ---------------------------------------------------------------------- real data training
 
 
-@needs_fmnist
+@needs_fashion
 @pytest.mark.training
 @pytest.mark.usefixtures("one_thread")
 def test_resnet8_fashion_mnist_short_run_learns() -> None:
@@ -422,7 +406,7 @@ def test_load_state_dict_file_plain_and_wrapped(tmp_path: Path) -> None:
         load_state_dict_file(tmp_path / "c.pt")
 
 
-@needs_fmnist
+@needs_fashion
 @pytest.mark.training
 @pytest.mark.usefixtures("one_thread")
 def test_load_or_train_cache_corrupt_and_shipped(

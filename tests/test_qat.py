@@ -6,7 +6,6 @@ import copy
 import json
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +28,6 @@ from ternbench.methods.ttn_re import TTNREConfig, TTNREWeight, ttn_threshold_cod
 from ternbench.methods.ttq import TTQWeight
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    # bit-exact resume comparisons need a fixed reduction order
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _data(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

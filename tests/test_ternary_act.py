@@ -3,8 +3,6 @@ export/deploy parity and short trainings."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -18,15 +16,9 @@ from ternbench.methods.rtn import RTNAct, RTNWeight, fit_affine, ternary_code
 from ternbench.methods.sttn import STTNAct, STTNConv2d, STTNWeight, binary_sign
 from torch import nn
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # one thread: on a shared, loaded machine two torch threads made the training tests ~15x
-    # slower (spin-waiting); restored afterwards for the other test files
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# one thread: on a shared, loaded machine two torch threads made the training tests ~15x slower
+# (spin-waiting); restored afterwards for the other test files
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(x: torch.Tensor, epochs: float = 0.0, y: torch.Tensor | None = None) -> QuantContext:
