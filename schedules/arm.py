@@ -36,7 +36,12 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import _tvm
-from .generic import schedule_blocked, schedule_gemm, schedule_input_stage
+from .generic import (
+    finish_tensorized,
+    fuse_epilogue,
+    schedule_blocked,
+    schedule_gemm,
+)
 from .ops import GemmSpec, Params, Rule, plan_gemm
 
 if TYPE_CHECKING:
@@ -149,10 +154,7 @@ def schedule_t2_sdot(func: Any, spec: GemmSpec) -> Any:
         kr, ki = sch.split(kk, [None, SDOT_K])
         red = [kr]
     sch.reorder(mp, no, mo, g, *red, mi, nq, ni, ki)
-    sch.set_scope(acc, 0, "local")
-    sch.reverse_compute_at(ep, g)
-    sch.set_scope(ep, 0, "local")
-    sch.reverse_compute_at(out, mo)
+    fuse_epilogue(sch, acc, ep, out, g, mo)
     sch.compute_at(wd, no if spec.m_task > 1 else red[0])
     # decode loops (b, k, n) -> (b, kq, nq, ni, ki): the inner 16 codes are one store
     _b, wk, wn = sch.get_loops(wd)[-3:]
@@ -164,18 +166,7 @@ def schedule_t2_sdot(func: Any, spec: GemmSpec) -> Any:
     sch.unroll(nq)
     if len(red) == 2:
         sch.unroll(red[1])
-    sch.vectorize(sch.get_loops(ep)[-1])
-    if spec.N % spec.nb == 0:  # else the last block is predicated and cannot be vectorised
-        sch.vectorize(sch.get_loops(out)[-1])
-    # every loop annotation before decompose_reduction (see generic.schedule_gemm)
-    sch.parallel(sch.fuse(mp, no))
-    schedule_input_stage(sch, spec)
-    acc_init = sch.decompose_reduction(acc, red[0])
-    ep_init = sch.decompose_reduction(ep, g)
-    sch.tensorize(ni, intrin)
-    sch.vectorize(sch.get_loops(acc_init)[-1])
-    sch.vectorize(sch.get_loops(ep_init)[-1])
-    return sch.mod
+    return finish_tensorized(sch, spec, acc, ep, out, (mp, no), g, red[0], ni, intrin)
 
 
 def schedule_tt_popc(func: Any, spec: GemmSpec) -> Any:

@@ -26,6 +26,8 @@ __all__ = [
     "schedule_blocked",
     "schedule_gemm",
     "schedule_input_stage",
+    "fuse_epilogue",
+    "finish_tensorized",
     "schedule_tt_popc",
     "NB",
     "MB",
@@ -85,6 +87,34 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
         sch.parallel(m)
     if spec.Kp == spec.K:
         _vector_split(sch, k, spec.K)
+
+
+def fuse_epilogue(sch: Any, acc: Any, ep: Any, out: Any, g: Any, mo: Any) -> None:
+    """Accumulator in registers, the per-group scale epilogue ``ep`` under the group loop ``g``
+    (also in registers) and the bias pass ``out`` under the row-tile loop ``mo``."""
+    sch.set_scope(acc, 0, "local")
+    sch.reverse_compute_at(ep, g)
+    sch.set_scope(ep, 0, "local")
+    sch.reverse_compute_at(out, mo)
+
+
+def finish_tensorized(sch: Any, spec: GemmSpec, acc: Any, ep: Any, out: Any,
+                      task: tuple[Any, Any], g: Any, red0: Any, tile: Any, intrin: str) -> Any:
+    """The common end of the tensorized tile GEMMs (x86 ``vpmaddubsw``/``vpdpbusd``, ARM
+    ``sdot``): vectorise the epilogues, parallelise the (row, channel) task loops, schedule the
+    input stage, then - every loop annotation before ``decompose_reduction`` (see
+    :func:`schedule_gemm`) - split off the inits, tensorize ``tile`` and vectorise the inits."""
+    sch.vectorize(sch.get_loops(ep)[-1])
+    if spec.N % spec.nb == 0:  # else the last block is predicated and cannot be vectorised
+        sch.vectorize(sch.get_loops(out)[-1])
+    sch.parallel(sch.fuse(*task))
+    schedule_input_stage(sch, spec)
+    acc_init = sch.decompose_reduction(acc, red0)
+    ep_init = sch.decompose_reduction(ep, g)
+    sch.tensorize(tile, intrin)
+    sch.vectorize(sch.get_loops(acc_init)[-1])
+    sch.vectorize(sch.get_loops(ep_init)[-1])
+    return sch.mod
 
 
 def schedule_blocked(func: Any, spec: GemmSpec) -> Any:
