@@ -226,26 +226,24 @@ class ExactEval:
         return y.to(x.dtype)
 
 
-class ExactConv2d(ExactEval, QuantConv2d):  # type: ignore[misc]
+class _ExactForward(ExactEval):
+    """``forward`` of the exact layers: the exact path when it applies, else the fake-quant
+    layer's own (the next class in the MRO)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._use_exact():
+            return super().forward(x)  # type: ignore[misc]
+        y = self._exact(x)
+        self._record_shapes(x, y)  # type: ignore[attr-defined]
+        return y
+
+
+class ExactConv2d(_ExactForward, QuantConv2d):  # type: ignore[misc]
     """:class:`QuantConv2d` with the exact evaluation path of :class:`ExactEval`."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._use_exact():
-            return super().forward(x)
-        y = self._exact(x)
-        self._record_shapes(x, y)
-        return y
 
-
-class ExactLinear(ExactEval, QuantLinear):  # type: ignore[misc]
+class ExactLinear(_ExactForward, QuantLinear):  # type: ignore[misc]
     """:class:`QuantLinear` with the exact evaluation path of :class:`ExactEval`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._use_exact():
-            return super().forward(x)
-        y = self._exact(x)
-        self._record_shapes(x, y)
-        return y
 
 
 def wrap_layer(
