@@ -42,7 +42,7 @@ from .generic import (
     schedule_blocked,
     schedule_gemm,
 )
-from .ops import GemmSpec, Params, Rule, plan_gemm
+from .ops import GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -208,16 +208,9 @@ def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return _is_arm(target) and lx.weight_format == "ternary" and lx.act_mode == "fp32"
 
 
-def _tiles(params: Params, default: dict[str, int]) -> dict[str, int]:
-    """Tile keyword arguments of :func:`plan_gemm` from a grid point (defaults filled in)."""
-    return {"nb": int(params.get("nb", default["nb"])),
-            "mb_max": int(params.get("mb", default["mb"])),
-            "rows_per_task": int(params.get("rows", default["rows"]))}
-
-
 def _plan_t2_sdot(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
-    tiles = _tiles(params, SDOT_DEFAULT)
+    tiles = tile_kwargs(params, SDOT_DEFAULT)
     if tiles["nb"] % SDOT_N:
         raise ValueError(f"arm.t2_sdot needs nb to be a multiple of {SDOT_N}, got {tiles['nb']}")
     spec = plan_gemm(lx, batch, "t2_decoded", **tiles)
@@ -230,7 +223,7 @@ def _plan_t2_sdot(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
 
 def _plan(layout: Any, default: dict[str, int]) -> Any:
     def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params) -> GemmSpec:
-        return plan_gemm(lx, batch, layout, **_tiles(params, default))
+        return plan_gemm(lx, batch, layout, **tile_kwargs(params, default))
 
     return plan
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from . import _tvm
-from .ops import GemmSpec, Params, Rule, plan_gemm
+from .ops import GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -239,8 +239,7 @@ def _applies_tt(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 
 def _tiles(params: Params, nb: int) -> dict[str, int]:
-    return {"nb": int(params.get("nb", nb)), "mb_max": int(params.get("mb", MB)),
-            "rows_per_task": int(params.get("rows", ROWS_PER_TASK))}
+    return tile_kwargs(params, {"nb": nb, "mb": MB, "rows": ROWS_PER_TASK})
 
 
 def _plan_tt(lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params) -> GemmSpec:

@@ -69,6 +69,7 @@ __all__ = [
     "kernel_cache_size",
     "clear_kernel_cache",
     "Params",
+    "tile_kwargs",
 ]
 
 log = logging.getLogger(__name__)
@@ -382,6 +383,22 @@ def _row_tiles(m: int, mb_max: int, rows_per_task: int) -> tuple[int, int]:
 
 def _round_up(v: int, q: int) -> int:
     return -(-v // q) * q
+
+
+#: one point of a rule's tile-parameter grid (e.g. ``{"nb": 16, "mb": 4, "rows": 64}``)
+Params = Mapping[str, int]
+
+
+def tile_kwargs(params: Params, default: Mapping[str, int]) -> dict[str, int]:
+    """:func:`plan_gemm` tile keywords from a rule's grid point, missing keys from ``default``
+    (both use the grid names ``nb``, ``mb``, ``rows``).
+
+    Example:
+        >>> tile_kwargs({"nb": 8}, {"nb": 16, "mb": 4, "rows": 64})
+        {'nb': 8, 'mb_max': 4, 'rows_per_task': 64}
+    """
+    p = {**default, **params}
+    return {"nb": int(p["nb"]), "mb_max": int(p["mb"]), "rows_per_task": int(p["rows"])}
 
 
 def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_max: int,
@@ -831,10 +848,6 @@ def kernel_cache_size() -> int:
 def clear_kernel_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
-
-
-#: one point of a rule's tile-parameter grid (e.g. ``{"nb": 16, "mb": 4, "rows": 64}``)
-Params = Mapping[str, int]
 
 
 @dataclass(frozen=True)

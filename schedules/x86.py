@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tvm
 from .generic import finish_tensorized, fuse_epilogue, schedule_blocked, schedule_gemm
-from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm
+from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -240,12 +240,6 @@ def _applies_t2_avx2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return gs >= lx.fan_in or gs % 4 == 0
 
 
-def _tiles(params: Params, nb: int, mb: int, rows: int) -> dict[str, int]:
-    """Tile keyword arguments of :func:`plan_gemm` from a grid point (defaults filled in)."""
-    return {"nb": int(params.get("nb", nb)), "mb_max": int(params.get("mb", mb)),
-            "rows_per_task": int(params.get("rows", rows))}
-
-
 def _applies_vnni(flavour: str) -> Any:
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
         if flavour == "avx512vnni" and not target.has("avx512vl"):
@@ -257,7 +251,7 @@ def _applies_vnni(flavour: str) -> Any:
 
 def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "t2_avx2", **_tiles(params, T2_NB, T2_MB, T2_ROWS_PER_TASK))
+    return plan_gemm(lx, batch, "t2_avx2", **tile_kwargs(params, T2_DEFAULT))
 
 
 def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -269,7 +263,7 @@ def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _plan_tt_popc(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "tt_planes", **_tiles(params, TT_NB, TT_MB, TT_ROWS_PER_TASK))
+    return plan_gemm(lx, batch, "tt_planes", **tile_kwargs(params, TT_DEFAULT))
 
 
 def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -280,7 +274,7 @@ def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                  params: Params) -> GemmSpec:
     return plan_gemm(lx, batch, "t2_decoded",
-                     **_tiles(params, DENSE_NB, DENSE_MB, DENSE_ROWS_PER_TASK))
+                     **tile_kwargs(params, DENSE_DEFAULT))
 
 
 def _applies_dense(fmt: str) -> Any:
@@ -293,7 +287,7 @@ def _applies_dense(fmt: str) -> Any:
 def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                 params: Params) -> GemmSpec:
     return plan_gemm(lx, batch, "dense_blocked",
-                     **_tiles(params, DENSE_NB, DENSE_MB, DENSE_ROWS_PER_TASK))
+                     **tile_kwargs(params, DENSE_DEFAULT))
 
 
 def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],
