@@ -303,11 +303,13 @@ def _timed_rows(cell: CellSpec, target: str, exports: dict[str, Any], base: dict
     rows: list[dict[str, Any]] = []
     tot = {"tvm": 0.0, "torch_fp32": 0.0}
     with_torch = target == "x86"  # torch FP32 runs on this CPU: only comparable with x86
+    if rpc:
+        from ternbench.schedules.rpc import RpcEndpoint, measure_layer_rpc
+
+        endpoint = RpcEndpoint.parse(rpc)
     for name, lx in exports.items():
         if rpc:
-            from ternbench.schedules.rpc import RpcEndpoint, measure_layer_rpc
-
-            lat = measure_layer_rpc(lx, endpoint=RpcEndpoint.parse(rpc), target=target,
+            lat = measure_layer_rpc(lx, endpoint=endpoint, target=target,
                                     batch=cfg.latency_batch, ev=ev)
         else:
             lat = measure_layer(lx, batch=cfg.latency_batch, target=target, ev=ev,
