@@ -120,9 +120,10 @@ def _add_kernels_parser(sub: Any) -> None:
                    help="threads for TVM and torch (default: 1)")
     k.add_argument("--out", default="runs/kernels",
                    help="output folder for kernels.csv and kernels.md (default: runs/kernels)")
-    k.add_argument("--shapes", type=_choice_list(("resnet18", "cifar", "gemv", "all")),
+    k.add_argument("--shapes", type=_choice_list(("resnet18", "cifar", "gemv", "bitnet", "all")),
                    default=["all"], metavar="SUITES",
-                   help="comma list of resnet18, cifar, gemv, all (default: all)")
+                   help="comma list of resnet18, cifar, gemv, bitnet (BitNet b1.58 2B "
+                   "linears), all (default: all)")
     k.add_argument("--layers", type=_csv, default=None, metavar="PATTERNS",
                    help="only layers whose name matches a comma list of shell-style patterns, "
                    "e.g. 'resnet18.layer3.*,*fc' (names: see kernels.md or the layer column)")
@@ -243,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--isa", choices=("native", "avx512", "avx2", "generic"), default=None,
+                   help="x86 kernels for this ISA level instead of the CPU's own (e.g. "
+                   "--isa avx2 on an AVX-512 machine measures the AVX2 rule set; recorded in "
+                   "every latency row; env TERNBENCH_ISA)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     r = sub.add_parser(
@@ -577,6 +582,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if a.isa is not None:
+            from ternbench.schedules import _tvm
+
+            try:
+                _tvm.force_isa(a.isa)
+            except ValueError as exc:
+                print(f"ternbench: error: --isa: {exc}", file=sys.stderr)
+                return 2
         if a.command == "run":
             return _cmd_run(a, ["ternbench", *argv])
         if a.command == "list":

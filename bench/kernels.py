@@ -68,7 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUITES = ("resnet18", "cifar", "gemv")
+SUITES = ("resnet18", "cifar", "gemv", "bitnet")
 #: activation modes of the ternary layers: int8 codes (``t2``) or ternary codes (``tt``)
 ACT_MODES = ("int8", "ternary")
 COLUMNS = (
@@ -76,7 +76,7 @@ COLUMNS = (
     "median_us", "p25_us", "p75_us", "speedup_vs_torch_fp32", "speedup_vs_torch_int8",
     "gmacs", "bytes", "roofline_fraction", "bandwidth_gbs", "max_abs_err",
     "suite", "layer", "backend", "rule", "params", "build_s", "rounds", "target_str", "note",
-    "tvm_version", "torch_version", "cpu", "git",
+    "tvm_version", "torch_version", "cpu", "isa", "git",
 )
 #: interleaved rounds and minimum duration of one timing sample (normal / --quick)
 ROUNDS, QUICK_ROUNDS = 15, 3
@@ -166,15 +166,26 @@ def gemv_shapes() -> list[KernelShape]:
     return [KernelShape("gemv", "gemv.4608x512", "linear", 4608, 512)]
 
 
+def bitnet_shapes() -> list[KernelShape]:
+    """The distinct linear shapes of BitNet b1.58 2B (hidden 2560, FFN 6912): attention
+    projections 2560->2560, FFN up/gate 2560->6912 and down 6912->2560; batch 1 is the decode
+    GEMV, batch 64 a prefill-sized GEMM (the shapes bitnet.cpp publishes kernel figures for)."""
+    s = "bitnet"
+    return [KernelShape(s, "bitnet.attn.2560x2560", "linear", 2560, 2560),
+            KernelShape(s, "bitnet.ffn_up.2560x6912", "linear", 2560, 6912),
+            KernelShape(s, "bitnet.ffn_down.6912x2560", "linear", 6912, 2560)]
+
+
 _SUITE_FUNCS: dict[str, Callable[[], list[KernelShape]]] = {
-    "resnet18": resnet18_shapes, "cifar": cifar_shapes, "gemv": gemv_shapes}
+    "resnet18": resnet18_shapes, "cifar": cifar_shapes, "gemv": gemv_shapes,
+    "bitnet": bitnet_shapes}
 
 
 def select_shapes(which: str | Iterable[str] = "all",
                   layers: Iterable[str] | None = None) -> list[KernelShape]:
-    """Shapes of the named suites (``resnet18``, ``cifar``, ``gemv``, ``all``; a comma list or
-    an iterable), optionally only the layers matching one of the shell-style ``layers``
-    patterns (e.g. ``resnet18.layer3.*``, ``*fc``)."""
+    """Shapes of the named suites (``resnet18``, ``cifar``, ``gemv``, ``bitnet``, ``all``; a
+    comma list or an iterable), optionally only the layers matching one of the shell-style
+    ``layers`` patterns (e.g. ``resnet18.layer3.*``, ``*fc``)."""
     names = [w.strip() for w in (which.split(",") if isinstance(which, str) else which)]
     names = [n for n in names if n]
     if not names or "all" in names:
@@ -710,7 +721,7 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     log.info("1-thread read bandwidth %.1f GB/s; %d shapes x %d batches, %d thread(s)", bw,
              len(shapes), len(batches), threads)
     prov = {"tvm_version": _tvm.tvm_version() or "", "torch_version": torch.__version__,
-            "cpu": f"{_cpu_name()} ({tinfo.mcpu})", "git": _git_describe()}
+            "cpu": f"{_cpu_name()} ({tinfo.mcpu})", "isa": tinfo.isa, "git": _git_describe()}
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, int, str, str]] = []
     groups = [(s, int(b)) for s in shapes for b in batches]

@@ -54,6 +54,7 @@ COLUMNS = [
     "subset",
     "seed",
     "target",
+    "isa",
     "layer",
     "impl",
     "metric",

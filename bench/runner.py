@@ -273,9 +273,9 @@ def latency_rows(
     """
     from ternbench.schedules import _tvm
 
-    base = {**_base_fields(cell, run_id), "target": target}
-    exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
     tinfo = _tvm.target_info(target)
+    base = {**_base_fields(cell, run_id), "target": target, "isa": tinfo.isa}
+    exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
     if tinfo.family == "arm" and cfg.rpc:
         return _timed_rows(cell, target, exports, base, cfg, torch_cache, rpc=cfg.rpc)
     if not tinfo.local:

@@ -35,6 +35,12 @@ __all__ = [
     "KNOWN_TARGETS",
     "ARM_TARGETS",
     "cuda_arch",
+    "ISA_LEVELS",
+    "ISA_ENV",
+    "isa_of",
+    "forced_isa",
+    "force_isa",
+    "host_isa_levels",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +116,9 @@ class TargetInfo:
     family: str = "x86"
     local: bool = True
     description: str = ""
+    #: x86: the ISA level the rules see (``avx512``, ``avx2`` or ``generic``; lower than the
+    #: CPU's own when forced with ``--isa``/``TERNBENCH_ISA``); recorded in every latency row
+    isa: str = ""
 
     def has(self, feature: str) -> bool:
         return feature in self.features
@@ -126,7 +135,72 @@ def _parse_target(target_str: str) -> Any:
 
 
 #: features that x86 rules may gate on (queried once per target)
-_GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni")
+_GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
+                   "avx512vpopcntdq", "avx512bitalg")
+
+#: x86 ISA levels, lowest first, with the LLVM features each one switches off on the host CPU
+#: (LLVM also drops every feature that needs a disabled one: ``-avx512f`` takes VNNI and
+#: VPOPCNTDQ with it). Forcing a lower level gives one machine both rule sets to measure, and
+#: lets the AVX2 tests run on an AVX-512 CPU.
+ISA_LEVELS: dict[str, tuple[str, ...]] = {
+    "generic": ("-avx",),
+    "avx2": ("-avx512f", "-avxvnni"),
+    "avx512": (),
+}
+#: environment variable that forces an ISA level (what ``--isa`` sets)
+ISA_ENV = "TERNBENCH_ISA"
+_AVX512_BASE = frozenset({"avx512f", "avx512bw", "avx512vl"})
+
+
+def isa_of(features: frozenset[str]) -> str:
+    """The highest ISA level a feature set reaches.
+
+    Example:
+        >>> isa_of(frozenset({"avx2", "fma"}))
+        'avx2'
+    """
+    if _AVX512_BASE <= features:
+        return "avx512"
+    return "avx2" if "avx2" in features else "generic"
+
+
+def forced_isa() -> str | None:
+    """The ISA level forced through ``TERNBENCH_ISA`` (None: the CPU's own)."""
+    isa = os.environ.get(ISA_ENV, "").strip().lower()
+    if not isa or isa == "native":
+        return None
+    if isa not in ISA_LEVELS:
+        raise ValueError(f"{ISA_ENV} must be one of native, {', '.join(ISA_LEVELS)}; "
+                         f"got {isa!r}")
+    return isa
+
+
+def force_isa(isa: str | None) -> None:
+    """Make the x86 rules see ISA level ``isa`` from now on (None or "native": the CPU's own).
+
+    Raises ValueError for a level above what this CPU has.
+
+    Example:
+        >>> force_isa(None)  # back to the CPU's own features
+    """
+    isa = None if isa in (None, "", "native") else str(isa).lower()
+    if isa is not None:
+        if isa not in ISA_LEVELS:
+            raise ValueError(f"isa must be one of native, {', '.join(ISA_LEVELS)}; got {isa!r}")
+        avail = host_isa_levels()
+        if isa not in avail:
+            raise ValueError(f"this CPU cannot run ISA level {isa!r}; it has: "
+                             f"{', '.join(avail)}")
+        os.environ[ISA_ENV] = isa
+    else:
+        os.environ.pop(ISA_ENV, None)
+
+
+def host_isa_levels() -> tuple[str, ...]:
+    """ISA levels this CPU can run, lowest first (``generic`` always)."""
+    top = _x86_info_for(None).isa
+    names = list(ISA_LEVELS)
+    return tuple(names[: names.index(top) + 1])
 
 #: cross-compiled aarch64 targets: name -> (mcpu, mattr, what it stands for). The default
 #: ``arm`` is a Cortex-A76 class core (Raspberry Pi 5, Graviton 2 class: NEON + sdot).
@@ -157,34 +231,42 @@ def cuda_arch() -> str | None:
         return None
 
 
-@functools.cache
 def target_info(name: str) -> TargetInfo:
-    """Target description for a ternbench target name (see :data:`KNOWN_TARGETS`).
+    """Target description for a ternbench target name (see :data:`KNOWN_TARGETS`); ``x86``
+    follows a forced ISA level (:func:`force_isa`).
 
     Example:
         >>> target_info("arm-neon").features
         frozenset({'neon'})
     """
     if name == "x86":
-        return _x86_info()
+        return _x86_info_for(forced_isa())
+    return _cross_info(name)
+
+
+@functools.cache
+def _cross_info(name: str) -> TargetInfo:
     if name in ARM_TARGETS:
         mcpu, mattr, desc = ARM_TARGETS[name]
         target = {"kind": "llvm", "mtriple": ARM_TRIPLE, "mcpu": mcpu, "mattr": list(mattr)}
         return TargetInfo(name=name, target_str=json.dumps(target, sort_keys=True),
                           kind="llvm", mcpu=mcpu, is_x86=False,
                           features=frozenset(a.lstrip("+") for a in mattr), family="arm",
-                          local=False, description=desc)
+                          local=False, description=desc,
+                          isa="+".join(a.lstrip("+") for a in mattr))
     if name == "cuda":
         arch = cuda_arch()
         target = {"kind": "cuda", "arch": arch or DEFAULT_CUDA_ARCH}
         desc = f"CUDA {target['arch']}" + ("" if arch else " (codegen only: no GPU visible)")
         return TargetInfo(name=name, target_str=json.dumps(target, sort_keys=True), kind="cuda",
                           mcpu=str(target["arch"]), is_x86=False, features=frozenset(),
-                          family="cuda", local=arch is not None, description=desc)
+                          family="cuda", local=arch is not None, description=desc,
+                          isa=str(target["arch"]))
     raise ValueError(f"unknown target {name!r}; known: {list(KNOWN_TARGETS)}")
 
 
-def _x86_info() -> TargetInfo:
+@functools.cache
+def _x86_info_for(isa: str | None) -> TargetInfo:
     if not is_x86_host():
         raise RuntimeError(
             f"target 'x86' measures on the local CPU, but this host is {platform.machine()}"
@@ -196,12 +278,24 @@ def _x86_info() -> TargetInfo:
     # code), so ask LLVM for the host CPU name. No "num-cores": it only matters for tuning and
     # would make one build per thread count.
     mcpu = str(codegen.llvm_get_system_cpu())
-    target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
+    spec: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu}
+    host = tvm.target.Target(spec)
+    host_feats = frozenset(f for f in _GATED_FEATURES if codegen.llvm_cpu_has_features(f, host))
+    desc = f"local CPU ({mcpu})"
+    target = host
+    if isa is not None:
+        names = list(ISA_LEVELS)
+        if names.index(isa) > names.index(isa_of(host_feats)):
+            raise ValueError(f"{ISA_ENV}={isa}: this CPU ({mcpu}) only reaches "
+                             f"{isa_of(host_feats)}")
+        if ISA_LEVELS[isa]:  # the whole build (not only the rules) sees the lower level
+            target = tvm.target.Target({**spec, "mattr": list(ISA_LEVELS[isa])})
+        desc += f", forced to {isa}"
     feats = frozenset(f for f in _GATED_FEATURES if codegen.llvm_cpu_has_features(f, target))
     info = TargetInfo(name="x86", target_str=str(target), kind="llvm", mcpu=mcpu,
                       is_x86=True, features=feats, family="x86", local=True,
-                      description=f"local CPU ({mcpu})")
-    log.info("target x86: %s, features %s", info.target_str, sorted(feats))
+                      description=desc, isa=isa_of(feats))
+    log.info("target x86: %s, isa %s, features %s", info.target_str, info.isa, sorted(feats))
     return info
 
 

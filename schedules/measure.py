@@ -112,6 +112,7 @@ class LayerLatency:
     N: int
     max_abs_err: float  # vs the float64 torch reference, checked before timing
     target_str: str  # full TVM target, or "torch"
+    isa: str = ""  # x86 ISA level the kernel was built for (``avx512``, ``avx2``, ``generic``)
 
 
 def list_targets() -> list[str]:
@@ -338,7 +339,7 @@ def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
     return LayerLatency(
         layer=lx.name, impl=kern.impl, target=target, median_us=float(statistics.median(raw)),
         raw_us=raw, threads=used, batch=batch, M=spec.M, K=spec.K, N=spec.N,
-        max_abs_err=err, target_str=kern.target_str)
+        max_abs_err=err, target_str=kern.target_str, isa=tinfo.isa)
 
 
 @dataclass(frozen=True)

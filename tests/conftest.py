@@ -29,6 +29,49 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
+# ------------------------------------------------------------------- x86 ISA levels (kernels)
+#: every x86 ISA level the rules know, highest first
+ISAS = ("avx512", "avx2", "generic")
+
+
+def x86_info():
+    """The x86 target as the rules see it now (the CPU's own level, or a forced one)."""
+    from ternbench.schedules import _tvm
+
+    return _tvm.target_info("x86")
+
+
+def expected_t2_impl(features: frozenset[str]) -> str:
+    """The int8-activation ternary kernel a feature set should get (derived from the CPU's
+    features, never a hard-coded name: CI machines differ)."""
+    if {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features:
+        return "tvm_t2_vnni"
+    return "tvm_t2_avx2" if "avx2" in features else "tvm_t2_generic"
+
+
+def expected_tt_impl(features: frozenset[str]) -> str:
+    """The ternary x ternary kernel a feature set should get."""
+    return "tvm_tt_popc" if "avx2" in features else "tvm_tt_popc_generic"
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch) -> str:
+    """Runs the test once per x86 ISA level this CPU has (lower ones forced through
+    ``TERNBENCH_ISA``), and skips the levels it lacks, saying so."""
+    pytest.importorskip("tvm")
+    from ternbench.schedules import _tvm
+
+    if not _tvm.is_x86_host():
+        pytest.skip("not an x86 host")
+    level = request.param
+    monkeypatch.delenv(_tvm.ISA_ENV, raising=False)
+    have = _tvm.host_isa_levels()
+    if level not in have:
+        pytest.skip(f"this CPU has no {level} (it has: {', '.join(have)})")
+    monkeypatch.setenv(_tvm.ISA_ENV, level)
+    return level
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One torch thread for the test (steady timings, fixed reduction order for bit-exact

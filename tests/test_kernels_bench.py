@@ -23,6 +23,7 @@ BASELINES = {"torch_fp32", "torch_int8", "tvm_fp32", "tvm_int8"}
 #: impl -> (weight format, activations) of the synthetic layer it ran
 LAYER_OF = {"tvm_fp32": ("fp32", "fp32"), "tvm_int8": ("int8", "int8"),
             "tvm_t2_avx2": ("ternary", "int8"), "tvm_t2_generic": ("ternary", "int8"),
+            "tvm_t2_vnni": ("ternary", "int8"),
             "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary")}
 
 
@@ -54,7 +55,9 @@ def test_shape_suites():
     assert {s.cout for s in cifar if s.op == "conv2d"} == {16, 32, 64}
     assert {s.out_hw for s in cifar if s.op == "conv2d"} == {(32, 32), (16, 16), (8, 8)}
     assert [s.label for s in kernels.gemv_shapes()] == ["linear 4608->512"]
-    assert len(kernels.select_shapes("all")) == 12 + len(cifar) + 1
+    assert [(s.fan_in, s.cout) for s in kernels.bitnet_shapes()] == [
+        (2560, 2560), (2560, 6912), (6912, 2560)]
+    assert len(kernels.select_shapes("all")) == 12 + len(cifar) + 1 + 3
     assert kernels.select_shapes("gemv,cifar")[0].suite == "gemv"
     assert [s.name for s in kernels.select_shapes("resnet18", ["*fc", "*.layer4.conv"])] == [
         "resnet18.layer4.conv", "resnet18.fc"]

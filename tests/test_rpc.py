@@ -4,6 +4,7 @@ local ``python -m tvm.exec.rpc_server`` (target x86: the server runs on this mac
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -109,9 +110,19 @@ def test_bad_endpoints_name_the_field(text, field):
     assert issubclass(ConfigError, ValueError)
 
 
+def _needs_cross_gcc() -> None:
+    """The ARM paths cross-link the kernel before they reach the board."""
+    from ternbench.schedules import cross
+
+    if shutil.which(cross.CROSS_CC) is None:
+        pytest.skip(f"{cross.CROSS_CC} missing (apt-get install gcc-aarch64-linux-gnu; "
+                    ".ci/run and the README's set-up install it)")
+
+
 @pytest.mark.tvm
 def test_connection_refused_is_clear():
     pytest.importorskip("tvm")
+    _needs_cross_gcc()
     port = _free_port()  # nothing listens there
     lx = make_layer(name="nowhere")
     with pytest.raises(ConnectionError) as exc:
@@ -175,6 +186,7 @@ def test_rpc_session_reuse(rpc_server):
 @pytest.mark.timeout(180)
 def test_arm_kernel_on_an_x86_server_is_a_clear_error(rpc_server):
     """The ARM path up to the board: build, cross-link, upload; the x86 server cannot load it."""
+    _needs_cross_gcc()
     with pytest.raises(RuntimeError, match="could not load the kernel built for arm "):
         measure_layer_rpc(make_layer(name="arm_on_x86"), endpoint=rpc_server, target="arm",
                           ev=EV)

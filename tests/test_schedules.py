@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import expected_t2_impl, expected_tt_impl, x86_info
 from ternbench.methods._base import ConfigError, LayerExport
 from ternbench.schedules import (
     EvaluatorCfg,
@@ -108,10 +109,6 @@ def make_layer(
 @pytest.fixture
 def tvm_mod():
     return pytest.importorskip("tvm")
-
-
-def _has_avx2() -> bool:
-    return "avx2" in _tvm.target_info("x86").features
 
 
 def _sane(lat: LayerLatency, lx: LayerExport, batch: int) -> None:
@@ -324,21 +321,56 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     lat = measure_layer(lx, batch=batch, ev=EV)
     _sane(lat, lx, batch)
     if impl == "t2":
-        impl = "tvm_t2_avx2" if _has_avx2() else "tvm_t2_generic"
+        impl = expected_t2_impl(x86_info().features)
     elif impl == "tt":
-        impl = "tvm_tt_popc" if _has_avx2() else "tvm_tt_popc_generic"
-    assert lat.impl == impl
+        impl = expected_tt_impl(x86_info().features)
+    assert lat.impl == impl and lat.isa == x86_info().isa
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
 
 @pytest.mark.tvm
-def test_avx2_kernel_uses_maddubs(tvm_mod):
-    if not _has_avx2():
-        pytest.skip("host has no AVX2")
-    info = _tvm.target_info("x86")
-    kern = measure.select_rule(make_layer(), info).build(make_layer(), 1, info)
+def test_int8_act_kernel_instructions_per_isa(isa):
+    """Each ISA level this CPU has builds, runs exact, and uses its own instructions: AVX-512
+    one ``vpdpbusd`` per tile, AVX2 ``vpmaddubsw + vpmaddwd``, generic neither."""
+    info = x86_info()
+    assert info.isa == isa
+    lx = make_layer()
+    assert measure.select_rule(lx, info).impl_for(lx) == expected_t2_impl(info.features)
+    kern = measure.select_rule(lx, info).build(lx, 1, info)
     asm = kern.module.inspect_source("asm")
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    if isa == "avx512":
+        assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    elif isa == "avx2":
+        assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "vpdpbusd" not in asm
+        assert "zmm" not in asm  # the forced level reaches the whole build, not only the rules
+    else:
+        assert "vpmaddubsw" not in asm and "ymm" not in asm
+    lat = measure_layer(lx, batch=1, ev=EV)  # exact against the reference, then timed
+    assert lat.isa == isa and lat.impl == kern.impl
+
+
+def test_isa_levels_and_forcing(monkeypatch):
+    pytest.importorskip("tvm")
+    if not _tvm.is_x86_host():
+        pytest.skip("not an x86 host")
+    assert _tvm.isa_of(frozenset({"avx2", "fma"})) == "avx2"
+    assert _tvm.isa_of(frozenset({"avx512f", "avx512bw", "avx512vl", "avx2"})) == "avx512"
+    assert _tvm.isa_of(frozenset()) == "generic"
+    monkeypatch.delenv(_tvm.ISA_ENV, raising=False)
+    have = _tvm.host_isa_levels()
+    assert have[0] == "generic" and _tvm.target_info("x86").isa == have[-1]
+    monkeypatch.setenv(_tvm.ISA_ENV, "generic")
+    info = _tvm.target_info("x86")
+    assert info.isa == "generic" and info.features == frozenset() and "forced" in info.description
+    monkeypatch.setenv(_tvm.ISA_ENV, "sse9")
+    with pytest.raises(ValueError, match="TERNBENCH_ISA must be one of"):
+        _tvm.target_info("x86")
+    monkeypatch.delenv(_tvm.ISA_ENV)
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _tvm.force_isa("sse9")
+    if "avx512" not in have:
+        with pytest.raises(ValueError, match="cannot run ISA level 'avx512'"):
+            _tvm.force_isa("avx512")
 
 
 @pytest.mark.tvm
@@ -514,7 +546,7 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
     lx = make_layer(**kw, act="ternary", name=label, seed=len(label))
     x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(batch))
     impl, y = run_layer(lx, x)
-    assert impl == ("tvm_tt_popc" if _has_avx2() else "tvm_tt_popc_generic")
+    assert impl == expected_tt_impl(x86_info().features)
     ref = layer_reference(lx, x).numpy()
     assert y.shape == ref.shape
     affine = lx.act_offset != 0.0 or lx.weight_offset is not None
@@ -579,13 +611,16 @@ def test_twn_layer_matches_layer_reference(tvm_mod):
 
 
 @pytest.mark.tvm
-def test_new_kernels_are_vectorised(tvm_mod):
-    info = _tvm.target_info("x86")
-    if not _has_avx2():
-        pytest.skip("host has no AVX2")
+def test_new_kernels_are_vectorised(isa):
+    info = x86_info()
+    if isa == "generic":
+        pytest.skip("the generic level has no vector popcount or FMA to look for")
     lx = make_layer(act="ternary")
     asm = measure.select_rule(lx, info).build(lx, 1, info).module.inspect_source("asm")
-    assert "vpshufb" in asm and "vpsadbw" in asm  # AVX2 vector popcount
+    if "avx512vpopcntdq" in info.features:
+        assert "vpopcntq" in asm  # one instruction per 4/8 words
+    else:
+        assert "vpshufb" in asm and "vpsadbw" in asm  # AVX2 vector popcount: nibble lookups
     twn = make_layer(act="fp32")
     asm = measure.select_rule(twn, info).build(twn, 4, info).module.inspect_source("asm")
     assert "vcvtdq2ps" in asm  # the 2-bit codes decoded to fp32 vectors

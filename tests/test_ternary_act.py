@@ -488,8 +488,11 @@ def test_fashion_mnist_training_lowers_the_loss(method: str) -> None:
         with torch.no_grad():
             return float(F.cross_entropy(qm.module(x), y))
 
-    # the loop itself is under test: a fixed SGD recipe for RTN (its default is Adam 1e-3)
-    kw = {"optimizer": "sgd", "lr": 0.05, "weight_decay": 1e-4} if method == "rtn" else {
+    # the loop itself is under test: a fixed SGD recipe for RTN (its default is Adam 1e-3).
+    # lr 0.05 was at the edge: BatchNorm's running statistics lagged the weights (train-mode
+    # loss 1.14, eval 1.92 on one thread) and the outcome flipped with the CPU's float
+    # reduction order (AVX2 vs AVX-512); 0.02 lowers the loss for every init seed tried.
+    kw = {"optimizer": "sgd", "lr": 0.02, "weight_decay": 1e-4} if method == "rtn" else {
         "lr": 1e-2}
     base = create_method(method, kd=False, **kw).quantize(net, ctx)
     ctx.train_epochs = 10
