@@ -75,8 +75,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WeightLayout = Literal["t2_avx2", "t2_blocked", "t2_decoded", "dense_blocked", "tt_planes"]
-#: the 2-bit AVX2 tile: 8 output channels x 16 reduction elements in 32 bytes
+#: the 2-bit AVX2 tile: 8 output channels x 16 reduction elements in 32 bytes (AVX-512: 16
+#: output channels in 64 bytes, :data:`AVX512_TILE_N`)
 AVX2_TILE_N = 8
+AVX512_TILE_N = 16
 AVX2_TILE_K = 16
 #: the unsigned activation offset of the AVX2 path (int8 a -> uint8 a + 128)
 AVX2_ACT_OFFSET = 128
@@ -103,12 +105,13 @@ def _check_ternary(codes: np.ndarray) -> None:
             f"ternary codes must be in {{-1, 0, 1}}, got [{codes.min()}, {codes.max()}]")
 
 
-def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int) -> np.ndarray:
-    """Ternary codes [N, K] -> uint8 [Np/8, Kp/16, 32] for the AVX2 kernel.
+def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int, tile_n: int = AVX2_TILE_N) -> np.ndarray:
+    """Ternary codes [N, K] -> uint8 [Np/T, Kp/16, 4T] for the x86 kernels (T = ``tile_n``: 8
+    for 256-bit tiles, 16 for AVX-512's 512-bit ones).
 
-    Byte ``ni*4 + ki`` of tile ``(nb, kb)`` holds ``u = w + 1`` of output ``nb*8 + ni`` and
+    Byte ``ni*4 + ki`` of tile ``(nb, kb)`` holds ``u = w + 1`` of output ``nb*T + ni`` and
     inputs ``k = kb*16 + r*4 + ki`` at bits ``2r`` (r = 0..3), so one ``>> 2r & 3`` yields the
-    contiguous 8n x 4k tile. Zero padding to (Np, Kp).
+    contiguous T n x 4k tile. Zero padding to (Np, Kp).
 
     Example:
         >>> w = np.zeros((8, 16), np.int8); w[0, 0] = 1
@@ -116,11 +119,12 @@ def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int) -> np.ndarray:
         ((1, 1, 32), 86, 85)
     """
     _check_ternary(codes)
-    if np_ % AVX2_TILE_N or kp % AVX2_TILE_K:
-        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of (8, 16)")
+    t = int(tile_n)
+    if np_ % t or kp % AVX2_TILE_K:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of ({t}, 16)")
     u = (_pad2(codes.astype(np.int8), np_, kp).astype(np.int16) + 1).astype(np.uint8)
-    u = u.reshape(np_ // 8, 8, kp // 16, 4, 4)  # nb, ni, kb, r, ki
-    u = u.transpose(0, 2, 3, 1, 4).reshape(np_ // 8, kp // 16, 4, 32)  # nb, kb, r, (ni, ki)
+    u = u.reshape(np_ // t, t, kp // 16, 4, 4)  # nb, ni, kb, r, ki
+    u = u.transpose(0, 2, 3, 1, 4).reshape(np_ // t, kp // 16, 4, 4 * t)  # nb, kb, r, (ni, ki)
     b = u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)
     return np.ascontiguousarray(b)
 
@@ -271,6 +275,9 @@ class GemmSpec:
     #: fake-quant graph compares), so no separate quantize pass runs in torch
     float_in: bool = False
     threshold: float = 0.0
+    #: ``t2_avx2`` tile width in output channels: 8 (a 256-bit 8n x 4k int8 tile) or 16 (a
+    #: 512-bit 16n x 4k tile for AVX-512 VNNI ``vpdpbusd zmm``)
+    tile_n: int = 8
 
     @property
     def M(self) -> int:
@@ -398,11 +405,14 @@ def tile_kwargs(params: Params, default: Mapping[str, int]) -> dict[str, int]:
         {'nb': 8, 'mb_max': 4, 'rows_per_task': 64}
     """
     p = {**default, **params}
-    return {"nb": int(p["nb"]), "mb_max": int(p["mb"]), "rows_per_task": int(p["rows"])}
+    kw = {"nb": int(p["nb"]), "mb_max": int(p["mb"]), "rows_per_task": int(p["rows"])}
+    if "tn" in p:  # x86 int8-activation tiles: 8 (256-bit) or 16 (512-bit) channels wide
+        kw["tile_n"] = int(p["tn"])
+    return kw
 
 
 def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_max: int,
-              rows_per_task: int) -> GemmSpec:
+              rows_per_task: int, tile_n: int = AVX2_TILE_N) -> GemmSpec:
     """GEMM view of ``lx`` for a weight layout and tile sizes (padding decided here)."""
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -420,8 +430,10 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
     elif layout == "t2_avx2":
-        if nb % AVX2_TILE_N:
-            raise ValueError("t2_avx2 needs nb to be a multiple of 8")
+        if tile_n not in (AVX2_TILE_N, AVX512_TILE_N):
+            raise ValueError(f"t2_avx2 tiles are 8 or 16 output channels wide, got {tile_n}")
+        if nb % tile_n:
+            raise ValueError(f"t2_avx2 needs nb to be a multiple of {tile_n}")
         kp = _round_up(kg, AVX2_TILE_K)
         if g == 1:
             gs = kp  # one group: the zero padding just joins it
@@ -453,7 +465,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         k_order=k_order,
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
-        affine=affine,
+        affine=affine, tile_n=tile_n if layout == "t2_avx2" else AVX2_TILE_N,
     )
 
 
@@ -466,7 +478,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     if spec.layout == "tt_planes":
         return _pack_tt_args(spec, lx, codes)
     if spec.layout == "t2_avx2":
-        w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp),
+        w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp, spec.tile_n),
                   AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
@@ -585,13 +597,14 @@ def gemm_compute(spec: GemmSpec) -> Any:
     kk = te.reduce_axis((0, gs), "kk")
     acc_t = spec.acc_dtype
     if avx2:
-        wp = te.placeholder((np_ // 8, kp // 16, 32), "uint8", name="Wp")
+        tn = spec.tile_n
+        wp = te.placeholder((np_ // tn, kp // 16, 4 * tn), "uint8", name="Wp")
         cw = te.placeholder((np_, g_), "int32", name="Cw")
         w_args = [wp, cw]
-        # decoded signed codes laid out [N/8, K/4, 8, 4]: each 8n x 4k tile is 32 contiguous
+        # decoded signed codes laid out [N/T, K/4, T, 4]: each T n x 4k tile is 4T contiguous
         # bytes (a strided sub-region would silently tensorize wrong)
         wd = te.compute(
-            (np_ // 8, kp // 4, 8, 4),
+            (np_ // tn, kp // 4, tn, 4),
             lambda nb, kq, ni, ki: (
                 (wp[nb, kq // 4, ni * 4 + ki] >> ((kq % 4) * 2).astype("uint8"))
                 & tirx.const(3, "uint8")
@@ -603,7 +616,7 @@ def gemm_compute(spec: GemmSpec) -> Any:
             (m_, g_, np_),
             lambda m, g, n: te.sum(
                 a[m, g * gs + kk].astype("int32")
-                * wd[n // 8, g * q + kk // 4, n % 8, kk % 4].astype("int32"),
+                * wd[n // tn, g * q + kk // 4, n % tn, kk % 4].astype("int32"),
                 axis=kk),
             name="acc")
 

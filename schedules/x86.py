@@ -69,27 +69,31 @@ TT_NB = 8
 TT_MB = 4
 TT_ROWS_PER_TASK = 64
 T2_DEFAULT = {"nb": T2_NB, "mb": T2_MB, "rows": T2_ROWS_PER_TASK}
+#: AVX-512 VNNI: 16-wide (zmm) tiles, two per task (the best point of a first sweep over the
+#: ResNet-18 convs and the 4608x512 GEMV; the 8-wide ymm tiles stay in the grid)
+T2_512_DEFAULT = {"nb": 32, "mb": 4, "rows": 64, "tn": 16}
 TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 
 
 @functools.cache
-def _u8s8_8x4_desc() -> Any:
+def _u8s8_8x4_desc(tn: int = 8) -> Any:
     """What every x86 int8 tile intrinsic computes: ``C[i] += sum_k u8 A[k] * s8 W[i, k]``
-    for an 8x4 tile into a local int32 accumulator (AVX2 and VNNI implement it)."""
+    for a ``tn`` x 4 tile (8: 256-bit, 16: 512-bit) into a local int32 accumulator (AVX2 and
+    VNNI implement it)."""
     _tvm.require_tvm()
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
-        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        W: T.Buffer((tn, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((tn,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
+            T.reads(C[0:tn], A[0:4], W[0:tn, 0:4])
+            T.writes(C[0:tn])
+            for i in T.serial(0, tn):
                 for k in T.serial(0, 4):
                     with T.sblock("update"):
                         vi, vk = T.axis.remap("SR", [i, k])
@@ -131,40 +135,44 @@ def register_avx2_intrinsic() -> str:
     return AVX2_U8S8_8X4
 
 
-#: LLVM intrinsic per VNNI flavour: AVX512-VNNI (+VL, 256-bit EVEX) or AVX-VNNI (VEX); LLVM
-#: has one intrinsic for both and picks the encoding from the target's features
-VNNI_LLVM = {"avx512vnni": "llvm.x86.avx512.vpdpbusd.256",
-             "avxvnni": "llvm.x86.avx512.vpdpbusd.256"}
+#: LLVM intrinsic per VNNI flavour and tile width: AVX512-VNNI (+VL for the 256-bit EVEX
+#: form; 512-bit ``zmm`` for 16-wide tiles) or AVX-VNNI (VEX, 256-bit only); LLVM has one
+#: 256-bit intrinsic for both and picks the encoding from the target's features
+VNNI_LLVM = {("avx512vnni", 8): "llvm.x86.avx512.vpdpbusd.256",
+             ("avx512vnni", 16): "llvm.x86.avx512.vpdpbusd.512",
+             ("avxvnni", 8): "llvm.x86.avx512.vpdpbusd.256"}
 
 
 @functools.cache
-def register_vnni_intrinsic(flavour: str) -> str:
-    """The same 8x4 u8 x s8 -> i32 tile as :func:`register_avx2_intrinsic`, as one
-    ``vpdpbusd`` (multiply, sum 4, accumulate: 3 AVX2 instructions in one) per tile."""
+def register_vnni_intrinsic(flavour: str, tn: int = 8) -> str:
+    """The same ``tn`` x 4 u8 x s8 -> i32 tile as :func:`register_avx2_intrinsic` (tn = 8), as
+    one ``vpdpbusd`` (multiply, sum 4, accumulate: 3 AVX2 instructions in one) per tile; with
+    tn = 16 one 512-bit ``vpdpbusd zmm`` covers twice the output channels."""
     tvm = _tvm.require_tvm()
     from tvm.script import tirx as T
 
-    name = f"ternbench_{flavour}_u8s8i32_8x4_local"
-    llvm_name = VNNI_LLVM[flavour]
+    name = f"ternbench_{flavour}_u8s8i32_{tn}x4_local"
+    llvm_name = VNNI_LLVM[(flavour, tn)]
+    nbytes = 4 * tn
 
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
-        W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        W: T.Buffer((tn, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((tn,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], W[0:8, 0:4])
-            T.writes(C[0:8])
-            # LLVM 22 types both byte operands as <32 x i8> (signedness is the instruction's)
+            T.reads(C[0:tn], A[0:4], W[0:tn, 0:4])
+            T.writes(C[0:tn])
+            # LLVM 22 types both byte operands as <4T x i8> (signedness is the instruction's)
             a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_x32 = T.reinterpret(T.broadcast(a_i32, 8), dtype="int8x32")
-            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(llvm_name), C[T.ramp(T.int32(0), 1, 8)],
-                a_x32, W.vload([0, 0], dtype="int8x32"), dtype="int32x8")
+            a_xb = T.reinterpret(T.broadcast(a_i32, tn), dtype=f"int8x{nbytes}")
+            C[T.ramp(T.int32(0), 1, tn)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(llvm_name), C[T.ramp(T.int32(0), 1, tn)],
+                a_xb, W.vload([0, 0], dtype=f"int8x{nbytes}"), dtype=f"int32x{tn}")
 
     try:
-        tvm.s_tir.TensorIntrin.register(name, _u8s8_8x4_desc(), impl)
+        tvm.s_tir.TensorIntrin.register(name, _u8s8_8x4_desc(tn), impl)
     except Exception:  # already registered in this process
         tvm.s_tir.TensorIntrin.get(name)
     return name
@@ -172,7 +180,7 @@ def register_vnni_intrinsic(flavour: str) -> str:
 
 def _schedule_t2_vnni(flavour: str) -> Any:
     def schedule(func: Any, spec: GemmSpec) -> Any:
-        return schedule_t2_avx2(func, spec, register_vnni_intrinsic(flavour))
+        return schedule_t2_avx2(func, spec, register_vnni_intrinsic(flavour, spec.tile_n))
 
     schedule.__name__ = f"schedule_t2_{flavour}"
     return schedule
@@ -187,12 +195,16 @@ def schedule_t2_avx2(func: Any, spec: GemmSpec, intrin: str | None = None) -> An
     of 4, 8 or 12 is 1-3 intrinsic steps followed by its epilogue.
     """
     tvm = _tvm.require_tvm()
-    intrin = intrin or register_avx2_intrinsic()
+    if intrin is None:
+        if spec.tile_n != 8:
+            raise ValueError("the AVX2 intrinsic covers 8-wide tiles only (16: AVX-512 VNNI)")
+        intrin = register_avx2_intrinsic()
     sch = tvm.s_tir.Schedule(func)
     acc, ep, out, wd = (sch.get_sblock(n) for n in ("acc", "ep", "out", "W_dec"))
     m, g, n, kk = sch.get_loops(acc)
     mp, mo, mi = sch.split(m, [None, spec.m_task, spec.mb])
-    no, nb, ni = sch.split(n, [None, spec.nb // 8, 8])
+    tn = spec.tile_n
+    no, nb, ni = sch.split(n, [None, spec.nb // tn, tn])
     if spec.gs % AVX2_TILE_K == 0:
         ko, kr, ki = sch.split(kk, [None, 4, 4])  # kk = ko*16 + kr*4 + ki
         red = [ko, kr]
@@ -242,8 +254,8 @@ def _applies_t2_avx2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_vnni(flavour: str) -> Any:
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-        if flavour == "avx512vnni" and not target.has("avx512vl"):
-            return False  # the 256-bit EVEX form needs AVX512-VL
+        if flavour == "avx512vnni" and not (target.has("avx512vl") and target.has("avx512bw")):
+            return False  # the 256-bit EVEX form needs AVX512-VL, the zmm byte decode BW
         return target.has(flavour) and _applies_t2_avx2(lx, target)
 
     return applies
@@ -291,19 +303,27 @@ def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
 
 
 def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],
-          default: dict[str, int]) -> tuple[Params, ...]:
-    """Default first, then the rest of the cartesian grid (what a per-shape search tries)."""
-    pts = [{"nb": n, "mb": m, "rows": r} for n in nbs for m in mbs for r in rows]
+          default: dict[str, int], tns: tuple[int, ...] = ()) -> tuple[Params, ...]:
+    """Default first, then the rest of the cartesian grid (what a per-shape search tries);
+    ``tns``: int8 tile widths to try (points whose ``nb`` is not a multiple are left out)."""
+    pts: list[dict[str, int]] = [{"nb": n, "mb": m, "rows": r} for n in nbs for m in mbs
+                                 for r in rows]
+    if tns:
+        pts = [{**p, "tn": t} for t in tns for p in pts if p["nb"] % t == 0]
     return (default, *[p for p in pts if p != default])
 
 
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
-        # VNNI CPUs: the same tiles and packing, one vpdpbusd per tile instead of three ops
-        *[Rule(f"x86.t2_{f}", "tvm_t2_vnni", _applies_vnni(f), _plan_t2_avx2,
-               _schedule_t2_vnni(f), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT))
-          for f in ("avx512vnni", "avxvnni")],
+        # VNNI CPUs: the same packing, one vpdpbusd per tile instead of three ops; AVX-512
+        # tiles are 16 channels wide (zmm), AVX-VNNI's 8 (ymm)
+        Rule("x86.t2_avx512vnni", "tvm_t2_vnni", _applies_vnni("avx512vnni"), _plan_t2_avx2,
+             _schedule_t2_vnni("avx512vnni"),
+             grid=_grid((16, 32, 64), (2, 4), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
+        Rule("x86.t2_avxvnni", "tvm_t2_vnni", _applies_vnni("avxvnni"), _plan_t2_avx2,
+             _schedule_t2_vnni("avxvnni"), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256),
+                                                      T2_DEFAULT)),
         Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2,
              grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT)),
         Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc,

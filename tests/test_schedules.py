@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import subprocess
 import sys
 
@@ -143,18 +144,23 @@ def test_import_does_not_import_tvm():
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-def test_pack_t2_avx2_roundtrip():
+@pytest.mark.parametrize("tn", [8, 16])
+def test_pack_t2_avx2_roundtrip(tn):
     rng = np.random.default_rng(1)
     w = rng.integers(-1, 2, (10, 27)).astype(np.int8)
-    p = ops.pack_t2_avx2(w, 16, 32)
-    assert p.shape == (2, 2, 32) and p.dtype == np.uint8
+    p = ops.pack_t2_avx2(w, 32, 32, tn)
+    nt = 32 // tn
+    assert p.shape == (nt, 2, 4 * tn) and p.dtype == np.uint8
     # decode exactly like the kernel's W_dec stage: tile [nb, kq, ni, ki]
-    dec = np.empty((2, 8, 8, 4), np.int16)
+    dec = np.empty((nt, 8, tn, 4), np.int16)
     for kq in range(8):
-        dec[:, kq] = ((p[:, kq // 4].reshape(2, 8, 4) >> (2 * (kq % 4))) & 3).astype(np.int16) - 1
-    full = dec.transpose(0, 2, 1, 3).reshape(16, 32)  # [n, k]
+        dec[:, kq] = ((p[:, kq // 4].reshape(nt, tn, 4) >> (2 * (kq % 4))) & 3
+                      ).astype(np.int16) - 1
+    full = dec.transpose(0, 2, 1, 3).reshape(32, 32)  # [n, k]
     np.testing.assert_array_equal(full[:10, :27], w)
     assert not full[10:].any() and not full[:, 27:].any()
+    with pytest.raises(ValueError, match="multiples of"):
+        ops.pack_t2_avx2(w, 24, 32, 16)
 
 
 def test_pack_t2_blocked_roundtrip():
@@ -340,6 +346,8 @@ def test_int8_act_kernel_instructions_per_isa(isa):
     asm = kern.module.inspect_source("asm")
     if isa == "avx512":
         assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+        if "avx512vnni" in info.features:  # 16-wide tiles: one vpdpbusd on a zmm register
+            assert kern.spec.tile_n == 16 and re.search(r"vpdpbusd\s+[^\n]*zmm", asm)
     elif isa == "avx2":
         assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "vpdpbusd" not in asm
         assert "zmm" not in asm  # the forced level reaches the whole build, not only the rules
@@ -665,3 +673,36 @@ def test_vnni_variant_selected_by_cpu_features(tvm_mod, mcpu, rule):
         assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
     else:
         assert "vpmaddubsw" in asm and "vpdpbusd" not in asm
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("params", [{"nb": 16, "mb": 4, "rows": 64, "tn": 8},
+                                    {"nb": 32, "mb": 2, "rows": 16, "tn": 16},
+                                    {"nb": 16, "mb": 4, "rows": 64, "tn": 16}])
+@pytest.mark.parametrize("kw", [dict(op="conv2d", cin=16, out=20, hw=(7, 7), gs=4),
+                                dict(op="linear", cin=200, out=40, gs=16),
+                                dict(op="conv2d", cin=8, out=24, hw=(6, 6), stride=2)],
+                         ids=["conv_gs4_n20", "linear_gs16", "conv_s2"])
+def test_vnni_tile_widths_are_exact(tvm_mod, params, kw):
+    """The AVX-512 VNNI rule's 8-wide (ymm) and 16-wide (zmm) tiles both match the reference
+    (groups, padded N, strides), so a tile search may pick either."""
+    info = x86_info()
+    if not {"avx512vnni", "avx512vl", "avx512bw"} <= info.features:
+        pytest.skip(f"this CPU (isa {info.isa}) has no AVX512-VNNI")
+    lx = make_layer(**kw, name="vnni_tiles")
+    rule = measure.select_rule(lx, info)
+    assert rule.name == "x86.t2_avx512vnni"
+    assert any(p.get("tn") == 8 for p in rule.grid) and rule.default_params["tn"] == 16
+    lat = measure_layer(lx, batch=2, ev=EV, params=params)
+    assert lat.impl == "tvm_t2_vnni" and np.isfinite(lat.max_abs_err)
+
+
+def test_avx2_intrinsic_refuses_wide_tiles():
+    pytest.importorskip("tvm")
+    spec = ops.plan_gemm(make_layer(out=32), 1, "t2_avx2", nb=32, mb_max=4, rows_per_task=64,
+                         tile_n=16)
+    with pytest.raises(ValueError, match="8-wide tiles only"):
+        x86.schedule_t2_avx2(ops.gemm_compute(spec), spec)
+    with pytest.raises(ValueError, match="8 or 16"):
+        ops.plan_gemm(make_layer(out=32), 1, "t2_avx2", nb=32, mb_max=4, rows_per_task=64,
+                      tile_n=32)
