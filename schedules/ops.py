@@ -310,11 +310,13 @@ class GemmSpec:
     @property
     def pixel_bits(self) -> bool:
         """``tt_planes`` conv whose 64-bit words hold 64 channels of one pixel and kernel tap
-        (one group, (kh, kw, C) order, C % 64 == 0): the bit-planes are packed once per input
-        pixel (``X_bits``) and gathered word by word, instead of packing the kh*kw times larger
-        im2col matrix bit by bit."""
+        (C % 64 == 0) or 64/C whole taps (C = 1, 2, ..., 32: CIFAR-size layers); one group,
+        (kh, kw, C) order: the bit-planes are packed once per input pixel (``X_bits``) and
+        gathered word by word, instead of packing the kh*kw times larger im2col matrix bit by
+        bit."""
+        c = self.in_shape[0]
         return (self.layout == "tt_planes" and self.op == "conv2d" and self.G == 1
-                and self.k_order == "ijc" and self.in_shape[0] % TT_WORD == 0)
+                and self.k_order == "ijc" and (c % TT_WORD == 0 or TT_WORD % c == 0))
 
     @property
     def has_input_stage(self) -> bool:
@@ -683,29 +685,51 @@ def _input_stage(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> 
     return te.compute((spec.M, spec.Kp), row, name="A_in")
 
 
-def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[[Any, Any], Any], j: Any) -> Any:
-    """``A_bits [M, KW, 2]`` of a :attr:`GemmSpec.pixel_bits` conv: ``X_bits [B, Hp, Wp, C/64,
-    2]`` packs each (padded) input pixel once; ``A_bits`` gathers whole words, word ``w`` of
-    row ``m`` being tap ``(i, j) = divmod(w // (C/64), kw)`` and channel word ``w % (C/64)``."""
+def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> Any:
+    """``A_bits [M, KW, 2]`` of a :attr:`GemmSpec.pixel_bits` conv: ``X_bits`` packs each
+    (padded) input pixel once; ``A_bits`` gathers words.
+
+    * ``C % 64 == 0``: ``X_bits [B, Hp, Wp, C/64, 2]``; word ``w`` of row ``m`` is tap
+      ``(i, j) = divmod(w // (C/64), kw)`` and channel word ``w % (C/64)``.
+    * ``64 % C == 0`` (CIFAR-size layers, 8-32 channels): ``X_bits [B, Hp, Wp, 1, 2]`` holds the
+      C bits of a pixel; in (kh, kw, C) order a word is ``T = 64 / C`` consecutive taps, so
+      word ``w`` is ``sum_t X_bits[tap w*T + t] << (t*C)`` (disjoint bits: the sum is an OR;
+      taps past kh*kw are the zero padding of ``Kp``). An explicit sum, not a reduction block,
+      so ``A_bits`` stays a plain gather that a GPU schedule can inline.
+    """
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     c, h, w_ = spec.in_shape
-    (_kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
-    cw = c // TT_WORD
+    small = c < TT_WORD
+    cw = 1 if small else c // TT_WORD
+    jc = te.reduce_axis((0, c), "jc") if small else j
 
     def xbits(b: Any, y: Any, z: Any, q: Any, s: Any) -> Any:
         inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w_ + pw)
         v = x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w_ - 1), 0),
-              q * TT_WORD + j]
-        return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s)
+              jc if small else q * TT_WORD + j]
+        return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s, jc)
 
     xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
 
-    def gather(m: Any, w: Any, s: Any) -> Any:
+    def pixel(m: Any, tap: Any, q: Any, s: Any) -> Any:
         b, r = m // (ho * wo), m % (ho * wo)
-        tap, q = w // cw, w % cw
         return xb[b, (r // wo) * sh + tap // kw, (r % wo) * sw + tap % kw, q, s]
+
+    def gather(m: Any, w: Any, s: Any) -> Any:
+        if not small:
+            return pixel(m, w // cw, w % cw, s)
+        per = TT_WORD // c
+        v = None
+        for t in range(min(per, kh * kw)):  # a word never holds more taps than the kernel
+            tap = w * per + t
+            part = tirx.if_then_else(
+                tap < kh * kw, pixel(m, te.min(tap, kh * kw - 1), 0, s),
+                tirx.const(0, "uint64")) << tirx.const(t * c, "uint64")
+            v = part if v is None else v | part
+        return v
 
     return te.compute((spec.M, spec.words, 2), gather, name="A_bits")
 
@@ -735,13 +759,14 @@ def tt_compute(spec: GemmSpec) -> Any:
     x = te.placeholder(spec.input_shape, "float32" if spec.float_in else "int8", name="X")
     j = te.reduce_axis((0, TT_WORD), "j")
 
-    def word(v: Any, s: Any) -> Any:
+    def word(v: Any, s: Any, axis: Any = j) -> Any:
         if spec.float_in:  # code(x) = sign(x) [|x| > t]: nonzero iff |x| > t, -1 iff x < -t
             t = tirx.const(spec.threshold, "float32")
             bit = tirx.Select(s == 0, tirx.abs(v) > t, v < -t)
         else:
             bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
-        return te.sum(bit.astype("uint64") << j.astype("uint64"), axis=j)  # disjoint bits: OR
+        # disjoint bits: the sum is an OR
+        return te.sum(bit.astype("uint64") << axis.astype("uint64"), axis=axis)
 
     if spec.pixel_bits:
         planes = _pixel_planes(spec, x, word, j)

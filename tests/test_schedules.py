@@ -315,6 +315,8 @@ def test_list_targets_and_version():
         # C % 64 == 0: planes packed once per pixel (X_bits) and gathered word by word
         ("conv_tt_pixel", dict(op="conv2d", act="ternary", out=16, cin=128, hw=(7, 7),
                                stride=2), 2, "tt"),
+        ("conv_tt_pixel_c16", dict(op="conv2d", act="ternary", out=16, cin=16, hw=(8, 8)), 1,
+         "tt"),
         ("conv_tt_pixel_off", dict(op="conv2d", act="ternary", out=8, cin=64, hw=(6, 6),
                                    act_offset=0.3, w_offset=True), 1, "tt"),
     ],
@@ -542,6 +544,11 @@ TT_CASES = [
                               act_offset=0.3, w_offset=True), 1),
     ("conv1x1_nopad_off", dict(op="conv2d", out=8, cin=16, k=1, pad=0, hw=(4, 4),
                                act_offset=0.3, w_offset=True), 2),
+    # 64 % C == 0: several whole taps per word, packed once per pixel (CIFAR-size layers)
+    ("conv_c16_pix_off", dict(op="conv2d", out=16, cin=16, hw=(6, 6), act_offset=0.3,
+                              w_offset=True), 2),
+    ("conv_c32_pix_s2", dict(op="conv2d", out=24, cin=32, hw=(7, 7), stride=2), 1),
+    ("conv_c1_pix", dict(op="conv2d", out=8, cin=1, hw=(5, 5)), 2),
 ]
 
 
@@ -553,6 +560,9 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
 
     lx = make_layer(**kw, act="ternary", name=label, seed=len(label))
     x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(batch))
+    if "_pix" in label:
+        spec = ops.plan_gemm(lx, batch, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
+        assert spec.pixel_bits and not spec.has_input_stage
     impl, y = run_layer(lx, x)
     assert impl == expected_tt_impl(x86_info().features)
     ref = layer_reference(lx, x).numpy()
