@@ -341,6 +341,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles spell bytes as _codecs.encode(str, latin1)
     }
 
     def find_class(self, module: str, name: str) -> Any:
