@@ -168,16 +168,16 @@ def test_imagenet_acceptance_subset_500_at_224(tmp_path: Path, capsys) -> None:
 
 def test_imagenet_run_with_weights_and_subset(tmp_path: Path, capsys) -> None:
     """A user ImageFolder (10 classes, train/ folder) evaluated with the user's ResNet-18
-    weights on a stratified subset; small images keep it quick (--image-size 32)."""
+    weights on a stratified subset; small images keep it quick (--image-size 16)."""
     from ternbench.bench.models import create_model
 
     root = write_imagefolder(tmp_path / "inet", classes=10)
     w = tmp_path / "w.pt"
-    torch.save(create_model("resnet18", in_chans=3, num_classes=10, image_size=32)
+    torch.save(create_model("resnet18", in_chans=3, num_classes=10, image_size=16)
                .state_dict(), w)
     out = tmp_path / "run"
     argv = ["run", "--dataset", "imagenet", "--data-root", str(root), "--subset", "20",
-            "--model", "resnet18", "--weights", str(w), "--methods", "fgq", "--image-size", "32",
+            "--model", "resnet18", "--weights", str(w), "--methods", "fgq", "--image-size", "16",
             "--num-classes", "10", "--profile", "smoke", "--targets", "", "--executor", "local",
             "--no-progress", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
