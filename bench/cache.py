@@ -38,12 +38,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import get_dataset_info, load_dataset, make_loader, subset_indices
+from .data import (
+    dataset_fingerprint,
+    dataset_info,
+    load_dataset,
+    loader_workers,
+    make_loader,
+    subset_indices,
+)
 from .models import create_model
 from .train import TrainCfg, seed_everything, train
 
 __all__ = [
     "CheckpointError",
+    "check_finite",
     "FORMAT_VERSION",
     "cache_dir",
     "shipped_dir",
@@ -58,7 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: bump when the checkpoint layout or the meaning of a key changes (old keys then miss the cache)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -80,25 +88,47 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parent / "checkpoints"
 
 
-def baseline_key(model: str, dataset: str, cfg: TrainCfg) -> str:
-    """Stable name of the FP32 baseline for ``(model, dataset, cfg)``.
+def baseline_key(
+    model: str,
+    dataset: str,
+    cfg: TrainCfg,
+    *,
+    root: str | Path | None = None,
+    image_size: int | None = None,
+) -> str:
+    """Stable name of the FP32 baseline for ``(model, dataset data, cfg)``.
 
-    ``<model>-<dataset>-<16 hex>``: the hash covers the model and dataset names, the dataset's
-    input channels, class count and image size, every :class:`TrainCfg` field and
-    :data:`FORMAT_VERSION`.
+    ``<model>-<dataset>-<16 hex>``: the hash covers the model (name, input channels, class
+    count, image size), the data (:func:`~ternbench.bench.data.dataset_fingerprint` of the
+    resolved root: its path, split sizes and a content hash of the labels and a sample of the
+    images), every :class:`TrainCfg` field and :data:`FORMAT_VERSION`. Other data under the same
+    dataset name therefore gives another key: a baseline is retrained, never reused.
     """
-    info = get_dataset_info(dataset)
+    info = dataset_info(dataset, root, image_size)
     payload = {
         "model": model,
         "dataset": dataset,
         "in_chans": info.in_chans,
         "num_classes": info.num_classes,
         "image_size": info.image_size,
+        "data": dataset_fingerprint(dataset, root, image_size),
         "cfg": asdict(cfg),
         "format": FORMAT_VERSION,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return f"{model}-{dataset}-{hashlib.sha256(blob).hexdigest()[:16]}"
+
+
+def check_finite(state: Mapping[str, Tensor], what: str) -> None:
+    """Refuse weights holding NaN or Inf (every method would score chance and report ok)."""
+    for name, t in state.items():
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"{what}: tensor {name!r} holds {int(bad.sum())} NaN/Inf value(s) of "
+                    f"{t.numel()}; refusing weights that are not finite"
+                )
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +225,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError
         raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {e}") from e
+    check_finite(state, f"checkpoint {path}")
     return state, meta
 
 
@@ -220,6 +251,7 @@ def _clean_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     out = {}
     for k, v in obj.items():
         out[k.removeprefix("module.")] = v
+    check_finite(out, f"weights file {path}")
     return out
 
 
@@ -286,19 +318,21 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _build(model: str, dataset: str) -> nn.Module:
-    info = get_dataset_info(dataset)
+def _build(model: str, dataset: str, root: str | Path | None = None,
+           image_size: int | None = None) -> nn.Module:
+    info = dataset_info(dataset, root, image_size)
     return create_model(
         model, in_chans=info.in_chans, num_classes=info.num_classes, image_size=info.image_size
     )
 
 
-def _try_load(model: str, dataset: str, path: Path) -> tuple[nn.Module, dict] | None:
+def _try_load(model: str, dataset: str, path: Path, root: str | Path | None = None,
+              image_size: int | None = None) -> tuple[nn.Module, dict] | None:
     """Model from the checkpoint at ``path``, ``None`` if absent; CheckpointError if bad."""
     if not path.is_file():
         return None
     state, meta = load_checkpoint(path)
-    net = _build(model, dataset)
+    net = _build(model, dataset, root, image_size)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:  # key/shape mismatch: written for another architecture
@@ -322,6 +356,7 @@ def load_or_train_fp32(
     root: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The FP32 baseline of ``model`` on ``dataset`` trained with ``cfg``, from cache or fresh.
 
@@ -330,14 +365,14 @@ def load_or_train_fp32(
     A corrupt user-cache checkpoint is logged, deleted and retrained; a corrupt shipped one is
     logged and skipped.
     """
-    key = baseline_key(model, dataset, cfg)
+    key = baseline_key(model, dataset, cfg, root=root, image_size=image_size)
     user_path = cache_dir() / f"{key}.safetensors"
     shipped_path = shipped_dir() / f"{key}.safetensors"
 
     def lookup() -> tuple[nn.Module, dict[str, Any]] | None:
         for path, source in ((user_path, "cache"), (shipped_path, "shipped")):
             try:
-                got = _try_load(model, dataset, path)
+                got = _try_load(model, dataset, path, root, image_size)
             except CheckpointError as e:
                 if source == "cache":
                     log.warning("%s; deleting it and training the baseline again", e)
@@ -358,12 +393,13 @@ def load_or_train_fp32(
         hit = lookup()  # another process may have trained it while we waited for the lock
         if hit is not None:
             return hit
-        info = get_dataset_info(dataset)
-        ds = load_dataset(dataset, "train", root, augment=True)
+        info = dataset_info(dataset, root, image_size)
+        ds = load_dataset(dataset, "train", root, augment=True, image_size=image_size)
         idx = subset_indices(len(ds), cfg.train_subset, cfg.seed)  # type: ignore[arg-type]
-        loader = make_loader(ds, idx, cfg.batch_size, shuffle=True, seed=cfg.seed)
+        loader = make_loader(ds, idx, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             num_workers=loader_workers(dataset))
         seed_everything(cfg.seed)  # model init is part of the reproducible recipe
-        net = _build(model, dataset)
+        net = _build(model, dataset, root, image_size)
         log.info("training FP32 baseline %s (%s on %s, %d images)", key, model, dataset, len(idx))
         history = train(
             net, loader, cfg, device=device, progress=progress, desc=f"fp32 {model}/{dataset}"
@@ -375,6 +411,7 @@ def load_or_train_fp32(
             "in_chans": info.in_chans,
             "num_classes": info.num_classes,
             "image_size": info.image_size,
+            "data": dataset_fingerprint(dataset, root, image_size),
             "cfg": asdict(cfg),
             "train_images": len(idx),
             "train_seconds": history["seconds"],
@@ -394,14 +431,15 @@ def load_or_train_fp32(
 
 
 def ship_checkpoint(
-    model: str, dataset: str, cfg: TrainCfg, *, dest: str | Path | None = None
+    model: str, dataset: str, cfg: TrainCfg, *, dest: str | Path | None = None,
+    root: str | Path | None = None,
 ) -> Path:
     """Copy the cached baseline into the package's ``checkpoints/`` (or ``dest``) folder.
 
     The cached checkpoint must exist (run :func:`load_or_train_fp32` first) and is verified
     before copying. Returns the path of the copied ``.safetensors`` file.
     """
-    key = baseline_key(model, dataset, cfg)
+    key = baseline_key(model, dataset, cfg, root=root)
     src = cache_dir() / f"{key}.safetensors"
     if not src.is_file():
         raise FileNotFoundError(

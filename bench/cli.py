@@ -356,8 +356,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "cached baseline; read with torch.load(weights_only=True), never unpickled")
     r.add_argument("--config", default=None, help="TOML file with [run] and [methods.<name>]")
     r.add_argument("--dry-run", action="store_true", help="print the planned grid and exit")
+    r.add_argument("--subset", type=_positive_int, default=None, metavar="N",
+                   help="evaluate on a deterministic, class-stratified subset of N test images "
+                   "(replaces the profile's count)")
+    r.add_argument("--num-classes", type=_positive_int, default=None, metavar="K",
+                   help="the class count you expect; checked against the data (ImageFolder: "
+                   "its class folders) before anything runs")
+    r.add_argument("--image-size", type=_positive_int, default=None, metavar="PX",
+                   help="ImageFolder (imagenet) only: centre-crop side (default 224); smaller "
+                   "is faster and needs weights trained at that size")
+    r.add_argument("--wait-lock", action="store_true",
+                   help="if another run is using --out, wait for it instead of exiting")
     r.add_argument("--no-report", action="store_true", help="skip report.md/report.html")
-    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--no-progress", action="store_true",
+                   help="no progress bars, and no periodic progress log lines (which replace "
+                   "the bars when stderr is not a terminal)")
 
     ls = sub.add_parser("list", help="list methods, models, datasets, targets or profiles")
     ls.add_argument(
@@ -412,6 +425,9 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "weights": a.weights,
         "rpc": a.rpc,
         "whole_model": a.whole_model,
+        "subset": a.subset,
+        "num_classes": a.num_classes,
+        "image_size": a.image_size,
     }
     if overrides:
         cli["overrides"] = overrides
@@ -448,9 +464,10 @@ def _cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
 
     with logging_redirect_tqdm():
         summary = run(
-            cfg, argv=argv, progress=False if a.no_progress else None, report=not a.no_report
+            cfg, argv=argv, progress=False if a.no_progress else None, report=not a.no_report,
+            wait_lock=a.wait_lock,
         )
-    _print_summary(summary.frame, cfg.out)
+    _print_summary(summary.frame, cfg.out, report=not a.no_report)
     if summary.failed:
         print(
             f"{summary.failed} part(s) failed; see {cfg.out}/results.csv (status=failed)",
@@ -460,7 +477,7 @@ def _cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _print_summary(df: Any, out: Path) -> None:
+def _print_summary(df: Any, out: Path, report: bool = True) -> None:
     """One line per method variant: top-1, bits, sparsity and model latency per target."""
     if df is None or not len(df):
         print(f"no results in {out}")
@@ -492,7 +509,10 @@ def _print_summary(df: Any, out: Path) -> None:
         table = table.join(st)
     table.index.names = [n.removeprefix("sweep.") for n in table.index.names]
     print(table.round(3).to_string())
-    print(f"\nresults: {out}/results.parquet  report: {out}/report.html")
+    where = f"\nresults: {out}/results.parquet"
+    if report and (Path(out) / "report.html").is_file():
+        where += f"  report: {out}/report.html"
+    print(where)
 
 
 def _cmd_list(a: argparse.Namespace) -> int:
@@ -539,6 +559,10 @@ def _cmd_report(a: argparse.Namespace) -> int:
     if out is None:
         print("ternbench report: comparing several runs needs --out DIR", file=sys.stderr)
         return 2
+    from ternbench.reports.tables import results_file
+
+    for d in a.dirs:
+        print(f"results read from: {results_file(Path(d))}")
     paths = build_report([Path(d) for d in a.dirs], out)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
@@ -563,8 +587,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ternbench.reports import ResultsError
 
     from .cache import CheckpointError
+    from .data import DatasetFormatError
+    from .executor import RayStartError
+    from .runner import RunLockedError
 
-    errs += [CheckpointError, ResultsError]
+    errs += [CheckpointError, ResultsError, DatasetFormatError, RayStartError, RunLockedError]
     return tuple(errs)
 
 

@@ -151,6 +151,13 @@ class BenchConfig:
     rpc: str | None = None
     #: also time the whole deployed model end to end on x86 (beside torch FP32 eager and INT8)
     whole_model: bool = True
+    #: evaluate on a deterministic class-stratified subset of N test images (replaces the
+    #: profile's count)
+    subset: int | None = None
+    #: the class count the user expects (checked against the data's folder tree / the model)
+    num_classes: int | None = None
+    #: ImageFolder datasets: centre-crop side the images are resized to (default 224)
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         from .data import list_datasets
@@ -178,8 +185,13 @@ class BenchConfig:
             _fail("models", "a non-empty list", self.models)
         if not self.datasets:
             _fail("datasets", "a non-empty list", self.datasets)
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+        if not self.seeds or any(
+            not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in self.seeds
+        ):
             _fail("seeds", "non-empty non-negative integers", self.seeds)
+        if len(set(self.seeds)) != len(self.seeds):
+            dup = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+            _fail("seeds", f"distinct (seed {dup[0]} is given twice)", self.seeds)
         if self.profile not in PROFILES:
             _did_you_mean("profile", self.profile, list(PROFILES))
         known = ("x86", "arm", "arm-neon", "arm-sve", "cuda")  # ternbench.schedules targets
@@ -191,6 +203,7 @@ class BenchConfig:
         if self.rpc is not None:
             if not isinstance(self.rpc, str) or not self.rpc.strip():
                 _fail("rpc", "'HOST:PORT' or 'tracker=HOST:PORT,key=KEY'", self.rpc)
+            _check_rpc(self.rpc)
             if not any(t.startswith("arm") for t in self.targets):
                 _fail("rpc", "used with an ARM target (--targets arm, arm-neon or arm-sve)",
                       self.rpc)
@@ -200,8 +213,13 @@ class BenchConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 _fail(name, "a positive integer", v)
-        if self.num_cpus is not None and (not isinstance(self.num_cpus, int) or self.num_cpus < 1):
-            _fail("num_cpus", "a positive integer or None", self.num_cpus)
+        for name in ("num_cpus", "subset", "num_classes", "image_size"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                _fail(name, "a positive integer or None", v)
+        if self.image_size is not None and set(self.datasets) != {"imagenet"}:
+            _fail("image_size", "used with --dataset imagenet (ImageFolder) only",
+                  self.image_size)
         object.__setattr__(self, "out", Path(self.out))
         if self.weights is not None and (len(self.models) > 1 or len(self.datasets) > 1):
             _fail("weights", "used with a single --model and --dataset", self.weights)
@@ -275,6 +293,26 @@ class BenchConfig:
         merged["overrides"] = {**overrides, **merged.get("overrides", {})}
         merged["sweeps"] = merge_sweeps(sweeps, merged.get("sweeps", {}))
         return cls(**merged)
+
+
+def _check_rpc(text: str) -> None:
+    """``--rpc`` must parse as HOST:PORT (or tracker=HOST:PORT,key=KEY) and HOST must resolve,
+    so a typo fails now rather than after the accuracy cells have run."""
+    import socket
+
+    from ternbench.schedules.rpc import RpcEndpoint
+
+    try:
+        ep = RpcEndpoint.parse(text)
+    except ConfigError as exc:
+        raise ConfigError(f"--rpc {text!r}: {exc}") from None
+    try:
+        socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(
+            f"--rpc {text!r}: host {ep.host!r} does not resolve ({exc}); expected HOST:PORT of "
+            "a TVM RPC server, e.g. 192.168.1.20:9090"
+        ) from None
 
 
 def _did_you_mean(field_name: str, value: str, options: list[str]) -> None:

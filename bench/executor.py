@@ -19,7 +19,15 @@ import torch
 
 from .tasks import CellSpec, eval_shard, quantize_cell, shard_indices
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "CellOutcome", "make_executor"]
+__all__ = [
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
+    "RayStartError",
+    "CellOutcome",
+    "available_cpus",
+    "make_executor",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +102,32 @@ def _unwrap(exc: BaseException) -> BaseException:
     return cause if isinstance(cause, BaseException) else exc
 
 
+class RayStartError(RuntimeError):
+    """Ray could not be started or reached; the message is one line saying what to do."""
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
 class RayExecutor:
     """Runs quantize and evaluation-shard tasks on Ray.
 
-    With ``address`` (or ``RAY_ADDRESS``) it joins an existing cluster, whose workers need
-    ternbench installed; otherwise it starts an embedded local Ray and shuts it down on
-    :meth:`close`. Tasks are retried on worker death (``max_retries``).
+    With ``address`` (or ``RAY_ADDRESS``) it joins that existing cluster, whose workers need
+    ternbench installed. Otherwise it always starts its own isolated local Ray
+    (``address="local"``, a private temp folder), sized from the process's CPU affinity, even
+    when another Ray cluster runs on the machine, and shuts it down on :meth:`close`. Tasks are
+    retried on worker death (``max_retries``). A failed start or connect raises
+    :class:`RayStartError` with one line.
     """
 
     name = "ray"
@@ -111,30 +139,61 @@ class RayExecutor:
 
         self._ray = ray
         self.started = False
+        self._temp_dir: str | None = None
         self.max_retries = max_retries
+        origin = "--ray-address" if address else "RAY_ADDRESS"
         address = address or os.environ.get("RAY_ADDRESS") or None
         if not ray.is_initialized():
-            # Ray 2.60 silently turns on token auth once ~/.ray/auth_token exists; an embedded
-            # cluster has no other clients, so disable it unless the user chose a mode.
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             if address:
                 log.info("connecting to Ray cluster at %s", address)
-                ray.init(address=address, log_to_driver=False)
+                try:
+                    ray.init(address=address, log_to_driver=False)
+                except Exception as exc:
+                    raise RayStartError(
+                        f"cannot connect to the Ray cluster at {address} ({origin}): "
+                        f"{_first_line(exc)}; check the address and RAY_AUTH_MODE/"
+                        "RAY_AUTH_TOKEN, or unset it to run on an embedded Ray"
+                    ) from exc
             else:
-                n = num_cpus or os.cpu_count() or 1
+                # Ray 2.60 silently turns on token auth once ~/.ray/auth_token exists; an
+                # embedded instance has no other clients, so disable it unless the user chose.
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                import tempfile
+
+                n = num_cpus or available_cpus()
+                self._temp_dir = tempfile.mkdtemp(prefix="ternbench-ray-")
                 log.info("starting an embedded Ray with %d CPUs", n)
-                ray.init(
-                    num_cpus=n,
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    object_store_memory=512 * 2**20,
-                )
+                try:
+                    # address="local": a new instance even if a cluster runs here (or a stale
+                    # ray_current_cluster file points at one); its own temp folder keeps its
+                    # sockets, logs and session_latest apart from any other Ray on the machine
+                    ray.init(
+                        address="local",
+                        num_cpus=n,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        object_store_memory=512 * 2**20,
+                        _temp_dir=self._temp_dir,
+                    )
+                except Exception as exc:
+                    self._cleanup_temp()
+                    raise RayStartError(
+                        f"cannot start an embedded Ray: {_first_line(exc)}; "
+                        "try --executor local (in process)"
+                    ) from exc
             self.started = True
         self._quantize: Any = ray.remote(num_cpus=1, max_retries=max_retries)(
             quantize_cell
         ).options(num_returns=2)
         self._eval = ray.remote(num_cpus=1, max_retries=max_retries)(eval_shard)
+
+    def _cleanup_temp(self) -> None:
+        if self._temp_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
 
     def run_cells(
         self,
@@ -179,6 +238,7 @@ class RayExecutor:
         if self.started and self._ray.is_initialized():
             self._ray.shutdown()
             self.started = False
+        self._cleanup_temp()
 
 
 def make_executor(kind: str, address: str | None = None, num_cpus: int | None = None) -> Executor:

@@ -9,13 +9,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
 import json
 import logging
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +35,7 @@ from .executor import CellOutcome, Executor, make_executor
 from .results import SCHEMA_VERSION, ResultStore, atomic_write_bytes, make_row
 from .tasks import CellSpec, eval_indices, merge_shards
 
-__all__ = ["plan", "run", "RunSummary"]
+__all__ = ["plan", "run", "RunSummary", "RunLockedError", "out_lock", "preflight"]
 
 log = logging.getLogger(__name__)
 ACC_PART = "accuracy"
@@ -56,10 +59,15 @@ def _key(payload: dict[str, Any]) -> str:
 def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
     from .cache import baseline_key
 
-    if cfg.weights is not None:  # the user's file: keyed by its content
-        digest = hashlib.sha256(Path(cfg.weights).read_bytes()).hexdigest()[:16]
-        return f"{model}-{dataset}-user-{digest}"
-    return baseline_key(model, dataset, cfg.profile_obj.fp32)
+    if cfg.weights is not None:  # the user's file: keyed by its content (and the data's)
+        from .data import dataset_fingerprint
+
+        h = hashlib.sha256(Path(cfg.weights).read_bytes())
+        h.update(json.dumps(dataset_fingerprint(dataset, cfg.data_root, cfg.image_size),
+                            sort_keys=True).encode())
+        return f"{model}-{dataset}-user-{h.hexdigest()[:16]}"
+    return baseline_key(model, dataset, cfg.profile_obj.fp32, root=cfg.data_root,
+                        image_size=cfg.image_size)
 
 
 def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -85,8 +93,12 @@ def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any],
 
 def plan(cfg: BenchConfig) -> list[CellSpec]:
     """The grid: method variants x model x dataset x seed, each with a stable key (for resume)."""
+    import dataclasses
+
     cells = []
     prof = cfg.profile_obj
+    if cfg.subset is not None:  # --subset N replaces the profile's evaluation count
+        prof = dataclasses.replace(prof, n_eval=cfg.subset)
     for model in cfg.models:
         for dataset in cfg.datasets:
             bkey = baseline_key_for(cfg, model, dataset)
@@ -105,6 +117,10 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                             "baseline": bkey,
                             "threads": cfg.accuracy_threads,
                         }
+                        if cfg.subset is not None:
+                            payload["stratified"] = True
+                        if cfg.image_size is not None:
+                            payload["image_size"] = cfg.image_size
                         key = _key(payload)
                         cells.append(
                             CellSpec(
@@ -121,6 +137,8 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                                 threads=cfg.accuracy_threads,
                                 baseline_key=bkey,
                                 sweep=point,
+                                image_size=cfg.image_size,
+                                stratified=cfg.subset is not None,
                             )
                         )
     return cells
@@ -241,7 +259,8 @@ def _baselines(
             model, info = _user_model(c, cfg.weights)
         else:
             model, info = load_or_train_fp32(
-                c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress
+                c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress,
+                image_size=cfg.image_size,
             )
         states[c.baseline_key] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         infos.append(
@@ -421,17 +440,100 @@ def model_rows(cell: CellSpec, store: ResultStore, cfg: BenchConfig, base: dict[
 
 def preflight(cfg: BenchConfig) -> None:
     """Fail fast on inputs that would only break mid-run: datasets that are not where they
-    should be, an out path that is a file, a run directory of another schema."""
-    from .data import load_dataset
+    should be or whose files are broken (every split the run reads), a class count that does
+    not match, weights that are unsafe, not finite or do not fit, an out path that is a file, a
+    run directory of another schema."""
+    from ternbench.methods import ConfigError
+
+    from .data import DatasetMissingError, dataset_info, load_dataset
 
     for dataset in cfg.datasets:
-        load_dataset(dataset, "val" if dataset == "imagenet" else "test", cfg.data_root)
+        info = dataset_info(dataset, cfg.data_root, cfg.image_size)
+        if dataset == "imagenet" and cfg.weights is None and "train" not in info.splits:
+            raise DatasetMissingError(
+                f"imagenet: {cfg.data_root or 'the data root'} has no train/ folder to train "
+                "the FP32 baseline on: pass --weights FILE (your FP32 weights for the model) "
+                "or give a train/ folder beside val/")
+        if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
+            raise ConfigError(
+                f"--num-classes {cfg.num_classes} does not match {dataset}: its data has "
+                f"{info.num_classes} classes"
+                + (" (class folders)" if dataset == "imagenet" else ""))
+        for split in info.splits:  # reads (and checks) every file the run will read
+            load_dataset(dataset, split, cfg.data_root, image_size=cfg.image_size)
     if cfg.weights is not None:  # refuse an unsafe or unfitting file before anything is written
         for c in plan(cfg)[:1]:
             _user_model(c, cfg.weights)
     if cfg.out.exists() and not cfg.out.is_dir():
         raise NotADirectoryError(f"--out {cfg.out} is a file, not a run directory")
     ResultStore(cfg.out).read_meta()  # raises SchemaMismatchError for an incompatible run
+
+
+class RunLockedError(RuntimeError):
+    """Another ternbench run holds the lock of this output directory."""
+
+
+@contextlib.contextmanager
+def out_lock(out: Path, *, wait: bool = False) -> Iterator[None]:
+    """Exclusive ``fcntl.flock`` on ``OUT/.lock`` for the whole run; the file holds the
+    holder's PID. A second run raises :class:`RunLockedError` naming it, or waits with
+    ``wait=True``. The lock goes with the process, so a killed run never leaves it stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            if not wait:
+                raise RunLockedError(
+                    f"--out {out} is in use by another ternbench run (PID {holder}); wait for "
+                    "it to finish, pass --wait-lock, or choose another --out") from None
+            log.info("--out %s is in use by PID %s; waiting for it to finish", out, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class _Heartbeat:
+    """Periodic progress log lines (parts done/total, ETA) for runs whose stderr is not a
+    terminal (CI logs, files), where tqdm's bar switches itself off."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 30.0) -> None:
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.done = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, what: str) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        rate = (now - self.t0) / max(self.done, 1)
+        eta = rate * (self.total - self.done)
+        log.info("progress: %d/%d parts done (%s), %s elapsed, ETA %s", self.done, self.total,
+                 what, _hms(now - self.t0), _hms(eta) if self.done < self.total else "0s")
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else (
+        f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def log_progress(progress: bool | None) -> bool:
+    """Log lines instead of bars: progress not switched off and stderr not a terminal."""
+    return progress is None and not sys.stderr.isatty()
 
 
 def run(
@@ -442,9 +544,24 @@ def run(
     progress: bool | None = None,
     report: bool = True,
     on_event: Callable[[str], None] | None = None,
+    wait_lock: bool = False,
 ) -> RunSummary:
-    """Run the grid of ``cfg``; finished parts already in ``cfg.out`` are skipped (resume)."""
+    """Run the grid of ``cfg``; finished parts already in ``cfg.out`` are skipped (resume).
+
+    One run at a time per output directory (:func:`out_lock`)."""
     preflight(cfg)  # bad input fails here, before anything in cfg.out is touched
+    with out_lock(cfg.out, wait=wait_lock):
+        return _run_locked(cfg, argv=argv, executor=executor, progress=progress, report=report)
+
+
+def _run_locked(
+    cfg: BenchConfig,
+    *,
+    argv: list[str] | None,
+    executor: Executor | None,
+    progress: bool | None,
+    report: bool,
+) -> RunSummary:
     store = ResultStore(cfg.out)
     meta = store.open_session(argv or [], cfg.to_dict())
     run_id = meta["run_id"]
@@ -463,6 +580,7 @@ def run(
     bar = tqdm(
         total=total, desc="cells", unit="part", disable=None if progress is None else not progress
     )
+    beat = _Heartbeat(total, log_progress(progress))
     t0 = time.time()
     if todo:
         baselines, binfo = _baselines(cfg, todo, progress)
@@ -503,6 +621,7 @@ def run(
                 store.consolidate()
                 bar.update(1)
                 bar.set_postfix_str(f"{cell.method} done")
+                beat.update(f"{cell.method} accuracy")
         finally:
             if own:
                 ex.close()
@@ -511,6 +630,7 @@ def run(
         part = f"latency-{target}"
         if not (store.root / "exports" / f"{cell.key}.npz").exists():
             bar.update(1)
+            beat.update(f"{cell.method} {target} skipped")
             continue  # its accuracy part failed; nothing was exported to time
         try:
             rows = latency_rows(cell, target, store, cfg, run_id, torch_cache)
@@ -524,6 +644,7 @@ def run(
         store.consolidate()
         bar.update(1)
         bar.set_postfix_str(f"{cell.method} {target} timed")
+        beat.update(f"{cell.method} {target} latency")
     bar.close()
     frame = store.consolidate()
     meta["sessions"][-1]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

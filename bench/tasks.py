@@ -19,7 +19,15 @@ from ternbench.methods._export_io import exports_to_bytes, graph_state_to_bytes
 from torch import nn
 
 from .config import Profile
-from .data import get_dataset_info, load_dataset, make_loader, subset_indices
+from .data import (
+    dataset_info,
+    dataset_labels,
+    load_dataset,
+    loader_workers,
+    make_loader,
+    stratified_indices,
+    subset_indices,
+)
 from .models import create_model
 from .train import evaluate, seed_everything
 
@@ -47,6 +55,8 @@ class CellSpec:
     baseline_key: str = ""
     sweep: dict[str, Any] = field(default_factory=dict)  # the swept config fields of this cell
     extra: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = None  # ImageFolder datasets: centre-crop side (default 224)
+    stratified: bool = False  # the evaluation subset keeps every class's share (--subset)
 
     @property
     def profile(self) -> str:
@@ -59,10 +69,15 @@ class CellSpec:
     @property
     def subset(self) -> str:
         n = self.profile_obj.n_eval
-        return f"test:{'all' if n is None else n}@seed{self.seed}"
+        kind = "stratified:" if self.stratified and n is not None else ""
+        return f"test:{kind}{'all' if n is None else n}@seed{self.seed}"
+
+    def load(self, split: str, *, augment: bool = False) -> Any:
+        return load_dataset(self.dataset, split, self.data_root, augment=augment,
+                            image_size=self.image_size)
 
     def build_model(self) -> nn.Module:
-        info = get_dataset_info(self.dataset)
+        info = dataset_info(self.dataset, self.data_root, self.image_size)
         return create_model(
             self.model,
             in_chans=info.in_chans,
@@ -77,8 +92,11 @@ def _test_split(dataset: str) -> str:
 
 def eval_indices(spec: CellSpec) -> np.ndarray:
     """The test-set indices a cell evaluates (deterministic in the seed)."""
-    ds = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
-    return subset_indices(len(ds), spec.profile_obj.n_eval, spec.seed)  # type: ignore[arg-type]
+    ds = spec.load(_test_split(spec.dataset))
+    n = spec.profile_obj.n_eval
+    if spec.stratified and n is not None:
+        return stratified_indices(dataset_labels(ds), n, spec.seed)
+    return subset_indices(len(ds), n, spec.seed)
 
 
 def shard_indices(idx: np.ndarray, shards: int) -> list[np.ndarray]:
@@ -87,21 +105,19 @@ def shard_indices(idx: np.ndarray, shards: int) -> list[np.ndarray]:
 
 def _context(spec: CellSpec) -> QuantContext:
     prof = spec.profile_obj
-    train = (
-        load_dataset(spec.dataset, "train", spec.data_root)
-        if spec.dataset != "imagenet"
-        else load_dataset(spec.dataset, "val", spec.data_root)
-    )
-    train_aug = (
-        load_dataset(spec.dataset, "train", spec.data_root, augment=True)
-        if spec.dataset != "imagenet"
-        else train
-    )
-    n = len(train)  # type: ignore[arg-type]
+    # an ImageFolder without a train/ folder calibrates on its val images (PTQ with --weights)
+    has_train = "train" in dataset_info(spec.dataset, spec.data_root, spec.image_size).splits
+    split = "train" if has_train else "val"
+    train = spec.load(split)
+    train_aug = spec.load(split, augment=True) if has_train else train
+    n = len(train)
+    workers = loader_workers(spec.dataset)
     # calibration and training draws use seeds derived from the cell seed, apart from eval's
-    calib = make_loader(train, subset_indices(n, prof.n_calib, spec.seed + 1), prof.batch_size)
+    calib = make_loader(train, subset_indices(n, prof.n_calib, spec.seed + 1), prof.batch_size,
+                        num_workers=workers)
     tr_idx = subset_indices(n, prof.train_subset, spec.seed + 2)
-    train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed)
+    train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed,
+                               num_workers=workers)
     return QuantContext(
         calib_loader=calib,
         train_loader=train_loader,
@@ -130,7 +146,7 @@ def quantize_cell(
     qm.module.to("cpu")  # export, parity and evaluation are CPU work
     exports = qm.export()
     cost = summarize_cost(exports.values())
-    test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
+    test = spec.load(_test_split(spec.dataset))
     idx = eval_indices(spec)[: spec.profile_obj.deploy_check_samples]
     x = torch.stack([test[int(i)][0] for i in idx])
     info = {
@@ -178,8 +194,9 @@ def _ledger(info: dict[str, Any]) -> dict[str, Any]:
 def eval_shard(spec: CellSpec, module: nn.Module, indices: np.ndarray) -> dict[str, Any]:
     """Exact counts on one shard of the cell's evaluation subset (merged by summing)."""
     torch.set_num_threads(spec.threads)
-    test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
-    loader = make_loader(test, indices, spec.profile_obj.batch_size)
+    test = spec.load(_test_split(spec.dataset))
+    loader = make_loader(test, indices, spec.profile_obj.batch_size,
+                         num_workers=loader_workers(spec.dataset))
     return evaluate(module.eval(), loader)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -272,6 +273,10 @@ def train(
         leave=False,
         dynamic_ncols=True,
     )
+    # without a terminal tqdm is off: log a progress line every 30 s instead (CI logs, files)
+    beat = progress is None and not sys.stderr.isatty()
+    last_beat = time.monotonic()
+    start_step = step
     try:
         for epoch in range(state.epoch, n_epochs):
             t_epoch = time.perf_counter()
@@ -304,6 +309,12 @@ def train(
                 correct += int((logits.detach().argmax(1) == y).sum())
                 history["step_loss"].append(loss_v)
                 bar.update(1)
+                if beat and time.monotonic() - last_beat >= 30.0:
+                    last_beat = time.monotonic()
+                    spent = time.perf_counter() - t_start
+                    eta = spent / max(step - start_step, 1) * (total_steps - step)
+                    log.info("%s: step %d/%d (epoch %d/%d), loss %.4f, ETA %.0fs", desc, step,
+                             total_steps, epoch + 1, n_epochs, loss_sum / max(seen, 1), eta)
                 if step % 20 == 0 or step == total_steps:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
             record = {

@@ -332,4 +332,14 @@ def config_from_mapping(cls: type[MethodConfig], values: Mapping[str, Any]) -> M
             raise ConfigError(
                 f"{cls.__name__} has no field '{key}'.{hint} Fields: {', '.join(known)}"
             )
+    # true/false are not numbers: bool is an int subclass in Python, so a numeric field's own
+    # isinstance check would let `--set fgq.group_size=true` through as 1
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, bool) and isinstance(default, int | float) and not isinstance(
+            default, bool
+        ):
+            kind = "an integer" if isinstance(default, int) else "a number"
+            raise ConfigError(f"{cls.__name__}.{key} must be {kind}, got {value!r}")
     return cls(**values)

@@ -30,12 +30,16 @@ def ternarize_exact(w: Tensor) -> tuple[Tensor, Tensor]:
         ([[1.0, -1.0, 0.0, 0.0]], 0.95)
     """
     a = w.abs()
-    srt, idx = torch.sort(a, dim=1, descending=True)
+    # Score each row in units of its own max|w|: the support does not depend on the row's
+    # scale, but csum^2 under/overflows float32 for |w| below ~1e-19 or above ~1e19.
+    peak = a.amax(dim=1, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    srt, idx = torch.sort(a / peak, dim=1, descending=True)
     csum = torch.cumsum(srt, dim=1)
     k = torch.arange(1, w.shape[1] + 1, device=w.device, dtype=w.dtype)
     score = csum * csum / k
     best = torch.argmax(score, dim=1, keepdim=True)  # first maximum: the smallest optimal support
-    alpha = torch.gather(csum, 1, best) / (best + 1).to(w.dtype)
+    alpha = torch.gather(csum, 1, best) / (best + 1).to(w.dtype) * peak
     keep_sorted = torch.arange(w.shape[1], device=w.device)[None, :] <= best
     keep = torch.zeros_like(keep_sorted).scatter(1, idx, keep_sorted)
     codes = torch.sign(w) * keep

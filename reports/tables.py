@@ -98,9 +98,21 @@ def _find_results(src: Path) -> tuple[Path, Path]:
         return src, src.parent / "run.json"
     if not src.is_dir():
         raise ResultsError(f"results path {str(src)!r} does not exist")
-    for name in ("results.parquet", "results.csv"):
-        if (src / name).is_file():
-            return src / name, src / "run.json"
+    return results_file(src), src / "run.json"
+
+
+def results_file(src: Path) -> Path:
+    """The results table of a run directory: ``results.parquet``, or ``results.csv`` when only
+    it exists or it is newer (edited by hand after the run); the choice is logged."""
+    if src.is_file():
+        return src
+    pq, csv = src / "results.parquet", src / "results.csv"
+    if pq.is_file() and csv.is_file() and csv.stat().st_mtime_ns > pq.stat().st_mtime_ns:
+        log.info("%s is newer than %s (edited after the run?): reading the csv", csv, pq.name)
+        return csv
+    for path in (pq, csv):
+        if path.is_file():
+            return path
     raise ResultsError(
         f"{str(src)!r} holds no results.parquet or results.csv; pass the output directory of "
         "`ternbench run` (the folder with run.json)"

@@ -65,6 +65,35 @@ CASES: list[tuple[str, list[str], list[str]]] = [
     ("weights-wrong-model", [*R, "--weights", "CFG/small.pt"], ["does not fit", "resnet8"]),
     ("weights-two-models", [*R, "--weights", "CFG/small.pt", "--model", "resnet8,resnet20"],
      ["weights", "single"]),
+    # issue 14
+    ("group-size-bool", [*R, "--methods", "fgq", "--set", "fgq.group_size=true"],
+     ["group_size", "integer", "True"]),
+    ("duplicate-seeds", [*R, "--seeds", "0,0"], ["seeds", "distinct", "seed 0"]),
+    ("rpc-no-port", [*R, "--targets", "arm", "--rpc", "notahost"], ["--rpc", "notahost", "port"]),
+    ("rpc-unresolvable", [*R, "--targets", "arm", "--rpc", "notahost.invalid:9090"],
+     ["notahost.invalid", "does not resolve"]),
+    ("weights-nan", [*R, "--weights", "CFG/nan.pt"], ["nan.pt", "NaN/Inf", "conv1.weight"]),
+    ("weights-inf-safetensors", [*R, "--weights", "CFG/inf.safetensors"],
+     ["inf.safetensors", "NaN/Inf"]),
+    ("cifar-truncated", [*R, "--dataset", "cifar10", "--data-root", "CFG/cifar-trunc"],
+     ["data_batch_3", "truncated"]),
+    ("cifar-wrong-shape", [*R, "--dataset", "cifar10", "--data-root", "CFG/cifar-shape"],
+     ["test_batch", "'data'", "3072"]),
+    ("cifar-no-labels", [*R, "--dataset", "cifar10", "--data-root", "CFG/cifar-nolabels"],
+     ["data_batch_1", "'labels'"]),
+    ("fashion-truncated", [*R, "--data-root", "CFG/fashion-trunc"],
+     ["t10k-images-idx3-ubyte.gz", "truncated"]),
+    ("imagenet-no-train-no-weights", [*R, "--dataset", "imagenet", "--model", "resnet18",
+                                      "--data-root", "CFG/inet-val"],
+     ["train/", "--weights"]),
+    ("imagenet-num-classes", [*R, "--dataset", "imagenet", "--model", "resnet18", "--data-root",
+                              "CFG/inet-val", "--weights", "CFG/small.pt", "--num-classes", "1000"],
+     ["--num-classes 1000", "3 classes"]),
+    ("imagenet-train-val-differ", [*R, "--dataset", "imagenet", "--model", "resnet18",
+                                   "--data-root", "CFG/inet-mixed"], ["train", "same classes"]),
+    ("image-size-not-imagenet", [*R, "--image-size", "64"], ["image_size", "imagenet"]),
+    ("subset-zero", [*R, "--subset", "0"], ["must be >= 1"]),
+    ("out-locked", [*R, "LOCK"], ["in use by another ternbench run", "PID"]),
 ]
 
 
@@ -95,10 +124,67 @@ def world(tmp_path: Path) -> tuple[Path, Path]:
 
     (cfg / "evil.pt").write_bytes(pickle.dumps({"weight": Evil()}))
     torch.save({"conv.weight": torch.zeros(2, 2)}, cfg / "small.pt")
+    _issue14_inputs(cfg)
     old = cfg / "oldrun"
     old.mkdir()
     (old / "run.json").write_text(json.dumps({"schema_version": 0, "run_id": "x"}))
     return out, cfg
+
+
+def _issue14_inputs(cfg: Path) -> None:
+    """Weights with NaN/Inf, broken CIFAR pickles, a truncated IDX, small ImageFolder trees."""
+    import gzip
+    import pickle
+    import shutil
+
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+    from ternbench.bench.models import create_model
+
+    state = create_model("resnet8", in_chans=1, num_classes=10).state_dict()
+    state["conv1.weight"] = state["conv1.weight"].clone()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, cfg / "nan.pt")
+    state["conv1.weight"][0, 0, 0, 0] = float("inf")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(cfg / "inf.safetensors"))
+
+    def cifar(name: str, broken: str) -> None:
+        folder = cfg / name / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for f in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            entry = {b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3]}
+            if broken == "shape" and f == "test_batch":
+                entry[b"data"] = np.zeros((4, 32, 32), np.uint8)
+            if broken == "labels" and f == "data_batch_1":
+                del entry[b"labels"]
+            blob = pickle.dumps(entry, protocol=2)
+            (folder / f).write_bytes(blob[:40] if broken == "trunc" and f == "data_batch_3"
+                                     else blob)
+
+    cifar("cifar-trunc", "trunc")
+    cifar("cifar-shape", "shape")
+    cifar("cifar-nolabels", "labels")
+    fm = cfg / "fashion-trunc"
+    fm.mkdir()
+    src = Path("/usr/share/datasets/fashion-mnist")
+    for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-labels-idx1-ubyte.gz"):
+        if (src / f).is_file():
+            shutil.copyfile(src / f, fm / f)
+        else:  # still a valid IDX file (the truncated one is what the case is about)
+            (fm / f).write_bytes(gzip.compress(bytes([0, 0, 8, 1, 0, 0, 0, 0])))
+    (fm / "t10k-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(bytes([0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 28, 0, 0, 0, 28]) + bytes(900))[:60])
+    from PIL import Image
+
+    trees = (("inet-val", {"val": "abc"}), ("inet-mixed", {"val": "ab", "train": "abd"}))
+    for tree, splits in trees:
+        for split, classes in splits.items():
+            for c in classes:
+                d = cfg / tree / split / c
+                d.mkdir(parents=True)
+                Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "x.png")
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -111,12 +197,23 @@ def test_bad_input(argv, words, world, capsys) -> None:
     out, cfg = world
     before = _digest(out)
     argv = [a.replace("CFG", str(cfg)) for a in argv]
+    holder = None
+    if "LOCK" in argv:  # another run holds --out's lock
+        from test_trust import hold_lock
+
+        argv.remove("LOCK")
+        holder = hold_lock(out)
+        before = _digest(out)
     if "--out" not in argv and argv[0] == "run":
         argv += ["--out", str(out)]
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse's own usage errors
         code = exc.code
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     err = capsys.readouterr().err
     assert code not in (0, None), err
     assert "Traceback" not in err

@@ -23,6 +23,7 @@ from ternbench.bench.cache import (
     load_state_dict_file,
     save_checkpoint,
     ship_checkpoint,
+    shipped_dir,
 )
 from ternbench.bench.models import create_model, list_models
 from ternbench.bench.train import (
@@ -311,6 +312,7 @@ def test_cache_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert cache_dir() == tmp_path / "home" / ".cache" / "ternbench"
 
 
+@needs_fashion
 def test_baseline_key_stable() -> None:
     k = baseline_key("resnet8", "fashion-mnist", TrainCfg())
     # Pinned: changing it silently orphans every cached and shipped checkpoint (bump
@@ -318,11 +320,12 @@ def test_baseline_key_stable() -> None:
     assert k == baseline_key("resnet8", "fashion-mnist", TrainCfg(epochs=3.0, seed=0))
     assert k != baseline_key("resnet8", "fashion-mnist", TrainCfg(seed=1))
     assert k != baseline_key("resnet20", "fashion-mnist", TrainCfg())
-    assert k != baseline_key("resnet8", "cifar10", TrainCfg())
     assert k == _PINNED_KEY
+    assert (shipped_dir() / f"{_PINNED_KEY}.safetensors").is_file()  # the shipped baseline
 
 
-_PINNED_KEY = "resnet8-fashion-mnist-c28d4dcfa2294adc"
+# format 2: the key covers the dataset's fingerprint (root, split sizes, content hash)
+_PINNED_KEY = "resnet8-fashion-mnist-af47f4ff464e9865"
 
 
 def _small_state() -> dict[str, torch.Tensor]:
@@ -451,6 +454,7 @@ def test_load_or_train_cache_corrupt_and_shipped(
     assert info4["source"] == "shipped" and info4["path"] == str(target)
 
 
+@needs_fashion
 def test_ship_requires_cached(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="train it first"):
         ship_checkpoint("resnet8", "fashion-mnist", TrainCfg(), dest=tmp_path)
