@@ -97,13 +97,15 @@ def load_exports(path: str | Path) -> dict[str, LayerExport]:
                 codes = z[f"{i}.codes"]
             for k in ("kernel_size", "stride", "padding", "input_shape", "output_hw"):
                 meta[k] = tuple(meta[k])
-            out[key] = LayerExport(
-                codes=codes,
-                scales=z[f"{i}.scales"],
-                bias=z[f"{i}.bias"] if has_bias else None,
-                weight_offset=z[f"{i}.weight_offset"] if has_wo else None,
-                **meta,
-            )
+            arrays = {"codes": codes, "scales": z[f"{i}.scales"],
+                      "bias": z[f"{i}.bias"] if has_bias else None,
+                      "weight_offset": z[f"{i}.weight_offset"] if has_wo else None}
+            for field, arr in arrays.items():  # a NaN scale would make every kernel "exact"
+                if arr is not None and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise ValueError(f"{path}: layer {key!r} {field} holds "
+                                     f"{int((~np.isfinite(arr)).sum())} NaN/Inf value(s); "
+                                     "refusing an export that is not finite")
+            out[key] = LayerExport(**arrays, **meta)  # type: ignore[arg-type]
     return out
 
 

@@ -266,3 +266,17 @@ def test_fgq_finetune_trains_and_keeps_parity(cnn) -> None:
     w1 = [m.weight for m in after.module.modules() if hasattr(m, "wq")][1]
     assert not torch.equal(w0, w1)
     assert layer_parity(after, x[:8]) < 1e-5
+
+
+def test_export_with_nan_is_refused_on_load(cnn: torch.nn.Module, tmp_path) -> None:
+    import dataclasses
+
+    x = torch.randn(16, 1, 12, 12)
+    ex = create_method("fgq").quantize(cnn, _ctx(x)).export()
+    name = next(iter(ex))
+    scales = np.array(ex[name].scales, copy=True)
+    scales.flat[0] = np.nan
+    ex[name] = dataclasses.replace(ex[name], scales=scales)
+    save_exports(tmp_path / "e.npz", ex)
+    with pytest.raises(ValueError, match=f"layer '{name}' scales holds 1 NaN/Inf"):
+        load_exports(tmp_path / "e.npz")
