@@ -133,6 +133,9 @@ def _add_kernels_parser(sub: Any) -> None:
                    default=["int8", "ternary"], metavar="MODES",
                    help="activation modes of the ternary kernels: int8 (t2_avx2), ternary "
                    "(tt_popc) (default: both)")
+    k.add_argument("--group-sizes", type=_int_list, default=[], metavar="N1,N2",
+                   help="also time the int8-activation ternary kernel with FGQ group scales "
+                   "of these sizes (rows tvm_t2_*_g<N>), e.g. 4,16,64")
     k.add_argument("--tune", action="store_true",
                    help="search each TVM kernel's tile grid first (cached across runs)")
     k.add_argument("--tune-points", type=_positive_int, default=None, metavar="N",
@@ -218,7 +221,7 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
             act_modes=a.act_modes, tune=a.tune, tune_points=a.tune_points,
             tune_budget_s=a.tune_budget, metaschedule_trials=a.metaschedule,
             generic=a.generic, quick=a.quick, rounds=a.rounds,
-            progress=False if a.no_progress else None)
+            progress=False if a.no_progress else None, group_sizes=a.group_sizes)
     print(res.md_path.read_text())
     print(f"results: {res.csv_path}  summary: {res.md_path}")
     if res.failures:

@@ -206,8 +206,10 @@ def select_shapes(which: str | Iterable[str] = "all",
 
 
 def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str = "int8",
-                    seed: int = 0) -> Any:
-    """A LayerExport of ``shape`` with seeded codes and per-channel scales.
+                    seed: int = 0, group_size: int | None = None) -> Any:
+    """A LayerExport of ``shape`` with seeded codes and per-channel scales (ternary with
+    ``group_size``: one scale per group of that many fan-in weights, FGQ style, the last group
+    partial when the fan-in is not a multiple).
 
     ``weight_format``: ``ternary`` (codes in {-1, 0, 1}), ``int8`` or ``fp32`` (the float
     weights ``scale * code`` of the ternary layer of the same seed); ``act``: ``int8`` (8-bit
@@ -222,8 +224,12 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
     tern = rng.integers(-1, 2, (n, k)).astype(np.int8)
     scales = (rng.random((n, 1)) * 0.5 + 0.5).astype(np.float32) / math.sqrt(k)
     bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    gs = k
     if weight_format == "ternary":
         codes: np.ndarray = tern
+        if group_size is not None:
+            gs = int(group_size)
+            scales = (rng.random((n, -(-k // gs))) * 0.5 + 0.5).astype(np.float32) / math.sqrt(k)
     elif weight_format == "int8":
         codes = rng.integers(-127, 128, (n, k)).astype(np.int8)
         scales = scales / 127
@@ -236,7 +242,7 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
     conv = shape.op == "conv2d"
     return LayerExport(
         name=f"{shape.name}[{weight_format},{act}]", op=shape.op, weight_format=weight_format,  # type: ignore[arg-type]
-        codes=codes, scales=scales, group_size=k, bias=bias, act_mode=mode,  # type: ignore[arg-type]
+        codes=codes, scales=scales, group_size=gs, bias=bias, act_mode=mode,  # type: ignore[arg-type]
         act_bits=bits, act_scale=act_scale, in_channels=shape.cin, out_channels=n,
         kernel_size=(shape.k, shape.k), stride=(shape.stride, shape.stride),
         padding=(shape.pad, shape.pad),
@@ -362,7 +368,7 @@ def _quiet_torch_quant() -> Iterator[None]:
         yield
 
 
-def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any) -> _Impl:
+def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any, impl: str | None = None) -> _Impl:
     kern = prep.kernel
     timers: dict[int, Any] = {}
 
@@ -371,7 +377,7 @@ def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any) -> _Impl:
             timers[n] = kern.module.time_evaluator("main", dev, number=n, repeat=1)
         return float(timers[n](*prep.args, prep.out).mean)
 
-    return _Impl(impl=kern.impl, act_mode=act_mode, backend="tvm", rule=rule,
+    return _Impl(impl=impl or kern.impl, act_mode=act_mode, backend="tvm", rule=rule,
                  params=json.dumps(dict(kern.params), sort_keys=True), run_n=run_n,
                  nbytes=prep.nbytes, max_abs_err=prep.max_abs_err, build_s=kern.build_s,
                  target_str=kern.target_str)
@@ -511,7 +517,7 @@ def _calibrate(run_n: Callable[[int], float], min_s: float) -> int:
 def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[str],
            tinfo: Any, tune: bool, tune_points: int | None, tune_budget_s: float | None,
            ms_trials: int, generic: bool, failures: list[tuple[str, int, str, str]],
-           pbar: Any) -> list[_Impl]:
+           pbar: Any, group_sizes: Sequence[int] = ()) -> list[_Impl]:
     """Prepare (build + check) every impl of one (shape, batch); failures become noted rows."""
     from ternbench.schedules import generic as gen_mod
     from ternbench.schedules import measure, tuning
@@ -531,13 +537,14 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
             impls.append(_Impl(impl=impl, act_mode=act_mode, backend=backend,
                                note=f"failed: {msg}"[:500]))
 
-    def tvm_case(lx: Any, act_mode: str, rule: Any) -> Callable[[], _Impl]:
+    def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None
+                 ) -> Callable[[], _Impl]:
         def make() -> _Impl:
             if tune and len(rule.grid) > 1:
                 tuning.search(lx, batch, tinfo.name, rule=rule, threads=threads,
                               max_points=tune_points, budget_s=tune_budget_s)
             prep = tuning.prepare_rule(rule, lx, batch, tinfo)
-            return _tvm_impl(prep, act_mode, rule.name, dev)
+            return _tvm_impl(prep, act_mode, rule.name, dev, impl)
 
         return make
 
@@ -566,6 +573,11 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
                                  "metaschedule", dev)
 
             attempt("tvm_metaschedule", mode, "tvm", make_ms)
+    for gs in group_sizes:  # FGQ: one scale per group of gs weights, int8 activations
+        lx = synthetic_layer(shape, "ternary", "int8", group_size=gs)
+        rule = measure.select_rule(lx, tinfo)
+        name = f"{rule.impl_for(lx)}_g{gs}"
+        attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
     return impls
 
 
@@ -685,14 +697,15 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
                 tune_budget_s: float | None = None, metaschedule_trials: int = 0,
                 generic: bool = False, quick: bool = False, rounds: int | None = None,
                 layers: Sequence[str] | None = None, shapes: Sequence[KernelShape] | None = None,
-                progress: bool | None = None) -> KernelsResult:
+                progress: bool | None = None, group_sizes: Sequence[int] = ()) -> KernelsResult:
     """Run the kernel benchmark into ``out`` (``kernels.csv``, ``kernels.md``).
 
     ``layers`` keeps the layers matching a pattern (see :func:`select_shapes`); ``shapes``
     overrides ``suites`` and ``layers`` (any :class:`KernelShape`); ``tune`` runs the cached grid
     search (:func:`ternbench.schedules.tuning.search`, ``tune_points`` / ``tune_budget_s``
     per rule and shape) before building; ``metaschedule_trials`` > 0 adds the MetaSchedule
-    baseline for int8 activations. ``quick``: 3 rounds of >= 2 ms samples and a smaller
+    baseline for int8 activations. ``group_sizes``: also the int8-activation ternary kernel
+    with FGQ group scales of each size (impl ``<impl>_g<N>``). ``quick``: 3 rounds of >= 2 ms samples and a smaller
     bandwidth buffer (tests, CI). Failed impls are rows with an empty time and a ``note``.
     """
     import pandas as pd
@@ -731,7 +744,7 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
             impls = _group(shape, batch, threads=threads, act_modes=act_modes, tinfo=tinfo,
                            tune=tune, tune_points=tune_points, tune_budget_s=tune_budget_s,
                            ms_trials=metaschedule_trials, generic=generic, failures=failures,
-                           pbar=pbar)
+                           pbar=pbar, group_sizes=group_sizes)
             pbar.set_postfix_str(f"{shape.name} b{batch} timing", refresh=True)
             _time_group(impls, threads=threads, rounds=n_rounds, min_s=min_s)
             rows += _rows(shape, batch, impls, bandwidth_gbs=bw, rounds=n_rounds, prov=prov)

@@ -231,3 +231,20 @@ def test_cli_whole_model(tmp_path, capsys):
     assert len(layers) == 22 and (layers.us > 0).all()  # resnet20: 19 convs, 2 shortcuts, fc
     assert "Whole model" in (tmp_path / "model.md").read_text()
     assert cli.main(["kernels", "--whole-model", "resnet99", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.tvm
+def test_fgq_group_rows(tmp_path):
+    """``group_sizes`` adds the int8-activation kernel with FGQ group scales, checked against
+    the reference like every kernel (fan-in 72 with N=64: a partial, zero-padded last group)."""
+    pytest.importorskip("tvm")
+    res = kernels.run_kernels(tmp_path / "k", shapes=TINY[:1], batches=(1,), quick=True,
+                              act_modes=("int8",), progress=False, group_sizes=(4, 64))
+    assert res.failures == ()
+    df = pd.read_csv(res.csv_path)
+    grouped = df[df["impl"].str.contains("_g")]
+    assert sorted(grouped["impl"].str.rsplit("_g", n=1).str[1].astype(int)) == [4, 64]
+    assert grouped["median_us"].notna().all() and (grouped["max_abs_err"] < 1e-3).all()
+    assert not grouped["impl"].str.contains("generic").any()  # no fallback for N=64 on 72
+    lx = kernels.synthetic_layer(TINY[0], "ternary", "int8", group_size=64)
+    assert lx.scales.shape == (16, 2) and lx.group_size == 64
