@@ -706,7 +706,8 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     per rule and shape) before building; ``metaschedule_trials`` > 0 adds the MetaSchedule
     baseline for int8 activations. ``group_sizes``: also the int8-activation ternary kernel
     with FGQ group scales of each size (impl ``<impl>_g<N>``). ``quick``: 3 rounds of >= 2 ms
-    samples and a smaller bandwidth buffer (tests, CI). Failed impls are rows with an empty time and a ``note``.
+    samples and a smaller bandwidth buffer (tests, CI). Failed impls are rows with an empty
+    time and a ``note``.
     """
     import pandas as pd
     import torch
