@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelCheckError",
+    "fold_bn_exports",
     "TvmLayer",
     "ModelLatency",
     "compile_model",
@@ -112,33 +113,7 @@ class TvmLayer(nn.Module):
         """Fold an eval-mode BatchNorm that consumes this layer's output into the kernels'
         epilogue (per-channel scale into ``scales`` / weight offsets, shift into the primary's
         bias): one float32 rounding more, one eager op and one pass over the output less."""
-        if bn.running_var is None or bn.running_mean is None:
-            raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
-        ones = torch.ones(bn.num_features, dtype=torch.float64)
-        gamma = bn.weight.detach().double() if bn.affine else ones
-        beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
-        g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = beta - bn.running_mean.double() * g
-        gn = g.numpy()
-        sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
-        parts = []
-        for i, p in enumerate(self.parts):
-            if p.out_channels != len(gn):
-                raise ValueError(f"{name}: {len(gn)} channels after {p.name} "
-                                 f"({p.out_channels} outputs)")
-            bias = np.zeros(len(gn)) if p.bias is None else np.asarray(p.bias, np.float64)
-            bias = bias * gn + (sn if i == 0 else 0.0)
-            repl: dict[str, Any] = {"bias": bias.astype(np.float32)}
-            if p.weight_format == "fp32":  # the codes are the weights
-                repl["codes"] = (np.asarray(p.codes, np.float64) * gn[:, None]).astype(np.float32)
-            else:
-                repl["scales"] = (np.asarray(p.scales, np.float64) * gn[:, None]).astype(
-                    np.float32)
-                repl["scale_bits"] = 32
-            if p.weight_offset is not None:
-                repl["weight_offset"] = (np.asarray(p.weight_offset, np.float64) * gn).astype(
-                    np.float32)
-            parts.append(dataclasses.replace(p, **repl))
+        parts = fold_bn_exports(self.parts, bn, name)
         self.parts = parts
         self.lx = parts[0]
         self.folded = name
@@ -182,6 +157,41 @@ class TvmLayer(nn.Module):
     def extra_repr(self) -> str:
         fold = f" + {self.folded}" if self.folded else ""
         return f"{self.lx.name}: {self.impl} x{len(self.kernels)}{fold}"
+
+
+def fold_bn_exports(parts: list[LayerExport], bn: nn.BatchNorm2d | nn.BatchNorm1d,
+                    name: str = "bn") -> list[LayerExport]:
+    """The exports of a layer (primary first, then its branches) with an eval-mode BatchNorm
+    that consumes the layer's output folded in: per-channel scale into ``scales`` (or the
+    fp32 weights) and weight offsets, shift into the primary's bias."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
+    ones = torch.ones(bn.num_features, dtype=torch.float64)
+    gamma = bn.weight.detach().double() if bn.affine else ones
+    beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
+    g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = beta - bn.running_mean.double() * g
+    gn = g.numpy()
+    sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
+    out = []
+    for i, p in enumerate(parts):
+        if p.out_channels != len(gn):
+            raise ValueError(f"{name}: {len(gn)} channels after {p.name} "
+                             f"({p.out_channels} outputs)")
+        bias = np.zeros(len(gn)) if p.bias is None else np.asarray(p.bias, np.float64)
+        bias = bias * gn + (sn if i == 0 else 0.0)
+        repl: dict[str, Any] = {"bias": bias.astype(np.float32)}
+        if p.weight_format == "fp32":  # the codes are the weights
+            repl["codes"] = (np.asarray(p.codes, np.float64) * gn[:, None]).astype(np.float32)
+        else:
+            repl["scales"] = (np.asarray(p.scales, np.float64) * gn[:, None]).astype(
+                np.float32)
+            repl["scale_bits"] = 32
+        if p.weight_offset is not None:
+            repl["weight_offset"] = (np.asarray(p.weight_offset, np.float64) * gn).astype(
+                np.float32)
+        out.append(dataclasses.replace(p, **repl))
+    return out
 
 
 def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int,
