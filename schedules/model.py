@@ -47,6 +47,7 @@ __all__ = [
     "ModelLatency",
     "compile_model",
     "check_model",
+    "compare_logits",
     "model_latency",
     "torch_int8_model",
     "LOGIT_RTOL",
@@ -288,15 +289,29 @@ def check_model(tvm_model: nn.Module, x: Tensor, ref_logits: Tensor) -> ModelChe
         for i in range(0, n, batch):
             outs.append(tvm_model(x[i:i + batch].contiguous(
                 memory_format=torch.channels_last)).clone())
-    got = torch.cat(outs).to(torch.float64)
-    ref = ref_logits[:n].to(torch.float64)
-    diff = float((got - ref).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    agree = float((got.argmax(1) == ref.argmax(1)).double().mean())
+    return compare_logits(torch.cat(outs), ref_logits[:n], "TVM model")
+
+
+def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
+                   what: str = "TVM model") -> ModelCheck:
+    """Compare deployed logits with the fake-quant model's (same samples, same order).
+
+    Raises :class:`ModelCheckError` past :data:`LOGIT_RTOL` or under
+    :data:`MIN_TOP1_AGREEMENT`.
+    """
+    g = torch.as_tensor(np.asarray(got)).to(torch.float64)
+    r = torch.as_tensor(np.asarray(ref)).to(torch.float64)
+    if g.shape != r.shape:
+        raise ModelCheckError(f"{what}: logits of shape {tuple(g.shape)}, fake-quant model "
+                              f"gives {tuple(r.shape)}")
+    n = int(g.shape[0])
+    diff = float((g - r).abs().max())
+    scale = float(r.abs().max()) or 1.0
+    agree = float((g.argmax(1) == r.argmax(1)).double().mean())
     res = ModelCheck(samples=n, max_abs_diff=diff, rel_diff=diff / scale, top1_agreement=agree)
     if not (res.rel_diff <= LOGIT_RTOL and agree >= MIN_TOP1_AGREEMENT):
         raise ModelCheckError(
-            f"TVM model disagrees with the fake-quant model on {n} samples: max |dlogit| = "
+            f"{what} disagrees with the fake-quant model on {n} samples: max |dlogit| = "
             f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
             f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
     return res
