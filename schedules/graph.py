@@ -135,6 +135,17 @@ class _Src:
     shape: tuple[int, ...]  # logical: (B, C, H, W), (B, F) or (C,)
 
 
+def _physical(src: _Src) -> tuple[int, ...]:
+    """Shape of the tensor behind ``src``."""
+    if src.layout == "nhwc":
+        b, c, h, w = src.shape
+        return (b, h, w, c)
+    if src.layout == "mn":
+        b, c, h, w = src.shape
+        return (b * h * w, c)
+    return src.shape
+
+
 def _read(t: Any, src: _Src, idx: Sequence[Any]) -> Any:
     if src.layout == "vec":
         return t[idx[0]]
@@ -235,15 +246,28 @@ class _Lowering:
 
     def emit(self, name: str, shape: tuple[int, ...], dtype: str, srcs: Sequence[_Src],
              body: Callable[[Sequence[Any], Sequence[Any]], Any]) -> Any:
-        """One TE stage ``out[i] = body(tensors, i)`` over ``srcs`` -> Relax var."""
-        te = self.te
+        """One elementwise TE stage ``out[i] = body(tensors, i)`` over ``srcs`` -> Relax var.
+
+        The stage is scheduled here (innermost loop, the channels of NHWC, vectorised) and
+        called with ``call_tir`` like a kernel."""
+        te, tvm = self.te, self.tvm
         self.n_stage += 1
         fname = f"{name}_{self.n_stage}"
-
-        def fn(*ts: Any) -> Any:
-            return te.compute(shape, lambda *i: body(ts, i).astype(dtype), name=name)
-
-        return self.bb.emit_te(fn, *[s.var for s in srcs], primfunc_name_hint=fname)
+        ins = [te.placeholder(_physical(s), "float32", name=f"in{i}")
+               for i, s in enumerate(srcs)]
+        out = te.compute(shape, lambda *i: body(ins, i).astype(dtype), name=name)
+        func = te.create_prim_func([*ins, out])
+        try:
+            sch = tvm.s_tir.Schedule(func)
+            loops = sch.get_loops(sch.get_sblock(name))
+            if shape[-1] % 4 == 0 and shape[-1] <= 1024:
+                sch.vectorize(loops[-1])
+            func = sch.mod["main"]
+        except Exception as exc:  # an unscheduled stage is still correct
+            log.debug("stage %s left unscheduled: %s", fname, exc)
+        gv = self.bb.add_func(func.with_attr("global_symbol", fname), fname)
+        return self.bb.emit(self.relax.call_tir(
+            gv, [s.var for s in srcs], self.relax.TensorType(tuple(shape), dtype)))
 
     def materialise(self, v: _Val, name: str = "act") -> _Src:
         """Write ``v`` once (float32 NHWC / [B, F])."""
