@@ -480,6 +480,10 @@ def _print_summary(df: Any, out: Path) -> None:
                                aggfunc="mean")
         mt.columns = [f"{t}:model {i} us" for t, i in mt.columns]
         table = table.join(mt)
+    dep = ok[(ok.layer == "__model__") & (ok.metric == "top1_deployed")]
+    if len(dep):  # the artifact's own accuracy, beside the fake-quant top1
+        table = table.join(dep.pivot_table(index=index, values="value", aggfunc="mean")
+                           .rename(columns={"value": "top1_deployed"}))
     status = ok[(ok.layer == "__total__") & (ok.metric == "kernel_status")]
     if len(status):  # targets built / verified but not timed here
         st = status.assign(s=status.unit.str.split(" (", regex=False).str[0]).pivot_table(

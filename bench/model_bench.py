@@ -38,6 +38,7 @@ WHOLE_MODELS: dict[str, tuple[str, int, int, int]] = {
     "resnet18": ("resnet18", 3, 1000, 224),
     "resnet18-cifar": ("resnet18", 3, 10, 32),
     "resnet20": ("resnet20", 3, 10, 32),
+    "resnet8": ("resnet8", 1, 10, 28),  # the main job's model at Fashion-MNIST shapes
 }
 
 

@@ -45,7 +45,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation notices
-        torch.onnx.export(m, (example,), buf, input_names=["x"], output_names=["logits"],
+        torch.onnx.export(m, (example,), buf,  # type: ignore[arg-type]  # file-like works
+                          input_names=["x"], output_names=["logits"],
                           opset_version=OPSET, dynamic_axes={"x": {0: "batch"},
                                                              "logits": {0: "batch"}},
                           dynamo=False)

@@ -620,19 +620,20 @@ def _lower_node(low: _Lowering, node: torch.fx.Node, mods: dict[str, nn.Module],
                                _int(mod.padding), bool(mod.ceil_mode))
         if isinstance(mod, nn.Flatten) and mod.start_dim == 1:
             return low.flatten(arg(0))
-        if type(mod).__name__ == "ParamFreeShortcut":
-            v = arg(0)
-            if isinstance(mod.pool, nn.MaxPool2d):
-                v = low.maxpool(v, 2, 2, 0, True)
-            return low.pad_channels(v, int(mod.extra)) if mod.extra else v
+        if type(mod).__name__ == "ParamFreeShortcut":  # STTN's: 2x2 max pool + zero channels
+            sv = arg(0)
+            if isinstance(getattr(mod, "pool", None), nn.MaxPool2d):
+                sv = low.maxpool(sv, 2, 2, 0, True)
+            extra = int(getattr(mod, "extra", 0))
+            return low.pad_channels(sv, extra) if extra else sv
         raise UnsupportedGraphError(f"module {name} ({type(mod).__name__}) has no lowering")
     if node.op == "call_function":
         fn = node.target
         if fn in _ADD and len(node.args) == 2 and not node.kwargs:
-            a, b = arg(0), arg(1)
-            if a.shape != b.shape:
-                raise UnsupportedGraphError(f"{node.name}: add of {a.shape} and {b.shape}")
-            return _combine([a, b], a.shape, lambda xs, i: xs[0] + xs[1])
+            va, vb = arg(0), arg(1)
+            if va.shape != vb.shape:
+                raise UnsupportedGraphError(f"{node.name}: add of {va.shape} and {vb.shape}")
+            return _combine([va, vb], va.shape, lambda xs, i: xs[0] + xs[1])
         if fn in _RELU:
             return low.clamp(arg(0), 0.0, None)
         if fn is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)):
@@ -656,7 +657,9 @@ def _int(v: Any) -> int:
 
 
 def _is_one(v: Any) -> bool:
-    return v == 1 or tuple(v) == (1, 1) if isinstance(v, int | tuple | list) else False
+    if isinstance(v, int):
+        return v == 1
+    return isinstance(v, tuple | list) and tuple(v) == (1, 1)
 
 
 def compile_graph(gm: GraphModule) -> Any:
