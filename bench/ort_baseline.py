@@ -111,10 +111,16 @@ def ort_int8_model(fp32: nn.Module, calib: torch.Tensor, *, threads: int = 1) ->
         except Exception as exc:  # the plain export quantizes too
             log.debug("onnx pre-processing skipped: %s", exc)
             pre = src
-        quantize_static(str(pre), str(dst), _Reader(calib.numpy()),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # the quantizer logs each node on root
+        try:
+            quantize_static(str(pre), str(dst), _Reader(calib.numpy()),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        finally:
+            root.setLevel(level)
         data = dst.read_bytes()
     log.info("onnxruntime INT8 QDQ model: %d calibration images, %d KiB", len(calib),
              len(data) // 1024)
