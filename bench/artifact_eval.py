@@ -37,6 +37,7 @@ from .results import make_row
 from .tasks import CellSpec, shard_indices
 
 __all__ = ["BACKENDS", "artifact_rows", "build_cell_artifact", "eval_artifact_shard",
+           "cross_artifact_rows",
            "time_backends", "calibration_images", "TOP1_FLAG_POINTS"]
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def artifact_dir(root: Path, cell_key: str) -> Path:
 
 
 def build_cell_artifact(cell: CellSpec, graph: torch.nn.Module, exports: dict[str, Any],
-                        out_dir: Path, batch: int) -> tuple[Path, Any]:
+                        out_dir: Path, batch: int, target: str = "x86") -> tuple[Path, Any]:
     """Lower, compile and write the artifact of ``cell``; returns (path, GraphModule)."""
     from ternbench.schedules.artifact import write_artifact
     from ternbench.schedules.graph import build_graph, compile_graph
@@ -62,7 +63,7 @@ def build_cell_artifact(cell: CellSpec, graph: torch.nn.Module, exports: dict[st
 
     info = get_dataset_info(cell.dataset)
     shape = (info.in_chans, info.image_size, info.image_size)
-    gm = build_graph(graph, exports, batch=batch, input_shape=shape, target="x86")
+    gm = build_graph(graph, exports, batch=batch, input_shape=shape, target=target)
     t0 = time.perf_counter()
     ex = compile_graph(gm)
     gm.build_s += time.perf_counter() - t0
@@ -231,6 +232,27 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
     log.info("%s artifact: %s", cell.method, ", ".join(
         f"{k} {statistics.median(v):.0f} us" for k, v in raw.items()))
     return rows
+
+
+def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
+                        exports: dict[str, Any], target: str) -> list[dict[str, Any]]:
+    """The whole model cross-built for an ARM target as ``artifacts/<key>-<target>/`` (built
+    only: running it needs an aarch64 TVM runtime, e.g. on the board)."""
+    from ternbench.methods._export_io import load_graph_state
+
+    gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
+    if not gpath.exists():
+        return []
+    graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
+    t0 = time.perf_counter()
+    path, gm = build_cell_artifact(cell, graph, exports,
+                                   artifact_dir(store.root, f"{cell.key}-{target}"),
+                                   cfg.latency_batch, target=target)
+    mb = {**base, "layer": MODEL_LAYER}
+    return [make_row(mb, impl="tvm", metric="artifact_build_s",
+                     value=time.perf_counter() - t0, unit="s"),
+            make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
+                     unit=str(path.relative_to(store.root)))]
 
 
 def _accuracy(cell: CellSpec, store: Any, path: Path, executor: Any, indices: np.ndarray,

@@ -280,7 +280,16 @@ def latency_rows(
     if tinfo.family == "arm" and cfg.rpc:
         return _timed_rows(cell, target, exports, base, cfg, torch_cache, rpc=cfg.rpc)
     if not tinfo.local:
-        return _checked_rows(target, exports, base, cfg)
+        rows = _checked_rows(target, exports, base, cfg)
+        if tinfo.family == "arm" and cfg.whole_model:
+            from .artifact_eval import cross_artifact_rows
+
+            try:  # the whole model cross-built as one module (not run here)
+                rows += cross_artifact_rows(cell, store, cfg, base, exports, target)
+            except Exception as exc:
+                log.error("whole model %s on %s failed: %s", cell.method, target, exc)
+                rows += _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
+        return rows
     rows = _timed_rows(cell, target, exports, base, cfg, torch_cache)
     if tinfo.family == "x86" and cfg.whole_model:
         try:

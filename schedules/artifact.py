@@ -113,7 +113,12 @@ def write_artifact(out_dir: str | Path, executable: Any, params: list[tuple[str,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        executable.export_library(str(tmp / LIBRARY))
+        if target.family == "arm":  # cross-built: linked by the aarch64 cross gcc
+            from .cross import cross_compiler
+
+            executable.export_library(str(tmp / LIBRARY), fcompile=cross_compiler())
+        else:
+            executable.export_library(str(tmp / LIBRARY))
         arrays = {f"p{i:03d}": np.ascontiguousarray(a) for i, (_n, a) in enumerate(params)}
         np.savez(tmp / PARAMS, **arrays)  # type: ignore[arg-type]
         manifest = {
@@ -125,7 +130,7 @@ def write_artifact(out_dir: str | Path, executable: Any, params: list[tuple[str,
                       "note": "main(x, *params): x = (image - mean) / std per channel"},
             "output": {"shape": list(output_shape), "dtype": "float32", "what": "logits"},
             "target": {"name": target.name, "target": target.target_str, "mcpu": target.mcpu,
-                       "arch": _machine() if target.is_x86 else "aarch64",
+                       "arch": _machine() if target.family == "x86" else "aarch64",
                        "cpu_features": sorted(target.features)},
             "tvm_version": _tvm.tvm_version(),
             "tvm_ffi_version": _pkg_version("apache-tvm-ffi"),

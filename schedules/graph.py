@@ -506,8 +506,9 @@ def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: 
 
     t0 = time.perf_counter()
     tinfo = _tvm.target_info(target)
-    if tinfo.family != "x86":
-        raise UnsupportedGraphError(f"whole-model modules are built for x86 only, not {target}")
+    if tinfo.family not in ("x86", "arm"):
+        raise UnsupportedGraphError(
+            f"whole-model modules are built for x86 and the ARM targets, not {target}")
     m = copy.deepcopy(graph).eval()
     missing: list[str] = []
 

@@ -254,3 +254,25 @@ def test_onnxruntime_int8_baseline_agrees_with_fp32(data) -> None:
     assert got.shape == ref.shape
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
     assert np.abs(got - ref).max() < 0.2 * np.abs(ref).max()
+
+
+def test_aarch64_artifact_is_cross_built_and_refused_here(data, tmp_path) -> None:
+    """The whole model cross-built for the ARM target (Cortex-A76, dotprod): a real aarch64
+    library, which this x86 host refuses to load with one line."""
+    import shutil as _sh
+
+    if _sh.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 cross gcc (apt-get install gcc-aarch64-linux-gnu)")
+    from ternbench.schedules.artifact import ArtifactError, load_artifact, write_artifact
+    from ternbench.schedules.graph import build_graph, compile_graph
+
+    qm, _ref = _quantize("sttn", data)
+    gm = build_graph(qm.module, qm.export(), batch=1, input_shape=(1, 28, 28), target="arm")
+    path = write_artifact(tmp_path / "arm", compile_graph(gm), gm.params,
+                          input_shape=gm.input_shape, output_shape=gm.output_shape,
+                          target=gm.target)
+    assert (path / "model.so").read_bytes()[18] == 0xB7  # ELF e_machine: EM_AARCH64
+    assert json.loads((path / "manifest.json").read_text())["target"]["arch"] == "aarch64"
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(path)
+    assert "built for aarch64" in str(exc.value) and "\n" not in str(exc.value)

@@ -214,6 +214,11 @@ def test_arm_and_cuda_targets_are_built_and_reported(tiny_profile, cache, tmp_pa
     verified = arm[arm.metric == "kernels_verified"].set_index("method").value
     assert (built > 0).all() and ((verified == built).all() if arm_ok else True)
     assert not len(df[(df.metric == "latency_us") & df.target.isin(["arm"])])  # never timed
+    # the whole model cross-built as one aarch64 module per cell (built, not run here)
+    cross = arm[(arm.layer == "__model__") & (arm.metric == "artifact_kernels")]
+    assert set(cross.method) == {"fp32", "rtn"}
+    for unit in cross.unit:
+        assert (tmp_path / "run" / unit / "model.so").exists() and unit.endswith("-arm")
     md = (tmp_path / "run" / "report.md").read_text()
     assert "Built and verified targets" in md and "qemu-aarch64" in md
     from ternbench.bench.cli import _print_summary
