@@ -505,13 +505,15 @@ def plot_ablation(
     targets = data.targets
     if targets:
         lat = data.latency[data.latency["target"].eq(targets[0]) & data.latency["primary"]]
+        lat, whole = _whole_model_latency(data, lat, targets[0])
         pts = pts.merge(
             lat[["vid", "model", "dataset", "latency_us"]],
             on=["vid", "model", "dataset"],
             how="left",
         )
         if pts["latency_us"].notna().any():
-            panels.append(("latency_us", f"model latency on {targets[0]} (µs)"))
+            what = "whole-model (artifact)" if whole else "sum-of-kernels"
+            panels.append(("latency_us", f"{what} latency on {targets[0]} (µs)"))
     if pts.empty:
         return None
     xnum = _as_numeric(pts[axis])

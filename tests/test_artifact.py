@@ -276,3 +276,19 @@ def test_aarch64_artifact_is_cross_built_and_refused_here(data, tmp_path) -> Non
     with pytest.raises(ArtifactError) as exc:
         load_artifact(path)
     assert "built for aarch64" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_accuracy_latency_plot_uses_the_whole_model_figure() -> None:
+    from types import SimpleNamespace
+
+    from ternbench.reports.plots import _whole_model_latency
+
+    lat = pd.DataFrame({"vid": [0, 1], "model": ["m", "m"], "dataset": ["d", "d"],
+                        "latency_us": [300.0, 500.0], "torch_fp32_us": [400.0, 400.0]})
+    model = pd.DataFrame({"vid": [0], "model": ["m"], "dataset": ["d"], "target": ["x86"],
+                          "tvm_us": [250.0], "torch_fp32_us": [700.0]})
+    out, whole = _whole_model_latency(SimpleNamespace(model=model), lat, "x86")
+    assert out.latency_us.tolist() == [250.0, 500.0] and not whole  # vid 1 has no artifact
+    assert out.torch_fp32_us.tolist() == [700.0, 400.0]
+    out, whole = _whole_model_latency(SimpleNamespace(model=model), lat[:1], "x86")
+    assert whole and list(out.columns) == list(lat.columns)
