@@ -58,6 +58,7 @@ __all__ = [
     "build_graph",
     "compile_graph",
     "scheduled_kernel",
+    "kernel_sum_timer",
 ]
 
 log = logging.getLogger(__name__)
@@ -671,3 +672,32 @@ def compile_graph(gm: GraphModule) -> Any:
     ex = tvm.compile(gm.mod, target=gm.target.target())
     log.info("whole model compiled in %.1f s", time.perf_counter() - t0)
     return ex
+
+
+def kernel_sum_timer(exports: Mapping[str, LayerExport], batch: int, *,
+                     target: str = "x86") -> Callable[[int], float]:
+    """A timer of the model's kernels run one by one (seconds per pass over all of them, each
+    kernel ``number`` times in ``time_evaluator``'s C++ loop), so that the kernel sum can be
+    timed in the same interleaved rounds as the whole module. Each kernel is first checked
+    against the reference (:func:`.measure.measure_layer`, one short repeat)."""
+    from .measure import EvaluatorCfg, build_layer, kernel_input, measure_layer
+
+    tvm = _tvm.require_tvm()
+    dev = tvm.cpu(0)
+    quick = EvaluatorCfg(number=1, repeat=1, min_repeat_ms=0)
+    runs: list[tuple[Any, list[Any]]] = []
+    for lx in exports.values():
+        measure_layer(lx, batch=batch, target=target, ev=quick)  # raises on a mismatch
+        kern = build_layer(lx, batch, target)
+        args = [tvm.runtime.tensor(v, dev)
+                for v in (kernel_input(lx, kern.spec), *kern.pack(lx))]
+        args.append(tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev))
+        runs.append((kern.module, args))
+
+    def run(number: int) -> float:
+        total = 0.0
+        for mod, args in runs:
+            total += float(mod.time_evaluator("main", dev, number=number, repeat=1)(*args).mean)
+        return total
+
+    return run

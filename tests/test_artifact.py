@@ -233,6 +233,10 @@ def test_report_shows_both_top1_and_flags_a_gap() -> None:
     t = _model_table(pd.DataFrame(rows))
     r = t.iloc[0]
     assert r.overhead == pytest.approx(1.1) and r.speedup_ort == pytest.approx(2.0)
+    # the kernel sum timed in the artifact's own rounds wins over the per-layer rows' sum
+    same = {**base, "target": "x86", "layer": "__model__", "impl": "tvm",
+            "metric": "kernel_sum_us", "value": 110.0}
+    assert _model_table(pd.DataFrame([*rows, same])).iloc[0].overhead == pytest.approx(2.0)
     assert r.top1 == 90.0 and r.top1_deployed == 89.5 and "-0.50" in r.flag
     disp = format_model(t)
     assert disp.loc[0, "Top-1 deployed (%)"] == "89.50" and disp.loc[0, "Flag"]
