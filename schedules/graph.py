@@ -408,23 +408,22 @@ class _Lowering:
             return o
 
         ho, wo = osz(h), osz(w)
-        ri, rj = te.reduce_axis((0, k), "ri"), te.reduce_axis((0, k), "rj")
         lowest = tirx.const(-3.4028234663852886e38, "float32")
 
-        def fn(*ts: Any) -> Any:
-            def cell(bi: Any, y: Any, x: Any, ci: Any) -> Any:
-                iy, ix = y * s - p + ri, x * s - p + rj
-                inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-                cy = te.max(te.min(iy, h - 1), 0)
-                cx = te.max(te.min(ix, w - 1), 0)
-                val = tirx.if_then_else(inside, v.f(ts, (bi, ci, cy, cx)), lowest)
-                return te.max(val, axis=[ri, rj])
+        def body(ts: Sequence[Any], i: Sequence[Any]) -> Any:
+            # the k*k taps written out (an elementwise stage: the channel loop vectorises)
+            bi, y, x, ci = i
+            acc = None
+            for di in range(k):
+                for dj in range(k):
+                    iy, ix = y * s - p + di, x * s - p + dj
+                    inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+                    cy, cx = te.max(te.min(iy, h - 1), 0), te.max(te.min(ix, w - 1), 0)
+                    val = tirx.Select(inside, v.f(ts, (bi, ci, cy, cx)), lowest)
+                    acc = val if acc is None else tirx.max(acc, val)
+            return acc
 
-            return te.compute((b, ho, wo, c), cell, name="maxpool")
-
-        self.n_stage += 1
-        var = self.bb.emit_te(fn, *[s_.var for s_ in v.srcs],
-                              primfunc_name_hint=f"maxpool_{self.n_stage}")
+        var = self.emit("maxpool", (b, ho, wo, c), "float32", v.srcs, body)
         return _Val.of(_Src(var, "nhwc", (b, c, ho, wo)))
 
     def pad_channels(self, v: _Val, extra: int) -> _Val:

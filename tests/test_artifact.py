@@ -296,3 +296,39 @@ def test_accuracy_latency_plot_uses_the_whole_model_figure() -> None:
     assert out.torch_fp32_us.tolist() == [700.0, 400.0]
     out, whole = _whole_model_latency(SimpleNamespace(model=model), lat[:1], "x86")
     assert whole and list(out.columns) == list(lat.columns)
+
+
+def test_max_pooling_and_residual_graph_matches(data) -> None:
+    """Max pooling (padded 3x3/2 as in ResNet-18's stem, and 2x2 ceil-mode as in STTN's
+    shortcut), an unfolded BatchNorm, PReLU and Hardtanh, lowered and run in process."""
+    import tvm
+    from ternbench.schedules.graph import build_graph, compile_graph
+    from ternbench.schedules.model import compare_logits
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+            self.bn2 = nn.BatchNorm2d(16)  # unfolded: fed by the pool, not by a conv
+            self.act = nn.Hardtanh()
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.prelu = nn.PReLU(16)
+            self.pool2 = nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.fc = nn.Linear(16 * 7 * 7, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pool1(torch.relu(self.bn1(self.conv1(x))))  # 28 -> 14
+            y = self.prelu(self.conv2(self.act(self.bn2(y))) + y)
+            return self.fc(self.pool2(y).flatten(1))  # 14 -> 7
+
+    torch.manual_seed(0)
+    qm, ref = _quantize("fgq", data, Net().eval())
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                          for i in (0, 8)])
+    check = compare_logits(got, ref.numpy())
+    assert check.rel_diff < 1e-3
