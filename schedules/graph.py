@@ -210,9 +210,14 @@ class _Gemm(nn.Module):
         self.folded = ""
 
 
+#: parameter-free modules lowered whole (their forward reads shapes, which fx cannot trace)
+_LEAVES = frozenset({"ParamFreeShortcut"})
+
+
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _Gemm) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, _Gemm) or type(m).__name__ in _LEAVES
+                or super().is_leaf_module(m, qualname))
 
 
 class _Lowering:

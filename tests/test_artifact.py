@@ -332,3 +332,22 @@ def test_max_pooling_and_residual_graph_matches(data) -> None:
                           for i in (0, 8)])
     check = compare_logits(got, ref.numpy())
     assert check.rel_diff < 1e-3
+
+
+def test_sttn_layout_model_lowers_and_matches(data) -> None:
+    """The STTN repository's block (BN -> Hardtanh -> conv -> BN -> + parameter-free shortcut
+    (2x2 ceil max pool, zero channels) -> PReLU), quantized by STTN."""
+    import tvm
+    from ternbench.bench.models import create_model
+    from ternbench.schedules.graph import build_graph, compile_graph
+    from ternbench.schedules.model import compare_logits
+
+    torch.manual_seed(0)
+    qm, ref = _quantize("sttn", data, create_model("sttn_resnet8", in_chans=1,
+                                                   num_classes=10).eval())
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                          for i in (0, 8)])
+    compare_logits(got, ref.numpy())
