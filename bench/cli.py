@@ -153,8 +153,9 @@ def _add_kernels_parser(sub: Any) -> None:
     k.add_argument("--no-progress", action="store_true", help="no progress bar")
     k.add_argument("--whole-model", default=None, metavar="MODEL",
                    help="also time a whole ternary model end to end on x86 (resnet18 = 224 px "
-                   "ImageNet shapes, resnet18-cifar, resnet20), per --model-methods, beside "
-                   "torch FP32 eager and INT8: OUT/model.csv, OUT/model_layers.csv")
+                   "ImageNet shapes, resnet18-cifar, resnet20), per --model-methods, as ONE "
+                   "TVM module (OUT/artifacts/MODEL-METHOD/) beside torch FP32 eager, torch "
+                   "INT8 and ONNX Runtime INT8: OUT/model.csv, OUT/model_layers.csv")
     k.add_argument("--model-methods", type=_csv, default=["rtn", "sttn", "fgq", "twn"],
                    metavar="METHODS", help="methods for --whole-model (default: rtn,sttn,fgq,twn)")
     k.add_argument("--model-only", action="store_true",
@@ -207,7 +208,7 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
             return 2
         results = [whole_model_latency(a.whole_model, m, threads=a.threads,
                                        repeat=a.rounds or (3 if a.quick else 15),
-                                       min_repeat_ms=5.0 if a.quick else 200.0)
+                                       min_repeat_ms=5.0 if a.quick else 200.0, out=a.out)
                    for m in a.model_methods]
         mcsv, _ = write_model_results(results, a.out)
         (Path(a.out) / "model.md").write_text(model_markdown(results))
@@ -504,6 +505,10 @@ def _print_summary(df: Any, out: Path, report: bool = True) -> None:
                                aggfunc="mean")
         mt.columns = [f"{t}:model {i} us" for t, i in mt.columns]
         table = table.join(mt)
+    dep = ok[(ok.layer == "__model__") & (ok.metric == "top1_deployed")]
+    if len(dep):  # the artifact's own accuracy, beside the fake-quant top1
+        table = table.join(dep.pivot_table(index=index, values="value", aggfunc="mean")
+                           .rename(columns={"value": "top1_deployed"}))
     status = ok[(ok.layer == "__total__") & (ok.metric == "kernel_status")]
     if len(status):  # targets built / verified but not timed here
         st = status.assign(s=status.unit.str.split(" (", regex=False).str[0]).pivot_table(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,6 +53,10 @@ class Executor(Protocol):
         """Yield each cell with its outcome as it finishes (any order)."""
         ...
 
+    def run_tasks(self, fn: Callable[..., Any], arglists: list[tuple[Any, ...]]) -> list[Any]:
+        """``[fn(*args) for args in arglists]``, run as independent tasks (in order)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -81,6 +85,9 @@ class LocalExecutor:
                 yield cell, CellOutcome(error=exc)
             finally:
                 torch.set_num_threads(threads)
+
+    def run_tasks(self, fn: Callable[..., Any], arglists: list[tuple[Any, ...]]) -> list[Any]:
+        return [fn(*args) for args in arglists]
 
     def close(self) -> None:
         return None
@@ -233,6 +240,13 @@ class RayExecutor:
                         yield cell, CellOutcome(info, shards)
                     except Exception as exc:
                         yield cell, CellOutcome(error=_unwrap(exc))
+
+    def run_tasks(self, fn: Callable[..., Any], arglists: list[tuple[Any, ...]]) -> list[Any]:
+        task = self._ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
+        try:
+            return list(self._ray.get([task.remote(*args) for args in arglists]))
+        except Exception as exc:
+            raise _unwrap(exc) from None
 
     def close(self) -> None:
         if self.started and self._ray.is_initialized():

@@ -280,12 +280,13 @@ def latency_rows(
     cfg: BenchConfig,
     run_id: str,
     torch_cache: dict[tuple, Any],
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
     """Latency (or build/verification) rows of every exported layer of ``cell`` on ``target``.
 
     * local targets (x86; CUDA with a GPU): each kernel checked against the reference, then
-      timed, beside torch FP32 on the same shape (CPU); on x86 also the whole model end to end
-      (:func:`model_rows`);
+      timed, beside torch FP32 on the same shape (CPU); on x86 also the whole model as ONE
+      deployable TVM module (:func:`model_rows`: the artifact, its accuracy and latency);
     * ARM with ``cfg.rpc``: checked and timed on the board over TVM RPC;
     * ARM without a board: built and run bit-exact under qemu-user ("built and verified"),
       never timed; CUDA without a GPU: "built".
@@ -298,10 +299,24 @@ def latency_rows(
     if tinfo.family == "arm" and cfg.rpc:
         return _timed_rows(cell, target, exports, base, cfg, torch_cache, rpc=cfg.rpc)
     if not tinfo.local:
-        return _checked_rows(target, exports, base, cfg)
+        rows = _checked_rows(target, exports, base, cfg)
+        if tinfo.family == "arm" and cfg.whole_model:
+            from .artifact_eval import cross_artifact_rows
+
+            try:  # the whole model cross-built as one module (not run here)
+                rows += cross_artifact_rows(cell, store, cfg, base, exports, target)
+            except Exception as exc:
+                log.error("whole model %s on %s failed: %s", cell.method, target, exc)
+                rows += _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
+        return rows
     rows = _timed_rows(cell, target, exports, base, cfg, torch_cache)
     if tinfo.family == "x86" and cfg.whole_model:
-        rows += model_rows(cell, store, cfg, base, exports)
+        try:
+            rows += model_rows(cell, store, cfg, base, exports, executor)
+        except Exception as exc:  # the kernel rows stay; the whole-model part reports why
+            log.error("whole model %s on %s failed: %s", cell.method, target, exc)
+            log.debug("whole-model failure", exc_info=True)
+            rows += _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
     return rows
 
 
@@ -397,45 +412,14 @@ def _checked_rows(target: str, exports: dict[str, Any], base: dict[str, Any],
 
 
 def model_rows(cell: CellSpec, store: ResultStore, cfg: BenchConfig, base: dict[str, Any],
-               exports: dict[str, Any]) -> list[dict[str, Any]]:
-    """Whole-model latency on x86: the deployed model (TVM kernels chained with the model's
-    non-GEMM ops), checked against the fake-quant logits, timed beside torch FP32 eager and
-    torch INT8; plus the per-layer breakdown of the end-to-end time."""
-    from ternbench.methods._export_io import load_graph_state
-    from ternbench.schedules.model import compile_model, model_latency
+               exports: dict[str, Any], executor: Executor | None = None
+               ) -> list[dict[str, Any]]:
+    """Whole model on x86: the cell's deployable artifact (one TVM module), checked against
+    the fake-quant logits, evaluated on the test subset (``top1_deployed``) and timed beside
+    torch FP32 eager, torch INT8 and ONNX Runtime INT8 (:mod:`.artifact_eval`)."""
+    from .artifact_eval import artifact_rows
 
-    exp = store.root / "exports"
-    gpath, cpath = exp / f"{cell.key}.graph.safetensors", exp / f"{cell.key}.check.npz"
-    if not (gpath.exists() and cpath.exists()):
-        log.warning("%s: no graph state / check logits in %s (written by an older ternbench);"
-                    " whole-model latency skipped", cell.method, exp)
-        return []
-    graph = load_graph_state(cell.build_model(), gpath.read_bytes())
-    with np.load(cpath) as z:
-        x, ref = torch.from_numpy(z["x"]), torch.from_numpy(z["logits"])
-    tvm_model = compile_model(graph, exports, batch=cfg.latency_batch)
-    prof = cfg.profile_obj
-    lat = model_latency(tvm_model, graph, x, ref, threads=cfg.latency_threads,
-                        repeat=max(3, prof.latency_repeat),
-                        min_repeat_ms=float(max(prof.latency_min_repeat_ms, 1) * 5))
-    mb = {**base, "layer": "__model__"}
-    rows = [
-        make_row(mb, impl="tvm", metric="latency_us", value=lat.tvm_us, unit="us"),
-        make_row(mb, impl="torch_fp32_eager", metric="latency_us", value=lat.torch_fp32_us,
-                 unit="us"),
-        make_row(mb, impl="tvm", metric="model_logit_rel_diff", value=lat.check.rel_diff,
-                 unit="relative"),
-        make_row(mb, impl="tvm", metric="model_top1_agreement",
-                 value=lat.check.top1_agreement, unit="fraction"),
-        make_row(mb, impl="tvm", metric="model_other_us", value=lat.other_us, unit="us"),
-    ]
-    if lat.torch_int8_us is not None:
-        rows.append(make_row(mb, impl="torch_int8", metric="latency_us",
-                             value=lat.torch_int8_us, unit="us"))
-    for name, us in lat.per_layer_us.items():
-        rows.append(make_row(base, layer=name, impl=lat.impls[name], metric="model_layer_us",
-                             value=us, unit="us"))
-    return rows
+    return artifact_rows(cell, store, cfg, base, exports, executor)
 
 
 def preflight(cfg: BenchConfig) -> None:
@@ -582,15 +566,16 @@ def _run_locked(
     )
     beat = _Heartbeat(total, log_progress(progress))
     t0 = time.time()
-    if todo:
-        baselines, binfo = _baselines(cfg, todo, progress)
-        meta["baselines"] = binfo
-        store.write_meta(meta)
-        own = executor is None
-        ex = executor or make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus)
-        meta["sessions"][-1]["executor"] = ex.name
-        store.write_meta(meta)
-        try:
+    own = executor is None
+    ex: Executor | None = executor
+    try:
+        if todo:
+            baselines, binfo = _baselines(cfg, todo, progress)
+            meta["baselines"] = binfo
+            store.write_meta(meta)
+            ex = ex or make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus)
+            meta["sessions"][-1]["executor"] = ex.name
+            store.write_meta(meta)
             for cell, outcome in ex.run_cells(todo, baselines, indices):
                 rows = accuracy_rows(cell, outcome, run_id)
                 if outcome.info is not None and outcome.info.get("ledger"):
@@ -606,6 +591,12 @@ def _run_locked(
                                       (".check.npz", "check_npz")):
                         if outcome.info.get(k) is not None:
                             atomic_write_bytes(exp / f"{cell.key}{suffix}", outcome.info[k])
+                    if outcome.shards and all("pred" in p for p in outcome.shards):
+                        # fake-quant top-1 per image, in subset order: the artifact's agreement
+                        buf = io.BytesIO()
+                        np.save(buf, np.concatenate([p["pred"] for p in outcome.shards]),
+                                allow_pickle=False)
+                        atomic_write_bytes(exp / f"{cell.key}.pred.npy", buf.getvalue())
                 store.write_part(cell.key, ACC_PART, rows)
                 if outcome.error is not None:
                     failed += 1
@@ -622,29 +613,29 @@ def _run_locked(
                 bar.update(1)
                 bar.set_postfix_str(f"{cell.method} done")
                 beat.update(f"{cell.method} accuracy")
-        finally:
-            if own:
-                ex.close()
-    torch_cache: dict[tuple, Any] = {}
-    for cell, target in lat_todo:
-        part = f"latency-{target}"
-        if not (store.root / "exports" / f"{cell.key}.npz").exists():
+        torch_cache: dict[tuple, Any] = {}
+        for cell, target in lat_todo:
+            part = f"latency-{target}"
+            if not (store.root / "exports" / f"{cell.key}.npz").exists():
+                bar.update(1)
+                beat.update(f"{cell.method} {target} skipped")
+                continue  # its accuracy part failed; nothing was exported to time
+            try:
+                rows = latency_rows(cell, target, store, cfg, run_id, torch_cache, ex)
+                done += 1
+            except Exception as exc:  # one failed target must not lose the others
+                log.error("latency %s on %s failed: %s", cell.method, target, exc)
+                log.debug("latency failure", exc_info=True)
+                rows = _failed_rows({**_base_fields(cell, run_id), "target": target}, exc)
+                failed += 1
+            store.write_part(cell.key, part, rows)
+            store.consolidate()
             bar.update(1)
-            beat.update(f"{cell.method} {target} skipped")
-            continue  # its accuracy part failed; nothing was exported to time
-        try:
-            rows = latency_rows(cell, target, store, cfg, run_id, torch_cache)
-            done += 1
-        except Exception as exc:  # one failed target must not lose the others
-            log.error("latency %s on %s failed: %s", cell.method, target, exc)
-            log.debug("latency failure", exc_info=True)
-            rows = _failed_rows({**_base_fields(cell, run_id), "target": target}, exc)
-            failed += 1
-        store.write_part(cell.key, part, rows)
-        store.consolidate()
-        bar.update(1)
-        bar.set_postfix_str(f"{cell.method} {target} timed")
-        beat.update(f"{cell.method} {target} latency")
+            bar.set_postfix_str(f"{cell.method} {target} timed")
+            beat.update(f"{cell.method} {target} latency")
+    finally:
+        if own and ex is not None:
+            ex.close()
     bar.close()
     frame = store.consolidate()
     meta["sessions"][-1]["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

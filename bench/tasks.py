@@ -197,7 +197,14 @@ def eval_shard(spec: CellSpec, module: nn.Module, indices: np.ndarray) -> dict[s
     test = spec.load(_test_split(spec.dataset))
     loader = make_loader(test, indices, spec.profile_obj.batch_size,
                          num_workers=loader_workers(spec.dataset))
-    return evaluate(module.eval(), loader)
+    preds: list[torch.Tensor] = []  # top-1 per image, in index order (deployed agreement)
+    hook = module.register_forward_hook(lambda _m, _i, out: preds.append(out.argmax(1)))
+    try:
+        counts = evaluate(module.eval(), loader)
+    finally:
+        hook.remove()
+    pred = torch.cat(preds).numpy().astype(np.int32) if preds else np.zeros(0, np.int32)
+    return {**counts, "pred": pred}
 
 
 def merge_shards(parts: list[dict[str, Any]]) -> dict[str, float]:

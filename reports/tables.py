@@ -891,16 +891,22 @@ def format_latency(lat: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Data
     return out.reset_index(drop=True)
 
 
-_MODEL_IMPLS = {"tvm": "tvm_us", "torch_fp32_eager": "torch_fp32_us",
-                "torch_int8": "torch_int8_us"}
+_MODEL_IMPLS = {"tvm": "tvm_us", "torch_fp32": "torch_fp32_us",
+                "torch_fp32_eager": "torch_fp32_us",  # runs before the artifact (issue 12)
+                "torch_int8": "torch_int8_us", "onnxruntime_int8": "ort_int8_us"}
+#: |top1_deployed - top1| above this many points is flagged
+DEPLOYED_FLAG_POINTS = 0.1
 
 
 def _model_table(df: pd.DataFrame) -> pd.DataFrame:
-    """End-to-end latency of the deployed model (``__model__`` rows), one row per variant x
-    model x dataset x target, speed-ups taken within the same cell (same run, same input)."""
-    cols = ["vid", "label", "method", "model", "dataset", "target", "tvm_us", "torch_fp32_us",
-            "torch_int8_us", "speedup_fp32", "speedup_int8", "other_us", "logit_rel_diff",
-            "top1_agreement"]
+    """End-to-end latency of the deployed model (``__model__`` rows: the artifact and its
+    peers), one row per variant x model x dataset x target, speed-ups taken within the same
+    cell (same run, same input), beside the sum of the per-layer kernels (``__total__``) and
+    the artifact's own top-1 beside the fake-quant one."""
+    cols = ["vid", "label", "method", "model", "dataset", "target", "tvm_us", "kernel_sum_us",
+            "overhead", "torch_fp32_us", "torch_int8_us", "ort_int8_us", "speedup_fp32",
+            "speedup_int8", "speedup_ort", "other_us", "logit_rel_diff", "top1_agreement",
+            "top1", "top1_deployed", "top1_delta", "pred_agreement", "flag"]
     rows = _ok(df)
     rows = rows[rows["layer"].eq(MODEL_LAYER)]
     if rows.empty:
@@ -908,17 +914,38 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
     key = ["vid", "label", "method", "model", "dataset", "target"]
     lat = rows[rows["metric"].eq("latency_us")]
     wide = lat.pivot_table(index=key, columns="impl", values="value", aggfunc="mean")
-    wide = wide.rename(columns=_MODEL_IMPLS)
+    wide = wide.T.groupby(lambda c: _MODEL_IMPLS.get(str(c), str(c))).mean().T
+    tvm_rows = rows[rows["impl"].eq("tvm")]
     for metric, col in (("model_other_us", "other_us"), ("model_logit_rel_diff", "logit_rel_diff"),
-                        ("model_top1_agreement", "top1_agreement")):
-        m = rows[rows["metric"].eq(metric)].groupby(key)["value"].mean()
+                        ("model_top1_agreement", "top1_agreement"),
+                        ("top1_deployed", "top1_deployed"),
+                        ("deployed_pred_agreement", "pred_agreement")):
+        m = tvm_rows[tvm_rows["metric"].eq(metric)].groupby(key)["value"].mean()
         wide[col] = m
+    ok = _ok(df)
+    tot = ok[ok["layer"].eq(TOTAL_LAYER) & ok["metric"].eq("latency_us") & ok["impl"].eq("tvm")]
+    wide["kernel_sum_us"] = tot.groupby(key)["value"].mean()
+    # the kernel sum timed in the artifact's own rounds, where the run has it
+    same = tvm_rows[tvm_rows["metric"].eq("kernel_sum_us")].groupby(key)["value"].mean()
+    same = same[same.index.isin(wide.index)]
+    wide.loc[same.index, "kernel_sum_us"] = same
+    acc = ok[ok["metric"].eq("top1") & ok["target"].eq(MODEL_TARGET) & ok["layer"].eq("")]
+    top1 = acc.groupby(key[:-1])["value"].mean()
+    wide = wide.reset_index()
+    wide["top1"] = [top1.get(tuple(r[k] for k in key[:-1]), np.nan)
+                    for _i, r in wide.iterrows()]
     for c in cols:
-        if c not in key and c not in wide.columns:
+        if c not in wide.columns:
             wide[c] = np.nan
     wide["speedup_fp32"] = wide["torch_fp32_us"] / wide["tvm_us"]
     wide["speedup_int8"] = wide["torch_int8_us"] / wide["tvm_us"]
-    return wide.reset_index()[cols]
+    wide["speedup_ort"] = wide["ort_int8_us"] / wide["tvm_us"]
+    wide["overhead"] = wide["tvm_us"] / wide["kernel_sum_us"]
+    wide["top1_delta"] = wide["top1_deployed"] - wide["top1"]
+    wide["flag"] = [
+        "" if pd.isna(d) or abs(d) <= DEPLOYED_FLAG_POINTS
+        else f"deployed top-1 differs by {d:+.2f} points" for d in wide["top1_delta"]]
+    return wide[cols]
 
 
 def _status_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -941,22 +968,31 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_model(model: pd.DataFrame) -> pd.DataFrame:
-    """Display strings for the end-to-end model latency table."""
-    return pd.DataFrame(
+    """Display strings for the end-to-end (deployed artifact) table."""
+    out = pd.DataFrame(
         {
             "Method": model["label"].astype(str),
             "Model": model["model"].astype(str),
             "Target": model["target"].astype(str),
-            "TVM model (µs)": [fmt_num(v, ".0f") for v in model["tvm_us"]],
+            "TVM artifact (µs)": [fmt_num(v, ".0f") for v in model["tvm_us"]],
+            "Kernel sum (µs)": [fmt_num(v, ".0f") for v in model["kernel_sum_us"]],
+            "Artifact / kernels": [fmt_num(v, ".2f", "×") for v in model["overhead"]],
             "Torch FP32 eager (µs)": [fmt_num(v, ".0f") for v in model["torch_fp32_us"]],
             "Torch INT8 (µs)": [fmt_num(v, ".0f") for v in model["torch_int8_us"]],
+            "ORT INT8 (µs)": [fmt_num(v, ".0f") for v in model["ort_int8_us"]],
             "Speed-up vs FP32": [fmt_num(v, ".2f", "×") for v in model["speedup_fp32"]],
             "Speed-up vs INT8": [fmt_num(v, ".2f", "×") for v in model["speedup_int8"]],
-            "Non-GEMM ops (µs)": [fmt_num(v, ".0f") for v in model["other_us"]],
+            "Speed-up vs ORT INT8": [fmt_num(v, ".2f", "×") for v in model["speedup_ort"]],
+            "Top-1 fake-quant (%)": [fmt_num(v, ".2f") for v in model["top1"]],
+            "Top-1 deployed (%)": [fmt_num(v, ".2f") for v in model["top1_deployed"]],
+            "Same prediction": [fmt_num(100 * v, ".1f", "%") for v in model["pred_agreement"]],
             "Logit Δ vs fake-quant": [fmt_num(v, ".1e") for v in model["logit_rel_diff"]],
-            "Top-1 agreement": [fmt_num(100 * v, ".1f", "%") for v in model["top1_agreement"]],
+            "Flag": [str(f) if isinstance(f, str) else "" for f in model["flag"]],
         }
-    ).reset_index(drop=True)
+    )
+    if model["other_us"].notna().any():  # runs with the chained (torch glue) model
+        out["Non-GEMM ops (µs)"] = [fmt_num(v, ".0f") for v in model["other_us"]]
+    return out.reset_index(drop=True)
 
 
 def format_status(status: pd.DataFrame) -> pd.DataFrame:

@@ -42,10 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelCheckError",
+    "fold_bn_exports",
     "TvmLayer",
     "ModelLatency",
     "compile_model",
     "check_model",
+    "compare_logits",
     "model_latency",
     "torch_int8_model",
     "LOGIT_RTOL",
@@ -112,33 +114,7 @@ class TvmLayer(nn.Module):
         """Fold an eval-mode BatchNorm that consumes this layer's output into the kernels'
         epilogue (per-channel scale into ``scales`` / weight offsets, shift into the primary's
         bias): one float32 rounding more, one eager op and one pass over the output less."""
-        if bn.running_var is None or bn.running_mean is None:
-            raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
-        ones = torch.ones(bn.num_features, dtype=torch.float64)
-        gamma = bn.weight.detach().double() if bn.affine else ones
-        beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
-        g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
-        shift = beta - bn.running_mean.double() * g
-        gn = g.numpy()
-        sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
-        parts = []
-        for i, p in enumerate(self.parts):
-            if p.out_channels != len(gn):
-                raise ValueError(f"{name}: {len(gn)} channels after {p.name} "
-                                 f"({p.out_channels} outputs)")
-            bias = np.zeros(len(gn)) if p.bias is None else np.asarray(p.bias, np.float64)
-            bias = bias * gn + (sn if i == 0 else 0.0)
-            repl: dict[str, Any] = {"bias": bias.astype(np.float32)}
-            if p.weight_format == "fp32":  # the codes are the weights
-                repl["codes"] = (np.asarray(p.codes, np.float64) * gn[:, None]).astype(np.float32)
-            else:
-                repl["scales"] = (np.asarray(p.scales, np.float64) * gn[:, None]).astype(
-                    np.float32)
-                repl["scale_bits"] = 32
-            if p.weight_offset is not None:
-                repl["weight_offset"] = (np.asarray(p.weight_offset, np.float64) * gn).astype(
-                    np.float32)
-            parts.append(dataclasses.replace(p, **repl))
+        parts = fold_bn_exports(self.parts, bn, name)
         self.parts = parts
         self.lx = parts[0]
         self.folded = name
@@ -182,6 +158,41 @@ class TvmLayer(nn.Module):
     def extra_repr(self) -> str:
         fold = f" + {self.folded}" if self.folded else ""
         return f"{self.lx.name}: {self.impl} x{len(self.kernels)}{fold}"
+
+
+def fold_bn_exports(parts: list[LayerExport], bn: nn.BatchNorm2d | nn.BatchNorm1d,
+                    name: str = "bn") -> list[LayerExport]:
+    """The exports of a layer (primary first, then its branches) with an eval-mode BatchNorm
+    that consumes the layer's output folded in: per-channel scale into ``scales`` (or the
+    fp32 weights) and weight offsets, shift into the primary's bias."""
+    if bn.running_var is None or bn.running_mean is None:
+        raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
+    ones = torch.ones(bn.num_features, dtype=torch.float64)
+    gamma = bn.weight.detach().double() if bn.affine else ones
+    beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
+    g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
+    shift = beta - bn.running_mean.double() * g
+    gn = g.numpy()
+    sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
+    out = []
+    for i, p in enumerate(parts):
+        if p.out_channels != len(gn):
+            raise ValueError(f"{name}: {len(gn)} channels after {p.name} "
+                             f"({p.out_channels} outputs)")
+        bias = np.zeros(len(gn)) if p.bias is None else np.asarray(p.bias, np.float64)
+        bias = bias * gn + (sn if i == 0 else 0.0)
+        repl: dict[str, Any] = {"bias": bias.astype(np.float32)}
+        if p.weight_format == "fp32":  # the codes are the weights
+            repl["codes"] = (np.asarray(p.codes, np.float64) * gn[:, None]).astype(np.float32)
+        else:
+            repl["scales"] = (np.asarray(p.scales, np.float64) * gn[:, None]).astype(
+                np.float32)
+            repl["scale_bits"] = 32
+        if p.weight_offset is not None:
+            repl["weight_offset"] = (np.asarray(p.weight_offset, np.float64) * gn).astype(
+                np.float32)
+        out.append(dataclasses.replace(p, **repl))
+    return out
 
 
 def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int,
@@ -278,17 +289,34 @@ def check_model(tvm_model: nn.Module, x: Tensor, ref_logits: Tensor) -> ModelChe
         for i in range(0, n, batch):
             outs.append(tvm_model(x[i:i + batch].contiguous(
                 memory_format=torch.channels_last)).clone())
-    got = torch.cat(outs).to(torch.float64)
-    ref = ref_logits[:n].to(torch.float64)
-    diff = float((got - ref).abs().max())
-    scale = float(ref.abs().max()) or 1.0
-    agree = float((got.argmax(1) == ref.argmax(1)).double().mean())
+    return compare_logits(torch.cat(outs), ref_logits[:n], "TVM model")
+
+
+def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
+                   what: str = "TVM model", *, strict: bool = True) -> ModelCheck:
+    """Compare deployed logits with the fake-quant model's (same samples, same order).
+
+    Raises :class:`ModelCheckError` past :data:`LOGIT_RTOL` or under
+    :data:`MIN_TOP1_AGREEMENT`; with ``strict=False`` only under the top-1 agreement (a
+    logit gap is then logged as a warning and left in the returned figures).
+    """
+    g = torch.as_tensor(np.asarray(got)).to(torch.float64)
+    r = torch.as_tensor(np.asarray(ref)).to(torch.float64)
+    if g.shape != r.shape:
+        raise ModelCheckError(f"{what}: logits of shape {tuple(g.shape)}, fake-quant model "
+                              f"gives {tuple(r.shape)}")
+    n = int(g.shape[0])
+    diff = float((g - r).abs().max())
+    scale = float(r.abs().max()) or 1.0
+    agree = float((g.argmax(1) == r.argmax(1)).double().mean())
     res = ModelCheck(samples=n, max_abs_diff=diff, rel_diff=diff / scale, top1_agreement=agree)
-    if not (res.rel_diff <= LOGIT_RTOL and agree >= MIN_TOP1_AGREEMENT):
-        raise ModelCheckError(
-            f"TVM model disagrees with the fake-quant model on {n} samples: max |dlogit| = "
-            f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
-            f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
+    msg = (f"{what} disagrees with the fake-quant model on {n} samples: max |dlogit| = "
+           f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
+           f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
+    if agree < MIN_TOP1_AGREEMENT or (strict and not res.rel_diff <= LOGIT_RTOL):
+        raise ModelCheckError(msg)
+    if not res.rel_diff <= LOGIT_RTOL:
+        log.warning("%s (accepted: not strict)", msg)
     return res
 
 

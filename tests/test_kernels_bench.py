@@ -216,16 +216,19 @@ def test_cli_quick_run(tmp_path, capsys):
 
 @pytest.mark.tvm
 def test_cli_whole_model(tmp_path, capsys):
-    """`kernels --whole-model`: the model is checked against its fake-quant logits, then timed
-    beside torch FP32 eager and INT8; model.csv / model_layers.csv / model.md are written."""
+    """`kernels --whole-model`: the model is compiled into one TVM module (an artifact under
+    OUT/artifacts/), checked against its fake-quant logits, then timed beside torch FP32 eager,
+    torch INT8 and ONNX Runtime INT8; model.csv / model_layers.csv / model.md are written."""
     rc = cli.main(["kernels", "--whole-model", "resnet20", "--model-methods", "rtn",
                    "--model-only", "--quick", "--rounds", "1", "--out", str(tmp_path)])
     assert rc == 0
     df = pd.read_csv(tmp_path / "model.csv")
     r = df.iloc[0]
     assert (r.model, r.method, r.batch) == ("resnet20", "rtn", 1)
-    assert r.tvm_us > 0 and r.torch_fp32_eager_us > 0 and r.torch_int8_us > 0
-    assert math.isclose(r.speedup_vs_torch_fp32, r.torch_fp32_eager_us / r.tvm_us)
+    assert r.tvm_artifact_us > 0 and r.torch_fp32_eager_us > 0 and r.torch_int8_us > 0
+    assert r.onnxruntime_int8_us > 0 and r.kernel_sum_us > 0
+    assert math.isclose(r.speedup_vs_torch_fp32, r.torch_fp32_eager_us / r.tvm_artifact_us)
+    assert (tmp_path / "artifacts" / "resnet20-rtn" / "manifest.json").exists()
     assert r.logit_rel_diff < 1e-5 and r.top1_agreement == 1.0
     layers = pd.read_csv(tmp_path / "model_layers.csv")
     assert len(layers) == 22 and (layers.us > 0).all()  # resnet20: 19 convs, 2 shortcuts, fc

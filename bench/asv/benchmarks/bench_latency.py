@@ -40,15 +40,17 @@ class KernelLatency:
 
 
 class WholeModel:
-    """End-to-end ternary ResNet-18 (224 px, batch 1, one thread) on x86: TVM kernels chained
-    with the model's non-GEMM ops, checked against the fake-quant logits, beside torch FP32
-    eager (``bench.model_bench``). asv reads lower as better, hence TVM / torch as the ratio."""
+    """The deployed artifact (the whole ternary model as ONE TVM module, batch 1, one thread)
+    on x86, checked against the fake-quant logits, timed interleaved with torch FP32 eager,
+    torch INT8 and ONNX Runtime INT8, and beside the sum of its kernels
+    (``bench.model_bench``): ResNet-8 at Fashion-MNIST shapes and ResNet-18 at 224 px.
+    asv reads lower as better, hence artifact / peer as the ratios."""
 
-    params = [["rtn", "fgq"]]
-    param_names = ["method"]
-    timeout = 600
+    params = [["resnet8", "resnet18"], ["rtn", "sttn", "fgq"]]
+    param_names = ["model", "method"]
+    timeout = 1200
 
-    def setup_cache(self) -> dict[str, dict[str, float]]:
+    def setup_cache(self) -> dict[tuple[str, str], dict[str, float]]:
         try:
             import tvm  # noqa: F401
         except ImportError:
@@ -56,18 +58,37 @@ class WholeModel:
         from ternbench.bench.model_bench import whole_model_latency
 
         out = {}
-        for method in self.params[0]:
-            r = whole_model_latency("resnet18", method, repeat=7, min_repeat_ms=100.0)
-            out[method] = {"tvm_ms": r.tvm_us / 1e3, "ratio": r.tvm_us / r.torch_fp32_us}
+        for model in self.params[0]:
+            for method in self.params[1]:
+                r = whole_model_latency(model, method, repeat=7, min_repeat_ms=100.0)
+                out[(model, method)] = {
+                    "tvm_ms": r.tvm_us / 1e3, "ratio": r.tvm_us / r.torch_fp32_us,
+                    "over_kernels": r.overhead,
+                    "over_int8": r.tvm_us / (r.torch_int8_us or float("nan")),
+                    "over_ort": r.tvm_us / (r.ort_int8_us or float("nan"))}
         return out
 
-    def track_tvm_ms(self, results: dict[str, dict[str, float]], method: str) -> float:
-        return results[method]["tvm_ms"]
+    def track_tvm_ms(self, results: dict, model: str, method: str) -> float:
+        return results[(model, method)]["tvm_ms"]
 
     track_tvm_ms.unit = "ms"  # type: ignore[attr-defined]
 
-    def track_tvm_over_torch_fp32(self, results: dict[str, dict[str, float]],
-                                  method: str) -> float:
-        return results[method]["ratio"]
+    def track_tvm_over_torch_fp32(self, results: dict, model: str, method: str) -> float:
+        return results[(model, method)]["ratio"]
 
     track_tvm_over_torch_fp32.unit = "ratio"  # type: ignore[attr-defined]
+
+    def track_artifact_over_kernel_sum(self, results: dict, model: str, method: str) -> float:
+        return results[(model, method)]["over_kernels"]
+
+    track_artifact_over_kernel_sum.unit = "ratio"  # type: ignore[attr-defined]
+
+    def track_artifact_over_torch_int8(self, results: dict, model: str, method: str) -> float:
+        return results[(model, method)]["over_int8"]
+
+    track_artifact_over_torch_int8.unit = "ratio"  # type: ignore[attr-defined]
+
+    def track_artifact_over_ort_int8(self, results: dict, model: str, method: str) -> float:
+        return results[(model, method)]["over_ort"]
+
+    track_artifact_over_ort_int8.unit = "ratio"  # type: ignore[attr-defined]

@@ -1,0 +1,707 @@
+"""A whole ternary model as ONE TVM module: Relax ``main`` calling the layers' scheduled kernels.
+
+:func:`build_graph` traces the deployed model (the float architecture with the quantized
+model's non-GEMM state, as :func:`.model.compile_model` takes it) with torch.fx and lowers it
+node by node into a Relax function::
+
+    main(x: NCHW float32, *params) -> logits [batch, classes]
+
+* every conv/linear is a ``call_tir`` into the very PrimFunc the per-layer benchmark times
+  (rule chosen by :func:`.measure.select_rule`, tile parameters from the tuning cache, same
+  schedule), with its runtime weights (packed codes, scales, bias) as ``params``;
+* a BatchNorm that is the only consumer of a layer is folded into its epilogue (as
+  :func:`.model.compile_model` does); ReLU / Hardtanh / PReLU / unfolded BatchNorm / residual
+  adds are fused *lazily* into the next materialising stage: the activation quantizer in front
+  of the next kernel (int8 or ternary codes, NHWC), a pooling stage, or a value that has
+  several consumers (written once, float32 NHWC);
+* kernels read NHWC codes (or, for ``pixel_bits`` ternary convs, the float input, quantizing
+  while packing) and write ``[M, N]`` = NHWC, which the next stage reads in place.
+
+No Python runs between layers: the Relax VM executes the whole graph. The result is compiled
+with :func:`compile_graph` (``tvm.compile``, CPU pipeline: no TIR rescheduling, static memory
+plan) and written as an artifact by :mod:`.artifact`.
+
+Example:
+    >>> from ternbench.schedules.graph import UnsupportedGraphError
+    >>> issubclass(UnsupportedGraphError, NotImplementedError)
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import operator
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from . import _tvm, ops
+from .model import fold_bn_exports
+
+if TYPE_CHECKING:
+    from ternbench.methods._base import LayerExport
+
+__all__ = [
+    "UnsupportedGraphError",
+    "GraphModule",
+    "KernelInfo",
+    "build_graph",
+    "compile_graph",
+    "scheduled_kernel",
+    "kernel_sum_timer",
+]
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedGraphError(NotImplementedError):
+    """The model uses an op the whole-model lowering does not know (named in the message)."""
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """One kernel call of the whole-model module."""
+
+    layer: str
+    impl: str
+    rule: str
+    func: str  # PrimFunc name in the IRModule
+    shape_key: str
+
+
+@dataclass
+class GraphModule:
+    """The lowered model: ``mod`` (Relax ``main`` + PrimFuncs) and its runtime parameters."""
+
+    mod: Any
+    params: list[tuple[str, np.ndarray]]
+    input_shape: tuple[int, ...]  # NCHW, batch first
+    output_shape: tuple[int, ...]
+    target: _tvm.TargetInfo
+    kernels: list[KernelInfo] = field(default_factory=list)
+    folded_bn: int = 0
+    build_s: float = 0.0
+
+    @property
+    def batch(self) -> int:
+        return int(self.input_shape[0])
+
+
+# ----------------------------------------------------------------------------- kernels
+
+_SCHED_CACHE: dict[tuple[str, ops.GemmSpec, str], Any] = {}
+_SCHED_LOCK = threading.Lock()
+
+
+def scheduled_kernel(lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo, *,
+                     float_input: bool = False) -> tuple[ops.Rule, ops.GemmSpec, Any]:
+    """(rule, spec, scheduled PrimFunc) of ``lx``: the same rule, tile parameters and schedule
+    as :func:`.measure.build_layer` (so the whole model runs exactly the timed kernels)."""
+    from . import tuning
+    from .measure import select_rule
+
+    rule = select_rule(lx, tinfo)
+    cached = tuning.cached_params(rule, lx, batch, tinfo)
+    p = dict(rule.default_params if cached is None else cached)
+    spec = rule.plan(lx, batch, tinfo, p)
+    if float_input and spec.pixel_bits and lx.act_threshold >= 0:
+        spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
+    key = (rule.name, spec, tinfo.target_str)
+    with _SCHED_LOCK:
+        func = _SCHED_CACHE.get(key)
+        if func is None:
+            func = rule.schedule(ops.gemm_compute(spec), spec)["main"]
+            _SCHED_CACHE[key] = func
+    return rule, spec, func
+
+
+# ----------------------------------------------------------------------------- values
+
+@dataclass(frozen=True)
+class _Src:
+    """A materialised tensor: a Relax var and how a logical index maps into it."""
+
+    var: Any
+    layout: str  # "nchw" | "nhwc" | "mn" (NHWC flattened to [B*H*W, C]) | "bf" | "vec"
+    shape: tuple[int, ...]  # logical: (B, C, H, W), (B, F) or (C,)
+
+
+def _physical(src: _Src) -> tuple[int, ...]:
+    """Shape of the tensor behind ``src``."""
+    if src.layout == "nhwc":
+        b, c, h, w = src.shape
+        return (b, h, w, c)
+    if src.layout == "mn":
+        b, c, h, w = src.shape
+        return (b * h * w, c)
+    return src.shape
+
+
+def _read(t: Any, src: _Src, idx: Sequence[Any]) -> Any:
+    if src.layout == "vec":
+        return t[idx[0]]
+    if src.layout == "bf":
+        return t[idx[0], idx[1]]
+    b, c, h, w = idx
+    if src.layout == "nchw":
+        return t[b, c, h, w]
+    if src.layout == "nhwc":
+        return t[b, h, w, c]
+    _b, _c, hh, ww = src.shape
+    return t[(b * hh + h) * ww + w, c]  # "mn"
+
+
+Fn = Callable[[Sequence[Any], Sequence[Any]], Any]
+
+
+@dataclass(frozen=True)
+class _Val:
+    """A graph value: logical ``shape`` (NCHW or [B, F]), computed elementwise by ``f`` from
+    the materialised ``srcs`` (``f(tensors, idx)``, tensors aligned with ``srcs``)."""
+
+    shape: tuple[int, ...]
+    srcs: tuple[_Src, ...]
+    f: Fn
+
+    @staticmethod
+    def of(src: _Src) -> _Val:
+        """A plain read of ``src``."""
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            return _read(ts[0], src, idx)
+
+        f._plain = True  # type: ignore[attr-defined]
+        return _Val(src.shape, (src,), f)
+
+
+def _combine(vals: Sequence[_Val], shape: tuple[int, ...],
+             g: Callable[[list[Any], Sequence[Any]], Any]) -> _Val:
+    """``g([v0(idx), v1(idx), ...], idx)`` elementwise over ``vals`` (sources concatenated)."""
+    srcs: list[_Src] = []
+    spans = []
+    for v in vals:
+        spans.append((len(srcs), len(srcs) + len(v.srcs)))
+        srcs.extend(v.srcs)
+
+    def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+        return g([v.f(ts[a:b], idx) for v, (a, b) in zip(vals, spans, strict=True)], idx)
+
+    return _Val(shape, tuple(srcs), f)
+
+
+# ----------------------------------------------------------------------------- lowering
+
+
+class _Gemm(nn.Module):
+    """Placeholder leaf for one exported conv/linear (and its enabled branches)."""
+
+    def __init__(self, parts: list[LayerExport]) -> None:
+        super().__init__()
+        self.parts = parts
+        self.folded = ""
+
+
+#: parameter-free modules lowered whole (their forward reads shapes, which fx cannot trace)
+_LEAVES = frozenset({"ParamFreeShortcut"})
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (isinstance(m, _Gemm) or type(m).__name__ in _LEAVES
+                or super().is_leaf_module(m, qualname))
+
+
+class _Lowering:
+    def __init__(self, tinfo: _tvm.TargetInfo, batch: int) -> None:
+        tvm = _tvm.require_tvm()
+        self.tvm = tvm
+        self.relax = tvm.relax
+        self.te = tvm.te
+        self.tirx = tvm.tirx
+        self.tinfo = tinfo
+        self.batch = batch
+        self.bb = tvm.relax.BlockBuilder()
+        self.params: list[tuple[str, np.ndarray]] = []
+        self.param_vars: list[Any] = []
+        self.kernels: list[KernelInfo] = []
+        self.funcs: dict[int, Any] = {}  # id(scheduled PrimFunc) -> GlobalVar
+        self.n_stage = 0
+
+    # -- helpers
+    def param(self, name: str, arr: np.ndarray) -> Any:
+        arr = np.ascontiguousarray(arr)
+        var = self.relax.Var(f"p{len(self.params)}_{name}".replace(".", "_"),
+                             self.relax.TensorType(tuple(arr.shape), str(arr.dtype)))
+        self.params.append((name, arr))
+        self.param_vars.append(var)
+        return var
+
+    def vec_param(self, name: str, arr: np.ndarray) -> _Val:
+        a = np.asarray(arr, np.float32).reshape(-1)
+        src = _Src(self.param(name, a), "vec", (len(a),))
+        return _Val((len(a),), (src,), lambda ts, idx: ts[0][idx[0]])
+
+    def emit(self, name: str, shape: tuple[int, ...], dtype: str, srcs: Sequence[_Src],
+             body: Callable[[Sequence[Any], Sequence[Any]], Any]) -> Any:
+        """One elementwise TE stage ``out[i] = body(tensors, i)`` over ``srcs`` -> Relax var.
+
+        The stage is scheduled here (innermost loop, the channels of NHWC, vectorised) and
+        called with ``call_tir`` like a kernel."""
+        te, tvm = self.te, self.tvm
+        self.n_stage += 1
+        fname = f"{name}_{self.n_stage}"
+        ins = [te.placeholder(_physical(s), "float32", name=f"in{i}")
+               for i, s in enumerate(srcs)]
+        out = te.compute(shape, lambda *i: body(ins, i).astype(dtype), name=name)
+        func = te.create_prim_func([*ins, out])
+        try:
+            sch = tvm.s_tir.Schedule(func)
+            loops = sch.get_loops(sch.get_sblock(name))
+            if shape[-1] % 4 == 0 and shape[-1] <= 1024:
+                sch.vectorize(loops[-1])
+            func = sch.mod["main"]
+        except Exception as exc:  # an unscheduled stage is still correct
+            log.debug("stage %s left unscheduled: %s", fname, exc)
+        gv = self.bb.add_func(func.with_attr("global_symbol", fname), fname)
+        return self.bb.emit(self.relax.call_tir(
+            gv, [s.var for s in srcs], self.relax.TensorType(tuple(shape), dtype)))
+
+    def materialise(self, v: _Val, name: str = "act") -> _Src:
+        """Write ``v`` once (float32 NHWC / [B, F])."""
+        if len(v.shape) == 4:
+            b, c, h, w = v.shape
+            var = self.emit(name, (b, h, w, c), "float32", v.srcs,
+                            lambda ts, i: v.f(ts, (i[0], i[3], i[1], i[2])))
+            return _Src(var, "nhwc", v.shape)
+        var = self.emit(name, v.shape, "float32", v.srcs, lambda ts, i: v.f(ts, i))
+        return _Src(var, "bf", v.shape)
+
+    def quantized_input(self, lx: LayerExport, spec: ops.GemmSpec, v: _Val) -> Any:
+        """The kernel input of ``spec``: codes (int8) or float32, NHWC / [B, K], from ``v``."""
+        tirx = self.tirx
+        f32 = "float32"
+
+        def q(x: Any) -> Any:
+            if spec.float_in or lx.act_mode == "fp32":
+                return x
+            if lx.act_mode == "ternary":  # sign(x) * [|x| > t], compared in float32
+                t = tirx.const(float(lx.act_threshold), f32)
+                one, zero = tirx.const(1, "int8"), tirx.const(0, "int8")
+                return tirx.Select(x > t, one, tirx.Select(x < -t, -one, zero))
+            # float32 division, half-to-even rounding: exactly ActQuantizer
+            qm = float(lx.act_qmax)
+            r = tirx.nearbyint(x / tirx.const(float(lx.act_scale), f32))
+            return tirx.max(tirx.min(r, tirx.const(qm, f32)), tirx.const(-qm, f32))
+
+        dtype = "float32" if spec.float_in else spec.act_dtype
+        if spec.op == "conv2d":
+            if len(v.shape) != 4:
+                raise UnsupportedGraphError(f"{lx.name}: conv input is not 4-D: {v.shape}")
+            return self.emit("quant", spec.input_shape, dtype, v.srcs,
+                             lambda ts, i: q(v.f(ts, (i[0], i[3], i[1], i[2]))))
+        if len(v.shape) != 2 or v.shape[1] != spec.K:
+            raise UnsupportedGraphError(f"{lx.name}: linear input {v.shape} is not [B, {spec.K}]")
+        return self.emit("quant", spec.input_shape, dtype, v.srcs,
+                         lambda ts, i: q(v.f(ts, i)))
+
+    # -- ops
+    def gemm(self, mod: _Gemm, v: _Val) -> _Val:
+        relax = self.relax
+        outs: list[_Val] = []
+        specs = []
+        for part in mod.parts:
+            rule, spec, func = scheduled_kernel(part, self.batch, self.tinfo, float_input=True)
+            specs.append((part, rule, spec, func))
+        if len({s.float_in for _p, _r, s, _f in specs}) != 1:
+            raise ValueError(f"{mod.parts[0].name}: branches disagree on float input")
+        lx0, _r0, spec0, _f0 = specs[0]
+        xin = self.quantized_input(lx0, spec0, v)
+        for part, rule, spec, func in specs:
+            gv = self.funcs.get(id(func))
+            if gv is None:
+                name = f"k{len(self.funcs)}_{rule.name}".replace("-", "_")
+                gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+                self.funcs[id(func)] = gv
+            pvars = [self.param(f"{part.name}.{i}", a)
+                     for i, a in enumerate(ops.pack_weight_args(spec, part))]
+            out = self.bb.emit(relax.call_tir(
+                gv, [xin, *pvars], relax.TensorType((spec.M, spec.N), "float32")))
+            self.kernels.append(KernelInfo(part.name, rule.impl_for(part), rule.name,
+                                           gv.name_hint, spec.shape_key))
+            if spec.op == "conv2d":
+                ho, wo = spec.out_hw
+                src = _Src(out, "mn", (self.batch, spec.N, ho, wo))
+            else:
+                src = _Src(out, "bf", (self.batch, spec.N))
+            outs.append(_Val.of(src))
+        if len(outs) == 1:
+            return outs[0]
+        return _combine(outs, outs[0].shape, lambda xs, i: _sum(xs))
+
+    def _affine(self, v: _Val, s: _Val, b: _Val) -> _Val:
+        srcs = (*v.srcs, s.srcs[0], b.srcs[0])
+        n = len(v.srcs)
+
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            return v.f(ts[:n], idx) * ts[n][idx[1]] + ts[n + 1][idx[1]]
+
+        return _Val(v.shape, srcs, f)
+
+    def prelu(self, v: _Val, weight: np.ndarray, name: str) -> _Val:
+        w = np.asarray(weight, np.float32).reshape(-1)
+        if len(w) == 1:
+            w = np.repeat(w, v.shape[1])
+        a = self.vec_param(name + ".weight", w)
+        srcs = (*v.srcs, a.srcs[0])
+        n = len(v.srcs)
+        tirx = self.tirx
+
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            x = v.f(ts[:n], idx)
+            return tirx.Select(x > tirx.const(0.0, "float32"), x, ts[n][idx[1]] * x)
+
+        return _Val(v.shape, srcs, f)
+
+    def clamp(self, v: _Val, lo: float | None, hi: float | None) -> _Val:
+        tirx = self.tirx
+
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            x = v.f(ts, idx)
+            if lo is not None:
+                x = tirx.max(x, tirx.const(lo, "float32"))
+            if hi is not None:
+                x = tirx.min(x, tirx.const(hi, "float32"))
+            return x
+
+        return _Val(v.shape, v.srcs, f)
+
+    def avgpool_global(self, v: _Val) -> _Val:
+        te = self.te
+        b, c, h, w = v.shape
+        rh, rw = te.reduce_axis((0, h), "rh"), te.reduce_axis((0, w), "rw")
+        inv = 1.0 / float(h * w)
+
+        def fn(*ts: Any) -> Any:
+            s = te.compute((b, c), lambda bi, ci: te.sum(v.f(ts, (bi, ci, rh, rw)),
+                                                        axis=[rh, rw]), name="pool_sum")
+            return te.compute((b, 1, 1, c), lambda bi, _y, _x, ci: s[bi, ci] * inv,
+                              name="avgpool")
+
+        self.n_stage += 1
+        var = self.bb.emit_te(fn, *[s.var for s in v.srcs],
+                              primfunc_name_hint=f"avgpool_{self.n_stage}")
+        return _Val.of(_Src(var, "nhwc", (b, c, 1, 1)))
+
+    def maxpool(self, v: _Val, k: int, s: int, p: int, ceil: bool) -> _Val:
+        te, tirx = self.te, self.tirx
+        b, c, h, w = v.shape
+
+        def osz(n: int) -> int:
+            num = n + 2 * p - k
+            o = (-(-num // s) if ceil else num // s) + 1
+            if ceil and (o - 1) * s >= n + p:  # the last window must start inside
+                o -= 1
+            return o
+
+        ho, wo = osz(h), osz(w)
+        lowest = tirx.const(-3.4028234663852886e38, "float32")
+
+        def body(ts: Sequence[Any], i: Sequence[Any]) -> Any:
+            # the k*k taps written out (an elementwise stage: the channel loop vectorises)
+            bi, y, x, ci = i
+            acc = None
+            for di in range(k):
+                for dj in range(k):
+                    iy, ix = y * s - p + di, x * s - p + dj
+                    inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+                    cy, cx = te.max(te.min(iy, h - 1), 0), te.max(te.min(ix, w - 1), 0)
+                    val = tirx.Select(inside, v.f(ts, (bi, ci, cy, cx)), lowest)
+                    acc = val if acc is None else tirx.max(acc, val)
+            return acc
+
+        var = self.emit("maxpool", (b, ho, wo, c), "float32", v.srcs, body)
+        return _Val.of(_Src(var, "nhwc", (b, c, ho, wo)))
+
+    def pad_channels(self, v: _Val, extra: int) -> _Val:
+        tirx = self.tirx
+        b, c, h, w = v.shape
+
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            bi, ci, y, x = idx
+            inner = v.f(ts, (bi, tirx.min(ci, c - 1), y, x))
+            return tirx.Select(ci < c, inner, tirx.const(0.0, "float32"))
+
+        return _Val((b, c + extra, h, w), v.srcs, f)
+
+    def flatten(self, v: _Val) -> _Val:
+        if len(v.shape) == 2:
+            return v
+        b, c, h, w = v.shape
+
+        def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
+            bi, k = idx
+            return v.f(ts, (bi, k // (h * w), (k // w) % h, k % w))
+
+        return _Val((b, c * h * w), v.srcs, f)
+
+
+def _sum(xs: Sequence[Any]) -> Any:
+    acc = xs[0]
+    for x in xs[1:]:
+        acc = acc + x
+    return acc
+
+
+def _bn_affine(bn: nn.BatchNorm2d | nn.BatchNorm1d) -> tuple[np.ndarray, np.ndarray]:
+    assert bn.running_var is not None and bn.running_mean is not None
+    var = bn.running_var.detach().double()
+    g = 1.0 / torch.sqrt(var + bn.eps)
+    if bn.affine:
+        g = g * bn.weight.detach().double()
+    shift = -bn.running_mean.detach().double() * g
+    if bn.affine:
+        shift = shift + bn.bias.detach().double()
+    return g.float().numpy(), shift.float().numpy()
+
+
+def _fold(gm: torch.fx.GraphModule) -> int:
+    """Fold every eval BatchNorm that is the only consumer of a _Gemm into it."""
+    mods = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(mods.get(node.target), _Gemm):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn = mods.get(users[0].target)
+        if not isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d) or bn.training:
+            continue
+        if not bn.track_running_stats or bn.running_var is None:
+            continue
+        g = mods[node.target]
+        assert isinstance(g, _Gemm)
+        g.parts = fold_bn_exports(g.parts, bn, str(users[0].target))
+        g.folded = str(users[0].target)
+        users[0].replace_all_uses_with(node)
+        gm.graph.erase_node(users[0])
+        folded += 1
+    gm.graph.lint()
+    gm.recompile()
+    return folded
+
+
+def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int = 1,
+                input_shape: tuple[int, int, int], target: str = "x86") -> GraphModule:
+    """Lower ``graph`` (every conv/linear exported in ``exports``) into one Relax IRModule.
+
+    ``input_shape`` is the per-sample (C, H, W). Raises :class:`UnsupportedGraphError` for an
+    op the lowering does not know, ``ValueError`` for a conv/linear without an export.
+    """
+    from ternbench.methods._layers import swap_layers
+
+    t0 = time.perf_counter()
+    tinfo = _tvm.target_info(target)
+    if tinfo.family not in ("x86", "arm"):
+        raise UnsupportedGraphError(
+            f"whole-model modules are built for x86 and the ARM targets, not {target}")
+    m = copy.deepcopy(graph).eval()
+    missing: list[str] = []
+
+    def make(name: str, mod: nn.Module, pos: str) -> nn.Module | None:
+        lx = exports.get(name)
+        if lx is None:
+            missing.append(name)
+            return None
+        branches = [b for b in exports.values() if b.branch_of == name and b.enabled]
+        return _Gemm([lx, *branches])
+
+    swap_layers(m, make)
+    if missing:
+        raise ValueError(f"no export for layers {missing}: cannot compile the whole model")
+    try:
+        gm = torch.fx.GraphModule(m, _Tracer().trace(m))
+    except Exception as exc:
+        raise UnsupportedGraphError(f"model is not traceable by torch.fx: {exc}") from None
+    folded = _fold(gm)
+    low = _Lowering(tinfo, batch)
+    relax = low.relax
+    shape = (batch, *input_shape)
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    mods = dict(gm.named_modules())
+    env: dict[str, _Val] = {}
+    users = {n.name: len(n.users) for n in gm.graph.nodes}
+    out_val: _Val | None = None
+    fscope = low.bb.function("main", [x], private=False)
+    # parameters are only known after lowering: build the body, then rebuild the signature
+    with fscope:
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                val = _Val.of(_Src(x, "nchw", shape))
+            elif node.op == "output":
+                arg = node.args[0]
+                if not isinstance(arg, torch.fx.Node):
+                    raise UnsupportedGraphError("model output must be a single tensor")
+                out_val = env[arg.name]
+                break
+            else:
+                val = _lower_node(low, node, mods, env)
+            if users.get(node.name, 0) > 1 and len(val.srcs) and not _is_plain(val):
+                val = _Val.of(low.materialise(val))
+            env[node.name] = val
+        assert out_val is not None
+        if len(out_val.shape) != 2:
+            raise UnsupportedGraphError(f"model output has shape {out_val.shape}, not [B, classes]")
+        res = out_val.srcs[0].var if _is_plain(out_val) and out_val.srcs[0].layout == "bf" \
+            else low.materialise(out_val, "logits").var
+        low.bb.emit_func_output(res)
+    mod = low.bb.get()
+    mod = _with_params(low, mod, x)
+    log.info("whole model lowered: %d kernels, %d BatchNorm folded, %d params",
+             len(low.kernels), folded, len(low.params))
+    return GraphModule(mod=mod, params=low.params, input_shape=shape,
+                       output_shape=tuple(int(d) for d in out_val.shape), target=tinfo,
+                       kernels=low.kernels, folded_bn=folded,
+                       build_s=time.perf_counter() - t0)
+
+
+def _with_params(low: _Lowering, mod: Any, x: Any) -> Any:
+    """``main(x)`` refers to the parameter vars freely: make them parameters of ``main``."""
+    relax = low.relax
+    main = mod["main"]
+    fn = relax.Function([x, *low.param_vars], main.body, main.ret_ty,
+                        attrs=main.attrs)
+    mod["main"] = fn
+    return mod
+
+
+def _is_plain(v: _Val) -> bool:
+    return getattr(v.f, "_plain", False)
+
+
+_ADD = {operator.add, torch.add, operator.iadd}
+_RELU = {F.relu, torch.relu}
+
+
+def _lower_node(low: _Lowering, node: torch.fx.Node, mods: dict[str, nn.Module],
+                env: dict[str, _Val]) -> _Val:
+    def arg(i: int) -> _Val:
+        a = node.args[i]
+        if not isinstance(a, torch.fx.Node):
+            raise UnsupportedGraphError(f"{node.name}: argument {i} is not a tensor ({a!r})")
+        return env[a.name]
+
+    if node.op == "call_module":
+        mod = mods[str(node.target)]
+        name = str(node.target)
+        if isinstance(mod, _Gemm):
+            return low.gemm(mod, arg(0))
+        if isinstance(mod, nn.Identity | nn.Dropout):
+            return arg(0)
+        if isinstance(mod, nn.ReLU):
+            return low.clamp(arg(0), 0.0, None)
+        if isinstance(mod, nn.ReLU6):
+            return low.clamp(arg(0), 0.0, 6.0)
+        if isinstance(mod, nn.Hardtanh):
+            return low.clamp(arg(0), float(mod.min_val), float(mod.max_val))
+        if isinstance(mod, nn.PReLU):
+            return low.prelu(arg(0), mod.weight.detach().numpy(), name)
+        if isinstance(mod, nn.BatchNorm2d | nn.BatchNorm1d) and not mod.training:
+            g, b = _bn_affine(mod)
+            return low._affine(arg(0), low.vec_param(name + ".scale", g),
+                               low.vec_param(name + ".shift", b))
+        if isinstance(mod, nn.AdaptiveAvgPool2d) and _is_one(mod.output_size):
+            return low.avgpool_global(arg(0))
+        if isinstance(mod, nn.MaxPool2d) and _int(mod.dilation) == 1:
+            return low.maxpool(arg(0), _int(mod.kernel_size), _int(mod.stride),
+                               _int(mod.padding), bool(mod.ceil_mode))
+        if isinstance(mod, nn.Flatten) and mod.start_dim == 1:
+            return low.flatten(arg(0))
+        if type(mod).__name__ == "ParamFreeShortcut":  # STTN's: 2x2 max pool + zero channels
+            sv = arg(0)
+            if isinstance(getattr(mod, "pool", None), nn.MaxPool2d):
+                sv = low.maxpool(sv, 2, 2, 0, True)
+            extra = int(getattr(mod, "extra", 0))
+            return low.pad_channels(sv, extra) if extra else sv
+        raise UnsupportedGraphError(f"module {name} ({type(mod).__name__}) has no lowering")
+    if node.op == "call_function":
+        fn = node.target
+        if fn in _ADD and len(node.args) == 2 and not node.kwargs:
+            va, vb = arg(0), arg(1)
+            if va.shape != vb.shape:
+                raise UnsupportedGraphError(f"{node.name}: add of {va.shape} and {vb.shape}")
+            return _combine([va, vb], va.shape, lambda xs, i: xs[0] + xs[1])
+        if fn in _RELU:
+            return low.clamp(arg(0), 0.0, None)
+        if fn is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)):
+            return low.flatten(arg(0))
+        raise UnsupportedGraphError(f"function {getattr(fn, '__name__', fn)} has no lowering")
+    if node.op == "call_method":
+        if node.target == "flatten" and tuple(node.args[1:]) in ((1,), (1, -1)):
+            return low.flatten(arg(0))
+        if node.target in ("relu", "relu_"):
+            return low.clamp(arg(0), 0.0, None)
+        raise UnsupportedGraphError(f"method .{node.target}() has no lowering")
+    raise UnsupportedGraphError(f"node {node.op} {node.target} has no lowering")
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, tuple | list):
+        if len(set(v)) != 1:
+            raise UnsupportedGraphError(f"non-square pooling parameter {v}")
+        return int(v[0])
+    return int(v)
+
+
+def _is_one(v: Any) -> bool:
+    if isinstance(v, int):
+        return v == 1
+    return isinstance(v, tuple | list) and tuple(v) == (1, 1)
+
+
+def compile_graph(gm: GraphModule) -> Any:
+    """``tvm.compile`` the module for its target (Relax CPU pipeline); returns the Executable
+    (``export_library``; ``tvm.relax.VirtualMachine(ex, tvm.cpu())`` runs it here)."""
+    tvm = _tvm.require_tvm()
+    t0 = time.perf_counter()
+    ex = tvm.compile(gm.mod, target=gm.target.target())
+    log.info("whole model compiled in %.1f s", time.perf_counter() - t0)
+    return ex
+
+
+def kernel_sum_timer(exports: Mapping[str, LayerExport], batch: int, *,
+                     target: str = "x86") -> Callable[[int], float]:
+    """A timer of the model's kernels run one by one (seconds per pass over all of them, each
+    kernel ``number`` times in ``time_evaluator``'s C++ loop), so that the kernel sum can be
+    timed in the same interleaved rounds as the whole module. Each kernel is first checked
+    against the reference (:func:`.measure.measure_layer`, one short repeat)."""
+    from .measure import EvaluatorCfg, build_layer, kernel_input, measure_layer
+
+    tvm = _tvm.require_tvm()
+    dev = tvm.cpu(0)
+    quick = EvaluatorCfg(number=1, repeat=1, min_repeat_ms=0)
+    runs: list[tuple[Any, list[Any]]] = []
+    for lx in exports.values():
+        measure_layer(lx, batch=batch, target=target, ev=quick)  # raises on a mismatch
+        kern = build_layer(lx, batch, target)
+        args = [tvm.runtime.tensor(v, dev)
+                for v in (kernel_input(lx, kern.spec), *kern.pack(lx))]
+        args.append(tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev))
+        runs.append((kern.module, args))
+
+    def run(number: int) -> float:
+        total = 0.0
+        for mod, args in runs:
+            total += float(mod.time_evaluator("main", dev, number=number, repeat=1)(*args).mean)
+        return total
+
+    return run

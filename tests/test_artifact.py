@@ -1,0 +1,353 @@
+"""The whole-model artifact: one TVM module reproduces the fake-quant model, loads with the TVM
+runtime alone, and a tampered or foreign artifact is refused with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ternbench.methods import create_method
+from ternbench.methods._base import QuantContext
+from torch import nn
+
+pytestmark = pytest.mark.tvm
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "run_artifact.py"
+BATCH = 4
+
+
+def _resnet8() -> nn.Module:
+    from ternbench.bench.models import create_model
+
+    return create_model("resnet8", in_chans=1, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def _quantize(name: str, data, model: nn.Module | None = None):
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    kw = {"epochs": 0} if name in ("rtn", "sttn") else {}
+    qm = create_method(name, **kw).quantize(model if model is not None else _resnet8(), ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    return qm, ref
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, data):
+    """One RTN ResNet-8 artifact (batch 4) and the fake-quant logits it must reproduce."""
+    from ternbench.schedules.artifact import write_artifact
+    from ternbench.schedules.graph import build_graph, compile_graph
+
+    qm, ref = _quantize("rtn", data)
+    gm = build_graph(qm.module, qm.export(), batch=BATCH, input_shape=(1, 28, 28))
+    ex = compile_graph(gm)
+    path = write_artifact(tmp_path_factory.mktemp("art") / "rtn", ex, gm.params,
+                          input_shape=gm.input_shape, output_shape=gm.output_shape,
+                          target=gm.target, mean=(0.286,), std=(0.353,))
+    return path, gm, ref
+
+
+def test_graph_is_one_module_with_every_kernel(built) -> None:
+    _path, gm, _ref = built
+    names = {gv.name_hint for gv in gm.mod.functions}
+    assert "main" in names
+    # every conv/linear of ResNet-8 (9 convs incl. the shortcut ones, 1 linear) is a call
+    assert len(gm.kernels) == 10 and all(k.func in names for k in gm.kernels)
+    assert gm.folded_bn >= 9 and gm.output_shape == (BATCH, 10)
+
+
+def test_artifact_reproduces_fake_quant_logits(built, data) -> None:
+    from ternbench.schedules.artifact import load_artifact
+    from ternbench.schedules.model import compare_logits
+
+    path, _gm, ref = built
+    art = load_artifact(path)
+    got = art.predict(data[0].numpy())  # 16 samples = 4 batches of the compiled batch
+    check = compare_logits(got, ref.numpy())
+    assert check.samples == 16 and check.top1_agreement >= 0.9 and check.rel_diff < 1e-3
+
+
+def test_manifest_records_what_a_deployer_needs(built) -> None:
+    path, _gm, _ref = built
+    m = json.loads((path / "manifest.json").read_text())
+    assert m["input"]["shape"] == [BATCH, 1, 28, 28] and m["input"]["layout"] == "NCHW"
+    assert m["input"]["normalize"] == {"mean": [0.286], "std": [0.353]}
+    assert m["target"]["arch"] == "x86_64" and m["target"]["mcpu"]
+    assert json.loads(m["target"]["target"])["kind"] == "llvm"
+    assert set(m["files"]) == {"model.so", "params.npz"}
+    assert m["tvm_version"] and len(m["params"]["order"]) == len(m["params"]["names"])
+
+
+def test_runtime_only_loading_reproduces_the_logits(built, data, tmp_path) -> None:
+    """docs/examples/run_artifact.py, run in a fresh interpreter that imports only tvm and
+    numpy (ternbench must not be imported on the way)."""
+    from ternbench.schedules.model import compare_logits
+
+    path, _gm, ref = built
+    x = data[0][:BATCH].numpy()
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['run_artifact.py', {str(path)!r}, {str(tmp_path / 'x.npy')!r}]\n"
+        f"runpy.run_path({str(EXAMPLE)!r}, run_name='__main__')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'ternbench')\n"
+        "assert not bad, bad\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    compare_logits(np.asarray(out["logits"]), ref[:BATCH].numpy())
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_tampered_artifact_is_refused_in_one_line(built, tmp_path) -> None:
+    from ternbench.schedules.artifact import ArtifactError, load_artifact
+
+    art = _copy(built[0], tmp_path)
+    raw = bytearray((art / "params.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (art / "params.npz").write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(art)
+    msg = str(exc.value)
+    assert "params.npz" in msg and "sha256" in msg and "\n" not in msg
+    # the runtime-only example refuses it too
+    res = subprocess.run([sys.executable, str(EXAMPLE), str(art)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode != 0 and "sha256" in res.stderr
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"arch": "aarch64"}, "built for aarch64"),
+    ({"cpu_features": ["avx2", "sme2"]}, "sme2, which this CPU lacks"),
+])
+def test_artifact_for_another_target_is_refused(built, tmp_path, edit, words) -> None:
+    from ternbench.schedules.artifact import ArtifactError, load_artifact
+
+    art = _copy(built[0], tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["target"].update(edit)
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(art)
+    assert words in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_missing_manifest_is_named(tmp_path) -> None:
+    from ternbench.schedules.artifact import ArtifactError, verify_artifact
+
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        verify_artifact(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["sttn", "fgq"])
+def test_other_methods_lower_and_match(method, data) -> None:
+    """STTN (ternary activations, PReLU/Hardtanh-free ResNet-8) and FGQ (grouped ternary
+    weights, int8 activations) as whole modules, run in process."""
+    import tvm
+    from ternbench.schedules.graph import build_graph, compile_graph
+    from ternbench.schedules.model import compare_logits
+
+    qm, ref = _quantize(method, data)
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                          for i in (0, 8)])
+    compare_logits(got, ref.numpy())
+
+
+def test_unsupported_op_is_named(data) -> None:
+    from ternbench.schedules.graph import UnsupportedGraphError, build_graph
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 28 * 28, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.sigmoid(self.conv(x)).flatten(1))
+
+    qm, _ref = _quantize("fgq", data, Odd().eval())
+    with pytest.raises(UnsupportedGraphError, match="sigmoid"):
+        build_graph(qm.module, qm.export(), batch=1, input_shape=(1, 28, 28))
+
+
+def test_backends_are_timed_in_interleaved_rounds() -> None:
+    from ternbench.bench.artifact_eval import time_backends
+
+    order: list[str] = []
+
+    def make(k: str):
+        def run(n: int) -> float:
+            order.append(k)
+            return 1e-4
+
+        return run
+
+    raw = time_backends({"a": make("a"), "b": make("b")}, repeat=3, min_repeat_ms=1.0)
+    assert order == ["a", "b"] + ["a", "b"] * 3
+    assert raw == {"a": [100.0] * 3, "b": [100.0] * 3}
+
+
+def test_report_shows_both_top1_and_flags_a_gap() -> None:
+    from ternbench.reports.tables import _model_table, format_model
+
+    base = {"status": "ok", "vid": 0, "label": "rtn", "method": "rtn", "model": "resnet8",
+            "dataset": "fashion-mnist", "unit": "", "error": ""}
+    rows = [
+        {**base, "target": "-", "layer": "", "impl": "", "metric": "top1", "value": 90.0},
+        {**base, "target": "x86", "layer": "__total__", "impl": "tvm", "metric": "latency_us",
+         "value": 200.0},
+    ]
+    for impl, us in (("tvm", 220.0), ("torch_fp32", 700.0), ("torch_int8", 400.0),
+                     ("onnxruntime_int8", 440.0)):
+        rows.append({**base, "target": "x86", "layer": "__model__", "impl": impl,
+                     "metric": "latency_us", "value": us})
+    rows.append({**base, "target": "x86", "layer": "__model__", "impl": "tvm",
+                 "metric": "top1_deployed", "value": 89.5})
+    t = _model_table(pd.DataFrame(rows))
+    r = t.iloc[0]
+    assert r.overhead == pytest.approx(1.1) and r.speedup_ort == pytest.approx(2.0)
+    # the kernel sum timed in the artifact's own rounds wins over the per-layer rows' sum
+    same = {**base, "target": "x86", "layer": "__model__", "impl": "tvm",
+            "metric": "kernel_sum_us", "value": 110.0}
+    assert _model_table(pd.DataFrame([*rows, same])).iloc[0].overhead == pytest.approx(2.0)
+    assert r.top1 == 90.0 and r.top1_deployed == 89.5 and "-0.50" in r.flag
+    disp = format_model(t)
+    assert disp.loc[0, "Top-1 deployed (%)"] == "89.50" and disp.loc[0, "Flag"]
+    rows[-1]["value"] = 90.05
+    assert _model_table(pd.DataFrame(rows)).iloc[0].flag == ""
+
+
+def test_onnxruntime_int8_baseline_agrees_with_fp32(data) -> None:
+    pytest.importorskip("onnxruntime")
+    from ternbench.bench.ort_baseline import ort_int8_model
+
+    torch.manual_seed(0)
+    m = _resnet8()
+    x = data[0]
+    ort = ort_int8_model(m, x, threads=1)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = np.concatenate([ort(x[i:i + 1].numpy()) for i in range(len(x))])
+    assert got.shape == ref.shape
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.8
+    assert np.abs(got - ref).max() < 0.2 * np.abs(ref).max()
+
+
+def test_aarch64_artifact_is_cross_built_and_refused_here(data, tmp_path) -> None:
+    """The whole model cross-built for the ARM target (Cortex-A76, dotprod): a real aarch64
+    library, which this x86 host refuses to load with one line."""
+    import shutil as _sh
+
+    if _sh.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("no aarch64 cross gcc (apt-get install gcc-aarch64-linux-gnu)")
+    from ternbench.schedules.artifact import ArtifactError, load_artifact, write_artifact
+    from ternbench.schedules.graph import build_graph, compile_graph
+
+    qm, _ref = _quantize("sttn", data)
+    gm = build_graph(qm.module, qm.export(), batch=1, input_shape=(1, 28, 28), target="arm")
+    path = write_artifact(tmp_path / "arm", compile_graph(gm), gm.params,
+                          input_shape=gm.input_shape, output_shape=gm.output_shape,
+                          target=gm.target)
+    assert (path / "model.so").read_bytes()[18] == 0xB7  # ELF e_machine: EM_AARCH64
+    assert json.loads((path / "manifest.json").read_text())["target"]["arch"] == "aarch64"
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(path)
+    assert "built for aarch64" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_accuracy_latency_plot_uses_the_whole_model_figure() -> None:
+    from types import SimpleNamespace
+
+    from ternbench.reports.plots import _whole_model_latency
+
+    lat = pd.DataFrame({"vid": [0, 1], "model": ["m", "m"], "dataset": ["d", "d"],
+                        "latency_us": [300.0, 500.0], "torch_fp32_us": [400.0, 400.0]})
+    model = pd.DataFrame({"vid": [0], "model": ["m"], "dataset": ["d"], "target": ["x86"],
+                          "tvm_us": [250.0], "torch_fp32_us": [700.0]})
+    out, whole = _whole_model_latency(SimpleNamespace(model=model), lat, "x86")
+    assert out.latency_us.tolist() == [250.0, 500.0] and not whole  # vid 1 has no artifact
+    assert out.torch_fp32_us.tolist() == [700.0, 400.0]
+    out, whole = _whole_model_latency(SimpleNamespace(model=model), lat[:1], "x86")
+    assert whole and list(out.columns) == list(lat.columns)
+
+
+def test_max_pooling_and_residual_graph_matches(data) -> None:
+    """Max pooling (padded 3x3/2 as in ResNet-18's stem, and 2x2 ceil-mode as in STTN's
+    shortcut), an unfolded BatchNorm, PReLU and Hardtanh, lowered and run in process."""
+    import tvm
+    from ternbench.schedules.graph import build_graph, compile_graph
+    from ternbench.schedules.model import compare_logits
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+            self.bn1 = nn.BatchNorm2d(16)
+            self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+            self.bn2 = nn.BatchNorm2d(16)  # unfolded: fed by the pool, not by a conv
+            self.act = nn.Hardtanh()
+            self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+            self.prelu = nn.PReLU(16)
+            self.pool2 = nn.MaxPool2d(2, 2, ceil_mode=True)
+            self.fc = nn.Linear(16 * 7 * 7, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.pool1(torch.relu(self.bn1(self.conv1(x))))  # 28 -> 14
+            y = self.prelu(self.conv2(self.act(self.bn2(y))) + y)
+            return self.fc(self.pool2(y).flatten(1))  # 14 -> 7
+
+    torch.manual_seed(0)
+    qm, ref = _quantize("fgq", data, Net().eval())
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                          for i in (0, 8)])
+    check = compare_logits(got, ref.numpy())
+    assert check.rel_diff < 1e-3
+
+
+def test_sttn_layout_model_lowers_and_matches(data) -> None:
+    """The STTN repository's block (BN -> Hardtanh -> conv -> BN -> + parameter-free shortcut
+    (2x2 ceil max pool, zero channels) -> PReLU), quantized by STTN."""
+    import tvm
+    from ternbench.bench.models import create_model
+    from ternbench.schedules.graph import build_graph, compile_graph
+    from ternbench.schedules.model import compare_logits
+
+    torch.manual_seed(0)
+    qm, ref = _quantize("sttn", data, create_model("sttn_resnet8", in_chans=1,
+                                                   num_classes=10).eval())
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                          for i in (0, 8)])
+    compare_logits(got, ref.numpy())
