@@ -741,7 +741,7 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     groups = [(s, int(b)) for s in shapes for b in batches]
     show = (sys.stderr.isatty() if progress is None else progress)
     with tqdm(groups, desc="kernels", unit="shape", disable=not show) as pbar:
-        for shape, batch in pbar:
+        for done, (shape, batch) in enumerate(pbar, 1):
             impls = _group(shape, batch, threads=threads, act_modes=act_modes, tinfo=tinfo,
                            tune=tune, tune_points=tune_points, tune_budget_s=tune_budget_s,
                            ms_trials=metaschedule_trials, generic=generic, failures=failures,
@@ -750,7 +750,8 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
             _time_group(impls, threads=threads, rounds=n_rounds, min_s=min_s)
             rows += _rows(shape, batch, impls, bandwidth_gbs=bw, rounds=n_rounds, prov=prov)
             if not show:  # no bar (not a terminal): one line per shape instead
-                log.info("[%d/%d] %s batch %d: %d impls timed", pbar.n + 1, len(groups),
+                # (a disabled bar does not count: pbar.n stays 0)
+                log.info("[%d/%d] %s batch %d: %d impls timed", done, len(groups),
                          shape.name, batch, sum(1 for i in impls if i.samples))
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     csv_path, md_path = out / "kernels.csv", out / "kernels.md"
