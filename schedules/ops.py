@@ -14,7 +14,8 @@ padding never changes the result):
 * ``t2_avx2``: 2-bit unsigned codes ``u = w + 1``, tile ``[Np/8, Kp/16, 32]`` (an 8n x 4k int8
   tile per 32 bytes after one shift+mask). The x86 kernel feeds ``vpmaddubsw`` with *unsigned*
   activations ``a + 128`` and signed decoded weights, so the correction ``128 * sum_k w`` is a
-  weight-only constant ``Cw[n, g]`` (passed like the scales) and the epilogue has a single
+  weight-only constant ``Cw[g, n]`` (passed like the scales, which this layout takes
+  group-major, ``S[g, n]``, so a tile's scales are one vector load) and the epilogue has a single
   producer, which lets it be fused under the group loop.
 * ``t2_blocked``: 2-bit two's-complement codes, 4 per byte, ``[Np/NB, Kp/4, NB]`` (portable
   inline decode, vectorised over n).
@@ -481,7 +482,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         return _pack_tt_args(spec, lx, codes)
     if spec.layout == "t2_avx2":
         w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp, spec.tile_n),
-                  AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)]
+                  np.ascontiguousarray(
+                      (AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)).T)]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
     else:
@@ -491,6 +493,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         scales = np.ones((spec.N, spec.G))
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
+    if spec.layout == "t2_avx2":  # group-major (see gemm_compute)
+        s = np.ascontiguousarray(s.T)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:
         bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
@@ -594,14 +598,17 @@ def gemm_compute(spec: GemmSpec) -> Any:
     a = _input_stage(spec, x, shifted if avx2 else None)
     assert a.dtype == ("uint8" if avx2 else spec.act_dtype)
 
-    s = te.placeholder((np_, g_), "float32", name="S")
+    # t2_avx2 takes S and Cw group-major ([G, Np]): the epilogue under the group loop then
+    # loads a tile's scales as one contiguous vector (an [Np, G] row per channel was a
+    # G-strided gather per group: FGQ N=4 ran below torch FP32)
+    s = te.placeholder((g_, np_) if avx2 else (np_, g_), "float32", name="S")
     bias = te.placeholder((np_,), "float32", name="bias")
     kk = te.reduce_axis((0, gs), "kk")
     acc_t = spec.acc_dtype
     if avx2:
         tn = spec.tile_n
         wp = te.placeholder((np_ // tn, kp // 16, 4 * tn), "uint8", name="Wp")
-        cw = te.placeholder((np_, g_), "int32", name="Cw")
+        cw = te.placeholder((g_, np_), "int32", name="Cw")
         w_args = [wp, cw]
         # decoded signed codes laid out [N/T, K/4, T, 4]: each T n x 4k tile is 4T contiguous
         # bytes (a strided sub-region would silently tensorize wrong)
@@ -623,7 +630,7 @@ def gemm_compute(spec: GemmSpec) -> Any:
             name="acc")
 
         def term(m: Any, g: Any, n: Any) -> Any:
-            return s[n, g] * (acc[m, g, n] - cw[n, g]).astype("float32")
+            return s[g, n] * (acc[m, g, n] - cw[g, n]).astype("float32")
     else:
         if spec.layout in ("t2_blocked", "t2_decoded"):
             wp = te.placeholder((np_ // spec.nb, kp // 4, spec.nb), "uint8", name="Wp")
