@@ -183,22 +183,38 @@ def test_ttn_ste_gradient(t_ex: int) -> None:
 
 def test_ttq_codes_scales_and_gradients() -> None:
     w0 = torch.tensor([[0.8, -0.4, 0.03, -0.02, 0.5], [0.1, -0.6, 0.0, 0.3, -0.2]])
-    q = TTQWeight(0.05)  # delta = 0.05 * 0.8 = 0.04
+    q = TTQWeight(0.05)  # delta = 0.05 * 0.8 = 0.04; the paper's normaliser max|w| = 0.8
     q.init_scales(w0)
-    assert float(q.wp.detach()) == pytest.approx((0.8 + 0.5 + 0.1 + 0.3) / 4)
-    assert float(q.wn.detach()) == pytest.approx((0.4 + 0.6 + 0.2) / 3)
+    assert float(q.norm) == pytest.approx(0.8)
+    assert float(q.wp.detach()) == pytest.approx((0.8 + 0.5 + 0.1 + 0.3) / 4 / 0.8)
+    assert float(q.wn.detach()) == pytest.approx((0.4 + 0.6 + 0.2) / 3 / 0.8)
     w = w0.clone().requires_grad_(True)
     out = q(w)
     wp, wn = float(q.wp.detach()), float(q.wn.detach())
     pos = (w0 > 0.04).float()
     neg = (w0 < -0.04).float()
-    torch.testing.assert_close(out, wp * pos - wn * neg)
+    torch.testing.assert_close(out, 0.8 * (wp * pos - wn * neg))
     g = torch.arange(1.0, 11.0).reshape(2, 5)
     (out * g).sum().backward()
     assert q.wp.grad is not None and q.wn.grad is not None and w.grad is not None
-    assert float(q.wp.grad) == pytest.approx(float((g * pos).sum()))
-    assert float(q.wn.grad) == pytest.approx(-float((g * neg).sum()))
-    torch.testing.assert_close(w.grad, g * (wp * pos + (1 - pos - neg) + wn * neg))
+    # the paper's rules in the normalised coordinates w' = w / 0.8, ŵ' = ŵ / 0.8:
+    # dL/dW_p = Σ_{I_p} dL/dŵ', dL/dw' = {W_p, 1, W_n} * dL/dŵ' (so dL/dw = 0.8**2 * ...)
+    assert float(q.wp.grad) == pytest.approx(0.8 * float((g * pos).sum()))
+    assert float(q.wn.grad) == pytest.approx(-0.8 * float((g * neg).sum()))
+    torch.testing.assert_close(w.grad, 0.64 * g * (wp * pos + (1 - pos - neg) + wn * neg))
+
+
+def test_ttq_scale_steps_are_relative_to_the_scale() -> None:
+    """The bug that stalled TTQ near 55%: W_p in raw weight units (~0.04) took gradient sums of
+    ~5 per step. In the normalised units one SGD step moves W_p by a fraction of itself."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 64 * 9) * 0.02
+    q = TTQWeight(0.05)
+    q.init_scales(w)
+    g = torch.full_like(w, 1e-4)  # a coherent dL/dŵ, summed over ~18k weights of I_p
+    (q(w.requires_grad_(True)) * g).sum().backward()
+    assert q.wp.grad is not None
+    assert abs(float(q.wp.grad)) * 0.01 < 0.1 * float(q.wp.detach())
 
 
 def test_ttq_two_branch_export_equals_fake_quant() -> None:
@@ -214,9 +230,8 @@ def test_ttq_two_branch_export_equals_fake_quant() -> None:
     pos, neg = layer.exports("c")
     assert neg.name == "c#1" and neg.branch_of == "c" and neg.bias is None
     assert set(np.unique(pos.codes)) <= {0, 1} and set(np.unique(neg.codes)) <= {-1, 0}
-    assert np.allclose(pos.scales, float(q.wp.detach())) and np.allclose(
-        neg.scales, float(q.wn.detach())
-    )
+    sp, sn = q.scales()
+    assert np.allclose(pos.scales, float(sp)) and np.allclose(neg.scales, float(sn))
     fq = layer.quantized_weight().detach().reshape(4, -1).numpy()
     np.testing.assert_array_equal(pos.dequantized_weight() + neg.dequantized_weight(), fq)
 
