@@ -602,7 +602,8 @@ class RTN:
         )
 
 
-@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat")
+# ternary activations need signed inputs: BN before the activation (the STTN-repo block)
+@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat", block="preact")
 def rtn(config: MethodConfig) -> RTN:
     assert isinstance(config, RTNConfig)
     return RTN(config)

@@ -286,7 +286,7 @@ def test_info_ledger_and_zero_budget() -> None:
     q0 = next(m for m in qm.module.modules() if isinstance(m, QuantConv2d))
     torch.testing.assert_close(q0.weight, fp[0].weight)
     ttq = create_method("ttq", first_last="same").quantize(fp, _ctx(0.0)).info
-    assert any("normalised" in d for d in ttq["deviations"])
+    assert any("instead of 1.0" in d for d in ttq["deviations"])
     assert "first/last layers same instead of FP32" in ttq["deviations"]
 
 
@@ -317,8 +317,16 @@ def test_kd_runs_and_matches_formula() -> None:
     s = torch.tensor([[1.0, 2.0, 0.5]])
     t = torch.tensor([[0.5, 3.0, -1.0]])
     T = 2.0
-    manual = -(F.softmax(t / T, 1) * F.log_softmax(s / T, 1)).sum() * T * T
+    pt = F.softmax(t / T, 1)
+    manual = (pt * (pt.log() - F.log_softmax(s / T, 1))).sum() * T * T  # T**2 * KL
     assert float(kd_loss(s, t, T)) == pytest.approx(float(manual))
+    assert float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)  # no teacher-entropy floor
+    # same gradient as the soft cross entropy (they differ by a constant)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    kd_loss(s1, t, T).backward()
+    (-(pt * F.log_softmax(s2 / T, 1)).sum() * T * T).backward()
+    assert s1.grad is not None and s2.grad is not None
+    torch.testing.assert_close(s1.grad, s2.grad)
     torch.manual_seed(0)
     teacher = tiny_cnn(classes=2).eval()
     m = _ttn_model()
