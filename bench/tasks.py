@@ -102,11 +102,18 @@ def _context(spec: CellSpec) -> QuantContext:
     calib = make_loader(train, subset_indices(n, prof.n_calib, spec.seed + 1), prof.batch_size)
     tr_idx = subset_indices(n, prof.train_subset, spec.seed + 2)
     train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed)
+    val_loader = None
+    if prof.eval_points > 0 and prof.n_val > 0:  # the training curve's held-out images
+        test = load_dataset(spec.dataset, _test_split(spec.dataset), spec.data_root)
+        val_idx = subset_indices(len(test), prof.n_val, spec.seed + 3)  # type: ignore[arg-type]
+        val_loader = make_loader(test, val_idx, prof.batch_size)
     return QuantContext(
         calib_loader=calib,
         train_loader=train_loader,
+        val_loader=val_loader,
+        eval_points=prof.eval_points,
         seed=spec.seed,
-        train_epochs=prof.train_epochs,
+        train_epochs=prof.qat_epochs(len(train_loader)),
         checkpoint_dir=spec.checkpoint_dir,
         progress=False,
         device=spec.device,
@@ -141,6 +148,8 @@ def quantize_cell(
         "method_config": qm.config.to_json(),
         # the recipe actually used, the paper's, and how they differ (training-time methods)
         "ledger": _ledger(qm.info),
+        # the training curve (validation top-1 and train loss per evaluation point)
+        "curve": list(qm.info.get("train_curve") or []),
         "export_npz": exports_to_bytes(exports),
         # with the exports, these rebuild and check the deployed model end to end (TVM)
         "graph_state": graph_state_to_bytes(qm.module),
