@@ -47,7 +47,7 @@ class RunSummary:
     done: int
     skipped: int
     out: Any
-    #: accuracy cells of this session that collapsed (status ``degraded``), with the reason
+    #: accuracy cells of the run that collapsed (status ``degraded``), with the reason
     degraded: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -602,7 +602,6 @@ def run(
     if skipped:
         log.info("resuming: %d finished parts in %s are kept", skipped, cfg.out)
     failed = done = 0
-    degraded: list[str] = []
     total = len(todo) + len(lat_todo)
     # tqdm's disable=None switches itself off when stderr is not a terminal
     bar = tqdm(
@@ -622,9 +621,8 @@ def run(
             for cell, outcome in ex.run_cells(todo, baselines, indices):
                 rows = accuracy_rows(cell, outcome, run_id, fp32_top1.get(cell.key))
                 if rows and rows[0]["status"] == "degraded":
-                    why = f"{cell.method}/{cell.model}/{cell.dataset}: {rows[0]['error']}"
-                    degraded.append(why)
-                    log.error("cell %s degraded: %s", cell.key, why)
+                    log.error("cell %s degraded: %s/%s/%s: %s", cell.key, cell.method,
+                              cell.model, cell.dataset, rows[0]["error"])
                 if outcome.info is not None and outcome.info.get("ledger"):
                     meta.setdefault("ledger", {})[cell.key] = {
                         "method": cell.method, "model": cell.model, "dataset": cell.dataset,
@@ -689,4 +687,12 @@ def run(
                       store.root, exc)
             log.debug("report failure", exc_info=True)
     return RunSummary(frame=frame, failed=failed, done=done, skipped=skipped, out=cfg.out,
-                      degraded=degraded)
+                      degraded=degraded_cells(frame))
+
+
+def degraded_cells(frame: pd.DataFrame) -> list[str]:
+    """``"method/model/dataset: reason"`` of every collapsed cell in the run (resumed ones too)."""
+    if not len(frame) or "status" not in frame:
+        return []
+    bad = frame[frame["status"].eq("degraded") & frame["metric"].eq("top1")]
+    return [f"{r.method}/{r.model}/{r.dataset}: {r.error}" for r in bad.itertuples()]
