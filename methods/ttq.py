@@ -72,6 +72,7 @@ class TTQWeight(WeightQuantizer):
 
     fmt = "ternary"
     scale_bits = 32
+    norm: Tensor
 
     def __init__(self, t: float = 0.05) -> None:
         super().__init__()
