@@ -467,6 +467,7 @@ def _accuracy_table(
             wide[m] = np.nan
     # the block form the method ran on (unit of the `block` row) and why a cell collapsed
     blk = rows[rows["metric"].eq("block")].groupby(keys)["unit"].first().rename("block")
+    wide = wide.drop(columns=[c for c in ("block",) if c in wide.columns])  # the 0/1 pivot
     bad = rows[rows["status"].eq(DEGRADED) & rows["metric"].eq("top1")]
     why = bad.groupby(keys)["error"].first().rename("degraded")
     wide = wide.merge(blk.reset_index(), on=keys, how="left").merge(
