@@ -476,3 +476,17 @@ def test_no_loader_or_empty_loader() -> None:
     ctx.train_loader = []
     with pytest.raises(ValueError, match="yields no batches"):
         qat_train(_ttn_model(), ctx, QATRecipe(), method="x")
+
+
+@pytest.mark.training
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["ttq", "ttn_re", "rtn", "sttn"])
+def test_every_qat_method_records_its_training_curve(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = _data(64, seed=3)
+    ctx = QuantContext(calib_loader=[(x[:32], y[:32])], train_loader=_loader(),
+                       train_epochs=1.0, val_loader=[(x, y)], eval_points=2)
+    qm = create_method(name).quantize(tiny_cnn(classes=2).eval(), ctx)
+    curve = qm.info["train_curve"]
+    assert [p["step"] for p in curve] == [2, 4]  # 4 steps per epoch, two evaluation points
+    assert all(0 <= p["val_top1"] <= 100 and math.isfinite(p["train_loss"]) for p in curve)
