@@ -65,11 +65,12 @@ class Profile:
     #: the FP32 baseline trains at least this many steps (more epochs on small datasets)
     fp32_min_steps: int = 0
 
-    def qat_epochs(self, steps_per_epoch: int) -> float:
-        """The QAT budget in epochs of a loader with ``steps_per_epoch`` batches."""
+    def qat_epochs(self, steps_per_epoch: int, scale: float = 1.0) -> float:
+        """The QAT budget in epochs of a loader with ``steps_per_epoch`` batches, for a method
+        whose registered ``budget_scale`` is ``scale``."""
         if self.train_steps is None:
-            return self.train_epochs
-        return self.train_steps / max(steps_per_epoch, 1)
+            return self.train_epochs * scale
+        return round(self.train_steps * scale) / max(steps_per_epoch, 1)
 
     def fp32_recipe(self, n_train: int) -> TrainCfg:
         """The FP32 recipe for a training set of ``n_train`` images: ``fp32.epochs``, raised so

@@ -154,6 +154,9 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                         }
                         if device != "cpu":  # keeps the keys of CPU runs as they were
                             payload["device"] = device
+                        scale = get_method_info(method).budget_scale
+                        if scale != 1.0:  # the method's share of the profile's QAT steps
+                            payload["budget_scale"] = scale
                         key = _key(payload)
                         cells.append(
                             CellSpec(

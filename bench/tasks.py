@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ternbench.methods import QuantContext, create_method, summarize_cost
+from ternbench.methods import QuantContext, create_method, get_method_info, summarize_cost
 from ternbench.methods._deploy import layer_parity, max_logit_diff
 from ternbench.methods._export_io import exports_to_bytes, graph_state_to_bytes
 from torch import nn
@@ -113,7 +113,7 @@ def _context(spec: CellSpec) -> QuantContext:
         val_loader=val_loader,
         eval_points=prof.eval_points,
         seed=spec.seed,
-        train_epochs=prof.qat_epochs(len(train_loader)),
+        train_epochs=prof.qat_epochs(len(train_loader), get_method_info(spec.method).budget_scale),
         checkpoint_dir=spec.checkpoint_dir,
         progress=False,
         device=spec.device,

@@ -203,7 +203,7 @@ class TTQ:
         )
 
 
-@register_method("ttq", config=TTQConfig, paper=PAPER, kind="qat")
+@register_method("ttq", config=TTQConfig, paper=PAPER, kind="qat", budget_scale=4.0)
 def ttq(config: MethodConfig) -> TTQ:
     assert isinstance(config, TTQConfig)
     return TTQ(config)

@@ -43,6 +43,8 @@ def test_step_budgets_and_fp32_min_steps() -> None:
     assert prof.fp32_recipe(60000) == prof.fp32  # the shipped baseline's recipe (same key)
     small = prof.fp32_recipe(4000)  # 32 steps/epoch: 3 epochs would be 96 steps
     assert small.epochs * 32 >= prof.fp32_min_steps
+    assert prof.qat_epochs(469, 4.0) == pytest.approx(4 * prof.train_steps / 469)
+    assert get_method_info("ttq").budget_scale == 4.0 and get_method_info("rtn").budget_scale == 1
     cfg = BenchConfig(methods=("ttq",), budget=50)
     assert cfg.profile_obj.train_steps == 50 and cfg.profile_obj.name == "default"
     with pytest.raises(ConfigError, match="budget"):
