@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -120,7 +121,9 @@ class ParamFreeShortcut(nn.Module):
         y = self.pool(x)
         if self.extra == 0:
             return y
-        return torch.cat([y, y.new_zeros(y.shape[0], self.extra, *y.shape[2:])], 1)
+        # zero channels appended (F.pad keeps the module torch.fx-traceable: the whole-model
+        # latency path and torch's FX INT8 quantization trace it)
+        return F.pad(y, (0, 0, 0, 0, 0, self.extra))
 
 
 class STTNUnit(nn.Module):

@@ -6,10 +6,11 @@ import json
 
 import pytest
 import torch
+import torch.fx
 from conftest import needs_fashion
 from ternbench.bench import runner, tasks
 from ternbench.bench.config import PROFILES, BenchConfig, ConfigError
-from ternbench.bench.models import model_for_block
+from ternbench.bench.models import create_model, model_for_block
 from ternbench.bench.runner import cell_device, degraded_reason, plan
 from ternbench.bench.train import curve_converged, eval_steps
 from ternbench.methods import create_method, get_method_info
@@ -133,3 +134,12 @@ def test_collapsed_cell_is_degraded_and_fails_the_run(tiny_profile, tmp_path, mo
 def test_method_config_json_has_no_block_field() -> None:
     # the block is a run-level choice (plan), not a field of any method config
     assert "block" not in json.loads(create_method("rtn").config.to_json())
+
+
+def test_preact_models_are_fx_traceable() -> None:
+    """The whole-model latency path (and torch's FX INT8) trace the model RTN/STTN run on."""
+    for name in ("sttn_resnet8", "sttn_resnet20"):
+        m = create_model(name, in_chans=1, num_classes=10).eval()
+        gm = torch.fx.symbolic_trace(m)
+        x = torch.randn(2, 1, 28, 28)
+        torch.testing.assert_close(gm(x), m(x))
