@@ -21,7 +21,6 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -551,8 +551,9 @@ def plot_training_curves(
     cur["epoch"] = pd.to_numeric(cur["layer"].str.removeprefix("epoch="), errors="coerce")
     keys = ["vid", "model", "dataset", "metric", "epoch"]
     pts = cur.groupby(keys, as_index=False)["value"].mean()
-    conv = {int(k): float(v) for k, v in
-            df[df["metric"].eq("converged")].groupby("vid")["value"].mean().to_dict().items()}
+    conv_rows = df[df["metric"].eq("converged")]
+    conv = {int(str(k)): float(v) for k, v in
+            zip(conv_rows["vid"], conv_rows["value"], strict=True)}
     with matplotlib.rc_context(_RC):
         fig, axes = _panels(2)
         handles = []

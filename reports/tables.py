@@ -493,12 +493,12 @@ def _accuracy_table(
         hit = exact_map.get((r.run_id, r.model, r.dataset, r.subset)) or loose_map.get(
             (r.run_id, r.model, r.dataset)
         )
-        own = getattr(r, "fp32_top1", np.nan)
+        own = float(pd.to_numeric(getattr(r, "fp32_top1", np.nan)))
         if hit is not None:
             deltas.append(float(r.top1) - float(hit[1]))
             is_ref.append(int(r.vid) == int(hit[0]))
-        elif pd.notna(own):  # no fp32 row on this model (a method's own block form)
-            deltas.append(float(r.top1) - float(own))
+        elif own == own:  # not NaN: no fp32 row on this model (a method's own block form)
+            deltas.append(float(pd.to_numeric(r.top1)) - own)
             is_ref.append(False)
         else:
             deltas.append(np.nan)
