@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local executor: where training-time cells run (auto: cuda when a GPU "
                    "is visible)")
     r.add_argument("--budget", type=int, default=None, metavar="STEPS",
-                   help="QAT steps per training-time cell (batch 128), replacing the profile's")
+                   help="QAT steps (batch 128) replacing the profile's; each method runs them "
+                   "times its registered budget_scale (TTQ, TTN-RE: 4)")
     r.add_argument("--allow-degraded", action="store_true", default=None,
                    help="exit 0 even when a cell collapsed (status degraded)")
     r.add_argument(

@@ -216,7 +216,8 @@ class BenchConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: a collapsed (``degraded``) cell does not make the run exit non-zero
     allow_degraded: bool = False
-    #: QAT budget in steps for every training-time cell (replaces the profile's)
+    #: QAT budget in steps (replaces the profile's ``train_steps``; times each method's
+    #: registered ``budget_scale``)
     budget: int | None = None
 
     def __post_init__(self) -> None:
