@@ -314,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "targets are timed there; see docs/arm.md to start the server")
     r.add_argument("--no-whole-model", dest="whole_model", action="store_false", default=None,
                    help="skip the end-to-end model latency on x86 (per-layer kernels only)")
+    r.add_argument("--plain-blocks", action="store_true", default=None,
+                   help="build every method on the model as named instead of the block form "
+                   "its paper uses (per method: --set rtn.block=plain)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="local executor: where training-time cells run (auto: cuda when a GPU "
+                   "is visible)")
+    r.add_argument("--budget", type=int, default=None, metavar="STEPS",
+                   help="QAT steps (batch 128) replacing the profile's; each method runs them "
+                   "times its registered budget_scale (TTQ, TTN-RE: 4)")
+    r.add_argument("--allow-degraded", action="store_true", default=None,
+                   help="exit 0 even when a cell collapsed (status degraded)")
     r.add_argument(
         "--set",
         dest="sets",
@@ -432,6 +443,10 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         "subset": a.subset,
         "num_classes": a.num_classes,
         "image_size": a.image_size,
+        "plain_blocks": a.plain_blocks,
+        "device": a.device,
+        "budget": a.budget,
+        "allow_degraded": a.allow_degraded,
     }
     if overrides:
         cli["overrides"] = overrides
@@ -472,6 +487,14 @@ def _cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
             wait_lock=a.wait_lock,
         )
     _print_summary(summary.frame, cfg.out, report=not a.no_report)
+    if summary.degraded:
+        red, end = ("\033[31m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        for why in summary.degraded:
+            print(f"{red}DEGRADED {why}{end}")
+        if not cfg.allow_degraded:
+            print(f"{len(summary.degraded)} cell(s) degraded (collapsed accuracy); pass "
+                  "--allow-degraded to exit 0 anyway", file=sys.stderr)
+            return 1
     if summary.failed:
         print(
             f"{summary.failed} part(s) failed; see {cfg.out}/results.csv (status=failed)",
@@ -486,7 +509,7 @@ def _print_summary(df: Any, out: Path, report: bool = True) -> None:
     if df is None or not len(df):
         print(f"no results in {out}")
         return
-    ok = df[df.status == "ok"].copy()
+    ok = df[df.status.isin(["ok", "degraded"])].copy()
     sweep = [c for c in ok.columns if c.startswith("sweep.")]
     for c in sweep:  # pivot keys must not be NaN: a variant without that axis shows "-"
         ok[c] = ok[c].astype(object).where(ok[c].notna(), "-")
@@ -515,6 +538,11 @@ def _print_summary(df: Any, out: Path, report: bool = True) -> None:
             index=index, columns="target", values="s", aggfunc="first")
         st.columns = [f"{t}" for t in st.columns]
         table = table.join(st)
+    bad = ok[ok.status.eq("degraded") & ok.metric.eq("top1")]
+    if len(bad):  # collapsed cells, flagged beside their numbers
+        flag = bad.pivot_table(index=index, values="error", aggfunc="first")
+        table = table.join(flag.rename(columns={"error": "degraded"}))
+        table["degraded"] = table["degraded"].where(table["degraded"].notna(), "")
     table.index.names = [n.removeprefix("sweep.") for n in table.index.names]
     print(table.round(3).to_string())
     where = f"\nresults: {out}/results.parquet"

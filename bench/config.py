@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,33 @@ class Profile:
     deploy_check_samples: int = 32
     #: apply each method's registered paper recipe (epochs, optimizer, schedule, KD)
     apply_paper_recipes: bool = False
+    #: QAT / fine-tune budget in optimizer steps (batch 128); replaces ``train_epochs`` when set,
+    #: so the budget does not depend on the dataset size
+    train_steps: int | None = None
+    #: training curve: validation top-1 on ``n_val`` held-out test images at ``eval_points``
+    #: evenly spaced steps of every QAT run (0: no curve)
+    n_val: int = 2000
+    eval_points: int = 4
+    #: the FP32 baseline trains at least this many steps (more epochs on small datasets)
+    fp32_min_steps: int = 0
+
+    def qat_epochs(self, steps_per_epoch: int, scale: float = 1.0) -> float:
+        """The QAT budget in epochs of a loader with ``steps_per_epoch`` batches, for a method
+        whose registered ``budget_scale`` is ``scale``."""
+        if self.train_steps is None:
+            return self.train_epochs * scale
+        return round(self.train_steps * scale) / max(steps_per_epoch, 1)
+
+    def fp32_recipe(self, n_train: int) -> TrainCfg:
+        """The FP32 recipe for a training set of ``n_train`` images: ``fp32.epochs``, raised so
+        that training runs at least ``fp32_min_steps`` steps (a 4k-image set gets ~44 epochs
+        where Fashion-MNIST's 60k get the 3 of the recipe)."""
+        n = n_train if self.fp32.train_subset is None else min(n_train, self.fp32.train_subset)
+        steps_per_epoch = max(1, math.ceil(n / self.fp32.batch_size))
+        need = self.fp32_min_steps / steps_per_epoch
+        if need <= self.fp32.epochs:
+            return self.fp32
+        return dataclasses.replace(self.fp32, epochs=float(math.ceil(need)))
 
     def digest(self) -> str:
         return hashlib.sha256(
@@ -64,6 +92,9 @@ class Profile:
 # The FP32 baseline recipe is shared by smoke and default so both start from the same cached
 # (and shipped) checkpoint: ResNet-8 reaches ~90% on Fashion-MNIST after 3 epochs (notes/data.md).
 _FP32_DEFAULT = TrainCfg(epochs=3, batch_size=128, lr=0.1, seed=0)
+#: QAT steps of the default profile (batch 128): sized so that the main job
+#: (``--methods sttn,rtn,fgq``) fits 10 minutes on 2 cores (docs/measured/fidelity.md)
+TRAIN_STEPS_DEFAULT = 469
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
@@ -75,6 +106,9 @@ PROFILES: dict[str, Profile] = {
         bn_batches=8,
         train_subset=2048,
         train_epochs=0.25,
+        n_val=256,
+        eval_points=2,
+        fp32_min_steps=1400,
         eval_shards=2,
         latency_number=5,
         latency_repeat=3,
@@ -89,6 +123,29 @@ PROFILES: dict[str, Profile] = {
         bn_batches=50,
         train_subset=None,
         train_epochs=1.0,
+        train_steps=TRAIN_STEPS_DEFAULT,
+        n_val=2000,
+        eval_points=5,
+        fp32_min_steps=1400,
+        eval_shards=4,
+        latency_number=20,
+        latency_repeat=7,
+        latency_min_repeat_ms=20,
+    ),
+    "long": Profile(
+        name="long",
+        description="the default profile with 4x the QAT steps (about 4 epochs of 60k images), "
+        "for methods the curves show unconverged",
+        fp32=_FP32_DEFAULT,
+        n_eval=None,
+        n_calib=1024,
+        bn_batches=50,
+        train_subset=None,
+        train_epochs=4.0,
+        train_steps=4 * TRAIN_STEPS_DEFAULT,
+        n_val=2000,
+        eval_points=8,
+        fp32_min_steps=1400,
         eval_shards=4,
         latency_number=20,
         latency_repeat=7,
@@ -158,6 +215,17 @@ class BenchConfig:
     num_classes: int | None = None
     #: ImageFolder datasets: centre-crop side the images are resized to (default 224)
     image_size: int | None = None
+    #: build every method on the model as named, not on the block form its paper uses
+    #: (per method: ``--set rtn.block=plain``)
+    plain_blocks: bool = False
+    #: where the local executor trains and quantizes: auto = cuda for training-time (QAT)
+    #: cells when a GPU is visible, else cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: a collapsed (``degraded``) cell does not make the run exit non-zero
+    allow_degraded: bool = False
+    #: QAT budget in steps (replaces the profile's ``train_steps``; times each method's
+    #: registered ``budget_scale``)
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         from .data import list_datasets
@@ -226,10 +294,20 @@ class BenchConfig:
         if self.weights is not None and not Path(self.weights).is_file():
             raise ConfigError(f"--weights {self.weights} does not exist (a .pt/.pth state dict "
                               "or a .safetensors file)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            _fail("device", "'auto', 'cpu' or 'cuda'", self.device)
+        if self.budget is not None and (
+            not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 0
+        ):
+            _fail("budget", "None or a number of QAT steps >= 0", self.budget)
+        for name in ("plain_blocks", "allow_degraded"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "a bool", getattr(self, name))
         for meth, values in self.overrides.items():
             if meth not in self.methods:
                 _fail("overrides", f"for methods in the run {list(self.methods)}", meth)
-            config_from_mapping(get_method_info(meth).config_cls, values)  # validates fields
+            _block, rest = split_block(meth, values)
+            config_from_mapping(get_method_info(meth).config_cls, rest)  # validates fields
         sweeps: dict[str, dict[str, tuple[Any, ...]]] = {}
         for meth, axes in self.sweeps.items():
             if meth not in self.methods:
@@ -240,14 +318,28 @@ class BenchConfig:
                 if not vals:
                     _fail("sweeps", f"a non-empty list of values for {meth}.{fld}", vals)
                 for v in vals:  # every point must be a valid config
-                    config_from_mapping(get_method_info(meth).config_cls,
-                                        {**self.overrides.get(meth, {}), fld: v})
+                    config_from_mapping(
+                        get_method_info(meth).config_cls,
+                        split_block(meth, {**self.overrides.get(meth, {}), fld: v})[1],
+                    )
                 sweeps[meth][fld] = vals
         object.__setattr__(self, "sweeps", sweeps)
 
     @property
     def profile_obj(self) -> Profile:
-        return PROFILES[self.profile]
+        prof = PROFILES[self.profile]
+        if self.budget is not None:
+            return dataclasses.replace(prof, train_steps=self.budget)
+        return prof
+
+    def block_for(self, method: str, overrides: dict[str, Any]) -> str:
+        """The block form ``method`` runs on: its own ``block`` override, else ``plain`` with
+        ``plain_blocks``, else the form its paper uses (registered with the method)."""
+        block, _ = split_block(method, overrides)
+        if block is None or block == "paper":
+            declared = get_method_info(method).block
+            return "plain" if self.plain_blocks or declared is None else declared
+        return block
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -313,6 +405,31 @@ def _check_rpc(text: str) -> None:
             f"--rpc {text!r}: host {ep.host!r} does not resolve ({exc}); expected HOST:PORT of "
             "a TVM RPC server, e.g. 192.168.1.20:9090"
         ) from None
+
+
+#: the per-method override key that picks the block form (not a method config field)
+BLOCK_KEY = "block"
+
+
+def split_block(method: str, values: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(block, the other overrides)``: ``block`` is ``values["block"]`` (``"paper"`` = the
+    form the method's paper uses, or one of ``BLOCK_FORMS``) or None.
+
+    Example:
+        >>> split_block("rtn", {"block": "plain", "lr": 0.1})
+        ('plain', {'lr': 0.1})
+    """
+    from .models import BLOCK_FORMS
+
+    rest = {k: v for k, v in values.items() if k != BLOCK_KEY}
+    if BLOCK_KEY not in values:
+        return None, rest
+    block = values[BLOCK_KEY]
+    if block not in ("paper", *BLOCK_FORMS):
+        raise ConfigError(
+            f"{method}.{BLOCK_KEY} must be one of {('paper', *BLOCK_FORMS)}, got {block!r}"
+        )
+    return str(block), rest
 
 
 def _did_you_mean(field_name: str, value: str, options: list[str]) -> None:

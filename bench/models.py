@@ -19,9 +19,9 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "list_models",
     "create_model",
     "get_model_info",
+    "BLOCK_FORMS",
+    "model_for_block",
 ]
 
 
@@ -118,7 +120,9 @@ class ParamFreeShortcut(nn.Module):
         y = self.pool(x)
         if self.extra == 0:
             return y
-        return torch.cat([y, y.new_zeros(y.shape[0], self.extra, *y.shape[2:])], 1)
+        # zero channels appended (F.pad keeps the module torch.fx-traceable: the whole-model
+        # latency path and torch's FX INT8 quantization trace it)
+        return F.pad(y, (0, 0, 0, 0, 0, self.extra))
 
 
 class STTNUnit(nn.Module):
@@ -220,11 +224,20 @@ def _resnet18(in_chans: int, num_classes: int, image_size: int | None) -> nn.Mod
     return model
 
 
+#: block forms a method can declare it needs (``register_method(..., block=...)``):
+#: ``plain`` = the model as named (conv-BN-ReLU); ``preact`` = BN before the (ternary) activation
+#: that feeds every quantized conv, so a ternary activation sees signed inputs and really is
+#: {-1, 0, +1} (not {0, +1} after a ReLU): the STTN repository's block (:class:`STTNUnit`).
+BLOCK_FORMS = ("plain", "preact")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
     description: str
     factory: Callable[[int, int, int | None], nn.Module]
+    #: the same network in another block form: block form -> registered model name
+    variants: dict[str, str] = field(default_factory=dict)
 
 
 _MODELS: dict[str, ModelInfo] = {
@@ -232,16 +245,19 @@ _MODELS: dict[str, ModelInfo] = {
         "resnet8",
         "CIFAR-style ResNet-8 (1 BasicBlock per stage, 16/32/64 ch, ~78k params)",
         lambda c, k, s: CifarResNet(1, in_chans=c, num_classes=k),
+        variants={"preact": "sttn_resnet8"},
     ),
     "resnet20": ModelInfo(
         "resnet20",
         "CIFAR-style ResNet-20 (3 BasicBlocks per stage, 16/32/64 ch, ~0.27M params)",
         lambda c, k, s: CifarResNet(3, in_chans=c, num_classes=k),
+        variants={"preact": "sttn_resnet20"},
     ),
     "resnet18": ModelInfo(
         "resnet18",
         "torchvision ResNet-18 (11.7M params); 3x3/1 stem without max pool for images <= 64 px",
         _resnet18,
+        variants={"preact": "sttn_resnet18"},
     ),
     "sttn_resnet8": ModelInfo(
         "sttn_resnet8",
@@ -267,6 +283,21 @@ _MODELS: dict[str, ModelInfo] = {
         ),
     ),
 }
+
+
+def model_for_block(name: str, block: str | None) -> str:
+    """The registered model that is ``name`` in block form ``block`` (``None``/``plain``, or a
+    model without that variant: ``name`` itself).
+
+    Example:
+        >>> model_for_block("resnet8", "preact"), model_for_block("resnet8", None)
+        ('sttn_resnet8', 'resnet8')
+    """
+    if block is None or block == "plain":
+        return name
+    if block not in BLOCK_FORMS:
+        raise ValueError(f"unknown block form {block!r}; known: {', '.join(BLOCK_FORMS)}")
+    return get_model_info(name).variants.get(block, name)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -10,6 +10,8 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -30,7 +32,7 @@ from ternbench.methods import create_method, get_method_info
 from ternbench.methods._export_io import load_exports
 from tqdm.auto import tqdm
 
-from .config import BenchConfig
+from .config import BenchConfig, split_block
 from .executor import CellOutcome, Executor, make_executor
 from .results import SCHEMA_VERSION, ResultStore, atomic_write_bytes, make_row
 from .tasks import CellSpec, eval_indices, merge_shards
@@ -48,12 +50,34 @@ class RunSummary:
     done: int
     skipped: int
     out: Any
+    #: accuracy cells of the run that collapsed (status ``degraded``), with the reason
+    degraded: list[str] = dataclasses.field(default_factory=list)
 
 
 def _key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[
         :16
     ]
+
+
+@functools.lru_cache(maxsize=32)
+def _n_train(dataset: str, root: str | None, image_size: int | None = None) -> int | None:
+    from .data import dataset_info, load_dataset
+
+    try:
+        splits = dataset_info(dataset, root, image_size).splits
+        split = "train" if "train" in splits else splits[0]
+        return len(load_dataset(dataset, split, root, image_size=image_size))  # type: ignore[arg-type]
+    except Exception:  # missing data: preflight reports it; plan stays usable (dry runs)
+        return None
+
+
+def fp32_cfg_for(cfg: BenchConfig, dataset: str) -> Any:
+    """The FP32 recipe of ``dataset`` under the run's profile: at least ``fp32_min_steps``
+    optimizer steps, whatever the dataset size (:meth:`Profile.fp32_recipe`)."""
+    prof = cfg.profile_obj
+    n = _n_train(dataset, cfg.data_root, cfg.image_size)
+    return prof.fp32 if n is None else prof.fp32_recipe(n)
 
 
 def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
@@ -66,8 +90,21 @@ def baseline_key_for(cfg: BenchConfig, model: str, dataset: str) -> str:
         h.update(json.dumps(dataset_fingerprint(dataset, cfg.data_root, cfg.image_size),
                             sort_keys=True).encode())
         return f"{model}-{dataset}-user-{h.hexdigest()[:16]}"
-    return baseline_key(model, dataset, cfg.profile_obj.fp32, root=cfg.data_root,
+    return baseline_key(model, dataset, fp32_cfg_for(cfg, dataset), root=cfg.data_root,
                         image_size=cfg.image_size)
+
+
+def cell_device(cfg: BenchConfig, method: str) -> str:
+    """Where a cell trains/quantizes with the local executor: ``cfg.device``; ``auto`` is
+    cuda for training-time (QAT) cells when a GPU is visible, else cpu."""
+    if cfg.device == "cpu" or cfg.executor != "local":  # Ray places GPU cells itself
+        return "cpu"
+    visible = torch.cuda.is_available()
+    if cfg.device == "cuda":
+        if not visible:
+            raise RuntimeError("--device cuda: no CUDA device is visible to torch")
+        return "cuda"
+    return "cuda" if visible and get_method_info(method).kind == "qat" else "cpu"
 
 
 def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -77,7 +114,7 @@ def method_variants(cfg: BenchConfig, method: str) -> list[tuple[dict[str, Any],
     by the user for that method replaces it.
     """
     info = get_method_info(method)
-    base = dict(cfg.overrides.get(method, {}))
+    base = split_block(method, cfg.overrides.get(method, {}))[1]  # the block picks the model
     if cfg.profile_obj.apply_paper_recipes and info.paper_overrides:
         base = {**info.paper_overrides, **base}  # the user's --set still wins
     axes = cfg.sweeps.get(method) or info.default_sweep
@@ -99,10 +136,21 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
     prof = cfg.profile_obj
     if cfg.subset is not None:  # --subset N replaces the profile's evaluation count
         prof = dataclasses.replace(prof, n_eval=cfg.subset)
-    for model in cfg.models:
+    from .models import model_for_block
+
+    for requested in cfg.models:
         for dataset in cfg.datasets:
-            bkey = baseline_key_for(cfg, model, dataset)
             for method in cfg.methods:
+                want = cfg.block_for(method, cfg.overrides.get(method, {}))
+                # the method's paper block: --model resnet8 builds e.g. sttn_resnet8 for RTN
+                # (the user's --weights fit the model as named only)
+                model = requested if cfg.weights is not None else model_for_block(requested, want)
+                block = want if model != requested else "plain"
+                if want != block:
+                    log.info("%s wants the %s block form; %s has none here, it runs as named",
+                             method, want, requested)
+                bkey = baseline_key_for(cfg, model, dataset)
+                device = cell_device(cfg, method)
                 for overrides, point in method_variants(cfg, method):
                     mcfg = create_method(method, overrides).config.to_json()
                     for seed in cfg.seeds:
@@ -121,6 +169,11 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                             payload["stratified"] = True
                         if cfg.image_size is not None:
                             payload["image_size"] = cfg.image_size
+                        if device != "cpu":  # keeps the keys of CPU runs as they were
+                            payload["device"] = device
+                        scale = get_method_info(method).budget_scale
+                        if scale != 1.0:  # the method's share of the profile's QAT steps
+                            payload["budget_scale"] = scale
                         key = _key(payload)
                         cells.append(
                             CellSpec(
@@ -139,6 +192,8 @@ def plan(cfg: BenchConfig) -> list[CellSpec]:
                                 sweep=point,
                                 image_size=cfg.image_size,
                                 stratified=cfg.subset is not None,
+                                device=device,
+                                extra={"block": block, "requested_model": requested},
                             )
                         )
     return cells
@@ -173,15 +228,72 @@ def _failed_rows(base: dict[str, Any], exc: BaseException, **fields: Any) -> lis
     ]
 
 
-def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str) -> list[dict[str, Any]]:
+#: a cell this many top-1 points under its own FP32 baseline has collapsed
+DEGRADED_DROP = 30.0
+
+
+def degraded_reason(top1: float, fp32_top1: float | None, num_classes: int) -> str | None:
+    """Why a cell's accuracy counts as collapsed, or None: at chance level (top-1 within
+    max(2, chance/2) points of 100/classes) or more than ``DEGRADED_DROP`` points under FP32.
+
+    Example:
+        >>> degraded_reason(10.3, 89.1, 10)
+        'top-1 10.30% is at chance level (10.00% for 10 classes)'
+        >>> degraded_reason(55.0, 89.1, 10)
+        'top-1 55.00% is 34.10 points under its FP32 baseline (89.10%)'
+        >>> degraded_reason(87.0, 89.1, 10) is None
+        True
+    """
+    chance = 100.0 / max(num_classes, 1)
+    if top1 <= chance + max(2.0, chance / 2):
+        return f"top-1 {top1:.2f}% is at chance level ({chance:.2f}% for {num_classes} classes)"
+    if fp32_top1 is not None and fp32_top1 - top1 > DEGRADED_DROP:
+        return (f"top-1 {top1:.2f}% is {fp32_top1 - top1:.2f} points under its FP32 baseline "
+                f"({fp32_top1:.2f}%)")
+    return None
+
+
+def curve_rows(base: dict[str, Any], curve: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Training-curve rows: ``train_loss`` and ``val_top1`` per evaluation point (``layer`` =
+    ``epoch=<fractional epoch>``, ``impl`` = ``step=<n>``) and ``converged`` (1/0: whether
+    the last segment gained at most 0.3 point of validation top-1)."""
+    from .train import curve_converged
+
+    rows = []
+    for p in curve:
+        where = {"layer": f"epoch={float(p['epoch']):.3g}", "impl": f"step={int(p['step'])}"}
+        rows.append(make_row(base, **where, metric="train_loss", value=float(p["train_loss"]),
+                             unit="nats"))
+        rows.append(make_row(base, **where, metric="val_top1", value=float(p["val_top1"]),
+                             unit="%"))
+    conv = curve_converged(curve)
+    if conv is not None:
+        rows.append(make_row(base, metric="converged", value=float(conv), unit="bool"))
+    return rows
+
+
+def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str,
+                  fp32_top1: float | None = None) -> list[dict[str, Any]]:
+    from .data import get_dataset_info
+
     base = _base_fields(cell, run_id)
     if out.error is not None:
         return _failed_rows(base, out.error)
     assert out.info is not None and out.shards is not None
+    merged = merge_shards(out.shards)
+    reason = degraded_reason(merged["top1"], fp32_top1, get_dataset_info(cell.dataset).num_classes)
+    if reason is not None:
+        base = {**base, "status": "degraded", "error": reason}
     rows = []
     units = {"top1": "%", "top5": "%", "loss": "nats", "n_eval": "count"}
-    for metric, value in merge_shards(out.shards).items():
+    for metric, value in merged.items():
         rows.append(make_row(base, metric=metric, value=value, unit=units[metric]))
+    if fp32_top1 is not None:
+        rows.append(make_row(base, metric="fp32_top1", value=fp32_top1, unit="%"))
+    block = str(cell.extra.get("block", "plain"))
+    rows.append(make_row(base, metric="block", value=float(block != "plain"), unit=block,
+                         impl=str(cell.extra.get("requested_model", cell.model))))
+    rows += curve_rows(base, out.info.get("curve") or [])
     for metric, (value, unit) in out.info["cost"].items():
         rows.append(make_row(base, metric=metric, value=float(value), unit=unit))
     mi = out.info["method_info"]
@@ -259,9 +371,10 @@ def _baselines(
             model, info = _user_model(c, cfg.weights)
         else:
             model, info = load_or_train_fp32(
-                c.model, c.dataset, cfg.profile_obj.fp32, root=cfg.data_root, progress=progress,
-                image_size=cfg.image_size,
+                c.model, c.dataset, fp32_cfg_for(cfg, c.dataset), root=cfg.data_root,
+                progress=progress, image_size=cfg.image_size,
             )
+            _warn_unconverged_fp32(c, info)
         states[c.baseline_key] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         infos.append(
             {
@@ -271,6 +384,40 @@ def _baselines(
             }
         )
     return states, infos
+
+
+def _warn_unconverged_fp32(cell: CellSpec, info: dict[str, Any]) -> None:
+    """The plateau rule on a freshly trained FP32 baseline: warn when its last epoch still
+    gained more than 0.3 point of training accuracy (every delta is measured against it)."""
+    epochs = (info.get("history") or {}).get("epochs") or []
+    if len(epochs) >= 2:
+        gain = 100.0 * (float(epochs[-1]["acc"]) - float(epochs[-2]["acc"]))
+        if gain > 0.3:
+            log.warning(
+                "FP32 baseline %s may be unconverged: its last epoch still gained %.2f points "
+                "of training accuracy (raise the profile's fp32_min_steps)",
+                cell.baseline_key, gain)
+
+
+@torch.no_grad()
+def fp32_accuracy(cells: list[CellSpec], baselines: dict[str, dict[str, torch.Tensor]],
+                  indices: dict[str, np.ndarray]) -> dict[str, float]:
+    """Top-1 (%) of every cell's own FP32 baseline on the cell's evaluation subset (each
+    baseline and subset evaluated once): the reference of the cell's delta and collapse check."""
+    from .tasks import eval_shard
+
+    done: dict[tuple[str, str], float] = {}
+    out: dict[str, float] = {}
+    for c in cells:
+        k = (c.baseline_key, c.subset)
+        if k not in done and c.baseline_key in baselines:
+            m = c.build_model()
+            m.load_state_dict(baselines[c.baseline_key])
+            r = eval_shard(c, m.eval(), indices[c.key])
+            done[k] = 100.0 * r["correct1"] / max(r["n"], 1)
+        if k in done:
+            out[c.key] = done[k]
+    return out
 
 
 def latency_rows(
@@ -573,11 +720,15 @@ def _run_locked(
             baselines, binfo = _baselines(cfg, todo, progress)
             meta["baselines"] = binfo
             store.write_meta(meta)
+            fp32_top1 = fp32_accuracy(todo, baselines, indices)
             ex = ex or make_executor(cfg.executor, cfg.ray_address, cfg.num_cpus)
             meta["sessions"][-1]["executor"] = ex.name
             store.write_meta(meta)
             for cell, outcome in ex.run_cells(todo, baselines, indices):
-                rows = accuracy_rows(cell, outcome, run_id)
+                rows = accuracy_rows(cell, outcome, run_id, fp32_top1.get(cell.key))
+                if rows and rows[0]["status"] == "degraded":
+                    log.error("cell %s degraded: %s/%s/%s: %s", cell.key, cell.method,
+                              cell.model, cell.dataset, rows[0]["error"])
                 if outcome.info is not None and outcome.info.get("ledger"):
                     meta.setdefault("ledger", {})[cell.key] = {
                         "method": cell.method, "model": cell.model, "dataset": cell.dataset,
@@ -650,4 +801,13 @@ def _run_locked(
             log.error("report failed (results are kept; rebuild with `ternbench report %s`): %s",
                       store.root, exc)
             log.debug("report failure", exc_info=True)
-    return RunSummary(frame=frame, failed=failed, done=done, skipped=skipped, out=cfg.out)
+    return RunSummary(frame=frame, failed=failed, done=done, skipped=skipped, out=cfg.out,
+                      degraded=degraded_cells(frame))
+
+
+def degraded_cells(frame: pd.DataFrame) -> list[str]:
+    """``"method/model/dataset: reason"`` of every collapsed cell in the run (resumed ones too)."""
+    if not len(frame) or "status" not in frame:
+        return []
+    bad = frame[frame["status"].eq("degraded") & frame["metric"].eq("top1")]
+    return [f"{r.method}/{r.model}/{r.dataset}: {r.error}" for r in bad.itertuples()]

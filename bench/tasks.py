@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ternbench.methods import QuantContext, create_method, summarize_cost
+from ternbench.methods import QuantContext, create_method, get_method_info, summarize_cost
 from ternbench.methods._deploy import layer_parity, max_logit_diff
 from ternbench.methods._export_io import exports_to_bytes, graph_state_to_bytes
 from torch import nn
@@ -118,11 +118,18 @@ def _context(spec: CellSpec) -> QuantContext:
     tr_idx = subset_indices(n, prof.train_subset, spec.seed + 2)
     train_loader = make_loader(train_aug, tr_idx, 128, shuffle=True, seed=spec.seed,
                                num_workers=workers)
+    val_loader = None
+    if prof.eval_points > 0 and prof.n_val > 0:  # the training curve's held-out images
+        test = spec.load(_test_split(spec.dataset))
+        val_idx = subset_indices(len(test), prof.n_val, spec.seed + 3)  # type: ignore[arg-type]
+        val_loader = make_loader(test, val_idx, prof.batch_size, num_workers=workers)
     return QuantContext(
         calib_loader=calib,
         train_loader=train_loader,
+        val_loader=val_loader,
+        eval_points=prof.eval_points,
         seed=spec.seed,
-        train_epochs=prof.train_epochs,
+        train_epochs=prof.qat_epochs(len(train_loader), get_method_info(spec.method).budget_scale),
         checkpoint_dir=spec.checkpoint_dir,
         progress=False,
         device=spec.device,
@@ -157,6 +164,8 @@ def quantize_cell(
         "method_config": qm.config.to_json(),
         # the recipe actually used, the paper's, and how they differ (training-time methods)
         "ledger": _ledger(qm.info),
+        # the training curve (validation top-1 and train loss per evaluation point)
+        "curve": list(qm.info.get("train_curve") or []),
         "export_npz": exports_to_bytes(exports),
         # with the exports, these rebuild and check the deployed model end to end (TVM)
         "graph_state": graph_state_to_bytes(qm.module),

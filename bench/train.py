@@ -39,6 +39,8 @@ __all__ = [
     "train",
     "evaluate",
     "recalibrate_bn",
+    "eval_steps",
+    "curve_converged",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,6 +208,8 @@ def train(
     before_step: Callable[[nn.Module], None] | None = None,
     resume: Callable[[TrainState], None] | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
+    val_loader: Iterable | None = None,
+    eval_points: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``loader`` with ``cfg``; return the history.
 
@@ -230,10 +234,14 @@ def train(
             ``state.epoch``/``state.step``/``state.history`` to continue from there.
         checkpoint: ``checkpoint(state)`` after every finished (possibly partial) epoch,
             before ``on_epoch_end``.
+        val_loader / eval_points: evaluate top-1 on ``val_loader`` at ``eval_points`` evenly
+            spaced steps (the last one at the end of training) and record the mean training
+            loss since the previous point: ``history["evals"]`` holds ``{"step", "epoch"
+            (fractional), "train_loss", "val_top1" (%)}`` per point (the training curve).
 
     Returns:
         ``{"epochs": [{"epoch", "steps", "loss", "acc", "lr", "n", "seconds"}, ...],
-        "step_loss": [float per step], "steps": int, "seconds": float}``.
+        "step_loss": [float per step], "steps": int, "seconds": float, "evals": [...]}``.
 
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the message names the step).
@@ -263,7 +271,10 @@ def train(
     if resume is not None:
         resume(state)
     history = state.history
+    history.setdefault("evals", [])
     step = state.step
+    eval_at = eval_steps(total_steps, eval_points) if val_loader is not None else set()
+    seg_loss, seg_n = 0.0, 0
     t_start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -308,6 +319,20 @@ def train(
                 seen += bs
                 correct += int((logits.detach().argmax(1) == y).sum())
                 history["step_loss"].append(loss_v)
+                seg_loss, seg_n = seg_loss + loss_v, seg_n + 1
+                if step in eval_at:
+                    assert val_loader is not None
+                    r = evaluate(model, val_loader, device=device, topk=(1,))
+                    history["evals"].append({
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "train_loss": seg_loss / max(seg_n, 1),
+                        "val_top1": 100.0 * r["correct1"] / max(r["n"], 1),
+                    })
+                    log.info("%s step %d (epoch %.2f): train loss %.4f, val top-1 %.2f%%",
+                             desc, step, step / steps_per_epoch, seg_loss / max(seg_n, 1),
+                             history["evals"][-1]["val_top1"])
+                    seg_loss, seg_n = 0.0, 0
                 bar.update(1)
                 if beat and time.monotonic() - last_beat >= 30.0:
                     last_beat = time.monotonic()
@@ -349,6 +374,32 @@ def train(
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t_start
     return history
+
+
+def eval_steps(total_steps: int, points: int) -> set[int]:
+    """``points`` evenly spaced steps in ``1..total_steps``, always including the last.
+
+    Example:
+        >>> sorted(eval_steps(10, 4))
+        [2, 5, 8, 10]
+    """
+    if points <= 0 or total_steps <= 0:
+        return set()
+    n = min(points, total_steps)
+    return {max(1, round(total_steps * (i + 1) / n)) for i in range(n)}
+
+
+def curve_converged(evals: Sequence[dict[str, Any]], min_gain: float = 0.3) -> bool | None:
+    """False when the last segment of a training curve still gained more than ``min_gain``
+    points of validation top-1; None when there are fewer than two points.
+
+    Example:
+        >>> curve_converged([{"val_top1": 80.0}, {"val_top1": 85.0}, {"val_top1": 85.1}])
+        True
+    """
+    if len(evals) < 2:
+        return None
+    return float(evals[-1]["val_top1"]) - float(evals[-2]["val_top1"]) <= min_gain
 
 
 @torch.no_grad()

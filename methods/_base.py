@@ -270,6 +270,9 @@ class QuantContext:
     #: where QAT writes a checkpoint every epoch and resumes from (None: no checkpoints)
     checkpoint_dir: str | None = None
     progress: bool | None = None
+    #: held-out images for the training curve (validation top-1 at ``eval_points`` steps)
+    val_loader: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None
+    eval_points: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 

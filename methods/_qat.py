@@ -257,10 +257,16 @@ class QATMethodConfig(MethodConfig):
 
 
 def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
-    """Soft cross entropy ``T**2 * CE(softmax(t/T), softmax(s/T))``, mean over the batch."""
-    t = F.softmax(teacher.detach().float() / temperature, dim=1)
+    """Hinton's distillation term ``T**2 * KL(softmax(t/T) || softmax(s/T))``, batch mean.
+
+    The KL divergence, not the soft cross entropy: both have the same gradient (they differ by
+    the teacher's entropy, a constant), but the cross entropy at T = 4 carries
+    ``T**2 * H(teacher) ≈ 16 * 2.2 ≈ 35`` nats that no training can remove, which is why RTN's
+    logged loss used to "sit near 35". The KL reads 0 when the student matches the teacher.
+    """
+    t_log = F.log_softmax(teacher.detach().float() / temperature, dim=1)
     s = F.log_softmax(student.float() / temperature, dim=1)
-    return -(t * s).sum(1).mean() * temperature**2
+    return (t_log.exp() * (t_log - s)).sum(1).mean() * temperature**2
 
 
 def _quantizer_param_ids(module: nn.Module) -> set[int]:
@@ -594,6 +600,8 @@ def qat_train(
         before_step=before_step,
         resume=resume,
         checkpoint=save,
+        val_loader=ctx.val_loader,
+        eval_points=ctx.eval_points if ctx.val_loader is not None else 0,
     )
     hist["resumed_from_epoch"] = resumed["epoch"]
     hist["epochs_run"] = hist["steps"] / steps_per_epoch
@@ -692,5 +700,6 @@ def qat_quantize(
         train_steps=int(hist["steps"]),
         train_loss=hist["epochs"][-1]["loss"] if hist["epochs"] else None,
         train_history=hist["epochs"],
+        train_curve=hist.get("evals", []),
     )
     return QuantizedModel(module=m.eval(), method=method, config=cfg, info=info)

@@ -62,6 +62,13 @@ class MethodInfo:
     default_sweep: dict[str, tuple[Any, ...]] | None = None
     #: config fields that reproduce the paper's recipe; applied by the ``paper`` profile
     paper_overrides: dict[str, Any] | None = None
+    #: the block form the method's paper uses (see ``ternbench.bench.models.BLOCK_FORMS``):
+    #: ``"preact"`` = BN before the ternary activation; None = the model as named
+    block: str | None = None
+    #: the method's QAT step budget relative to the profile's ``train_steps``: weight-only
+    #: fine-tunes (TTQ, TTN-RE) need ~4 epochs of Fashion-MNIST to land within a point of FP32
+    #: and cost a third of an activation-ternary step with KD
+    budget_scale: float = 1.0
 
     def summary(self) -> str:
         return self.paper.split(",")[0] if self.paper else ""
@@ -81,6 +88,8 @@ def register_method(
     kind: Kind,
     default_sweep: dict[str, tuple[Any, ...]] | None = None,
     paper_overrides: dict[str, Any] | None = None,
+    block: str | None = None,
+    budget_scale: float = 1.0,
 ) -> Callable[[Callable[[MethodConfig], TernaryMethod]], Callable[[MethodConfig], TernaryMethod]]:
     """Register ``factory(config) -> TernaryMethod`` under ``name`` (default: function name).
 
@@ -96,7 +105,7 @@ def register_method(
         key = (name or factory.__name__).lower()
         info = MethodInfo(
             key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST, default_sweep,
-            paper_overrides,
+            paper_overrides, block, float(budget_scale),
         )
         old = _REGISTRY.get(key)
         if old is not None and old.module != info.module:

@@ -307,6 +307,7 @@ def quantize_with_qat(
         epochs_run=float(hist["epochs_run"]),
         resumed_from_epoch=int(hist["resumed_from_epoch"]),
         final_train_loss=float(hist["epochs"][-1]["loss"]) if hist["epochs"] else float("nan"),
+        train_curve=hist.get("evals", []),
     )
     return QuantizedModel(m, method, cfg, info)
 
@@ -602,7 +603,8 @@ class RTN:
         )
 
 
-@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat")
+# ternary activations need signed inputs: BN before the activation (the STTN-repo block)
+@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat", block="preact")
 def rtn(config: MethodConfig) -> RTN:
     assert isinstance(config, RTNConfig)
     return RTN(config)

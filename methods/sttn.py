@@ -412,7 +412,7 @@ class STTN:
 
 
 @register_method(
-    "sttn", config=STTNConfig, paper=PAPER, kind="qat",
+    "sttn", config=STTNConfig, paper=PAPER, kind="qat", block="preact",  # the repo's block
     # the repo's recipe; the ResNet-50 teacher is not available offline, the FP32 baseline teaches
     paper_overrides={"epochs": 256, "optimizer": "adam", "lr": 5e-3, "weight_decay": 0.0,
                      "schedule": "cosine", "kd": True, "kd_alpha": 1.0},

@@ -199,7 +199,7 @@ class TTNRE:
 
 
 @register_method(
-    "ttn_re", config=TTNREConfig, paper=PAPER, kind="qat",
+    "ttn_re", config=TTNREConfig, paper=PAPER, kind="qat", budget_scale=4.0,
     paper_overrides={
         "epochs": PAPER_RECIPE.epochs, "optimizer": PAPER_RECIPE.optimizer, "lr": PAPER_RECIPE.lr,
         "momentum": PAPER_RECIPE.momentum, "nesterov": PAPER_RECIPE.nesterov,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PaperNumber", "PAPER_NUMBERS", "matching"]
+__all__ = [
+    "PaperNumber", "PAPER_NUMBERS", "PaperDelta", "PAPER_DELTAS", "matching", "closest_delta",
+]
 
 
 @dataclass(frozen=True)
@@ -52,3 +54,67 @@ def matching(pairs: set[tuple[str, str]]) -> list[PaperNumber]:
         ['ttn_re', 'ttq']
     """
     return [p for p in PAPER_NUMBERS if (p.model, p.dataset) in pairs]
+
+
+@dataclass(frozen=True)
+class PaperDelta:
+    """A paper's top-1 change against its own FP32 model (points; negative = a drop)."""
+
+    method: str
+    model: str
+    dataset: str
+    delta: float
+    setting: str
+    source: str
+
+    def exact_for(self, model: str, dataset: str) -> bool:
+        return (self.model, self.dataset) == (model, dataset)
+
+
+#: the deltas of :data:`PAPER_NUMBERS` plus papers that state only a drop (notes §9)
+PAPER_DELTAS: tuple[PaperDelta, ...] = tuple(
+    PaperDelta(p.method, p.model, p.dataset, round(p.top1 - p.fp32_top1, 2), p.setting, p.source)
+    for p in PAPER_NUMBERS
+    if p.fp32_top1 is not None
+) + (
+    PaperDelta("fgq", "resnet50", "imagenet", -4.2, "N=4, 8-bit activations, no retraining "
+               "('within 4.2%')", "Mellempudi et al. 2017, abstract"),
+    PaperDelta("fgq", "resnet101", "imagenet", -3.7, "N=4, 8-bit activations, no retraining",
+               "Mellempudi et al. 2017, abstract"),
+    PaperDelta("trn", "resnet101", "imagenet", -1.0, "8-2 + residual edges ('~1% drop')",
+               "Kundu et al. 2017, abstract"),
+    PaperDelta("ttq", "alexnet", "imagenet", 0.3, "from scratch (error 42.5% vs 42.8%)",
+               "Zhu et al., ICLR'17"),
+)
+
+#: models of one family (closest match when the paper has no number for ours)
+_FAMILY = {"resnet8": "cifar-resnet", "resnet20": "cifar-resnet", "sttn_resnet8": "cifar-resnet",
+           "sttn_resnet20": "cifar-resnet", "resnet18": "resnet18", "sttn_resnet18": "resnet18"}
+_DATA_FAMILY = {"cifar10": "small", "cifar100": "small", "fashion-mnist": "small",
+                "imagenet": "imagenet"}
+
+
+def closest_delta(method: str, model: str, dataset: str) -> PaperDelta | None:
+    """The paper's delta for ``method`` on ``model``/``dataset``, else the closest one: same
+    dataset and model family first, then same kind of dataset (small images vs ImageNet), then
+    the paper's first number. RTN has none (its absolute top-1 was not retrieved).
+
+    Example:
+        >>> closest_delta("ttq", "resnet8", "fashion-mnist").model
+        'resnet20'
+        >>> closest_delta("rtn", "resnet8", "fashion-mnist") is None
+        True
+    """
+    cands = [d for d in PAPER_DELTAS if d.method == method]
+    if not cands:
+        return None
+
+    def score(d: PaperDelta) -> tuple[int, int, int, int]:
+        return (
+            int(d.model == model and d.dataset == dataset),
+            int(d.dataset == dataset),
+            int(_FAMILY.get(d.model, d.model) == _FAMILY.get(model, model)),
+            int(_DATA_FAMILY.get(d.dataset, d.dataset) == _DATA_FAMILY.get(dataset, dataset)),
+        )
+
+    return max(cands, key=score)  # max keeps the first of equal scores

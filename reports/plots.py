@@ -563,12 +563,53 @@ def plot_ablation(
         return _save(fig, out_dir, _slug("ablation", short), f"Ablation over {short}", "ablation")
 
 
+def plot_training_curves(
+    data: ReportData, out_dir: Path, styles: _Styles | None = None
+) -> Plot | None:
+    """Validation top-1 and training loss against (fractional) epochs for every training-time
+    variant; a dashed line marks a curve whose last segment still gained > 0.3 point."""
+    styles = styles or _Styles(data)
+    df = data.df
+    cur = df[df["metric"].isin(["val_top1", "train_loss"]) & df["layer"].str.startswith("epoch=")
+             & df["status"].isin(["ok", "degraded"])].copy()
+    if cur.empty:
+        return None
+    cur["epoch"] = pd.to_numeric(cur["layer"].str.removeprefix("epoch="), errors="coerce")
+    keys = ["vid", "model", "dataset", "metric", "epoch"]
+    pts = cur.groupby(keys, as_index=False)["value"].mean()
+    conv_rows = df[df["metric"].eq("converged")]
+    conv = {int(str(k)): float(v) for k, v in
+            zip(conv_rows["vid"], conv_rows["value"], strict=True)}
+    with matplotlib.rc_context(_RC):
+        fig, axes = _panels(2)
+        handles = []
+        for (vid, model, _ds), g in pts.groupby(["vid", "model", "dataset"], sort=True):
+            v = int(str(vid))
+            unconverged = v in conv and conv[v] < 0.5
+            style: dict[str, Any] = {"color": styles.color[v], "marker": styles.marker[v],
+                                     "markersize": 4, "ls": "--" if unconverged else "-"}
+            for ax, metric in zip(axes, ("val_top1", "train_loss"), strict=True):
+                m = g[g["metric"].eq(metric)].sort_values("epoch")
+                ax.plot(m["epoch"], m["value"], **style)
+            label = f"{styles.label[v]} ({model})" + (" - not converged" if unconverged else "")
+            handles.append(Line2D([], [], label=label, **style))
+        axes[0].set_ylabel("validation top-1 (%)")
+        axes[1].set_ylabel("training loss (mean over the segment)")
+        for ax in axes:
+            ax.set_xlabel("epoch")
+            ax.grid(True, alpha=0.25)
+        _legend(fig, handles)
+        fig.suptitle("Training curves")
+        return _save(fig, out_dir, "training_curves", "Training curves (QAT)", "curves")
+
+
 def render_all(
     data: ReportData, out_dir: Path, registry: Sequence[str] | None = None
 ) -> list[Plot]:
     """Every plot the data supports, in report order; plots without data are skipped."""
     styles = _Styles(data, registry)
-    plots: list[Plot | None] = [plot_accuracy_vs_bits(data, out_dir, styles)]
+    plots: list[Plot | None] = [plot_accuracy_vs_bits(data, out_dir, styles),
+                                plot_training_curves(data, out_dir, styles)]
     for target in data.targets:
         plots.append(plot_accuracy_vs_latency(data, target, out_dir, styles))
         lay = data.layers[data.layers["target"].eq(target)]

@@ -127,6 +127,13 @@ def _acc_css(df: pd.DataFrame, acc: pd.DataFrame) -> pd.DataFrame:
         "font-weight:700" if pd.notna(t) and t == b else ""
         for t, b in zip(acc["top1"], best, strict=True)
     ]
+    red = "color:#b3261e;font-weight:700"
+    if "Status" in css.columns:  # collapsed cells: the whole row in red
+        for i, w in enumerate(acc["degraded"].astype(str)):
+            if w:
+                css.iloc[i, :] = red
+    if "Training" in css.columns:
+        css["Training"] = [red if t == "not converged" else "" for t in df["Training"]]
     return css
 
 
@@ -210,6 +217,7 @@ def _context(
     status_disp = format_status(data.status) if len(data.status) else pd.DataFrame()
     ledger = _ledger_table(metas_of(data))
     papers = _paper_table(data)
+    fidelity = fidelity_table(data)
     failed = format_failed(data.failed)
     failed_md = format_failed(data.failed, max_error=300)
     n_fail_cells = data.failed[["run_id", "cell_key"]].drop_duplicates().shape[0]
@@ -238,10 +246,80 @@ def _context(
         "ablation_plots": by_section.get("ablation", []),
         "ledger_md": _md_table(ledger) if len(ledger) else "",
         "papers_md": _md_table(papers) if len(papers) else "",
+        "fidelity_md": _md_table(fidelity) if len(fidelity) else "",
+        "fidelity_html": _html_table(fidelity, uuid="fidelity") if len(fidelity) else "",
+        "curve_plots": by_section.get("curves", []),
+        "degraded_md": "\n".join(f"- **degraded** {w}" for w in _degraded_list(data)),
+        "degraded_html": "".join(
+            f'<li style="color:#b3261e"><b>degraded</b> {html.escape(w)}</li>'
+            for w in _degraded_list(data)),
         "papers_html": _html_table(papers, uuid="papers") if len(papers) else "",
         "ledger_html": _html_table(ledger, uuid="ledger") if len(ledger) else "",
         "sweep_cols": [c.removeprefix("sweep.") for c in data.sweep_cols],
     }
+
+
+def _degraded_list(data: ReportData) -> list[str]:
+    acc = data.accuracy
+    if not len(acc) or "degraded" not in acc:
+        return []
+    return [f"{r.label} on {r.model} / {r.dataset}: {r.degraded}"
+            for r in acc.itertuples() if str(r.degraded)]
+
+
+def _sign(v: float, tol: float) -> int:
+    return 0 if abs(v) <= tol else (1 if v > 0 else -1)
+
+
+def fidelity_table(data: ReportData, tol: float = 0.5) -> pd.DataFrame:
+    """Our Δ top-1 vs FP32 beside the paper's Δ vs its own FP32, per method variant.
+
+    The paper's number is the one for the same model and dataset where it has one, else the
+    closest (same dataset, then same model, then the first listed). ``Sign`` agrees when both
+    deltas have the same sign, deltas within ±``tol`` points counting as 0 (both "on par");
+    ``Ordering`` counts the pairs of methods (with a paper delta each) that the two columns
+    order the same way.
+    """
+    from .paper_numbers import closest_delta
+
+    acc = data.accuracy
+    if not len(acc):
+        return pd.DataFrame()
+    rows: list[dict[str, Any]] = []
+    for rec in acc.to_dict("records"):
+        method, model, dataset = str(rec["method"]), str(rec["model"]), str(rec["dataset"])
+        delta = float(rec["delta_top1"])
+        if method == "fp32" or delta != delta:  # NaN: no reference
+            continue
+        pd_ = closest_delta(method, model, dataset)
+        setting = ""
+        if pd_ is not None:
+            near = "" if pd_.exact_for(model, dataset) else " (closest)"
+            setting = f"{pd_.model} / {pd_.dataset}{near}: {pd_.setting}"
+        rows.append({
+            "Method": str(rec["label"]), "Model / dataset": f"{model} / {dataset}",
+            "ours": delta,
+            "paper": None if pd_ is None else pd_.delta,
+            "Paper's setting": setting,
+            "method": method,
+        })
+    if not rows:
+        return pd.DataFrame()
+    have = [x for x in rows if x["paper"] is not None]
+    for x in rows:
+        if x["paper"] is None:
+            x["Sign"], x["Ordering"] = "no paper delta", ""
+            continue
+        x["Sign"] = "agrees" if _sign(x["ours"], tol) == _sign(x["paper"], tol) else "DIFFERS"
+        pairs = [y for y in have if y is not x and y["method"] != x["method"]]
+        same = sum((x["ours"] - y["ours"]) * (x["paper"] - y["paper"]) > 0 for y in pairs)
+        x["Ordering"] = f"{same}/{len(pairs)} pairs agree" if pairs else ""
+    return pd.DataFrame([{
+        "Method": x["Method"], "Model / dataset": x["Model / dataset"],
+        "Our Δ vs FP32 (pp)": f"{x['ours']:+.2f}",
+        "Paper's Δ vs its FP32 (pp)": "" if x["paper"] is None else f"{x['paper']:+.2f}",
+        "Paper's setting": x["Paper's setting"], "Sign": x["Sign"], "Ordering": x["Ordering"],
+    } for x in rows])
 
 
 def _paper_table(data: ReportData) -> pd.DataFrame:

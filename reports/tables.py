@@ -434,8 +434,12 @@ _ACC_METRICS = (
 )
 
 
+#: a finished cell whose accuracy collapsed: its numbers are real and shown, flagged in red
+DEGRADED = "degraded"
+
+
 def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"].eq("ok") & df["metric"].ne("error")]
+    return df[df["status"].isin(["ok", DEGRADED]) & df["metric"].ne("error")]
 
 
 def _accuracy_table(
@@ -456,6 +460,10 @@ def _accuracy_table(
         "delta_top1",
         "is_reference",
         "n_seeds",
+        "fp32_top1",
+        "block",
+        "converged",
+        "degraded",
         *sweep_cols,
     ]
     if rows.empty:
@@ -466,9 +474,18 @@ def _accuracy_table(
     wide = wide.reset_index()
     nseed = rows.groupby(keys)["seed"].nunique().rename("n_seeds").reset_index()
     wide = wide.merge(nseed, on=keys, how="left")
-    for m in _ACC_METRICS:
+    for m in (*_ACC_METRICS, "fp32_top1", "converged"):
         if m not in wide.columns:
             wide[m] = np.nan
+    # the block form the method ran on (unit of the `block` row) and why a cell collapsed
+    blk = rows[rows["metric"].eq("block")].groupby(keys)["unit"].first().rename("block")
+    wide = wide.drop(columns=[c for c in ("block",) if c in wide.columns])  # the 0/1 pivot
+    bad = rows[rows["status"].eq(DEGRADED) & rows["metric"].eq("top1")]
+    why = bad.groupby(keys)["error"].first().rename("degraded")
+    wide = wide.merge(blk.reset_index(), on=keys, how="left").merge(
+        why.reset_index(), on=keys, how="left")
+    wide["block"] = wide["block"].where(wide["block"].notna(), "")
+    wide["degraded"] = wide["degraded"].where(wide["degraded"].notna(), "")
     wide = wide.merge(
         variants[["vid", "label", "run_id", "method", "method_rank", *sweep_cols]],
         on="vid",
@@ -488,12 +505,16 @@ def _accuracy_table(
         hit = exact_map.get((r.run_id, r.model, r.dataset, r.subset)) or loose_map.get(
             (r.run_id, r.model, r.dataset)
         )
-        if hit is None:
-            deltas.append(np.nan)
-            is_ref.append(False)
-        else:
+        own = float(pd.to_numeric(getattr(r, "fp32_top1", np.nan)))
+        if hit is not None:
             deltas.append(float(r.top1) - float(hit[1]))
             is_ref.append(int(r.vid) == int(hit[0]))
+        elif own == own:  # not NaN: no fp32 row on this model (a method's own block form)
+            deltas.append(float(pd.to_numeric(r.top1)) - own)
+            is_ref.append(False)
+        else:
+            deltas.append(np.nan)
+            is_ref.append(False)
     wide["delta_top1"] = deltas
     wide["is_reference"] = is_ref
     wide = wide.sort_values(["model", "dataset", "subset", "vid"], kind="stable")
@@ -721,7 +742,7 @@ def _failed_table(df: pd.DataFrame) -> pd.DataFrame:
         "cell_key",
         "error",
     ]
-    bad = df[df["status"].ne("ok")]
+    bad = df[~df["status"].isin(["ok", DEGRADED])]
     if bad.empty:
         return pd.DataFrame(columns=cols)
     bad = bad.drop_duplicates(["run_id", "cell_key", "target", "layer", "impl", "error"])
@@ -855,6 +876,8 @@ def format_accuracy(acc: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Dat
     for c in sweep_cols:
         out[c] = [_fmt_sweep(v) for v in acc[c]]
     out["Model"] = acc["model"].astype(str)
+    if "block" in acc and acc["block"].isin(["", "plain"]).sum() < len(acc):
+        out["Block"] = [b or "plain" for b in acc["block"].astype(str)]
     out["Dataset"] = acc["dataset"].astype(str)
     if acc["subset"].nunique() > 1:
         out["Subset"] = acc["subset"].astype(str)
@@ -863,6 +886,13 @@ def format_accuracy(acc: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.Dat
         "ref" if ref else fmt_num(d, "+.2f")
         for d, ref in zip(acc["delta_top1"], acc["is_reference"], strict=True)
     ]
+    if "fp32_top1" in acc and acc["fp32_top1"].notna().any():  # each cell's own FP32 baseline
+        out["Own FP32 (%)"] = [fmt_num(v, ".2f") for v in acc["fp32_top1"]]
+    if "converged" in acc and acc["converged"].notna().any():
+        out["Training"] = ["" if pd.isna(c) else "converged" if c >= 0.5 else "not converged"
+                           for c in acc["converged"]]
+    if "degraded" in acc and acc["degraded"].astype(str).ne("").any():
+        out["Status"] = [f"degraded: {w}" if w else "ok" for w in acc["degraded"].astype(str)]
     out["Eff. bits"] = [fmt_num(v, ".2f") for v in acc["effective_bits"]]
     out["Sparsity"] = [
         fmt_num(100 * v if not pd.isna(v) else v, ".1f", "%") for v in acc["sparsity"]

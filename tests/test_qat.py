@@ -183,22 +183,38 @@ def test_ttn_ste_gradient(t_ex: int) -> None:
 
 def test_ttq_codes_scales_and_gradients() -> None:
     w0 = torch.tensor([[0.8, -0.4, 0.03, -0.02, 0.5], [0.1, -0.6, 0.0, 0.3, -0.2]])
-    q = TTQWeight(0.05)  # delta = 0.05 * 0.8 = 0.04
+    q = TTQWeight(0.05)  # delta = 0.05 * 0.8 = 0.04; the paper's normaliser max|w| = 0.8
     q.init_scales(w0)
-    assert float(q.wp.detach()) == pytest.approx((0.8 + 0.5 + 0.1 + 0.3) / 4)
-    assert float(q.wn.detach()) == pytest.approx((0.4 + 0.6 + 0.2) / 3)
+    assert float(q.norm) == pytest.approx(0.8)
+    assert float(q.wp.detach()) == pytest.approx((0.8 + 0.5 + 0.1 + 0.3) / 4 / 0.8)
+    assert float(q.wn.detach()) == pytest.approx((0.4 + 0.6 + 0.2) / 3 / 0.8)
     w = w0.clone().requires_grad_(True)
     out = q(w)
     wp, wn = float(q.wp.detach()), float(q.wn.detach())
     pos = (w0 > 0.04).float()
     neg = (w0 < -0.04).float()
-    torch.testing.assert_close(out, wp * pos - wn * neg)
+    torch.testing.assert_close(out, 0.8 * (wp * pos - wn * neg))
     g = torch.arange(1.0, 11.0).reshape(2, 5)
     (out * g).sum().backward()
     assert q.wp.grad is not None and q.wn.grad is not None and w.grad is not None
-    assert float(q.wp.grad) == pytest.approx(float((g * pos).sum()))
-    assert float(q.wn.grad) == pytest.approx(-float((g * neg).sum()))
-    torch.testing.assert_close(w.grad, g * (wp * pos + (1 - pos - neg) + wn * neg))
+    # the paper's rules in the normalised coordinates w' = w / 0.8, ŵ' = ŵ / 0.8:
+    # dL/dW_p = Σ_{I_p} dL/dŵ', dL/dw' = {W_p, 1, W_n} * dL/dŵ' (so dL/dw = 0.8**2 * ...)
+    assert float(q.wp.grad) == pytest.approx(0.8 * float((g * pos).sum()))
+    assert float(q.wn.grad) == pytest.approx(-0.8 * float((g * neg).sum()))
+    torch.testing.assert_close(w.grad, 0.64 * g * (wp * pos + (1 - pos - neg) + wn * neg))
+
+
+def test_ttq_scale_steps_are_relative_to_the_scale() -> None:
+    """The bug that stalled TTQ near 55%: W_p in raw weight units (~0.04) took gradient sums of
+    ~5 per step. In the normalised units one SGD step moves W_p by a fraction of itself."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 64 * 9) * 0.02
+    q = TTQWeight(0.05)
+    q.init_scales(w)
+    g = torch.full_like(w, 1e-4)  # a coherent dL/dŵ, summed over ~18k weights of I_p
+    (q(w.requires_grad_(True)) * g).sum().backward()
+    assert q.wp.grad is not None
+    assert abs(float(q.wp.grad)) * 0.01 < 0.1 * float(q.wp.detach())
 
 
 def test_ttq_two_branch_export_equals_fake_quant() -> None:
@@ -214,9 +230,8 @@ def test_ttq_two_branch_export_equals_fake_quant() -> None:
     pos, neg = layer.exports("c")
     assert neg.name == "c#1" and neg.branch_of == "c" and neg.bias is None
     assert set(np.unique(pos.codes)) <= {0, 1} and set(np.unique(neg.codes)) <= {-1, 0}
-    assert np.allclose(pos.scales, float(q.wp.detach())) and np.allclose(
-        neg.scales, float(q.wn.detach())
-    )
+    sp, sn = q.scales()
+    assert np.allclose(pos.scales, float(sp)) and np.allclose(neg.scales, float(sn))
     fq = layer.quantized_weight().detach().reshape(4, -1).numpy()
     np.testing.assert_array_equal(pos.dequantized_weight() + neg.dequantized_weight(), fq)
 
@@ -271,7 +286,7 @@ def test_info_ledger_and_zero_budget() -> None:
     q0 = next(m for m in qm.module.modules() if isinstance(m, QuantConv2d))
     torch.testing.assert_close(q0.weight, fp[0].weight)
     ttq = create_method("ttq", first_last="same").quantize(fp, _ctx(0.0)).info
-    assert any("normalised" in d for d in ttq["deviations"])
+    assert any("instead of 1.0" in d for d in ttq["deviations"])
     assert "first/last layers same instead of FP32" in ttq["deviations"]
 
 
@@ -302,8 +317,16 @@ def test_kd_runs_and_matches_formula() -> None:
     s = torch.tensor([[1.0, 2.0, 0.5]])
     t = torch.tensor([[0.5, 3.0, -1.0]])
     T = 2.0
-    manual = -(F.softmax(t / T, 1) * F.log_softmax(s / T, 1)).sum() * T * T
+    pt = F.softmax(t / T, 1)
+    manual = (pt * (pt.log() - F.log_softmax(s / T, 1))).sum() * T * T  # T**2 * KL
     assert float(kd_loss(s, t, T)) == pytest.approx(float(manual))
+    assert float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-6)  # no teacher-entropy floor
+    # same gradient as the soft cross entropy (they differ by a constant)
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    kd_loss(s1, t, T).backward()
+    (-(pt * F.log_softmax(s2 / T, 1)).sum() * T * T).backward()
+    assert s1.grad is not None and s2.grad is not None
+    torch.testing.assert_close(s1.grad, s2.grad)
     torch.manual_seed(0)
     teacher = tiny_cnn(classes=2).eval()
     m = _ttn_model()
@@ -453,3 +476,17 @@ def test_no_loader_or_empty_loader() -> None:
     ctx.train_loader = []
     with pytest.raises(ValueError, match="yields no batches"):
         qat_train(_ttn_model(), ctx, QATRecipe(), method="x")
+
+
+@pytest.mark.training
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["ttq", "ttn_re", "rtn", "sttn"])
+def test_every_qat_method_records_its_training_curve(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = _data(64, seed=3)
+    ctx = QuantContext(calib_loader=[(x[:32], y[:32])], train_loader=_loader(),
+                       train_epochs=1.0, val_loader=[(x, y)], eval_points=2)
+    qm = create_method(name).quantize(tiny_cnn(classes=2).eval(), ctx)
+    curve = qm.info["train_curve"]
+    assert [p["step"] for p in curve] == [2, 4]  # 4 steps per epoch, two evaluation points
+    assert all(0 <= p["val_top1"] <= 100 and math.isfinite(p["train_loss"]) for p in curve)
