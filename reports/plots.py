@@ -136,6 +136,7 @@ class _Styles:
         self.marker: dict[int, str] = {}
         self.label: dict[int, str] = {}
         seen: dict[str, int] = {}
+        r: Any
         for r in v.itertuples():
             k = seen.get(r.method, 0)
             seen[r.method] = k + 1
@@ -199,7 +200,8 @@ def _pareto_scatter(
     groups = list(pts.groupby("run_id", sort=False)) if per_run else [("", pts)]
     handles: list[Any] = []
     for k, (run_id, grp) in enumerate(groups):
-        front = pareto_mask(grp[x].to_numpy(), grp[y].to_numpy())
+        front = pareto_mask(list(grp[x]), list(grp[y]))
+        r: Any
         for r, on_front in zip(grp.itertuples(), front, strict=True):
             vid = int(r.vid)
             xv, yv = getattr(r, x), getattr(r, y)
@@ -228,7 +230,7 @@ def _pareto_scatter(
         if len(fp) > 1:
             # where="post": between two front points the best reachable accuracy is the left one's
             ax.step(fp[x], fp[y], where="post", color="#333333", ls=ls, lw=1.1, alpha=0.7, zorder=1)
-        name = f"Pareto front [{run_id}]" if per_run else "Pareto front"
+        name = f"Pareto front [{run_id!s}]" if per_run else "Pareto front"
         handles.append(Line2D([], [], color="#333333", ls=ls, lw=1.1, alpha=0.7, label=name))
     handles.append(
         Line2D(
@@ -265,7 +267,8 @@ def _model_groups(df: pd.DataFrame) -> list[tuple[str, str]]:
 
 def _top1_by_model(data: ReportData) -> pd.DataFrame:
     acc = data.accuracy
-    return acc.groupby(["vid", "model", "dataset"], as_index=False)["top1"].mean()
+    out: Any = acc.groupby(["vid", "model", "dataset"], as_index=False)["top1"].mean()
+    return out  # a DataFrame (as_index=False); the stubs type it as a Series
 
 
 def _whole_model_latency(data: ReportData, lat: pd.DataFrame, target: str
@@ -417,16 +420,18 @@ def plot_layer_breakdown(
     layer_names = list(lay.sort_values("layer_order")["layer"].drop_duplicates())
     series: list[tuple[str, str, str | None, dict[str, float]]] = []  # label, colour, hatch, vals
     run_pos = {r: i for i, r in enumerate(data.run_ids)}
+    vid: Any
     for vid, grp in lay.groupby("vid", sort=True):
         vals = dict(zip(grp["layer"], grp["latency_us"], strict=True))
         hatch = _RUN_HATCHES[run_pos.get(grp["run_id"].iloc[0], 0) % len(_RUN_HATCHES)]
         series.append((styles.label[int(vid)], styles.color[int(vid)], hatch, vals))
+    run_id: Any
     for run_id, grp in lay.groupby("run_id", sort=False):
         t = grp.groupby("layer")["torch_fp32_us"].mean().dropna()
         if len(t):
             name = f"torch FP32 [{run_id}]" if data.compare else "torch FP32"
             shade = _TORCH_SHADES[run_pos.get(run_id, 0) % len(_TORCH_SHADES)]
-            series.append((name, shade, "//", t.to_dict()))
+            series.append((name, shade, "//", {str(k): float(v) for k, v in t.items()}))
     x = np.arange(len(layer_names))
     width = 0.8 / len(series)
     vals_all = [v for *_, vals in series for v in vals.values() if v > 0]

@@ -300,6 +300,7 @@ def _build_variants(
                 if len({json.dumps(d.get(k), sort_keys=True, default=str) for d in dicts.values()})
                 > 1
             ]
+        idx: Any
         for idx, row in grp.iterrows():
             d = dicts[row["config_key"]]
             if fields:
@@ -496,11 +497,13 @@ def _accuracy_table(
     ref = wide[wide["method"].eq(REFERENCE_METHOD) & wide["top1"].notna()].sort_values("vid")
     exact = ref.drop_duplicates(["run_id", "model", "dataset", "subset"])
     loose = ref.drop_duplicates(["run_id", "model", "dataset"])
-    exact_map = {
+    exact_map: dict[Any, Any] = {
         (r.run_id, r.model, r.dataset, r.subset): (r.vid, r.top1) for r in exact.itertuples()
     }
-    loose_map = {(r.run_id, r.model, r.dataset): (r.vid, r.top1) for r in loose.itertuples()}
+    loose_map: dict[Any, Any] = {
+        (r.run_id, r.model, r.dataset): (r.vid, r.top1) for r in loose.itertuples()}
     deltas, is_ref = [], []
+    r: Any
     for r in wide.itertuples():
         hit = exact_map.get((r.run_id, r.model, r.dataset, r.subset)) or loose_map.get(
             (r.run_id, r.model, r.dataset)
@@ -640,8 +643,9 @@ def _latency_tables(
             f_us = lookup(tvm32_own, (vid, model, dataset, target))
         sub = grp[grp["impl"].isin(kernels)]
         best = sub["latency_us"].min()
+        r: Any
         for r in sub.itertuples():
-            lat = float(r.latency_us)
+            lat_us = float(r.latency_us)
             out.append(
                 {
                     "vid": vid,
@@ -651,12 +655,12 @@ def _latency_tables(
                     "dataset": dataset,
                     "target": target,
                     "impl": r.impl,
-                    "latency_us": lat,
+                    "latency_us": lat_us,
                     "torch_fp32_us": t_us,
-                    "speedup_torch": _ratio(t_us, lat),
+                    "speedup_torch": _ratio(t_us, lat_us),
                     "tvm_fp32_us": f_us,
-                    "speedup_tvm_fp32": _ratio(f_us, lat),
-                    "primary": bool(lat == best),
+                    "speedup_tvm_fp32": _ratio(f_us, lat_us),
+                    "primary": bool(lat_us == best),
                 }
             )
     lat = pd.DataFrame(out, columns=[c for c in lat_cols if c not in ("label", *sweep_cols)])
