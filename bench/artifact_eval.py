@@ -203,6 +203,9 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
             [ort(x_check[i:i + 1]) for i in range(len(x_check))])
     for k, got in base_checks.items():
         agree = float((got.argmax(1) == fp_logits.argmax(1)).mean())
+        if agree < 0.5:  # a broken quantization of this model: its time is no baseline
+            log.warning("%s of %s agrees with the FP32 model on %.0f%% of the check images: "
+                        "its latency is not a valid baseline", k, cell.model, 100 * agree)
         rows.append(make_row(mb, impl=k, metric="model_top1_agreement", value=agree,
                              unit="fraction vs torch_fp32"))
     xn = x.numpy()
