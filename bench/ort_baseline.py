@@ -27,6 +27,17 @@ from torch import nn
 __all__ = ["ort_available", "OrtModel", "ort_int8_model", "export_onnx"]
 
 log = logging.getLogger(__name__)
+
+
+class _Collect(logging.Handler):
+    """Keeps the messages of the records it is handed (the quantizer's root-logger output)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 OPSET = 17
 
 
@@ -111,16 +122,24 @@ def ort_int8_model(fp32: nn.Module, calib: torch.Tensor, *, threads: int = 1) ->
         except Exception as exc:  # the plain export quantizes too
             log.debug("onnx pre-processing skipped: %s", exc)
             pre = src
+        # the quantizer logs each node (INFO) and e.g. every unfused BatchNorm (WARNING) on
+        # the root logger: collect its warnings and report them once, under our name
         root = logging.getLogger()
-        level = root.level
-        root.setLevel(max(level, logging.WARNING))  # the quantizer logs each node on root
+        level, handlers = root.level, root.handlers[:]
+        caught = _Collect()
+        root.setLevel(max(level, logging.WARNING))
+        root.handlers[:] = [caught]
         try:
             quantize_static(str(pre), str(dst), _Reader(calib.numpy()),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
+            root.handlers[:] = handlers
             root.setLevel(level)
+        if caught.messages:
+            log.warning("onnxruntime quantizer: %d warning(s), e.g. %s", len(caught.messages),
+                        caught.messages[0])
         data = dst.read_bytes()
     log.info("onnxruntime INT8 QDQ model: %d calibration images, %d KiB", len(calib),
              len(data) // 1024)
