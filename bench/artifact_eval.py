@@ -136,16 +136,6 @@ def time_backends(runs: dict[str, Callable[[int], float]], *, repeat: int,
     return raw
 
 
-def _loop(fn: Callable[[], Any]) -> Callable[[int], float]:
-    def run(n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    return run
-
-
 def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
                   exports: dict[str, Any], executor: Any = None) -> list[dict[str, Any]]:
     """Build, check, evaluate and time the cell's artifact (see the module docstring)."""
@@ -154,6 +144,7 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
     from ternbench.schedules.artifact import load_artifact
     from ternbench.schedules.model import compare_logits, torch_int8_model
 
+    from .kernels import loop_timer
     from .ort_baseline import ort_available, ort_int8_model
     from .tasks import eval_indices
 
@@ -215,11 +206,11 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
         "tvm": lambda n: art.timer(xn, n)(),
         # the same kernels one by one, timed in the same rounds (the glue's cost)
         "kernel_sum": kernel_sum_timer(exports, cfg.latency_batch),
-        "torch_fp32": _loop(lambda: graph(x)),
-        "torch_int8": _loop(lambda: q8(x)),
+        "torch_fp32": loop_timer(lambda: graph(x)),
+        "torch_int8": loop_timer(lambda: q8(x)),
     }
     if ort is not None:
-        runs["onnxruntime_int8"] = _loop(lambda: ort(xn))
+        runs["onnxruntime_int8"] = loop_timer(lambda: ort(xn))
     prof = cfg.profile_obj
     prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
     try:

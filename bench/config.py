@@ -96,6 +96,25 @@ _FP32_DEFAULT = TrainCfg(epochs=3, batch_size=128, lr=0.1, seed=0)
 #: (``--methods sttn,rtn,fgq``) fits 10 minutes on 2 cores (docs/measured/fidelity.md)
 TRAIN_STEPS_DEFAULT = 469
 
+_DEFAULT = Profile(
+    name="default",
+    description="the main job: full test split, 1k calibration images, stable timings",
+    fp32=_FP32_DEFAULT,
+    n_eval=None,
+    n_calib=1024,
+    bn_batches=50,
+    train_subset=None,
+    train_epochs=1.0,
+    train_steps=TRAIN_STEPS_DEFAULT,
+    n_val=2000,
+    eval_points=5,
+    fp32_min_steps=1400,
+    eval_shards=4,
+    latency_number=20,
+    latency_repeat=7,
+    latency_min_repeat_ms=20,
+)
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
@@ -114,43 +133,12 @@ PROFILES: dict[str, Profile] = {
         latency_repeat=3,
         latency_min_repeat_ms=5,
     ),
-    "default": Profile(
-        name="default",
-        description="the main job: full test split, 1k calibration images, stable timings",
-        fp32=_FP32_DEFAULT,
-        n_eval=None,
-        n_calib=1024,
-        bn_batches=50,
-        train_subset=None,
-        train_epochs=1.0,
-        train_steps=TRAIN_STEPS_DEFAULT,
-        n_val=2000,
-        eval_points=5,
-        fp32_min_steps=1400,
-        eval_shards=4,
-        latency_number=20,
-        latency_repeat=7,
-        latency_min_repeat_ms=20,
-    ),
-    "long": Profile(
-        name="long",
+    "default": _DEFAULT,
+    "long": dataclasses.replace(
+        _DEFAULT, name="long",
         description="the default profile with 4x the QAT steps (about 4 epochs of 60k images), "
         "for methods the curves show unconverged",
-        fp32=_FP32_DEFAULT,
-        n_eval=None,
-        n_calib=1024,
-        bn_batches=50,
-        train_subset=None,
-        train_epochs=4.0,
-        train_steps=4 * TRAIN_STEPS_DEFAULT,
-        n_val=2000,
-        eval_points=8,
-        fp32_min_steps=1400,
-        eval_shards=4,
-        latency_number=20,
-        latency_repeat=7,
-        latency_min_repeat_ms=20,
-    ),
+        train_epochs=4.0, train_steps=4 * TRAIN_STEPS_DEFAULT, eval_points=8),
     "paper": Profile(
         name="paper",
         description="the papers' training recipes (epochs, optimizer, schedule, KD) on a longer "

@@ -383,7 +383,9 @@ def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any, impl: str | None = 
                  target_str=kern.target_str)
 
 
-def _loop(fn: Callable[[], Any]) -> Callable[[int], float]:
+def loop_timer(fn: Callable[[], Any]) -> Callable[[int], float]:
+    """``run_n(n)``: seconds per call of ``fn`` over ``n`` back-to-back calls."""
+
     def run_n(n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
@@ -418,7 +420,7 @@ def _torch_fp32_impl(lx: Any, batch: int, threads: int) -> _Impl:
             return F.linear(xf, wt, bias)
 
     nbytes = xf.nbytes + wt.nbytes + bias.nbytes + chk.M * chk.N * 4
-    return _Impl(impl="torch_fp32", act_mode="fp32", backend="torch", run_n=_loop(fn),
+    return _Impl(impl="torch_fp32", act_mode="fp32", backend="torch", run_n=loop_timer(fn),
                  nbytes=int(nbytes), max_abs_err=chk.max_abs_err, build_s=0.0,
                  target_str=f"torch {torch.__version__} "
                  f"({torch.backends.cpu.get_cpu_capability()})")
@@ -475,7 +477,7 @@ def _torch_int8_impl(lx: Any, batch: int) -> _Impl:
     def fn() -> Any:
         return mod(x_in)
 
-    return _Impl(impl="torch_int8", act_mode="int8", backend="torch", run_n=_loop(fn),
+    return _Impl(impl="torch_int8", act_mode="int8", backend="torch", run_n=loop_timer(fn),
                  nbytes=int(in_bytes + qw.numel() + bias.nbytes + out_bytes), max_abs_err=err,
                  build_s=0.0, target_str=f"torch {torch.__version__} "
                  f"({torch.backends.quantized.engine})")

@@ -105,7 +105,8 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     from ternbench.schedules.graph import build_graph, compile_graph, kernel_sum_timer
     from ternbench.schedules.model import compare_logits, torch_int8_model
 
-    from .artifact_eval import _loop, time_backends
+    from .artifact_eval import time_backends
+    from .kernels import loop_timer
     from .models import create_model
     from .ort_baseline import ort_available, ort_int8_model
 
@@ -158,10 +159,10 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
         runs: dict[str, Any] = {"tvm": lambda n: art.timer(xn, n)(),
                                 # the same kernels one by one, in the same rounds
                                 "kernel_sum": kernel_sum_timer(exports, batch),
-                                "torch_fp32": _loop(lambda: fp32(xb)),
-                                "torch_int8": _loop(lambda: q8(xb))}
+                                "torch_fp32": loop_timer(lambda: fp32(xb)),
+                                "torch_int8": loop_timer(lambda: q8(xb))}
         if ort is not None:
-            runs["onnxruntime_int8"] = _loop(lambda: ort(xn))
+            runs["onnxruntime_int8"] = loop_timer(lambda: ort(xn))
         prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
         try:
             torch.set_num_threads(threads)

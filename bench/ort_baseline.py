@@ -68,6 +68,7 @@ class _Reader:
     """``CalibrationDataReader`` over a float32 NCHW array, one sample per read."""
 
     def __init__(self, x: np.ndarray) -> None:
+        self._x = x
         self._it: Iterator[np.ndarray] = iter(x)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
@@ -76,8 +77,8 @@ class _Reader:
         except StopIteration:
             return None
 
-    def rewind(self) -> None:  # pragma: no cover - not used by MinMax
-        raise NotImplementedError
+    def rewind(self) -> None:  # calibration methods that read the data twice
+        self._it = iter(self._x)
 
 
 class OrtModel:

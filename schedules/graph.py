@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import operator
 import threading
@@ -46,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _tvm, ops
-from .model import fold_bn_exports
+from .model import bn_affine, fold_batchnorm_nodes, fold_bn_exports
 
 if TYPE_CHECKING:
     from ternbench.methods._base import LayerExport
@@ -113,9 +112,7 @@ def scheduled_kernel(lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo, *,
     rule = select_rule(lx, tinfo)
     cached = tuning.cached_params(rule, lx, batch, tinfo)
     p = dict(rule.default_params if cached is None else cached)
-    spec = rule.plan(lx, batch, tinfo, p)
-    if float_input and spec.pixel_bits and lx.act_threshold >= 0:
-        spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
+    spec = rule.spec_for(lx, batch, tinfo, p, float_input=float_input)
     key = (rule.name, spec, tinfo.target_str)
     with _SCHED_LOCK:
         func = _SCHED_CACHE.get(key)
@@ -461,43 +458,15 @@ def _sum(xs: Sequence[Any]) -> Any:
     return acc
 
 
-def _bn_affine(bn: nn.BatchNorm2d | nn.BatchNorm1d) -> tuple[np.ndarray, np.ndarray]:
-    assert bn.running_var is not None and bn.running_mean is not None
-    var = bn.running_var.detach().double()
-    g = 1.0 / torch.sqrt(var + bn.eps)
-    if bn.affine:
-        g = g * bn.weight.detach().double()
-    shift = -bn.running_mean.detach().double() * g
-    if bn.affine:
-        shift = shift + bn.bias.detach().double()
-    return g.float().numpy(), shift.float().numpy()
+def _fold_into_gemm(g: nn.Module, bn: nn.BatchNorm2d | nn.BatchNorm1d, name: str) -> None:
+    assert isinstance(g, _Gemm)
+    g.parts = fold_bn_exports(g.parts, bn, name)
+    g.folded = name
 
 
 def _fold(gm: torch.fx.GraphModule) -> int:
     """Fold every eval BatchNorm that is the only consumer of a _Gemm into it."""
-    mods = dict(gm.named_modules())
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(mods.get(node.target), _Gemm):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            continue
-        bn = mods.get(users[0].target)
-        if not isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d) or bn.training:
-            continue
-        if not bn.track_running_stats or bn.running_var is None:
-            continue
-        g = mods[node.target]
-        assert isinstance(g, _Gemm)
-        g.parts = fold_bn_exports(g.parts, bn, str(users[0].target))
-        g.folded = str(users[0].target)
-        users[0].replace_all_uses_with(node)
-        gm.graph.erase_node(users[0])
-        folded += 1
-    gm.graph.lint()
-    gm.recompile()
-    return folded
+    return fold_batchnorm_nodes(gm, lambda mod: isinstance(mod, _Gemm), _fold_into_gemm)
 
 
 def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: int = 1,
@@ -616,7 +585,7 @@ def _lower_node(low: _Lowering, node: torch.fx.Node, mods: dict[str, nn.Module],
         if isinstance(mod, nn.PReLU):
             return low.prelu(arg(0), mod.weight.detach().numpy(), name)
         if isinstance(mod, nn.BatchNorm2d | nn.BatchNorm1d) and not mod.training:
-            g, b = _bn_affine(mod)
+            g, b = (a.astype(np.float32) for a in bn_affine(mod, name))
             return low._affine(arg(0), low.vec_param(name + ".scale", g),
                                low.vec_param(name + ".shift", b))
         if isinstance(mod, nn.AdaptiveAvgPool2d) and _is_one(mod.output_size):

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelCheckError",
+    "bn_affine",
+    "fold_batchnorm_nodes",
     "fold_bn_exports",
     "TvmLayer",
     "ModelLatency",
@@ -160,20 +162,54 @@ class TvmLayer(nn.Module):
         return f"{self.lx.name}: {self.impl} x{len(self.kernels)}{fold}"
 
 
-def fold_bn_exports(parts: list[LayerExport], bn: nn.BatchNorm2d | nn.BatchNorm1d,
-                    name: str = "bn") -> list[LayerExport]:
-    """The exports of a layer (primary first, then its branches) with an eval-mode BatchNorm
-    that consumes the layer's output folded in: per-channel scale into ``scales`` (or the
-    fp32 weights) and weight offsets, shift into the primary's bias."""
+def bn_affine(bn: nn.BatchNorm2d | nn.BatchNorm1d, name: str = "bn"
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) per channel, float64, of an eval-mode BatchNorm: ``y = scale*x + shift``."""
     if bn.running_var is None or bn.running_mean is None:
         raise ValueError(f"{name}: BatchNorm without running statistics cannot be folded")
     ones = torch.ones(bn.num_features, dtype=torch.float64)
     gamma = bn.weight.detach().double() if bn.affine else ones
     beta = bn.bias.detach().double() if bn.affine else 0.0 * ones
-    g = gamma / torch.sqrt(bn.running_var.double() + bn.eps)
-    shift = beta - bn.running_mean.double() * g
-    gn = g.numpy()
-    sn = np.asarray(shift, dtype=np.float64) * np.ones(len(gn))
+    g = gamma / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    shift = beta - bn.running_mean.detach().double() * g
+    return g.numpy(), np.asarray(shift, dtype=np.float64) * np.ones(bn.num_features)
+
+
+def fold_batchnorm_nodes(gm: torch.fx.GraphModule, is_layer: Callable[[nn.Module], bool],
+                         fold: Callable[[nn.Module, nn.BatchNorm2d | nn.BatchNorm1d, str], None]
+                         ) -> int:
+    """Fold every eval BatchNorm (with running statistics) that is the only consumer of a
+    layer (``is_layer``) into it: ``fold(layer, bn, bn_name)``, then the BatchNorm node is
+    removed from the graph. Returns how many were folded (the graph is recompiled)."""
+    mods = dict(gm.named_modules())
+    folded = 0
+    for node in list(gm.graph.nodes):
+        layer = mods.get(node.target) if node.op == "call_module" else None
+        if layer is None or not is_layer(layer):
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            continue
+        bn = mods.get(users[0].target)
+        if not isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d) or bn.training:
+            continue
+        if not bn.track_running_stats or bn.running_var is None:
+            continue
+        fold(layer, bn, str(users[0].target))
+        users[0].replace_all_uses_with(node)
+        gm.graph.erase_node(users[0])
+        folded += 1
+    gm.graph.lint()
+    gm.recompile()
+    return folded
+
+
+def fold_bn_exports(parts: list[LayerExport], bn: nn.BatchNorm2d | nn.BatchNorm1d,
+                    name: str = "bn") -> list[LayerExport]:
+    """The exports of a layer (primary first, then its branches) with an eval-mode BatchNorm
+    that consumes the layer's output folded in: per-channel scale into ``scales`` (or the
+    fp32 weights) and weight offsets, shift into the primary's bias."""
+    gn, sn = bn_affine(bn, name)
     out = []
     for i, p in enumerate(parts):
         if p.out_channels != len(gn):
@@ -241,26 +277,12 @@ def _fold_batchnorms(m: nn.Module) -> nn.Module:
         log.info("model not traceable (%s): BatchNorm runs unfolded", exc)
         return m
     gm = torch.fx.GraphModule(m, graph)
-    mods = dict(gm.named_modules())
-    folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not isinstance(mods.get(node.target), TvmLayer):
-            continue
-        users = list(node.users)
-        if len(users) != 1 or users[0].op != "call_module":
-            continue
-        bn = mods.get(users[0].target)
-        if not isinstance(bn, nn.BatchNorm2d | nn.BatchNorm1d) or bn.training:
-            continue
-        if not bn.track_running_stats or bn.running_var is None:
-            continue
-        mods[node.target].fold_batchnorm(bn, str(users[0].target))
-        users[0].replace_all_uses_with(node)
-        gm.graph.erase_node(users[0])
-        folded += 1
-    gm.graph.lint()
+    def fold(layer: nn.Module, bn: nn.BatchNorm2d | nn.BatchNorm1d, name: str) -> None:
+        assert isinstance(layer, TvmLayer)
+        layer.fold_batchnorm(bn, name)
+
+    folded = fold_batchnorm_nodes(gm, lambda mod: isinstance(mod, TvmLayer), fold)
     gm.delete_all_unused_submodules()  # the folded BatchNorms
-    gm.recompile()
     log.debug("folded %d BatchNorm layers into TVM epilogues", folded)
     return gm
 

@@ -925,6 +925,15 @@ class Rule:
             return self.impl + "_a32"
         return self.impl
 
+    def spec_for(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params,
+                 *, float_input: bool = False) -> GemmSpec:
+        """The planned spec; with ``float_input`` a ``pixel_bits`` ternary conv takes the
+        layer's float input and quantizes it while packing."""
+        spec = self.plan(lx, batch, target, params)
+        if float_input and spec.pixel_bits and lx.act_threshold >= 0:
+            spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
+        return spec
+
     def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo,
               params: Params | None = None, *, float_input: bool = False) -> Kernel:
         """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``.
@@ -934,9 +943,7 @@ class Rule:
         (check ``kernel.spec.float_in``).
         """
         p = dict(self.default_params if params is None else params)
-        spec = self.plan(lx, batch, target, p)
-        if float_input and spec.pixel_bits and lx.act_threshold >= 0:
-            spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
+        spec = self.spec_for(lx, batch, target, p, float_input=float_input)
         key = (self.name, spec, target.target_str)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)

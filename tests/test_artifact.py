@@ -163,21 +163,26 @@ def test_missing_manifest_is_named(tmp_path) -> None:
         verify_artifact(tmp_path)
 
 
+
+def _run_in_process(qm, data) -> np.ndarray:
+    """The whole model of ``qm`` as one Relax module (batch 8), run here on 16 images."""
+    import tvm
+    from ternbench.schedules.graph import build_graph, compile_graph
+
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
+    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
+    return np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
+                           for i in (0, 8)])
+
 @pytest.mark.parametrize("method", ["sttn", "fgq"])
 def test_other_methods_lower_and_match(method, data) -> None:
     """STTN (ternary activations, PReLU/Hardtanh-free ResNet-8) and FGQ (grouped ternary
     weights, int8 activations) as whole modules, run in process."""
-    import tvm
-    from ternbench.schedules.graph import build_graph, compile_graph
     from ternbench.schedules.model import compare_logits
 
     qm, ref = _quantize(method, data)
-    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
-    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
-    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
-    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
-                          for i in (0, 8)])
-    compare_logits(got, ref.numpy())
+    compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
 def test_unsupported_op_is_named(data) -> None:
@@ -337,17 +342,10 @@ def test_max_pooling_and_residual_graph_matches(data) -> None:
 def test_sttn_layout_model_lowers_and_matches(data) -> None:
     """The STTN repository's block (BN -> Hardtanh -> conv -> BN -> + parameter-free shortcut
     (2x2 ceil max pool, zero channels) -> PReLU), quantized by STTN."""
-    import tvm
     from ternbench.bench.models import create_model
-    from ternbench.schedules.graph import build_graph, compile_graph
     from ternbench.schedules.model import compare_logits
 
     torch.manual_seed(0)
     qm, ref = _quantize("sttn", data, create_model("sttn_resnet8", in_chans=1,
                                                    num_classes=10).eval())
-    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
-    vm = tvm.relax.VirtualMachine(compile_graph(gm), tvm.cpu())
-    ps = [tvm.runtime.tensor(a) for _n, a in gm.params]
-    got = np.concatenate([vm["main"](tvm.runtime.tensor(data[0][i:i + 8].numpy()), *ps).numpy()
-                          for i in (0, 8)])
-    compare_logits(got, ref.numpy())
+    compare_logits(_run_in_process(qm, data), ref.numpy())
