@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -112,7 +113,7 @@ def baseline_key(
         "num_classes": info.num_classes,
         "image_size": info.image_size,
         "data": dataset_fingerprint(dataset, root, image_size),
-        "cfg": asdict(cfg),
+        "cfg": cfg.key_fields(),
         "format": FORMAT_VERSION,
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
@@ -318,6 +319,22 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _hold_out(idx: np.ndarray, cfg: TrainCfg) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training indices into (train, held out) for the plateau rule: a seeded
+    ``val_fraction`` of them (none for the other schedules).
+
+    Example:
+        >>> a, b = _hold_out(np.arange(100), TrainCfg(schedule="plateau", val_fraction=0.1))
+        >>> len(a), len(b), len(set(a) | set(b))
+        (90, 10, 100)
+    """
+    if cfg.schedule != "plateau":
+        return idx, idx[:0]
+    n = max(1, round(len(idx) * cfg.val_fraction))
+    perm = np.random.default_rng(cfg.seed + 7).permutation(len(idx))
+    return np.sort(idx[perm[n:]]), np.sort(idx[perm[:n]])
+
+
 def _build(model: str, dataset: str, root: str | Path | None = None,
            image_size: int | None = None) -> nn.Module:
     info = dataset_info(dataset, root, image_size)
@@ -383,7 +400,10 @@ def load_or_train_fp32(
             if got is not None:
                 net, _meta = got
                 log.info("FP32 baseline %s loaded from %s (%s)", key, path, source)
-                return net.to(device).eval(), {"key": key, "path": str(path), "source": source}
+                out: dict[str, Any] = {"key": key, "path": str(path), "source": source}
+                if _meta.get("converged") is not None:  # plateau-rule recipes record it
+                    out["converged"] = bool(_meta["converged"])
+                return net.to(device).eval(), out
         return None
 
     hit = lookup()
@@ -396,13 +416,21 @@ def load_or_train_fp32(
         info = dataset_info(dataset, root, image_size)
         ds = load_dataset(dataset, "train", root, augment=True, image_size=image_size)
         idx = subset_indices(len(ds), cfg.train_subset, cfg.seed)  # type: ignore[arg-type]
+        idx, held = _hold_out(idx, cfg)
+        workers = loader_workers(dataset)
         loader = make_loader(ds, idx, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             num_workers=loader_workers(dataset))
+                             num_workers=workers)
+        val_loader = None
+        if len(held):  # the plateau rule's held-out training images, without augmentation
+            plain = load_dataset(dataset, "train", root, image_size=image_size)
+            val_loader = make_loader(plain, held, 256, num_workers=workers)
         seed_everything(cfg.seed)  # model init is part of the reproducible recipe
         net = _build(model, dataset, root, image_size)
-        log.info("training FP32 baseline %s (%s on %s, %d images)", key, model, dataset, len(idx))
+        log.info("training FP32 baseline %s (%s on %s, %d images, %d held out)", key, model,
+                 dataset, len(idx), len(held))
         history = train(
-            net, loader, cfg, device=device, progress=progress, desc=f"fp32 {model}/{dataset}"
+            net, loader, cfg, device=device, progress=progress, desc=f"fp32 {model}/{dataset}",
+            val_loader=val_loader,
         )
         meta = {
             "key": key,
@@ -414,8 +442,12 @@ def load_or_train_fp32(
             "data": dataset_fingerprint(dataset, root, image_size),
             "cfg": asdict(cfg),
             "train_images": len(idx),
+            "held_out_images": len(held),
             "train_seconds": history["seconds"],
+            "train_steps": history["steps"],
             "final_train_loss": history["epochs"][-1]["loss"] if history["epochs"] else None,
+            "converged": history.get("converged"),
+            "val_curve": [[e["step"], round(e["val_top1"], 3)] for e in history["evals"]],
             "torch": torch.__version__,
             "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
@@ -427,6 +459,7 @@ def load_or_train_fp32(
         "source": "trained",
         "train_seconds": history["seconds"],
         "history": history,
+        **({"converged": bool(history["converged"])} if "converged" in history else {}),
     }
 
 

@@ -387,15 +387,19 @@ def _baselines(
 
 
 def _warn_unconverged_fp32(cell: CellSpec, info: dict[str, Any]) -> None:
-    """The plateau rule on a freshly trained FP32 baseline: warn when its last epoch still
-    gained more than 0.3 point of training accuracy (every delta is measured against it)."""
-    epochs = (info.get("history") or {}).get("epochs") or []
+    """A freshly trained FP32 baseline that did not converge (every delta is measured against
+    it): the plateau rule hit its cap (``train`` logs that), or, for a fixed-length recipe, its
+    last epoch still gained more than 0.3 point of training accuracy."""
+    history = info.get("history") or {}
+    if "converged" in history:
+        return  # the plateau rule decided, and logged it
+    epochs = history.get("epochs") or []
     if len(epochs) >= 2:
         gain = 100.0 * (float(epochs[-1]["acc"]) - float(epochs[-2]["acc"]))
         if gain > 0.3:
             log.warning(
                 "FP32 baseline %s may be unconverged: its last epoch still gained %.2f points "
-                "of training accuracy (raise the profile's fp32_min_steps)",
+                "of training accuracy (use schedule 'plateau' or raise fp32_min_steps)",
                 cell.baseline_key, gain)
 
 

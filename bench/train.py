@@ -1,8 +1,10 @@
 """Shared training loop, evaluation and BatchNorm re-estimation (FP32 baselines and QAT).
 
-The default :class:`TrainCfg` is the recipe measured to work here (SGD Nesterov 0.9, weight decay
-5e-4, OneCycle with max lr 0.1, batch 128, label smoothing 0.1): ResNet-8 reaches 89.8% on
-Fashion-MNIST after 3 epochs with the 2-pixel shift + flip augmentation.
+The default :class:`TrainCfg` is the fixed-length recipe measured to work here (SGD Nesterov 0.9,
+weight decay 5e-4, OneCycle with max lr 0.1, batch 128, label smoothing 0.1): ResNet-8 reaches
+89.8% on Fashion-MNIST after 3 epochs with the 2-pixel shift + flip augmentation, which is not
+converged. ``schedule="plateau"`` (:class:`PlateauRule`) instead trains until held-out accuracy
+stops improving.
 
 Example:
     >>> TrainCfg(epochs=0.5, train_subset=1024).epochs
@@ -21,7 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from numbers import Real
 from typing import Any, Literal
 
@@ -65,6 +67,15 @@ class TrainCfg:
     ``epochs`` may be fractional: training stops after ``ceil(epochs * len(loader))`` steps.
     Schedules step per batch: ``onecycle`` (max lr ``lr``), ``cosine`` (``lr`` to 0) and
     ``step`` (x0.1 at 50% and 75% of the steps). For ``adam``, ``momentum`` is beta1.
+
+    ``plateau`` trains until the validation top-1 stops improving, so the budget follows the
+    dataset instead of a fixed epoch count: after a linear warm-up of ``PLATEAU_WARMUP`` steps
+    the lr is ``lr``; every ``plateau_every`` steps the top-1 on the held-out images (the
+    ``val_fraction`` of the training set that :func:`~ternbench.bench.cache.load_or_train_fp32`
+    keeps out of training) is measured; after ``plateau_patience`` checks without a gain of at
+    least ``plateau_min_delta`` points the lr drops x0.1, and after ``plateau_decays`` drops the
+    next plateau ends training (converged) and the best checked weights are restored.
+    ``epochs`` is then only the cap; reaching it first is "not converged" (logged, recorded).
     """
 
     epochs: float = 3
@@ -74,9 +85,14 @@ class TrainCfg:
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
     optimizer: Literal["sgd", "adam"] = "sgd"
-    schedule: Literal["onecycle", "cosine", "step"] = "onecycle"
+    schedule: Literal["onecycle", "cosine", "step", "plateau"] = "onecycle"
     train_subset: int | None = None
     seed: int = 0
+    plateau_every: int = 250
+    plateau_patience: int = 2
+    plateau_min_delta: float = 0.1
+    plateau_decays: int = 2
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
@@ -105,10 +121,22 @@ class TrainCfg:
         )
         check(self.optimizer in ("sgd", "adam"), "optimizer", "one of ('sgd', 'adam')")
         check(
-            self.schedule in ("onecycle", "cosine", "step"),
+            self.schedule in ("onecycle", "cosine", "step", "plateau"),
             "schedule",
-            "one of ('onecycle', 'cosine', 'step')",
+            "one of ('onecycle', 'cosine', 'step', 'plateau')",
         )
+        check(_is_int(self.plateau_every) and self.plateau_every >= 1, "plateau_every",
+              "an int >= 1")
+        check(_is_int(self.plateau_patience) and self.plateau_patience >= 1, "plateau_patience",
+              "an int >= 1")
+        check(_is_real(self.plateau_min_delta) and 0 <= self.plateau_min_delta < 100,
+              "plateau_min_delta", "in [0, 100) (points of top-1)")
+        check(_is_int(self.plateau_decays) and self.plateau_decays >= 0, "plateau_decays",
+              "an int >= 0")
+        check(_is_real(self.val_fraction) and 0 <= self.val_fraction < 0.5, "val_fraction",
+              "in [0, 0.5)")
+        check(self.schedule != "plateau" or self.val_fraction > 0, "val_fraction",
+              "> 0 with schedule 'plateau' (the rule needs held-out images)")
         check(
             self.train_subset is None or (_is_int(self.train_subset) and self.train_subset >= 1),
             "train_subset",
@@ -116,12 +144,80 @@ class TrainCfg:
         )
         check(_is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0")
         # Canonical types, so TrainCfg(epochs=3) and TrainCfg(epochs=3.0) hash (cache key) alike.
-        for name in ("epochs", "lr", "momentum", "weight_decay", "label_smoothing"):
+        for name in ("epochs", "lr", "momentum", "weight_decay", "label_smoothing",
+                     "plateau_min_delta", "val_fraction"):
             object.__setattr__(self, name, float(getattr(self, name)))
-        for name in ("batch_size", "seed"):
+        for name in ("batch_size", "seed", "plateau_every", "plateau_patience", "plateau_decays"):
             object.__setattr__(self, name, int(getattr(self, name)))
         if self.train_subset is not None:
             object.__setattr__(self, "train_subset", int(self.train_subset))
+
+
+    def key_fields(self) -> dict[str, Any]:
+        """The fields that define the recipe (the cache key): the plateau rule's own fields
+        only when ``schedule == "plateau"``, so other recipes keep their keys.
+
+        Example:
+            >>> "plateau_every" in TrainCfg().key_fields()
+            False
+        """
+        d = asdict(self)
+        if self.schedule != "plateau":
+            for name in _PLATEAU_FIELDS:
+                d.pop(name)
+        return d
+
+
+_PLATEAU_FIELDS = ("plateau_every", "plateau_patience", "plateau_min_delta", "plateau_decays",
+                   "val_fraction")
+#: linear lr warm-up of the ``plateau`` schedule (steps; the other schedules have their own)
+PLATEAU_WARMUP = 200
+
+
+class PlateauRule:
+    """The ``plateau`` schedule's state: lr factor, checks, best weights, stop decision.
+
+    Example:
+        >>> r = PlateauRule(TrainCfg(schedule="plateau", val_fraction=0.1, plateau_patience=1,
+        ...                          plateau_decays=1))
+        >>> [r.observe(v) for v in (80.0, 85.0, 85.05, 85.5, 85.5)]
+        [False, False, False, False, True]
+        >>> r.decays, r.best
+        (1, 85.5)
+    """
+
+    def __init__(self, cfg: TrainCfg) -> None:
+        self.cfg = cfg
+        self.decays = 0
+        self.bad = 0
+        self.best = -math.inf  # the last significant (>= min_delta) improvement
+        self.top = -math.inf  # the highest check, whose weights are restored
+        self.top_state: dict[str, Tensor] | None = None
+        self.converged = False
+
+    def factor(self, step: int) -> float:
+        """The lr multiplier at ``step`` (warm-up times 0.1 per drop so far)."""
+        return min(1.0, (step + 1) / PLATEAU_WARMUP) * 0.1**self.decays
+
+    def observe(self, top1: float, model: nn.Module | None = None) -> bool:
+        """Record one check (validation top-1 in %); True when training should stop."""
+        if top1 > self.top:
+            self.top = top1
+            if model is not None:
+                self.top_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if top1 >= self.best + self.cfg.plateau_min_delta:
+            self.best, self.bad = top1, 0
+            return False
+        self.bad += 1
+        if self.bad < self.cfg.plateau_patience:
+            return False
+        if self.decays < self.cfg.plateau_decays:
+            self.decays, self.bad = self.decays + 1, 0
+            log.info("plateau at %.2f%% top-1: lr x0.1 (drop %d of %d)", self.best, self.decays,
+                     self.cfg.plateau_decays)
+            return False
+        self.converged = True
+        return True
 
 
 def seed_everything(seed: int) -> None:
@@ -258,8 +354,14 @@ def train(
     model.to(device)
     model.train()
     opt = make_optimizer(model) if make_optimizer is not None else _make_optimizer(model, cfg)
+    rule: PlateauRule | None = None
     if make_scheduler is not None:
         sched = make_scheduler(opt, total_steps)
+    elif cfg.schedule == "plateau":
+        if val_loader is None:
+            raise ValueError("train: schedule 'plateau' needs a val_loader (held-out images)")
+        rule = PlateauRule(cfg)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule.factor)
     else:
         sched = _make_scheduler(opt, cfg, total_steps)
     if loss_fn is not None and batch_loss is not None:
@@ -274,6 +376,9 @@ def train(
     history.setdefault("evals", [])
     step = state.step
     eval_at = eval_steps(total_steps, eval_points) if val_loader is not None else set()
+    if rule is not None:  # the plateau checks are the curve
+        eval_at = set(range(cfg.plateau_every, total_steps + 1, cfg.plateau_every))
+    stop = False
     seg_loss, seg_n = 0.0, 0
     t_start = time.perf_counter()
     bar = tqdm(
@@ -333,6 +438,9 @@ def train(
                              desc, step, step / steps_per_epoch, seg_loss / max(seg_n, 1),
                              history["evals"][-1]["val_top1"])
                     seg_loss, seg_n = 0.0, 0
+                    if rule is not None:
+                        stop = rule.observe(history["evals"][-1]["val_top1"], model)
+                        model.train()
                 bar.update(1)
                 if beat and time.monotonic() - last_beat >= 30.0:
                     last_beat = time.monotonic()
@@ -342,6 +450,8 @@ def train(
                              total_steps, epoch + 1, n_epochs, loss_sum / max(seen, 1), eta)
                 if step % 20 == 0 or step == total_steps:
                     bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                if stop:
+                    break
             record = {
                 "epoch": epoch + 1,
                 "steps": ep_steps,
@@ -367,13 +477,30 @@ def train(
                 checkpoint(state)
             if on_epoch_end is not None and on_epoch_end(epoch, record) is True:
                 break
-            if step >= total_steps:
+            if step >= total_steps or stop:
                 break
     finally:
         bar.close()
+    if rule is not None:
+        _finish_plateau(model, rule, history, desc, step)
     history["steps"] = step
     history["seconds"] = time.perf_counter() - t_start
     return history
+
+
+def _finish_plateau(model: nn.Module, rule: PlateauRule, history: dict[str, Any], desc: str,
+                    step: int) -> None:
+    if rule.top_state is not None:
+        model.load_state_dict(rule.top_state)  # the best checked weights
+    history["converged"] = rule.converged
+    history["plateau"] = {"lr_drops": rule.decays, "best_val_top1": rule.top, "steps": step}
+    if rule.converged:
+        log.info("%s converged after %d steps (%d lr drops, best val top-1 %.2f%%)", desc, step,
+                 rule.decays, rule.top)
+    else:
+        log.warning("%s reached its cap of %d steps before the plateau rule stopped it: not "
+                    "converged (best val top-1 %.2f%%, %d lr drops); raise the cap (epochs)",
+                    desc, step, rule.top, rule.decays)
 
 
 def eval_steps(total_steps: int, points: int) -> set[int]:

@@ -143,3 +143,51 @@ def test_preact_models_are_fx_traceable() -> None:
         gm = torch.fx.symbolic_trace(m)
         x = torch.randn(2, 1, 28, 28)
         torch.testing.assert_close(gm(x), m(x))
+
+
+def test_plateau_rule_drops_the_lr_then_stops_and_restores_the_best() -> None:
+    from ternbench.bench.train import PlateauRule, TrainCfg
+
+    cfg = TrainCfg(schedule="plateau", val_fraction=0.1, plateau_patience=2, plateau_decays=1,
+                   plateau_min_delta=0.5)
+    rule = PlateauRule(cfg)
+    net = torch.nn.Linear(2, 2)
+    stops = []
+    for i, v in enumerate((50.0, 60.0, 60.2, 60.3, 61.0, 60.9, 60.8)):
+        with torch.no_grad():
+            net.bias.fill_(i)
+        stops.append(rule.observe(v, net))
+    # 60.2, 60.3: two checks under +0.5 -> one lr drop; 61.0 gains; 60.9, 60.8 -> stop
+    assert stops == [False] * 6 + [True] and rule.decays == 1 and rule.converged
+    assert rule.factor(10**6) == pytest.approx(0.1)
+    assert rule.top == 61.0 and rule.top_state is not None
+    assert rule.top_state["bias"].tolist() == [4.0, 4.0]  # the weights of the best check
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainCfg(schedule="plateau")
+
+
+@needs_fashion
+def test_plateau_training_stops_before_its_cap_and_keys_keep_other_recipes() -> None:
+    from ternbench.bench.cache import _hold_out, baseline_key
+    from ternbench.bench.train import TrainCfg, train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 512, 32)]
+    cfg = TrainCfg(epochs=200, lr=0.05, schedule="plateau", val_fraction=0.1, plateau_every=16,
+                   plateau_patience=2, plateau_decays=1, label_smoothing=0.0)
+    net = torch.nn.Linear(8, 2)
+    hist = train(net, data, cfg, progress=False, val_loader=data[:4])
+    assert hist["converged"] is True and hist["steps"] < 200 * len(data)
+    assert hist["evals"] and hist["evals"][-1]["step"] == hist["steps"]
+    assert hist["plateau"]["lr_drops"] == 1
+    with pytest.raises(ValueError, match="val_loader"):
+        train(torch.nn.Linear(8, 2), data, cfg, progress=False)
+    # fixed-length recipes keep their cache keys (the plateau fields are not part of them)
+    assert "val_fraction" not in TrainCfg().key_fields()
+    assert baseline_key("resnet8", "fashion-mnist", TrainCfg()) == baseline_key(
+        "resnet8", "fashion-mnist", TrainCfg(plateau_every=7))
+    tr, held = _hold_out(torch.arange(1000).numpy(),
+                         TrainCfg(schedule="plateau", val_fraction=0.08))
+    assert len(held) == 80 and len(tr) == 920 and not set(tr) & set(held)
