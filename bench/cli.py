@@ -646,10 +646,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.isa is not None:
-            from ternbench.schedules import _tvm
+            from ternbench import schedules
 
             try:
-                _tvm.force_isa(a.isa)
+                schedules.force_isa(a.isa)
             except ValueError as exc:
                 print(f"ternbench: error: --isa: {exc}", file=sys.stderr)
                 return 2

@@ -561,7 +561,7 @@ class RTN:
     def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
         """BN statistics with ternary weights (activations passing through), then activation
         calibration, then BN statistics again with the ternary activations on."""
-        from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
+        from ternbench.core.train import recalibrate_bn
 
         cfg = self.config
         info: dict[str, Any] = {"bn_recalibrated": False}

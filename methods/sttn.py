@@ -362,7 +362,7 @@ class STTN:
     def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
         """BN statistics with the ternary layers on (int8 first/last pass through), then the
         int8 ranges and layer shapes on the calibration set."""
-        from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
+        from ternbench.core.train import recalibrate_bn
 
         from ._ptq import calibrate_activations
 

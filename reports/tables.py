@@ -45,8 +45,14 @@ __all__ = [
     "registry_order",
 ]
 
-from ternbench.bench.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
-from ternbench.bench.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
+from ternbench.core.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
+from ternbench.core.results import (  # noqa: E402  (reserved names of the schema)
+    MODEL_LAYER,
+    MODEL_TARGET,
+    SWEEP_PREFIX,
+    TOTAL_LAYER,
+)
+from ternbench.core.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +75,9 @@ _REQUIRED = (
     "status",
 )
 
-MODEL_TARGET = "-"  # target of accuracy and cost rows
-TOTAL_LAYER = "__total__"  # layer of the sum-over-layers latency row
-MODEL_LAYER = "__model__"  # layer of the end-to-end (whole deployed model) rows
 TORCH_IMPL = "torch_fp32"  # baseline measured in the same run on the same shapes
 TVM_FP32_IMPL = "tvm_fp32"
 REFERENCE_METHOD = "fp32"  # Δtop1 is measured against this method
-SWEEP_PREFIX = "sweep."
 
 
 class ResultsError(ValueError):

@@ -36,7 +36,7 @@ from . import _tvm
 from .measure import build_layer
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
     from .ops import Kernel
 
@@ -245,7 +245,7 @@ def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch
     whose kernels can quantize while packing (:attr:`.ops.GemmSpec.pixel_bits`) take the float
     input directly (no quantize pass in torch).
     """
-    from ternbench.methods._layers import swap_layers
+    from ternbench.methods import swap_layers
 
     m = copy.deepcopy(graph).eval()
     missing: list[str] = []
