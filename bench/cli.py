@@ -599,7 +599,9 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
     for d in a.dirs:
         print(f"results read from: {results_file(Path(d))}")
-    paths = build_report([Path(d) for d in a.dirs], out)
+    from ternbench.methods import list_methods
+
+    paths = build_report([Path(d) for d in a.dirs], out, registry=list_methods())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from ternbench.core.export_io import load_exports
 from ternbench.core.files import atomic_write
-from ternbench.methods import create_method, get_method_info
+from ternbench.methods import create_method, get_method_info, list_methods
 from tqdm.auto import tqdm
 
 from .config import BenchConfig, split_block
@@ -797,7 +797,7 @@ def _run_locked(
         from ternbench.reports import build_report
 
         try:
-            build_report(store.root, store.root)
+            build_report(store.root, store.root, registry=list_methods())
         except Exception as exc:  # the results are safe on disk; a report can be rebuilt
             log.error("report failed (results are kept; rebuild with `ternbench report %s`): %s",
                       store.root, exc)

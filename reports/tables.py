@@ -42,7 +42,6 @@ __all__ = [
     "load_results",
     "normalize_results",
     "prepare",
-    "registry_order",
 ]
 
 from ternbench.core.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
@@ -230,20 +229,10 @@ def normalize_results(df: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataF
 # --------------------------------------------------------------------------- variants
 
 
-def registry_order() -> list[str]:
-    """Method names in registry order (``ternbench.methods.list_methods``), or [] if unavailable."""
-    try:
-        from ternbench.methods import list_methods
-
-        return list(list_methods())
-    except Exception as exc:  # the report must still build without torch / a broken plugin
-        log.info("method registry unavailable (%s); ordering methods by name", exc)
-        return []
-
-
 def method_rank(methods: Iterable[str], registry: Sequence[str] | None = None) -> dict[str, int]:
-    """Stable rank per method: registry order first, then unknown names sorted."""
-    reg = list(registry_order() if registry is None else registry)
+    """Stable rank per method: ``registry`` order first (the method registry's, which the
+    caller passes: reports does not import the methods), then the other names sorted."""
+    reg = list(registry or ())
     extra = sorted(set(methods) - set(reg))
     return {m: i for i, m in enumerate([*reg, *extra])}
 
@@ -383,7 +372,8 @@ def prepare(
 ) -> ReportData:
     """Normalize ``df`` and compute every numeric table of the report.
 
-    ``registry`` overrides the method order (default: ``ternbench.methods.list_methods()``).
+    ``registry`` is the method order (``ternbench.methods.list_methods()``, passed by
+    ``bench``; None: methods by name).
     """
     df = normalize_results(df)
     if df.empty:
