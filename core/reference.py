@@ -19,7 +19,7 @@ __all__ = ["export_activation", "integer_reference", "layer_reference", "quantiz
 
 
 def quantize_activation(x: Tensor, mode: str, *, scale: float = 1.0, qmax: int = 127,
-                        threshold: float = 0.0) -> Tensor:
+                        threshold: float | Tensor = 0.0) -> Tensor:
     """Activation codes of ``x``, computed in ``x``'s own dtype (the ``LayerExport`` rule):
 
     * ``"int"``: ``clamp(round(x / scale), -qmax, qmax)`` (half to even);

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.fx
+from ternbench.core.reference import export_activation
 from torch import Tensor, nn
 
 from . import _tvm
@@ -129,11 +130,8 @@ class TvmLayer(nn.Module):
             return a if a.is_contiguous() else a.contiguous()
         if lx.act_mode == "fp32":
             a = x.to(torch.float32)
-        elif lx.act_mode == "ternary":  # same comparison, in the input's dtype, as the export
-            a = (torch.sign(x) * (x.abs() > lx.act_threshold)).to(torch.int8)
-        else:  # float32 division, half-to-even rounding: exactly ActQuantizer
-            q = lx.act_qmax
-            a = torch.clamp(torch.round(x / lx.act_scale), -q, q).to(torch.int8)
+        else:  # the export's rule in the input's dtype (float32: exactly as ActQuantizer)
+            a = export_activation(lx, x).to(torch.int8)
         if lx.op == "conv2d":
             a = a.permute(0, 2, 3, 1)  # a channels-last tensor gives a contiguous NHWC view
         else:
