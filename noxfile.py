@@ -43,7 +43,7 @@ def lint(session: nox.Session) -> None:
     """ruff (lint) and mypy on the library."""
     _install(session, "test,lint")
     session.run("ruff", "check", ".")
-    session.run("mypy", "methods", "bench", "schedules", "reports")
+    session.run("mypy", "methods", "bench", "schedules", "reports", "core")
 
 
 @nox.session(python=PYTHON)

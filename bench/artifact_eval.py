@@ -85,7 +85,7 @@ def eval_artifact_shard(spec: CellSpec, files: dict[str, bytes], indices: np.nda
                         ) -> dict[str, Any]:
     """Top-1 counts and predictions of the artifact (its files' bytes) on one shard of the
     cell's test subset; the artifact is verified and loaded in this process."""
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
     from ternbench.schedules.artifact import load_artifact
 
     from .tasks import _test_split
@@ -95,7 +95,7 @@ def eval_artifact_shard(spec: CellSpec, files: dict[str, bytes], indices: np.nda
         for name, data in files.items():
             (Path(d) / name).write_bytes(data)
         art = load_artifact(d)
-        _tvm.set_num_threads(spec.threads)
+        schedules.set_num_threads(spec.threads)
         test = spec.load(_test_split(spec.dataset))
         preds, labels = [], []
         step = max(art.batch, 64)
@@ -139,8 +139,8 @@ def time_backends(runs: dict[str, Callable[[int], float]], *, repeat: int,
 def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
                   exports: dict[str, Any], executor: Any = None) -> list[dict[str, Any]]:
     """Build, check, evaluate and time the cell's artifact (see the module docstring)."""
-    from ternbench.methods._export_io import load_graph_state
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
+    from ternbench.core.export_io import load_graph_state
     from ternbench.schedules.artifact import load_artifact
     from ternbench.schedules.model import compare_logits, torch_int8_model
 
@@ -212,16 +212,16 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
     if ort is not None:
         runs["onnxruntime_int8"] = loop_timer(lambda: ort(xn))
     prof = cfg.profile_obj
-    prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
+    prev_torch, prev_tvm = torch.get_num_threads(), schedules.num_threads()
     try:
         torch.set_num_threads(threads)
-        _tvm.set_num_threads(threads)
+        schedules.set_num_threads(threads)
         with torch.inference_mode():
             raw = time_backends(runs, repeat=max(5, prof.latency_repeat),
                                 min_repeat_ms=float(max(prof.latency_min_repeat_ms, 1) * 5))
     finally:
         torch.set_num_threads(prev_torch)
-        _tvm.set_num_threads(prev_tvm)
+        schedules.set_num_threads(prev_tvm)
     for k, vals in raw.items():
         if k == "kernel_sum":
             rows.append(make_row(mb, impl="tvm", metric="kernel_sum_us",
@@ -239,7 +239,7 @@ def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, An
                         exports: dict[str, Any], target: str) -> list[dict[str, Any]]:
     """The whole model cross-built for an ARM target as ``artifacts/<key>-<target>/`` (built
     only: running it needs an aarch64 TVM runtime, e.g. on the board)."""
-    from ternbench.methods._export_io import load_graph_state
+    from ternbench.core.export_io import load_graph_state
 
     gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
     if not gpath.exists():

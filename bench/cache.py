@@ -13,7 +13,7 @@ Lookup order: the user cache (:func:`cache_dir`), the checkpoints shipped with t
 (``ternbench/bench/checkpoints/``), else train on the dataset's train split and save to the cache.
 
 Example:
-    >>> from ternbench.bench.train import TrainCfg
+    >>> from ternbench.core.train import TrainCfg
     >>> baseline_key("resnet8", "fashion-mnist", TrainCfg()).startswith("resnet8-fashion-mnist-")
     True
 """
@@ -25,10 +25,8 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
@@ -37,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from ternbench.core.files import atomic_write, cache_root
+from ternbench.core.train import TrainCfg, seed_everything, train
 from torch import Tensor, nn
 
 from .data import (
@@ -48,7 +48,6 @@ from .data import (
     subset_indices,
 )
 from .models import create_model
-from .train import TrainCfg, seed_everything, train
 
 __all__ = [
     "CheckpointError",
@@ -74,14 +73,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is corrupt, incomplete, mismatched or unsafe to load."""
 
 
-def cache_dir() -> Path:
-    """``$TERNBENCH_CACHE``, else ``$XDG_CACHE_HOME/ternbench``, else ``~/.cache/ternbench``."""
-    env = os.environ.get("TERNBENCH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ternbench"
+#: the one cache root (:func:`ternbench.core.files.cache_root`): baselines live at its top
+cache_dir = cache_root
 
 
 def shipped_dir() -> Path:
@@ -149,20 +142,6 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-@contextlib.contextmanager
-def _atomic_path(dest: Path) -> Iterator[Path]:
-    """Yield a temp path next to ``dest``; on success ``os.replace`` it onto ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, dest)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
 def save_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], meta: dict) -> None:
     """Write ``state_dict`` to ``path`` (safetensors) and ``meta`` + sha256 to the sidecar json.
 
@@ -174,18 +153,21 @@ def save_checkpoint(path: str | Path, state_dict: Mapping[str, Tensor], meta: di
     path = Path(path)
     # Contiguous CPU copies: safetensors refuses shared or non-contiguous storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    with _atomic_path(path) as tmp:
+    written: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp), metadata={"ternbench_format": str(FORMAT_VERSION)})
-        digest, size = _sha256(tmp), tmp.stat().st_size
+        written.update(sha256=_sha256(tmp), size=tmp.stat().st_size)
+
+    atomic_write(path, write)
     side = {
         "format": FORMAT_VERSION,
         "file": path.name,
-        "sha256": digest,
-        "size": size,
+        "sha256": written["sha256"],
+        "size": written["size"],
         "meta": meta,
     }
-    with _atomic_path(_sidecar(path)) as tmp:
-        tmp.write_text(json.dumps(side, indent=2, sort_keys=True, default=str))
+    atomic_write(_sidecar(path), json.dumps(side, indent=2, sort_keys=True, default=str).encode())
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict]:
@@ -483,7 +465,6 @@ def ship_checkpoint(
     out_dir = Path(dest) if dest is not None else shipped_dir()
     target = out_dir / src.name
     for s, d in ((src, target), (_sidecar(src), _sidecar(target))):
-        with _atomic_path(d) as tmp:
-            shutil.copyfile(s, tmp)
+        atomic_write(d, lambda tmp, s=s: shutil.copyfile(s, tmp))
     log.info("shipped %s to %s", key, target)
     return target

@@ -599,7 +599,9 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
     for d in a.dirs:
         print(f"results read from: {results_file(Path(d))}")
-    paths = build_report([Path(d) for d in a.dirs], out)
+    from ternbench.methods import list_methods
+
+    paths = build_report([Path(d) for d in a.dirs], out, registry=list_methods())
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -646,10 +648,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if a.isa is not None:
-            from ternbench.schedules import _tvm
+            from ternbench import schedules
 
             try:
-                _tvm.force_isa(a.isa)
+                schedules.force_isa(a.isa)
             except ValueError as exc:
                 print(f"ternbench: error: --isa: {exc}", file=sys.stderr)
                 return 2

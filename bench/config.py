@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ternbench.methods import ConfigError, get_method_info, list_methods
-from ternbench.methods._base import config_from_mapping
-
-from .train import TrainCfg
+from ternbench.core.train import TrainCfg
+from ternbench.methods import ConfigError, config_from_mapping, get_method_info, list_methods
 
 __all__ = [
     "ABLATIONS",

@@ -230,7 +230,7 @@ class FashionMNIST(Dataset[tuple[Tensor, int]]):
 
     Items are ``(float tensor [1, 28, 28], int label)``. With ``augment=True`` each item gets a
     random shift of up to 2 pixels (zero-pad 2, random 28x28 crop) and a random horizontal flip,
-    drawn from torch's global RNG (seeded by :func:`ternbench.bench.train.seed_everything`, and
+    drawn from torch's global RNG (seeded by :func:`ternbench.core.train.seed_everything`, and
     per worker by the DataLoader).
     """
 

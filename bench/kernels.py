@@ -215,7 +215,7 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
     weights ``scale * code`` of the ternary layer of the same seed); ``act``: ``int8`` (8-bit
     codes, scale 0.05), ``ternary`` (threshold 0.5, scale 0.7, no offsets) or ``fp32``.
     """
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
     if act not in _ACT:
         raise ValueError(f"act must be one of {sorted(_ACT)}, got {act!r}")
@@ -584,22 +584,22 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
 
 
 def _import_tvm() -> Any:
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
-    return _tvm.require_tvm()
+    return schedules.require_tvm()
 
 
 def _time_group(impls: list[_Impl], *, threads: int, rounds: int, min_s: float) -> None:
     """Calibrate, then time all impls interleaved: each round takes one sample of each, in a
     rotating order (no impl always runs right after the same neighbour)."""
     import torch
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
     live = [i for i in impls if i.run_n is not None]
-    prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
+    prev_torch, prev_tvm = torch.get_num_threads(), schedules.num_threads()
     try:
         torch.set_num_threads(threads)
-        tvm_used = _tvm.set_num_threads(threads)
+        tvm_used = schedules.set_num_threads(threads)
         with _quiet_torch_quant(), torch.inference_mode():
             for i in live:
                 i.threads = tvm_used if i.backend == "tvm" else torch.get_num_threads()
@@ -610,7 +610,7 @@ def _time_group(impls: list[_Impl], *, threads: int, rounds: int, min_s: float) 
                     i.samples.append(i.run_n(i.number))  # type: ignore[misc]
     finally:
         torch.set_num_threads(prev_torch)
-        _tvm.set_num_threads(prev_tvm)
+        schedules.set_num_threads(prev_tvm)
 
 
 def _rows(shape: KernelShape, batch: int, impls: list[_Impl], *, bandwidth_gbs: float,
@@ -725,18 +725,18 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
         raise ValueError(f"act modes must be among {ACT_MODES}, got {bad_modes}")
     for note in configure_env(threads):
         log.warning(note)
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
     shapes = list(shapes) if shapes is not None else select_shapes(suites, layers)
     n_rounds = rounds or (QUICK_ROUNDS if quick else ROUNDS)
     min_s = QUICK_SAMPLE_S if quick else SAMPLE_S
-    tinfo = _tvm.target_info("x86")
+    tinfo = schedules.target_info("x86")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bw = measure_bandwidth(quick)
     log.info("1-thread read bandwidth %.1f GB/s; %d shapes x %d batches, %d thread(s)", bw,
              len(shapes), len(batches), threads)
-    prov = {"tvm_version": _tvm.tvm_version() or "", "torch_version": torch.__version__,
+    prov = {"tvm_version": schedules.tvm_version() or "", "torch_version": torch.__version__,
             "cpu": f"{_cpu_name()} ({tinfo.mcpu})", "isa": tinfo.isa, "git": _git_describe()}
     rows: list[dict[str, Any]] = []
     failures: list[tuple[str, int, str, str]] = []

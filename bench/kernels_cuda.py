@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 
 def gpu_unavailable_reason() -> str:
     """'' when a CUDA GPU is visible to torch and TVM, else why not."""
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
-    if _tvm.cuda_arch() is None:
+    if schedules.cuda_arch() is None:
         return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
     return ""
 
@@ -86,18 +86,12 @@ def _torch_impl(lx: Any, batch: int, dtype: Any) -> Callable[[], Any]:
 
 def _tvm_impl(lx: Any, batch: int) -> tuple[Callable[[int, int], list[float]], Any, float]:
     """(timer(number, rounds) -> seconds per call, kernel, max_abs_err) of a checked kernel."""
-    from ternbench.schedules import _tvm
-    from ternbench.schedules.measure import (
-        _check,
-        _prepare,
-        _rtol,
-        reference_output,
-    )
+    from ternbench import schedules
 
-    kern, a, args, out = _prepare(lx, batch, "cuda", None)
-    kern.func(*args, out)
-    err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(kern.spec))
-    dev = _tvm.require_tvm().cuda(0)
+    tinfo = schedules.target_info("cuda")
+    prep = schedules.prepare_kernel(schedules.build_layer(lx, batch, "cuda"), lx, tinfo)
+    kern, args, out, err = prep.kernel, prep.args, prep.out, prep.max_abs_err
+    dev = schedules.require_tvm().cuda(0)
 
     def timer(number: int, rounds: int) -> list[float]:
         res = kern.module.time_evaluator("main", dev, number=number, repeat=rounds)(*args, out)
@@ -122,7 +116,7 @@ def run_kernels_cuda(out: str | Path, *, suites: str | Sequence[str] = "all",
     """Benchmark every shape on the GPU; returns the path of ``kernels.csv``."""
     import pandas as pd
     import torch
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
     why = gpu_unavailable_reason()
     if why:
@@ -136,8 +130,8 @@ def run_kernels_cuda(out: str | Path, *, suites: str | Sequence[str] = "all",
     shapes = list(shapes) if shapes is not None else select_shapes(suites, layers)
     bw = measure_gpu_bandwidth()
     gpu = torch.cuda.get_device_name(0)
-    tinfo = _tvm.target_info("cuda")
-    prov = {"tvm_version": _tvm.tvm_version() or "", "torch_version": torch.__version__,
+    tinfo = schedules.target_info("cuda")
+    prov = {"tvm_version": schedules.tvm_version() or "", "torch_version": torch.__version__,
             "cpu": gpu, "git": _git_describe()}
     log.info("%s (%s): read bandwidth %.0f GB/s", gpu, tinfo.mcpu, bw)
     rows: list[dict[str, Any]] = []

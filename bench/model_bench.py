@@ -99,8 +99,9 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     import statistics
     import tempfile
 
+    from ternbench import schedules
     from ternbench.methods import QuantContext, create_method
-    from ternbench.schedules import EvaluatorCfg, _tvm, measure_layer
+    from ternbench.schedules import EvaluatorCfg, measure_layer
     from ternbench.schedules.artifact import load_artifact, write_artifact
     from ternbench.schedules.graph import build_graph, compile_graph, kernel_sum_timer
     from ternbench.schedules.model import compare_logits, torch_int8_model
@@ -163,15 +164,15 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
                                 "torch_int8": loop_timer(lambda: q8(xb))}
         if ort is not None:
             runs["onnxruntime_int8"] = loop_timer(lambda: ort(xn))
-        prev_torch, prev_tvm = torch.get_num_threads(), _tvm.num_threads()
+        prev_torch, prev_tvm = torch.get_num_threads(), schedules.num_threads()
         try:
             torch.set_num_threads(threads)
-            _tvm.set_num_threads(threads)
+            schedules.set_num_threads(threads)
             with torch.inference_mode():
                 raw = time_backends(runs, repeat=repeat, min_repeat_ms=min_repeat_ms)
         finally:
             torch.set_num_threads(prev_torch)
-            _tvm.set_num_threads(prev_tvm)
+            schedules.set_num_threads(prev_tvm)
         med = {k: float(statistics.median(v)) for k, v in raw.items()}
         ev = EvaluatorCfg(number=1, repeat=max(3, min(repeat, 7)),
                           min_repeat_ms=int(max(1, min_repeat_ms // 10)))

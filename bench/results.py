@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -29,75 +28,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from ternbench.core.files import atomic_write
+from ternbench.core.results import COLUMNS, SCHEMA_VERSION, SWEEP_PREFIX, make_row
 
 __all__ = [
     "SCHEMA_VERSION",
     "COLUMNS",
     "ResultStore",
     "SchemaMismatchError",
-    "atomic_write_bytes",
     "collect_env",
     "make_row",
 ]
 
 log = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
-COLUMNS = [
-    "schema_version",
-    "run_id",
-    "cell_key",
-    "method",
-    "method_config",
-    "profile",
-    "model",
-    "dataset",
-    "subset",
-    "seed",
-    "target",
-    "isa",
-    "layer",
-    "impl",
-    "metric",
-    "value",
-    "unit",
-    "status",
-    "error",
-]
 
 
 class SchemaMismatchError(RuntimeError):
     """The run directory was written by an incompatible version of ternbench."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file + fsync + rename: never half-written.
-
-    On failure (e.g. a full disk) the previous file, if any, is left as it was.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; results are meant to be shared and read
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def make_row(base: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
-    row: dict[str, Any] = {c: "" for c in COLUMNS}
-    row["status"] = "ok"
-    row.update(base)
-    row.update(fields)
-    row["schema_version"] = SCHEMA_VERSION
-    return row
 
 
 def _git(*args: str) -> str | None:
@@ -211,13 +158,13 @@ class ResultStore:
         )
         meta["config"] = dict(config)
         self.write_meta(meta)
-        atomic_write_bytes(
+        atomic_write(
             self.root / "config.json", json.dumps(config, indent=2, default=str).encode()
         )
         return meta
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
-        atomic_write_bytes(self.run_json, json.dumps(meta, indent=2, default=str).encode())
+        atomic_write(self.run_json, json.dumps(meta, indent=2, default=str).encode())
 
     # -- cells ---------------------------------------------------------------------------
     def part_path(self, key: str, part: str) -> Path:
@@ -236,7 +183,7 @@ class ResultStore:
 
     def write_part(self, key: str, part: str, rows: Iterable[Mapping[str, Any]]) -> None:
         data = json.dumps(list(rows), default=_json_default).encode()
-        atomic_write_bytes(self.part_path(key, part), data)
+        atomic_write(self.part_path(key, part), data)
 
     def rows(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -250,7 +197,7 @@ class ResultStore:
     def frame(self) -> pd.DataFrame:
         rows = self.rows()
         # swept config fields become columns `sweep.<field>` (ablation axes of the report)
-        extra = sorted({k for r in rows for k in r if k.startswith("sweep.")})
+        extra = sorted({k for r in rows for k in r if k.startswith(SWEEP_PREFIX)})
         df = pd.DataFrame(rows, columns=COLUMNS + extra)
         df["value"] = pd.to_numeric(df["value"], errors="coerce")
         df["seed"] = pd.to_numeric(df["seed"], errors="coerce").fillna(-1).astype(int)
@@ -266,11 +213,8 @@ class ResultStore:
     def consolidate(self) -> pd.DataFrame:
         """Rewrite results.parquet and results.csv from cells/ (each replaced atomically)."""
         df = self.frame()
-        atomic_write_bytes(self.root / "results.csv", df.to_csv(index=False).encode())
-        with tempfile.TemporaryDirectory(dir=self.root) as tmp:
-            tmp_path = Path(tmp) / "results.parquet"
-            df.to_parquet(tmp_path, index=False)
-            os.replace(tmp_path, self.root / "results.parquet")
+        atomic_write(self.root / "results.csv", df.to_csv(index=False).encode())
+        atomic_write(self.root / "results.parquet", lambda tmp: df.to_parquet(tmp, index=False))
         return df
 
 

@@ -28,13 +28,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from ternbench.methods import create_method, get_method_info
-from ternbench.methods._export_io import load_exports
+from ternbench.core.export_io import load_exports
+from ternbench.core.files import atomic_write
+from ternbench.methods import create_method, get_method_info, list_methods
 from tqdm.auto import tqdm
 
 from .config import BenchConfig, split_block
 from .executor import CellOutcome, Executor, make_executor
-from .results import SCHEMA_VERSION, ResultStore, atomic_write_bytes, make_row
+from .results import SCHEMA_VERSION, ResultStore, make_row
 from .tasks import CellSpec, eval_indices, merge_shards
 
 __all__ = ["plan", "run", "RunSummary", "RunLockedError", "out_lock", "preflight"]
@@ -257,7 +258,7 @@ def curve_rows(base: dict[str, Any], curve: list[dict[str, Any]]) -> list[dict[s
     """Training-curve rows: ``train_loss`` and ``val_top1`` per evaluation point (``layer`` =
     ``epoch=<fractional epoch>``, ``impl`` = ``step=<n>``) and ``converged`` (1/0: whether
     the last segment gained at most 0.3 point of validation top-1)."""
-    from .train import curve_converged
+    from ternbench.core.train import curve_converged
 
     rows = []
     for p in curve:
@@ -336,7 +337,7 @@ def _save_subsets(store: ResultStore, cells: list[CellSpec]) -> dict[str, np.nda
             name = f"{c.dataset}-{c.subset.replace(':', '-').replace('@', '-')}.npy"
             buf = io.BytesIO()
             np.save(buf, by_subset[k], allow_pickle=False)
-            atomic_write_bytes(store.root / "subsets" / name, buf.getvalue())
+            atomic_write(store.root / "subsets" / name, buf.getvalue())
         out[c.key] = by_subset[k]
     return out
 
@@ -442,9 +443,9 @@ def latency_rows(
     * ARM without a board: built and run bit-exact under qemu-user ("built and verified"),
       never timed; CUDA without a GPU: "built".
     """
-    from ternbench.schedules import _tvm
+    from ternbench import schedules
 
-    tinfo = _tvm.target_info(target)
+    tinfo = schedules.target_info(target)
     base = {**_base_fields(cell, run_id), "target": target, "isa": tinfo.isa}
     exports = load_exports(store.root / "exports" / f"{cell.key}.npz")
     if tinfo.family == "arm" and cfg.rpc:
@@ -741,17 +742,17 @@ def _run_locked(
                     store.write_meta(meta)
                 if outcome.info is not None:
                     exp = store.root / "exports"
-                    atomic_write_bytes(exp / f"{cell.key}.npz", outcome.info["export_npz"])
+                    atomic_write(exp / f"{cell.key}.npz", outcome.info["export_npz"])
                     for suffix, k in ((".graph.safetensors", "graph_state"),
                                       (".check.npz", "check_npz")):
                         if outcome.info.get(k) is not None:
-                            atomic_write_bytes(exp / f"{cell.key}{suffix}", outcome.info[k])
+                            atomic_write(exp / f"{cell.key}{suffix}", outcome.info[k])
                     if outcome.shards and all("pred" in p for p in outcome.shards):
                         # fake-quant top-1 per image, in subset order: the artifact's agreement
                         buf = io.BytesIO()
                         np.save(buf, np.concatenate([p["pred"] for p in outcome.shards]),
                                 allow_pickle=False)
-                        atomic_write_bytes(exp / f"{cell.key}.pred.npy", buf.getvalue())
+                        atomic_write(exp / f"{cell.key}.pred.npy", buf.getvalue())
                 store.write_part(cell.key, ACC_PART, rows)
                 if outcome.error is not None:
                     failed += 1
@@ -800,7 +801,7 @@ def _run_locked(
         from ternbench.reports import build_report
 
         try:
-            build_report(store.root, store.root)
+            build_report(store.root, store.root, registry=list_methods())
         except Exception as exc:  # the results are safe on disk; a report can be rebuilt
             log.error("report failed (results are kept; rebuild with `ternbench report %s`): %s",
                       store.root, exc)

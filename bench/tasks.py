@@ -13,9 +13,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from ternbench.methods import QuantContext, create_method, get_method_info, summarize_cost
-from ternbench.methods._deploy import layer_parity, max_logit_diff
-from ternbench.methods._export_io import exports_to_bytes, graph_state_to_bytes
+from ternbench.core.export_io import exports_to_bytes, graph_state_to_bytes
+from ternbench.core.train import evaluate, seed_everything
+from ternbench.methods import (
+    QuantContext,
+    create_method,
+    get_method_info,
+    layer_parity,
+    max_logit_diff,
+    summarize_cost,
+)
 from torch import nn
 
 from .config import Profile
@@ -29,7 +36,6 @@ from .data import (
     subset_indices,
 )
 from .models import create_model
-from .train import evaluate, seed_everything
 
 __all__ = ["CellSpec", "quantize_cell", "eval_shard", "eval_indices", "shard_indices"]
 

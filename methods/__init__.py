@@ -19,8 +19,11 @@ from ._base import (
     QuantContext,
     QuantizedModel,
     TernaryMethod,
+    config_from_mapping,
     summarize_cost,
 )
+from ._deploy import deploy, layer_parity, max_logit_diff
+from ._layers import swap_layers
 from ._registry import (
     ENTRY_POINT_GROUP,
     MethodInfo,
@@ -42,9 +45,14 @@ __all__ = [
     "QuantizedModel",
     "TernaryMethod",
     "UnknownMethodError",
+    "config_from_mapping",
     "create_method",
+    "deploy",
     "get_method_info",
+    "layer_parity",
     "list_methods",
+    "max_logit_diff",
     "register_method",
     "summarize_cost",
+    "swap_layers",
 ]

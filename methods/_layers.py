@@ -15,6 +15,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ternbench.core.export import act_qmax
+from ternbench.core.reference import quantize_activation
 from torch import Tensor, nn
 
 from ._base import LayerExport, WeightFormat
@@ -116,7 +118,7 @@ class ActQuantizer(nn.Module):
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return act_qmax(self.bits)
 
     @property
     def scale(self) -> float:
@@ -137,7 +139,7 @@ class ActQuantizer(nn.Module):
             self.max_abs = torch.maximum(self.max_abs, x.detach().abs().amax())
             return x
         s = self.scale
-        return ste(x, torch.clamp(torch.round(x / s), -self.qmax, self.qmax) * s)
+        return ste(x, quantize_activation(x, "int", scale=s, qmax=self.qmax) * s)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

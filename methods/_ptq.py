@@ -136,7 +136,7 @@ def post_training_quantize(
     info: dict[str, object] = {"bn_recalibrated": False, "finetune_epochs": 0.0}
     bn_loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
     if cfg.bn_recalibrate:
-        from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
+        from ternbench.core.train import recalibrate_bn
 
         with passthrough(m):  # activations pass through while BN statistics are gathered
             used = recalibrate_bn(m, bn_loader, batches=ctx.bn_batches, device=ctx.device)
@@ -146,7 +146,7 @@ def post_training_quantize(
     if finetune_epochs > 0:
         if ctx.train_loader is None:
             raise ValueError(f"{method}: finetune_epochs > 0 needs a training loader")
-        from ternbench.bench.train import TrainCfg, train
+        from ternbench.core.train import TrainCfg, train
 
         tcfg = TrainCfg(
             epochs=finetune_epochs,

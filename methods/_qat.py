@@ -1,7 +1,7 @@
 """Shared quantization-aware training: the recipe, the loop driver, checkpoints and resume.
 
 Every QAT method swaps its fake-quant layers into a copy of the FP32 model and hands it to
-:func:`qat_train`, which runs the one shared loop of :func:`ternbench.bench.train.train` with
+:func:`qat_train`, which runs the one shared loop of :func:`ternbench.core.train.train` with
 
 * the optimizer/scheduler of a validated :class:`QATRecipe` (SGD/Adam; cosine, step,
   one-cycle or constant learning rate, stepped per batch);
@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from ternbench.core.files import atomic_write
 from torch import Tensor, nn
 
 from ._base import ConfigError, MethodConfig, QuantContext, QuantizedModel, _check
@@ -388,7 +388,7 @@ def _set_rng_state(rng: dict[str, Any], loader: Any) -> None:
 
 
 def _save(path: Path, state: Any, key: str) -> None:
-    from ternbench.bench.train import TrainState
+    from ternbench.core.train import TrainState
 
     assert isinstance(state, TrainState)
     payload = {
@@ -402,16 +402,8 @@ def _save(path: Path, state: Any, key: str) -> None:
         "rng": _rng_state(state.loader),
         "history": json.dumps(state.history),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
-    finally:
-        tmp.unlink(missing_ok=True)
+    # atomic: a kill leaves the previous checkpoint intact
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
     log.debug("checkpoint %s: epoch %d, step %d", path, state.epoch, state.step)
 
 
@@ -493,7 +485,7 @@ def qat_train(
     """Train ``module`` (fake-quant layers already swapped in) in place on ``ctx.train_loader``.
 
     Runs ``recipe.epochs`` (None: ``ctx.train_epochs``) epochs on ``ctx.device`` with the shared
-    loop of :func:`ternbench.bench.train.train`; ``module`` is left in train mode. Zero epochs
+    loop of :func:`ternbench.core.train.train`; ``module`` is left in train mode. Zero epochs
     train nothing. ``teacher`` is the FP32 model the method received (a copy is moved to the
     device, the caller's is untouched); with ``recipe.kd`` its logits are distilled.
     ``loss_extra(module)`` is added to the loss; ``before_step(module)`` runs after
@@ -511,7 +503,7 @@ def qat_train(
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the message names the step).
     """
-    from ternbench.bench.train import TrainCfg, TrainState, train
+    from ternbench.core.train import TrainCfg, TrainState, train
 
     t0 = time.perf_counter()
     epochs = recipe.resolve_epochs(ctx)
@@ -683,7 +675,7 @@ def qat_quantize(
     )
     info["bn_recalibrated"] = False
     if cfg.bn_recalibrate:
-        from ternbench.bench.train import recalibrate_bn
+        from ternbench.core.train import recalibrate_bn
 
         bn_loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
         # the activation quantizers stay active with the ranges found before training

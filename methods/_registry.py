@@ -62,7 +62,7 @@ class MethodInfo:
     default_sweep: dict[str, tuple[Any, ...]] | None = None
     #: config fields that reproduce the paper's recipe; applied by the ``paper`` profile
     paper_overrides: dict[str, Any] | None = None
-    #: the block form the method's paper uses (see ``ternbench.bench.models.BLOCK_FORMS``):
+    #: the block form the method's paper uses (see ``BLOCK_FORMS`` in bench's ``models``):
     #: ``"preact"`` = BN before the ternary activation; None = the model as named
     block: str | None = None
     #: the method's QAT step budget relative to the profile's ``train_steps``: weight-only

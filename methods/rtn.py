@@ -64,6 +64,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from ternbench.core.reference import quantize_activation
 from torch import Tensor, nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
@@ -123,7 +124,7 @@ def ternary_code(x: Tensor, threshold: Tensor | float) -> Tensor:
         >>> ternary_code(torch.tensor([-1.0, -0.5, 0.2, 0.5, 0.7]), 0.5).tolist()
         [-1.0, -0.0, 0.0, 0.0, 1.0]
     """
-    return torch.sign(x) * (x.abs() > threshold).to(x.dtype)
+    return quantize_activation(x, "ternary", threshold=threshold)
 
 
 def hard_forward(hard: Tensor, soft: Tensor) -> Tensor:
@@ -168,7 +169,7 @@ def act_value64(aq: ActQuantizer, x: Tensor) -> Tensor:
     if aq.bits >= 32:
         return x64
     s = float(aq.scale)
-    return torch.clamp(torch.round(x64 / s), -aq.qmax, aq.qmax) * s
+    return quantize_activation(x64, "int", scale=s, qmax=aq.qmax) * s
 
 
 def kernels64(wq: WeightQuantizer, weight: Tensor) -> list[Tensor]:
@@ -561,7 +562,7 @@ class RTN:
     def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
         """BN statistics with ternary weights (activations passing through), then activation
         calibration, then BN statistics again with the ternary activations on."""
-        from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
+        from ternbench.core.train import recalibrate_bn
 
         cfg = self.config
         info: dict[str, Any] = {"bn_recalibrated": False}

@@ -43,7 +43,7 @@ agree without near-threshold flips.
 
 The repo's block (BN -> ternary act -> two binary convs -> BN -> + shortcut -> PReLU, with a
 parameter-free 2x2 max-pool + zero-channel shortcut) is the model ``sttn_resnet8`` (and
-``sttn_resnet20``, ``sttn_resnet18``) in :mod:`ternbench.bench.models`; on a plain ResNet the
+``sttn_resnet20``, ``sttn_resnet18``) in the bench package's ``models``; on a plain ResNet the
 ternary activation is placed before each ternarized conv (it then reads a ReLU output, so its
 codes are {0, +1}).
 
@@ -364,7 +364,7 @@ class STTN:
     def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
         """BN statistics with the ternary layers on (int8 first/last pass through), then the
         int8 ranges and layer shapes on the calibration set."""
-        from ternbench.bench.train import recalibrate_bn  # lazy: bench depends on methods
+        from ternbench.core.train import recalibrate_bn
 
         from ._ptq import calibrate_activations
 

@@ -236,7 +236,7 @@ class TRN:
 
     def _switchable_bn(self, qm: QuantizedModel, total: int, ctx: QuantContext) -> None:
         """One set of BN statistics per number of enabled edges (set 0 is the FGQ base's)."""
-        from ternbench.bench.train import recalibrate_bn
+        from ternbench.core.train import recalibrate_bn
 
         from ._layers import passthrough
 

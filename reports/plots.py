@@ -6,8 +6,8 @@ with the SVG backend directly, which is safe in headless processes and Ray worke
 is written as ``NAME.png`` (150 dpi) and ``NAME.svg``.
 
 Each method keeps one colour across all plots and reports, taken from its position in the
-method registry (``ternbench.methods.list_methods()``); variants of one method share the
-colour and differ by marker.
+method registry (``ternbench.methods.list_methods()``, which the caller passes as ``registry``);
+variants of one method share the colour and differ by marker.
 """
 
 from __future__ import annotations

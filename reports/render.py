@@ -402,6 +402,7 @@ def build_report(
     formats: Sequence[str] = FORMATS,
     meta: list[dict] | None = None,
     title: str | None = None,
+    registry: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write a comparative report of one or more runs into ``out_dir``.
 
@@ -409,6 +410,8 @@ def build_report(
     labelled by run id) or a tidy results DataFrame (then ``meta`` gives the run.json dicts).
     Writes ``report.md`` and/or ``report.html`` plus ``plots/*.png`` and ``plots/*.svg`` and
     returns ``{"md": path, "html": path, "plots": plots_dir}`` for what was written.
+    ``registry`` orders the methods and picks their colours: the method registry's order
+    (``ternbench.methods.list_methods()``), which ``bench`` passes; None orders them by name.
 
     Example:
         >>> paths = build_report(["runs/a", "runs/b"], "reports/a_vs_b")   # doctest: +SKIP
@@ -420,11 +423,11 @@ def build_report(
     if unknown or not fmts:
         raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(formats)}")
     df, metas = _load(results, meta)
-    data = prepare(df, metas)
+    data = prepare(df, metas, registry=registry)
     out = Path(out_dir)
     plots_dir = out / "plots"
     plots_dir.mkdir(parents=True, exist_ok=True)
-    figs = _plots.render_all(data, plots_dir)
+    figs = _plots.render_all(data, plots_dir, registry)
     if title is None:
         title = (
             f"ternbench report — {data.run_ids[0]}"

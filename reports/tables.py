@@ -42,11 +42,16 @@ __all__ = [
     "load_results",
     "normalize_results",
     "prepare",
-    "registry_order",
 ]
 
-from ternbench.bench.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
-from ternbench.bench.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
+from ternbench.core.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
+from ternbench.core.results import (  # noqa: E402  (reserved names of the schema)
+    MODEL_LAYER,
+    MODEL_TARGET,
+    SWEEP_PREFIX,
+    TOTAL_LAYER,
+)
+from ternbench.core.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,9 @@ _REQUIRED = (
     "status",
 )
 
-MODEL_TARGET = "-"  # target of accuracy and cost rows
-TOTAL_LAYER = "__total__"  # layer of the sum-over-layers latency row
-MODEL_LAYER = "__model__"  # layer of the end-to-end (whole deployed model) rows
 TORCH_IMPL = "torch_fp32"  # baseline measured in the same run on the same shapes
 TVM_FP32_IMPL = "tvm_fp32"
 REFERENCE_METHOD = "fp32"  # Δtop1 is measured against this method
-SWEEP_PREFIX = "sweep."
 
 
 class ResultsError(ValueError):
@@ -228,20 +229,10 @@ def normalize_results(df: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataF
 # --------------------------------------------------------------------------- variants
 
 
-def registry_order() -> list[str]:
-    """Method names in registry order (``ternbench.methods.list_methods``), or [] if unavailable."""
-    try:
-        from ternbench.methods import list_methods
-
-        return list(list_methods())
-    except Exception as exc:  # the report must still build without torch / a broken plugin
-        log.info("method registry unavailable (%s); ordering methods by name", exc)
-        return []
-
-
 def method_rank(methods: Iterable[str], registry: Sequence[str] | None = None) -> dict[str, int]:
-    """Stable rank per method: registry order first, then unknown names sorted."""
-    reg = list(registry_order() if registry is None else registry)
+    """Stable rank per method: ``registry`` order first (the method registry's, which the
+    caller passes: reports does not import the methods), then the other names sorted."""
+    reg = list(registry or ())
     extra = sorted(set(methods) - set(reg))
     return {m: i for i, m in enumerate([*reg, *extra])}
 
@@ -381,7 +372,8 @@ def prepare(
 ) -> ReportData:
     """Normalize ``df`` and compute every numeric table of the report.
 
-    ``registry`` overrides the method order (default: ``ternbench.methods.list_methods()``).
+    ``registry`` is the method order (``ternbench.methods.list_methods()``, passed by
+    ``bench``; None: methods by name).
     """
     df = normalize_results(df)
     if df.empty:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from ternbench.core.files import atomic_write, cache_root
 
 from . import _tvm
 
@@ -69,14 +70,8 @@ _HARNESS_LOCK = threading.Lock()
 
 
 def _cache_root() -> Path:
-    """Same convention as ``ternbench.bench.cache.cache_dir`` (``$TERNBENCH_CACHE``, else
-    ``$XDG_CACHE_HOME/ternbench``, else ``~/.cache/ternbench``), plus ``/arm``."""
-    env = os.environ.get("TERNBENCH_CACHE")
-    if env:
-        return Path(env).expanduser() / "arm"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "ternbench" / "arm"
+    """:func:`ternbench.core.files.cache_root` plus ``/arm``."""
+    return cache_root() / "arm"
 
 
 def cross_compiler() -> Callable[..., Any]:
@@ -154,23 +149,18 @@ def build_harness() -> Path:
         dest = _cache_root() / f"tb_arm_harness-{h.hexdigest()[:16]}"
         if dest.exists():
             return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # build next to the destination, then rename: concurrent processes never see a
-        # half-written binary
-        fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", dir=dest.parent)
-        os.close(fd)
-        cmd = [CROSS_CC, "-O2", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-rdynamic",
-               f"-I{inc}", "-o", tmp, str(src), "-ldl"]
-        try:
+
+        def compile_to(tmp: Path) -> None:
+            cmd = [CROSS_CC, "-O2", "-std=c11", "-D_POSIX_C_SOURCE=200809L", "-rdynamic",
+                   f"-I{inc}", "-o", str(tmp), str(src), "-ldl"]
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
             if res.returncode != 0:
                 raise RuntimeError(f"building the ARM harness failed ({' '.join(cmd)}): "
                                    f"{_tail(res.stderr)}")
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+
+        # built next to the destination, then renamed: concurrent processes never see a
+        # half-written binary
+        atomic_write(dest, compile_to, mode=0o755)
         log.info("built the ARM harness: %s", dest)
         return dest
 

@@ -61,7 +61,7 @@ from . import _tvm
 from .ops import GemmSpec, Params, Rule, gemm_compute, pack_weight_args, plan_gemm
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "rules",

@@ -19,7 +19,7 @@ from . import _tvm
 from .ops import GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "rules",

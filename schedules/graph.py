@@ -48,7 +48,7 @@ from . import _tvm, ops
 from .model import bn_affine, fold_batchnorm_nodes, fold_bn_exports
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "UnsupportedGraphError",
@@ -476,7 +476,7 @@ def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: 
     ``input_shape`` is the per-sample (C, H, W). Raises :class:`UnsupportedGraphError` for an
     op the lowering does not know, ``ValueError`` for a conv/linear without an export.
     """
-    from ternbench.methods._layers import swap_layers
+    from ternbench.methods import swap_layers
 
     t0 = time.perf_counter()
     tinfo = _tvm.target_info(target)

@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ternbench.methods._base import ConfigError
+from ternbench.core.errors import ConfigError
+from ternbench.core.reference import integer_reference, quantize_activation
 
 from . import _tvm, generic, ops, x86
 from .ops import Rule, UnsupportedLayerError
+from .tuning_cache import cached_params
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "EvaluatorCfg",
@@ -43,6 +45,9 @@ __all__ = [
     "build_layer",
     "check_layer",
     "LayerCheck",
+    "PreparedKernel",
+    "prepare_kernel",
+    "time_kernel",
     "target_rules",
     "measure_torch_fp32",
     "run_layer",
@@ -153,15 +158,15 @@ def select_rule(lx: LayerExport, target: _tvm.TargetInfo) -> Rule:
 
 
 def _quantize(x: torch.Tensor, lx: LayerExport) -> np.ndarray:
-    """The deployed activation quantizer of ``lx`` (same rounding as ``ActQuantizer``)."""
+    """The deployed activation quantizer of ``lx`` (:func:`ternbench.core.reference.
+    quantize_activation`), in the dtype its counterpart computes in."""
     if lx.act_mode == "fp32":
         return x.detach().to(torch.float32).numpy()
-    if lx.act_mode == "ternary":  # sign(x) * [|x| > threshold], compared in float64 as the
-        xd = x.detach().to(torch.float64)  # export's reference (methods._deploy) does
-        return (torch.sign(xd) * (xd.abs() > lx.act_threshold)).to(torch.int8).numpy()
-    # float32 division and half-to-even rounding, exactly as ActQuantizer.forward
-    xf = x.detach().to(torch.float32)
-    q = torch.clamp(torch.round(xf / lx.act_scale), -lx.act_qmax, lx.act_qmax)
+    # ternary: compared in float64, as the reference of the export does for float64 input;
+    # int: float32 division and half-to-even rounding, exactly as ActQuantizer.forward
+    dtype = torch.float64 if lx.act_mode == "ternary" else torch.float32
+    q = quantize_activation(x.detach().to(dtype), lx.act_mode, scale=lx.act_scale,
+                            qmax=lx.act_qmax, threshold=lx.act_threshold)
     return q.to(torch.int8).numpy()
 
 
@@ -202,10 +207,8 @@ def reference_output(lx: LayerExport, a: np.ndarray) -> np.ndarray:
     """float64 [M, N] reference of the export on kernel input ``a`` (NHWC / [B, F]).
 
     The project's one reference of the deployed form,
-    :func:`ternbench.methods._deploy.integer_reference`, in the kernel's layout.
+    :func:`ternbench.core.reference.integer_reference`, in the kernel's layout.
     """
-    from ternbench.methods._deploy import integer_reference
-
     xa = torch.from_numpy(np.asarray(a)).to(torch.float64)
     if lx.op == "linear":
         return integer_reference(lx, xa).numpy()
@@ -259,45 +262,111 @@ def build_layer(lx: LayerExport, batch: int, target: str,
     tinfo = _tvm.target_info(target)
     rule = select_rule(lx, tinfo)
     if params is None:
-        from . import tuning  # tuning imports this module
-
-        params = tuning.cached_params(rule, lx, batch, tinfo)
+        params = cached_params(rule, lx, batch, tinfo)
     return rule.build(lx, batch, tinfo, params, float_input=float_input)
 
 
-def _prepare(lx: LayerExport, batch: int, target: str, x: torch.Tensor | None,
-             params: ops.Params | None = None
-             ) -> tuple[ops.Kernel, np.ndarray, list[Any], Any]:
-    """(kernel, kernel input, runtime args, output tensor) of ``lx`` on a local ``target``."""
-    tinfo = _tvm.target_info(target) if target in _tvm.KNOWN_TARGETS else None
-    if tinfo is not None and not tinfo.local:
+def _local_target(target: str) -> _tvm.TargetInfo:
+    """The target info of ``target``, which must run in this process (x86, CUDA with a GPU)."""
+    _check_target(target)
+    tinfo = _tvm.target_info(target)
+    if not tinfo.local:
         raise RuntimeError(f"target {target!r} ({tinfo.description}) does not run in this "
                            "process: use check_layer (qemu) or an RPC session")
-    kern = build_layer(lx, batch, target, params)
+    return tinfo
+
+
+@dataclass
+class PreparedKernel:
+    """A built kernel with its runtime arguments, run once and (unless prepared with
+    ``check=False``) checked against the reference.
+
+    ``nbytes`` is the data a call must move at least: kernel input, weight arguments (packed
+    weights, scales, bias) and the float32 output.
+    """
+
+    kernel: ops.Kernel
+    a: np.ndarray
+    args: list[Any]
+    out: Any
+    max_abs_err: float
+    nbytes: int
+
+    def __call__(self) -> None:
+        self.kernel.func(*self.args, self.out)
+
+
+def prepare_kernel(kern: ops.Kernel, lx: LayerExport, tinfo: _tvm.TargetInfo,
+                   x: torch.Tensor | None = None, *, check: bool = True) -> PreparedKernel:
+    """Runtime arguments for ``kern`` on its local device (input from ``x``, else seeded: see
+    :func:`kernel_input`), one run, and the check against :func:`reference_output`.
+
+    Raises :class:`KernelMismatchError` when the output disagrees; a kernel that fails here is
+    never timed. ``check=False`` skips the check (``max_abs_err`` is then NaN).
+    """
+    if not tinfo.local:
+        raise RuntimeError(f"target {tinfo.name!r} ({tinfo.description}) does not run in this "
+                           "process: use check_layer (qemu) or an RPC session")
     tvm = _tvm.require_tvm()
-    dev = _device(_tvm.target_info(target))
+    dev = _device(tinfo)
     a = kernel_input(lx, kern.spec, x)
+    weights = kern.pack(lx)
     # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
     # tensor can fail the alignment check)
-    args = [tvm.runtime.tensor(v, dev) for v in (a, *kern.pack(lx))]
+    args = [tvm.runtime.tensor(v, dev) for v in (a, *weights)]
     out = tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev)
-    return kern, a, args, out
+    kern.func(*args, out)
+    err = math.nan
+    if check:
+        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(kern.spec))
+    nbytes = a.nbytes + sum(w.nbytes for w in weights) + kern.spec.M * kern.spec.N * 4
+    return PreparedKernel(kern, a, args, out, err, int(nbytes))
+
+
+def time_kernel(prep: PreparedKernel, lx: LayerExport, tinfo: _tvm.TargetInfo, *,
+                ev: EvaluatorCfg = EvaluatorCfg(), threads: int = 1,  # noqa: B008
+                target: str | None = None) -> LayerLatency:
+    """Time a prepared (checked) kernel with ``time_evaluator`` on ``threads`` threads (CPU
+    targets; the pool is restored afterwards): one warm-up call, then ``ev``."""
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    kern, spec = prep.kernel, prep.kernel.spec
+    dev = _device(tinfo)
+    cpu = tinfo.family != "cuda"
+    prev = _tvm.num_threads()
+    try:
+        used = _tvm.set_num_threads(threads) if cpu else 0
+        prep()  # warms caches on the timed thread count
+        timer = kern.module.time_evaluator("main", dev, number=ev.number, repeat=ev.repeat,
+                                           min_repeat_ms=ev.min_repeat_ms)
+        res = timer(*prep.args, prep.out)
+    finally:
+        if cpu:
+            _tvm.set_num_threads(prev)
+    raw = tuple(float(r) * 1e6 for r in res.results)
+    log.debug("%s %s %s: %.1f us", lx.name, kern.impl, spec.shape_key, statistics.median(raw))
+    return LayerLatency(
+        layer=lx.name, impl=kern.impl, target=target or tinfo.name,
+        median_us=float(statistics.median(raw)), raw_us=raw, threads=used, batch=spec.batch,
+        M=spec.M, K=spec.K, N=spec.N, max_abs_err=prep.max_abs_err, target_str=kern.target_str,
+        isa=tinfo.isa)
 
 
 def run_layer(lx: LayerExport, x: torch.Tensor | None = None, *, batch: int | None = None,
               target: str = "x86") -> tuple[str, np.ndarray]:
     """Run the layer's TVM kernel once, unchecked: ``(impl, y)`` with ``y`` float32 in the
     layer's own layout (NCHW for convs, [B, N] for linears), comparable with
-    ``methods._deploy.layer_reference(lx, x)``.
+    ``ternbench.core.reference.layer_reference(lx, x)``.
 
     ``x`` is the float layer input (quantized like :func:`measure_layer` does); ``batch``
     defaults to its sample count (1 without ``x``).
     """
     if batch is None:
         batch = 1 if x is None else int(x.shape[0])
-    kern, _a, args, out = _prepare(lx, batch, target, x)
-    kern.func(*args, out)
-    y = out.numpy()
+    tinfo = _local_target(target)
+    prep = prepare_kernel(build_layer(lx, batch, target), lx, tinfo, x, check=False)
+    kern = prep.kernel
+    y = prep.out.numpy()
     if lx.op == "conv2d":
         y = y.reshape(batch, *kern.spec.out_hw, kern.spec.N).transpose(0, 3, 1, 2)
     return kern.impl, np.ascontiguousarray(y)
@@ -318,28 +387,9 @@ def measure_layer(lx: LayerExport, *, batch: int = 1, target: str = "x86",
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    kern, a, args, out = _prepare(lx, batch, target, x, params)
-    spec = kern.spec
-    tinfo = _tvm.target_info(target)
-    dev = _device(tinfo)
-    cpu = tinfo.family != "cuda"
-    prev = _tvm.num_threads()
-    try:
-        used = _tvm.set_num_threads(threads) if cpu else 0
-        kern.func(*args, out)  # also warms caches before timing
-        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(spec))
-        timer = kern.module.time_evaluator("main", dev, number=ev.number, repeat=ev.repeat,
-                                           min_repeat_ms=ev.min_repeat_ms)
-        res = timer(*args, out)
-    finally:
-        if cpu:
-            _tvm.set_num_threads(prev)
-    raw = tuple(float(r) * 1e6 for r in res.results)
-    log.debug("%s %s %s: %.1f us", lx.name, kern.impl, spec.shape_key, statistics.median(raw))
-    return LayerLatency(
-        layer=lx.name, impl=kern.impl, target=target, median_us=float(statistics.median(raw)),
-        raw_us=raw, threads=used, batch=batch, M=spec.M, K=spec.K, N=spec.N,
-        max_abs_err=err, target_str=kern.target_str, isa=tinfo.isa)
+    tinfo = _local_target(target)
+    prep = prepare_kernel(build_layer(lx, batch, target, params), lx, tinfo, x)
+    return time_kernel(prep, lx, tinfo, ev=ev, threads=threads, target=target)
 
 
 @dataclass(frozen=True)
@@ -372,9 +422,7 @@ def check_layer(lx: LayerExport, *, batch: int = 1, target: str,
     tinfo = _tvm.target_info(target) if target in _tvm.KNOWN_TARGETS else None
     kern = build_layer(lx, batch, target)
     if tinfo is not None and tinfo.local:
-        _k, a, args, out = _prepare(lx, batch, target, x)
-        kern.func(*args, out)
-        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(kern.spec))
+        err = prepare_kernel(kern, lx, tinfo, x).max_abs_err
         where = "cuda:0" if tinfo.family == "cuda" else "cpu"
         return LayerCheck(lx.name, kern.impl, target, "built and verified", err, kern.build_s,
                           where)
@@ -414,7 +462,7 @@ def fp32_weight(lx: LayerExport) -> np.ndarray:
 
     Example:
         >>> import dataclasses
-        >>> from ternbench.methods._base import LayerExport
+        >>> from ternbench.core.export import LayerExport
         >>> lx = LayerExport("l", "linear", "ternary", np.array([[1, -1]], np.int8),
         ...                  np.array([[0.5]], np.float32), 2, None, "ternary", 2, 1.0, 2, 1,
         ...                  weight_offset=np.array([0.25], np.float32))

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.fx
+from ternbench.core.reference import export_activation
 from torch import Tensor, nn
 
 from . import _tvm
 from .measure import build_layer
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
     from .ops import Kernel
 
@@ -129,11 +130,8 @@ class TvmLayer(nn.Module):
             return a if a.is_contiguous() else a.contiguous()
         if lx.act_mode == "fp32":
             a = x.to(torch.float32)
-        elif lx.act_mode == "ternary":  # same comparison, in the input's dtype, as the export
-            a = (torch.sign(x) * (x.abs() > lx.act_threshold)).to(torch.int8)
-        else:  # float32 division, half-to-even rounding: exactly ActQuantizer
-            q = lx.act_qmax
-            a = torch.clamp(torch.round(x / lx.act_scale), -q, q).to(torch.int8)
+        else:  # the export's rule in the input's dtype (float32: exactly as ActQuantizer)
+            a = export_activation(lx, x).to(torch.int8)
         if lx.op == "conv2d":
             a = a.permute(0, 2, 3, 1)  # a channels-last tensor gives a contiguous NHWC view
         else:
@@ -245,7 +243,7 @@ def compile_model(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch
     whose kernels can quantize while packing (:attr:`.ops.GemmSpec.pixel_bits`) take the float
     input directly (no quantize pass in torch).
     """
-    from ternbench.methods._layers import swap_layers
+    from ternbench.methods import swap_layers
 
     m = copy.deepcopy(graph).eval()
     missing: list[str] = []

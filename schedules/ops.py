@@ -49,7 +49,7 @@ import numpy as np
 from . import _tvm
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "UnsupportedLayerError",

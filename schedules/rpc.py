@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ternbench.methods._base import ConfigError
+from ternbench.core.errors import ConfigError
 
 from . import _tvm, cross, measure, ops
 from .measure import EvaluatorCfg, LayerLatency
 
 if TYPE_CHECKING:
     import torch
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = ["RpcEndpoint", "measure_layer_rpc", "SERVER_HINT", "RPC_FAMILIES"]
 

@@ -13,7 +13,11 @@ parameters: op, GEMM geometry (M, K, N, G, gs, padding, conv geometry), activati
 weight layout, target string, rule name, a fingerprint of the rule's plan/schedule code and
 the TVM version; each point is stored per (params, threads) with its median µs.
 :func:`cached_params` returns the best stored point of a shape, which
-:func:`ternbench.schedules.measure.build_layer` uses when no params are given.
+:func:`ternbench.schedules.measure.build_layer` uses when no params are given. The cache
+itself lives in :mod:`.tuning_cache` (below both this module and ``measure``, which therefore
+do not import each other in a circle); its names are re-exported here. Building, checking and
+timing a kernel are :func:`.measure.prepare_kernel` and :func:`.measure.time_kernel`, the same
+code ``measure_layer`` runs.
 
 Tier 2 (:func:`tune_metaschedule`, opt-in, minutes to hours): TVM's MetaSchedule on a
 single-producer workload (``t2_decoded``: decode stage -> int32 GEMM -> scale epilogue;
@@ -29,20 +33,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
-import functools
-import hashlib
-import inspect
 import json
 import logging
-import math
 import os
-import statistics
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,11 +46,33 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import _tvm, measure, ops
-from .measure import EvaluatorCfg, KernelMismatchError, LayerLatency
+from .measure import (
+    EvaluatorCfg,
+    KernelMismatchError,
+    LayerLatency,
+    PreparedKernel,
+    prepare_kernel,
+    time_kernel,
+)
 from .ops import Params, Rule
+from .tuning_cache import (  # the cache is re-exported: tuning.cached_params, ...
+    _MEMO,  # noqa: F401  (tests clear it)
+    _PARAM_DEPENDENT,
+    _TILE_FIELDS,
+    FORMAT,
+    PointResult,
+    _read,
+    _store,
+    cache_path,
+    cached_params,
+    key_digest,
+    point_id,
+    tuning_dir,
+    tuning_key,
+)
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "FORMAT",
@@ -78,280 +96,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: bump when the cache layout or the meaning of a key changes (old files then simply miss)
-FORMAT = 1
 #: evaluator of the search: short, since only the ranking of the points matters
 SEARCH_EV = EvaluatorCfg(number=5, repeat=5, min_repeat_ms=10)
-#: GemmSpec fields that come from the tile parameters (everything else is the shape)
-_TILE_FIELDS = ("nb", "mb", "m_task")
-_PARAM_DEPENDENT = frozenset({*_TILE_FIELDS, "Np"})
-_STATUSES = ("ok", "failed", "mismatch")
-
-
-def tuning_dir() -> Path:
-    """Folder of the search cache.
-
-    Same root as :func:`ternbench.bench.cache.cache_dir` (``$TERNBENCH_CACHE``, else
-    ``$XDG_CACHE_HOME/ternbench``, else ``~/.cache/ternbench``), plus ``tuning/``; resolved
-    here rather than imported, since ``ternbench.bench`` depends on the schedules, not the
-    other way round.
-    """
-    env = os.environ.get("TERNBENCH_CACHE")
-    if env:
-        root = Path(env).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "ternbench"
-    return root / "tuning"
-
-
-# ----------------------------------------------------------------------------- keys
-
-
-@functools.cache
-def _code_fingerprint(*funcs: Any) -> str:
-    """Short hash of the source of a rule's plan/schedule functions: editing a schedule makes
-    its old timings miss instead of steering the new code."""
-    h = hashlib.sha256()
-    for f in funcs:
-        try:
-            src = inspect.getsource(f)
-        except (OSError, TypeError):  # no source (built-in, REPL): the qualified name
-            src = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
-        h.update(src.encode())
-    return h.hexdigest()[:16]
-
-
-def tuning_key(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo) -> dict[str, Any]:
-    """Everything that decides ``rule``'s kernel for ``lx`` at ``batch`` except the tile
-    parameters (JSON-able; its hash names the cache file).
-
-    The shape part is the rule's :class:`~.ops.GemmSpec` at its default point without the tile
-    fields (``nb``, ``mb``, ``m_task``, and ``Np``, which follows ``nb``).
-    """
-    spec = rule.plan(lx, batch, tinfo, dict(rule.default_params))
-    shape = {k: v for k, v in dataclasses.asdict(spec).items() if k not in _PARAM_DEPENDENT}
-    shape["M"] = spec.M
-    return {
-        "format": FORMAT,
-        "op": spec.op,
-        "shape": json.loads(json.dumps(shape)),  # tuples -> lists, as they come back from disk
-        "act_mode": lx.act_mode,
-        "weight_format": lx.weight_format,
-        "target": tinfo.target_str,
-        "rule": rule.name,
-        "code": _code_fingerprint(rule.plan, rule.schedule),
-        "tvm": _tvm.tvm_version() or "unknown",
-    }
-
-
-def key_digest(key: Mapping[str, Any]) -> str:
-    """Stable 20-hex digest of a key (sorted JSON)."""
-    blob = json.dumps(key, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def cache_path(key: Mapping[str, Any]) -> Path:
-    """``tuning_dir() / <rule>-<digest>.json``."""
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in str(key["rule"]))
-    return tuning_dir() / f"{safe}-{key_digest(key)}.json"
-
-
-def point_id(params: Params, threads: int) -> str:
-    """Identity of one measured point: its params (sorted JSON) and the thread count."""
-    p = json.dumps({k: int(v) for k, v in params.items()}, sort_keys=True, separators=(",", ":"))
-    return f"{p}@{int(threads)}t"
-
-
-# ----------------------------------------------------------------------------- cache files
-
-
-@dataclass(frozen=True)
-class PointResult:
-    """One grid point of one shape: ``status`` ``ok`` (timed), ``failed`` (plan, schedule or
-    build raised: ``why``) or ``mismatch`` (built but disagreed with the reference)."""
-
-    params: dict[str, int]
-    threads: int
-    status: str
-    median_us: float | None = None
-    tiles: dict[str, int] | None = None  # the spec's (nb, mb, m_task): equal tiles = one kernel
-    build_s: float | None = None
-    max_abs_err: float | None = None
-    why: str = ""
-    when: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Any) -> PointResult:
-        if not isinstance(d, dict):
-            raise ValueError(f"point is {type(d).__name__}, not an object")
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not {"params", "threads", "status"} <= set(d) or set(d) - names:
-            raise ValueError(f"point has fields {sorted(d)}")
-        if d["status"] not in _STATUSES or not isinstance(d["params"], dict):
-            raise ValueError(f"bad point {d!r}")
-        med = d.get("median_us")
-        if d["status"] == "ok" and not (isinstance(med, int | float) and math.isfinite(med)
-                                        and med > 0):
-            raise ValueError(f"ok point without a positive median: {d!r}")
-        return cls(**{**d, "params": {str(k): int(v) for k, v in d["params"].items()},
-                      "threads": int(d["threads"])})
-
-
-def _read(path: Path, key: Mapping[str, Any]) -> dict[str, PointResult]:
-    """The points stored for ``key`` (empty when the file is missing; a corrupt or foreign file
-    is ignored with a warning and will be overwritten by the next search)."""
-    try:
-        raw = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        log.warning("ignoring unreadable tuning cache %s: %s", path, exc)
-        return {}
-    try:
-        doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ValueError("not a tuning cache file of this format")
-        if doc.get("key") != json.loads(json.dumps(dict(key))):
-            raise ValueError("its key differs from the expected one")
-        pts = [PointResult.from_json(p) for p in doc.get("points", [])]
-    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        log.warning("ignoring corrupt tuning cache %s: %s", path, exc)
-        return {}
-    return {point_id(p.params, p.threads): p for p in pts}
-
-
-_MEMO: dict[Path, tuple[tuple[int, int], dict[str, PointResult]]] = {}
-
-
-def _read_memo(path: Path, key: Mapping[str, Any]) -> dict[str, PointResult]:
-    """:func:`_read`, remembered per (mtime, size): build_layer asks on every build."""
-    try:
-        st = path.stat()
-    except OSError:
-        return {}
-    stamp = (st.st_mtime_ns, st.st_size)
-    hit = _MEMO.get(path)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    pts = _read(path, key)
-    _MEMO[path] = (stamp, pts)
-    return pts
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Exclusive lock on ``<path>.lock`` (POSIX), so concurrent searches merge their points."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX: last writer wins
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _store(path: Path, key: Mapping[str, Any], new: Mapping[str, PointResult]) -> None:
-    """Merge ``new`` into the file (re-read under the lock) and replace it atomically."""
-    with _locked(path):
-        pts = {**_read(path, key), **new}
-        doc = {"format": FORMAT, "key": dict(key),
-               "points": [p.to_json() for p in pts.values()]}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(doc, fh, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    _MEMO.pop(path, None)
-
-
-def _in_grid(params: Mapping[str, int], rule: Rule) -> bool:
-    return any({k: int(v) for k, v in g.items()} == dict(params) for g in rule.grid)
-
-
-def cached_params(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo,
-                  threads: int | None = None) -> Params | None:
-    """Best cached grid point of ``rule`` for this shape, or None (no search result yet).
-
-    Only points still in the rule's grid count. ``threads``: the points measured with that
-    thread count; by default those of 1 thread, else of the smallest count searched. Never
-    raises: a layer the rule cannot plan simply has no cached point.
-    """
-    try:
-        key = tuning_key(rule, lx, batch, tinfo)
-    except Exception as exc:  # the build that follows raises the real error
-        log.debug("no tuning key for %s/%s: %s", rule.name, lx.name, exc)
-        return None
-    ok = [p for p in _read_memo(cache_path(key), key).values()
-          if p.status == "ok" and _in_grid(p.params, rule)]
-    if not ok:
-        return None
-    counts = {p.threads for p in ok}
-    want = threads if threads is not None else (1 if 1 in counts else min(counts))
-    pts = [p for p in ok if p.threads == want]
-    if not pts:
-        return None
-    best = min(pts, key=lambda p: float(p.median_us))  # type: ignore[arg-type]
-    return dict(best.params)
 
 
 # ----------------------------------------------------------------------------- measuring
 
 
-@dataclass
-class PreparedKernel:
-    """A built kernel with its runtime arguments, already checked against the reference.
-
-    ``nbytes`` is the data a call must move at least: kernel input, weight arguments (packed
-    weights, scales, bias) and the float32 output.
-    """
-
-    kernel: ops.Kernel
-    a: np.ndarray
-    args: list[Any]
-    out: Any
-    max_abs_err: float
-    nbytes: int
-
-    def __call__(self) -> None:
-        self.kernel.func(*self.args, self.out)
-
-
-def prepare_kernel(kern: ops.Kernel, lx: LayerExport, tinfo: _tvm.TargetInfo) -> PreparedKernel:
-    """Runtime arguments for ``kern`` (seeded input), one run, and the reference check.
-
-    Raises :class:`~.measure.KernelMismatchError` when the output disagrees with
-    :func:`~.measure.reference_output`; a kernel that fails here is never timed.
-    """
-    if not tinfo.local:
-        raise RuntimeError(f"target {tinfo.name!r} does not run in this process")
-    tvm = _tvm.require_tvm()
-    dev = tvm.cuda(0) if tinfo.family == "cuda" else tvm.cpu(0)
-    a = measure.kernel_input(lx, kern.spec)
-    weights = kern.pack(lx)
-    args = [tvm.runtime.tensor(v, dev) for v in (a, *weights)]
-    out = tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev)
-    kern.func(*args, out)
-    err = measure._check(lx.name, kern.impl, out.numpy(), measure.reference_output(lx, a),
-                         measure._rtol(kern.spec))
-    nbytes = a.nbytes + sum(w.nbytes for w in weights) + kern.spec.M * kern.spec.N * 4
-    return PreparedKernel(kern, a, args, out, err, int(nbytes))
-
-
 def prepare_rule(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo,
                  params: Params | None = None) -> PreparedKernel:
     """Build ``rule``'s kernel for ``lx`` (``params`` None: the cached best point, else the
-    rule's default), then :func:`prepare_kernel`."""
+    rule's default), then :func:`~.measure.prepare_kernel` (seeded input, checked)."""
     if params is None:
         params = cached_params(rule, lx, batch, tinfo)
     return prepare_kernel(rule.build(lx, batch, tinfo, params), lx, tinfo)
@@ -363,25 +118,7 @@ def measure_rule(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo
     """:func:`~.measure.measure_layer` for an explicit rule and grid point: build, check against
     the reference, then time with ``time_evaluator`` on ``threads`` threads."""
     prep = prepare_rule(rule, lx, batch, tinfo, params)
-    kern, spec = prep.kernel, prep.kernel.spec
-    tvm = _tvm.require_tvm()
-    dev = tvm.cuda(0) if tinfo.family == "cuda" else tvm.cpu(0)
-    cpu = tinfo.family != "cuda"
-    prev = _tvm.num_threads()
-    try:
-        used = _tvm.set_num_threads(threads) if cpu else 0
-        timer = kern.module.time_evaluator("main", dev, number=ev.number, repeat=ev.repeat,
-                                           min_repeat_ms=ev.min_repeat_ms)
-        res = timer(*prep.args, prep.out)
-    finally:
-        if cpu:
-            _tvm.set_num_threads(prev)
-    raw = tuple(float(r) * 1e6 for r in res.results)
-    lat = LayerLatency(layer=lx.name, impl=kern.impl, target=tinfo.name,
-                       median_us=float(statistics.median(raw)), raw_us=raw, threads=used,
-                       batch=batch, M=spec.M, K=spec.K, N=spec.N, max_abs_err=prep.max_abs_err,
-                       target_str=kern.target_str)
-    return lat, kern
+    return time_kernel(prep, lx, tinfo, ev=ev, threads=threads), prep.kernel
 
 
 # ----------------------------------------------------------------------------- the search

@@ -34,7 +34,7 @@ from .generic import finish_tensorized, fuse_epilogue, schedule_blocked, schedul
 from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
-    from ternbench.methods._base import LayerExport
+    from ternbench.core.export import LayerExport
 
 __all__ = [
     "rules",

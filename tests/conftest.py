@@ -112,7 +112,7 @@ def cnn() -> nn.Module:
 def tiny_profile():
     """A profile small enough for end-to-end tests (FP32 baseline: 1 epoch on 1024 images)."""
     from ternbench.bench.config import PROFILES, Profile
-    from ternbench.bench.train import TrainCfg
+    from ternbench.core.train import TrainCfg
 
     prof = Profile(
         name="tiny",

@@ -11,9 +11,9 @@ from ternbench.bench.results import (
     SCHEMA_VERSION,
     ResultStore,
     SchemaMismatchError,
-    atomic_write_bytes,
     make_row,
 )
+from ternbench.core.files import atomic_write as atomic_write_bytes
 from ternbench.methods import ConfigError, UnknownMethodError
 
 

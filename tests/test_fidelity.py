@@ -12,7 +12,7 @@ from ternbench.bench import runner, tasks
 from ternbench.bench.config import PROFILES, BenchConfig, ConfigError
 from ternbench.bench.models import create_model, model_for_block
 from ternbench.bench.runner import cell_device, degraded_reason, plan
-from ternbench.bench.train import curve_converged, eval_steps
+from ternbench.core.train import curve_converged, eval_steps
 from ternbench.methods import create_method, get_method_info
 
 

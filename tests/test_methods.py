@@ -9,6 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from ternbench.core.export_io import (
+    exports_to_bytes,
+    load_exports,
+    pack_ternary,
+    save_exports,
+    unpack_ternary,
+)
 from ternbench.methods import (
     ConfigError,
     QuantContext,
@@ -18,13 +25,6 @@ from ternbench.methods import (
     summarize_cost,
 )
 from ternbench.methods._deploy import deploy, layer_parity, max_logit_diff
-from ternbench.methods._export_io import (
-    exports_to_bytes,
-    load_exports,
-    pack_ternary,
-    save_exports,
-    unpack_ternary,
-)
 from ternbench.methods._ternarize import ternarize_exact, ternarize_rows, ternarize_twn
 
 

@@ -26,7 +26,7 @@ from ternbench.bench.cache import (
     shipped_dir,
 )
 from ternbench.bench.models import create_model, list_models
-from ternbench.bench.train import (
+from ternbench.core.train import (
     TrainCfg,
     TrainingDivergedError,
     evaluate,

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_cnn
-from ternbench.bench.train import TrainingDivergedError
+from ternbench.core.train import TrainingDivergedError
 from ternbench.methods import ConfigError, QuantContext, create_method
 from ternbench.methods._deploy import max_logit_diff
 from ternbench.methods._layers import QuantConv2d, swap_layers
@@ -299,7 +299,7 @@ def test_info_ledger_and_zero_budget() -> None:
 def test_training_lowers_the_loss(name: str, ratio: float, min_correct: int) -> None:
     """Measured (seeds 0-2): TTN-RE loss ratio 0.31-0.40 and 243-251/256 held-out correct;
     TTQ (FP first/last, only two ternary convs) ratio 0.03-0.83."""
-    from ternbench.bench.train import evaluate
+    from ternbench.core.train import evaluate
 
     torch.manual_seed(0)
     fp = tiny_cnn(classes=2).eval()

@@ -23,7 +23,7 @@ from ternbench.bench.data import (
     load_dataset,
     stratified_indices,
 )
-from ternbench.bench.train import TrainCfg
+from ternbench.core.train import TrainCfg
 
 
 def write_cifar(root: Path, seed: int, n_train: int = 64, n_test: int = 32,

@@ -1,4 +1,5 @@
-"""Save and load the deployable form as ``.npz`` (arrays + a JSON header; never pickle).
+"""The export file format: ``exports/<key>.npz`` (arrays + a JSON header; never pickle), and the
+non-GEMM state that rebuilds a whole model (``exports/<key>.graph.safetensors``).
 
 Ternary codes are stored 2-bit packed (4 per byte), which is also the storage the effective-bits
 figure counts.
@@ -15,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ._base import LayerExport
+from .export import LayerExport
+from .files import atomic_write
 
 __all__ = [
     "pack_ternary", "unpack_ternary", "save_exports", "load_exports", "exports_to_bytes",
@@ -76,9 +78,7 @@ def exports_to_bytes(exports: Mapping[str, LayerExport]) -> bytes:
 
 
 def save_exports(path: str | Path, exports: Mapping[str, LayerExport]) -> None:
-    from ternbench.bench.results import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), exports_to_bytes(exports))
+    atomic_write(path, exports_to_bytes(exports))
 
 
 def load_exports(path: str | Path) -> dict[str, LayerExport]:
