@@ -146,7 +146,7 @@ def test_preact_models_are_fx_traceable() -> None:
 
 
 def test_plateau_rule_drops_the_lr_then_stops_and_restores_the_best() -> None:
-    from ternbench.bench.train import PlateauRule, TrainCfg
+    from ternbench.core.train import PlateauRule, TrainCfg
 
     cfg = TrainCfg(schedule="plateau", val_fraction=0.1, plateau_patience=2, plateau_decays=1,
                    plateau_min_delta=0.5)
@@ -169,7 +169,7 @@ def test_plateau_rule_drops_the_lr_then_stops_and_restores_the_best() -> None:
 @needs_fashion
 def test_plateau_training_stops_before_its_cap_and_keys_keep_other_recipes() -> None:
     from ternbench.bench.cache import _hold_out, baseline_key
-    from ternbench.bench.train import TrainCfg, train
+    from ternbench.core.train import TrainCfg, train
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 8, generator=g)
