@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .kernels import KernelShape, _git_describe, select_shapes, synthetic_layer
+from .kernels import KernelShape, select_shapes, synthetic_layer
+from .kernels.env import _git_describe
 
 __all__ = ["gpu_unavailable_reason", "measure_gpu_bandwidth", "run_kernels_cuda"]
 

@@ -175,7 +175,7 @@ def test_corrupted_weights_are_caught_under_qemu(qemu, monkeypatch):
         args[0].flat[0] ^= 0b11  # one 2-bit code changes
         return args
 
-    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    monkeypatch.setattr(ops.packing, "pack_weight_args", corrupt)
     with pytest.raises(KernelMismatchError, match="bad_arm"):
         measure.check_layer(lx, target="arm")
 

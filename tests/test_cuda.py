@@ -215,7 +215,7 @@ def test_compile_kernel_reports_compiler_errors(nvrtc, monkeypatch):
     lx, batch, _name = _layer("linear_b1")
     kern = measure.build_layer(lx, batch, "cuda")
     src = cuda.kernel_source(kern)
-    monkeypatch.setattr(cuda, "kernel_source",
+    monkeypatch.setattr(cuda.nvrtc, "kernel_source",
                         lambda k: src.replace("__global__", "__global__ garbage_token", 1))
     with pytest.raises(RuntimeError, match="garbage_token"):
         cuda.compile_kernel(kern)

@@ -186,7 +186,7 @@ def test_wrong_kernel_is_reported_not_timed(tmp_path, monkeypatch):
             args[0].flat[0] ^= 0b11
         return args
 
-    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    monkeypatch.setattr(ops.packing, "pack_weight_args", corrupt)
     res = kernels.run_kernels(tmp_path / "k", shapes=TINY[1:], batches=(1,), quick=True,
                               act_modes=("int8",), progress=False)
     df = res.frame

@@ -438,7 +438,7 @@ def test_mismatch_raises_for_corrupted_kernel_weights(tvm_mod, monkeypatch):
         args[0].flat[0] ^= 0b11  # one 2-bit code (or int8 weight) changes
         return args
 
-    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    monkeypatch.setattr(ops.packing, "pack_weight_args", corrupt)
     with pytest.raises(KernelMismatchError, match="bad_kernel"):
         measure_layer(lx, ev=EV)
 
@@ -611,7 +611,7 @@ def test_ternary_mismatch_raises(tvm_mod, monkeypatch):
         args[1].flat[0] ^= np.uint64(0xFFFF)  # flip 16 sign bits: some nonzero codes flip
         return args
 
-    monkeypatch.setattr(ops, "pack_weight_args", corrupt)
+    monkeypatch.setattr(ops.packing, "pack_weight_args", corrupt)
     with pytest.raises(KernelMismatchError, match="bad_tt"):
         measure_layer(lx, ev=EV)
 

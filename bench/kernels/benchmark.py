@@ -1,0 +1,221 @@
+"""The benchmark run (:func:`run_kernels`): per (shape, batch) build and check every impl,
+calibrate and time them interleaved round by round, then write the CSV and the summary."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .env import _cpu_name, _git_describe, configure_env, measure_bandwidth
+from .impls import _Impl, _quiet_torch_quant, _torch_fp32_impl, _torch_int8_impl, _tvm_impl
+from .layers import ACT_MODES, synthetic_layer
+from .output import COLUMNS, _markdown, _rows
+from .shapes import KernelShape, select_shapes
+
+log = logging.getLogger(__name__)
+
+#: interleaved rounds and minimum duration of one timing sample (normal / --quick)
+ROUNDS, QUICK_ROUNDS = 15, 3
+SAMPLE_S, QUICK_SAMPLE_S = 0.02, 0.002
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@dataclass(frozen=True)
+class KernelsResult:
+    """Outcome of :func:`run_kernels`: the rows (a pandas DataFrame), the files, the
+    failures (``(shape, batch, impl, error)``) and the bandwidth used."""
+
+    frame: Any
+    csv_path: Path
+    md_path: Path
+    failures: tuple[tuple[str, int, str, str], ...]
+    bandwidth_gbs: float
+
+
+def _calibrate(run_n: Callable[[int], float], min_s: float) -> int:
+    """Calls per sample so that one sample lasts at least ``min_s`` (also the warm-up)."""
+    n = 1
+    while True:
+        per = max(run_n(n), 1e-9)
+        if per * n >= min_s or n >= 1 << 22:
+            return n
+        n = min(1 << 22, max(2 * n, math.ceil(1.2 * min_s / per)))
+
+
+def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[str],
+           tinfo: Any, tune: bool, tune_points: int | None, tune_budget_s: float | None,
+           ms_trials: int, generic: bool, failures: list[tuple[str, int, str, str]],
+           pbar: Any, group_sizes: Sequence[int] = ()) -> list[_Impl]:
+    """Prepare (build + check) every impl of one (shape, batch); failures become noted rows."""
+    from ternbench.schedules import generic as gen_mod
+    from ternbench.schedules import measure, tuning
+
+    tvm = _import_tvm()
+    dev = tvm.cpu(0)
+    impls: list[_Impl] = []
+
+    def attempt(impl: str, act_mode: str, backend: str, make: Callable[[], _Impl]) -> None:
+        pbar.set_postfix_str(f"{shape.name} b{batch} {impl}", refresh=True)
+        try:
+            impls.append(make())
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}"
+            log.error("%s batch %d %s failed: %s", shape.name, batch, impl, msg)
+            failures.append((shape.label, batch, impl, msg))
+            impls.append(_Impl(impl=impl, act_mode=act_mode, backend=backend,
+                               note=f"failed: {msg}"[:500]))
+
+    def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None
+                 ) -> Callable[[], _Impl]:
+        def make() -> _Impl:
+            if tune and len(rule.grid) > 1:
+                tuning.search(lx, batch, tinfo.name, rule=rule, threads=threads,
+                              max_points=tune_points, budget_s=tune_budget_s)
+            prep = tuning.prepare_rule(rule, lx, batch, tinfo)
+            return _tvm_impl(prep, act_mode, rule.name, dev, impl)
+
+        return make
+
+    dense = {"fp32": synthetic_layer(shape, "fp32", "fp32"),
+             "int8": synthetic_layer(shape, "int8", "int8")}
+    attempt("torch_fp32", "fp32", "torch", lambda: _torch_fp32_impl(dense["fp32"], batch, threads))
+    attempt("torch_int8", "int8", "torch", lambda: _torch_int8_impl(dense["fp32"], batch))
+    for mode in ("fp32", "int8"):
+        lx = dense[mode]
+        rule = measure.select_rule(lx, tinfo)
+        attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
+    gen = {r.name: r for r in gen_mod.rules()}
+    for mode in act_modes:
+        lx = synthetic_layer(shape, "ternary", mode)
+        rule = measure.select_rule(lx, tinfo)
+        attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
+        if generic:
+            g = gen["generic.t2" if mode == "int8" else "generic.tt_popc"]
+            if g.name != rule.name:
+                attempt(g.impl_for(lx), mode, "tvm", tvm_case(lx, mode, g))
+        if ms_trials:
+            def make_ms(lx: Any = lx, mode: str = mode) -> _Impl:
+                kern = tuning.tune_metaschedule(lx, batch, tinfo.name, trials=ms_trials,
+                                                threads=threads)
+                return _tvm_impl(tuning.prepare_kernel(kern, lx, tinfo), mode,
+                                 "metaschedule", dev)
+
+            attempt("tvm_metaschedule", mode, "tvm", make_ms)
+    for gs in group_sizes:  # FGQ: one scale per group of gs weights, int8 activations
+        lx = synthetic_layer(shape, "ternary", "int8", group_size=gs)
+        rule = measure.select_rule(lx, tinfo)
+        name = f"{rule.impl_for(lx)}_g{gs}"
+        attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
+    return impls
+
+
+def _import_tvm() -> Any:
+    from ternbench import schedules
+
+    return schedules.require_tvm()
+
+
+def _time_group(impls: list[_Impl], *, threads: int, rounds: int, min_s: float) -> None:
+    """Calibrate, then time all impls interleaved: each round takes one sample of each, in a
+    rotating order (no impl always runs right after the same neighbour)."""
+    import torch
+    from ternbench import schedules
+
+    live = [i for i in impls if i.run_n is not None]
+    prev_torch, prev_tvm = torch.get_num_threads(), schedules.num_threads()
+    try:
+        torch.set_num_threads(threads)
+        tvm_used = schedules.set_num_threads(threads)
+        with _quiet_torch_quant(), torch.inference_mode():
+            for i in live:
+                i.threads = tvm_used if i.backend == "tvm" else torch.get_num_threads()
+                i.number = _calibrate(i.run_n, min_s)  # type: ignore[arg-type]
+            for r in range(rounds):
+                for j in range(len(live)):
+                    i = live[(j + r) % len(live)]
+                    i.samples.append(i.run_n(i.number))  # type: ignore[misc]
+    finally:
+        torch.set_num_threads(prev_torch)
+        schedules.set_num_threads(prev_tvm)
+
+
+def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str] = "all",
+                batches: Sequence[int] = (1, 64), act_modes: Sequence[str] = ACT_MODES,
+                tune: bool = False, tune_points: int | None = None,
+                tune_budget_s: float | None = None, metaschedule_trials: int = 0,
+                generic: bool = False, quick: bool = False, rounds: int | None = None,
+                layers: Sequence[str] | None = None, shapes: Sequence[KernelShape] | None = None,
+                progress: bool | None = None, group_sizes: Sequence[int] = ()) -> KernelsResult:
+    """Run the kernel benchmark into ``out`` (``kernels.csv``, ``kernels.md``).
+
+    ``layers`` keeps the layers matching a pattern (see :func:`select_shapes`); ``shapes``
+    overrides ``suites`` and ``layers`` (any :class:`KernelShape`); ``tune`` runs the cached grid
+    search (:func:`ternbench.schedules.tuning.search`, ``tune_points`` / ``tune_budget_s``
+    per rule and shape) before building; ``metaschedule_trials`` > 0 adds the MetaSchedule
+    baseline for int8 activations. ``group_sizes``: also the int8-activation ternary kernel
+    with FGQ group scales of each size (impl ``<impl>_g<N>``). ``quick``: 3 rounds of >= 2 ms
+    samples and a smaller bandwidth buffer (tests, CI). Failed impls are rows with an empty
+    time and a ``note``.
+    """
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    bad = [b for b in batches if int(b) < 1]
+    if bad or not batches:
+        raise ValueError(f"batches must be >= 1, got {list(batches)}")
+    bad_modes = [m for m in act_modes if m not in ACT_MODES]
+    if bad_modes:
+        raise ValueError(f"act modes must be among {ACT_MODES}, got {bad_modes}")
+    for note in configure_env(threads):
+        log.warning(note)
+    from ternbench import schedules
+
+    shapes = list(shapes) if shapes is not None else select_shapes(suites, layers)
+    n_rounds = rounds or (QUICK_ROUNDS if quick else ROUNDS)
+    min_s = QUICK_SAMPLE_S if quick else SAMPLE_S
+    tinfo = schedules.target_info("x86")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bw = measure_bandwidth(quick)
+    log.info("1-thread read bandwidth %.1f GB/s; %d shapes x %d batches, %d thread(s)", bw,
+             len(shapes), len(batches), threads)
+    prov = {"tvm_version": schedules.tvm_version() or "", "torch_version": torch.__version__,
+            "cpu": f"{_cpu_name()} ({tinfo.mcpu})", "isa": tinfo.isa, "git": _git_describe()}
+    rows: list[dict[str, Any]] = []
+    failures: list[tuple[str, int, str, str]] = []
+    groups = [(s, int(b)) for s in shapes for b in batches]
+    show = (sys.stderr.isatty() if progress is None else progress)
+    with tqdm(groups, desc="kernels", unit="shape", disable=not show) as pbar:
+        for done, (shape, batch) in enumerate(pbar, 1):
+            impls = _group(shape, batch, threads=threads, act_modes=act_modes, tinfo=tinfo,
+                           tune=tune, tune_points=tune_points, tune_budget_s=tune_budget_s,
+                           ms_trials=metaschedule_trials, generic=generic, failures=failures,
+                           pbar=pbar, group_sizes=group_sizes)
+            pbar.set_postfix_str(f"{shape.name} b{batch} timing", refresh=True)
+            _time_group(impls, threads=threads, rounds=n_rounds, min_s=min_s)
+            rows += _rows(shape, batch, impls, bandwidth_gbs=bw, rounds=n_rounds, prov=prov)
+            if not show:  # no bar (not a terminal): one line per shape instead
+                # (a disabled bar does not count: pbar.n stays 0)
+                log.info("[%d/%d] %s batch %d: %d impls timed", done, len(groups),
+                         shape.name, batch, sum(1 for i in impls if i.samples))
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    csv_path, md_path = out / "kernels.csv", out / "kernels.md"
+    df.to_csv(csv_path, index=False)
+    meta = {"when": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "threads": threads, "bandwidth_gbs": bw, "rounds": n_rounds, **prov}
+    md_path.write_text(_markdown(df, meta))
+    log.info("wrote %s and %s (%d rows, %d failed)", csv_path, md_path, len(df), len(failures))
+    return KernelsResult(frame=df, csv_path=csv_path, md_path=md_path,
+                         failures=tuple(failures), bandwidth_gbs=bw)
+

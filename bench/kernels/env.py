@@ -1,0 +1,101 @@
+"""The measuring environment: thread-pool variables, DRAM read bandwidth and the provenance
+(CPU name, git checkout) recorded with every row."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- environment
+
+
+def configure_env(threads: int) -> list[str]:
+    """Thread-pool environment for benchmarking TVM and torch in one process.
+
+    Both pools spin-wait by default and fight over the cores when calls alternate
+    (``shared/notes/tvm.md`` §7): sets ``TVM_THREAD_POOL_SPIN_COUNT=0``,
+    ``OMP_WAIT_POLICY=PASSIVE`` and a ``TVM_NUM_THREADS`` bound of at least ``threads``
+    (unless already set). They only act when set before the libraries load; returns a note for
+    each one that came too late (the CLI logs them: export them in the shell instead).
+    """
+    notes = []
+    wanted = {"TVM_THREAD_POOL_SPIN_COUNT": ("0", "tvm"), "OMP_WAIT_POLICY": ("PASSIVE", "torch"),
+              "TVM_NUM_THREADS": (str(max(threads, os.cpu_count() or 1)), "tvm")}
+    for var, (value, lib) in wanted.items():
+        if var in os.environ:
+            continue
+        if lib in sys.modules:
+            if var != "OMP_WAIT_POLICY" or threads > 1:  # one thread: no pool to spin
+                notes.append(f"{var}={value} not applied ({lib} already imported); export it "
+                             "before starting ternbench")
+            continue
+        os.environ[var] = value
+    return notes
+
+
+def _l3_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), 32 MiB when unknown."""
+    best = 0
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            txt = (d / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        with contextlib.suppress(ValueError):
+            best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best or 32 << 20
+
+
+def measure_bandwidth(quick: bool = False) -> float:
+    """Single-thread DRAM read bandwidth in GB/s: median over repeats of ``torch.sum`` of a
+    float32 buffer larger than the last-level cache (2x in quick mode, else max(4x, 256 MiB))."""
+    import torch
+
+    l3 = _l3_bytes()
+    nbytes = 2 * l3 if quick else max(4 * l3, 256 << 20)
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        buf.sum()  # page in
+        ts = []
+        for _ in range(3 if quick else 11):
+            t = time.perf_counter()
+            buf.sum()
+            ts.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(prev)
+    return nbytes / float(np.median(ts)) / 1e9
+
+
+@functools.cache
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return name
+
+
+@functools.cache
+def _git_describe() -> str:
+    """``git describe --always --dirty`` of the source checkout, '' outside one."""
+    src = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty",
+                              "--abbrev=12"], capture_output=True, text=True, timeout=5,
+                             check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return res.stdout.strip() if res.returncode == 0 else ""

@@ -1,0 +1,96 @@
+"""Compute definitions (TE) and weight packing (numpy) shared by every target's schedules.
+
+Every exported layer is lowered to one *grouped GEMM* with an optional input stage::
+
+    A[m, k]       = im2col(X)[m, k]  (conv, NHWC, padding inlined)  |  X[m, k]  (linear)
+    acc[m, g, n]  = sum_{kk < gs} A[m, g*gs + kk] * W[n, g*gs + kk]          (exact integer)
+    out[m, n]     = sum_g S[n, g] * acc[m, g, n] + bias[n]
+
+with ``S = scales * act_scale`` folded on the host (one float32 rounding). ``M = batch*Ho*Wo``,
+``K = fan_in`` in the export's (C, kh, kw) order, ``N = out_channels``. The output is float32
+``[M, N]``, i.e. NHWC for convs. Weight layouts (K and N are padded with zero weights, so
+padding never changes the result):
+
+* ``t2_avx2``: 2-bit unsigned codes ``u = w + 1``, tile ``[Np/8, Kp/16, 32]`` (an 8n x 4k int8
+  tile per 32 bytes after one shift+mask). The x86 kernel feeds ``vpmaddubsw`` with *unsigned*
+  activations ``a + 128`` and signed decoded weights, so the correction ``128 * sum_k w`` is a
+  weight-only constant ``Cw[g, n]`` (passed like the scales, which this layout takes
+  group-major, ``S[g, n]``, so a tile's scales are one vector load) and the epilogue has a single
+  producer, which lets it be fused under the group loop.
+* ``t2_blocked``: 2-bit two's-complement codes, 4 per byte, ``[Np/NB, Kp/4, NB]`` (portable
+  inline decode, vectorised over n).
+* ``t2_decoded``: the ``t2_blocked`` bytes, decoded once per tile into a float32 (or int32)
+  ``W_dec [Np/NB, Kp, NB]`` stage that feeds the blocked dense GEMM (weight-only ternary layers
+  with float activations).
+* ``dense_blocked``: int8 or float32 ``[Np/NB, Kp, NB]``.
+* ``tt_planes`` (ternary activations *and* weights): mask/sign bit-planes, uint64
+  ``[Np/NB, KW, NB]`` each, ``KW = Kp / 64``; every group is zero-padded to whole 64-bit words
+  (``gsp = Kp / G`` bits), so a word never straddles two groups. The activations are packed at
+  run time by the kernel itself (stage ``A_bits [M, KW, 2]``) and a group's dot product is
+  ``popc(am & wm) - 2 * popc(am & wm & (as ^ ws))``. The affine terms of RTN-style offsets are
+  added in the epilogue (see :func:`tt_compute`).
+
+Nothing here imports tvm at module import time.
+
+Modules (one job each; every public name is re-exported here, ``ternbench.schedules.ops.X``):
+:mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
+description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
+definitions), :mod:`.rules` (:class:`Rule`, :class:`Kernel` and the kernel cache).
+"""
+
+from __future__ import annotations
+
+from .compute import gemm_compute, tt_compute
+from .packing import (
+    AVX2_ACT_OFFSET,
+    AVX2_TILE_K,
+    AVX2_TILE_N,
+    AVX512_TILE_N,
+    TT_WORD,
+    group_code_sums,
+    pack_dense_blocked,
+    pack_planes,
+    pack_t2_avx2,
+    pack_t2_blocked,
+    pack_weight_args,
+    tt_affine_terms,
+)
+from .rules import Kernel, Rule, clear_kernel_cache, kernel_cache_size
+from .spec import (
+    GemmSpec,
+    Params,
+    UnsupportedLayerError,
+    WeightLayout,
+    layer_geometry,
+    plan_gemm,
+    tile_kwargs,
+)
+
+__all__ = [
+    "UnsupportedLayerError",
+    "GemmSpec",
+    "Rule",
+    "Kernel",
+    "pack_t2_avx2",
+    "pack_t2_blocked",
+    "pack_dense_blocked",
+    "group_code_sums",
+    "layer_geometry",
+    "plan_gemm",
+    "pack_weight_args",
+    "gemm_compute",
+    "tt_compute",
+    "pack_planes",
+    "tt_affine_terms",
+    "kernel_cache_size",
+    "clear_kernel_cache",
+    "Params",
+    "tile_kwargs",
+    # the layouts and their tile constants (module attributes of the former single module)
+    "WeightLayout",
+    "AVX2_TILE_N",
+    "AVX512_TILE_N",
+    "AVX2_TILE_K",
+    "AVX2_ACT_OFFSET",
+    "TT_WORD",
+]

@@ -1,0 +1,342 @@
+"""The TE compute definitions: a :class:`.GemmSpec` as a PrimFunc (the grouped GEMM with its
+input stage and epilogue, the ternary x ternary popcount GEMM), before any schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import _tvm
+from .packing import AVX2_ACT_OFFSET, TT_WORD
+
+if TYPE_CHECKING:
+    from .spec import GemmSpec
+
+
+# ----------------------------------------------------------------------------- TE compute
+
+
+def _source_col(spec: GemmSpec, k: Any) -> tuple[Any, Any]:
+    """(fan-in index read for A column ``k``, validity predicate or None).
+
+    Columns past ``K`` are zeros; so are, for ``tt_planes`` with several groups, the columns
+    that pad each group of ``gs`` to ``gsp`` bits.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    k_, kp = spec.K, spec.Kp
+    if spec.layout == "tt_planes" and spec.G > 1 and spec.gsp != spec.gs:
+        g, kk = k // spec.gsp, k % spec.gsp
+        src = g * spec.gs + kk
+        return te.min(src, k_ - 1), tirx.all(kk < spec.gs, src < k_)
+    if kp == k_:
+        return k, None
+    return te.min(k, k_ - 1), k < k_
+
+
+def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
+    """``A_in [M, Kp]`` of a conv: a padded copy ``X_pad`` (bounds checks once per pixel,
+    contiguous over C) when the conv pads, then a gather with affine indices only.
+
+    ``shift`` (the AVX2 int8 -> uint8 offset) is applied in the first stage that copies data.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    c, h, w = spec.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    src = x
+    if ph or pw:
+        def pad(b: Any, y: Any, z: Any, ch: Any) -> Any:
+            inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
+            v = tirx.if_then_else(
+                inb, x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w - 1), 0), ch],
+                tirx.const(0, x.dtype))
+            return shift(v) if shift else v
+
+        src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
+
+    def col(m: Any, k: Any) -> Any:
+        kk, valid = _source_col(spec, k)
+        b, r = m // (ho * wo), m % (ho * wo)
+        if spec.k_order == "cij":  # the export's fan-in order (C, kh, kw)
+            ch, i, j = kk // (kh * kw), (kk // kw) % kh, kk % kw
+        else:  # (kh, kw, C): contiguous runs of C in NHWC
+            i, j, ch = kk // (kw * c), (kk // c) % kw, kk % c
+        v = src[b, (r // wo) * sh + i, (r % wo) * sw + j, ch]
+        if shift and src is x:
+            v = shift(v)
+        if valid is not None:
+            v = tirx.if_then_else(valid, v, tirx.const(0, v.dtype))
+        return v
+
+    return te.compute((spec.M, spec.Kp), col, name="A_in")
+
+
+def gemm_compute(spec: GemmSpec) -> Any:
+    """PrimFunc ``main(X, *weights, S, bias, out)`` for ``spec`` (see module docstring).
+
+    Block names the schedules rely on: ``A_in`` (input stage, absent for an unpadded linear
+    that needs no shift), ``W_dec`` (AVX2 decode, or the ``t2_decoded`` decode to the
+    accumulator type), ``acc`` (grouped GEMM), ``ep`` (scale epilogue, reduction over groups)
+    and ``out`` (bias). ``tt_planes`` specs get :func:`tt_compute`.
+    """
+    if spec.layout == "tt_planes":
+        return tt_compute(spec)
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    m_, kp, g_, gs, np_ = spec.M, spec.Kp, spec.G, spec.gs, spec.Np
+    x = te.placeholder(spec.input_shape, spec.act_dtype, name="X")
+    avx2 = spec.layout == "t2_avx2"
+
+    def shifted(v: Any) -> Any:
+        # int8 a -> uint8 a + 128 for vpmaddubsw's unsigned operand (padding 0 -> 128 is
+        # consistent with the weight-side correction, which counts every k of a group)
+        return (v.astype("int16") + AVX2_ACT_OFFSET).astype("uint8")
+
+    a = _input_stage(spec, x, shifted if avx2 else None)
+    assert a.dtype == ("uint8" if avx2 else spec.act_dtype)
+
+    # t2_avx2 takes S and Cw group-major ([G, Np]): the epilogue under the group loop then
+    # loads a tile's scales as one contiguous vector (an [Np, G] row per channel was a
+    # G-strided gather per group: FGQ N=4 ran below torch FP32)
+    s = te.placeholder((g_, np_) if avx2 else (np_, g_), "float32", name="S")
+    bias = te.placeholder((np_,), "float32", name="bias")
+    kk = te.reduce_axis((0, gs), "kk")
+    acc_t = spec.acc_dtype
+    if avx2:
+        tn = spec.tile_n
+        wp = te.placeholder((np_ // tn, kp // 16, 4 * tn), "uint8", name="Wp")
+        cw = te.placeholder((g_, np_), "int32", name="Cw")
+        w_args = [wp, cw]
+        # decoded signed codes laid out [N/T, K/4, T, 4]: each T n x 4k tile is 4T contiguous
+        # bytes (a strided sub-region would silently tensorize wrong)
+        wd = te.compute(
+            (np_ // tn, kp // 4, tn, 4),
+            lambda nb, kq, ni, ki: (
+                (wp[nb, kq // 4, ni * 4 + ki] >> ((kq % 4) * 2).astype("uint8"))
+                & tirx.const(3, "uint8")
+            ).astype("int8") - tirx.const(1, "int8"),
+            name="W_dec",
+        )
+        q = gs // 4
+        acc = te.compute(
+            (m_, g_, np_),
+            lambda m, g, n: te.sum(
+                a[m, g * gs + kk].astype("int32")
+                * wd[n // tn, g * q + kk // 4, n % tn, kk % 4].astype("int32"),
+                axis=kk),
+            name="acc")
+
+        def term(m: Any, g: Any, n: Any) -> Any:
+            return s[g, n] * (acc[m, g, n] - cw[g, n]).astype("float32")
+    else:
+        if spec.layout in ("t2_blocked", "t2_decoded"):
+            wp = te.placeholder((np_ // spec.nb, kp // 4, spec.nb), "uint8", name="Wp")
+
+            def decode(nb: Any, k: Any, ni: Any) -> Any:
+                byte = wp[nb, k // 4, ni].astype("int32")
+                if spec.layout == "t2_decoded":
+                    # field to the top bits, arithmetic shift back: sign-extended in 2 ops
+                    return ((byte << (30 - (k % 4) * 2)) >> 30).astype(acc_t)
+                code = (byte >> ((k % 4) * 2)) & 3
+                return (code - ((code & 2) << 1)).astype(acc_t)  # two's complement 2-bit
+
+            if spec.layout == "t2_blocked":  # decoded inline, in the GEMM's inner loop
+                def weight(n: Any, k: Any) -> Any:
+                    return decode(n // spec.nb, k, n % spec.nb)
+            else:  # decoded into a dense [N/NB, Kp, NB] stage the schedule places per tile
+                wd = te.compute((np_ // spec.nb, kp, spec.nb), decode, name="W_dec")
+
+                def weight(n: Any, k: Any) -> Any:
+                    return wd[n // spec.nb, k, n % spec.nb]
+        else:
+            wp = te.placeholder((np_ // spec.nb, kp, spec.nb), spec.w_dtype, name="W")
+
+            def weight(n: Any, k: Any) -> Any:
+                return wp[n // spec.nb, k, n % spec.nb].astype(acc_t)
+
+        w_args = [wp]
+        acc = te.compute(
+            (m_, g_, np_),
+            lambda m, g, n: te.sum(a[m, g * gs + kk].astype(acc_t) * weight(n, g * gs + kk),
+                                   axis=kk),
+            name="acc")
+
+        def term(m: Any, g: Any, n: Any) -> Any:
+            return s[n, g] * acc[m, g, n].astype("float32")
+
+    gr = te.reduce_axis((0, g_), "g")
+    ep = te.compute((m_, np_), lambda m, n: te.sum(term(m, gr, n), axis=gr), name="ep")
+    out = te.compute((m_, spec.N), lambda m, n: ep[m, n] + bias[n], name="out")
+    return te.create_prim_func([x, *w_args, s, bias, out])
+
+
+def _input_stage(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
+    """``A [M, Kp]``: the ``A_in`` stage (im2col, K padding, shift), or ``X`` itself."""
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    if spec.op == "conv2d":
+        return _im2col(spec, x, shift)
+    if not spec.has_input_stage:
+        return x
+
+    def row(m: Any, k: Any) -> Any:
+        src, valid = _source_col(spec, k)
+        v = x[m, src]
+        if valid is not None:
+            v = tirx.if_then_else(valid, v, tirx.const(0, x.dtype))
+        return shift(v) if shift else v
+
+    return te.compute((spec.M, spec.Kp), row, name="A_in")
+
+
+def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> Any:
+    """``A_bits [M, KW, 2]`` of a :attr:`GemmSpec.pixel_bits` conv: ``X_bits`` packs each
+    (padded) input pixel once; ``A_bits`` gathers words.
+
+    * ``C % 64 == 0``: ``X_bits [B, Hp, Wp, C/64, 2]``; word ``w`` of row ``m`` is tap
+      ``(i, j) = divmod(w // (C/64), kw)`` and channel word ``w % (C/64)``.
+    * ``64 % C == 0`` (CIFAR-size layers, 8-32 channels): ``X_bits [B, Hp, Wp, 1, 2]`` holds the
+      C bits of a pixel; in (kh, kw, C) order a word is ``T = 64 / C`` consecutive taps, so
+      word ``w`` is ``sum_t X_bits[tap w*T + t] << (t*C)`` (disjoint bits: the sum is an OR;
+      taps past kh*kw are the zero padding of ``Kp``). An explicit sum, not a reduction block,
+      so ``A_bits`` stays a plain gather that a GPU schedule can inline.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    c, h, w_ = spec.in_shape
+    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    small = c < TT_WORD
+    cw = 1 if small else c // TT_WORD
+    jc = te.reduce_axis((0, c), "jc") if small else j
+
+    def xbits(b: Any, y: Any, z: Any, q: Any, s: Any) -> Any:
+        inb = tirx.all(y >= ph, y < h + ph, z >= pw, z < w_ + pw)
+        v = x[b, te.max(te.min(y - ph, h - 1), 0), te.max(te.min(z - pw, w_ - 1), 0),
+              jc if small else q * TT_WORD + j]
+        return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s, jc)
+
+    xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
+
+    def pixel(m: Any, tap: Any, q: Any, s: Any) -> Any:
+        b, r = m // (ho * wo), m % (ho * wo)
+        return xb[b, (r // wo) * sh + tap // kw, (r % wo) * sw + tap % kw, q, s]
+
+    def gather(m: Any, w: Any, s: Any) -> Any:
+        if not small:
+            return pixel(m, w // cw, w % cw, s)
+        per = TT_WORD // c
+        v = None
+        for t in range(min(per, kh * kw)):  # a word never holds more taps than the kernel
+            tap = w * per + t
+            part = tirx.if_then_else(
+                tap < kh * kw, pixel(m, te.min(tap, kh * kw - 1), 0, s),
+                tirx.const(0, "uint64")) << tirx.const(t * c, "uint64")
+            v = part if v is None else v | part
+        return v
+
+    return te.compute((spec.M, spec.words, 2), gather, name="A_bits")
+
+
+def tt_compute(spec: GemmSpec) -> Any:
+    """PrimFunc ``main(X, Wm, Ws, [Bw], [Tw], S, bias, out)`` of a ``tt_planes`` spec.
+
+    ``X`` holds ternary activation codes (int8, NHWC or [B, F]). Blocks::
+
+        A_in  [M, Kp]     im2col / group padding (zeros = no bit), as for the other layouts
+        A_bits[M, KW, 2]  uint64 mask (s=0: a != 0) and sign (s=1: a < 0) planes
+        acc   [M, G, Np]  sum_q popc(am & wm) - 2 popc(am & wm & (as ^ ws))   (int32, exact)
+        ep    [M, Np]     sum_g S[n, g] * acc                                   (S = α scales)
+        asum  [M]         sum_k a = sum_q popc(am) - 2 popc(am & as)            (w_off only)
+        out   [M, N]      ep + bias [+ Bw[n] * asum] [+ sum of Tw[t, n] over the kernel taps
+                          t inside the image (border only, inline)]
+
+    The affine terms follow :func:`tt_affine_terms`; a padded tap is a zero in ``A_in`` (no
+    bit) and outside the image for ``corr``, so it contributes nothing, offsets included.
+    """
+    tvm = _tvm.require_tvm()
+    te, tirx = tvm.te, tvm.tirx
+    m_, g_, np_, nb, kw_ = spec.M, spec.G, spec.Np, spec.nb, spec.words
+    q_per_g = spec.gsp // TT_WORD
+    if spec.float_in and not (spec.pixel_bits and spec.threshold >= 0):
+        raise ValueError("float_in needs a pixel_bits conv and a threshold >= 0")
+    x = te.placeholder(spec.input_shape, "float32" if spec.float_in else "int8", name="X")
+    j = te.reduce_axis((0, TT_WORD), "j")
+
+    def word(v: Any, s: Any, axis: Any = j) -> Any:
+        if spec.float_in:  # code(x) = sign(x) [|x| > t]: nonzero iff |x| > t, -1 iff x < -t
+            t = tirx.const(spec.threshold, "float32")
+            bit = tirx.Select(s == 0, tirx.abs(v) > t, v < -t)
+        else:
+            bit = tirx.Select(s == 0, v != tirx.const(0, "int8"), v < tirx.const(0, "int8"))
+        # disjoint bits: the sum is an OR
+        return te.sum(bit.astype("uint64") << axis.astype("uint64"), axis=axis)
+
+    if spec.pixel_bits:
+        planes = _pixel_planes(spec, x, word, j)
+    else:
+        a = _input_stage(spec, x, None)
+        planes = te.compute((m_, kw_, 2), lambda m, w, s: word(a[m, w * TT_WORD + j], s),
+                            name="A_bits")
+    wm = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Wm")
+    ws = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Ws")
+
+    def popc(v: Any) -> Any:
+        return tirx.popcount(v).astype("int32")
+
+    q = te.reduce_axis((0, q_per_g), "q")
+
+    def dot(m: Any, g: Any, n: Any) -> Any:
+        w = g * q_per_g + q
+        nz = planes[m, w, 0] & wm[n // nb, w, n % nb]
+        neg = nz & (planes[m, w, 1] ^ ws[n // nb, w, n % nb])
+        return te.sum(popc(nz) - (popc(neg) << 1), axis=q)
+
+    acc = te.compute((m_, g_, np_), dot, name="acc")
+    s = te.placeholder((np_, g_), "float32", name="S")
+    bias = te.placeholder((np_,), "float32", name="bias")
+    gr = te.reduce_axis((0, g_), "g")
+    ep = te.compute((m_, np_), lambda m, n: te.sum(
+        s[n, gr] * acc[m, gr, n].astype("float32"), axis=gr), name="ep")
+    extra_args: list[Any] = []
+    terms: list[Callable[[Any, Any], Any]] = []
+    if spec.w_off:
+        bw = te.placeholder((np_,), "float32", name="Bw")
+        qa = te.reduce_axis((0, kw_), "qa")
+        asum = te.compute((m_,), lambda m: te.sum(
+            popc(planes[m, qa, 0]) - (popc(planes[m, qa, 0] & planes[m, qa, 1]) << 1),
+            axis=qa), name="asum")
+        extra_args.append(bw)
+        terms.append(lambda m, n: bw[n] * asum[m].astype("float32"))
+    if spec.border:
+        c, h, w_ = spec.in_shape
+        (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
+        ho, wo = spec.out_hw
+        tw = te.placeholder((kh * kw, np_), "float32", name="Tw")
+
+        def corr(m: Any, n: Any) -> Any:
+            # an explicit sum over the kh*kw taps, not a reduction block: `out` keeps a single
+            # producer stage (ep), so it can still be fused under the GEMM's row-tile loop
+            r = m % (ho * wo)
+            oy, ox = (r // wo) * sh - ph, (r % wo) * sw - pw
+            v = None
+            for i in range(kh):
+                for jj in range(kw):
+                    inside = tirx.all(oy + i >= 0, oy + i < h, ox + jj >= 0, ox + jj < w_)
+                    tap = tirx.Select(inside, tw[i * kw + jj, n], tirx.const(0.0, "float32"))
+                    v = tap if v is None else v + tap
+            return v
+
+        extra_args.append(tw)
+        terms.append(corr)
+
+    def out_f(m: Any, n: Any) -> Any:
+        v = ep[m, n] + bias[n]
+        for term in terms:
+            v = v + term(m, n)
+        return v
+
+    out = te.compute((m_, spec.N), out_f, name="out")
+    return te.create_prim_func([x, wm, ws, *extra_args, s, bias, out])

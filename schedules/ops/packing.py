@@ -1,0 +1,211 @@
+"""Weight packing (numpy): a layer's codes and scales into the runtime arguments of a kernel,
+in each layout of the package docstring, with the layouts' tile constants."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ternbench.core.export import LayerExport
+
+    from .spec import GemmSpec
+
+#: the 2-bit AVX2 tile: 8 output channels x 16 reduction elements in 32 bytes (AVX-512: 16
+#: output channels in 64 bytes, :data:`AVX512_TILE_N`)
+AVX2_TILE_N = 8
+AVX512_TILE_N = 16
+AVX2_TILE_K = 16
+#: the unsigned activation offset of the AVX2 path (int8 a -> uint8 a + 128)
+AVX2_ACT_OFFSET = 128
+#: bits per activation/weight plane word of the ternary x ternary kernel
+TT_WORD = 64
+
+
+# ----------------------------------------------------------------------------- packing (numpy)
+
+
+def _pad2(w: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    out = np.zeros((rows, cols), dtype=w.dtype)
+    out[: w.shape[0], : w.shape[1]] = w
+    return out
+
+
+def _check_ternary(codes: np.ndarray) -> None:
+    if codes.size and (codes.min() < -1 or codes.max() > 1):
+        raise ValueError(
+            f"ternary codes must be in {{-1, 0, 1}}, got [{codes.min()}, {codes.max()}]")
+
+
+def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int, tile_n: int = AVX2_TILE_N) -> np.ndarray:
+    """Ternary codes [N, K] -> uint8 [Np/T, Kp/16, 4T] for the x86 kernels (T = ``tile_n``: 8
+    for 256-bit tiles, 16 for AVX-512's 512-bit ones).
+
+    Byte ``ni*4 + ki`` of tile ``(nb, kb)`` holds ``u = w + 1`` of output ``nb*T + ni`` and
+    inputs ``k = kb*16 + r*4 + ki`` at bits ``2r`` (r = 0..3), so one ``>> 2r & 3`` yields the
+    contiguous T n x 4k tile. Zero padding to (Np, Kp).
+
+    Example:
+        >>> w = np.zeros((8, 16), np.int8); w[0, 0] = 1
+        >>> p = pack_t2_avx2(w, 8, 16); p.shape, int(p[0, 0, 0]), int(p[0, 0, 1])
+        ((1, 1, 32), 86, 85)
+    """
+    _check_ternary(codes)
+    t = int(tile_n)
+    if np_ % t or kp % AVX2_TILE_K:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of ({t}, 16)")
+    u = (_pad2(codes.astype(np.int8), np_, kp).astype(np.int16) + 1).astype(np.uint8)
+    u = u.reshape(np_ // t, t, kp // 16, 4, 4)  # nb, ni, kb, r, ki
+    u = u.transpose(0, 2, 3, 1, 4).reshape(np_ // t, kp // 16, 4, 4 * t)  # nb, kb, r, (ni, ki)
+    b = u[:, :, 0] | (u[:, :, 1] << 2) | (u[:, :, 2] << 4) | (u[:, :, 3] << 6)
+    return np.ascontiguousarray(b)
+
+
+def pack_t2_blocked(codes: np.ndarray, nb: int, np_: int, kp: int) -> np.ndarray:
+    """Ternary codes [N, K] -> uint8 [Np/nb, Kp/4, nb]: 2-bit two's complement, 4 k per byte.
+
+    Code of ``(n, k)`` sits in byte ``[n // nb, k // 4, n % nb]`` at bits ``2 * (k % 4)``
+    (-1 -> 0b11, 0 -> 0b00, 1 -> 0b01).
+    """
+    _check_ternary(codes)
+    if np_ % nb or kp % 4:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of ({nb}, 4)")
+    c = (_pad2(codes.astype(np.int8), np_, kp).astype(np.int16) & 3).astype(np.uint8)
+    c = c.reshape(np_ // nb, nb, kp // 4, 4)
+    b = c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6)  # [Np/nb, nb, Kp/4]
+    return np.ascontiguousarray(b.transpose(0, 2, 1))
+
+
+def pack_dense_blocked(w: np.ndarray, nb: int, np_: int, kp: int, dtype: str) -> np.ndarray:
+    """Dense weights [N, K] -> [Np/nb, Kp, nb] of ``dtype`` (int8 or float32), zero padded."""
+    if np_ % nb:
+        raise ValueError(f"padded N={np_} must be a multiple of {nb}")
+    p = _pad2(w.astype(dtype), np_, kp)
+    return np.ascontiguousarray(p.reshape(np_ // nb, nb, kp).transpose(0, 2, 1))
+
+
+def group_code_sums(codes: np.ndarray, groups: int, gs: int, np_: int) -> np.ndarray:
+    """int32 [Np, G]: ``sum`` of the codes of each (output, group), zero rows for padding."""
+    n = codes.shape[0]
+    k = groups * gs
+    c = _pad2(codes.astype(np.int32), n, k) if codes.shape[1] < k else codes.astype(np.int32)
+    s = c[:, :k].reshape(n, groups, gs).sum(axis=2, dtype=np.int64).astype(np.int32)
+    return _pad2(s, np_, groups)
+
+
+def _group_padded(codes: np.ndarray, groups: int, gs: int, gsp: int) -> np.ndarray:
+    """[N, K] -> [N, G * gsp]: group ``g`` (``gs`` codes, the last one maybe partial) starts at
+    column ``g * gsp``; the gap up to the next group is zeros."""
+    n, k = codes.shape
+    c = _pad2(codes, n, groups * gs).reshape(n, groups, gs)
+    out = np.zeros((n, groups, gsp), dtype=codes.dtype)
+    out[:, :, :gs] = c
+    return out.reshape(n, groups * gsp)
+
+
+def _bits_to_u64(bits: np.ndarray) -> np.ndarray:
+    """bool [..., 64 * W] -> uint64 [..., W]: bit ``j`` of word ``q`` is ``bits[..., 64q + j]``."""
+    b = bits.reshape(*bits.shape[:-1], -1, TT_WORD).astype(np.uint64)
+    return np.bitwise_or.reduce(b << np.arange(TT_WORD, dtype=np.uint64), axis=-1)
+
+
+def pack_planes(codes: np.ndarray, groups: int, gs: int, gsp: int, nb: int, np_: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary codes [N, K] -> (mask, sign) uint64 ``[Np/nb, G*gsp/64, nb]`` bit-planes.
+
+    ``mask`` has a bit where the code is nonzero, ``sign`` where it is -1. Each group is
+    zero-padded to ``gsp`` (a multiple of 64) bits and rows to ``Np``; padding bits are 0 in
+    both planes, so they never contribute to a dot product.
+
+    Example:
+        >>> m, s = pack_planes(np.array([[1, -1, 0]], np.int8), 1, 3, 64, 1, 1)
+        >>> int(m[0, 0, 0]), int(s[0, 0, 0])
+        (3, 2)
+    """
+    _check_ternary(codes)
+    if gsp % TT_WORD or gsp < gs or np_ % nb:
+        raise ValueError(f"bad plane geometry gs={gs} gsp={gsp} nb={nb} Np={np_}")
+    c = _pad2(_group_padded(codes.astype(np.int8), groups, gs, gsp), np_, groups * gsp)
+    planes = []
+    for bits in (c != 0, c < 0):
+        p = _bits_to_u64(bits)  # [Np, KW]
+        planes.append(np.ascontiguousarray(
+            p.reshape(np_ // nb, nb, p.shape[1]).transpose(0, 2, 1)))
+    return planes[0], planes[1]
+
+
+def tt_affine_terms(lx: LayerExport, spec: GemmSpec) -> dict[str, np.ndarray]:
+    """Host-side float64 parts of the affine (offset) terms of a ternary-activation layer.
+
+    With ``x_q = α a + β_a`` on valid taps (0 on padded ones) and ``w = s c + β_w``::
+
+        y = α Σ_g s_g dot_g + α β_w Σ_valid a + β_a Σ_valid (s c + β_w) + bias
+
+    Returns float32 arrays: ``Bw [Np] = α β_w`` (times the run-time ``Σ a``, kernel input
+    ``Bw`` when ``spec.w_off``); ``Tw [kh*kw, Np]``, the ``β_a`` term per kernel tap summed over
+    channels (kernel input when ``spec.border``: the kernel sums the taps that are inside the
+    image); and ``bias [Np]`` with the ``β_a`` term folded in when every tap is always valid
+    (linear layers, unpadded convs).
+    """
+    n, k = spec.N, spec.K
+    alpha, beta_a = float(lx.act_scale), float(lx.act_offset)
+    beta_w = (np.zeros(n) if lx.weight_offset is None
+              else np.asarray(lx.weight_offset, dtype=np.float64).reshape(n))
+    deq = lx.dequantized_weight().astype(np.float64)  # codes * scales: exact in float32
+    taps = spec.kernel[0] * spec.kernel[1] if spec.op == "conv2d" else 1
+    c = k // taps
+    # per-tap sums over channels, in the export's (C, kh, kw) order
+    tw = beta_a * (deq.reshape(n, c, taps).sum(axis=1) + beta_w[:, None] * c)  # [N, taps]
+    bias = np.zeros(spec.Np)
+    if lx.bias is not None:
+        bias[:n] = np.asarray(lx.bias, dtype=np.float64)
+    if not spec.border:  # every tap of every output is valid: a per-channel constant
+        bias[:n] += tw.sum(axis=1)
+    bw = np.zeros(spec.Np)
+    bw[:n] = alpha * beta_w
+    return {"Bw": bw.astype(np.float32), "Tw": _pad2(tw.T, taps, spec.Np).astype(np.float32),
+            "bias": bias.astype(np.float32)}
+
+
+
+def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
+    """Runtime weight arguments of a kernel, in PrimFunc order: weights (+ Cw), S, bias."""
+    codes = np.asarray(lx.codes)
+    if spec.op == "conv2d" and spec.k_order == "ijc":
+        c, kh, kw = spec.in_shape[0], *spec.kernel
+        codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
+    if spec.layout == "tt_planes":
+        return _pack_tt_args(spec, lx, codes)
+    if spec.layout == "t2_avx2":
+        w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp, spec.tile_n),
+                  np.ascontiguousarray(
+                      (AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)).T)]
+    elif spec.layout in ("t2_blocked", "t2_decoded"):
+        w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
+    else:
+        w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
+    scales = np.asarray(lx.scales, dtype=np.float64)
+    if lx.weight_format == "fp32":  # the codes are the weights; scales are ones by contract
+        scales = np.ones((spec.N, spec.G))
+    act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
+    s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
+    if spec.layout == "t2_avx2":  # group-major (see gemm_compute)
+        s = np.ascontiguousarray(s.T)
+    bias = np.zeros(spec.Np, np.float32)
+    if lx.bias is not None:
+        bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
+    return [*w_args, s, bias]
+
+
+def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray) -> list[np.ndarray]:
+    """``tt_planes`` arguments: Wm, Ws, [Bw], [Tw], S, bias (see :func:`tt_compute`)."""
+    wm, ws = pack_planes(codes, spec.G, spec.gs, spec.gsp, spec.nb, spec.Np)
+    terms = tt_affine_terms(lx, spec)
+    s = np.asarray(lx.scales, dtype=np.float64) * float(lx.act_scale)
+    args = [wm, ws]
+    if spec.w_off:
+        args.append(terms["Bw"])
+    if spec.border:
+        args.append(terms["Tw"])
+    return [*args, _pad2(s.astype(np.float32), spec.Np, spec.G), terms["bias"]]

@@ -1,0 +1,259 @@
+"""The GEMM description: :class:`GemmSpec` (everything that determines one compiled kernel)
+and :func:`plan_gemm`, which turns an exported layer into one for a layout and tile sizes."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
+
+if TYPE_CHECKING:
+    from ternbench.core.export import LayerExport
+
+WeightLayout = Literal["t2_avx2", "t2_blocked", "t2_decoded", "dense_blocked", "tt_planes"]
+
+
+class UnsupportedLayerError(NotImplementedError):
+    """The layer's weight format / activation mode has no kernel (e.g. int16 activations)."""
+
+
+# ----------------------------------------------------------------------------- GEMM description
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """Everything that determines one compiled kernel (weights are runtime arguments).
+
+    Equal specs (same shapes, group size, layout, tiles) share one build across layers and
+    methods. ``gs`` is the reduction length per group, ``G * gs <= Kp`` (the A-matrix width).
+    """
+
+    op: Literal["conv2d", "linear"]
+    batch: int
+    in_shape: tuple[int, ...]  # (C, H, W) or (F,)
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    out_hw: tuple[int, int]
+    k_order: Literal["cij", "ijc"]  # conv reduction order: export (C,kh,kw) or (kh,kw,C)
+    N: int
+    K: int
+    G: int
+    gs: int
+    Kp: int
+    Np: int
+    act_dtype: Literal["int8", "float32"]
+    layout: WeightLayout
+    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    nb: int  # output channels per parallel task / register tile
+    mb: int  # rows per register tile
+    m_task: int  # register tiles per parallel task
+    # ternary activations (``tt_planes``) with offsets: which affine terms the kernel computes
+    w_off: bool = False  # weight offset: + Bw[n] * sum_k a[m, k]
+    border: bool = False  # act offset on a padded conv: + sum over in-image taps of Tw[t, n]
+    affine: bool = False  # any offset (the epilogue then rounds like a float GEMM)
+    #: ``pixel_bits`` convs of a whole model: X is the layer's float32 input and the kernel
+    #: quantizes it while packing (``|x| > threshold`` / ``x < -threshold``, in float32 as the
+    #: fake-quant graph compares), so no separate quantize pass runs in torch
+    float_in: bool = False
+    threshold: float = 0.0
+    #: ``t2_avx2`` tile width in output channels: 8 (a 256-bit 8n x 4k int8 tile) or 16 (a
+    #: 512-bit 16n x 4k tile for AVX-512 VNNI ``vpdpbusd zmm``)
+    tile_n: int = 8
+
+    @property
+    def M(self) -> int:
+        return self.batch * self.out_hw[0] * self.out_hw[1]
+
+    @property
+    def gsp(self) -> int:
+        """Padded length of one group along ``Kp`` (``tt_planes``: a multiple of 64)."""
+        return self.Kp // self.G
+
+    @property
+    def words(self) -> int:
+        """uint64 words per row of a bit-plane (``tt_planes``)."""
+        return self.Kp // TT_WORD
+
+    @property
+    def acc_dtype(self) -> str:
+        if self.act_dtype == "int8" and self.w_dtype != "float32":
+            return "int32"
+        return "float32"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Kernel input: NHWC for convs, [batch, F] for linears."""
+        if self.op == "conv2d":
+            c, h, w = self.in_shape
+            return (self.batch, h, w, c)
+        return (self.batch, self.K)
+
+    @property
+    def pixel_bits(self) -> bool:
+        """``tt_planes`` conv whose 64-bit words hold 64 channels of one pixel and kernel tap
+        (C % 64 == 0) or 64/C whole taps (C = 1, 2, ..., 32: CIFAR-size layers); one group,
+        (kh, kw, C) order: the bit-planes are packed once per input pixel (``X_bits``) and
+        gathered word by word, instead of packing the kh*kw times larger im2col matrix bit by
+        bit."""
+        c = self.in_shape[0]
+        return (self.layout == "tt_planes" and self.op == "conv2d" and self.G == 1
+                and self.k_order == "ijc" and (c % TT_WORD == 0 or TT_WORD % c == 0))
+
+    @property
+    def has_input_stage(self) -> bool:
+        """Whether ``gemm_compute`` materialises an ``A_in`` stage (im2col, pad or shift)."""
+        if self.pixel_bits:
+            return False
+        return self.op == "conv2d" or self.layout == "t2_avx2" or self.Kp != self.K
+
+    @property
+    def shape_key(self) -> str:
+        return f"{self.op} M={self.M} K={self.K} N={self.N} G={self.G}"
+
+
+def layer_geometry(lx: LayerExport) -> tuple[tuple[int, ...], tuple[int, int]]:
+    """Validated per-sample input shape and output (Ho, Wo) of an export."""
+    k = lx.fan_in
+    if lx.codes.ndim != 2 or lx.codes.shape[0] != lx.out_channels:
+        raise ValueError(f"{lx.name}: codes must be [out={lx.out_channels}, fan_in]")
+    if lx.op == "linear":
+        shape = tuple(lx.input_shape) or (k,)
+        if math.prod(shape) != k:
+            raise ValueError(f"{lx.name}: linear input {shape} does not match fan_in {k}")
+        return (k,), (1, 1)
+    if len(lx.input_shape) != 3:
+        raise ValueError(f"{lx.name}: conv2d export needs input_shape (C, H, W), got "
+                         f"{lx.input_shape!r} (run a calibration forward before exporting)")
+    c, h, w = (int(v) for v in lx.input_shape)
+    (kh, kw), (sh, sw), (ph, pw) = lx.kernel_size, lx.stride, lx.padding
+    if c != lx.in_channels or c * kh * kw != k:
+        raise ValueError(f"{lx.name}: C*kh*kw = {c}*{kh}*{kw} does not match fan_in {k}")
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{lx.name}: empty output for input {lx.input_shape}")
+    if tuple(lx.output_hw) != (ho, wo):
+        raise ValueError(f"{lx.name}: output_hw {lx.output_hw} != computed {(ho, wo)}")
+    return (c, h, w), (ho, wo)
+
+
+def _groups(lx: LayerExport) -> tuple[int, int]:
+    """(G, gs) of an export: G = ceil(fan_in / gs); the last group may be partial (the kernels
+    zero-pad K to G * gs, which adds nothing to any sum)."""
+    k, gs = lx.fan_in, int(lx.group_size)
+    if gs < 1:
+        raise ValueError(f"{lx.name}: group_size must be >= 1, got {gs}")
+    g = -(-k // gs)
+    if lx.weight_format != "fp32" and tuple(lx.scales.shape) != (lx.out_channels, g):
+        raise ValueError(f"{lx.name}: scales {lx.scales.shape} != (out, ceil(fan_in / "
+                         f"group_size)) = {(lx.out_channels, g)}")
+    return g, gs
+
+
+def _act_dtype(lx: LayerExport) -> Literal["int8", "float32"]:
+    if lx.act_mode == "int":
+        if not 1 <= lx.act_qmax <= 127:
+            raise UnsupportedLayerError(f"{lx.name}: {lx.act_bits}-bit activations exceed int8")
+        return "int8"
+    if lx.act_mode == "fp32":
+        return "float32"
+    if lx.act_mode == "ternary":  # codes in {-1, 0, 1}, packed into bit-planes by the kernel
+        return "int8"
+    raise UnsupportedLayerError(f"{lx.name}: act_mode {lx.act_mode!r} has no kernel")
+
+
+def _row_tiles(m: int, mb_max: int, rows_per_task: int) -> tuple[int, int]:
+    """(mb, m_task): register-tile rows dividing M and tiles per task (perfect splits only,
+    since tensorize and vectorize refuse predicated loops)."""
+    mb = next(d for d in range(min(mb_max, m), 0, -1) if m % d == 0)
+    tiles = m // mb
+    cap = max(1, rows_per_task // mb)
+    m_task = next(d for d in range(min(cap, tiles), 0, -1) if tiles % d == 0)
+    return mb, m_task
+
+
+def _round_up(v: int, q: int) -> int:
+    return -(-v // q) * q
+
+
+#: one point of a rule's tile-parameter grid (e.g. ``{"nb": 16, "mb": 4, "rows": 64}``)
+Params = Mapping[str, int]
+
+
+def tile_kwargs(params: Params, default: Mapping[str, int]) -> dict[str, int]:
+    """:func:`plan_gemm` tile keywords from a rule's grid point, missing keys from ``default``
+    (both use the grid names ``nb``, ``mb``, ``rows``).
+
+    Example:
+        >>> tile_kwargs({"nb": 8}, {"nb": 16, "mb": 4, "rows": 64})
+        {'nb': 8, 'mb_max': 4, 'rows_per_task': 64}
+    """
+    p = {**default, **params}
+    kw = {"nb": int(p["nb"]), "mb_max": int(p["mb"]), "rows_per_task": int(p["rows"])}
+    if "tn" in p:  # x86 int8-activation tiles: 8 (256-bit) or 16 (512-bit) channels wide
+        kw["tile_n"] = int(p["tn"])
+    return kw
+
+
+def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_max: int,
+              rows_per_task: int, tile_n: int = AVX2_TILE_N) -> GemmSpec:
+    """GEMM view of ``lx`` for a weight layout and tile sizes (padding decided here)."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    in_shape, out_hw = layer_geometry(lx)
+    g, gs = _groups(lx)
+    act = _act_dtype(lx)
+    k, n = lx.fan_in, lx.out_channels
+    if (layout == "tt_planes") != (lx.act_mode == "ternary"):
+        raise ValueError(f"layout {layout} does not fit act_mode {lx.act_mode!r}")
+    if g == 1 or lx.weight_format == "fp32":
+        g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
+    kg = g * gs  # >= K: a partial last group is zero-padded
+    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    if layout == "tt_planes":
+        kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
+        w_dtype = "uint64"
+    elif layout == "t2_avx2":
+        if tile_n not in (AVX2_TILE_N, AVX512_TILE_N):
+            raise ValueError(f"t2_avx2 tiles are 8 or 16 output channels wide, got {tile_n}")
+        if nb % tile_n:
+            raise ValueError(f"t2_avx2 needs nb to be a multiple of {tile_n}")
+        kp = _round_up(kg, AVX2_TILE_K)
+        if g == 1:
+            gs = kp  # one group: the zero padding just joins it
+        elif gs % 4:  # the intrinsic reduces 4 k at a time; padding beyond G*gs is in no group
+            raise ValueError(f"t2_avx2 needs group_size % 4 == 0, got {gs}")
+        w_dtype = "uint8"
+    elif layout in ("t2_blocked", "t2_decoded"):
+        kp, w_dtype = _round_up(kg, 4), "uint8"
+    else:
+        kp = kg
+        w_dtype = "int8" if lx.weight_format == "int8" else "float32"
+    if layout.startswith(("t2", "tt")) and lx.weight_format != "ternary":
+        raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
+    m = batch * out_hw[0] * out_hw[1]
+    mb, m_task = _row_tiles(m, mb_max, rows_per_task)
+    # One group: reduce in (kh, kw, C) order, so im2col copies contiguous channel runs (the
+    # weights are permuted on the host). Several groups must stay contiguous in K, which only
+    # the export's (C, kh, kw) order guarantees.
+    k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and g == 1 else "cij"
+    w_off = border = affine = False
+    if layout == "tt_planes":
+        w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+        a_off = float(lx.act_offset) != 0.0
+        border = a_off and lx.op == "conv2d" and any(tuple(lx.padding))
+        affine = w_off or a_off
+    return GemmSpec(
+        op=lx.op, batch=batch, in_shape=in_shape, kernel=tuple(lx.kernel_size),  # type: ignore[arg-type]
+        stride=tuple(lx.stride), padding=tuple(lx.padding), out_hw=out_hw,  # type: ignore[arg-type]
+        k_order=k_order,
+        N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
+        w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
+        affine=affine, tile_n=tile_n if layout == "t2_avx2" else AVX2_TILE_N,
+    )
+
