@@ -99,7 +99,7 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     import statistics
     import tempfile
 
-    from ternbench.methods import QuantContext, create_method
+    from ternbench.methods import QuantContext, create_method, get_method_info
     from ternbench.schedules import EvaluatorCfg, _tvm, measure_layer
     from ternbench.schedules.artifact import load_artifact, write_artifact
     from ternbench.schedules.graph import build_graph, compile_graph, kernel_sum_timer
@@ -120,8 +120,8 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     x = torch.randn(n_cal, chans, size, size, generator=gen)
     y = torch.randint(0, classes, (n_cal,), generator=gen)
     overrides = dict(method_overrides or {})
-    if method not in ("fp32", "int8", "twn", "fgq", "trn"):
-        overrides.setdefault("epochs", 0)  # QAT methods: latency only, no training
+    if get_method_info(method).trains:
+        overrides.setdefault("epochs", 0)  # training-time methods: latency only, no training
     ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
                        progress=False)
     t0 = time.perf_counter()

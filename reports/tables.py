@@ -42,6 +42,7 @@ __all__ = [
     "load_results",
     "normalize_results",
     "prepare",
+    "reference_method",
     "registry_order",
 ]
 
@@ -74,7 +75,6 @@ TOTAL_LAYER = "__total__"  # layer of the sum-over-layers latency row
 MODEL_LAYER = "__model__"  # layer of the end-to-end (whole deployed model) rows
 TORCH_IMPL = "torch_fp32"  # baseline measured in the same run on the same shapes
 TVM_FP32_IMPL = "tvm_fp32"
-REFERENCE_METHOD = "fp32"  # Δtop1 is measured against this method
 SWEEP_PREFIX = "sweep."
 
 
@@ -237,6 +237,18 @@ def registry_order() -> list[str]:
     except Exception as exc:  # the report must still build without torch / a broken plugin
         log.info("method registry unavailable (%s); ordering methods by name", exc)
         return []
+
+
+def reference_method() -> str:
+    """The registry's reference method (deltas and speed-ups are taken against it), or "" when
+    the registry is unavailable (no deltas then)."""
+    try:
+        from ternbench.methods import reference_method as registered
+
+        return registered() or ""
+    except Exception as exc:  # the report must still build without torch / a broken plugin
+        log.info("method registry unavailable (%s); no reference method", exc)
+        return ""
 
 
 def method_rank(methods: Iterable[str], registry: Sequence[str] | None = None) -> dict[str, int]:
@@ -493,8 +505,9 @@ def _accuracy_table(
         how="left",
     )
 
-    # reference: the first fp32 variant of the same run / model / dataset (subset if possible)
-    ref = wide[wide["method"].eq(REFERENCE_METHOD) & wide["top1"].notna()].sort_values("vid")
+    # reference: the first variant of the registry's reference method (FP32) of the same
+    # run / model / dataset (subset if possible)
+    ref = wide[wide["method"].eq(reference_method()) & wide["top1"].notna()].sort_values("vid")
     exact = ref.drop_duplicates(["run_id", "model", "dataset", "subset"])
     loose = ref.drop_duplicates(["run_id", "model", "dataset"])
     exact_map: dict[Any, Any] = {
@@ -528,7 +541,7 @@ COMPOSITE_IMPL = "tvm"  # the runner's model total over each layer's own TVM ker
 
 
 def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
-    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the fp32 method).
+    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the reference).
 
     A model-total row over the per-layer kernels (impl ``"tvm"``) is the method's figure when
     present: its layers may use different kernels (FGQ's int8 first/last layers).
@@ -538,7 +551,7 @@ def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
         return [COMPOSITE_IMPL]
     tvm = [i for i in impls if i.startswith("tvm_")]
     own = [i for i in tvm if i != TVM_FP32_IMPL]
-    if method == REFERENCE_METHOD or not own:
+    if method == reference_method() or not own:
         return tvm
     return own
 
@@ -612,13 +625,14 @@ def _latency_tables(
     torch_rows = totals[totals["impl"].eq(TORCH_IMPL)]
     torch_own = torch_rows.set_index(["vid", "model", "dataset", "target"])["latency_us"]
     torch_run = torch_rows.groupby(["run_id", "model", "dataset", "target"])["latency_us"].mean()
-    # TVM FP32: the fp32 method's tvm_fp32 kernel of the same run, else the variant's own rows
+    # TVM FP32: the reference method's tvm_fp32 kernel of the same run, else the variant's own
+    ref_method = reference_method()
     tvm32 = totals[
         totals["impl"].eq(TVM_FP32_IMPL)
-        | (totals["method"].eq(REFERENCE_METHOD) & totals["impl"].eq(COMPOSITE_IMPL))
+        | (totals["method"].eq(ref_method) & totals["impl"].eq(COMPOSITE_IMPL))
     ]
     tvm32_ref = (
-        tvm32[tvm32["method"].eq(REFERENCE_METHOD)]
+        tvm32[tvm32["method"].eq(ref_method)]
         .sort_values("vid")
         .drop_duplicates(["run_id", "model", "dataset", "target"])
         .set_index(["run_id", "model", "dataset", "target"])["latency_us"]
