@@ -88,15 +88,13 @@ def eval_artifact_shard(spec: CellSpec, files: dict[str, bytes], indices: np.nda
     from ternbench import schedules
     from ternbench.schedules.artifact import load_artifact
 
-    from .tasks import _test_split
-
     torch.set_num_threads(spec.threads)
     with tempfile.TemporaryDirectory(prefix="ternbench-artifact-") as d:
         for name, data in files.items():
             (Path(d) / name).write_bytes(data)
         art = load_artifact(d)
         schedules.set_num_threads(spec.threads)
-        test = spec.load(_test_split(spec.dataset))
+        test = spec.load(spec.test_split)
         preds, labels = [], []
         step = max(art.batch, 64)
         for i in range(0, len(indices), step):

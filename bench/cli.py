@@ -156,8 +156,9 @@ def _add_kernels_parser(sub: Any) -> None:
                    "ImageNet shapes, resnet18-cifar, resnet20), per --model-methods, as ONE "
                    "TVM module (OUT/artifacts/MODEL-METHOD/) beside torch FP32 eager, torch "
                    "INT8 and ONNX Runtime INT8: OUT/model.csv, OUT/model_layers.csv")
-    k.add_argument("--model-methods", type=_csv, default=["rtn", "sttn", "fgq", "twn"],
-                   metavar="METHODS", help="methods for --whole-model (default: rtn,sttn,fgq,twn)")
+    k.add_argument("--model-methods", type=_csv, default=None, metavar="METHODS",
+                   help="methods for --whole-model (default: the registered whole-model "
+                   "methods: rtn,sttn,fgq,twn)")
     k.add_argument("--model-only", action="store_true",
                    help="with --whole-model: skip the per-shape kernel benchmark")
     k.add_argument("--target", choices=("x86", "cuda"), default="x86",
@@ -206,10 +207,13 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
             print(f"ternbench: error: --whole-model {a.whole_model!r}: choose from "
                   f"{', '.join(WHOLE_MODELS)}", file=sys.stderr)
             return 2
+        from ternbench.methods import whole_model_methods
+
+        model_methods = a.model_methods or whole_model_methods()
         results = [whole_model_latency(a.whole_model, m, threads=a.threads,
                                        repeat=a.rounds or (3 if a.quick else 15),
                                        min_repeat_ms=5.0 if a.quick else 200.0, out=a.out)
-                   for m in a.model_methods]
+                   for m in model_methods]
         mcsv, _ = write_model_results(results, a.out)
         (Path(a.out) / "model.md").write_text(model_markdown(results))
         print(model_markdown(results))
@@ -401,23 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:
-    from ternbench.methods import ConfigError
+    from ternbench.methods import ConfigError, ablations, reference_method
 
-    from .config import ABLATIONS, BenchConfig, merge_sweeps, parse_override, parse_sweep
+    from .config import BenchConfig, merge_sweeps, parse_override, parse_sweep
 
     overrides: dict[str, dict[str, Any]] = {}
     for s in a.sets:
         meth, fld, val = parse_override(s)
         overrides.setdefault(meth, {})[fld] = val
     specs = []
+    known = ablations() if a.ablations else {}
     for name in a.ablations:
-        if name not in ABLATIONS:
+        if name not in known:
             import difflib
 
-            close = difflib.get_close_matches(name, list(ABLATIONS), n=1)
+            close = difflib.get_close_matches(name, list(known), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown ablation {name!r}.{hint} Available: {', '.join(ABLATIONS)}")
-        specs.append(ABLATIONS[name])
+            raise ConfigError(f"unknown ablation {name!r}.{hint} Available: {', '.join(known)}")
+        specs.append(known[name])
     for s in a.sweeps:
         meth, fld, vals = parse_sweep(s)
         specs.append({meth: {fld: vals}})
@@ -456,10 +461,11 @@ def _config_from_args(a: argparse.Namespace) -> Any:
         cfg = BenchConfig.from_toml(a.config, **cli)
     else:
         cfg = BenchConfig(**{k: v for k, v in cli.items() if v is not None})
-    if "fp32" not in cfg.methods:  # deltas and speed-ups are taken against fp32
+    ref = reference_method()
+    if ref is not None and ref not in cfg.methods:  # deltas and speed-ups are taken against it
         import dataclasses
 
-        cfg = dataclasses.replace(cfg, methods=("fp32", *cfg.methods))
+        cfg = dataclasses.replace(cfg, methods=(ref, *cfg.methods))
     return cfg
 
 
@@ -574,9 +580,9 @@ def _cmd_list(a: argparse.Namespace) -> int:
 
         print("\n".join(t for t in list_targets() if fnmatch.fnmatch(t, a.pattern)))
     elif a.what == "ablations":
-        from .config import ABLATIONS
+        from ternbench.methods import ablations
 
-        for k, spec in ABLATIONS.items():
+        for k, spec in ablations().items():
             axes = "; ".join(f"{m}.{f}={','.join(map(str, v))}" for m, d in spec.items()
                              for f, v in d.items())
             print(f"{k:18s} {axes}")

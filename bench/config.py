@@ -18,10 +18,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ternbench.core.train import TrainCfg
-from ternbench.methods import ConfigError, config_from_mapping, get_method_info, list_methods
+from ternbench.methods import (
+    ConfigError,
+    ablations,
+    config_from_mapping,
+    default_methods,
+    get_method_info,
+    list_methods,
+)
 
-__all__ = [
-    "ABLATIONS",
+__all__ = [  # and ABLATIONS (module __getattr__: read from the method registry)
     "Profile",
     "PROFILES",
     "BenchConfig",
@@ -169,7 +175,8 @@ class BenchConfig:
     ``overrides`` maps a method name to config-field values (``--set fgq.group_size=8``).
     """
 
-    methods: tuple[str, ...] = ("fp32", "int8", "twn", "fgq")
+    #: default: the methods registered with ``default_run=True`` (fp32, int8, twn, fgq)
+    methods: tuple[str, ...] = field(default_factory=default_methods)
     models: tuple[str, ...] = ("resnet8",)
     datasets: tuple[str, ...] = ("fashion-mnist",)
     seeds: tuple[int, ...] = (0,)
@@ -214,7 +221,7 @@ class BenchConfig:
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        from .data import list_datasets
+        from .data import get_dataset_info, list_datasets
         from .models import list_models
 
         if not self.methods:
@@ -271,7 +278,9 @@ class BenchConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 _fail(name, "a positive integer or None", v)
-        if self.image_size is not None and set(self.datasets) != {"imagenet"}:
+        if self.image_size is not None and not all(
+            get_dataset_info(d).image_folder for d in self.datasets
+        ):
             _fail("image_size", "used with --dataset imagenet (ImageFolder) only",
                   self.image_size)
         object.__setattr__(self, "out", Path(self.out))
@@ -446,18 +455,12 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return meth.strip().lower(), fld.strip(), value
 
 
-#: Built-in named ablations (``--ablation NAME``): method -> field -> values.
-ABLATIONS: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {
-    "fgq-group-size": {"fgq": {"group_size": (4, 8, 16, 32, 64)}},
-    "fgq-solver": {"fgq": {"solver": ("exact", "twn")}},
-    "trn-budget": {"trn": {"active_fraction": (0.0, 0.25, 0.5, 0.75, 1.0)}},
-    "act-bits": {"fgq": {"act_bits": (8, 4)}},
-    "first-last": {"fgq": {"first_last": ("fp32", "int8", "same")}},
-    "bn-recalibration": {
-        "fgq": {"bn_recalibrate": (True, False)},
-        "twn": {"bn_recalibrate": (True, False)},
-    },
-}
+def __getattr__(name: str) -> Any:
+    """``ABLATIONS``: the named ablations (``--ablation NAME``) the registered methods declare,
+    ablation -> method -> field -> values (:func:`ternbench.methods.ablations`)."""
+    if name == "ABLATIONS":
+        return ablations()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_sweep(text: str) -> tuple[str, str, tuple[Any, ...]]:

@@ -93,6 +93,12 @@ class DatasetInfo:
     default_root: str | None
     #: environment variable that overrides the default root
     env_var: str | None = None
+    #: the split a cell evaluates on (``load_dataset`` also accepts "test" for it)
+    test_split: str = "test"
+    #: an ImageFolder tree: the class count comes from its folders, the image size may be
+    #: chosen (``--image-size``), a ``train/`` folder beside the test split is optional (its
+    #: absence needs ``--weights``), and images are decoded by loader workers
+    image_folder: bool = False
 
 
 _DATASETS: dict[str, DatasetInfo] = {
@@ -143,6 +149,8 @@ _DATASETS: dict[str, DatasetInfo] = {
         description="ImageNet-1k validation set as an ImageFolder of 1000 wnid folders (local)",
         default_root=None,
         env_var="TERNBENCH_IMAGENET_ROOT",
+        test_split="val",
+        image_folder=True,
     ),
 }
 
@@ -536,7 +544,7 @@ def dataset_info(name: str, root: str | Path | None = None,
     count comes from the folder tree, ``splits`` holds ``train`` when a ``train/`` folder
     exists, and ``image_size`` may be chosen (default 224)."""
     info = get_dataset_info(name)
-    if name != "imagenet":
+    if not info.image_folder:
         return info
     tree = imagenet_tree(root)
     return dataclasses.replace(
@@ -594,11 +602,12 @@ def load_dataset(
         ValueError: unknown dataset or split.
     """
     info = get_dataset_info(name)
-    if name == "imagenet":
-        if split == "test":
-            split = "val"
-        if split not in ("train", "val"):
-            raise ValueError(f"Dataset {name!r} has splits ('train', 'val'), got split={split!r}")
+    if split == "test":
+        split = info.test_split
+    if info.image_folder:
+        if split not in ("train", info.test_split):
+            raise ValueError(f"Dataset {name!r} has splits ('train', {info.test_split!r}), "
+                             f"got split={split!r}")
         return _load_imagenet(info, split, root, augment, image_size)
     if split not in info.splits:
         raise ValueError(f"Dataset {name!r} has splits {info.splits}, got split={split!r}")
@@ -686,7 +695,7 @@ def dataset_labels(ds: Dataset) -> np.ndarray:
 def loader_workers(name: str) -> int:
     """DataLoader workers to decode with: JPEG/PNG decoding (ImageFolder) gets up to 4, the
     in-memory arrays none."""
-    if name != "imagenet":
+    if not get_dataset_info(name).image_folder:
         return 0
     try:
         cpus = len(os.sched_getaffinity(0))

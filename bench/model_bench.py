@@ -82,7 +82,7 @@ class WholeModelResult:
         return self.tvm_us / self.kernel_sum_us
 
 
-def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: int = 1,
+def whole_model_latency(model: str = "resnet18", method: str | None = None, *, batch: int = 1,
                         threads: int = 1, seed: int = 0, check_samples: int = 8,
                         repeat: int = 15, min_repeat_ms: float = 200.0,
                         method_overrides: dict[str, Any] | None = None,
@@ -93,14 +93,21 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     fake-quant logits, then time it beside torch FP32 eager, torch INT8 and ONNX Runtime INT8,
     interleaved; and time each of its kernels alone (the kernel sum).
 
-    QAT methods are used as initialised (no training: latency only); their kernels and
-    activation modes are the trained model's.
+    ``method`` None takes the first of the registered whole-model methods
+    (:func:`ternbench.methods.whole_model_methods`). Training-time methods are used as
+    initialised (no training: latency only); their kernels and activation modes are the trained
+    model's.
     """
     import statistics
     import tempfile
 
     from ternbench import schedules
-    from ternbench.methods import QuantContext, create_method
+    from ternbench.methods import (
+        QuantContext,
+        create_method,
+        get_method_info,
+        whole_model_methods,
+    )
     from ternbench.schedules import EvaluatorCfg, measure_layer
     from ternbench.schedules.artifact import load_artifact, write_artifact
     from ternbench.schedules.graph import build_graph, compile_graph, kernel_sum_timer
@@ -111,6 +118,8 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     from .models import create_model
     from .ort_baseline import ort_available, ort_int8_model
 
+    if method is None:
+        method = whole_model_methods()[0]
     if model not in WHOLE_MODELS:
         raise ValueError(f"unknown whole model {model!r}; known: {sorted(WHOLE_MODELS)}")
     name, chans, classes, size = WHOLE_MODELS[model]
@@ -121,8 +130,8 @@ def whole_model_latency(model: str = "resnet18", method: str = "rtn", *, batch: 
     x = torch.randn(n_cal, chans, size, size, generator=gen)
     y = torch.randint(0, classes, (n_cal,), generator=gen)
     overrides = dict(method_overrides or {})
-    if method not in ("fp32", "int8", "twn", "fgq", "trn"):
-        overrides.setdefault("epochs", 0)  # QAT methods: latency only, no training
+    if get_method_info(method).trains:
+        overrides.setdefault("epochs", 0)  # training-time methods: latency only, no training
     ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
                        progress=False)
     t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from ternbench.core.export_io import load_exports
 from ternbench.core.files import atomic_write
-from ternbench.methods import create_method, get_method_info, list_methods
+from ternbench.methods import ROW_COUNTS, create_method, get_method_info, list_methods
 from tqdm.auto import tqdm
 
 from .config import BenchConfig, split_block
@@ -316,8 +316,8 @@ def accuracy_rows(cell: CellSpec, out: CellOutcome, run_id: str,
     )
     rows.append(make_row(base, metric="deploy_layer_rel_err",
                          value=float(out.info["deploy_layer_rel_err"]), unit="relative"))
-    for key in ("edges_total", "active_edges", "epochs_run", "resumed_from_epoch"):
-        if key in mi:  # method-specific figures (TRN edges, QAT epochs)
+    for key in ROW_COUNTS:
+        if key in mi:  # the counts a method records (residual edges, QAT epochs)
             rows.append(make_row(base, metric=key, value=float(mi[key]), unit="count"))
     rows.append(
         make_row(
@@ -585,16 +585,16 @@ def preflight(cfg: BenchConfig) -> None:
 
     for dataset in cfg.datasets:
         info = dataset_info(dataset, cfg.data_root, cfg.image_size)
-        if dataset == "imagenet" and cfg.weights is None and "train" not in info.splits:
+        if info.image_folder and cfg.weights is None and "train" not in info.splits:
             raise DatasetMissingError(
-                f"imagenet: {cfg.data_root or 'the data root'} has no train/ folder to train "
+                f"{dataset}: {cfg.data_root or 'the data root'} has no train/ folder to train "
                 "the FP32 baseline on: pass --weights FILE (your FP32 weights for the model) "
                 "or give a train/ folder beside val/")
         if cfg.num_classes is not None and cfg.num_classes != info.num_classes:
             raise ConfigError(
                 f"--num-classes {cfg.num_classes} does not match {dataset}: its data has "
                 f"{info.num_classes} classes"
-                + (" (class folders)" if dataset == "imagenet" else ""))
+                + (" (class folders)" if info.image_folder else ""))
         for split in info.splits:  # reads (and checks) every file the run will read
             load_dataset(dataset, split, cfg.data_root, image_size=cfg.image_size)
     if cfg.weights is not None:  # refuse an unsafe or unfitting file before anything is written

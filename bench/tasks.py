@@ -17,6 +17,7 @@ from ternbench.core.export_io import exports_to_bytes, graph_state_to_bytes
 from ternbench.core.train import evaluate, seed_everything
 from ternbench.methods import (
     QuantContext,
+    QuantInfo,
     create_method,
     get_method_info,
     layer_parity,
@@ -29,6 +30,7 @@ from .config import Profile
 from .data import (
     dataset_info,
     dataset_labels,
+    get_dataset_info,
     load_dataset,
     loader_workers,
     make_loader,
@@ -78,6 +80,11 @@ class CellSpec:
         kind = "stratified:" if self.stratified and n is not None else ""
         return f"test:{kind}{'all' if n is None else n}@seed{self.seed}"
 
+    @property
+    def test_split(self) -> str:
+        """The split the cell evaluates on (the dataset's ``test_split``)."""
+        return get_dataset_info(self.dataset).test_split
+
     def load(self, split: str, *, augment: bool = False) -> Any:
         return load_dataset(self.dataset, split, self.data_root, augment=augment,
                             image_size=self.image_size)
@@ -92,13 +99,9 @@ class CellSpec:
         )
 
 
-def _test_split(dataset: str) -> str:
-    return "val" if dataset == "imagenet" else "test"
-
-
 def eval_indices(spec: CellSpec) -> np.ndarray:
     """The test-set indices a cell evaluates (deterministic in the seed)."""
-    ds = spec.load(_test_split(spec.dataset))
+    ds = spec.load(spec.test_split)
     n = spec.profile_obj.n_eval
     if spec.stratified and n is not None:
         return stratified_indices(dataset_labels(ds), n, spec.seed)
@@ -126,7 +129,7 @@ def _context(spec: CellSpec) -> QuantContext:
                                num_workers=workers)
     val_loader = None
     if prof.eval_points > 0 and prof.n_val > 0:  # the training curve's held-out images
-        test = spec.load(_test_split(spec.dataset))
+        test = spec.load(spec.test_split)
         val_idx = subset_indices(len(test), prof.n_val, spec.seed + 3)  # type: ignore[arg-type]
         val_loader = make_loader(test, val_idx, prof.batch_size, num_workers=workers)
     return QuantContext(
@@ -159,7 +162,7 @@ def quantize_cell(
     qm.module.to("cpu")  # export, parity and evaluation are CPU work
     exports = qm.export()
     cost = summarize_cost(exports.values())
-    test = spec.load(_test_split(spec.dataset))
+    test = spec.load(spec.test_split)
     idx = eval_indices(spec)[: spec.profile_obj.deploy_check_samples]
     x = torch.stack([test[int(i)][0] for i in idx])
     info = {
@@ -192,16 +195,16 @@ def _check_npz(module: nn.Module, x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def _ledger(info: dict[str, Any]) -> dict[str, Any]:
-    """Recipe (JSON text), paper recipe (text) and deviations (list of text) of a method."""
+def _ledger(info: QuantInfo) -> dict[str, Any]:
+    """The deviations ledger of ``run.json``: recipe (as JSON text), paper recipe (text) and
+    deviations (list of text) of a training-time method; empty for the others."""
     out: dict[str, Any] = {}
-    for key in ("recipe", "paper_recipe"):
-        if info.get(key) is not None:
-            v = info[key]
-            out[key] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
-    if info.get("deviations") is not None:
-        devs = info["deviations"]
-        out["deviations"] = [devs] if isinstance(devs, str) else [str(d) for d in devs]
+    if "recipe" in info:
+        out["recipe"] = json.dumps(info["recipe"], sort_keys=True, default=str)
+    if "paper_recipe" in info:
+        out["paper_recipe"] = info["paper_recipe"]
+    if "deviations" in info:
+        out["deviations"] = list(info["deviations"])
     return out
 
 
@@ -209,7 +212,7 @@ def _ledger(info: dict[str, Any]) -> dict[str, Any]:
 def eval_shard(spec: CellSpec, module: nn.Module, indices: np.ndarray) -> dict[str, Any]:
     """Exact counts on one shard of the cell's evaluation subset (merged by summing)."""
     torch.set_num_threads(spec.threads)
-    test = spec.load(_test_split(spec.dataset))
+    test = spec.load(spec.test_split)
     loader = make_loader(test, indices, spec.profile_obj.batch_size,
                          num_workers=loader_workers(spec.dataset))
     preds: list[torch.Tensor] = []  # top-1 per image, in index order (deployed agreement)

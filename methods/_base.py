@@ -14,7 +14,7 @@ import dataclasses
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ __all__ = [
     "LayerExport",
     "CostSummary",
     "QuantContext",
+    "QuantInfo",
+    "ROW_COUNTS",
     "QuantizedModel",
     "TernaryMethod",
     "WeightFormat",
@@ -183,6 +185,46 @@ class QuantContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class QuantInfo(TypedDict, total=False):
+    """What a quantize run records (``QuantizedModel.info``): one set of keys for every method.
+
+    The quantize flow (:func:`ternbench.methods._flow.quantize_flow`) fills the common keys;
+    a key is absent when its step did not run. The harness reports ``bn_recalibrated`` and the
+    :data:`ROW_COUNTS` as result rows and writes the ledger keys (``recipe``, ``paper_recipe``,
+    ``deviations``) to ``run.json``.
+    """
+
+    # preparation: BatchNorm re-estimation and activation calibration
+    bn_recalibrated: bool
+    bn_batches: int  # batches BatchNorm statistics were re-estimated on
+    calib_samples: int  # images activation ranges were recorded on
+    # post-training methods: the optional STE fine-tune
+    finetune_epochs: float
+    # training-time methods: the deviations ledger ...
+    recipe: dict[str, Any]  # the QATRecipe actually used, epochs resolved
+    paper_recipe: str  # what the paper did (text)
+    deviations: list[str]  # how this run differs from the paper
+    # ... and the training record
+    epochs_run: float  # epochs of training the returned weights have had
+    resumed_from_epoch: int  # finished epochs loaded from a checkpoint (0: a fresh run)
+    train_seconds: float
+    train_steps: int
+    final_train_loss: float | None  # mean loss of the last epoch (None: no training)
+    train_history: list[dict[str, Any]]  # per epoch
+    train_curve: list[dict[str, Any]]  # validation top-1 and train loss per evaluation point
+    # method-specific figures
+    thresholds: list[float]  # TTN-RE: the branch thresholds
+    edge_ranking: list[str]  # TRN: residual edges in the order they are switched on
+    edges_total: int  # TRN
+    active_edges: int  # TRN: edges switched on
+    sensitivity: dict[str, float]  # TRN: loss increase per layer ternarized alone
+    eps_base: dict[str, float]  # TRN: relative weight error of the base per layer
+
+
+#: the :class:`QuantInfo` counts reported as result rows (unit ``count``) when present
+ROW_COUNTS: tuple[str, ...] = ("edges_total", "active_edges", "epochs_run", "resumed_from_epoch")
+
+
 @dataclass
 class QuantizedModel:
     """Result of :meth:`TernaryMethod.quantize`."""
@@ -190,7 +232,7 @@ class QuantizedModel:
     module: nn.Module
     method: str
     config: MethodConfig
-    info: dict[str, Any] = field(default_factory=dict)
+    info: QuantInfo = field(default_factory=lambda: QuantInfo())
 
     def quant_layers(self) -> Iterator[tuple[str, Any]]:
         from ._layers import QuantLayer

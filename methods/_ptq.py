@@ -1,16 +1,18 @@
-"""Post-training flow shared by PTQ methods: swap layers, re-estimate BN, calibrate, fine-tune."""
+"""Post-training methods' hooks of the one quantize flow (:mod:`._flow`): the layer policy,
+BatchNorm re-estimation + calibration, the optional fine-tune; and the group-ternary weight."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
 from torch import Tensor, nn
 
-from ._base import MethodConfig, QuantContext, QuantizedModel
+from ._base import MethodConfig, QuantContext, QuantInfo, QuantizedModel
+from ._flow import Step, calibrate, calibrate_activations, quantize_flow, recalibrate_bn
 from ._layers import (
     ActQuantizer,
     IdentityWeight,
@@ -19,13 +21,19 @@ from ._layers import (
     QuantConv2d,
     QuantLinear,
     WeightQuantizer,
-    calibrating,
     passthrough,
-    swap_layers,
 )
 from ._ternarize import Solver, ternarize_rows
 
-__all__ = ["TernaryGroupWeight", "post_training_quantize", "calibrate_activations"]
+__all__ = [
+    "TernaryGroupWeight",
+    "Finetune",
+    "post_training_quantize",
+    "ptq_prepare",
+    "policy_layer",
+    "make_layer",
+    "calibrate_activations",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +110,53 @@ def policy_layer(
     return make
 
 
-@torch.no_grad()
-def calibrate_activations(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str = "cpu"
-) -> int:
-    """Record activation ranges on ``loader``; returns the number of samples seen."""
-    model.eval()
-    n = 0
-    with calibrating(model):
-        for x, _ in loader:
-            model(x.to(device))
-            n += int(x.shape[0])
-    return n
+def ptq_prepare(cfg: MethodConfig) -> Step:
+    """The post-training ``prepare`` hook: BatchNorm statistics re-estimated with the quantized
+    weights (activations passing through) when ``cfg.bn_recalibrate``, then activation ranges
+    recorded on the corrected network.
+
+    Order matters: BN statistics go stale with quantized weights (20% -> 85% top-1 on
+    Fashion-MNIST in our notes), and the activation ranges must be those of the corrected net.
+    """
+
+    def prepare(m: nn.Module, ctx: QuantContext) -> QuantInfo:
+        info = QuantInfo(bn_recalibrated=False)
+        if cfg.bn_recalibrate:
+            with passthrough(m):  # activations pass through while BN statistics are gathered
+                info["bn_batches"] = recalibrate_bn(m, ctx)
+            info["bn_recalibrated"] = True
+        info.update(calibrate(m, ctx))
+        return info
+
+    return prepare
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """The ``train`` hook of post-training methods: an optional short STE fine-tune (SGD lr
+    1e-3, cosine) for ``epochs`` over the training loader; 0 trains nothing."""
+
+    method: str
+    epochs: float = 0.0
+
+    def __call__(self, m: nn.Module, ctx: QuantContext, teacher: nn.Module) -> QuantInfo:
+        if self.epochs <= 0:
+            return QuantInfo(finetune_epochs=0.0)
+        if ctx.train_loader is None:
+            raise ValueError(f"{self.method}: finetune_epochs > 0 needs a training loader")
+        from ternbench.core.train import TrainCfg, train
+
+        tcfg = TrainCfg(
+            epochs=self.epochs,
+            lr=1e-3,
+            optimizer="sgd",
+            schedule="cosine",
+            weight_decay=1e-4,
+            label_smoothing=0.0,
+            seed=ctx.seed,
+        )
+        train(m, ctx.train_loader, tcfg, device=ctx.device, desc=f"{self.method} fine-tune")
+        return QuantInfo(finetune_epochs=self.epochs)
 
 
 def post_training_quantize(
@@ -124,43 +167,18 @@ def post_training_quantize(
     ternary: Callable[[], WeightQuantizer],
     finetune_epochs: float = 0.0,
 ) -> QuantizedModel:
-    """Copy ``model``, swap its layers per ``cfg`` and calibrate; the caller's model is untouched.
-
-    Order matters: BatchNorm statistics are re-estimated with the quantized weights first (they
-    go stale otherwise: 20% -> 85% top-1 on Fashion-MNIST in our notes), then activation ranges
-    are recorded on the corrected network.
-    """
-    m = copy.deepcopy(model).eval()
-    swap_layers(m, policy_layer(cfg, ternary))
-    m.to(ctx.device)  # after the swap: the new layers are built on the CPU
-    info: dict[str, object] = {"bn_recalibrated": False, "finetune_epochs": 0.0}
-    bn_loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
-    if cfg.bn_recalibrate:
-        from ternbench.core.train import recalibrate_bn
-
-        with passthrough(m):  # activations pass through while BN statistics are gathered
-            used = recalibrate_bn(m, bn_loader, batches=ctx.bn_batches, device=ctx.device)
-        info["bn_recalibrated"] = True
-        info["bn_batches"] = used
-    info["calib_samples"] = calibrate_activations(m, ctx.calib_loader, ctx.device)
-    if finetune_epochs > 0:
-        if ctx.train_loader is None:
-            raise ValueError(f"{method}: finetune_epochs > 0 needs a training loader")
-        from ternbench.core.train import TrainCfg, train
-
-        tcfg = TrainCfg(
-            epochs=finetune_epochs,
-            lr=1e-3,
-            optimizer="sgd",
-            schedule="cosine",
-            weight_decay=1e-4,
-            label_smoothing=0.0,
-            seed=ctx.seed,
-        )
-        train(m, ctx.train_loader, tcfg, device=ctx.device, desc=f"{method} fine-tune")
-        m.eval()
-        info["finetune_epochs"] = finetune_epochs
-    return QuantizedModel(module=m.eval(), method=method, config=cfg, info=info)
+    """:func:`~ternbench.methods._flow.quantize_flow` for a post-training method: layers per
+    ``cfg`` (:func:`policy_layer` with ``ternary`` weights), :func:`ptq_prepare`, then the
+    optional :class:`Finetune`. The caller's model is untouched."""
+    return quantize_flow(
+        model,
+        ctx,
+        cfg,
+        method,
+        policy_layer(cfg, ternary),
+        prepare=ptq_prepare(cfg),
+        train=Finetune(method, finetune_epochs),
+    )
 
 
 def first_batches(loader: Iterable[tuple[Tensor, Tensor]], n: int) -> list[tuple[Tensor, Tensor]]:

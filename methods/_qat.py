@@ -43,14 +43,17 @@ import torch.nn.functional as F
 from ternbench.core.files import atomic_write
 from torch import Tensor, nn
 
-from ._base import ConfigError, MethodConfig, QuantContext, QuantizedModel, _check
-from ._layers import ActQuantizer, Position, WeightQuantizer, swap_layers
+from ._base import ConfigError, MethodConfig, QuantContext, QuantInfo, QuantizedModel, _check
+from ._flow import Step, quantize_flow, recalibrate_bn
+from ._layers import ActQuantizer, Position, WeightQuantizer
 
 __all__ = [
     "QATRecipe",
     "QATMethodConfig",
     "qat_train",
     "qat_quantize",
+    "QATTraining",
+    "bn_after_training",
     "recipe_deviations",
     "kd_loss",
     "checkpoint_path",
@@ -637,6 +640,62 @@ def recipe_deviations(used: QATRecipe, paper: QATRecipe) -> list[str]:
     return out
 
 
+@dataclass(frozen=True)
+class QATTraining:
+    """The ``train`` hook of training-time methods: :func:`qat_train` on ``recipe`` (the FP32
+    model the method received is the KD teacher), recording the deviations ledger and the
+    training record in the info.
+
+    ``paper_recipe`` describes what the paper did; ``deviations(epochs)`` lists how this run
+    (``epochs`` resolved from the profile's budget) differs from it.
+    """
+
+    method: str
+    recipe: QATRecipe
+    paper_recipe: str
+    deviations: Callable[[float], list[str]]
+    loss_extra: Callable[[nn.Module], Tensor] | None = None
+    before_step: Callable[[nn.Module], None] | None = None
+
+    def __call__(self, m: nn.Module, ctx: QuantContext, teacher: nn.Module) -> QuantInfo:
+        hist = qat_train(
+            m,
+            ctx,
+            self.recipe,
+            method=self.method,
+            teacher=teacher,
+            loss_extra=self.loss_extra,
+            before_step=self.before_step,
+        )
+        epochs = self.recipe.resolve_epochs(ctx)
+        used = dataclasses.replace(self.recipe, epochs=epochs)
+        return QuantInfo(
+            recipe=used.to_dict(),
+            paper_recipe=self.paper_recipe,
+            deviations=list(self.deviations(epochs)),
+            epochs_run=float(hist["epochs_run"]),
+            resumed_from_epoch=int(hist["resumed_from_epoch"]),
+            train_seconds=float(hist["seconds"]),
+            train_steps=int(hist["steps"]),
+            final_train_loss=float(hist["epochs"][-1]["loss"]) if hist["epochs"] else None,
+            train_history=list(hist["epochs"]),
+            train_curve=list(hist.get("evals", [])),
+        )
+
+
+def bn_after_training(cfg: MethodConfig) -> Step:
+    """The ``finish`` hook of QAT methods: BatchNorm re-estimated with the trained weights when
+    ``cfg.bn_recalibrate`` (the activation quantizers stay active with the ranges found before
+    training)."""
+
+    def finish(m: nn.Module, ctx: QuantContext) -> QuantInfo:
+        if not cfg.bn_recalibrate:
+            return QuantInfo(bn_recalibrated=False)
+        return QuantInfo(bn_batches=recalibrate_bn(m, ctx), bn_recalibrated=True)
+
+    return finish
+
+
 def qat_quantize(
     model: nn.Module,
     ctx: QuantContext,
@@ -645,53 +704,29 @@ def qat_quantize(
     make: Callable[[str, nn.Module, Position], nn.Module | None],
     *,
     paper_recipe: str,
-    deviations: list[str],
+    deviations: Callable[[float], list[str]],
+    prepare: Step | None = None,
+    finish: Step | None = None,
     loss_extra: Callable[[nn.Module], Tensor] | None = None,
     before_step: Callable[[nn.Module], None] | None = None,
 ) -> QuantizedModel:
-    """The QAT flow: copy ``model``, swap layers with ``make``, calibrate, train, evaluate-mode.
-
-    Activation ranges (``act_bits < 32``) are recorded once before training on
-    ``ctx.calib_loader`` and kept; the pass also records the layer shapes the export needs.
-    BatchNorm is re-estimated after training only if ``cfg.bn_recalibrate``. ``info`` holds
-    the deviations ledger: ``recipe`` (JSON, epochs resolved), ``paper_recipe``, ``deviations``,
-    ``epochs_run``, ``resumed_from_epoch``, plus the training history.
+    """:func:`~ternbench.methods._flow.quantize_flow` for a training-time method: swap layers
+    with ``make``, ``prepare`` (default: activation ranges recorded once before training and
+    kept; the pass also records the layer shapes the export needs), :class:`QATTraining` on the
+    config's recipe, then ``finish`` (default: :func:`bn_after_training`, i.e. BatchNorm
+    re-estimated after training only if ``cfg.bn_recalibrate``).
     """
-    from ._ptq import calibrate_activations
-
-    m = copy.deepcopy(model).to(ctx.device).eval()
-    swap_layers(m, make)
-    m.to(ctx.device)  # swapped-in layers are built on the CPU
-    info: dict[str, Any] = {"calib_samples": calibrate_activations(m, ctx.calib_loader, ctx.device)}
-    recipe = cfg.recipe()
-    hist = qat_train(
-        m,
-        ctx,
-        recipe,
-        method=method,
-        teacher=model,
-        loss_extra=loss_extra,
+    training = QATTraining(
+        method, cfg.recipe(), paper_recipe, deviations, loss_extra=loss_extra,
         before_step=before_step,
     )
-    info["bn_recalibrated"] = False
-    if cfg.bn_recalibrate:
-        from ternbench.core.train import recalibrate_bn
-
-        bn_loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
-        # the activation quantizers stay active with the ranges found before training
-        info["bn_batches"] = recalibrate_bn(m, bn_loader, batches=ctx.bn_batches, device=ctx.device)
-        info["bn_recalibrated"] = True
-    used = dataclasses.replace(recipe, epochs=recipe.resolve_epochs(ctx))
-    info.update(
-        recipe=used.to_json(),
-        paper_recipe=paper_recipe,
-        deviations=list(deviations),
-        epochs_run=float(hist["epochs_run"]),
-        resumed_from_epoch=int(hist["resumed_from_epoch"]),
-        train_seconds=float(hist["seconds"]),
-        train_steps=int(hist["steps"]),
-        train_loss=hist["epochs"][-1]["loss"] if hist["epochs"] else None,
-        train_history=hist["epochs"],
-        train_curve=hist.get("evals", []),
+    return quantize_flow(
+        model,
+        ctx,
+        cfg,
+        method,
+        make,
+        prepare=prepare,
+        train=training,
+        finish=finish if finish is not None else bn_after_training(cfg),
     )
-    return QuantizedModel(module=m.eval(), method=method, config=cfg, info=info)

@@ -3,10 +3,18 @@
 Built-in methods register through the ``ternbench.methods`` entry-point group exactly like
 third-party plugins: loading a group entry imports its module, whose ``@register_method``
 decorators fill the registry.
+
+Everything the harness knows about a method is a fact declared there, in the method's own file:
+its kind, default sweep and named ablations, paper recipe overrides and reported numbers, the
+block form its paper uses, its display order, whether a plain ``ternbench run`` or
+``ternbench kernels --whole-model`` includes it, and whether it is the reference the deltas are
+taken against. Generic code (``bench``, ``schedules``, ``reports``) reads these facts and names
+no method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import importlib
@@ -18,6 +26,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 from ._base import MethodConfig, TernaryMethod, config_from_mapping
+from ._facts import PaperDelta, PaperNumber
 
 __all__ = [
     "MethodInfo",
@@ -26,6 +35,12 @@ __all__ = [
     "create_method",
     "list_methods",
     "get_method_info",
+    "reference_method",
+    "default_methods",
+    "whole_model_methods",
+    "ablations",
+    "paper_numbers",
+    "paper_deltas",
     "ENTRY_POINT_GROUP",
 ]
 
@@ -43,6 +58,8 @@ _BUILTIN_MODULES = (
 )
 
 Kind = Literal["baseline", "ptq", "qat"]
+#: named ablations of one method: ablation name -> config field -> values
+Ablations = dict[str, dict[str, tuple[Any, ...]]]
 
 
 class UnknownMethodError(ValueError):
@@ -69,6 +86,33 @@ class MethodInfo:
     #: fine-tunes (TTQ, TTN-RE) need ~4 epochs of Fashion-MNIST to land within a point of FP32
     #: and cost a third of an activation-ternary step with KD
     budget_scale: float = 1.0
+    #: named ablations (``--ablation NAME``): name -> config field -> values; an ablation
+    #: declared by several methods sweeps all of them
+    ablations: Ablations | None = None
+    #: top-1 numbers the paper reports (shown beside ours when model and dataset match)
+    paper_numbers: tuple[PaperNumber, ...] = ()
+    #: deltas vs FP32 the paper states without absolute numbers (beside those of
+    #: ``paper_numbers``)
+    paper_deltas: tuple[PaperDelta, ...] = ()
+    #: display order (registry listings, report rows, plot colours); ties sort by name
+    order: int = 10
+    #: part of a ``ternbench run`` that names no methods
+    default_run: bool = False
+    #: position in the default ``ternbench kernels --whole-model`` method list (None: not in it)
+    whole_model: int | None = None
+    #: the unquantized reference every delta and speed-up is taken against (one method)
+    reference: bool = False
+
+    @property
+    def trains(self) -> bool:
+        """Whether quantizing trains the model (a budget of epochs applies)."""
+        return self.kind == "qat"
+
+    def all_paper_deltas(self) -> tuple[PaperDelta, ...]:
+        """The deltas of :attr:`paper_numbers` (those with an FP32 number), then
+        :attr:`paper_deltas`."""
+        derived = tuple(d for d in (p.delta() for p in self.paper_numbers) if d is not None)
+        return derived + self.paper_deltas
 
     def summary(self) -> str:
         return self.paper.split(",")[0] if self.paper else ""
@@ -90,8 +134,16 @@ def register_method(
     paper_overrides: dict[str, Any] | None = None,
     block: str | None = None,
     budget_scale: float = 1.0,
+    ablations: Ablations | None = None,
+    paper_numbers: tuple[PaperNumber, ...] = (),
+    paper_deltas: tuple[PaperDelta, ...] = (),
+    order: int = 10,
+    default_run: bool = False,
+    whole_model: int | None = None,
+    reference: bool = False,
 ) -> Callable[[Callable[[MethodConfig], TernaryMethod]], Callable[[MethodConfig], TernaryMethod]]:
-    """Register ``factory(config) -> TernaryMethod`` under ``name`` (default: function name).
+    """Register ``factory(config) -> TernaryMethod`` under ``name`` (default: function name),
+    with the method's facts (see :class:`MethodInfo`).
 
     Example:
         >>> from ternbench.methods import MethodConfig, register_method
@@ -106,6 +158,12 @@ def register_method(
         info = MethodInfo(
             key, factory, config, paper, kind, factory.__module__, _CURRENT_DIST, default_sweep,
             paper_overrides, block, float(budget_scale),
+            ablations={a: {f: tuple(v) for f, v in axes.items()}
+                       for a, axes in (ablations or {}).items()} or None,
+            paper_numbers=tuple(dataclasses.replace(p, method=key) for p in paper_numbers),
+            paper_deltas=tuple(dataclasses.replace(d, method=key) for d in paper_deltas),
+            order=int(order), default_run=bool(default_run), whole_model=whole_model,
+            reference=bool(reference),
         )
         old = _REGISTRY.get(key)
         if old is not None and old.module != info.module:
@@ -161,8 +219,63 @@ def list_methods(pattern: str = "*", kind: Kind | None = None) -> list[str]:
 
 
 def _ordered(names: list[str]) -> list[str]:
-    order = {"fp32": 0, "int8": 1, "twn": 2, "ttq": 3}
-    return sorted(names, key=lambda n: (order.get(n, 10), n))
+    """``names`` in display order: each method's registered ``order``, then by name."""
+    return sorted(names, key=lambda n: (_REGISTRY[n].order if n in _REGISTRY else 10, n))
+
+
+def _infos() -> list[MethodInfo]:
+    _load_plugins()
+    return [_REGISTRY[n] for n in _ordered(list(_REGISTRY))]
+
+
+def reference_method() -> str | None:
+    """The method registered as the reference (``reference=True``), or None.
+
+    Example:
+        >>> reference_method()
+        'fp32'
+    """
+    refs = [i.name for i in _infos() if i.reference]
+    if len(refs) > 1:
+        log.warning("several reference methods registered (%s); using %r", refs, refs[0])
+    return refs[0] if refs else None
+
+
+def default_methods() -> tuple[str, ...]:
+    """The methods of a ``ternbench run`` that names none (``default_run=True``), in order."""
+    return tuple(i.name for i in _infos() if i.default_run)
+
+
+def whole_model_methods() -> list[str]:
+    """The default methods of ``ternbench kernels --whole-model`` (``whole_model`` positions)."""
+    chosen = [i for i in _infos() if i.whole_model is not None]
+    return [i.name for i in sorted(chosen, key=lambda i: (i.whole_model, i.name))]
+
+
+def ablations() -> dict[str, dict[str, dict[str, tuple[Any, ...]]]]:
+    """Named ablations, sorted by name: ablation -> method -> field -> values, the union over
+    the methods that declare it (in registry order).
+
+    Example:
+        >>> ablations()["fgq-group-size"]
+        {'fgq': {'group_size': (4, 8, 16, 32, 64)}}
+    """
+    out: dict[str, dict[str, dict[str, tuple[Any, ...]]]] = {}
+    for info in _infos():
+        for name, axes in (info.ablations or {}).items():
+            out.setdefault(name, {})[info.name] = dict(axes)
+    return {k: out[k] for k in sorted(out)}
+
+
+def paper_numbers() -> tuple[PaperNumber, ...]:
+    """Every registered method's reported top-1 numbers, in registry order."""
+    return tuple(p for i in _infos() for p in i.paper_numbers)
+
+
+def paper_deltas() -> tuple[PaperDelta, ...]:
+    """Every registered method's reported deltas vs FP32 (derived from its numbers, then the
+    stated ones), in registry order."""
+    return tuple(d for i in _infos() for d in i.all_paper_deltas())
 
 
 def get_method_info(name: str) -> MethodInfo:

@@ -8,15 +8,16 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
-from ._layers import IdentityWeight, Int8ChannelWeight, swap_layers
-from ._ptq import TernaryGroupWeight, calibrate_activations, make_layer, post_training_quantize
+from ._facts import PaperNumber
+from ._flow import quantize_flow
+from ._layers import IdentityWeight, Int8ChannelWeight
+from ._ptq import TernaryGroupWeight, make_layer, post_training_quantize
 from ._registry import register_method
 
 
@@ -38,10 +39,9 @@ class FP32:
         self.config = config
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
-        m = copy.deepcopy(model).to(ctx.device).eval()
-        swap_layers(m, lambda n, mod, pos: make_layer(mod, IdentityWeight(), 32))
-        calibrate_activations(m, ctx.calib_loader, ctx.device)  # records layer shapes for export
-        return QuantizedModel(m, self.name, self.config, {"bn_recalibrated": False})
+        # FP32 layers; the calibration pass records the layer shapes for the export
+        return quantize_flow(model, ctx, self.config, self.name,
+                             lambda n, mod, pos: make_layer(mod, IdentityWeight(), 32))
 
 
 @dataclass(frozen=True)
@@ -107,14 +107,16 @@ class TWN:
         return post_training_quantize(model, ctx, cfg, self.name, wq, cfg.finetune_epochs)
 
 
-@register_method("fp32", config=FP32Config, paper="FP32 reference", kind="baseline")
+@register_method("fp32", config=FP32Config, paper="FP32 reference", kind="baseline",
+                 reference=True, order=0, default_run=True)
 def fp32(config: MethodConfig) -> FP32:
     assert isinstance(config, FP32Config)
     return FP32(config)
 
 
 @register_method(
-    "int8", config=Int8Config, paper="8-bit weights and activations (8-8)", kind="baseline"
+    "int8", config=Int8Config, paper="8-bit weights and activations (8-8)", kind="baseline",
+    order=1, default_run=True,
 )
 def int8(config: MethodConfig) -> Int8:
     assert isinstance(config, Int8Config)
@@ -126,6 +128,14 @@ def int8(config: MethodConfig) -> Int8:
     config=TWNConfig,
     paper="Li & Liu 2016, Ternary Weight Networks, arXiv:1605.04711",
     kind="ptq",
+    order=2,
+    default_run=True,
+    whole_model=3,
+    ablations={"bn-recalibration": {"bn_recalibrate": (True, False)}},
+    paper_numbers=(
+        PaperNumber("twn", "resnet18", "imagenet", 61.8, 65.4, "ResNet-18B, trained (not PTQ)",
+                    "Li & Liu 2016, v1 tables (unverified)"),
+    ),
 )
 def twn(config: MethodConfig) -> TWN:
     assert isinstance(config, TWNConfig)

@@ -23,6 +23,7 @@ from typing import Literal
 from torch import nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._facts import PaperDelta
 from ._ptq import TernaryGroupWeight, post_training_quantize
 from ._registry import register_method
 
@@ -73,7 +74,22 @@ class FGQ:
         )
 
 
-@register_method("fgq", config=FGQConfig, paper=PAPER, kind="ptq")
+@register_method(
+    "fgq", config=FGQConfig, paper=PAPER, kind="ptq", default_run=True, whole_model=2,
+    ablations={
+        "fgq-group-size": {"group_size": (4, 8, 16, 32, 64)},
+        "fgq-solver": {"solver": ("exact", "twn")},
+        "act-bits": {"act_bits": (8, 4)},
+        "first-last": {"first_last": ("fp32", "int8", "same")},
+        "bn-recalibration": {"bn_recalibrate": (True, False)},
+    },
+    paper_deltas=(
+        PaperDelta("fgq", "resnet50", "imagenet", -4.2, "N=4, 8-bit activations, no retraining "
+                   "('within 4.2%')", "Mellempudi et al. 2017, abstract"),
+        PaperDelta("fgq", "resnet101", "imagenet", -3.7, "N=4, 8-bit activations, no retraining",
+                   "Mellempudi et al. 2017, abstract"),
+    ),
+)
 def fgq(config: MethodConfig) -> FGQ:
     assert isinstance(config, FGQConfig)
     return FGQ(config)

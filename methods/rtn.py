@@ -44,8 +44,8 @@ stay FP32 (``first_last="fp32"``, the paper's policy).
 Evaluation runs the layers in float64 (:class:`ExactEval`): exact accumulation like the integer
 kernel, so near-threshold activations do not flip between the evaluated and the deployed model.
 
-This module also holds the helpers shared with STTN (:func:`ternary_code`,
-:func:`hard_forward`, :class:`ExactEval`, :func:`quantize_with_qat`).
+The ternary-activation helpers RTN shares with STTN (:func:`ternary_code`,
+:func:`hard_forward`, :class:`ExactEval`, ...) live in :mod:`ternbench.methods._ternary`.
 
 Example:
     >>> from ternbench.methods import create_method
@@ -56,42 +56,41 @@ Example:
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from ternbench.core.reference import quantize_activation
 from torch import Tensor, nn
 
-from ._base import MethodConfig, QuantContext, QuantizedModel, _check
-from ._layers import (
-    ActQuantizer,
-    IdentityWeight,
-    Int8ChannelWeight,
-    Position,
-    QuantConv2d,
-    QuantLinear,
-    WeightQuantizer,
-    calibrating,
-    swap_layers,
-)
-from ._qat import QATMethodConfig
+from ._base import MethodConfig, QuantContext, QuantInfo, QuantizedModel, _check
+from ._flow import quantize_flow, recalibrate_bn
+from ._layers import ActQuantizer, Position, WeightQuantizer, calibrating
+from ._qat import QATMethodConfig, QATTraining
 from ._registry import register_method
+from ._ternary import (
+    ExactConv2d,
+    ExactEval,
+    ExactLinear,
+    first_last_layer,
+    fit_affine,
+    hard_forward,
+    ternary_code,
+    wrap_layer,
+)
 
 __all__ = [
     "RTNConfig",
     "RTN",
     "RTNAct",
     "RTNWeight",
+    "calibrate_rtn",
+    # re-exported from ._ternary (their home since the STTN split)
     "ternary_code",
     "hard_forward",
     "fit_affine",
-    "calibrate_rtn",
-    "quantize_with_qat",
     "ExactEval",
     "ExactConv2d",
     "ExactLinear",
@@ -112,209 +111,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "quantized": "ternary weights and activations, gamma*T+beta with learnable gamma, beta",
     "first_last": "fp32",
 }
-
-
-# ------------------------------------------------------------------------ shared helpers
-
-
-def ternary_code(x: Tensor, threshold: Tensor | float) -> Tensor:
-    """``sign(x) * [|x| > threshold]`` in ``x``'s dtype (the ``LayerExport`` activation rule).
-
-    Example:
-        >>> ternary_code(torch.tensor([-1.0, -0.5, 0.2, 0.5, 0.7]), 0.5).tolist()
-        [-1.0, -0.0, 0.0, 0.0, 1.0]
-    """
-    return quantize_activation(x, "ternary", threshold=threshold)
-
-
-def hard_forward(hard: Tensor, soft: Tensor) -> Tensor:
-    """``hard`` in the forward pass, bit for bit; the gradient of ``soft`` in the backward pass.
-
-    (``soft + (hard - soft).detach()`` can be off by one rounding in the forward value; adding
-    ``soft - soft.detach()``, which is exactly 0, is not.)
-    """
-    return hard + (soft - soft.detach())
-
-
-def fit_affine(x: Tensor, t: Tensor, dim: int = -1, offset: bool = True) -> tuple[Tensor, Tensor]:
-    """Least-squares ``(gamma, beta)`` of ``x ~ gamma * t + beta`` along ``dim``.
-
-    Without ``offset`` beta is 0 and ``gamma = <x, t> / <t, t>``. A constant code (no
-    variance) falls back to ``gamma = mean|x|``.
-
-    Example:
-        >>> g, b = fit_affine(torch.tensor([0.1, 2.1, 2.1]), torch.tensor([0.0, 1.0, 1.0]))
-        >>> round(float(g), 6), round(float(b), 6)
-        (2.0, 0.1)
-    """
-    if not offset:
-        tt = (t * t).sum(dim)
-        gamma = torch.where(tt > 0, (x * t).sum(dim) / tt.clamp_min(1e-30), x.abs().mean(dim))
-        return gamma, torch.zeros_like(gamma)
-    tm = t.mean(dim, keepdim=True)
-    xm = x.mean(dim, keepdim=True)
-    var = ((t - tm) ** 2).mean(dim)
-    cov = ((t - tm) * (x - xm)).mean(dim)
-    gamma = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), x.abs().mean(dim))
-    beta = xm.squeeze(dim) - gamma * tm.squeeze(dim)
-    return gamma, beta
-
-
-def act_value64(aq: ActQuantizer, x: Tensor) -> Tensor:
-    """The value a layer sees after ``aq``, computed in float64 (exact for ternary codes)."""
-    fn = getattr(aq, "value64", None)
-    if fn is not None:
-        return fn(x)
-    x64 = x.detach().to(torch.float64)
-    if aq.bits >= 32:
-        return x64
-    s = float(aq.scale)
-    return quantize_activation(x64, "int", scale=s, qmax=aq.qmax) * s
-
-
-def kernels64(wq: WeightQuantizer, weight: Tensor) -> list[Tensor]:
-    """The layer's kernel(s) in float64 [out, fan_in], built from the same float32 codes,
-    scales and offsets the export carries (one per branch; STTN has two)."""
-    fn = getattr(wq, "kernels64", None)
-    if fn is not None:
-        return fn(weight)
-    w2d = weight.detach().reshape(weight.shape[0], -1)
-    if wq.fmt == "fp32":
-        return [w2d.to(torch.float64)]
-    codes, scales, gs = wq.encode(w2d)
-    full = scales.detach().to(torch.float64).repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
-    w = codes.to(torch.float64) * full
-    off = wq.offset(w2d)
-    if off is not None:
-        w = w + off.to(device=w.device, dtype=torch.float64)[:, None]
-    return [w]
-
-
-class ExactEval:
-    """Mixin for the layers of the ternary-activation methods: in eval mode (and not while
-    calibrating) the layer is computed in float64 from its own quantizers and cast back.
-
-    Why: the deployed kernel accumulates ternary codes exactly (integers). A float32 fake-quant
-    conv differs from it by rounding, and a ternary activation turns such a 1-ulp difference
-    near its threshold into a full step, which then propagates (on real data, batches of 64
-    Fashion-MNIST images showed logit differences up to 0.05). With exact accumulation the
-    evaluated model *is* the deployed one up to float64 rounding. Training stays float32.
-    ``exact_eval = False`` gives the plain float32 fake-quant graph.
-    """
-
-    exact_eval: bool = True
-    wq: WeightQuantizer
-    aq: ActQuantizer
-    weight: Tensor
-    training: bool
-
-    def _use_exact(self) -> bool:
-        return self.exact_eval and not self.training and not self.aq.calibrating
-
-    def _exact(self, x: Tensor) -> Tensor:
-        xq = act_value64(self.aq, x)
-        b0: Tensor | None = getattr(self, "bias", None)
-        bias = None if b0 is None else b0.detach().to(torch.float64)
-        y: Tensor | None = None
-        for i, k in enumerate(kernels64(self.wq, self.weight)):
-            b = bias if i == 0 else None
-            if isinstance(self, nn.Conv2d):
-                yi = F.conv2d(xq, k.reshape(self.weight.shape), b, self.stride, self.padding)
-            else:
-                yi = F.linear(xq, k, b)
-            y = yi if y is None else y + yi
-        assert y is not None
-        return y.to(x.dtype)
-
-
-class _ExactForward(ExactEval):
-    """``forward`` of the exact layers: the exact path when it applies, else the fake-quant
-    layer's own (the next class in the MRO)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._use_exact():
-            return super().forward(x)  # type: ignore[misc]
-        y = self._exact(x)
-        self._record_shapes(x, y)  # type: ignore[attr-defined]
-        return y
-
-
-class ExactConv2d(_ExactForward, QuantConv2d):  # type: ignore[misc]
-    """:class:`QuantConv2d` with the exact evaluation path of :class:`ExactEval`."""
-
-
-class ExactLinear(_ExactForward, QuantLinear):  # type: ignore[misc]
-    """:class:`QuantLinear` with the exact evaluation path of :class:`ExactEval`."""
-
-
-def wrap_layer(
-    mod: nn.Module, wq: WeightQuantizer, aq: ActQuantizer, exact_eval: bool = True
-) -> ExactConv2d | ExactLinear:
-    layer: ExactConv2d | ExactLinear
-    if isinstance(mod, nn.Conv2d):
-        layer = ExactConv2d(mod, wq, aq)
-    else:
-        assert isinstance(mod, nn.Linear)
-        layer = ExactLinear(mod, wq, aq)
-    layer.exact_eval = exact_eval
-    return layer
-
-
-def first_last_layer(
-    first_last: str, mod: nn.Module, pos: Position, exact_eval: bool = True
-) -> ExactConv2d | ExactLinear | None:
-    """The FP32 / 8-8 layer for the first and last conv/linear under ``first_last``; None when
-    the method's own quantizers apply."""
-    if pos == "middle" or first_last == "same":
-        return None
-    if first_last == "fp32":
-        return wrap_layer(mod, IdentityWeight(), ActQuantizer(32), exact_eval)
-    return wrap_layer(mod, Int8ChannelWeight(), ActQuantizer(8), exact_eval)
-
-
-def quantize_with_qat(
-    model: nn.Module,
-    ctx: QuantContext,
-    cfg: QATMethodConfig,
-    *,
-    method: str,
-    make: Callable[[str, nn.Module, Position], nn.Module | None],
-    prepare: Callable[[nn.Module], dict[str, Any]],
-    paper_recipe: dict[str, Any],
-    deviations: Callable[[float], list[str]],
-) -> QuantizedModel:
-    """The QAT flow shared by RTN and STTN.
-
-    Copy ``model`` (the caller's stays untouched), swap layers with ``make``, run ``prepare``
-    (BatchNorm re-estimation, activation calibration; returns info entries), train with
-    :func:`ternbench.methods._qat.qat_train` on the config's recipe (the FP32 ``model`` is the
-    KD teacher) and return the eval-mode result. ``deviations(epochs)`` lists how the run
-    differs from the paper.
-    """
-    from ._qat import qat_train
-
-    m = copy.deepcopy(model).to(ctx.device).eval()
-    swap_layers(m, make)
-    m.to(ctx.device)
-    info: dict[str, Any] = dict(prepare(m))
-    recipe = cfg.recipe()
-    epochs = recipe.resolve_epochs(ctx)
-    hist = qat_train(m, ctx, recipe, method=method, teacher=model if recipe.kd else None)
-    m.eval()
-    info.update(
-        recipe={**recipe.to_dict(), "epochs": epochs},
-        paper_recipe=dict(paper_recipe),
-        deviations=deviations(epochs),
-        epochs_run=float(hist["epochs_run"]),
-        resumed_from_epoch=int(hist["resumed_from_epoch"]),
-        final_train_loss=float(hist["epochs"][-1]["loss"]) if hist["epochs"] else float("nan"),
-        train_curve=hist.get("evals", []),
-    )
-    return QuantizedModel(m, method, cfg, info)
-
-
-def _bn_loader(ctx: QuantContext) -> Iterable[tuple[Tensor, Tensor]]:
-    return ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
+PAPER_RECIPE_TEXT = json.dumps(PAPER_RECIPE, sort_keys=True)
 
 
 # ---------------------------------------------------------------------------- quantizers
@@ -559,21 +356,17 @@ class RTN:
         wq = RTNWeight(mod.weight, cfg.weight_ratio, cfg.learn_scale, cfg.learn_offset)
         return wrap_layer(mod, wq, RTNAct(cfg.learn_scale, cfg.learn_offset), cfg.exact_eval)
 
-    def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
+    def _prepare(self, m: nn.Module, ctx: QuantContext) -> QuantInfo:
         """BN statistics with ternary weights (activations passing through), then activation
         calibration, then BN statistics again with the ternary activations on."""
-        from ternbench.core.train import recalibrate_bn
-
         cfg = self.config
-        info: dict[str, Any] = {"bn_recalibrated": False}
+        info = QuantInfo(bn_recalibrated=False)
         if cfg.bn_recalibrate:
             with calibrating(m):
-                recalibrate_bn(m, _bn_loader(ctx), batches=ctx.bn_batches, device=ctx.device)
+                recalibrate_bn(m, ctx)
         info["calib_samples"] = calibrate_rtn(m, ctx.calib_loader, ctx.device)
         if cfg.bn_recalibrate:
-            info["bn_batches"] = recalibrate_bn(
-                m, _bn_loader(ctx), batches=ctx.bn_batches, device=ctx.device
-            )
+            info["bn_batches"] = recalibrate_bn(m, ctx)
             info["bn_recalibrated"] = True
         return info
 
@@ -592,20 +385,16 @@ class RTN:
         return dev
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
-        return quantize_with_qat(
-            model,
-            ctx,
-            self.config,
-            method=self.name,
-            make=self._make,
-            prepare=lambda m: self._prepare(m, ctx),
-            paper_recipe=PAPER_RECIPE,
-            deviations=self._deviations,
+        cfg = self.config
+        training = QATTraining(self.name, cfg.recipe(), PAPER_RECIPE_TEXT, self._deviations)
+        return quantize_flow(
+            model, ctx, cfg, self.name, self._make, prepare=self._prepare, train=training
         )
 
 
 # ternary activations need signed inputs: BN before the activation (the STTN-repo block)
-@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat", block="preact")
+# no paper numbers: RTN's absolute top-1 was not retrieved
+@register_method("rtn", config=RTNConfig, paper=PAPER, kind="qat", block="preact", whole_model=0)
 def rtn(config: MethodConfig) -> RTN:
     assert isinstance(config, RTNConfig)
     return RTN(config)

@@ -38,7 +38,7 @@ Inference merge (the repo's ``merge_from_bwx2_to_ternary.py``): ``codes = (sign 
 / 2`` in {-1, 0, 1} with scale ``2 alpha``: one ternary kernel. The export has
 ``act_mode="ternary"``, ``act_scale=1``, ``act_threshold=0.5``, ``act_offset=0``. In eval mode
 the two branches are computed in float64 (``exact_eval``, see
-:class:`~ternbench.methods.rtn.ExactEval`), so the evaluated model and the deployed merged one
+:class:`~ternbench.methods._ternary.ExactEval`), so the evaluated model and the deployed merged one
 agree without near-threshold flips.
 
 The repo's block (BN -> ternary act -> two binary convs -> BN -> + shortcut -> PReLU, with a
@@ -56,6 +56,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -64,16 +65,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._base import MethodConfig, QuantContext, QuantInfo, QuantizedModel, _check
+from ._facts import PaperNumber
+from ._flow import calibrate, quantize_flow, recalibrate_bn
 from ._layers import ActQuantizer, Position, WeightQuantizer, calibrating
-from ._qat import QATMethodConfig
+from ._qat import QATMethodConfig, QATTraining
 from ._registry import register_method
-from .rtn import (
+from ._ternary import (
     ExactConv2d,
     ExactLinear,
     first_last_layer,
     hard_forward,
-    quantize_with_qat,
     ternary_code,
 )
 
@@ -107,6 +109,7 @@ PAPER_RECIPE: dict[str, Any] = {
     "first_last": "fp32",
     "model": "modified ResNet-18 (BN-TernAct-conv-BN-add-PReLU, parameter-free downsampling)",
 }
+PAPER_RECIPE_TEXT = json.dumps(PAPER_RECIPE, sort_keys=True)
 
 
 def binary_sign(w: Tensor) -> Tensor:
@@ -248,7 +251,7 @@ class STTNWeight(WeightQuantizer):
 
 class STTNConv2d(ExactConv2d):
     """A ternary conv trained as two binary convs on the same (ternary) input (evaluated with
-    both branches in float64, see :class:`~ternbench.methods.rtn.ExactEval`)."""
+    both branches in float64, see :class:`~ternbench.methods._ternary.ExactEval`)."""
 
     wq: STTNWeight
 
@@ -295,7 +298,7 @@ class STTNLinear(ExactLinear):
 class STTNConfig(QATMethodConfig):
     """STTN knobs. ``act_threshold``: the fixed activation threshold (0.5 in the paper).
     ``init_shift``, ``latent_scale``, ``grad_rule``: see the module docstring. ``exact_eval``:
-    evaluate in float64 like the integer kernel (:class:`~ternbench.methods.rtn.ExactEval`).
+    evaluate in float64 like the integer kernel (:class:`~ternbench.methods._ternary.ExactEval`).
     ``bn_recalibrate``: re-estimate BatchNorm after the layer swap, before training. Training
     fields: :class:`~ternbench.methods._qat.QATRecipe` (harness default: Adam lr 1e-3, wd 0,
     cosine, KD-only from the FP32 model; the paper: lr 5e-3, 256 epochs, ResNet-50 teacher).
@@ -361,22 +364,15 @@ class STTN:
         layer.exact_eval = cfg.exact_eval
         return layer
 
-    def _prepare(self, m: nn.Module, ctx: QuantContext) -> dict[str, Any]:
+    def _prepare(self, m: nn.Module, ctx: QuantContext) -> QuantInfo:
         """BN statistics with the ternary layers on (int8 first/last pass through), then the
         int8 ranges and layer shapes on the calibration set."""
-        from ternbench.core.train import recalibrate_bn
-
-        from ._ptq import calibrate_activations
-
-        info: dict[str, Any] = {"bn_recalibrated": False}
+        info = QuantInfo(bn_recalibrated=False)
         if self.config.bn_recalibrate:
-            loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
             with calibrating(m):
-                info["bn_batches"] = recalibrate_bn(
-                    m, loader, batches=ctx.bn_batches, device=ctx.device
-                )
+                info["bn_batches"] = recalibrate_bn(m, ctx)
             info["bn_recalibrated"] = True
-        info["calib_samples"] = calibrate_activations(m, ctx.calib_loader, ctx.device)
+        info.update(calibrate(m, ctx))
         return info
 
     def _deviations(self, epochs: float) -> list[str]:
@@ -401,15 +397,10 @@ class STTN:
         return dev
 
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
-        return quantize_with_qat(
-            model,
-            ctx,
-            self.config,
-            method=self.name,
-            make=self._make,
-            prepare=lambda m: self._prepare(m, ctx),
-            paper_recipe=PAPER_RECIPE,
-            deviations=self._deviations,
+        cfg = self.config
+        training = QATTraining(self.name, cfg.recipe(), PAPER_RECIPE_TEXT, self._deviations)
+        return quantize_flow(
+            model, ctx, cfg, self.name, self._make, prepare=self._prepare, train=training
         )
 
 
@@ -418,6 +409,13 @@ class STTN:
     # the repo's recipe; the ResNet-50 teacher is not available offline, the FP32 baseline teaches
     paper_overrides={"epochs": 256, "optimizer": "adam", "lr": 5e-3, "weight_decay": 0.0,
                      "schedule": "cosine", "kd": True, "kd_alpha": 1.0},
+    whole_model=1,
+    paper_numbers=(
+        PaperNumber("sttn", "resnet18", "imagenet", 66.2, 69.3, "IJCAI'20", "Xu et al., IJCAI'20"),
+        PaperNumber("sttn", "resnet18", "imagenet", 68.2, 69.3,
+                    "modified ResNet-18, 256 epochs, KD from ResNet-50",
+                    "github.com/WeixiangXu/STTN README"),
+    ),
 )
 def sttn(config: MethodConfig) -> STTN:
     assert isinstance(config, STTNConfig)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._facts import PaperDelta
 from ._layers import iter_quant_layers
 from ._ptq import TernaryGroupWeight, post_training_quantize
 from ._registry import register_method
@@ -236,17 +237,15 @@ class TRN:
 
     def _switchable_bn(self, qm: QuantizedModel, total: int, ctx: QuantContext) -> None:
         """One set of BN statistics per number of enabled edges (set 0 is the FGQ base's)."""
-        from ternbench.core.train import recalibrate_bn
-
+        from ._flow import recalibrate_bn
         from ._layers import passthrough
 
         sets = [_bn_state(qm.module)]
-        loader = ctx.train_loader if ctx.train_loader is not None else ctx.calib_loader
         for n in range(1, total + 1):
             qm.module.trn_bn_sets = None  # type: ignore[assignment]
             set_active_edges(qm, n)
             with passthrough(qm.module):  # as for the base: activations pass through
-                recalibrate_bn(qm.module, loader, batches=ctx.bn_batches, device=ctx.device)
+                recalibrate_bn(qm.module, ctx)
             sets.append(_bn_state(qm.module))
         qm.module.trn_bn_sets = sets  # type: ignore[assignment]
         qm.module.eval()
@@ -297,6 +296,11 @@ class TRN:
 @register_method(
     "trn", config=TRNConfig, paper=PAPER, kind="ptq",
     default_sweep={"active_fraction": (0.0, 0.25, 0.5, 0.75, 1.0)},
+    ablations={"trn-budget": {"active_fraction": (0.0, 0.25, 0.5, 0.75, 1.0)}},
+    paper_deltas=(
+        PaperDelta("trn", "resnet101", "imagenet", -1.0, "8-2 + residual edges ('~1% drop')",
+                   "Kundu et al. 2017, abstract"),
+    ),
 )
 def trn(config: MethodConfig) -> TRN:
     assert isinstance(config, TRNConfig)

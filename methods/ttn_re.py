@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._facts import PaperNumber
 from ._layers import WeightQuantizer
 from ._ptq import policy_layer
 from ._qat import QATMethodConfig, QATRecipe, qat_quantize, recipe_deviations
@@ -192,7 +193,7 @@ class TTNRE:
             self.name,
             policy_layer(cfg, lambda: TTNREWeight(deltas)),
             paper_recipe=PAPER_RECIPE_TEXT,
-            deviations=self.deviations(ctx),
+            deviations=lambda _epochs: self.deviations(ctx),
         )
         qm.info["thresholds"] = list(deltas)
         return qm
@@ -206,6 +207,16 @@ class TTNRE:
         "weight_decay": PAPER_RECIPE.weight_decay, "schedule": PAPER_RECIPE.schedule,
         "milestones": PAPER_RECIPE.milestones, "gammas": PAPER_RECIPE.gammas,
     },
+    paper_numbers=(
+        PaperNumber("ttn_re", "resnet20", "cifar10", 91.65, 91.70, "all layers ternary",
+                    "He & Fan, github.com/elliothe/Ternarized_Neural_Network README"),
+        PaperNumber("ttn_re", "resnet18", "imagenet", 66.01, 69.75, "t_ex=1",
+                    "He & Fan, official README"),
+        PaperNumber("ttn_re", "resnet18", "imagenet", 68.35, 69.75,
+                    "REL t_ex=2, ternary first/last", "He & Fan, official README"),
+        PaperNumber("ttn_re", "resnet18", "imagenet", 69.44, 69.75,
+                    "REL t_ex=4, ternary first/last", "He & Fan, official README"),
+    ),
 )
 def ttn_re(config: MethodConfig) -> TTNRE:
     assert isinstance(config, TTNREConfig)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import MethodConfig, QuantContext, QuantizedModel, _check
+from ._facts import PaperDelta, PaperNumber
 from ._layers import Position, QuantLayer, WeightQuantizer
 from ._ptq import policy_layer
 from ._qat import QATMethodConfig, qat_quantize
@@ -199,11 +200,21 @@ class TTQ:
             self.name,
             make,
             paper_recipe=PAPER_RECIPE_TEXT,
-            deviations=self.deviations(ctx),
+            deviations=lambda _epochs: self.deviations(ctx),
         )
 
 
-@register_method("ttq", config=TTQConfig, paper=PAPER, kind="qat", budget_scale=4.0)
+@register_method(
+    "ttq", config=TTQConfig, paper=PAPER, kind="qat", budget_scale=4.0, order=3,
+    paper_numbers=(
+        PaperNumber("ttq", "resnet20", "cifar10", 91.13, 91.77, "error 8.87% vs FP 8.23%",
+                    "Zhu et al., ICLR'17 / github.com/czhu95/ternarynet"),
+    ),
+    paper_deltas=(
+        PaperDelta("ttq", "alexnet", "imagenet", 0.3, "from scratch (error 42.5% vs 42.8%)",
+                   "Zhu et al., ICLR'17"),
+    ),
+)
 def ttq(config: MethodConfig) -> TTQ:
     assert isinstance(config, TTQConfig)
     return TTQ(config)

@@ -33,6 +33,7 @@ from .tables import (
     format_status,
     load_results,
     prepare,
+    reference_method,
 )
 
 __all__ = ["build_report", "inline_svg", "render_templates"]
@@ -285,11 +286,12 @@ def fidelity_table(data: ReportData, tol: float = 0.5) -> pd.DataFrame:
     acc = data.accuracy
     if not len(acc):
         return pd.DataFrame()
+    ref = reference_method()
     rows: list[dict[str, Any]] = []
     for rec in acc.to_dict("records"):
         method, model, dataset = str(rec["method"]), str(rec["model"]), str(rec["dataset"])
         delta = float(rec["delta_top1"])
-        if method == "fp32" or delta != delta:  # NaN: no reference
+        if method == ref or delta != delta:  # NaN: no reference
             continue
         pd_ = closest_delta(method, model, dataset)
         setting = ""
@@ -331,11 +333,12 @@ def _paper_table(data: ReportData) -> pd.DataFrame:
     if not len(acc):
         return pd.DataFrame()
     pairs = {(str(m), str(d)) for m, d in zip(acc["model"], acc["dataset"], strict=True)}
+    ref = reference_method()
     rows = []
     for p in matching(pairs):
         ours = acc[(acc["method"] == p.method) & (acc["model"] == p.model)
                    & (acc["dataset"] == p.dataset)]
-        fp = acc[(acc["method"] == "fp32") & (acc["model"] == p.model)
+        fp = acc[(acc["method"] == ref) & (acc["model"] == p.model)
                  & (acc["dataset"] == p.dataset)]
         rows.append({
             "Method": p.method, "Model / dataset": f"{p.model} / {p.dataset}",

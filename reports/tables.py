@@ -1,10 +1,11 @@
-"""Load tidy ``ternbench`` result tables and pivot them into the report's tables.
+"""Pivot the tidy ``ternbench`` results into the report's numeric tables.
 
 The runner writes one long-form row per cell x metric (``schema_version`` 1, see
 :data:`COLUMNS`). This module turns that frame into a :class:`ReportData` bundle of *numeric*
-tables (accuracy/cost, model latency per target, per-layer latency, failed cells, run metadata)
-and offers ``format_*`` helpers that render them as display strings. Plots and templates consume
-the same numeric tables, so every number in a report comes from one place.
+tables (accuracy/cost, model latency per target, per-layer latency, failed cells, run metadata).
+Plots and templates consume the same numeric tables, so every number in a report comes from one
+place. Loading and the schema are in :mod:`.loading`, the ``format_*`` display helpers in
+:mod:`.formatting`; both are re-exported here (``ternbench.reports.tables`` keeps its names).
 
 Example:
     >>> from ternbench.reports.tables import load_results, prepare
@@ -21,17 +22,52 @@ import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .formatting import (
+    DASH,
+    fmt_num,
+    fmt_ops,
+    format_accuracy,
+    format_failed,
+    format_latency,
+    format_layers,
+    format_meta,
+    format_model,
+    format_status,
+)
+from .loading import (
+    COLUMNS,
+    MODEL_LAYER,
+    MODEL_TARGET,
+    SCHEMA_VERSION,
+    SWEEP_PREFIX,
+    TORCH_IMPL,
+    TOTAL_LAYER,
+    TVM_FP32_IMPL,
+    ResultsError,
+    load_results,
+    normalize_results,
+    results_file,
+)
+
 __all__ = [
     "COLUMNS",
+    "DASH",
+    "MODEL_LAYER",
+    "MODEL_TARGET",
     "SCHEMA_VERSION",
+    "SWEEP_PREFIX",
+    "TORCH_IMPL",
+    "TOTAL_LAYER",
+    "TVM_FP32_IMPL",
     "ReportData",
     "ResultsError",
+    "fmt_num",
+    "fmt_ops",
     "format_accuracy",
     "format_failed",
     "format_latency",
@@ -42,197 +78,44 @@ __all__ = [
     "load_results",
     "normalize_results",
     "prepare",
+    "reference_method",
+    "registry_order",
+    "results_file",
 ]
 
-from ternbench.core.results import COLUMNS as _RESULTS_COLUMNS  # noqa: E402
-from ternbench.core.results import (  # noqa: E402  (reserved names of the schema)
-    MODEL_LAYER,
-    MODEL_TARGET,
-    SWEEP_PREFIX,
-    TOTAL_LAYER,
-)
-from ternbench.core.results import SCHEMA_VERSION as _RESULTS_SCHEMA_VERSION  # noqa: E402
-
 log = logging.getLogger(__name__)
-
-# the tidy schema is the runner's; one definition of its columns and version
-SCHEMA_VERSION = _RESULTS_SCHEMA_VERSION
-COLUMNS = tuple(_RESULTS_COLUMNS)
-_STR_COLUMNS = tuple(c for c in COLUMNS if c not in ("schema_version", "seed", "value"))
-# columns a report cannot be built without; the rest get neutral defaults when absent
-_REQUIRED = (
-    "run_id",
-    "method",
-    "method_config",
-    "model",
-    "dataset",
-    "target",
-    "layer",
-    "impl",
-    "metric",
-    "value",
-    "status",
-)
-
-TORCH_IMPL = "torch_fp32"  # baseline measured in the same run on the same shapes
-TVM_FP32_IMPL = "tvm_fp32"
-REFERENCE_METHOD = "fp32"  # Δtop1 is measured against this method
-
-
-class ResultsError(ValueError):
-    """A results directory or frame cannot be read as a ternbench results table."""
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def _read_table(path: Path) -> pd.DataFrame:
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    # keep "" as "" (layer/impl/error are often empty); only the value column may be missing
-    return pd.read_csv(path, keep_default_na=False, na_values={"value": ["", "nan", "NaN", "NA"]})
-
-
-def _find_results(src: Path) -> tuple[Path, Path]:
-    """(results file, run.json path) for a run directory or a results file."""
-    if src.is_file():
-        return src, src.parent / "run.json"
-    if not src.is_dir():
-        raise ResultsError(f"results path {str(src)!r} does not exist")
-    return results_file(src), src / "run.json"
-
-
-def results_file(src: Path) -> Path:
-    """The results table of a run directory: ``results.parquet``, or ``results.csv`` when only
-    it exists or it is newer (edited by hand after the run); the choice is logged."""
-    if src.is_file():
-        return src
-    pq, csv = src / "results.parquet", src / "results.csv"
-    if pq.is_file() and csv.is_file() and csv.stat().st_mtime_ns > pq.stat().st_mtime_ns:
-        log.info("%s is newer than %s (edited after the run?): reading the csv", csv, pq.name)
-        return csv
-    for path in (pq, csv):
-        if path.is_file():
-            return path
-    raise ResultsError(
-        f"{str(src)!r} holds no results.parquet or results.csv; pass the output directory of "
-        "`ternbench run` (the folder with run.json)"
-    )
-
-
-def load_results(*dirs: str | Path) -> tuple[pd.DataFrame, list[dict]]:
-    """Concatenate the results of one or more run directories.
-
-    Returns the normalized tidy frame and the list of ``run.json`` dicts, one per directory in
-    the order given. ``results.parquet`` is preferred over ``results.csv``. A directory without
-    a results table, or with another ``schema_version``, raises :class:`ResultsError`. When two
-    directories carry the same ``run_id`` the later one is renamed ``<run_id>#2`` so both stay
-    apart in comparisons.
-
-    Example:
-        >>> df, metas = load_results("runs/a", "runs/b")   # doctest: +SKIP
-    """
-    if not dirs:
-        raise ResultsError("load_results needs at least one results directory")
-    frames: list[pd.DataFrame] = []
-    metas: list[dict] = []
-    seen: set[str] = set()
-    for d in dirs:
-        table, run_json = _find_results(Path(d))
-        try:
-            raw = _read_table(table)
-        except (OSError, ValueError, ImportError) as exc:
-            raise ResultsError(f"cannot read {str(table)!r}: {exc}") from exc
-        df = normalize_results(raw, source=str(table))
-        meta: dict[str, Any] = {}
-        if run_json.is_file():
-            try:
-                meta = json.loads(run_json.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ResultsError(f"cannot read {str(run_json)!r}: {exc}") from exc
-            if not isinstance(meta, dict):
-                raise ResultsError(f"{str(run_json)!r} must hold a JSON object")
-            sv = meta.get("schema_version")
-            if sv is not None and int(sv) != SCHEMA_VERSION:
-                raise ResultsError(_schema_msg(str(run_json), [sv]))
-        else:
-            log.warning("%s has no run.json; the metadata table will be sparse", table.parent)
-        run_ids = list(dict.fromkeys(df["run_id"]))
-        if not meta.get("run_id"):
-            meta["run_id"] = run_ids[0] if run_ids else table.parent.name
-        # rename clashing run ids so a run compared with its own copy stays two columns
-        rename: dict[str, str] = {}
-        for rid in [*run_ids, str(meta["run_id"])]:
-            if rid in seen and rid not in rename:
-                n = 2
-                while f"{rid}#{n}" in seen:
-                    n += 1
-                rename[rid] = f"{rid}#{n}"
-                log.warning(
-                    "run_id %r appears in several inputs; %s is shown as %r",
-                    rid,
-                    table.parent,
-                    rename[rid],
-                )
-        if rename:
-            df["run_id"] = df["run_id"].replace(rename)
-            meta["run_id"] = rename.get(str(meta["run_id"]), meta["run_id"])
-        seen.update(df["run_id"].unique())
-        seen.add(str(meta["run_id"]))
-        meta.setdefault("source", str(table.parent))
-        frames.append(df)
-        metas.append(meta)
-    out = pd.concat(frames, ignore_index=True, sort=False) if len(frames) > 1 else frames[0]
-    return out, metas
-
-
-def _schema_msg(source: str, found: Iterable[Any]) -> str:
-    return (
-        f"{source}: results schema_version {sorted({str(v) for v in found})} is not supported: "
-        f"this ternbench reads schema_version {SCHEMA_VERSION}. Re-run `ternbench run` or use the "
-        "ternbench version that wrote these results."
-    )
-
-
-def normalize_results(df: pd.DataFrame, source: str = "<DataFrame>") -> pd.DataFrame:
-    """Check the schema and return a copy with clean dtypes.
-
-    String columns get ``""`` for missing values (CSV round trips turn ``""`` into NaN),
-    ``value`` becomes float and ``seed`` int; absent optional columns get neutral defaults.
-    """
-    if not isinstance(df, pd.DataFrame):
-        raise ResultsError(f"{source}: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in _REQUIRED if c not in df.columns]
-    if missing:
-        raise ResultsError(
-            f"{source}: not a ternbench results table, missing column(s) {missing}; "
-            f"schema_version {SCHEMA_VERSION} has columns {list(COLUMNS)}"
-        )
-    out = df.copy()
-    if "schema_version" in out.columns:
-        versions = pd.to_numeric(out["schema_version"], errors="coerce")
-        bad = out["schema_version"][versions.ne(SCHEMA_VERSION) | versions.isna()]
-        if len(bad):
-            raise ResultsError(_schema_msg(source, bad.unique()))
-    out["schema_version"] = SCHEMA_VERSION
-    for col in _STR_COLUMNS:
-        if col not in out.columns:
-            out[col] = "ok" if col == "status" else ""
-        out[col] = out[col].astype(object).where(out[col].notna(), "").astype(str)
-    out["value"] = pd.to_numeric(out["value"], errors="coerce").astype(float)
-    seed = out["seed"] if "seed" in out.columns else pd.Series(0, index=out.index)
-    out["seed"] = pd.to_numeric(seed, errors="coerce").fillna(0).astype("int64")
-    out["status"] = out["status"].str.lower()
-    return out
 
 
 # --------------------------------------------------------------------------- variants
 
 
+def registry_order() -> list[str]:
+    """Method names in registry order (``ternbench.methods.list_methods``), or [] if unavailable."""
+    try:
+        from ternbench.methods import list_methods
+
+        return list(list_methods())
+    except Exception as exc:  # the report must still build without torch / a broken plugin
+        log.info("method registry unavailable (%s); ordering methods by name", exc)
+        return []
+
+
+def reference_method() -> str:
+    """The registry's reference method (deltas and speed-ups are taken against it), or "" when
+    the registry is unavailable (no deltas then)."""
+    try:
+        from ternbench.methods import reference_method as registered
+
+        return registered() or ""
+    except Exception as exc:  # the report must still build without torch / a broken plugin
+        log.info("method registry unavailable (%s); no reference method", exc)
+        return ""
+
+
 def method_rank(methods: Iterable[str], registry: Sequence[str] | None = None) -> dict[str, int]:
-    """Stable rank per method: ``registry`` order first (the method registry's, which the
-    caller passes: reports does not import the methods), then the other names sorted."""
-    reg = list(registry or ())
+    """Stable rank per method: ``registry`` order first (default: the method registry's), then
+    the other names sorted."""
+    reg = list(registry_order() if registry is None else registry)
     extra = sorted(set(methods) - set(reg))
     return {m: i for i, m in enumerate([*reg, *extra])}
 
@@ -485,8 +368,9 @@ def _accuracy_table(
         how="left",
     )
 
-    # reference: the first fp32 variant of the same run / model / dataset (subset if possible)
-    ref = wide[wide["method"].eq(REFERENCE_METHOD) & wide["top1"].notna()].sort_values("vid")
+    # reference: the first variant of the registry's reference method (FP32) of the same
+    # run / model / dataset (subset if possible)
+    ref = wide[wide["method"].eq(reference_method()) & wide["top1"].notna()].sort_values("vid")
     exact = ref.drop_duplicates(["run_id", "model", "dataset", "subset"])
     loose = ref.drop_duplicates(["run_id", "model", "dataset"])
     exact_map: dict[Any, Any] = {
@@ -520,7 +404,7 @@ COMPOSITE_IMPL = "tvm"  # the runner's model total over each layer's own TVM ker
 
 
 def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
-    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the fp32 method).
+    """The method's own TVM kernel impls among ``impls`` (tvm_fp32 only for the reference).
 
     A model-total row over the per-layer kernels (impl ``"tvm"``) is the method's figure when
     present: its layers may use different kernels (FGQ's int8 first/last layers).
@@ -530,7 +414,7 @@ def _kernel_impls(impls: Iterable[str], method: str) -> list[str]:
         return [COMPOSITE_IMPL]
     tvm = [i for i in impls if i.startswith("tvm_")]
     own = [i for i in tvm if i != TVM_FP32_IMPL]
-    if method == REFERENCE_METHOD or not own:
+    if method == reference_method() or not own:
         return tvm
     return own
 
@@ -604,13 +488,14 @@ def _latency_tables(
     torch_rows = totals[totals["impl"].eq(TORCH_IMPL)]
     torch_own = torch_rows.set_index(["vid", "model", "dataset", "target"])["latency_us"]
     torch_run = torch_rows.groupby(["run_id", "model", "dataset", "target"])["latency_us"].mean()
-    # TVM FP32: the fp32 method's tvm_fp32 kernel of the same run, else the variant's own rows
+    # TVM FP32: the reference method's tvm_fp32 kernel of the same run, else the variant's own
+    ref_method = reference_method()
     tvm32 = totals[
         totals["impl"].eq(TVM_FP32_IMPL)
-        | (totals["method"].eq(REFERENCE_METHOD) & totals["impl"].eq(COMPOSITE_IMPL))
+        | (totals["method"].eq(ref_method) & totals["impl"].eq(COMPOSITE_IMPL))
     ]
     tvm32_ref = (
-        tvm32[tvm32["method"].eq(REFERENCE_METHOD)]
+        tvm32[tvm32["method"].eq(ref_method)]
         .sort_values("vid")
         .drop_duplicates(["run_id", "model", "dataset", "target"])
         .set_index(["run_id", "model", "dataset", "target"])["latency_us"]
@@ -827,96 +712,6 @@ def _meta_table(
     return table
 
 
-# --------------------------------------------------------------------------- formatting
-
-DASH = "—"
-
-
-def fmt_num(v: Any, spec: str, suffix: str = "") -> str:
-    """``format(v, spec) + suffix``, or an em dash for missing values."""
-    if v is None or (isinstance(v, float | np.floating) and math.isnan(v)):
-        return DASH
-    try:
-        return f"{format(float(v), spec)}{suffix}"
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def fmt_ops(v: Any) -> str:
-    """Operation counts with SI suffix: 1234567 -> '1.23M'."""
-    if v is None or pd.isna(v):
-        return DASH
-    v = float(v)
-    for div, suf in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(v) >= div:
-            return f"{v / div:.2f}{suf}"
-    return f"{v:.0f}"
-
-
-def _fmt_sweep(v: Any) -> str:
-    if v is None or (not isinstance(v, str) and pd.isna(v)):
-        return DASH
-    if isinstance(v, float | np.floating) and float(v).is_integer():
-        return str(int(v))
-    return str(v)
-
-
-def format_accuracy(acc: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.DataFrame:
-    """Display strings for the accuracy/cost table.
-
-    top1 and Δtop1 with 2 decimals (the fp32 reference row reads ``ref``), bits 2 decimals,
-    sparsity as a percentage, MULs/ADDs with SI suffixes. Subset and seed-count columns are shown
-    only when they carry information.
-    """
-    out = pd.DataFrame({"Method": acc["label"].astype(str)})
-    for c in sweep_cols:
-        out[c] = [_fmt_sweep(v) for v in acc[c]]
-    out["Model"] = acc["model"].astype(str)
-    if "block" in acc and acc["block"].isin(["", "plain"]).sum() < len(acc):
-        out["Block"] = [b or "plain" for b in acc["block"].astype(str)]
-    out["Dataset"] = acc["dataset"].astype(str)
-    if acc["subset"].nunique() > 1:
-        out["Subset"] = acc["subset"].astype(str)
-    out["Top-1 (%)"] = [fmt_num(v, ".2f") for v in acc["top1"]]
-    out["Δ Top-1 vs fp32 (pp)"] = [
-        "ref" if ref else fmt_num(d, "+.2f")
-        for d, ref in zip(acc["delta_top1"], acc["is_reference"], strict=True)
-    ]
-    if "fp32_top1" in acc and acc["fp32_top1"].notna().any():  # each cell's own FP32 baseline
-        out["Own FP32 (%)"] = [fmt_num(v, ".2f") for v in acc["fp32_top1"]]
-    if "converged" in acc and acc["converged"].notna().any():
-        out["Training"] = ["" if pd.isna(c) else "converged" if c >= 0.5 else "not converged"
-                           for c in acc["converged"]]
-    if "degraded" in acc and acc["degraded"].astype(str).ne("").any():
-        out["Status"] = [f"degraded: {w}" if w else "ok" for w in acc["degraded"].astype(str)]
-    out["Eff. bits"] = [fmt_num(v, ".2f") for v in acc["effective_bits"]]
-    out["Sparsity"] = [
-        fmt_num(100 * v if not pd.isna(v) else v, ".1f", "%") for v in acc["sparsity"]
-    ]
-    out["MULs"] = [fmt_ops(v) for v in acc["muls"]]
-    out["ADDs"] = [fmt_ops(v) for v in acc["adds"]]
-    if len(acc) and pd.to_numeric(acc["n_seeds"], errors="coerce").max() > 1:
-        out["Seeds"] = acc["n_seeds"].astype(str)
-    return out.reset_index(drop=True)
-
-
-def format_latency(lat: pd.DataFrame, sweep_cols: Sequence[str] = ()) -> pd.DataFrame:
-    """Display strings for one target's model-latency table (µs 1 decimal, speed-ups ``1.23×``)."""
-    out = pd.DataFrame({"Method": lat["label"].astype(str)})
-    for c in sweep_cols:
-        out[c] = [_fmt_sweep(v) for v in lat[c]]
-    out["Model"] = lat["model"].astype(str)
-    out["Dataset"] = lat["dataset"].astype(str)
-    out["Kernel"] = lat["impl"].astype(str)
-    out["Latency (µs)"] = [fmt_num(v, ".1f") for v in lat["latency_us"]]
-    out["Torch FP32 (µs)"] = [fmt_num(v, ".1f") for v in lat["torch_fp32_us"]]
-    out["Speed-up vs torch"] = [fmt_num(v, ".2f", "×") for v in lat["speedup_torch"]]
-    if lat["tvm_fp32_us"].notna().any():
-        out["TVM FP32 (µs)"] = [fmt_num(v, ".1f") for v in lat["tvm_fp32_us"]]
-        out["Speed-up vs TVM FP32"] = [fmt_num(v, ".2f", "×") for v in lat["speedup_tvm_fp32"]]
-    return out.reset_index(drop=True)
-
-
 _MODEL_IMPLS = {"tvm": "tvm_us", "torch_fp32": "torch_fp32_us",
                 "torch_fp32_eager": "torch_fp32_us",  # runs before the artifact (issue 12)
                 "torch_int8": "torch_int8_us", "onnxruntime_int8": "ort_int8_us"}
@@ -991,89 +786,3 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     for metric, col in (("kernels_built", "built"), ("kernels_verified", "verified")):
         out[col] = rows[rows["metric"].eq(metric)].groupby(key)["value"].max()
     return out.reset_index()[cols]
-
-
-def format_model(model: pd.DataFrame) -> pd.DataFrame:
-    """Display strings for the end-to-end (deployed artifact) table."""
-    out = pd.DataFrame(
-        {
-            "Method": model["label"].astype(str),
-            "Model": model["model"].astype(str),
-            "Target": model["target"].astype(str),
-            "TVM artifact (µs)": [fmt_num(v, ".0f") for v in model["tvm_us"]],
-            "Kernel sum (µs)": [fmt_num(v, ".0f") for v in model["kernel_sum_us"]],
-            "Artifact / kernels": [fmt_num(v, ".2f", "×") for v in model["overhead"]],
-            "Torch FP32 eager (µs)": [fmt_num(v, ".0f") for v in model["torch_fp32_us"]],
-            "Torch INT8 (µs)": [fmt_num(v, ".0f") for v in model["torch_int8_us"]],
-            "ORT INT8 (µs)": [fmt_num(v, ".0f") for v in model["ort_int8_us"]],
-            "Speed-up vs FP32": [fmt_num(v, ".2f", "×") for v in model["speedup_fp32"]],
-            "Speed-up vs INT8": [fmt_num(v, ".2f", "×") for v in model["speedup_int8"]],
-            "Speed-up vs ORT INT8": [fmt_num(v, ".2f", "×") for v in model["speedup_ort"]],
-            "Top-1 fake-quant (%)": [fmt_num(v, ".2f") for v in model["top1"]],
-            "Top-1 deployed (%)": [fmt_num(v, ".2f") for v in model["top1_deployed"]],
-            "Same prediction": [fmt_num(100 * v, ".1f", "%") for v in model["pred_agreement"]],
-            "Logit Δ vs fake-quant": [fmt_num(v, ".1e") for v in model["logit_rel_diff"]],
-            "Flag": [str(f) if isinstance(f, str) else "" for f in model["flag"]],
-        }
-    )
-    if model["other_us"].notna().any():  # runs with the chained (torch glue) model
-        out["Non-GEMM ops (µs)"] = [fmt_num(v, ".0f") for v in model["other_us"]]
-    return out.reset_index(drop=True)
-
-
-def format_status(status: pd.DataFrame) -> pd.DataFrame:
-    """Display strings for the built / verified (not timed) targets."""
-    return pd.DataFrame(
-        {
-            "Method": status["label"].astype(str),
-            "Model": status["model"].astype(str),
-            "Target": status["target"].astype(str),
-            "Status": status["status_text"].astype(str),
-        }
-    ).reset_index(drop=True)
-
-
-def format_layers(layers: pd.DataFrame) -> pd.DataFrame:
-    """Display strings for one target's per-layer latency table."""
-    return pd.DataFrame(
-        {
-            "Method": layers["label"].astype(str),
-            "Model": layers["model"].astype(str),
-            "Kernel": layers["impl"].astype(str),
-            "Layer": layers["layer"].astype(str),
-            "Latency (µs)": [fmt_num(v, ".1f") for v in layers["latency_us"]],
-            "Torch FP32 (µs)": [fmt_num(v, ".1f") for v in layers["torch_fp32_us"]],
-            "Speed-up vs torch": [fmt_num(v, ".2f", "×") for v in layers["speedup_torch"]],
-        }
-    ).reset_index(drop=True)
-
-
-def format_failed(failed: pd.DataFrame, max_error: int | None = None) -> pd.DataFrame:
-    """Display strings for the failed cells; ``max_error`` truncates long reasons."""
-
-    def err(e: str) -> str:
-        e = " ".join(str(e).split())  # tracebacks become one line
-        if max_error is not None and len(e) > max_error:
-            return e[: max_error - 1] + "…"
-        return e or "(no reason recorded)"
-
-    def where(r: Any) -> str:
-        parts = [p for p in (r.target if r.target != MODEL_TARGET else "", r.layer, r.impl) if p]
-        return " / ".join(parts) or "accuracy"
-
-    return pd.DataFrame(
-        {
-            "Method": failed["label"].astype(str),
-            "Model": failed["model"].astype(str),
-            "Dataset": failed["dataset"].astype(str),
-            "Seed": failed["seed"].astype(str),
-            "Stage": [where(r) for r in failed.itertuples()],
-            "Cell": failed["cell_key"].astype(str),
-            "Error": [err(e) for e in failed["error"]],
-        }
-    ).reset_index(drop=True)
-
-
-def format_meta(meta: pd.DataFrame) -> pd.DataFrame:
-    """The metadata table with its field index as a first column."""
-    return meta.reset_index().rename(columns={"field": "Field"})

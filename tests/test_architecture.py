@@ -5,7 +5,7 @@ Which package may import which::
     core       -> nothing of ternbench
     methods    -> core
     schedules  -> core, methods (public API)
-    reports    -> core
+    reports    -> core, methods (public API, lazily: the registry's order and paper numbers)
     bench      -> core, methods, schedules, reports
 
 and no module imports another package's private module or name (``ternbench.methods._base``,
@@ -28,7 +28,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "core": frozenset(),
     "methods": frozenset({"core"}),
     "schedules": frozenset({"core", "methods"}),
-    "reports": frozenset({"core"}),
+    "reports": frozenset({"core", "methods"}),
     "bench": frozenset({"core", "methods", "schedules", "reports"}),
 }
 #: folders inside the packages that are not part of them: the asv benchmarks run against older
@@ -113,8 +113,8 @@ def test_packages_follow_the_dependency_rules() -> None:
         # an import upwards, absolute and lazy (inside a function)
         ("ternbench.methods.rtn", "def f():\n    from ternbench.bench.train import train\n",
          "methods may not import bench"),
-        ("ternbench.reports.tables", "import ternbench.methods\n",
-         "reports may not import methods"),
+        ("ternbench.reports.tables", "import ternbench.schedules\n",
+         "reports may not import schedules"),
         ("ternbench.core.files", "from ternbench import schedules\n",
          "core may not import schedules"),
         # relative imports that climb out of the package

@@ -40,6 +40,19 @@ def test_registry_names_and_info() -> None:
     assert get_dataset_info("imagenet").splits == ("val",)
 
 
+def test_dataset_facts_replace_name_checks() -> None:
+    """Where a dataset differs (ImageNet's ``val`` test split, its ImageFolder tree) is a
+    DatasetInfo fact, not a name compared in the harness (issue 13)."""
+    from ternbench.bench.data import loader_workers
+
+    inet = get_dataset_info("imagenet")
+    assert (inet.test_split, inet.image_folder) == ("val", True)
+    for name in ("fashion-mnist", "cifar10", "cifar100"):
+        info = get_dataset_info(name)
+        assert (info.test_split, info.image_folder) == ("test", False)
+        assert loader_workers(name) == 0
+
+
 def test_unknown_dataset_suggests() -> None:
     with pytest.raises(ValueError, match=r"Did you mean 'cifar10'"):
         get_dataset_info("cifar-10")

@@ -241,6 +241,37 @@ def test_duplicate_registration_warns(caplog) -> None:
         _REGISTRY.pop("dup_test", None)
 
 
+def test_method_facts_come_from_the_registry() -> None:
+    """What generic code knows about methods is declared with them (issue 13)."""
+    from ternbench.methods import (
+        MethodConfig,
+        ablations,
+        default_methods,
+        get_method_info,
+        paper_deltas,
+        reference_method,
+        register_method,
+        whole_model_methods,
+    )
+    from ternbench.methods._registry import _REGISTRY
+
+    assert reference_method() == "fp32"
+    assert default_methods() == ("fp32", "int8", "twn", "fgq")
+    assert whole_model_methods() == ["rtn", "sttn", "fgq", "twn"]
+    assert ablations()["bn-recalibration"] == {
+        "twn": {"bn_recalibrate": (True, False)}, "fgq": {"bn_recalibrate": (True, False)}}
+    assert get_method_info("rtn").trains and not get_method_info("trn").trains
+    assert {d.method for d in paper_deltas()} >= {"fgq", "trn", "ttq", "ttn_re", "sttn", "twn"}
+    try:  # a new method's ablation joins one of the same name (the union over methods)
+        register_method("facts_test", config=MethodConfig, paper="x", kind="ptq", order=-1,
+                        ablations={"bn-recalibration": {"bn_recalibrate": (True, False)}})(
+            lambda cfg: None)
+        assert list(ablations()["bn-recalibration"]) == ["facts_test", "twn", "fgq"]
+        assert list_methods()[0] == "facts_test"  # its display order
+    finally:
+        _REGISTRY.pop("facts_test", None)
+
+
 def test_lean_import() -> None:
     """Importing the methods must not import tvm or ray (they cost seconds and memory)."""
     code = (

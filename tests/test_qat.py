@@ -276,7 +276,7 @@ def test_info_ledger_and_zero_budget() -> None:
     qm = create_method("ttn_re", t_ex=2).quantize(fp, _ctx(0.0))
     info = qm.info
     assert info["epochs_run"] == 0.0 and info["train_steps"] == 0
-    assert json.loads(info["recipe"])["epochs"] == 0.0
+    assert info["recipe"]["epochs"] == 0.0
     assert "epochs 0 instead of 200" in info["deviations"]
     assert any("from scratch" in d for d in info["deviations"])
     assert "200 epochs" in info["paper_recipe"] and info["thresholds"] == [0.05, 0.1]
