@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from ternbench.methods import create_method
-from ternbench.methods._base import QuantContext
+from ternbench.methods import QuantContext, create_method
 from torch import nn
 
 pytestmark = pytest.mark.tvm

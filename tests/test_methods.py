@@ -21,10 +21,12 @@ from ternbench.methods import (
     QuantContext,
     UnknownMethodError,
     create_method,
+    deploy,
+    layer_parity,
     list_methods,
+    max_logit_diff,
     summarize_cost,
 )
-from ternbench.methods._deploy import deploy, layer_parity, max_logit_diff
 from ternbench.methods._ternarize import ternarize_exact, ternarize_rows, ternarize_twn
 
 

@@ -10,8 +10,7 @@ import pytest
 import torch
 from conftest import tiny_cnn
 from ternbench.core.export_io import graph_state, graph_state_to_bytes, load_graph_state
-from ternbench.methods import create_method
-from ternbench.methods._base import QuantContext
+from ternbench.methods import QuantContext, create_method
 
 pytestmark = pytest.mark.tvm
 

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_cnn
 from ternbench.core.train import TrainingDivergedError
-from ternbench.methods import ConfigError, QuantContext, create_method
-from ternbench.methods._deploy import max_logit_diff
+from ternbench.methods import ConfigError, QuantContext, create_method, max_logit_diff
 from ternbench.methods._layers import QuantConv2d, swap_layers
 from ternbench.methods._ptq import calibrate_activations, make_layer, policy_layer
 from ternbench.methods._qat import (

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from ternbench.methods._base import ConfigError
+from ternbench.methods import ConfigError
 from ternbench.schedules import _tvm, measure
 from ternbench.schedules.measure import KernelMismatchError
 from ternbench.schedules.rpc import RpcEndpoint, measure_layer_rpc

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import expected_t2_impl, expected_tt_impl, x86_info
-from ternbench.methods._base import ConfigError, LayerExport
+from ternbench.methods import ConfigError, LayerExport
 from ternbench.schedules import (
     EvaluatorCfg,
     KernelMismatchError,
@@ -556,7 +556,7 @@ TT_CASES = [
 @pytest.mark.parametrize(("label", "kw", "batch"), TT_CASES, ids=[c[0] for c in TT_CASES])
 def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
     """Ternary x ternary kernel vs ``methods._deploy.layer_reference`` on a float input."""
-    from ternbench.methods._deploy import layer_reference
+    from ternbench.core.reference import layer_reference
 
     lx = make_layer(**kw, act="ternary", name=label, seed=len(label))
     x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(batch))
@@ -578,7 +578,7 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
 
 @pytest.mark.tvm
 def test_ternary_generic_fallback_without_avx2(tvm_mod, monkeypatch, caplog):
-    from ternbench.methods._deploy import layer_reference
+    from ternbench.core.reference import layer_reference
 
     real = _tvm.target_info("x86")
     plain = dataclasses.replace(real, features=frozenset())
@@ -618,7 +618,7 @@ def test_ternary_mismatch_raises(tvm_mod, monkeypatch):
 
 @pytest.mark.tvm
 def test_twn_layer_matches_layer_reference(tvm_mod):
-    from ternbench.methods._deploy import layer_reference
+    from ternbench.core.reference import layer_reference
 
     lx = make_layer("conv2d", out=16, cin=6, gs=9, hw=(7, 7), stride=2, act="fp32", name="twn")
     x = torch.randn(2, 6, 7, 7)

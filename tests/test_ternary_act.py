@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from conftest import needs_fashion, tiny_cnn
 from ternbench.bench.models import create_model
-from ternbench.methods import ConfigError, QuantContext, create_method
-from ternbench.methods._deploy import deploy, layer_parity, max_logit_diff
+from ternbench.methods import (
+    ConfigError,
+    QuantContext,
+    create_method,
+    deploy,
+    layer_parity,
+    max_logit_diff,
+)
 from ternbench.methods._layers import iter_quant_layers
 from ternbench.methods.rtn import RTNAct, RTNWeight, fit_affine, ternary_code
 from ternbench.methods.sttn import STTNAct, STTNConv2d, STTNWeight, binary_sign

@@ -7,8 +7,7 @@ import torch
 from ternbench.bench.config import ABLATIONS, BenchConfig, parse_sweep
 from ternbench.bench.models import create_model
 from ternbench.bench.runner import plan
-from ternbench.methods import ConfigError, QuantContext, create_method
-from ternbench.methods._deploy import layer_parity
+from ternbench.methods import ConfigError, QuantContext, create_method, layer_parity
 from ternbench.methods.trn import set_active_edges
 
 
