@@ -25,6 +25,7 @@ from ternbench.bench.cache import (
     ship_checkpoint,
     shipped_dir,
 )
+from ternbench.bench.config import PROFILES
 from ternbench.bench.models import create_model, list_models
 from ternbench.core.train import (
     TrainCfg,
@@ -321,11 +322,17 @@ def test_baseline_key_stable() -> None:
     assert k != baseline_key("resnet8", "fashion-mnist", TrainCfg(seed=1))
     assert k != baseline_key("resnet20", "fashion-mnist", TrainCfg())
     assert k == _PINNED_KEY
-    assert (shipped_dir() / f"{_PINNED_KEY}.safetensors").is_file()  # the shipped baseline
+    # the profiles' recipe (plateau rule) is the shipped baseline's, for both blocks
+    fp32 = PROFILES["default"].fp32
+    for model, key in _SHIPPED.items():
+        assert baseline_key(model, "fashion-mnist", fp32) == key
+        assert (shipped_dir() / f"{key}.safetensors").is_file()
 
 
 # format 2: the key covers the dataset's fingerprint (root, split sizes, content hash)
 _PINNED_KEY = "resnet8-fashion-mnist-af47f4ff464e9865"
+_SHIPPED = {"resnet8": "resnet8-fashion-mnist-fce01dc17f4c7de9",
+            "sttn_resnet8": "sttn_resnet8-fashion-mnist-f532f08e987a6a81"}
 
 
 def _small_state() -> dict[str, torch.Tensor]:
