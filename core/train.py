@@ -440,7 +440,6 @@ def train(
                     seg_loss, seg_n = 0.0, 0
                     if rule is not None:
                         stop = rule.observe(history["evals"][-1]["val_top1"], model)
-                        model.train()
                 bar.update(1)
                 if beat and time.monotonic() - last_beat >= 30.0:
                     last_beat = time.monotonic()

@@ -170,14 +170,17 @@ class ExactLinear(_ExactForward, QuantLinear):  # type: ignore[misc]
 
 
 def wrap_layer(
-    mod: nn.Module, wq: WeightQuantizer, aq: ActQuantizer, exact_eval: bool = True
+    mod: nn.Module, wq: WeightQuantizer, aq: ActQuantizer, exact_eval: bool = True,
+    conv_cls: type[ExactConv2d] | None = None, linear_cls: type[ExactLinear] | None = None,
 ) -> ExactConv2d | ExactLinear:
+    """``mod`` (a conv or linear) as ``conv_cls`` / ``linear_cls`` (default the exact layers)
+    with the quantizers ``wq`` and ``aq``."""
     layer: ExactConv2d | ExactLinear
     if isinstance(mod, nn.Conv2d):
-        layer = ExactConv2d(mod, wq, aq)
+        layer = (conv_cls or ExactConv2d)(mod, wq, aq)
     else:
         assert isinstance(mod, nn.Linear)
-        layer = ExactLinear(mod, wq, aq)
+        layer = (linear_cls or ExactLinear)(mod, wq, aq)
     layer.exact_eval = exact_eval
     return layer
 

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import MethodConfig, QuantContext, QuantInfo, QuantizedModel, _check
-from ._flow import quantize_flow, recalibrate_bn
+from ._flow import calibrate_activations, quantize_flow, recalibrate_bn
 from ._layers import ActQuantizer, Position, WeightQuantizer, calibrating
 from ._qat import QATMethodConfig, QATTraining
 from ._registry import register_method
@@ -292,12 +292,7 @@ def calibrate_rtn(
     acts = [m for m in model.modules() if isinstance(m, RTNAct)]
     for q in acts:
         q.reset_samples()
-    model.eval()
-    n = 0
-    with calibrating(model):
-        for x, _ in loader:
-            model(x.to(device))
-            n += int(x.shape[0])
+    n = calibrate_activations(model, loader, device)
     for q in acts:
         q.fit()
     return n

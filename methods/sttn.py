@@ -77,6 +77,7 @@ from ._ternary import (
     first_last_layer,
     hard_forward,
     ternary_code,
+    wrap_layer,
 )
 
 __all__ = [
@@ -318,7 +319,7 @@ class STTNConfig(QATMethodConfig):
     kd: bool = True
     kd_alpha: float = 1.0
     # the repo's loss is the plain soft cross entropy to the teacher, i.e. temperature 1 (the
-    # harness default 4 gave 88.63 vs 89.04 here: ResNet-8 / Fashion-MNIST, 938 steps)
+    # harness default 4 gave 88.63 vs 89.04 here: sttn_resnet8 / Fashion-MNIST, 938 steps)
     kd_temperature: float = 1.0
 
     allowed_act_bits = (2,)
@@ -357,15 +358,8 @@ class STTN:
         if fixed is not None:
             return fixed
         wq = STTNWeight(cfg.init_shift, cfg.latent_scale, cfg.grad_rule)
-        aq = STTNAct(cfg.act_threshold)
-        layer: STTNConv2d | STTNLinear
-        if isinstance(mod, nn.Conv2d):
-            layer = STTNConv2d(mod, wq, aq)
-        else:
-            assert isinstance(mod, nn.Linear)
-            layer = STTNLinear(mod, wq, aq)
-        layer.exact_eval = cfg.exact_eval
-        return layer
+        return wrap_layer(mod, wq, STTNAct(cfg.act_threshold), cfg.exact_eval,
+                          STTNConv2d, STTNLinear)
 
     def _prepare(self, m: nn.Module, ctx: QuantContext) -> QuantInfo:
         """BN statistics with the ternary layers on (int8 first/last pass through), then the
