@@ -235,9 +235,15 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
 
 def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
                         exports: dict[str, Any], target: str) -> list[dict[str, Any]]:
-    """The whole model cross-built for an ARM target as ``artifacts/<key>-<target>/`` (built
-    only: running it needs an aarch64 TVM runtime, e.g. on the board)."""
+    """The whole model cross-built for an ARM target as ``artifacts/<key>-<target>/`` (the
+    Relax executable: running it needs an aarch64 TVM runtime, e.g. on the board) and, where
+    qemu-user is installed, the same kernels and stages run whole under emulation (the
+    harness's runtime-free plan, :func:`ternbench.schedules.cross.run_plan_under_qemu`) on
+    the deploy-check images and compared with the fake-quant logits: never timed."""
     from ternbench.core.export_io import load_graph_state
+    from ternbench.schedules import cross
+    from ternbench.schedules.graph import straight_line_plan
+    from ternbench.schedules.model import compare_logits
 
     gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
     if not gpath.exists():
@@ -248,10 +254,27 @@ def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, An
                                    artifact_dir(store.root, f"{cell.key}-{target}"),
                                    cfg.latency_batch, target=target)
     mb = {**base, "layer": MODEL_LAYER}
-    return [make_row(mb, impl="tvm", metric="artifact_build_s",
+    rows = [make_row(mb, impl="tvm", metric="artifact_build_s",
                      value=time.perf_counter() - t0, unit="s"),
             make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
                      unit=str(path.relative_to(store.root)))]
+    cpath = store.root / "exports" / f"{cell.key}.check.npz"
+    why = cross.qemu_unavailable_reason()
+    if why or not cpath.exists():
+        log.info("%s on %s: whole model built, not run (%s)", cell.method, target,
+                 why or "no check logits")
+        return rows
+    with np.load(cpath) as z:
+        x_check, ref = z["x"].astype(np.float32), z["logits"]
+    n = (len(x_check) // gm.batch) * gm.batch
+    got = cross.run_plan_under_qemu(straight_line_plan(gm), [a for _n, a in gm.params],
+                                    x_check[:n], gm.target)
+    check = compare_logits(got, ref[:n], f"whole model on {target} under qemu")
+    rows += [make_row(mb, impl="tvm", metric="model_logit_rel_diff", value=check.rel_diff,
+                      unit="relative (qemu)"),
+             make_row(mb, impl="tvm", metric="model_top1_agreement",
+                      value=check.top1_agreement, unit="fraction (qemu)")]
+    return rows
 
 
 def _accuracy(cell: CellSpec, store: Any, path: Path, executor: Any, indices: np.ndarray,

@@ -455,7 +455,7 @@ def latency_rows(
         if tinfo.family == "arm" and cfg.whole_model:
             from .artifact_eval import cross_artifact_rows
 
-            try:  # the whole model cross-built as one module (not run here)
+            try:  # the whole model cross-built as one module, run whole under qemu
                 rows += cross_artifact_rows(cell, store, cfg, base, exports, target)
             except Exception as exc:
                 log.error("whole model %s on %s failed: %s", cell.method, target, exc)

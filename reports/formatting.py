@@ -153,8 +153,20 @@ def format_status(status: pd.DataFrame) -> pd.DataFrame:
             "Model": status["model"].astype(str),
             "Target": status["target"].astype(str),
             "Status": status["status_text"].astype(str),
+            "Whole model": [_whole_model_status(a, d) for a, d in zip(
+                status.get("model_top1_agreement", pd.Series(np.nan, status.index)),
+                status.get("model_logit_rel_diff", pd.Series(np.nan, status.index)),
+                strict=True)],
         }
     ).reset_index(drop=True)
+
+
+def _whole_model_status(agree: Any, rel: Any) -> str:
+    """'ran under qemu: ...' for a whole model checked under emulation, else 'built'."""
+    if agree is None or pd.isna(agree):
+        return "built"
+    return (f"ran under qemu: top-1 agrees {100 * float(agree):.0f}%, "
+            f"logit Δ {float(rel):.1e} of max")
 
 
 def format_layers(layers: pd.DataFrame) -> pd.DataFrame:

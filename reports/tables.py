@@ -774,7 +774,7 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     target, with the runner's status text (e.g. "built and verified (26/26 layers checked:
     qemu-aarch64)")."""
     cols = ["vid", "label", "method", "model", "dataset", "target", "status_text", "built",
-            "verified"]
+            "verified", "model_top1_agreement", "model_logit_rel_diff"]
     rows = _ok(df)
     rows = rows[rows["layer"].eq(TOTAL_LAYER) & rows["metric"].isin(
         ["kernel_status", "kernels_built", "kernels_verified"])]
@@ -785,4 +785,10 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     out = st.groupby(key)["unit"].first().rename("status_text").to_frame()
     for metric, col in (("kernels_built", "built"), ("kernels_verified", "verified")):
         out[col] = rows[rows["metric"].eq(metric)].groupby(key)["value"].max()
+    # the whole model run under emulation (ARM without a board), checked against fake-quant
+    whole = _ok(df)
+    whole = whole[whole["layer"].eq(MODEL_LAYER) & whole["impl"].eq("tvm")]
+    for metric in ("model_top1_agreement", "model_logit_rel_diff"):
+        m = whole[whole["metric"].eq(metric)].groupby(key)["value"].mean()
+        out[metric] = m.reindex(out.index)
     return out.reset_index()[cols]

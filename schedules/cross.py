@@ -37,6 +37,7 @@ from ternbench.core.files import atomic_write, cache_root
 from . import _tvm
 
 if TYPE_CHECKING:
+    from .graph import GraphPlan
     from .ops import Kernel
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "harness_source",
     "build_harness",
     "run_under_qemu",
+    "run_plan_under_qemu",
 ]
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,79 @@ def run_under_qemu(kern: Kernel, args: Sequence[np.ndarray], out_shape: Sequence
     if y.size != n:
         raise RuntimeError(f"{kern.rule} under qemu wrote {y.size} values, expected {n}")
     return y.reshape(tuple(int(v) for v in out_shape))
+
+
+def run_plan_under_qemu(plan: GraphPlan, params: Sequence[np.ndarray], x: np.ndarray,
+                        target: _tvm.TargetInfo, *, timeout: float = QEMU_TIMEOUT_S
+                        ) -> np.ndarray:
+    """Run a whole model (:func:`.graph.straight_line_plan`) for ``target`` under qemu-user,
+    one sample batch after another: ``x`` is ``[n * batch, ...]`` float32, the result the
+    stacked outputs. The layers' kernels and the stages between them are one aarch64 library
+    driven by the harness's ``plan`` mode (no TVM runtime, no Python between layers).
+
+    Raises RuntimeError (with the tail of stderr) when the tools are missing, the export fails
+    or the emulated run fails.
+    """
+    why = qemu_unavailable_reason()
+    if why:
+        raise RuntimeError(f"cannot run the ARM model under qemu: {why}")
+    if target.family != "arm":
+        raise ValueError(f"the plan was built for {target.name}, not an ARM target")
+    tin = plan.tensors[plan.input_id]
+    tout = plan.tensors[plan.output_id]
+    per = int(np.prod(tin.shape))
+    xs = np.ascontiguousarray(np.asarray(x, np.float32)).reshape(-1)
+    if xs.size == 0 or xs.size % per:
+        raise ValueError(f"input of {xs.size} values is not a whole number of {tin.shape}")
+    count = xs.size // per
+    harness = build_harness()
+    with tempfile.TemporaryDirectory(prefix="tb-arm-model-") as tmp:
+        d = Path(tmp)
+        lib = d / "model.so"
+        try:
+            _tvm.compile_prim_module(plan.prim_mod, target).export_library(
+                str(lib), fcompile=cross_compiler())
+        except Exception as exc:
+            raise RuntimeError(f"exporting the ARM model with {CROSS_CC} failed: "
+                               f"{_tail(str(exc))}") from exc
+        lines = ["plan", f"tasks {HARNESS_TASKS}"]
+        for t in plan.tensors:
+            dims = f"{len(t.shape)} {' '.join(str(v) for v in t.shape)}"
+            if t.view_of is not None:
+                lines.append(f"view {t.id} {t.view_of} {dims}")
+            else:
+                code, bits = _dl_type(np.zeros(0, t.dtype))
+                lines.append(f"tensor {t.id} {code} {bits} {dims}")
+        if len(params) != len(plan.param_ids):
+            raise ValueError(f"{len(params)} parameters for a plan of {len(plan.param_ids)}")
+        for i, (pid, a) in enumerate(zip(plan.param_ids, params, strict=True)):
+            arr = np.ascontiguousarray(a)
+            want = plan.tensors[pid]
+            if arr.shape != want.shape or str(arr.dtype) != want.dtype:
+                raise ValueError(f"parameter {i}: {arr.dtype}{list(arr.shape)}, the plan "
+                                 f"wants {want.dtype}{list(want.shape)}")
+            p = d / f"p{i}.bin"
+            arr.tofile(p)
+            lines.append(f"load {pid} {p}")
+        xs.tofile(d / "x.bin")
+        lines.append(f"input {plan.input_id} {d / 'x.bin'} {count}")
+        lines.append(f"output {plan.output_id} {d / 'y.bin'}")
+        lines += [f"call {name} {' '.join(str(i) for i in args)}" for name, args in plan.calls]
+        manifest = d / "plan"
+        manifest.write_text("\n".join(lines) + "\n")
+        cmd = [QEMU, "-cpu", "max", "-L", str(SYSROOT), str(harness), str(lib), str(manifest)]
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise RuntimeError(f"the ARM model under qemu timed out after {timeout:g} s") from exc
+        if res.returncode != 0:
+            raise RuntimeError(f"the ARM model under qemu failed (exit {res.returncode}): "
+                               f"{_tail(res.stderr or res.stdout)}")
+        y = np.fromfile(d / "y.bin", dtype=tout.dtype)
+    n = count * int(np.prod(tout.shape))
+    if y.size != n:
+        raise RuntimeError(f"the ARM model under qemu wrote {y.size} values, expected {n}")
+    return y.reshape(count * tout.shape[0], *tout.shape[1:])
 
 
 def _tail(text: str, n: int = 1500) -> str:

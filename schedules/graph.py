@@ -58,6 +58,8 @@ __all__ = [
     "compile_graph",
     "scheduled_kernel",
     "kernel_sum_timer",
+    "GraphPlan",
+    "straight_line_plan",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,6 +302,10 @@ class _Lowering:
             return tirx.max(tirx.min(r, tirx.const(qm, f32)), tirx.const(-qm, f32))
 
         dtype = "float32" if spec.float_in else spec.act_dtype
+        view = self._view(v, spec.input_shape) \
+            if spec.float_in or lx.act_mode == "fp32" else None
+        if view is not None:
+            return view
         if spec.op == "conv2d":
             if len(v.shape) != 4:
                 raise UnsupportedGraphError(f"{lx.name}: conv input is not 4-D: {v.shape}")
@@ -309,6 +315,27 @@ class _Lowering:
             raise UnsupportedGraphError(f"{lx.name}: linear input {v.shape} is not [B, {spec.K}]")
         return self.emit("quant", spec.input_shape, dtype, v.srcs,
                          lambda ts, i: q(v.f(ts, i)))
+
+    def _view(self, v: _Val, shape: tuple[int, ...]) -> Any:
+        """``v`` as a tensor of ``shape`` without a copy, or None.
+
+        A plain read of a float32 tensor whose memory order already is the kernel's (NHWC,
+        ``[B*H*W, C]``, ``[B, F]``, or NCHW with one channel) is handed over as a reshape, which
+        the VM lowers to a view: no stage, no call, no copy between two kernels."""
+        if not _is_plain(v) or len(v.srcs) != 1:
+            return None
+        src = v.srcs[0]
+        if src.layout == "nchw" and not (len(src.shape) == 4 and src.shape[1] == 1):
+            return None
+        if src.layout == "vec" or int(np.prod(_physical(src))) != int(np.prod(shape)):
+            return None
+        if len(shape) == 4 and len(src.shape) != 4:
+            return None
+        if len(shape) == 2 and len(src.shape) == 4 and src.shape[2:] != (1, 1):
+            return None  # flattening a spatial map is NCHW-ordered: needs the stage
+        if _physical(src) == tuple(shape):
+            return src.var
+        return self.bb.emit(self.relax.op.reshape(src.var, shape))
 
     # -- ops
     def gemm(self, mod: _Gemm, v: _Val) -> _Val:
@@ -443,6 +470,10 @@ class _Lowering:
         if len(v.shape) == 2:
             return v
         b, c, h, w = v.shape
+        if h * w == 1 and _is_plain(v) and v.srcs[0].layout in ("nhwc", "mn"):
+            # [B, 1, 1, C] is [B, C] in memory: a view, not a stage
+            var = self.bb.emit(self.relax.op.reshape(v.srcs[0].var, (b, c)))
+            return _Val.of(_Src(var, "bf", (b, c)))
 
         def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
             bi, k = idx
@@ -635,6 +666,81 @@ def _is_one(v: Any) -> bool:
     if isinstance(v, int):
         return v == 1
     return isinstance(v, tuple | list) and tuple(v) == (1, 1)
+
+
+@dataclass(frozen=True)
+class PlanTensor:
+    """One tensor of a :class:`GraphPlan`: allocated, or a view of ``view_of``'s memory."""
+
+    id: int
+    dtype: str
+    shape: tuple[int, ...]
+    view_of: int | None = None
+
+
+@dataclass
+class GraphPlan:
+    """The Relax ``main`` of a whole model as a straight-line program over numbered tensors:
+    what a runtime-free driver (the ARM harness under qemu, a board without TVM's runtime)
+    executes. ``prim_mod`` holds every PrimFunc ``calls`` names (each its own global symbol);
+    ``param_ids`` are aligned with :attr:`GraphModule.params`."""
+
+    prim_mod: Any
+    tensors: list[PlanTensor]
+    calls: list[tuple[str, list[int]]]
+    input_id: int
+    param_ids: list[int]
+    output_id: int
+
+
+def _static_shape(ty: Any) -> tuple[str, tuple[int, ...]]:
+    shape = ty.shape
+    vals = shape.values if hasattr(shape, "values") else shape
+    return str(ty.dtype), tuple(int(v) for v in vals)
+
+
+def straight_line_plan(gm: GraphModule) -> GraphPlan:
+    """:class:`GraphPlan` of ``gm`` (its ``main`` is only ``call_tir`` and ``reshape``
+    bindings, as :func:`build_graph` emits it; anything else raises UnsupportedGraphError).
+
+    Example:
+        >>> callable(straight_line_plan)
+        True
+    """
+    tvm = _tvm.require_tvm()
+    main = gm.mod["main"]
+    ids: dict[Any, int] = {}
+    tensors: list[PlanTensor] = []
+
+    def new(var: Any, view_of: int | None = None) -> int:
+        dtype, shape = _static_shape(var.ty)
+        ids[var] = len(tensors)
+        tensors.append(PlanTensor(len(tensors), dtype, shape, view_of))
+        return ids[var]
+
+    params = [new(p) for p in main.params]
+    calls: list[tuple[str, list[int]]] = []
+    funcs: dict[str, Any] = {}
+    for block in main.body.blocks:
+        for b in block.bindings:
+            call = b.value
+            op = getattr(getattr(call, "op", None), "name", "")
+            if op == "relax.call_tir":
+                gv = call.args[0]
+                name = gv.name_hint
+                funcs[name] = gm.mod[gv].with_attr("global_symbol", name)
+                args = [ids[a] for a in call.args[1].fields]
+                calls.append((name, [*args, new(b.var)]))
+            elif op == "relax.reshape":
+                new(b.var, view_of=ids[call.args[0]])
+            else:
+                raise UnsupportedGraphError(f"main binds {op or type(call).__name__}: "
+                                            "not a straight-line plan")
+    out = main.body.body
+    if out not in ids:
+        raise UnsupportedGraphError("main returns something that is not a bound tensor")
+    return GraphPlan(prim_mod=tvm.IRModule(funcs), tensors=tensors, calls=calls,
+                     input_id=params[0], param_ids=params[1:], output_id=ids[out])
 
 
 def compile_graph(gm: GraphModule) -> Any:

@@ -204,3 +204,21 @@ def test_missing_qemu_gives_built_status(monkeypatch):
         kern = measure.build_layer(lx, 1, "arm-neon")
         cross.run_under_qemu(kern, [], (1, 1))
 
+
+
+def test_harness_plan_errors_are_clear(qemu, tmp_path):
+    """The harness's whole-model ``plan`` mode names a missing function or a bad view."""
+    import subprocess
+
+    lx = make_layer(name="plan_errors")
+    kern = measure.build_layer(lx, 1, "arm")
+    lib = cross.export_arm(kern, tmp_path / "k.so")
+    cases = {"function not in the library": "tensor 0 2 32 1 4\ncall nope 0\n",
+             "view changes the byte size": "tensor 0 2 32 1 4\nview 1 0 1 5\n",
+             "needs an input and an output": "tensor 0 2 32 1 4\ncall main 0\n"}
+    for words, body in cases.items():
+        (tmp_path / "plan").write_text("plan\n" + body)
+        res = subprocess.run([cross.QEMU, "-cpu", "max", "-L", str(cross.SYSROOT),
+                              str(cross.build_harness()), str(lib), str(tmp_path / "plan")],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1 and words in res.stderr, (words, res.stderr)

@@ -348,3 +348,50 @@ def test_sttn_layout_model_lowers_and_matches(data) -> None:
     qm, ref = _quantize("sttn", data, create_model("sttn_resnet8", in_chans=1,
                                                    num_classes=10).eval())
     compare_logits(_run_in_process(qm, data), ref.numpy())
+
+
+def test_straight_line_plan_mirrors_main(built) -> None:
+    """The plan a runtime-free driver executes: one call per ``call_tir`` of ``main``, in
+    order, plain float hand-offs between layers as views (no copy stage), parameters aligned."""
+    from ternbench.schedules.graph import straight_line_plan
+
+    _path, gm, _ref = built
+    plan = straight_line_plan(gm)
+    names = [n for n, _a in plan.calls]
+    assert set(names) == {gv.name_hint for gv in plan.prim_mod.functions}
+    assert [k.func for k in gm.kernels] == [n for n in names if n.startswith("k")]
+    assert len(plan.param_ids) == len(gm.params)
+    for pid, (_n, a) in zip(plan.param_ids, gm.params, strict=True):
+        assert plan.tensors[pid].shape == a.shape and plan.tensors[pid].dtype == str(a.dtype)
+    views = [t for t in plan.tensors if t.view_of is not None]
+    assert views, "the C=1 input and the pooled vector reach their kernels as views"
+    for t in views:
+        src = plan.tensors[t.view_of]
+        assert np.prod(t.shape) == np.prod(src.shape) and t.dtype == src.dtype
+    assert plan.tensors[plan.output_id].shape == gm.output_shape
+
+
+@pytest.mark.parametrize("method", ["rtn", "fgq"])
+def test_whole_model_runs_under_qemu_and_matches(method, data) -> None:
+    """The whole ARM model (every kernel and stage in one aarch64 library, driven by the
+    harness's plan) under qemu-user reproduces the fake-quant logits."""
+    from ternbench.schedules import cross
+    from ternbench.schedules.graph import build_graph, straight_line_plan
+    from ternbench.schedules.model import compare_logits
+
+    why = cross.qemu_unavailable_reason()
+    if why:
+        pytest.skip(f"ARM models cannot run here: {why} (.ci/run installs them)")
+    qm, ref = _quantize(method, data)
+    gm = build_graph(qm.module, qm.export(), batch=2, input_shape=(1, 28, 28), target="arm")
+    got = cross.run_plan_under_qemu(straight_line_plan(gm), [a for _n, a in gm.params],
+                                    data[0][:6].numpy(), gm.target)
+    assert got.shape == (6, 10)
+    check = compare_logits(got, ref[:6].numpy(), "ARM model under qemu")
+    assert check.rel_diff < 1e-3 and check.top1_agreement == 1.0
+    # a wrong parameter is caught before anything runs, naming it
+    params = [a for _n, a in gm.params]
+    params[1] = params[1][..., :-1]
+    with pytest.raises(ValueError, match="parameter 1"):
+        cross.run_plan_under_qemu(straight_line_plan(gm), params, data[0][:2].numpy(),
+                                  gm.target)
