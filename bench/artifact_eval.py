@@ -37,7 +37,7 @@ from .results import make_row
 from .tasks import CellSpec, shard_indices
 
 __all__ = ["BACKENDS", "artifact_rows", "build_cell_artifact", "eval_artifact_shard",
-           "cross_artifact_rows",
+           "cross_artifact_rows", "cuda_artifact_rows",
            "time_backends", "calibration_images", "TOP1_FLAG_POINTS"]
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,10 @@ def artifact_dir(root: Path, cell_key: str) -> Path:
 
 
 def build_cell_artifact(cell: CellSpec, graph: torch.nn.Module, exports: dict[str, Any],
-                        out_dir: Path, batch: int, target: str = "x86") -> tuple[Path, Any]:
-    """Lower, compile and write the artifact of ``cell``; returns (path, GraphModule)."""
+                        out_dir: Path, batch: int, target: str = "x86"
+                        ) -> tuple[Path, Any, Any]:
+    """Lower, compile and write the artifact of ``cell``; returns (path, GraphModule, the
+    compiled executable)."""
     from ternbench.schedules.artifact import write_artifact
     from ternbench.schedules.graph import build_graph, compile_graph
 
@@ -74,7 +76,7 @@ def build_cell_artifact(cell: CellSpec, graph: torch.nn.Module, exports: dict[st
               "dataset": cell.dataset, "folded_batchnorms": gm.folded_bn,
               "kernels": [{"layer": k.layer, "impl": k.impl, "func": k.func}
                           for k in gm.kernels]})
-    return path, gm
+    return path, gm, ex
 
 
 def _files(path: Path) -> dict[str, bytes]:
@@ -157,7 +159,7 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
         x_check, ref = z["x"].astype(np.float32), z["logits"]
     mb = {**base, "layer": MODEL_LAYER}
     t0 = time.perf_counter()
-    path, gm = build_cell_artifact(cell, graph, exports, artifact_dir(store.root, cell.key),
+    path, gm, ex = build_cell_artifact(cell, graph, exports, artifact_dir(store.root, cell.key),
                                    cfg.latency_batch)
     art = load_artifact(path)
     build_s = time.perf_counter() - t0
@@ -250,7 +252,7 @@ def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, An
         return []
     graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
     t0 = time.perf_counter()
-    path, gm = build_cell_artifact(cell, graph, exports,
+    path, gm, ex = build_cell_artifact(cell, graph, exports,
                                    artifact_dir(store.root, f"{cell.key}-{target}"),
                                    cfg.latency_batch, target=target)
     mb = {**base, "layer": MODEL_LAYER}
@@ -274,6 +276,70 @@ def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, An
                       unit="relative (qemu)"),
              make_row(mb, impl="tvm", metric="model_top1_agreement",
                       value=check.top1_agreement, unit="fraction (qemu)")]
+    return rows
+
+
+def cuda_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
+                       exports: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole model built for CUDA as ``artifacts/<key>-cuda/`` (host code for x86-64,
+    device code as CUDA source that the runtime compiles on first load), checked without a
+    GPU: its device source compiled (NVRTC or nvcc, where installed) and the whole module run
+    in serial emulation on the host CPU against the fake-quant logits
+    (:func:`ternbench.schedules.cuda.emulate_graph`). Where a GPU is present the artifact is
+    also loaded there, compared and timed (``latency_us``, impl ``tvm``)."""
+    from ternbench.core.export_io import load_graph_state
+    from ternbench.schedules import cuda
+    from ternbench.schedules.artifact import ArtifactError, load_artifact
+    from ternbench.schedules.model import compare_logits
+
+    gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
+    cpath = store.root / "exports" / f"{cell.key}.check.npz"
+    if not gpath.exists():
+        return []
+    graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
+    t0 = time.perf_counter()
+    path, gm, ex = build_cell_artifact(cell, graph, exports,
+                                   artifact_dir(store.root, f"{cell.key}-cuda"),
+                                   cfg.latency_batch, target="cuda")
+    mb = {**base, "layer": MODEL_LAYER}
+    rows = [make_row(mb, impl="tvm", metric="artifact_build_s",
+                     value=time.perf_counter() - t0, unit="s"),
+            make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
+                     unit=str(path.relative_to(store.root)))]
+    why = cuda.compiler_unavailable_reason()
+    if why:
+        log.info("%s on cuda: device code not compiled here (%s)", cell.method, why)
+    else:
+        binary = cuda.compile_module_source(ex)
+        rows.append(make_row(mb, impl="tvm", metric="device_code_bytes",
+                             value=float(len(binary)), unit="bytes"))
+    if not cpath.exists():
+        return rows
+    with np.load(cpath) as z:
+        x_check, ref = z["x"].astype(np.float32), z["logits"]
+    n = (len(x_check) // gm.batch) * gm.batch
+    check = compare_logits(cuda.emulate_graph(gm, x_check[:n]), ref[:n],
+                           "whole CUDA model in serial emulation")
+    rows += [make_row(mb, impl="tvm", metric="model_logit_rel_diff", value=check.rel_diff,
+                      unit="relative (serial emulation)"),
+             make_row(mb, impl="tvm", metric="model_top1_agreement",
+                      value=check.top1_agreement, unit="fraction (serial emulation)")]
+    try:
+        art = load_artifact(path)
+    except ArtifactError as exc:  # no GPU here: built and emulated only
+        log.info("%s", exc)
+        return rows
+    check = compare_logits(art.predict(x_check[:n]), ref[:n], f"artifact {path} on the GPU")
+    rows += [make_row(mb, impl="tvm", metric="model_logit_rel_diff", value=check.rel_diff,
+                      unit="relative (gpu)"),
+             make_row(mb, impl="tvm", metric="model_top1_agreement",
+                      value=check.top1_agreement, unit="fraction (gpu)")]
+    xb = x_check[:gm.batch]
+    prof = cfg.profile_obj
+    raw = time_backends({"tvm": lambda k: art.timer(xb, k)()}, repeat=max(5, prof.latency_repeat),
+                        min_repeat_ms=float(max(prof.latency_min_repeat_ms, 1) * 5))
+    rows.append(make_row(mb, impl="tvm", metric="latency_us",
+                         value=float(statistics.median(raw["tvm"])), unit="us"))
     return rows
 
 

@@ -460,8 +460,12 @@ def latency_rows(
             except Exception as exc:
                 log.error("whole model %s on %s failed: %s", cell.method, target, exc)
                 rows += _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
+        if tinfo.family == "cuda" and cfg.whole_model:
+            rows += _cuda_model_rows(cell, store, cfg, base, exports)
         return rows
     rows = _timed_rows(cell, target, exports, base, cfg, torch_cache)
+    if tinfo.family == "cuda" and cfg.whole_model:
+        rows += _cuda_model_rows(cell, store, cfg, base, exports)
     if tinfo.family == "x86" and cfg.whole_model:
         try:
             rows += model_rows(cell, store, cfg, base, exports, executor)
@@ -470,6 +474,19 @@ def latency_rows(
             log.debug("whole-model failure", exc_info=True)
             rows += _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
     return rows
+
+
+def _cuda_model_rows(cell: CellSpec, store: ResultStore, cfg: BenchConfig,
+                     base: dict[str, Any], exports: dict[str, Any]) -> list[dict[str, Any]]:
+    """The whole model built for CUDA, emulated (and run and timed where a GPU is)."""
+    from .artifact_eval import cuda_artifact_rows
+
+    try:
+        return cuda_artifact_rows(cell, store, cfg, base, exports)
+    except Exception as exc:
+        log.error("whole model %s on cuda failed: %s", cell.method, exc)
+        log.debug("whole-model failure", exc_info=True)
+        return _failed_rows({**base, "layer": "__model__", "impl": "tvm"}, exc)
 
 
 def _evaluator(cfg: BenchConfig) -> Any:

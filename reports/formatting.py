@@ -153,20 +153,25 @@ def format_status(status: pd.DataFrame) -> pd.DataFrame:
             "Model": status["model"].astype(str),
             "Target": status["target"].astype(str),
             "Status": status["status_text"].astype(str),
-            "Whole model": [_whole_model_status(a, d) for a, d in zip(
+            "Whole model": [_whole_model_status(a, d, h) for a, d, h in zip(
                 status.get("model_top1_agreement", pd.Series(np.nan, status.index)),
                 status.get("model_logit_rel_diff", pd.Series(np.nan, status.index)),
+                status.get("model_checked_by", pd.Series("", status.index)),
                 strict=True)],
         }
     ).reset_index(drop=True)
 
 
-def _whole_model_status(agree: Any, rel: Any) -> str:
-    """'ran under qemu: ...' for a whole model checked under emulation, else 'built'."""
+_CHECKED_BY = {"qemu": "ran under qemu", "serial emulation": "ran in serial CPU emulation",
+               "gpu": "ran on the GPU"}
+
+
+def _whole_model_status(agree: Any, rel: Any, how: Any = "") -> str:
+    """How the whole model was run and how it compares with fake-quant, else 'built'."""
     if agree is None or pd.isna(agree):
         return "built"
-    return (f"ran under qemu: top-1 agrees {100 * float(agree):.0f}%, "
-            f"logit Δ {float(rel):.1e} of max")
+    ran = _CHECKED_BY.get(str(how), "ran")
+    return f"{ran}: top-1 agrees {100 * float(agree):.0f}%, logit Δ {float(rel):.1e} of max"
 
 
 def format_layers(layers: pd.DataFrame) -> pd.DataFrame:

@@ -734,6 +734,8 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     key = ["vid", "label", "method", "model", "dataset", "target"]
     lat = rows[rows["metric"].eq("latency_us")]
+    if lat.empty:  # built or emulated only (ARM without a board, CUDA without a GPU)
+        return pd.DataFrame(columns=cols)
     wide = lat.pivot_table(index=key, columns="impl", values="value", aggfunc="mean")
     wide = wide.T.groupby(lambda c: _MODEL_IMPLS.get(str(c), str(c))).mean().T
     tvm_rows = rows[rows["impl"].eq("tvm")]
@@ -742,7 +744,7 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
                         ("top1_deployed", "top1_deployed"),
                         ("deployed_pred_agreement", "pred_agreement")):
         m = tvm_rows[tvm_rows["metric"].eq(metric)].groupby(key)["value"].mean()
-        wide[col] = m
+        wide[col] = m.reindex(wide.index)
     ok = _ok(df)
     tot = ok[ok["layer"].eq(TOTAL_LAYER) & ok["metric"].eq("latency_us") & ok["impl"].eq("tvm")]
     wide["kernel_sum_us"] = tot.groupby(key)["value"].mean()
@@ -774,7 +776,7 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     target, with the runner's status text (e.g. "built and verified (26/26 layers checked:
     qemu-aarch64)")."""
     cols = ["vid", "label", "method", "model", "dataset", "target", "status_text", "built",
-            "verified", "model_top1_agreement", "model_logit_rel_diff"]
+            "verified", "model_top1_agreement", "model_logit_rel_diff", "model_checked_by"]
     rows = _ok(df)
     rows = rows[rows["layer"].eq(TOTAL_LAYER) & rows["metric"].isin(
         ["kernel_status", "kernels_built", "kernels_verified"])]
@@ -791,4 +793,7 @@ def _status_table(df: pd.DataFrame) -> pd.DataFrame:
     for metric in ("model_top1_agreement", "model_logit_rel_diff"):
         m = whole[whole["metric"].eq(metric)].groupby(key)["value"].mean()
         out[metric] = m.reindex(out.index)
+    how = whole[whole["metric"].eq("model_top1_agreement")].groupby(key)["unit"].first()
+    out["model_checked_by"] = how.reindex(out.index).map(
+        lambda u: str(u).partition("(")[2].rstrip(")") if isinstance(u, str) else "")
     return out.reset_index()[cols]

@@ -32,6 +32,7 @@ __all__ = [
     "num_threads",
     "set_num_threads",
     "compile_prim_module",
+    "build_target",
     "KNOWN_TARGETS",
     "ARM_TARGETS",
     "cuda_arch",
@@ -333,11 +334,15 @@ def compile_prim_module(mod: Any, target: TargetInfo) -> Any:
     ``.jit()`` gives the runtime module of a local target (``["main"]``); cross targets are
     exported with ``export_library`` (see :mod:`.cross`). CUDA kernels get an LLVM host.
     """
+    return require_tvm().compile(mod, target=build_target(target))
+
+
+def build_target(target: TargetInfo) -> Any:
+    """The TVM Target to compile for ``target``: CUDA gets an LLVM host (generic x86-64)."""
     tvm = require_tvm()
-    tgt = target.target()
     if target.kind == "cuda":
-        tgt = tvm.target.Target(json.loads(target.target_str), host=_host_llvm())
-    return tvm.compile(mod, target=tgt)
+        return tvm.target.Target(json.loads(target.target_str), host=_host_llvm())
+    return target.target()
 
 
 @functools.cache

@@ -130,7 +130,8 @@ def write_artifact(out_dir: str | Path, executable: Any, params: list[tuple[str,
                       "note": "main(x, *params): x = (image - mean) / std per channel"},
             "output": {"shape": list(output_shape), "dtype": "float32", "what": "logits"},
             "target": {"name": target.name, "target": target.target_str, "mcpu": target.mcpu,
-                       "arch": _machine() if target.family == "x86" else "aarch64",
+                       "arch": "aarch64" if target.family == "arm" else _machine(),
+                       "device": "cuda" if target.family == "cuda" else "cpu",
                        "cpu_features": sorted(target.features)},
             "tvm_version": _tvm.tvm_version(),
             "tvm_ffi_version": _pkg_version("apache-tvm-ffi"),
@@ -190,7 +191,17 @@ def verify_artifact(path: str | Path) -> dict[str, Any]:
         if lacking:
             raise ArtifactError(f"{root}: built for CPU {tgt.get('mcpu')} with "
                                 f"{', '.join(lacking)}, which this CPU lacks; rebuild it here")
+    if tgt.get("device", "cpu") == "cuda" and not _has_cuda_gpu():
+        raise ArtifactError(f"{root}: built for a CUDA GPU ({tgt.get('mcpu')}), but this host "
+                            "has none; run it on a machine with an NVIDIA GPU")
     return manifest
+
+
+def _has_cuda_gpu() -> bool:
+    try:
+        return bool(_tvm.require_tvm().cuda(0).exist)
+    except Exception:  # a TVM without its CUDA runtime
+        return False
 
 
 @dataclass
@@ -245,13 +256,15 @@ class Artifact:
 
 
 def load_artifact(path: str | Path) -> Artifact:
-    """Verify (:func:`verify_artifact`) and load an artifact for the local CPU."""
+    """Verify (:func:`verify_artifact`) and load an artifact for the local CPU (or, for a
+    CUDA artifact, the local GPU)."""
     manifest = verify_artifact(path)
     tvm = _tvm.require_tvm()
     root = Path(path)
     lib = tvm.runtime.load_module(str(root / LIBRARY))
-    dev = tvm.cpu(0)
-    vm = tvm.relax.VirtualMachine(lib, dev)
+    cuda = manifest["target"].get("device", "cpu") == "cuda"
+    dev = tvm.cuda(0) if cuda else tvm.cpu(0)
+    vm = tvm.relax.VirtualMachine(lib, dev)  # (the VM adds the CPU for a GPU module)
     with np.load(root / PARAMS, allow_pickle=False) as z:
         params = [tvm.runtime.tensor(np.ascontiguousarray(z[k]), dev)
                   for k in manifest["params"]["order"]]

@@ -262,14 +262,17 @@ class _Lowering:
                for i, s in enumerate(srcs)]
         out = te.compute(shape, lambda *i: body(ins, i).astype(dtype), name=name)
         func = te.create_prim_func([*ins, out])
-        try:
-            sch = tvm.s_tir.Schedule(func)
-            loops = sch.get_loops(sch.get_sblock(name))
-            if shape[-1] % 4 == 0 and shape[-1] <= 1024:
-                sch.vectorize(loops[-1])
-            func = sch.mod["main"]
-        except Exception as exc:  # an unscheduled stage is still correct
-            log.debug("stage %s left unscheduled: %s", fname, exc)
+        if self.tinfo.family == "cuda":
+            func = _gpu_stage(func)
+        else:
+            try:
+                sch = tvm.s_tir.Schedule(func)
+                loops = sch.get_loops(sch.get_sblock(name))
+                if shape[-1] % 4 == 0 and shape[-1] <= 1024:
+                    sch.vectorize(loops[-1])
+                func = sch.mod["main"]
+            except Exception as exc:  # an unscheduled stage is still correct
+                log.debug("stage %s left unscheduled: %s", fname, exc)
         gv = self.bb.add_func(func.with_attr("global_symbol", fname), fname)
         return self.bb.emit(self.relax.call_tir(
             gv, [s.var for s in srcs], self.relax.TensorType(tuple(shape), dtype)))
@@ -353,7 +356,9 @@ class _Lowering:
             gv = self.funcs.get(id(func))
             if gv is None:
                 name = f"k{len(self.funcs)}_{rule.name}".replace("-", "_")
-                gv = self.bb.add_func(func.with_attr("global_symbol", name), name)
+                # marked scheduled: the CUDA pipeline re-schedules unmarked PrimFuncs (dlight)
+                gv = self.bb.add_func(func.with_attr("global_symbol", name)
+                                      .with_attr("tirx.is_scheduled", True), name)
                 self.funcs[id(func)] = gv
             pvars = [self.param(f"{part.name}.{i}", a)
                      for i, a in enumerate(ops.pack_weight_args(spec, part))]
@@ -421,8 +426,15 @@ class _Lowering:
                               name="avgpool")
 
         self.n_stage += 1
-        var = self.bb.emit_te(fn, *[s.var for s in v.srcs],
-                              primfunc_name_hint=f"avgpool_{self.n_stage}")
+        fname = f"avgpool_{self.n_stage}"
+        ins = [te.placeholder(_physical(s), "float32", name=f"in{i}")
+               for i, s in enumerate(v.srcs)]
+        func = te.create_prim_func([*ins, fn(*ins)])
+        if self.tinfo.family == "cuda":
+            func = _gpu_stage(func)
+        gv = self.bb.add_func(func.with_attr("global_symbol", fname), fname)
+        var = self.bb.emit(self.relax.call_tir(
+            gv, [s.var for s in v.srcs], self.relax.TensorType((b, 1, 1, c), "float32")))
         return _Val.of(_Src(var, "nhwc", (b, c, 1, 1)))
 
     def maxpool(self, v: _Val, k: int, s: int, p: int, ceil: bool) -> _Val:
@@ -482,6 +494,18 @@ class _Lowering:
         return _Val((b, c * h * w), v.srcs, f)
 
 
+def _gpu_stage(func: Any) -> Any:
+    """A non-GEMM stage scheduled for the GPU: one thread per output element (TVM's dlight
+    ``Fallback``; a pooling reduction runs serially inside its thread)."""
+    tvm = _tvm.require_tvm()
+    from tvm.s_tir import dlight as dl
+
+    mod = tvm.IRModule({"main": func})
+    with _tvm.target_info("cuda").target():
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    return mod["main"]
+
+
 def _sum(xs: Sequence[Any]) -> Any:
     acc = xs[0]
     for x in xs[1:]:
@@ -511,9 +535,9 @@ def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: 
 
     t0 = time.perf_counter()
     tinfo = _tvm.target_info(target)
-    if tinfo.family not in ("x86", "arm"):
+    if tinfo.family not in ("x86", "arm", "cuda"):
         raise UnsupportedGraphError(
-            f"whole-model modules are built for x86 and the ARM targets, not {target}")
+            f"whole-model modules are built for x86, the ARM targets and cuda, not {target}")
     m = copy.deepcopy(graph).eval()
     missing: list[str] = []
 
@@ -748,7 +772,7 @@ def compile_graph(gm: GraphModule) -> Any:
     (``export_library``; ``tvm.relax.VirtualMachine(ex, tvm.cpu())`` runs it here)."""
     tvm = _tvm.require_tvm()
     t0 = time.perf_counter()
-    ex = tvm.compile(gm.mod, target=gm.target.target())
+    ex = tvm.compile(gm.mod, target=_tvm.build_target(gm.target))
     log.info("whole model compiled in %.1f s", time.perf_counter() - t0)
     return ex
 

@@ -395,3 +395,75 @@ def test_whole_model_runs_under_qemu_and_matches(method, data) -> None:
     with pytest.raises(ValueError, match="parameter 1"):
         cross.run_plan_under_qemu(straight_line_plan(gm), params, data[0][:2].numpy(),
                                   gm.target)
+
+
+@pytest.fixture(scope="module")
+def cuda_built(tmp_path_factory, data):
+    """The STTN ResNet-8 whole model built for CUDA (batch 2) as an artifact."""
+    from ternbench.schedules.artifact import write_artifact
+    from ternbench.schedules.graph import build_graph, compile_graph
+
+    qm, ref = _quantize("sttn", data)
+    gm = build_graph(qm.module, qm.export(), batch=2, input_shape=(1, 28, 28), target="cuda")
+    ex = compile_graph(gm)
+    path = write_artifact(tmp_path_factory.mktemp("art") / "cuda", ex, gm.params,
+                          input_shape=gm.input_shape, output_shape=gm.output_shape,
+                          target=gm.target)
+    return path, gm, ex, ref
+
+
+def test_cuda_whole_model_matches_in_serial_emulation(cuda_built, data) -> None:
+    """Every kernel and stage of the CUDA module, thread loops made serial and thread storage
+    poisoned, run on the CPU: the fake-quant logits."""
+    from ternbench.schedules import cuda
+    from ternbench.schedules.model import compare_logits
+
+    _path, gm, _ex, ref = cuda_built
+    assert {k.impl for k in gm.kernels} >= {"tvm_tt_popc_cuda"}
+    got = cuda.emulate_graph(gm, data[0][:6].numpy())
+    check = compare_logits(got, ref[:6].numpy(), "CUDA model (serial emulation)")
+    assert check.rel_diff < 1e-3 and check.top1_agreement == 1.0
+    with pytest.raises(ValueError, match="whole batches"):
+        cuda.emulate_graph(gm, data[0][:3].numpy())
+
+
+def test_cuda_whole_model_device_code_compiles(cuda_built) -> None:
+    from ternbench.schedules import cuda
+
+    why = cuda.compiler_unavailable_reason()
+    if why:
+        pytest.skip(f"cannot compile CUDA source here: {why}")
+    _path, _gm, ex, _ref = cuda_built
+    assert "__global__" in cuda.nvrtc.module_source(ex)
+    assert len(cuda.compile_module_source(ex, "sm_80")) > 1000
+
+
+def test_cuda_artifact_needs_a_gpu(cuda_built) -> None:
+    from ternbench.schedules.artifact import ArtifactError, load_artifact
+
+    path, _gm, _ex, _ref = cuda_built
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"]["device"] == "cuda" and manifest["target"]["mcpu"].startswith("sm_")
+    if _gpu_visible():
+        pytest.skip("a GPU is visible: the gpu tier runs this artifact")
+    with pytest.raises(ArtifactError) as exc:
+        load_artifact(path)
+    assert "CUDA GPU" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def _gpu_visible() -> bool:
+    from ternbench.schedules import _tvm
+
+    return _tvm.cuda_arch() is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu_visible(), reason="no CUDA GPU visible")
+def test_cuda_artifact_runs_on_the_gpu(cuda_built, data) -> None:
+    from ternbench.schedules.artifact import load_artifact
+    from ternbench.schedules.model import compare_logits
+
+    path, _gm, _ex, ref = cuda_built
+    got = load_artifact(path).predict(data[0][:6].numpy())
+    check = compare_logits(got, ref[:6].numpy(), "CUDA artifact on the GPU")
+    assert check.top1_agreement == 1.0

@@ -56,9 +56,16 @@ from __future__ import annotations
 
 from .bundle import DEFAULT_BUNDLE_ARCH, export_gpu_bundle
 from .dlight import fold_unit_reductions, schedule_dlight
-from .emulation import emulate_layer, poison_thread_storage, schedule_errors, serial_equivalent
+from .emulation import (
+    emulate_graph,
+    emulate_layer,
+    poison_thread_storage,
+    schedule_errors,
+    serial_equivalent,
+)
 from .nvrtc import (
     compile_kernel,
+    compile_module_source,
     compiler_unavailable_reason,
     cuda_toolkit_root,
     ensure_cuda_path,
@@ -91,8 +98,10 @@ __all__ = [
     "poison_thread_storage",
     "schedule_errors",
     "emulate_layer",
+    "emulate_graph",
     "kernel_source",
     "compile_kernel",
+    "compile_module_source",
     "compiler_unavailable_reason",
     "cuda_toolkit_root",
     "ensure_cuda_path",

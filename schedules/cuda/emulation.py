@@ -12,6 +12,8 @@ from .schedules import _require
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
+    from ..graph import GraphModule
+
 
 def serial_equivalent(mod: Any, interleave: bool = False) -> Any:
     """``mod`` with every thread-bound loop made serial: the same blocks and buffers in the
@@ -223,3 +225,38 @@ def emulate_layer(lx: LayerExport, batch: int = 1, rule: Rule | None = None,
         what = f"{rule.name} (serial CPU emulation{', interleaved' if interleave else ''})"
         err = max(err, measure._check(lx.name, what, out.numpy(), ref, measure._rtol(spec)))
     return rule.name, err
+
+
+def emulate_graph(gm: GraphModule, x: Any) -> Any:
+    """Logits of a whole model built for CUDA (:func:`.graph.build_graph` with
+    ``target="cuda"``), computed without a GPU: every kernel and stage of its Relax ``main``
+    made :func:`serial_equivalent` with :func:`poison_thread_storage` and :func:`schedule_errors`
+    checked, compiled for the host CPU and run by the Relax VM, sample batch after batch.
+
+    ``x`` is ``[n * batch, C, H, W]`` float32. Raises :class:`.measure.KernelMismatchError`
+    when a stage or kernel has a GPU schedule error.
+    """
+    import numpy as np
+
+    from .. import measure
+
+    tvm = _require()
+    funcs = {}
+    for gv, f in gm.mod.functions_items():
+        if isinstance(f, tvm.tirx.PrimFunc):
+            errors = schedule_errors(f)
+            if errors:
+                raise measure.KernelMismatchError(f"{gv.name_hint}: " + "; ".join(errors))
+            f = poison_thread_storage(tvm.IRModule({"main": f}))["main"]
+            f = f.without_attr("target") if "target" in f.attrs else f
+        funcs[gv] = f
+    host = serial_equivalent(tvm.IRModule(funcs))
+    vm = tvm.relax.VirtualMachine(tvm.compile(host, target=tvm.target.Target({"kind": "llvm"})),
+                                  tvm.cpu(0))
+    params = [tvm.runtime.tensor(np.ascontiguousarray(a)) for _n, a in gm.params]
+    xs = np.ascontiguousarray(np.asarray(x, np.float32))
+    b = gm.batch
+    if xs.shape[0] % b or xs.shape[1:] != tuple(gm.input_shape[1:]):
+        raise ValueError(f"input {xs.shape} is not whole batches of {gm.input_shape}")
+    return np.concatenate([vm["main"](tvm.runtime.tensor(xs[i:i + b]), *params).numpy()
+                           for i in range(0, len(xs), b)])

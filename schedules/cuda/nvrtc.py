@@ -22,11 +22,19 @@ def kernel_source(kernel: Any) -> str:
     TVM 0.27 keeps the device code as CUDA source in the built module and compiles it when the
     module is first loaded on a GPU (see :func:`compile_kernel`).
     """
-    exe = kernel.executable
-    mod = getattr(exe, "mod", exe)
-    for imp in mod.imports:
-        if imp.kind == "cuda":
-            return str(imp.inspect_source("cuda"))
+    return module_source(kernel.executable)
+
+
+def module_source(executable: Any) -> str:
+    """CUDA C source inside a built module (a kernel's or a whole model's Relax executable,
+    where the device module hangs below the host one); ``""`` when there is none."""
+    todo = [getattr(executable, "mod", executable)]
+    while todo:
+        mod = todo.pop()
+        for imp in mod.imports:
+            if imp.kind == "cuda":
+                return str(imp.inspect_source("cuda"))
+            todo.append(imp)
     return ""
 
 
@@ -107,14 +115,28 @@ def compile_kernel(kernel: Any, arch: str | None = None, compiler: str | None = 
     Example:
         >>> # compile_kernel(build_layer(lx, 1, "cuda"), "sm_80")[:4]  ->  b"\\x7fELF"
     """
-    tvm = _require()
-    from tvm.support import nvcc
-
     src = kernel_source(kernel)
     if not src:
         raise ValueError(f"{kernel.rule}: not a CUDA kernel (target {kernel.target_str})")
     if arch is None:
         arch = str(json.loads(kernel.target_str).get("arch", _tvm.DEFAULT_CUDA_ARCH))
+    return _compile_source(src, arch, compiler)
+
+
+def compile_module_source(executable: Any, arch: str | None = None,
+                          compiler: str | None = None) -> bytes:
+    """:func:`compile_kernel` for any built module holding CUDA source (e.g. a whole model's
+    Relax executable); ``arch`` defaults to ``DEFAULT_CUDA_ARCH``."""
+    src = module_source(executable)
+    if not src:
+        raise ValueError("the module holds no CUDA source")
+    return _compile_source(src, arch or _tvm.DEFAULT_CUDA_ARCH, compiler)
+
+
+def _compile_source(src: str, arch: str, compiler: str | None) -> bytes:
+    tvm = _require()
+    from tvm.support import nvcc
+
     mode = _compiler(compiler)
     ensure_cuda_path()
     # nvcc takes explicit -gencode flags; both read the arch of the current target otherwise
