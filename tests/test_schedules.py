@@ -516,6 +516,12 @@ def test_ternary_affine_terms_match_reference():
         y = y + t["Bw"][:6] * cols.sum(1, keepdims=True)
         if spec.border:
             y = y + valid @ t["Tw"][:, :6].astype(np.float64)
+            # the kernel's lookup by border class gives the same per-output sums
+            ho, wo = spec.out_hw
+            r = np.arange(spec.M) % (ho * wo)
+            tb = t["Tb"][t["Rc"][r // wo], t["Cc"][r % wo], :6]
+            np.testing.assert_allclose(tb, valid @ t["Tw"][:, :6].astype(np.float64),
+                                       rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(y, measure.reference_output(lx, a), rtol=1e-5, atol=1e-5)
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .. import _tvm
-from .packing import AVX2_ACT_OFFSET, TT_WORD
+from .packing import AVX2_ACT_OFFSET, TT_WORD, border_classes
 
 if TYPE_CHECKING:
     from .spec import GemmSpec
@@ -241,7 +243,7 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> A
 
 
 def tt_compute(spec: GemmSpec) -> Any:
-    """PrimFunc ``main(X, Wm, Ws, [Bw], [Tw], S, bias, out)`` of a ``tt_planes`` spec.
+    """PrimFunc ``main(X, Wm, Ws, [Bw], [Rc, Cc, Tb], S, bias, out)`` of a ``tt_planes`` spec.
 
     ``X`` holds ternary activation codes (int8, NHWC or [B, F]). Blocks::
 
@@ -250,8 +252,8 @@ def tt_compute(spec: GemmSpec) -> Any:
         acc   [M, G, Np]  sum_q popc(am & wm) - 2 popc(am & wm & (as ^ ws))   (int32, exact)
         ep    [M, Np]     sum_g S[n, g] * acc                                   (S = α scales)
         asum  [M]         sum_k a = sum_q popc(am) - 2 popc(am & as)            (w_off only)
-        out   [M, N]      ep + bias [+ Bw[n] * asum] [+ sum of Tw[t, n] over the kernel taps
-                          t inside the image (border only, inline)]
+        out   [M, N]      ep + bias [+ Bw[n] * asum] [+ Tb[Rc[y], Cc[x], n]: the offset
+                          term of the taps inside the image, by border class (border only)]
 
     The affine terms follow :func:`tt_affine_terms`; a padded tap is a zero in ``A_in`` (no
     bit) and outside the image for ``corr``, so it contributes nothing, offsets included.
@@ -311,25 +313,19 @@ def tt_compute(spec: GemmSpec) -> Any:
         extra_args.append(bw)
         terms.append(lambda m, n: bw[n] * asum[m].astype("float32"))
     if spec.border:
-        c, h, w_ = spec.in_shape
-        (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
         ho, wo = spec.out_hw
-        tw = te.placeholder((kh * kw, np_), "float32", name="Tw")
+        rc_, cc_, _tb = border_classes(spec, np.zeros((spec.kernel[0] * spec.kernel[1], 1)))
+        rcls = te.placeholder((ho,), "int32", name="Rc")
+        ccls = te.placeholder((wo,), "int32", name="Cc")
+        tb = te.placeholder((int(rc_.max()) + 1, int(cc_.max()) + 1, np_), "float32", name="Tb")
 
         def corr(m: Any, n: Any) -> Any:
-            # an explicit sum over the kh*kw taps, not a reduction block: `out` keeps a single
-            # producer stage (ep), so it can still be fused under the GEMM's row-tile loop
+            # the in-image taps' sum of this output's border class (one load, no reduction
+            # block: `out` keeps ep as its single producer and stays fused under the row tile)
             r = m % (ho * wo)
-            oy, ox = (r // wo) * sh - ph, (r % wo) * sw - pw
-            v = None
-            for i in range(kh):
-                for jj in range(kw):
-                    inside = tirx.all(oy + i >= 0, oy + i < h, ox + jj >= 0, ox + jj < w_)
-                    tap = tirx.Select(inside, tw[i * kw + jj, n], tirx.const(0.0, "float32"))
-                    v = tap if v is None else v + tap
-            return v
+            return tb[rcls[r // wo], ccls[r % wo], n]
 
-        extra_args.append(tw)
+        extra_args += [rcls, ccls, tb]
         terms.append(corr)
 
     def out_f(m: Any, n: Any) -> Any:

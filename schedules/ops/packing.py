@@ -144,9 +144,10 @@ def tt_affine_terms(lx: LayerExport, spec: GemmSpec) -> dict[str, np.ndarray]:
 
     Returns float32 arrays: ``Bw [Np] = α β_w`` (times the run-time ``Σ a``, kernel input
     ``Bw`` when ``spec.w_off``); ``Tw [kh*kw, Np]``, the ``β_a`` term per kernel tap summed over
-    channels (kernel input when ``spec.border``: the kernel sums the taps that are inside the
-    image); and ``bias [Np]`` with the ``β_a`` term folded in when every tap is always valid
-    (linear layers, unpadded convs).
+    channels; for ``spec.border`` its sums over the taps inside the image as the kernel reads
+    them (:func:`border_classes`: ``Rc [Ho]``, ``Cc [Wo]`` int32 and ``Tb [R, C, Np]``); and
+    ``bias [Np]`` with the ``β_a`` term folded in when every tap is always valid (linear
+    layers, unpadded convs).
     """
     n, k = spec.N, spec.K
     alpha, beta_a = float(lx.act_scale), float(lx.act_offset)
@@ -164,8 +165,51 @@ def tt_affine_terms(lx: LayerExport, spec: GemmSpec) -> dict[str, np.ndarray]:
         bias[:n] += tw.sum(axis=1)
     bw = np.zeros(spec.Np)
     bw[:n] = alpha * beta_w
-    return {"Bw": bw.astype(np.float32), "Tw": _pad2(tw.T, taps, spec.Np).astype(np.float32),
-            "bias": bias.astype(np.float32)}
+    out = {"Bw": bw.astype(np.float32), "Tw": _pad2(tw.T, taps, spec.Np).astype(np.float32),
+           "bias": bias.astype(np.float32)}
+    if spec.border:
+        rc, cc, tb = border_classes(spec, _pad2(tw.T, taps, spec.Np))
+        out.update(Rc=rc, Cc=cc, Tb=tb)
+    return out
+
+
+def _tap_classes(n_out: int, k: int, stride: int, pad: int, size: int
+                 ) -> tuple[np.ndarray, list[tuple[int, ...]]]:
+    """Per output row (or column): the index of its set of in-image kernel taps, and the sets."""
+    sets: list[tuple[int, ...]] = []
+    idx = np.zeros(n_out, np.int32)
+    for o in range(n_out):
+        valid = tuple(i for i in range(k) if 0 <= o * stride - pad + i < size)
+        if valid not in sets:
+            sets.append(valid)
+        idx[o] = sets.index(valid)
+    return idx, sets
+
+
+def border_classes(spec: GemmSpec, tw: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The border term of a padded conv as a lookup: ``Rc [Ho]`` / ``Cc [Wo]`` give each output
+    row / column the class of its in-image kernel rows / columns (a 3x3, pad 1 conv has 3 of
+    each: first, inner, last), ``Tb [R, C, Np]`` the sum of ``tw [kh*kw, Np]`` over the taps of
+    each class pair, summed in float64 and rounded once. The kernel adds ``Tb[Rc[y], Cc[x], n]``:
+    one load per output instead of a select per tap.
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> sp = S(out_hw=(4, 4), kernel=(3, 3), stride=(1, 1), padding=(1, 1), in_shape=(1, 4, 4))
+        >>> rc, cc, tb = border_classes(sp, np.ones((9, 1)))
+        >>> rc.tolist(), tb[:, :, 0].tolist()
+        ([0, 1, 1, 2], [[4.0, 6.0, 4.0], [6.0, 9.0, 6.0], [4.0, 6.0, 4.0]])
+    """
+    (ho, wo), (kh, kw) = spec.out_hw, spec.kernel
+    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    _c, h, w = spec.in_shape
+    rc, rows = _tap_classes(ho, kh, sh, ph, h)
+    cc, cols = _tap_classes(wo, kw, sw, pw, w)
+    t = np.asarray(tw, np.float64).reshape(kh, kw, -1)
+    tb = np.stack([np.stack([t[list(r)][:, list(c)].sum(axis=(0, 1)) for c in cols])
+                   for r in rows])
+    return rc, cc, tb.astype(np.float32)
 
 
 
@@ -199,7 +243,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
 
 
 def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray) -> list[np.ndarray]:
-    """``tt_planes`` arguments: Wm, Ws, [Bw], [Tw], S, bias (see :func:`tt_compute`)."""
+    """``tt_planes`` arguments: Wm, Ws, [Bw], [Rc, Cc, Tb], S, bias (see :func:`tt_compute`)."""
     wm, ws = pack_planes(codes, spec.G, spec.gs, spec.gsp, spec.nb, spec.Np)
     terms = tt_affine_terms(lx, spec)
     s = np.asarray(lx.scales, dtype=np.float64) * float(lx.act_scale)
@@ -207,5 +251,5 @@ def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray) -> list[np
     if spec.w_off:
         args.append(terms["Bw"])
     if spec.border:
-        args.append(terms["Tw"])
+        args += [terms["Rc"], terms["Cc"], terms["Tb"]]
     return [*args, _pad2(s.astype(np.float32), spec.Np, spec.G), terms["bias"]]
