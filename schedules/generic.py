@@ -210,6 +210,12 @@ def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
         todo = [(xb, xj)]
         sch.parallel(sch.fuse(b, y))
         sch.unroll(xs)
+        if spec.row_words:  # X_rows: parallel over image rows too; A_bits is a plain load
+            # (kept materialised: inlined into acc and asum it measured slower on RTN layers)
+            xr = sch.get_sblock("X_rows")
+            rb, ry, _ox, _r, rs = sch.get_loops(xr)
+            sch.parallel(sch.fuse(rb, ry))
+            sch.unroll(rs)
         m, _w, s = sch.get_loops(bits)
     else:
         m, _w, s, j = sch.get_loops(bits)

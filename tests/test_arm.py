@@ -46,6 +46,8 @@ CASES = [
                          act_offset=0.3, w_offset=True), 1, "tvm_tt_popc"),
     ("linear_tt_gs16", dict(op="linear", out=12, cin=72, gs=16, act="ternary"), 2,
      "tvm_tt_popc"),
+    ("conv_tt_rows_c16", dict(op="conv2d", out=8, cin=16, hw=(6, 6), act="ternary",
+                              act_offset=0.3, w_offset=True), 1, "tvm_tt_popc"),
 ]
 
 

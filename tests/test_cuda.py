@@ -62,6 +62,8 @@ CASES = [
                           gs=16, act_offset=0.4), 2, "cuda.tt_popc"),
     ("conv_tt_pixel", dict(op="conv2d", act="ternary", out=16, cin=64, hw=(5, 5),
                            w_offset=True), 1, "cuda.tt_popc"),  # X_bits per pixel (C % 64 == 0)
+    ("conv_tt_rows_c32", dict(op="conv2d", act="ternary", out=16, cin=32, hw=(6, 5), stride=2,
+                              act_offset=0.3, w_offset=True), 2, "cuda.tt_popc"),  # X_rows
     ("linear_int8", dict(fmt="int8", out=32, cin=64), 1, "cuda.int8"),
     ("conv_int8", dict(op="conv2d", fmt="int8", out=16, cin=8, hw=(7, 7), stride=2), 2,
      "cuda.int8"),

@@ -569,6 +569,10 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
     if "_pix" in label:
         spec = ops.plan_gemm(lx, batch, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
         assert spec.pixel_bits and not spec.has_input_stage
+        # 16 and 32 channels: words of one kernel row (X_rows), K padded per kernel row
+        assert spec.row_words == (lx.in_channels in (16, 32))
+        if spec.row_words:
+            assert spec.Kp == 3 * spec.row_chunks * 64
     impl, y = run_layer(lx, x)
     assert impl == expected_tt_impl(x86_info().features)
     ref = layer_reference(lx, x).numpy()

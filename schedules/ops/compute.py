@@ -204,6 +204,11 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> A
       word ``w`` is ``sum_t X_bits[tap w*T + t] << (t*C)`` (disjoint bits: the sum is an OR;
       taps past kh*kw are the zero padding of ``Kp``). An explicit sum, not a reduction block,
       so ``A_bits`` stays a plain gather that a GPU schedule can inline.
+    * :attr:`GemmSpec.row_words` (16 or 32 channels): ``X_rows [B, Hp, Wo, R, 2]`` ORs the
+      ``T`` taps of one kernel row into a word once per (image row, output column), the words
+      of each kernel row padded on their own (``Kp = kh * R * 64``, the weights likewise), so
+      ``A_bits`` word ``w`` is a single load, ``X_rows[.., y + w // R, x, w % R]``: no OR of
+      taps from different image rows per output row.
     """
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
@@ -221,6 +226,30 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> A
         return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s, jc)
 
     xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
+    if spec.row_words:
+        # X_rows[b, y, ox, r]: taps r*T .. r*T+T-1 of the kernel row starting at padded image
+        # row y, output column ox (T = 64 / C whole pixels, the taps past kw zero); each is
+        # built once per (image row, output column) and read by kh output rows, and a word of
+        # A_bits is one load of it
+        per, rw = TT_WORD // c, spec.row_chunks
+
+        def xrow(b: Any, y: Any, ox: Any, r: Any, s: Any) -> Any:
+            v = None
+            for t in range(min(per, kw)):
+                j = r * per + t
+                part = tirx.if_then_else(
+                    j < kw, xb[b, y, ox * sw + te.min(j, kw - 1), 0, s],
+                    tirx.const(0, "uint64")) << tirx.const(t * c, "uint64")
+                v = part if v is None else v | part
+            return v
+
+        xr = te.compute((spec.batch, h + 2 * ph, wo, rw, 2), xrow, name="X_rows")
+
+        def row_word(m: Any, w: Any, s: Any) -> Any:
+            b, r = m // (ho * wo), m % (ho * wo)
+            return xr[b, (r // wo) * sh + w // rw, r % wo, w % rw, s]
+
+        return te.compute((spec.M, spec.words, 2), row_word, name="A_bits")
 
     def pixel(m: Any, tap: Any, q: Any, s: Any) -> Any:
         b, r = m // (ho * wo), m % (ho * wo)

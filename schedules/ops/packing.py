@@ -220,6 +220,13 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         c, kh, kw = spec.in_shape[0], *spec.kernel
         codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
     if spec.layout == "tt_planes":
+        if spec.row_words:  # (kh, kw, C) -> each kernel row's taps padded to whole words
+            c, kh, kw = spec.in_shape[0], *spec.kernel
+            per = TT_WORD // c
+            rw = np.zeros((spec.N, kh, spec.row_chunks * per, c), codes.dtype)
+            rw[:, :, :kw] = codes.reshape(spec.N, kh, kw, c)
+            codes = rw.reshape(spec.N, spec.Kp)
+            return _pack_tt_args(spec, lx, codes, gs=spec.Kp)
         return _pack_tt_args(spec, lx, codes)
     if spec.layout == "t2_avx2":
         w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp, spec.tile_n),
@@ -242,9 +249,10 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     return [*w_args, s, bias]
 
 
-def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray) -> list[np.ndarray]:
+def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray,
+                  gs: int | None = None) -> list[np.ndarray]:
     """``tt_planes`` arguments: Wm, Ws, [Bw], [Rc, Cc, Tb], S, bias (see :func:`tt_compute`)."""
-    wm, ws = pack_planes(codes, spec.G, spec.gs, spec.gsp, spec.nb, spec.Np)
+    wm, ws = pack_planes(codes, spec.G, gs or spec.gs, spec.gsp, spec.nb, spec.Np)
     terms = tt_affine_terms(lx, spec)
     s = np.asarray(lx.scales, dtype=np.float64) * float(lx.act_scale)
     args = [wm, ws]

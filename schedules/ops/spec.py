@@ -65,6 +65,17 @@ class GemmSpec:
     #: ``t2_avx2`` tile width in output channels: 8 (a 256-bit 8n x 4k int8 tile) or 16 (a
     #: 512-bit 16n x 4k tile for AVX-512 VNNI ``vpdpbusd zmm``)
     tile_n: int = 8
+    #: ``pixel_bits`` convs with 16 or 32 channels: each word holds whole taps of ONE kernel row
+    #: (``64 / C`` of them, the rest zero), so a word of the bit-plane matrix is a plain load
+    #: of the row-packed input ``X_rows`` instead of an OR of taps from different image rows
+    #: (see :func:`.compute.tt_compute`); K is padded per kernel row
+    row_words: bool = False
+
+    @property
+    def row_chunks(self) -> int:
+        """Words per kernel row of a :attr:`row_words` conv."""
+        c, kw = self.in_shape[0], self.kernel[1]
+        return -(-kw * c // TT_WORD)
 
     @property
     def M(self) -> int:
@@ -215,9 +226,14 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
     kg = g * gs  # >= K: a partial last group is zero-padded
     w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    row_words = False
     if layout == "tt_planes":
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
+        c0 = in_shape[0]
+        if lx.op == "conv2d" and g == 1 and 16 <= c0 < TT_WORD and TT_WORD % c0 == 0:
+            row_words = True  # whole taps of one kernel row per word (GemmSpec.row_words)
+            kp = lx.kernel_size[0] * -(-lx.kernel_size[1] * c0 // TT_WORD) * TT_WORD
     elif layout == "t2_avx2":
         if tile_n not in (AVX2_TILE_N, AVX512_TILE_N):
             raise ValueError(f"t2_avx2 tiles are 8 or 16 output channels wide, got {tile_n}")
@@ -255,5 +271,6 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
         affine=affine, tile_n=tile_n if layout == "t2_avx2" else AVX2_TILE_N,
+        row_words=row_words,
     )
 
