@@ -127,6 +127,11 @@ def format_model(model: pd.DataFrame) -> pd.DataFrame:
             "TVM artifact (µs)": [fmt_num(v, ".0f") for v in model["tvm_us"]],
             "Kernel sum (µs)": [fmt_num(v, ".0f") for v in model["kernel_sum_us"]],
             "Artifact / kernels": [fmt_num(v, ".2f", "×") for v in model["overhead"]],
+            "Kernels in sequence (µs)": [fmt_num(v, ".0f") for v in
+                                         model.get("kernel_chain_us",
+                                                   pd.Series(np.nan, model.index))],
+            "Artifact / sequence": [fmt_num(v, ".2f", "×") for v in
+                                    model.get("glue", pd.Series(np.nan, model.index))],
             "Torch FP32 eager (µs)": [fmt_num(v, ".0f") for v in model["torch_fp32_us"]],
             "Torch INT8 (µs)": [fmt_num(v, ".0f") for v in model["torch_int8_us"]],
             "ORT INT8 (µs)": [fmt_num(v, ".0f") for v in model["ort_int8_us"]],

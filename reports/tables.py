@@ -725,9 +725,10 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
     cell (same run, same input), beside the sum of the per-layer kernels (``__total__``) and
     the artifact's own top-1 beside the fake-quant one."""
     cols = ["vid", "label", "method", "model", "dataset", "target", "tvm_us", "kernel_sum_us",
-            "overhead", "torch_fp32_us", "torch_int8_us", "ort_int8_us", "speedup_fp32",
-            "speedup_int8", "speedup_ort", "other_us", "logit_rel_diff", "top1_agreement",
-            "top1", "top1_deployed", "top1_delta", "pred_agreement", "flag"]
+            "overhead", "kernel_chain_us", "glue", "torch_fp32_us", "torch_int8_us",
+            "ort_int8_us", "speedup_fp32", "speedup_int8", "speedup_ort", "other_us",
+            "logit_rel_diff", "top1_agreement", "top1", "top1_deployed", "top1_delta",
+            "pred_agreement", "flag"]
     rows = _ok(df)
     rows = rows[rows["layer"].eq(MODEL_LAYER)]
     if rows.empty:
@@ -752,6 +753,8 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
     same = tvm_rows[tvm_rows["metric"].eq("kernel_sum_us")].groupby(key)["value"].mean()
     same = same[same.index.isin(wide.index)]
     wide.loc[same.index, "kernel_sum_us"] = same
+    chain = tvm_rows[tvm_rows["metric"].eq("kernel_chain_us")].groupby(key)["value"].mean()
+    wide["kernel_chain_us"] = chain.reindex(wide.index)
     acc = ok[ok["metric"].eq("top1") & ok["target"].eq(MODEL_TARGET) & ok["layer"].eq("")]
     top1 = acc.groupby(key[:-1])["value"].mean()
     wide = wide.reset_index()
@@ -764,6 +767,7 @@ def _model_table(df: pd.DataFrame) -> pd.DataFrame:
     wide["speedup_int8"] = wide["torch_int8_us"] / wide["tvm_us"]
     wide["speedup_ort"] = wide["ort_int8_us"] / wide["tvm_us"]
     wide["overhead"] = wide["tvm_us"] / wide["kernel_sum_us"]
+    wide["glue"] = wide["tvm_us"] / wide["kernel_chain_us"]
     wide["top1_delta"] = wide["top1_deployed"] - wide["top1"]
     wide["flag"] = [
         "" if pd.isna(d) or abs(d) <= DEPLOYED_FLAG_POINTS

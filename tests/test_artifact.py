@@ -467,3 +467,12 @@ def test_cuda_artifact_runs_on_the_gpu(cuda_built, data) -> None:
     got = load_artifact(path).predict(data[0][:6].numpy())
     check = compare_logits(got, ref[:6].numpy(), "CUDA artifact on the GPU")
     assert check.top1_agreement == 1.0
+
+
+def test_kernel_chain_timer_runs_the_kernels_in_sequence(built) -> None:
+    """The kernels-in-sequence figure: every kernel of main once per pass, no stages."""
+    from ternbench.schedules.graph import kernel_chain_timer
+
+    _path, gm, _ref = built
+    t = kernel_chain_timer(gm)
+    assert 0 < t(3) < 1.0
