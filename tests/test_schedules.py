@@ -231,14 +231,23 @@ def test_rule_selection_is_gated_by_target_features():
         assert rule.name == "x86.t2_f32" and rule.impl_for(twn) == "tvm_t2_f32"
     # ternary activations: popcount kernel, vectorised only with AVX2; any group size
     for lx in (make_layer(act="ternary"), make_layer(act="ternary", gs=24, w_offset=True)):
-        assert measure.select_rule(lx, info).name == "x86.tt_popc"
+        assert measure.select_rule(lx, info).name == "x86.tt_popc"  # AVX2 only
         assert measure.select_rule(lx, no_avx2).name == "generic.tt_popc"
     with pytest.raises(UnsupportedLayerError):
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:5] == [
-        "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_popc", "x86.t2_f32"]
+    assert [r.name for r in x86.rules()][:6] == [
+        "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_popc512", "x86.tt_popc",
+        "x86.t2_f32"]
+    # VPOPCNTDQ + DQ: the 512-bit rule, int64 accumulators; without them the AVX2 one
+    popc512 = dataclasses.replace(info, features=frozenset(
+        {"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vpopcntdq"}))
+    tt = make_layer(act="ternary")
+    rule = measure.select_rule(tt, popc512)
+    assert rule.name == "x86.tt_popc512" and rule.impl_for(tt) == "tvm_tt_popc"
+    assert rule.plan(tt, 1, popc512, rule.default_params).tt_acc64
+    assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_acc64
     assert generic.rules()[0].impl_for(twn) == "tvm_t2_generic_a32"
 
 

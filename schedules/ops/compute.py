@@ -314,8 +314,12 @@ def tt_compute(spec: GemmSpec) -> Any:
     wm = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Wm")
     ws = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Ws")
 
+    # int64 accumulators where the target's vector popcount yields 64-bit lanes (x86
+    # VPOPCNTQ): no narrowing per word; int32 elsewhere (CUDA's __popcll returns an int)
+    acc_t = "int64" if spec.tt_acc64 else "int32"
+
     def popc(v: Any) -> Any:
-        return tirx.popcount(v).astype("int32")
+        return tirx.popcount(v).astype(acc_t)
 
     q = te.reduce_axis((0, q_per_g), "q")
 

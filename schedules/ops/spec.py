@@ -70,6 +70,9 @@ class GemmSpec:
     #: of the row-packed input ``X_rows`` instead of an OR of taps from different image rows
     #: (see :func:`.compute.tt_compute`); K is padded per kernel row
     row_words: bool = False
+    #: ``tt_planes``: accumulate the popcounts in int64 lanes (x86: ``vpopcntq`` results need
+    #: no narrowing per word), else int32
+    tt_acc64: bool = False
 
     @property
     def row_chunks(self) -> int:
