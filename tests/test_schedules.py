@@ -564,6 +564,11 @@ TT_CASES = [
                               w_offset=True), 2),
     ("conv_c32_pix_s2", dict(op="conv2d", out=24, cin=32, hw=(7, 7), stride=2), 1),
     ("conv_c1_pix", dict(op="conv2d", out=8, cin=1, hw=(5, 5)), 2),
+    # strided 1x1 (ResNet shortcuts): only the pixels it reads are packed
+    ("conv1x1_s2_pix_off", dict(op="conv2d", out=16, cin=32, k=1, pad=0, stride=2, hw=(7, 7),
+                                act_offset=0.3, w_offset=True), 2),
+    ("conv1x1_s2_pix_c64", dict(op="conv2d", out=8, cin=64, k=1, pad=0, stride=2, hw=(6, 5)),
+     1),
 ]
 
 
@@ -579,7 +584,7 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
         spec = ops.plan_gemm(lx, batch, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
         assert spec.pixel_bits and not spec.has_input_stage
         # 16 and 32 channels: words of one kernel row (X_rows), K padded per kernel row
-        assert spec.row_words == (lx.in_channels in (16, 32))
+        assert spec.row_words == (lx.in_channels in (16, 32) and lx.kernel_size[0] > 1)
         if spec.row_words:
             assert spec.Kp == 3 * spec.row_chunks * 64
     impl, y = run_layer(lx, x)

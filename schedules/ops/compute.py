@@ -225,7 +225,16 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> A
               jc if small else q * TT_WORD + j]
         return word(tirx.if_then_else(inb, v, tirx.const(0, x.dtype)), s, jc)
 
-    xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
+    # a strided 1x1 conv (ResNet shortcuts) reads one pixel in sh*sw: pack only those
+    sub = (kh, kw) == (1, 1) and (ph, pw) == (0, 0) and (sh, sw) != (1, 1)
+    if sub:
+        def xbits_sub(b: Any, y: Any, z: Any, q: Any, s: Any) -> Any:
+            return word(x[b, y * sh, z * sw, jc if small else q * TT_WORD + j], s, jc)
+
+        xb = te.compute((spec.batch, ho, wo, cw, 2), xbits_sub, name="X_bits")
+        sh = sw = 1  # xb is indexed by output position
+    else:
+        xb = te.compute((spec.batch, h + 2 * ph, w_ + 2 * pw, cw, 2), xbits, name="X_bits")
     if spec.row_words:
         # X_rows[b, y, ox, r]: taps r*T .. r*T+T-1 of the kernel row starting at padded image
         # row y, output column ox (T = 64 / C whole pixels, the taps past kw zero); each is

@@ -234,7 +234,8 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
         c0 = in_shape[0]
-        if lx.op == "conv2d" and g == 1 and 16 <= c0 < TT_WORD and TT_WORD % c0 == 0:
+        if (lx.op == "conv2d" and g == 1 and 16 <= c0 < TT_WORD and TT_WORD % c0 == 0
+                and tuple(lx.kernel_size) != (1, 1)):
             row_words = True  # whole taps of one kernel row per word (GemmSpec.row_words)
             kp = lx.kernel_size[0] * -(-lx.kernel_size[1] * c0 // TT_WORD) * TT_WORD
     elif layout == "t2_avx2":
