@@ -21,7 +21,8 @@ uint64 mask/sign planes (stage ``A_bits``, cost included), then per group
 ``popc(am & wm) - 2 popc(am & wm & (as ^ ws))`` vectorised over 8 output channels; offsets
 (``act_offset``, ``weight_offset``) add exact border-aware corrections (see
 :func:`.ops.tt_compute`). With AVX-512 VPOPCNTDQ + DQ (``x86.tt_popc512``) the popcounts
-accumulate in int64 lanes (no narrowing per word) over 16 channels x 2 rows. Ternary weights with float activations (TWN) use ``tvm_t2_f32``.
+accumulate in int64 lanes (no narrowing per word) over 16 channels x 2 rows. Ternary weights
+with float activations (TWN) use ``tvm_t2_f32``.
 """
 
 from __future__ import annotations
