@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tvm
 from .generic import (
+    TILE_SCOPE,
     finish_tensorized,
     fuse_epilogue,
     schedule_blocked,
@@ -91,7 +92,7 @@ def register_sdot_intrinsic() -> str:
     def desc(
         A: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((4, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        C: T.Buffer((4,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], W[0:4, 0:4])
@@ -106,7 +107,7 @@ def register_sdot_intrinsic() -> str:
     def impl(
         A: T.Buffer((4,), "int8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((4, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((4,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        C: T.Buffer((4,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:4], A[0:4], W[0:4, 0:4])

@@ -32,7 +32,15 @@ __all__ = [
     "NB",
     "MB",
     "ROWS_PER_TASK",
+    "TILE_SCOPE",
 ]
+
+#: storage scope of the register tiles (accumulators, epilogue): TVM 0.27 lowers every
+#: "local" allocation of a CPU kernel to a TVMBackendAllocWorkspace heap buffer, which LLVM
+#: cannot promote to registers (each group's accumulator went through memory: a store and a
+#: reload per vector and group); a small (< 1 KiB) "global" allocation stays a stack alloca,
+#: which LLVM keeps in registers
+TILE_SCOPE = "global"
 
 # Tile constants (hand-picked, not tuned): NB = 8 lanes is one 256-bit vector of int32/fp32
 # (two 128-bit ones on SSE/NEON); MB = 4 rows reuse every decoded weight vector 4 times while
@@ -92,9 +100,9 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
 def fuse_epilogue(sch: Any, acc: Any, ep: Any, out: Any, g: Any, mo: Any) -> None:
     """Accumulator in registers, the per-group scale epilogue ``ep`` under the group loop ``g``
     (also in registers) and the bias pass ``out`` under the row-tile loop ``mo``."""
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, TILE_SCOPE)
     sch.reverse_compute_at(ep, g)
-    sch.set_scope(ep, 0, "local")
+    sch.set_scope(ep, 0, TILE_SCOPE)
     sch.reverse_compute_at(out, mo)
 
 
@@ -155,13 +163,13 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
         # k % 4 becomes the unrolled loop index: constant shifts for the 2-bit decode
         red = list(sch.split(kk, [None, 4]))
     sch.reorder(mp, no, mo, g, *red, mi, ni)
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, TILE_SCOPE)
     sch.reverse_compute_at(ep, g)
     # `out` moves under the row-tile loop only when `ep` is its single producer stage (a
     # second one is refused, and `asum` cannot move first since its consumer is `out`)
     fuse_out = not spec.w_off
     if fuse_out:
-        sch.set_scope(ep, 0, "local")
+        sch.set_scope(ep, 0, TILE_SCOPE)
         sch.reverse_compute_at(out, mo)
     sch.unroll(mi)
     if len(red) == 2:

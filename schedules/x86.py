@@ -33,7 +33,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import _tvm
-from .generic import finish_tensorized, fuse_epilogue, schedule_blocked, schedule_gemm
+from .generic import (
+    TILE_SCOPE,
+    finish_tensorized,
+    fuse_epilogue,
+    schedule_blocked,
+    schedule_gemm,
+)
 from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 
 if TYPE_CHECKING:
@@ -94,7 +100,7 @@ def _u8s8_8x4_desc(tn: int = 8) -> Any:
     def desc(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((tn, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((tn,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        C: T.Buffer((tn,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:tn], A[0:4], W[0:tn, 0:4])
@@ -118,7 +124,7 @@ def register_avx2_intrinsic() -> str:
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], W[0:8, 0:4])
@@ -165,7 +171,7 @@ def register_vnni_intrinsic(flavour: str, tn: int = 8) -> str:
     def impl(
         A: T.Buffer((4,), "uint8", offset_factor=1),  # type: ignore[valid-type]
         W: T.Buffer((tn, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
-        C: T.Buffer((tn,), "int32", offset_factor=1, scope="local"),  # type: ignore[valid-type]
+        C: T.Buffer((tn,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:tn], A[0:4], W[0:tn, 0:4])
@@ -269,7 +275,12 @@ def _applies_vnni(flavour: str) -> Any:
 
 def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "t2_avx2", **tile_kwargs(params, T2_DEFAULT))
+    kw = tile_kwargs(params, T2_DEFAULT)
+    # a block wider than the layer (16-channel CIFAR layers under 32-wide AVX-512 blocks)
+    # would compute padding channels: clamp it to the channels rounded up to one tile
+    tn = kw.get("tile_n", 8)
+    kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
+    return plan_gemm(lx, batch, "t2_avx2", **kw)
 
 
 def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:

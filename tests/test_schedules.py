@@ -740,3 +740,17 @@ def test_avx2_intrinsic_refuses_wide_tiles():
     with pytest.raises(ValueError, match="8 or 16"):
         ops.plan_gemm(make_layer(out=32), 1, "t2_avx2", nb=32, mb_max=4, rows_per_task=64,
                       tile_n=32)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("kw", [dict(op="conv2d", cin=16, out=16, hw=(6, 6), gs=4),
+                                dict(act="ternary", cin=64, out=16),
+                                dict(fmt="fp32", act="fp32", cin=32, out=16)])
+def test_cpu_tiles_are_not_local_workspace_buffers(tvm_mod, kw):
+    """Register tiles use generic.TILE_SCOPE: TVM 0.27 turns every "local" CPU allocation into
+    a heap workspace that LLVM cannot keep in registers (FGQ N=4 ran 2.5x slower)."""
+    from ternbench.schedules.graph import scheduled_kernel
+
+    lx = make_layer(**kw, name="tiles")
+    _rule, _spec, func = scheduled_kernel(lx, 1, x86_info())
+    assert 'scope="local"' not in func.script()
