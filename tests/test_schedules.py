@@ -754,3 +754,14 @@ def test_cpu_tiles_are_not_local_workspace_buffers(tvm_mod, kw):
     lx = make_layer(**kw, name="tiles")
     _rule, _spec, func = scheduled_kernel(lx, 1, x86_info())
     assert 'scope="local"' not in func.script()
+
+
+def test_row_tiles_avoid_one_row_tiles_on_7x7_maps():
+    """M = 49 (ResNet-18 layer4 at batch 1) has no divisor in 2..4: the tile takes 7 rows
+    rather than 1 (one-row tiles re-read every weight and scale per row)."""
+    from ternbench.schedules.ops.spec import _row_tiles
+
+    assert _row_tiles(49, 4, 64)[0] == 7
+    assert _row_tiles(784, 4, 64)[0] == 4
+    assert _row_tiles(49, 2, 64)[0] == 1  # 2-row tiles (tt_popc512): 7 would spill
+    assert _row_tiles(9, 4, 64)[0] == 3

@@ -185,6 +185,11 @@ def _row_tiles(m: int, mb_max: int, rows_per_task: int) -> tuple[int, int]:
     """(mb, m_task): register-tile rows dividing M and tiles per task (perfect splits only,
     since tensorize and vectorize refuse predicated loops)."""
     mb = next(d for d in range(min(mb_max, m), 0, -1) if m % d == 0)
+    if 2 * mb <= mb_max:
+        # M = 49 (7x7 maps at batch 1) has no divisor in 2..4: one-row tiles re-read every
+        # weight and scale per row (FGQ layer4 was memory-bound on its group scales); a
+        # divisor up to twice the register tile (7) still fits the accumulators
+        mb = next(d for d in range(min(2 * mb_max, m), 0, -1) if m % d == 0)
     tiles = m // mb
     cap = max(1, rows_per_task // mb)
     m_task = next(d for d in range(min(cap, tiles), 0, -1) if tiles % d == 0)
