@@ -319,6 +319,27 @@ def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                      **tile_kwargs(params, DENSE_DEFAULT))
 
 
+def _applies_i8_vnni(flavour: str) -> Any:
+    """Dense int8 weights x int8 activations on the VNNI tile intrinsic (never AVX2's
+    ``vpmaddubsw``: a u8 x s8 pair sum of full-range weights overflows int16)."""
+    def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+        if not (_is_x86(target) and target.has(flavour)):
+            return False
+        if flavour == "avx512vnni" and not (target.has("avx512vl") and target.has("avx512bw")):
+            return False
+        return lx.weight_format == "int8" and lx.act_mode == "int" and lx.act_qmax <= 127
+
+    return applies
+
+
+def _plan_i8_vnni(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                  params: Params) -> GemmSpec:
+    kw = tile_kwargs(params, T2_DEFAULT)
+    tn = kw.get("tile_n", 8)
+    kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
+    return plan_gemm(lx, batch, "i8_avx2", **kw)
+
+
 def _applies_dense(fmt: str) -> Any:
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
         return _is_x86(target) and lx.weight_format == fmt and lx.act_mode in ("int", "fp32")
@@ -362,6 +383,13 @@ def rules() -> list[Rule]:
              grid=_grid((4, 8, 16), (2, 4), (16, 64, 256), TT_DEFAULT)),
         Rule("x86.t2_f32", "tvm_t2_f32", _applies_t2_f32, _plan_t2_f32, schedule_t2_f32,
              a32_suffix=False, grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
+        # dense int8 on VNNI: the same tiles and intrinsic, the weights copied instead of decoded
+        Rule("x86.i8_avx512vnni", "tvm_int8", _applies_i8_vnni("avx512vnni"), _plan_i8_vnni,
+             _schedule_t2_vnni("avx512vnni"),
+             grid=_grid((16, 32, 64), (2, 4), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
+        Rule("x86.i8_avxvnni", "tvm_int8", _applies_i8_vnni("avxvnni"), _plan_i8_vnni,
+             _schedule_t2_vnni("avxvnni"), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256),
+                                                      T2_DEFAULT)),
         Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked,
              grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
         Rule("x86.fp32", "tvm_fp32", _applies_dense("fp32"), _plan_dense, schedule_blocked,

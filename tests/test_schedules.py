@@ -247,6 +247,13 @@ def test_rule_selection_is_gated_by_target_features():
     rule = measure.select_rule(tt, popc512)
     assert rule.name == "x86.tt_popc512" and rule.impl_for(tt) == "tvm_tt_popc"
     assert rule.plan(tt, 1, popc512, rule.default_params).tt_acc64
+    # dense int8: the VNNI tile intrinsic where there is VNNI, never AVX2's vpmaddubsw (its
+    # int16 pair sums overflow with full-range int8 weights)
+    vnni = dataclasses.replace(popc512, features=popc512.features | {"avx512vnni"})
+    i8 = make_layer(fmt="int8")
+    assert measure.select_rule(i8, vnni).name == "x86.i8_avx512vnni"
+    assert measure.select_rule(i8, vnni).impl_for(i8) == "tvm_int8"
+    assert measure.select_rule(i8, info).name == "x86.int8"
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_acc64
     assert generic.rules()[0].impl_for(twn) == "tvm_t2_generic_a32"
 

@@ -17,6 +17,9 @@ padding never changes the result):
   weight-only constant ``Cw[g, n]`` (passed like the scales, which this layout takes
   group-major, ``S[g, n]``, so a tile's scales are one vector load) and the epilogue has a single
   producer, which lets it be fused under the group loop.
+* ``i8_avx2``: dense int8 weights in the decoded ``t2_avx2`` tile order ``[Np/T, Kp/4, 4T]``,
+  fed to the same VNNI tile intrinsic (``vpdpbusd`` accumulates in int32: full-range int8
+  weights would overflow AVX2's int16 ``vpmaddubsw`` pair sums, so this layout is VNNI-only).
 * ``t2_blocked``: 2-bit two's-complement codes, 4 per byte, ``[Np/NB, Kp/4, NB]`` (portable
   inline decode, vectorised over n).
 * ``t2_decoded``: the ``t2_blocked`` bytes, decoded once per tile into a float32 (or int32)
@@ -50,6 +53,7 @@ from .packing import (
     border_classes,
     group_code_sums,
     pack_dense_blocked,
+    pack_i8_tiles,
     pack_planes,
     pack_t2_avx2,
     pack_t2_blocked,
@@ -73,6 +77,7 @@ __all__ = [
     "Rule",
     "Kernel",
     "pack_t2_avx2",
+    "pack_i8_tiles",
     "pack_t2_blocked",
     "pack_dense_blocked",
     "group_code_sums",

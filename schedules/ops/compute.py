@@ -89,7 +89,7 @@ def gemm_compute(spec: GemmSpec) -> Any:
     te, tirx = tvm.te, tvm.tirx
     m_, kp, g_, gs, np_ = spec.M, spec.Kp, spec.G, spec.gs, spec.Np
     x = te.placeholder(spec.input_shape, spec.act_dtype, name="X")
-    avx2 = spec.layout == "t2_avx2"
+    avx2 = spec.layout in ("t2_avx2", "i8_avx2")
 
     def shifted(v: Any) -> Any:
         # int8 a -> uint8 a + 128 for vpmaddubsw's unsigned operand (padding 0 -> 128 is
@@ -108,19 +108,26 @@ def gemm_compute(spec: GemmSpec) -> Any:
     acc_t = spec.acc_dtype
     if avx2:
         tn = spec.tile_n
-        wp = te.placeholder((np_ // tn, kp // 16, 4 * tn), "uint8", name="Wp")
         cw = te.placeholder((g_, np_), "int32", name="Cw")
+        if spec.layout == "i8_avx2":
+            # dense int8 weights already in tiles [N/T, K/4, 4T]: W_dec is a copy of a task's
+            # tiles (the same schedule places it), no decode
+            wp = te.placeholder((np_ // tn, kp // 4, 4 * tn), "int8", name="Wp")
+            wd = te.compute((np_ // tn, kp // 4, tn, 4),
+                            lambda nb, kq, ni, ki: wp[nb, kq, ni * 4 + ki], name="W_dec")
+        else:
+            wp = te.placeholder((np_ // tn, kp // 16, 4 * tn), "uint8", name="Wp")
+            # decoded signed codes laid out [N/T, K/4, T, 4]: each T n x 4k tile is 4T
+            # contiguous bytes (a strided sub-region would silently tensorize wrong)
+            wd = te.compute(
+                (np_ // tn, kp // 4, tn, 4),
+                lambda nb, kq, ni, ki: (
+                    (wp[nb, kq // 4, ni * 4 + ki] >> ((kq % 4) * 2).astype("uint8"))
+                    & tirx.const(3, "uint8")
+                ).astype("int8") - tirx.const(1, "int8"),
+                name="W_dec",
+            )
         w_args = [wp, cw]
-        # decoded signed codes laid out [N/T, K/4, T, 4]: each T n x 4k tile is 4T contiguous
-        # bytes (a strided sub-region would silently tensorize wrong)
-        wd = te.compute(
-            (np_ // tn, kp // 4, tn, 4),
-            lambda nb, kq, ni, ki: (
-                (wp[nb, kq // 4, ni * 4 + ki] >> ((kq % 4) * 2).astype("uint8"))
-                & tirx.const(3, "uint8")
-            ).astype("int8") - tirx.const(1, "int8"),
-            name="W_dec",
-        )
         q = gs // 4
         acc = te.compute(
             (m_, g_, np_),

@@ -62,6 +62,22 @@ def pack_t2_avx2(codes: np.ndarray, np_: int, kp: int, tile_n: int = AVX2_TILE_N
     return np.ascontiguousarray(b)
 
 
+def pack_i8_tiles(w: np.ndarray, np_: int, kp: int, tile_n: int = AVX2_TILE_N) -> np.ndarray:
+    """Dense int8 weights [N, K] -> int8 [Np/T, Kp/4, 4T]: byte ``ni*4 + ki`` of ``(nb, kq)`` is
+    ``w[nb*T + ni, kq*4 + ki]`` (the decoded layout of :func:`pack_t2_avx2`, zero padded).
+
+    Example:
+        >>> p = pack_i8_tiles(np.arange(8, dtype=np.int8).reshape(1, 8), 8, 16)
+        >>> p.shape, p[0, 1, :4].tolist()
+        ((1, 4, 32), [4, 5, 6, 7])
+    """
+    t = int(tile_n)
+    if np_ % t or kp % 4:
+        raise ValueError(f"padded shape ({np_}, {kp}) must be multiples of ({t}, 4)")
+    p = _pad2(w.astype(np.int8), np_, kp).reshape(np_ // t, t, kp // 4, 4)
+    return np.ascontiguousarray(p.transpose(0, 2, 1, 3).reshape(np_ // t, kp // 4, 4 * t))
+
+
 def pack_t2_blocked(codes: np.ndarray, nb: int, np_: int, kp: int) -> np.ndarray:
     """Ternary codes [N, K] -> uint8 [Np/nb, Kp/4, nb]: 2-bit two's complement, 4 k per byte.
 
@@ -228,8 +244,9 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
             codes = rw.reshape(spec.N, spec.Kp)
             return _pack_tt_args(spec, lx, codes, gs=spec.Kp)
         return _pack_tt_args(spec, lx, codes)
-    if spec.layout == "t2_avx2":
-        w_args = [pack_t2_avx2(codes, spec.Np, spec.Kp, spec.tile_n),
+    if spec.layout in ("t2_avx2", "i8_avx2"):
+        pack = pack_t2_avx2 if spec.layout == "t2_avx2" else pack_i8_tiles
+        w_args = [pack(codes, spec.Np, spec.Kp, spec.tile_n),
                   np.ascontiguousarray(
                       (AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)).T)]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
@@ -241,7 +258,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         scales = np.ones((spec.N, spec.G))
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
-    if spec.layout == "t2_avx2":  # group-major (see gemm_compute)
+    if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:

@@ -15,7 +15,10 @@ from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
-WeightLayout = Literal["t2_avx2", "t2_blocked", "t2_decoded", "dense_blocked", "tt_planes"]
+WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
+                       "tt_planes"]
+#: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
+INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -124,7 +127,7 @@ class GemmSpec:
         """Whether ``gemm_compute`` materialises an ``A_in`` stage (im2col, pad or shift)."""
         if self.pixel_bits:
             return False
-        return self.op == "conv2d" or self.layout == "t2_avx2" or self.Kp != self.K
+        return self.op == "conv2d" or self.layout in INTRIN_LAYOUTS or self.Kp != self.K
 
     @property
     def shape_key(self) -> str:
@@ -243,17 +246,19 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
                 and tuple(lx.kernel_size) != (1, 1)):
             row_words = True  # whole taps of one kernel row per word (GemmSpec.row_words)
             kp = lx.kernel_size[0] * -(-lx.kernel_size[1] * c0 // TT_WORD) * TT_WORD
-    elif layout == "t2_avx2":
+    elif layout in INTRIN_LAYOUTS:
         if tile_n not in (AVX2_TILE_N, AVX512_TILE_N):
-            raise ValueError(f"t2_avx2 tiles are 8 or 16 output channels wide, got {tile_n}")
+            raise ValueError(f"{layout} tiles are 8 or 16 output channels wide, got {tile_n}")
         if nb % tile_n:
-            raise ValueError(f"t2_avx2 needs nb to be a multiple of {tile_n}")
+            raise ValueError(f"{layout} needs nb to be a multiple of {tile_n}")
         kp = _round_up(kg, AVX2_TILE_K)
         if g == 1:
             gs = kp  # one group: the zero padding just joins it
         elif gs % 4:  # the intrinsic reduces 4 k at a time; padding beyond G*gs is in no group
-            raise ValueError(f"t2_avx2 needs group_size % 4 == 0, got {gs}")
-        w_dtype = "uint8"
+            raise ValueError(f"{layout} needs group_size % 4 == 0, got {gs}")
+        w_dtype = "uint8" if layout == "t2_avx2" else "int8"
+        if layout == "i8_avx2" and lx.weight_format != "int8":
+            raise ValueError(f"layout i8_avx2 needs int8 weights, got {lx.weight_format}")
     elif layout in ("t2_blocked", "t2_decoded"):
         kp, w_dtype = _round_up(kg, 4), "uint8"
     else:
@@ -279,7 +284,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         k_order=k_order,
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
-        affine=affine, tile_n=tile_n if layout == "t2_avx2" else AVX2_TILE_N,
+        affine=affine, tile_n=tile_n if layout in INTRIN_LAYOUTS else AVX2_TILE_N,
         row_words=row_words,
     )
 
