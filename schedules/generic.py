@@ -79,7 +79,10 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
             _vector_split(sch, ch, c)
         m, k = sch.get_loops(sch.get_sblock("A_in"))
         rows, _cols = sch.split(m, [None, spec.out_hw[1]])
-        if spec.Kp == spec.K:  # a padded K has no perfect factorisation; left as one loop
+        if spec.k_row:  # (kernel row, padded run): the run unrolled, constant indices
+            _i, r = sch.split(k, [kh, spec.k_row])
+            sch.unroll(r)
+        elif spec.Kp == spec.K:  # a padded K has no perfect factorisation; left as one loop
             if spec.k_order == "ijc":
                 _i, _j, ch = sch.split(k, [kh, kw, c])
                 _vector_split(sch, ch, c)

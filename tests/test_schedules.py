@@ -262,9 +262,14 @@ def test_plan_pads_and_validates():
     spec = ops.plan_gemm(
         make_layer("conv2d", out=10, cin=3, pad=1), 2, "t2_avx2", nb=16, mb_max=4, rows_per_task=64
     )
-    assert (spec.K, spec.Kp, spec.G, spec.gs, spec.N, spec.Np) == (27, 32, 1, 32, 10, 16)
+    # a 3-channel stem: each kernel row's 3x3 = 9 fan-in padded to 16 (GemmSpec.k_row)
+    assert (spec.K, spec.Kp, spec.G, spec.gs, spec.N, spec.Np) == (27, 48, 1, 48, 10, 16)
+    assert spec.k_row == 16
     assert spec.M == 2 * 8 * 8 and spec.M % (spec.mb * spec.m_task) == 0
     assert spec.k_order == "ijc" and spec.input_shape == (2, 8, 8, 3)
+    wide = ops.plan_gemm(make_layer("conv2d", out=10, cin=16, pad=1), 1, "t2_avx2", nb=16,
+                         mb_max=4, rows_per_task=64)
+    assert wide.k_row == 0 and wide.Kp == 144  # 16 channels: K needs no padding
     grouped = ops.plan_gemm(
         make_layer("conv2d", cin=4, gs=4), 1, "t2_avx2", nb=16, mb_max=4, rows_per_task=64
     )
@@ -299,6 +304,9 @@ def test_list_targets_and_version():
         ("linear_pad_nk", dict(op="linear", out=10, cin=27), 3, "t2"),
         ("conv3x3_s2", dict(op="conv2d", out=16, cin=8, hw=(9, 9), stride=2, pad=1), 2, "t2"),
         ("conv_first", dict(op="conv2d", out=8, cin=3, hw=(6, 6), pad=1, bias=False), 1, "t2"),
+        # a 7x7/2 stem, int8 weights (k_row padding on the VNNI intrinsic where there is one)
+        ("conv_stem_int8", dict(op="conv2d", fmt="int8", out=16, cin=3, k=7, stride=2, pad=3,
+                                hw=(15, 15)), 1, "tvm_int8"),
         ("conv_gs4_s2", dict(op="conv2d", out=16, cin=4, gs=4, hw=(7, 7), stride=2), 1, "t2"),
         ("conv1x1", dict(op="conv2d", out=24, cin=16, k=1, pad=0, hw=(5, 5)), 2, "t2"),
         ("conv_nopad_gs16", dict(op="conv2d", out=16, cin=16, gs=16, pad=0, hw=(6, 6)), 1, "t2"),

@@ -27,6 +27,10 @@ def _source_col(spec: GemmSpec, k: Any) -> tuple[Any, Any]:
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     k_, kp = spec.K, spec.Kp
+    if spec.k_row:  # (kernel row, run of kw*C padded to k_row): see GemmSpec.k_row
+        run = spec.kernel[1] * spec.in_shape[0]
+        i, r = k // spec.k_row, k % spec.k_row
+        return i * run + te.min(r, run - 1), r < run
     if spec.layout == "tt_planes" and spec.G > 1 and spec.gsp != spec.gs:
         g, kk = k // spec.gsp, k % spec.gsp
         src = g * spec.gs + kk

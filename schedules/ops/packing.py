@@ -235,6 +235,11 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     if spec.op == "conv2d" and spec.k_order == "ijc":
         c, kh, kw = spec.in_shape[0], *spec.kernel
         codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
+    if spec.k_row:  # each kernel row's kw*C weights padded to k_row (GemmSpec.k_row)
+        kh, run = spec.kernel[0], spec.kernel[1] * spec.in_shape[0]
+        padded = np.zeros((spec.N, kh, spec.k_row), codes.dtype)
+        padded[:, :, :run] = codes.reshape(spec.N, kh, run)
+        codes = padded.reshape(spec.N, spec.Kp)
     if spec.layout == "tt_planes":
         if spec.row_words:  # (kh, kw, C) -> each kernel row's taps padded to whole words
             c, kh, kw = spec.in_shape[0], *spec.kernel

@@ -73,6 +73,10 @@ class GemmSpec:
     #: of the row-packed input ``X_rows`` instead of an OR of taps from different image rows
     #: (see :func:`.compute.tt_compute`); K is padded per kernel row
     row_words: bool = False
+    #: small-channel convs (stems, C < 16) on the x86 tile intrinsics: each kernel row's
+    #: ``kw * C`` fan-in elements padded to ``k_row`` (0: not padded), so the im2col row is
+    #: (kernel row, padded run) with constant indices instead of a div/mod per element
+    k_row: int = 0
     #: ``tt_planes``: accumulate the popcounts in int64 lanes (x86: ``vpopcntq`` results need
     #: no narrowing per word), else int32
     tt_acc64: bool = False
@@ -272,6 +276,13 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     # weights are permuted on the host). Several groups must stay contiguous in K, which only
     # the export's (C, kh, kw) order guarantees.
     k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and g == 1 else "cij"
+    k_row = 0
+    if (layout in INTRIN_LAYOUTS and k_order == "ijc" and kp != k and in_shape[0] < 16):
+        # a stem (C = 1..3): K = kh*kw*C would be padded at the end, leaving the im2col a
+        # div/mod per element (80% of the int8 ResNet-18 stem); pad each kernel row instead
+        kh_, kw_ = lx.kernel_size
+        k_row = _round_up(kw_ * in_shape[0], AVX2_TILE_K if layout == "t2_avx2" else 4)
+        kp = gs = kh_ * k_row  # one group over the padded rows (pad weights are zeros)
     w_off = border = affine = False
     if layout == "tt_planes":
         w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
@@ -285,6 +296,6 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
         affine=affine, tile_n=tile_n if layout in INTRIN_LAYOUTS else AVX2_TILE_N,
-        row_words=row_words,
+        row_words=row_words, k_row=k_row,
     )
 
