@@ -77,6 +77,13 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
             b, y, _z, ch = sch.get_loops(sch.get_sblock("X_pad"))
             sch.parallel(sch.fuse(b, y))
             _vector_split(sch, ch, c)
+        if _has_block(sch, "A_core"):  # K padded at the end: the im2col proper, then a copy
+            _schedule_im2col(sch, "A_core", spec)
+            m, k = sch.get_loops(sch.get_sblock("A_in"))
+            if spec.M > 1:
+                sch.parallel(m)
+            _vector_split(sch, k, spec.Kp)
+            return
         m, k = sch.get_loops(sch.get_sblock("A_in"))
         rows, _cols = sch.split(m, [None, spec.out_hw[1]])
         if spec.k_row:  # (kernel row, padded run): the run unrolled, constant indices
@@ -98,6 +105,32 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
         sch.parallel(m)
     if spec.Kp == spec.K:
         _vector_split(sch, k, spec.K)
+
+
+def _has_block(sch: Any, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # tvm raises a generic error for an unknown block name
+        return False
+    return True
+
+
+def _schedule_im2col(sch: Any, name: str, spec: GemmSpec) -> None:
+    """An im2col block over exactly ``K = kh*kw*C`` columns: rows split by output width
+    (parallel), the columns split into their three factors (unrolled / vectorised)."""
+    c = spec.in_shape[0]
+    kh, kw = spec.kernel
+    m, k = sch.get_loops(sch.get_sblock(name))
+    rows, _cols = sch.split(m, [None, spec.out_hw[1]])
+    if spec.k_order == "ijc":
+        _i, _j, ch = sch.split(k, [kh, kw, c])
+        _vector_split(sch, ch, c)
+    else:
+        _ch, i, j = sch.split(k, [c, kh, kw])
+        sch.unroll(i)
+        sch.unroll(j)
+    if spec.M > spec.out_hw[1]:
+        sch.parallel(rows)
 
 
 def fuse_epilogue(sch: Any, acc: Any, ep: Any, out: Any, g: Any, mo: Any) -> None:

@@ -3,6 +3,7 @@ input stage and epilogue, the ternary x ternary popcount GEMM), before any sched
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +50,7 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     c, h, w = spec.in_shape
-    (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
-    ho, wo = spec.out_hw
+    ph, pw = spec.padding
     src = x
     if ph or pw:
         def pad(b: Any, y: Any, z: Any, ch: Any) -> Any:
@@ -62,21 +62,46 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
 
         src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
 
+    if (spec.layout in ("t2_avx2", "i8_avx2") and not spec.k_row and spec.Kp != spec.K):
+        # K padded at the end (FGQ groups that do not divide the fan-in, e.g. N=64 on 144):
+        # the im2col proper over [M, K] (a perfect (C, kh, kw) split, no div/mod per element),
+        # then a contiguous copy that appends the zero columns
+        k_ = spec.K
+        core_spec = dataclasses.replace(spec, Kp=k_)
+
+        def core(m: Any, k: Any) -> Any:
+            return _col(core_spec, src, x, shift, m, k)
+
+        a_core = te.compute((spec.M, k_), core, name="A_core")
+        return te.compute((spec.M, spec.Kp), lambda m, k: tirx.if_then_else(
+            k < k_, a_core[m, te.min(k, k_ - 1)], tirx.const(0, a_core.dtype)), name="A_in")
+
     def col(m: Any, k: Any) -> Any:
-        kk, valid = _source_col(spec, k)
-        b, r = m // (ho * wo), m % (ho * wo)
-        if spec.k_order == "cij":  # the export's fan-in order (C, kh, kw)
-            ch, i, j = kk // (kh * kw), (kk // kw) % kh, kk % kw
-        else:  # (kh, kw, C): contiguous runs of C in NHWC
-            i, j, ch = kk // (kw * c), (kk // c) % kw, kk % c
-        v = src[b, (r // wo) * sh + i, (r % wo) * sw + j, ch]
-        if shift and src is x:
-            v = shift(v)
-        if valid is not None:
-            v = tirx.if_then_else(valid, v, tirx.const(0, v.dtype))
-        return v
+        return _col(spec, src, x, shift, m, k)
 
     return te.compute((spec.M, spec.Kp), col, name="A_in")
+
+
+def _col(spec: GemmSpec, src: Any, x: Any, shift: Callable[[Any], Any] | None, m: Any,
+         k: Any) -> Any:
+    """Element ``(m, k)`` of a conv's im2col matrix, read from ``src`` (X or X_pad)."""
+    tvm = _tvm.require_tvm()
+    tirx = tvm.tirx
+    c = spec.in_shape[0]
+    (kh, kw), (sh, sw) = spec.kernel, spec.stride
+    ho, wo = spec.out_hw
+    kk, valid = _source_col(spec, k)
+    b, r = m // (ho * wo), m % (ho * wo)
+    if spec.k_order == "cij":  # the export's fan-in order (C, kh, kw)
+        ch, i, j = kk // (kh * kw), (kk // kw) % kh, kk % kw
+    else:  # (kh, kw, C): contiguous runs of C in NHWC
+        i, j, ch = kk // (kw * c), (kk // c) % kw, kk % c
+    v = src[b, (r // wo) * sh + i, (r % wo) * sw + j, ch]
+    if shift and src is x:
+        v = shift(v)
+    if valid is not None:
+        v = tirx.if_then_else(valid, v, tirx.const(0, v.dtype))
+    return v
 
 
 def gemm_compute(spec: GemmSpec) -> Any:
