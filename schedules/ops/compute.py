@@ -62,19 +62,23 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
 
         src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
 
-    if (spec.layout in ("t2_avx2", "i8_avx2") and not spec.k_row and spec.Kp != spec.K):
-        # K padded at the end (FGQ groups that do not divide the fan-in, e.g. N=64 on 144):
-        # the im2col proper over [M, K] (a perfect (C, kh, kw) split, no div/mod per element),
-        # then a contiguous copy that appends the zero columns
+    if not spec.k_row and spec.Kp != spec.K:
+        # K padded (FGQ groups that do not divide the fan-in, e.g. N=64 on 144; a 3-channel
+        # stem's 27 -> 32 or 64 bits): the im2col proper over [M, K] (a perfect (C, kh, kw)
+        # split, no div/mod per element), then a copy that inserts the zero columns
         k_ = spec.K
-        core_spec = dataclasses.replace(spec, Kp=k_)
+        core_spec = dataclasses.replace(spec, Kp=k_, G=1, gs=k_)
 
         def core(m: Any, k: Any) -> Any:
             return _col(core_spec, src, x, shift, m, k)
 
         a_core = te.compute((spec.M, k_), core, name="A_core")
-        return te.compute((spec.M, spec.Kp), lambda m, k: tirx.if_then_else(
-            k < k_, a_core[m, te.min(k, k_ - 1)], tirx.const(0, a_core.dtype)), name="A_in")
+
+        def pad_cols(m: Any, k: Any) -> Any:
+            kk, valid = _source_col(spec, k)
+            return tirx.if_then_else(valid, a_core[m, kk], tirx.const(0, a_core.dtype))
+
+        return te.compute((spec.M, spec.Kp), pad_cols, name="A_in")
 
     def col(m: Any, k: Any) -> Any:
         return _col(spec, src, x, shift, m, k)
