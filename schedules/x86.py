@@ -231,7 +231,47 @@ def schedule_t2_avx2(func: Any, spec: GemmSpec, intrin: str | None = None) -> An
     sch.unroll(mi)
     sch.unroll(nb)
     sch.unroll(kr)
-    return finish_tensorized(sch, spec, acc, ep, out, (mp, no), g, red[0], ni, intrin)
+    mod = finish_tensorized(sch, spec, acc, ep, out, (mp, no), g, red[0], ni, intrin)
+    return _correction_into_init(mod)
+
+
+def _correction_into_init(mod: Any) -> Any:
+    """Start each group's accumulator at ``-Cw[g, n]`` instead of 0 and drop the ``- Cw`` from
+    the group epilogue: ``vpdpbusd`` adds onto the loaded correction, so the exact int32
+    ``acc - Cw`` costs no subtraction per group and lane block (FGQ N=4 did one per 4 k)."""
+    tvm = _tvm.require_tvm()
+    import tvm_ffi
+
+    tirx, s_tir = tvm.tirx, tvm.s_tir
+    func = mod["main"]
+    cw = next((p for p in func.params if getattr(p, "name", "") == "Cw"), None)
+    if cw is None:  # a layout without the correction
+        return mod
+    sub_t = type(tirx.Var("a", "int32") - tirx.Var("b", "int32"))
+
+    def rewrite(blk: Any) -> Any:
+        body = blk.body
+        if blk.name_hint == "acc_init" and isinstance(body, tirx.BufferStore):
+            _m, vg, vn = (iv.var for iv in blk.iter_vars)
+            store = tirx.BufferStore(body.buffer, tirx.const(0, "int32") - cw[vg, vn],
+                                     body.indices)
+            return s_tir.SBlock(blk.iter_vars, [cw[vg:vg + 1, vn:vn + 1]], blk.writes,
+                                blk.name_hint, store, blk.init, blk.alloc_buffers,
+                                blk.match_buffers, blk.annotations)
+        if blk.name_hint == "ep_update":
+            def drop(sub: Any) -> Any:
+                b = sub.b
+                return sub.a if getattr(b, "source", None) is not None and \
+                    b.source.same_as(cw) else sub
+
+            new_body = tvm_ffi.structural_map(body, [(sub_t, drop)])
+            return s_tir.SBlock(blk.iter_vars, blk.reads, blk.writes, blk.name_hint, new_body,
+                                blk.init, blk.alloc_buffers, blk.match_buffers,
+                                blk.annotations)
+        return blk
+
+    new = tvm_ffi.structural_map(func, [(s_tir.SBlock, rewrite)])
+    return tvm.IRModule({"main": new})
 
 
 def schedule_tt_popc(func: Any, spec: GemmSpec) -> Any:

@@ -780,3 +780,17 @@ def test_row_tiles_avoid_one_row_tiles_on_7x7_maps():
     assert _row_tiles(784, 4, 64)[0] == 4
     assert _row_tiles(49, 2, 64)[0] == 1  # 2-row tiles (tt_popc512): 7 would spill
     assert _row_tiles(9, 4, 64)[0] == 3
+
+
+@pytest.mark.tvm
+def test_int8_tile_correction_starts_the_accumulator(tvm_mod):
+    """The u8 x s8 tiles' offset correction is the accumulator's initial value (no subtraction
+    per group in the epilogue); the kernel stays exact (checked by the layer cases above)."""
+    from ternbench.schedules.graph import scheduled_kernel
+
+    lx = make_layer("conv2d", cin=16, out=16, hw=(6, 6), gs=4, name="cw_init")
+    rule, _spec, func = scheduled_kernel(lx, 1, x86_info())
+    if "t2" not in rule.name or "generic" in rule.name:
+        pytest.skip(f"{rule.name} has no tile correction")
+    text = func.script()
+    assert "= 0 - Cw[v_g, v_n]" in text and "- Cw[" not in text.replace("= 0 - Cw[", "")
