@@ -237,6 +237,28 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
     return rows
 
 
+def _build_other_target(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
+                        exports: dict[str, Any], target: str) -> tuple[Any, ...] | None:
+    """Build ``artifacts/<key>-<target>/`` from the stored graph state: (path, GraphModule,
+    executable, model-row base, the build rows), or None without a graph state."""
+    from ternbench.core.export_io import load_graph_state
+
+    gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
+    if not gpath.exists():
+        return None
+    graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
+    t0 = time.perf_counter()
+    path, gm, ex = build_cell_artifact(cell, graph, exports,
+                                       artifact_dir(store.root, f"{cell.key}-{target}"),
+                                       cfg.latency_batch, target=target)
+    mb = {**base, "layer": MODEL_LAYER}
+    rows = [make_row(mb, impl="tvm", metric="artifact_build_s",
+                     value=time.perf_counter() - t0, unit="s"),
+            make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
+                     unit=str(path.relative_to(store.root)))]
+    return path, gm, ex, mb, rows
+
+
 def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
                         exports: dict[str, Any], target: str) -> list[dict[str, Any]]:
     """The whole model cross-built for an ARM target as ``artifacts/<key>-<target>/`` (the
@@ -244,24 +266,14 @@ def cross_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, An
     qemu-user is installed, the same kernels and stages run whole under emulation (the
     harness's runtime-free plan, :func:`ternbench.schedules.cross.run_plan_under_qemu`) on
     the deploy-check images and compared with the fake-quant logits: never timed."""
-    from ternbench.core.export_io import load_graph_state
     from ternbench.schedules import cross
     from ternbench.schedules.graph import straight_line_plan
     from ternbench.schedules.model import compare_logits
 
-    gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
-    if not gpath.exists():
+    built = _build_other_target(cell, store, cfg, base, exports, target)
+    if built is None:
         return []
-    graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
-    t0 = time.perf_counter()
-    path, gm, ex = build_cell_artifact(cell, graph, exports,
-                                   artifact_dir(store.root, f"{cell.key}-{target}"),
-                                   cfg.latency_batch, target=target)
-    mb = {**base, "layer": MODEL_LAYER}
-    rows = [make_row(mb, impl="tvm", metric="artifact_build_s",
-                     value=time.perf_counter() - t0, unit="s"),
-            make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
-                     unit=str(path.relative_to(store.root)))]
+    _path, gm, _ex, mb, rows = built
     cpath = store.root / "exports" / f"{cell.key}.check.npz"
     why = cross.qemu_unavailable_reason()
     if why or not cpath.exists():
@@ -289,25 +301,15 @@ def cuda_artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any
     in serial emulation on the host CPU against the fake-quant logits
     (:func:`ternbench.schedules.cuda.emulate_graph`). Where a GPU is present the artifact is
     also loaded there, compared and timed (``latency_us``, impl ``tvm``)."""
-    from ternbench.core.export_io import load_graph_state
     from ternbench.schedules import cuda
     from ternbench.schedules.artifact import ArtifactError, load_artifact
     from ternbench.schedules.model import compare_logits
 
-    gpath = store.root / "exports" / f"{cell.key}.graph.safetensors"
     cpath = store.root / "exports" / f"{cell.key}.check.npz"
-    if not gpath.exists():
+    built = _build_other_target(cell, store, cfg, base, exports, "cuda")
+    if built is None:
         return []
-    graph = load_graph_state(cell.build_model(), gpath.read_bytes()).eval()
-    t0 = time.perf_counter()
-    path, gm, ex = build_cell_artifact(cell, graph, exports,
-                                   artifact_dir(store.root, f"{cell.key}-cuda"),
-                                   cfg.latency_batch, target="cuda")
-    mb = {**base, "layer": MODEL_LAYER}
-    rows = [make_row(mb, impl="tvm", metric="artifact_build_s",
-                     value=time.perf_counter() - t0, unit="s"),
-            make_row(mb, impl="tvm", metric="artifact_kernels", value=float(len(gm.kernels)),
-                     unit=str(path.relative_to(store.root)))]
+    path, gm, ex, mb, rows = built
     why = cuda.compiler_unavailable_reason()
     if why:
         log.info("%s on cuda: device code not compiled here (%s)", cell.method, why)

@@ -203,14 +203,7 @@ def run_under_qemu(kern: Kernel, args: Sequence[np.ndarray], out_shape: Sequence
         lines.append(_tensor_line("out", 2, 32, out_shape, out_path))
         manifest = d / "manifest"
         manifest.write_text("\n".join(lines) + "\n")
-        cmd = [QEMU, "-cpu", "max", "-L", str(SYSROOT), str(harness), str(lib), str(manifest)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"{kern.rule} under qemu timed out after {timeout:g} s") from exc
-        if res.returncode != 0:
-            raise RuntimeError(f"{kern.rule} under qemu failed (exit {res.returncode}): "
-                               f"{_tail(res.stderr or res.stdout)}")
+        _run_harness(harness, lib, manifest, kern.rule, timeout)
         y = np.fromfile(out_path, dtype=np.float32)
     n = int(np.prod(out_shape))
     if y.size != n:
@@ -276,19 +269,25 @@ def run_plan_under_qemu(plan: GraphPlan, params: Sequence[np.ndarray], x: np.nda
         lines += [f"call {name} {' '.join(str(i) for i in args)}" for name, args in plan.calls]
         manifest = d / "plan"
         manifest.write_text("\n".join(lines) + "\n")
-        cmd = [QEMU, "-cpu", "max", "-L", str(SYSROOT), str(harness), str(lib), str(manifest)]
-        try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise RuntimeError(f"the ARM model under qemu timed out after {timeout:g} s") from exc
-        if res.returncode != 0:
-            raise RuntimeError(f"the ARM model under qemu failed (exit {res.returncode}): "
-                               f"{_tail(res.stderr or res.stdout)}")
+        _run_harness(harness, lib, manifest, "the ARM model", timeout)
         y = np.fromfile(d / "y.bin", dtype=tout.dtype)
     n = count * int(np.prod(tout.shape))
     if y.size != n:
         raise RuntimeError(f"the ARM model under qemu wrote {y.size} values, expected {n}")
     return y.reshape(count * tout.shape[0], *tout.shape[1:])
+
+
+def _run_harness(harness: Path, lib: Path, manifest: Path, what: str, timeout: float) -> None:
+    """Run the harness on ``lib`` and ``manifest`` under qemu-user; RuntimeError (with the tail
+    of stderr) when it fails or times out."""
+    cmd = [QEMU, "-cpu", "max", "-L", str(SYSROOT), str(harness), str(lib), str(manifest)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{what} under qemu timed out after {timeout:g} s") from exc
+    if res.returncode != 0:
+        raise RuntimeError(f"{what} under qemu failed (exit {res.returncode}): "
+                           f"{_tail(res.stderr or res.stdout)}")
 
 
 def _tail(text: str, n: int = 1500) -> str:

@@ -33,6 +33,7 @@ __all__ = [
     "MB",
     "ROWS_PER_TASK",
     "TILE_SCOPE",
+    "has_block",
 ]
 
 #: storage scope of the register tiles (accumulators, epilogue): TVM 0.27 lowers every
@@ -72,33 +73,19 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
         return
     if spec.op == "conv2d":
         c = spec.in_shape[0]
-        (kh, kw), (ph, pw) = spec.kernel, spec.padding
+        ph, pw = spec.padding
         if ph or pw:
             b, y, _z, ch = sch.get_loops(sch.get_sblock("X_pad"))
             sch.parallel(sch.fuse(b, y))
             _vector_split(sch, ch, c)
-        if _has_block(sch, "A_core"):  # K padded at the end: the im2col proper, then a copy
+        if has_block(sch, "A_core"):  # K padded: the im2col proper, then a padding copy
             _schedule_im2col(sch, "A_core", spec)
             m, k = sch.get_loops(sch.get_sblock("A_in"))
             if spec.M > 1:
                 sch.parallel(m)
             _vector_split(sch, k, spec.Kp)
             return
-        m, k = sch.get_loops(sch.get_sblock("A_in"))
-        rows, _cols = sch.split(m, [None, spec.out_hw[1]])
-        if spec.k_row:  # (kernel row, padded run): the run unrolled, constant indices
-            _i, r = sch.split(k, [kh, spec.k_row])
-            sch.unroll(r)
-        elif spec.Kp == spec.K:  # a padded K has no perfect factorisation; left as one loop
-            if spec.k_order == "ijc":
-                _i, _j, ch = sch.split(k, [kh, kw, c])
-                _vector_split(sch, ch, c)
-            else:
-                _ch, i, j = sch.split(k, [c, kh, kw])
-                sch.unroll(i)
-                sch.unroll(j)
-        if spec.M > spec.out_hw[1]:
-            sch.parallel(rows)
+        _schedule_im2col(sch, "A_in", spec)
         return
     m, k = sch.get_loops(sch.get_sblock("A_in"))
     if spec.M > 1:
@@ -107,7 +94,8 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
         _vector_split(sch, k, spec.K)
 
 
-def _has_block(sch: Any, name: str) -> bool:
+def has_block(sch: Any, name: str) -> bool:
+    """Whether the schedule's function has a block called ``name``."""
     try:
         sch.get_sblock(name)
     except Exception:  # tvm raises a generic error for an unknown block name
@@ -116,16 +104,21 @@ def _has_block(sch: Any, name: str) -> bool:
 
 
 def _schedule_im2col(sch: Any, name: str, spec: GemmSpec) -> None:
-    """An im2col block over exactly ``K = kh*kw*C`` columns: rows split by output width
-    (parallel), the columns split into their three factors (unrolled / vectorised)."""
+    """An im2col block: rows split by output width (parallel); the columns split into their
+    three factors (``C`` vectorised in (kh, kw, C) order, the taps unrolled in (C, kh, kw)),
+    into (kernel row, padded run) for ``k_row``, or left as one loop over a padded K."""
     c = spec.in_shape[0]
     kh, kw = spec.kernel
     m, k = sch.get_loops(sch.get_sblock(name))
     rows, _cols = sch.split(m, [None, spec.out_hw[1]])
-    if spec.k_order == "ijc":
+    width = int(sch.get(k).extent)
+    if spec.k_row and name == "A_in":  # the run unrolled: constant indices
+        _i, r = sch.split(k, [kh, spec.k_row])
+        sch.unroll(r)
+    elif width == spec.K and spec.k_order == "ijc":
         _i, _j, ch = sch.split(k, [kh, kw, c])
         _vector_split(sch, ch, c)
-    else:
+    elif width == spec.K:
         _ch, i, j = sch.split(k, [c, kh, kw])
         sch.unroll(i)
         sch.unroll(j)

@@ -304,23 +304,34 @@ def _applies_t2_avx2(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     return gs >= lx.fan_in or gs % 4 == 0
 
 
+def _has_vnni(flavour: str, target: _tvm.TargetInfo) -> bool:
+    if flavour == "avx512vnni" and not (target.has("avx512vl") and target.has("avx512bw")):
+        return False  # the 256-bit EVEX form needs AVX512-VL, the zmm byte decode BW
+    return target.has(flavour)
+
+
 def _applies_vnni(flavour: str) -> Any:
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-        if flavour == "avx512vnni" and not (target.has("avx512vl") and target.has("avx512bw")):
-            return False  # the 256-bit EVEX form needs AVX512-VL, the zmm byte decode BW
-        return target.has(flavour) and _applies_t2_avx2(lx, target)
+        return _has_vnni(flavour, target) and _applies_t2_avx2(lx, target)
 
     return applies
 
 
-def _plan_t2_avx2(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-                  params: Params) -> GemmSpec:
-    kw = tile_kwargs(params, T2_DEFAULT)
-    # a block wider than the layer (16-channel CIFAR layers under 32-wide AVX-512 blocks)
-    # would compute padding channels: clamp it to the channels rounded up to one tile
-    tn = kw.get("tile_n", 8)
-    kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
-    return plan_gemm(lx, batch, "t2_avx2", **kw)
+def _tile_plan(layout: Any) -> Any:
+    """The plan of the u8 x s8 tile rules (``t2_avx2`` / ``i8_avx2`` layouts)."""
+    def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+             params: Params) -> GemmSpec:
+        kw = tile_kwargs(params, T2_DEFAULT)
+        # a block wider than the layer (16-channel CIFAR layers under 32-wide AVX-512
+        # blocks) would compute padding channels: clamp it to the channels, whole tiles
+        tn = kw.get("tile_n", 8)
+        kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
+        return plan_gemm(lx, batch, layout, **kw)
+
+    return plan
+
+
+_plan_t2_avx2 = _tile_plan("t2_avx2")
 
 
 def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -363,21 +374,14 @@ def _applies_i8_vnni(flavour: str) -> Any:
     """Dense int8 weights x int8 activations on the VNNI tile intrinsic (never AVX2's
     ``vpmaddubsw``: a u8 x s8 pair sum of full-range weights overflows int16)."""
     def applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-        if not (_is_x86(target) and target.has(flavour)):
-            return False
-        if flavour == "avx512vnni" and not (target.has("avx512vl") and target.has("avx512bw")):
+        if not (_is_x86(target) and _has_vnni(flavour, target)):
             return False
         return lx.weight_format == "int8" and lx.act_mode == "int" and lx.act_qmax <= 127
 
     return applies
 
 
-def _plan_i8_vnni(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-                  params: Params) -> GemmSpec:
-    kw = tile_kwargs(params, T2_DEFAULT)
-    tn = kw.get("tile_n", 8)
-    kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
-    return plan_gemm(lx, batch, "i8_avx2", **kw)
+_plan_i8_vnni = _tile_plan("i8_avx2")
 
 
 def _applies_dense(fmt: str) -> Any:

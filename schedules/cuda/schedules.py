@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _tvm
+from ..generic import has_block
 from ..ops import GemmSpec
 
 #: rows up to which a GEMM is scheduled as a split-K GEMV (each row its own blockIdx.y)
@@ -41,12 +42,6 @@ def _extent(sch: Any, loop: Any) -> int:
     return int(sch.get(loop).extent)
 
 
-def _has_block(sch: Any, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # tvm raises a generic error for a missing block name
-        return False
-    return True
 
 
 def _n_spatial(sch: Any, block: Any) -> int:
@@ -233,7 +228,7 @@ def _stage_operands(sch: Any, acc: Any, ko: Any, depth: int, ty_extent: int, tx_
     # the gathers feeding the activation copy (im2col with its zero padding, the bit-plane
     # word gather) run inside it, reading X (or the packed X_bits) directly
     for name in ("A_in", "X_pad", "A_bits"):
-        if _has_block(sch, name) and not _is_reduction(sch, sch.get_sblock(name)):
+        if has_block(sch, name) and not _is_reduction(sch, sch.get_sblock(name)):
             sch.compute_inline(sch.get_sblock(name))
     for blk in copies:
         _cooperative_copy(sch, blk, depth, ty_extent, tx_extent)
