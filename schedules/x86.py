@@ -83,7 +83,7 @@ T2_DEFAULT = {"nb": T2_NB, "mb": T2_MB, "rows": T2_ROWS_PER_TASK}
 T2_512_DEFAULT = {"nb": 32, "mb": 4, "rows": 64, "tn": 16}
 TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 #: AVX-512 VPOPCNTDQ: 16 channels (two zmm of int64 accumulators) x 2 rows (ResNet-18 3x3
-#: convs 5-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
+#: convs 2-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
 TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 
@@ -247,7 +247,7 @@ def _correction_into_init(mod: Any) -> Any:
     cw = next((p for p in func.params if getattr(p, "name", "") == "Cw"), None)
     if cw is None:  # a layout without the correction
         return mod
-    sub_t = type(tirx.Var("a", "int32") - tirx.Var("b", "int32"))
+    from tvm.ir.prim.expr import Sub
 
     def rewrite(blk: Any) -> Any:
         body = blk.body
@@ -264,7 +264,7 @@ def _correction_into_init(mod: Any) -> Any:
                 return sub.a if getattr(b, "source", None) is not None and \
                     b.source.same_as(cw) else sub
 
-            new_body = tvm_ffi.structural_map(body, [(sub_t, drop)])
+            new_body = tvm_ffi.structural_map(body, [(Sub, drop)])
             return s_tir.SBlock(blk.iter_vars, blk.reads, blk.writes, blk.name_hint, new_body,
                                 blk.init, blk.alloc_buffers, blk.match_buffers,
                                 blk.annotations)
