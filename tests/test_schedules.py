@@ -579,6 +579,10 @@ TT_CASES = [
                               w_offset=True), 2),
     ("conv_c32_pix_s2", dict(op="conv2d", out=24, cin=32, hw=(7, 7), stride=2), 1),
     ("conv_c1_pix", dict(op="conv2d", out=8, cin=1, hw=(5, 5)), 2),
+    # a stem whose whole 3x3x3 kernel fits one word (27 bits, taps in k order)
+    ("conv_c3_pix_off", dict(op="conv2d", out=16, cin=3, hw=(7, 6), act_offset=0.3,
+                             w_offset=True), 2),
+    ("conv_c3_pix_s2", dict(op="conv2d", out=8, cin=3, hw=(7, 7), stride=2), 1),
     # strided 1x1 (ResNet shortcuts): only the pixels it reads are packed
     ("conv1x1_s2_pix_off", dict(op="conv2d", out=16, cin=32, k=1, pad=0, stride=2, hw=(7, 7),
                                 act_offset=0.3, w_offset=True), 2),

@@ -243,7 +243,8 @@ def _pixel_planes(spec: GemmSpec, x: Any, word: Callable[..., Any], j: Any) -> A
       C bits of a pixel; in (kh, kw, C) order a word is ``T = 64 / C`` consecutive taps, so
       word ``w`` is ``sum_t X_bits[tap w*T + t] << (t*C)`` (disjoint bits: the sum is an OR;
       taps past kh*kw are the zero padding of ``Kp``). An explicit sum, not a reduction block,
-      so ``A_bits`` stays a plain gather that a GPU schedule can inline.
+      so ``A_bits`` stays a plain gather that a GPU schedule can inline. A stem whose whole
+      kernel fits one word (kh*kw*C <= 64, e.g. 3x3x3) is the same gather with one word.
     * :attr:`GemmSpec.row_words` (16 or 32 channels): ``X_rows [B, Hp, Wo, R, 2]`` ORs the
       ``T`` taps of one kernel row into a word once per (image row, output column), the words
       of each kernel row padded on their own (``Kp = kh * R * 64``, the weights likewise), so

@@ -118,13 +118,15 @@ class GemmSpec:
     @property
     def pixel_bits(self) -> bool:
         """``tt_planes`` conv whose 64-bit words hold 64 channels of one pixel and kernel tap
-        (C % 64 == 0) or 64/C whole taps (C = 1, 2, ..., 32: CIFAR-size layers); one group,
-        (kh, kw, C) order: the bit-planes are packed once per input pixel (``X_bits``) and
-        gathered word by word, instead of packing the kh*kw times larger im2col matrix bit by
-        bit."""
+        (C % 64 == 0), 64/C whole taps (C = 1, 2, ..., 32: CIFAR-size layers) or the whole
+        kernel (kh*kw*C <= 64: a 3-channel stem's 27 bits); one group, (kh, kw, C) order: the
+        bit-planes are packed once per input pixel (``X_bits``) and gathered word by word,
+        instead of packing the kh*kw times larger im2col matrix bit by bit."""
         c = self.in_shape[0]
+        whole = c * self.kernel[0] * self.kernel[1] <= TT_WORD  # taps in k order in one word
         return (self.layout == "tt_planes" and self.op == "conv2d" and self.G == 1
-                and self.k_order == "ijc" and (c % TT_WORD == 0 or TT_WORD % c == 0))
+                and self.k_order == "ijc"
+                and (c % TT_WORD == 0 or TT_WORD % c == 0 or whole))
 
     @property
     def has_input_stage(self) -> bool:
