@@ -72,12 +72,7 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
     if not spec.has_input_stage:
         return
     if spec.op == "conv2d":
-        c = spec.in_shape[0]
-        ph, pw = spec.padding
-        if ph or pw:
-            b, y, _z, ch = sch.get_loops(sch.get_sblock("X_pad"))
-            sch.parallel(sch.fuse(b, y))
-            _vector_split(sch, ch, c)
+        schedule_padding(sch, spec)
         if has_block(sch, "A_core"):  # K padded: the im2col proper, then a padding copy
             _schedule_im2col(sch, "A_core", spec)
             m, k = sch.get_loops(sch.get_sblock("A_in"))
@@ -94,6 +89,14 @@ def schedule_input_stage(sch: Any, spec: GemmSpec) -> None:
         _vector_split(sch, k, spec.K)
 
 
+def schedule_padding(sch: Any, spec: GemmSpec) -> None:
+    """``X_pad`` of a padded conv: parallel over (batch, row), vectorised over C."""
+    if any(spec.padding):
+        b, y, _z, ch = sch.get_loops(sch.get_sblock("X_pad"))
+        sch.parallel(sch.fuse(b, y))
+        _vector_split(sch, ch, spec.in_shape[0])
+
+
 def has_block(sch: Any, name: str) -> bool:
     """Whether the schedule's function has a block called ``name``."""
     try:
@@ -104,13 +107,21 @@ def has_block(sch: Any, name: str) -> bool:
 
 
 def _schedule_im2col(sch: Any, name: str, spec: GemmSpec) -> None:
-    """An im2col block: rows split by output width (parallel); the columns split into their
-    three factors (``C`` vectorised in (kh, kw, C) order, the taps unrolled in (C, kh, kw)),
-    into (kernel row, padded run) for ``k_row``, or left as one loop over a padded K."""
-    c = spec.in_shape[0]
-    kh, kw = spec.kernel
+    """An im2col block at the root: rows split by output width (parallel), the columns as in
+    :func:`_split_im2col_columns`."""
     m, k = sch.get_loops(sch.get_sblock(name))
     rows, _cols = sch.split(m, [None, spec.out_hw[1]])
+    _split_im2col_columns(sch, k, name, spec)
+    if spec.M > spec.out_hw[1]:
+        sch.parallel(rows)
+
+
+def _split_im2col_columns(sch: Any, k: Any, name: str, spec: GemmSpec) -> None:
+    """The columns of an im2col block split into their three factors (``C`` vectorised in
+    (kh, kw, C) order, the taps unrolled in (C, kh, kw)), into (kernel row, padded run) for
+    ``k_row``, or left as one loop over a padded K."""
+    c = spec.in_shape[0]
+    kh, kw = spec.kernel
     width = int(sch.get(k).extent)
     if spec.k_row and name == "A_in":  # the run unrolled: constant indices
         _i, r = sch.split(k, [kh, spec.k_row])
@@ -122,8 +133,20 @@ def _schedule_im2col(sch: Any, name: str, spec: GemmSpec) -> None:
         _ch, i, j = sch.split(k, [c, kh, kw])
         sch.unroll(i)
         sch.unroll(j)
-    if spec.M > spec.out_hw[1]:
-        sch.parallel(rows)
+
+
+#: row tasks a conv needs before its im2col moves into them (the tasks are then the only
+#: parallel loop: enough of them for a 16-thread machine)
+LOCAL_IM2COL_MIN_TASKS = 16
+
+
+def im2col_per_task(sch: Any, spec: GemmSpec) -> bool:
+    """Whether a tile GEMM builds its im2col rows inside each row task (in cache, right before
+    use) rather than the whole [M, Kp] matrix first: a conv with one im2col stage and at least
+    :data:`LOCAL_IM2COL_MIN_TASKS` row tasks. At batch 64 the root matrix (115 MB for ResNet-18's
+    64x56x56 conv) went through DRAM twice: 57.9 -> 38.7 ms on znver4."""
+    return (spec.op == "conv2d" and spec.has_input_stage and not has_block(sch, "A_core")
+            and -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS)
 
 
 def fuse_epilogue(sch: Any, acc: Any, ep: Any, out: Any, g: Any, mo: Any) -> None:
@@ -144,8 +167,17 @@ def finish_tensorized(sch: Any, spec: GemmSpec, acc: Any, ep: Any, out: Any,
     sch.vectorize(sch.get_loops(ep)[-1])
     if spec.N % spec.nb == 0:  # else the last block is predicated and cannot be vectorised
         sch.vectorize(sch.get_loops(out)[-1])
-    sch.parallel(sch.fuse(*task))
-    schedule_input_stage(sch, spec)
+    if im2col_per_task(sch, spec):
+        # the row task's im2col rows right before its GEMM (the row task is then the only
+        # parallel loop: the channel blocks of a task reuse its rows from cache)
+        a_in = sch.get_sblock("A_in")
+        sch.compute_at(a_in, task[0])
+        sch.parallel(task[0])
+        _split_im2col_columns(sch, sch.get_loops(a_in)[-1], "A_in", spec)
+        schedule_padding(sch, spec)
+    else:
+        sch.parallel(sch.fuse(*task))
+        schedule_input_stage(sch, spec)
     acc_init = sch.decompose_reduction(acc, red0)
     ep_init = sch.decompose_reduction(ep, g)
     sch.tensorize(tile, intrin)
@@ -176,8 +208,9 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
 
     * ``W_dec`` (``t2_decoded``): decoded once per task (its NB x Kp block is reused by the
       task's ``m_task`` row tiles), or per 4-k step when a task has a single row tile;
-    * ``A_bits`` (``tt_planes``): at the root, parallel over rows; with a weight offset, ``out``
-      stays a root pass of its own (see :func:`_schedule_tt_stages`).
+    * ``A_bits`` (``tt_planes``): at the root, parallel over rows, or inside each row task
+      (:func:`tt_bits_per_task`; the row task is then the only parallel loop); with a weight
+      offset, ``out`` stays a root pass of its own (see :func:`_schedule_tt_stages`).
     """
     tvm = _tvm.require_tvm()
     sch = tvm.s_tir.Schedule(func)
@@ -210,7 +243,11 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     sch.vectorize(sch.get_loops(ep)[-1])
     if fuse_out and spec.N % spec.nb == 0:  # else predicated: cannot be vectorised
         sch.vectorize(sch.get_loops(out)[-1])
-    task = sch.fuse(mp, no)
+    if tt_bits_per_task(spec):  # the row task gathers its own plane words right before its GEMM
+        sch.compute_at(sch.get_sblock("A_bits"), mp)
+        task = mp
+    else:
+        task = sch.fuse(mp, no)
     if decode:
         wd = sch.get_sblock("W_dec")
         sch.compute_at(wd, red[0] if decode_per_k else task)
@@ -233,6 +270,15 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     return sch.mod
 
 
+def tt_bits_per_task(spec: GemmSpec) -> bool:
+    """Whether a ``tt_planes`` conv gathers its ``A_bits`` rows inside each row task (from the
+    per-pixel ``X_bits``) instead of the whole [M, words, 2] matrix first: pixel-packed convs
+    without a weight offset (whose root ``asum`` pass reads the planes too) and at least
+    :data:`LOCAL_IM2COL_MIN_TASKS` row tasks."""
+    return (spec.layout == "tt_planes" and spec.pixel_bits and not spec.w_off
+            and -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS)
+
+
 def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
     """Root stages of ``tt_planes``: ``A_bits``, parallel over rows (the mask and sign words of
     one 64-k chunk built side by side; for :attr:`GemmSpec.pixel_bits` convs ``X_bits`` packs
@@ -253,11 +299,11 @@ def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
             rb, ry, _ox, _r, rs = sch.get_loops(xr)
             sch.parallel(sch.fuse(rb, ry))
             sch.unroll(rs)
-        m, _w, s = sch.get_loops(bits)
+        m, _w, s = sch.get_loops(bits)[-3:]
     else:
         m, _w, s, j = sch.get_loops(bits)
         todo = [(bits, j)]
-    if spec.M > 1:
+    if spec.M > 1 and not tt_bits_per_task(spec):
         sch.parallel(m)
     sch.unroll(s)
     if spec.w_off:

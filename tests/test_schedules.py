@@ -25,6 +25,7 @@ from ternbench.schedules import (
     UnsupportedLayerError,
     _tvm,
     generic,
+    graph,
     list_targets,
     measure,
     measure_layer,
@@ -617,6 +618,41 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
     assert np.abs(ref).max() > 1.0  # the check is not vacuous
     lat = measure_layer(lx, batch=batch, ev=EV, x=x)
     _sane(lat, lx, batch)
+
+
+PER_TASK_CASES = [
+    # (label, make_layer kwargs, batch): >= 16 row tasks of 64 rows, so the im2col rows (or the
+    # ternary plane words) are built inside each row task instead of as one matrix first
+    ("t2_pad", dict(op="conv2d", out=16, cin=8, hw=(32, 32)), 1),
+    ("t2_gs4_cij_s2", dict(op="conv2d", out=16, cin=16, gs=4, hw=(45, 46), stride=2), 2),
+    ("int8_stem_krow", dict(op="conv2d", fmt="int8", out=16, cin=3, k=7, stride=2, pad=3,
+                            hw=(64, 64)), 1),
+    ("tt_pixel", dict(op="conv2d", out=16, cin=16, hw=(32, 32), act="ternary"), 1),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch"), PER_TASK_CASES,
+                         ids=[c[0] for c in PER_TASK_CASES])
+def test_per_task_input_stage_matches_reference(tvm_mod, label, kw, batch):
+    """Convs large enough to build their im2col / plane words per row task stay exact."""
+    from ternbench.core.reference import layer_reference
+
+    tvm = _tvm.require_tvm()
+    lx = make_layer(**kw, name=label, seed=7)
+    _rule, spec, func = graph.scheduled_kernel(lx, batch, x86_info())
+    assert -(-spec.M // spec.m_task) >= generic.LOCAL_IM2COL_MIN_TASKS
+    # the input stage sits under the GEMM's task loop, not at the root
+    sch = tvm.s_tir.Schedule(func)
+    stage = "A_bits" if spec.layout == "tt_planes" else "A_in"
+    task = sch.get(sch.get_loops(sch.get_sblock("out"))[0])
+    assert sch.get(sch.get_loops(sch.get_sblock(stage))[0]).same_as(task)
+    x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(1))
+    _impl, y = run_layer(lx, x)
+    ref = layer_reference(lx, x).numpy()
+    rtol = measure.INT_RTOL if lx.act_mode == "ternary" else measure.FLOAT_RTOL
+    assert np.abs(y - ref).max() <= max(rtol, measure.FLOAT_RTOL) * np.abs(ref).max()
+    assert np.abs(ref).max() > 1.0
 
 
 @pytest.mark.tvm
