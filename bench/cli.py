@@ -136,6 +136,11 @@ def _add_kernels_parser(sub: Any) -> None:
     k.add_argument("--group-sizes", type=_int_list, default=[], metavar="N1,N2",
                    help="also time the int8-activation ternary kernel with FGQ group scales "
                    "of these sizes (rows tvm_t2_*_g<N>), e.g. 4,16,64")
+    k.add_argument("--group-axis", type=_choice_list(("cin_contiguous", "flat_fanin")),
+                   default=["cin_contiguous"], metavar="AXES",
+                   help="with --group-sizes: the fan-in order FGQ's groups run along, "
+                   "cin_contiguous (FGQ's default: N input channels of one tap) and/or "
+                   "flat_fanin (rows tvm_t2_*_g<N>_flat) (default: cin_contiguous)")
     k.add_argument("--tune", action="store_true",
                    help="search each TVM kernel's tile grid first (cached across runs)")
     k.add_argument("--tune-points", type=_positive_int, default=None, metavar="N",
@@ -226,7 +231,8 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
             act_modes=a.act_modes, tune=a.tune, tune_points=a.tune_points,
             tune_budget_s=a.tune_budget, metaschedule_trials=a.metaschedule,
             generic=a.generic, quick=a.quick, rounds=a.rounds,
-            progress=False if a.no_progress else None, group_sizes=a.group_sizes)
+            progress=False if a.no_progress else None, group_sizes=a.group_sizes,
+            group_axes=a.group_axis)
     print(res.md_path.read_text())
     print(f"results: {res.csv_path}  summary: {res.md_path}")
     if res.failures:

@@ -34,8 +34,12 @@ class LayerExport:
         acc = sum_{k in group g} a[k] * codes[o, k]             # exact integer
         y_o = act_scale * sum_g scales[o, g] * acc_g + bias[o]
 
-    Group ``g`` holds fan-in indices ``[g*group_size, (g+1)*group_size)``; when the group size does
-    not divide the fan-in the last group is shorter (a kernel may zero-pad it).
+    Group ``g`` holds fan-in indices ``[g*group_size, (g+1)*group_size)`` of the fan-in listed in
+    ``group_order``: ``"cij"`` the (C, kh, kw) order above (FGQ's ``flat_fanin`` axis), ``"ijc"``
+    a conv's (kh, kw, C) order, so that groups run along the input channels of one kernel tap
+    (FGQ's ``cin_contiguous`` axis; ``codes`` stay in (C, kh, kw) order either way, only the
+    grouping and the order of ``scales`` follow ``group_order``). When the group size does not
+    divide the fan-in the last group is shorter (a kernel may zero-pad it).
 
     For ``act_mode == "fp32"`` the activation is used as is (``act_scale`` is 1).
 
@@ -80,6 +84,30 @@ class LayerExport:
         int, ...
     ] = ()  # per-sample input shape seen in calibration: (C, H, W) or (F,)
     output_hw: tuple[int, int] = (1, 1)
+    group_order: Literal["cij", "ijc"] = "cij"
+
+    def __post_init__(self) -> None:
+        if self.group_order not in ("cij", "ijc"):
+            raise ValueError(f"{self.name}: group_order must be 'cij' or 'ijc', "
+                             f"got {self.group_order!r}")
+        if self.group_order == "ijc" and self.op != "conv2d":
+            raise ValueError(f"{self.name}: group_order 'ijc' is for convs, not {self.op}")
+
+    def group_perm(self) -> np.ndarray | None:
+        """Fan-in indices in group order (``codes[:, perm]`` is grouped contiguously), or None
+        for the (C, kh, kw) order itself.
+
+        Example:
+            >>> lx = LayerExport("c", "conv2d", "ternary", np.zeros((1, 8), np.int8),
+            ...                  np.ones((1, 2), np.float32), 4, None, "int", 8, 1.0, 2, 1,
+            ...                  kernel_size=(2, 2), group_order="ijc")
+            >>> lx.group_perm().tolist()  # tap (0,0) of both channels, then tap (0,1), ...
+            [0, 4, 1, 5, 2, 6, 3, 7]
+        """
+        if self.group_order == "cij":
+            return None
+        kh, kw = self.kernel_size
+        return np.arange(self.fan_in).reshape(self.in_channels, kh, kw).transpose(1, 2, 0).ravel()
 
     @property
     def fan_in(self) -> int:
@@ -101,6 +129,11 @@ class LayerExport:
         if self.weight_format == "fp32":
             return self.codes.astype(np.float32)
         g = np.repeat(self.scales, self.group_size, axis=1)[:, : self.fan_in]
+        perm = self.group_perm()
+        if perm is not None:  # the scale of fan-in index perm[j] is the j-th in group order
+            g_cij = np.empty_like(g)
+            g_cij[:, perm] = g
+            g = g_cij
         return self.codes.astype(np.float32) * g
 
     @property

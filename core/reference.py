@@ -86,6 +86,9 @@ def integer_reference(lx: LayerExport, a: Tensor) -> Tensor:
         if g == 1:
             gs = k
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)
+    perm = torch.from_numpy(lx.group_perm()) if g > 1 and lx.group_perm() is not None else None
+    if perm is not None:
+        codes = codes[:, perm]  # group order (the im2col columns below are permuted alike)
     kg = g * gs
     if lx.op == "linear":
         if g == 1:
@@ -103,7 +106,10 @@ def integer_reference(lx: LayerExport, a: Tensor) -> Tensor:
             ho = (a.shape[2] + 2 * lx.padding[0] - kh) // lx.stride[0] + 1
             wo = (a.shape[3] + 2 * lx.padding[1] - kw) // lx.stride[1] + 1
             cols = F.unfold(a, (kh, kw), padding=lx.padding, stride=lx.stride)  # [B, K, L]
-            cols = F.pad(cols.transpose(1, 2), (0, kg - k)).reshape(-1, g, gs)  # K: (C, kh, kw)
+            cols = cols.transpose(1, 2)  # K: (C, kh, kw)
+            if perm is not None:
+                cols = cols[:, :, perm]
+            cols = F.pad(cols, (0, kg - k)).reshape(-1, g, gs)
             w_g = F.pad(codes, (0, kg - k)).reshape(n, g, gs)
             flat = torch.zeros(cols.shape[0], n, dtype=torch.float64)
             step = max(1, (4 << 20) // max(1, cols.shape[0] * n))

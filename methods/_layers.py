@@ -53,10 +53,41 @@ class WeightQuantizer(nn.Module):
 
     fmt: WeightFormat = "ternary"
     scale_bits: int = 32
+    #: fan-in order the groups run along (see ``LayerExport.group_order``); ``"ijc"`` takes
+    #: effect once a conv layer has set :attr:`kernel_shape`
+    group_order: Literal["cij", "ijc"] = "cij"
+    #: (C, kh, kw) of the conv this quantizer belongs to (set by :class:`QuantConv2d`)
+    kernel_shape: tuple[int, int, int] | None = None
 
     def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
-        """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size."""
+        """``w2d`` [out, fan_in] -> codes [out, fan_in], scales [out, G], group_size.
+
+        ``w2d`` and the codes are in (C, kh, kw) order; the groups (and ``scales``) follow
+        :meth:`group_perm`."""
         raise NotImplementedError  # abstract: subclasses define the quantizer
+
+    def group_perm(self, fan_in: int) -> Tensor | None:
+        """Fan-in indices in group order, or None for the (C, kh, kw) order itself."""
+        if self.group_order == "cij" or self.kernel_shape is None:
+            return None
+        c, kh, kw = self.kernel_shape
+        if c * kh * kw != fan_in:
+            raise ValueError(f"kernel_shape {self.kernel_shape} does not match fan-in {fan_in}")
+        return torch.arange(fan_in).reshape(c, kh, kw).permute(1, 2, 0).reshape(-1)
+
+    def export_group_order(self) -> Literal["cij", "ijc"]:
+        """The ``LayerExport.group_order`` of this quantizer's layer."""
+        return "ijc" if self.kernel_shape is not None and self.group_order == "ijc" else "cij"
+
+    def expand_scales(self, scales: Tensor, gs: int, fan_in: int) -> Tensor:
+        """[out, G] group scales -> [out, fan_in] in (C, kh, kw) order."""
+        full = scales.repeat_interleave(gs, dim=1)[:, :fan_in]
+        perm = self.group_perm(fan_in)
+        if perm is None:
+            return full
+        out = torch.empty_like(full)
+        out[:, perm.to(full.device)] = full
+        return out
 
     def branches(self, w2d: Tensor) -> list[tuple[Tensor, Tensor, int, bool]]:
         """Extra additive branches ``(codes, scales, group_size, enabled)`` (TRN's residual
@@ -69,8 +100,7 @@ class WeightQuantizer(nn.Module):
 
     def dequantize(self, w2d: Tensor) -> Tensor:
         codes, scales, gs = self.encode(w2d)
-        full = scales.repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
-        return codes.to(w2d.dtype) * full
+        return codes.to(w2d.dtype) * self.expand_scales(scales, gs, w2d.shape[1])
 
     def forward(self, w: Tensor) -> Tensor:
         w2d = w.reshape(w.shape[0], -1)
@@ -198,6 +228,7 @@ class QuantLayer:
             stride=tuple(self.stride) if is_conv else (1, 1),  # type: ignore[attr-defined]
             padding=tuple(self.padding) if is_conv else (0, 0),  # type: ignore[attr-defined]
             scale_bits=self.wq.scale_bits,
+            group_order=self.wq.export_group_order(),
             input_shape=getattr(self, "seen_input_shape", ()),
             output_hw=getattr(self, "seen_output_hw", (1, 1)),
             **self.aq.export_fields(),  # type: ignore[arg-type]
@@ -224,6 +255,7 @@ class QuantConv2d(nn.Conv2d, QuantLayer):  # type: ignore[misc]
                 self.bias.copy_(conv.bias)  # type: ignore[union-attr]
         self.wq = wq
         self.aq = aq
+        wq.kernel_shape = (conv.in_channels, *conv.kernel_size)  # type: ignore[assignment]
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._conv_forward(self.aq(x), self.quantized_weight(), self.bias)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import islice
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -55,12 +56,14 @@ class TernaryGroupWeight(WeightQuantizer):
         solver: Solver = "exact",
         per_tensor: bool = False,
         ratio: float = 0.7,
+        group_order: Literal["cij", "ijc"] = "cij",
     ) -> None:
         super().__init__()
         self.ratio = ratio
         self.group_size = group_size
         self.solver: Solver = solver
         self.per_tensor = per_tensor
+        self.group_order = group_order
         self._cache: tuple[tuple[int, int], tuple[Tensor, Tensor, int]] | None = None
 
     def encode(self, w2d: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -72,18 +75,29 @@ class TernaryGroupWeight(WeightQuantizer):
             codes, alpha = ternarize_rows(w.reshape(1, -1), w.numel(), self.solver, self.ratio)
             res = (codes.reshape(w.shape), alpha.expand(w.shape[0], 1).contiguous(), w.shape[1])
         else:
-            gs = self.group_size or w.shape[1]
-            codes, scales = ternarize_rows(w, min(gs, w.shape[1]), self.solver, self.ratio)
-            res = (codes, scales, min(gs, w.shape[1]))
+            gs = min(self.group_size or w.shape[1], w.shape[1])
+            codes, scales = self.ternarize_groups(w, gs, self.solver, self.ratio)
+            res = (codes, scales, gs)
         # round scales to FP16 values: what is counted (16 bits) is what the kernels use
         res = (res[0], res[1].to(torch.float16).to(w.dtype), res[2])
         if not self.training:
             self._cache = (key, res)
         return res
 
+    def ternarize_groups(self, w2d: Tensor, gs: int, solver: Solver,
+                         ratio: float = 0.7) -> tuple[Tensor, Tensor]:
+        """``ternarize_rows`` over the groups of :meth:`group_perm`'s order: codes in (C, kh, kw)
+        order, scales [out, G] in group order."""
+        perm = self.group_perm(w2d.shape[1])
+        codes, scales = ternarize_rows(w2d if perm is None else w2d[:, perm], gs, solver, ratio)
+        if perm is not None:  # codes back to (C, kh, kw) order; scales stay in group order
+            codes = torch.empty_like(codes).index_copy_(1, perm.to(codes.device), codes)
+        return codes, scales
+
     def extra_repr(self) -> str:
         g = "tensor" if self.per_tensor else self.group_size or "channel"
-        return f"group={g}, solver={self.solver}"
+        order = f", order={self.group_order}" if self.group_order != "cij" else ""
+        return f"group={g}, solver={self.solver}{order}"
 
 
 def make_layer(mod: nn.Module, wq: WeightQuantizer, act_bits: int) -> QuantConv2d | QuantLinear:

@@ -104,7 +104,7 @@ def kernels64(wq: WeightQuantizer, weight: Tensor) -> list[Tensor]:
     if wq.fmt == "fp32":
         return [w2d.to(torch.float64)]
     codes, scales, gs = wq.encode(w2d)
-    full = scales.detach().to(torch.float64).repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
+    full = wq.expand_scales(scales.detach().to(torch.float64), gs, w2d.shape[1])
     w = codes.to(torch.float64) * full
     off = wq.offset(w2d)
     if off is not None:

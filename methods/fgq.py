@@ -5,9 +5,16 @@ along the reduction (fan-in) axis, and 8-bit activations. Inside a group the N p
 add/sub of 8-bit activations; one multiply by the group scale remains, so 1 - 1/N of the
 multiplications go away.
 
-Groups are contiguous along the flattened fan-in in ``weight.reshape(out, -1)`` order, i.e.
-(C, kh, kw) for convs (the spec's ``flat_fanin`` axis); when N does not divide the fan-in the
-last group is shorter.
+``group_axis`` picks the fan-in order the groups are contiguous in (the spec's two axes, recorded
+in every export as ``group_order``):
+
+* ``cin_contiguous`` (default): a conv's (kh, kw, C) order, so a group is N input channels of one
+  kernel tap (when N does not divide C a group runs on into the next tap); the deployed kernel's
+  im2col then copies whole channel runs;
+* ``flat_fanin``: ``weight.reshape(out, -1)`` order, (C, kh, kw): a group is N consecutive taps
+  of one channel, running on into the next channel.
+
+Linear layers have one order. When N does not divide the fan-in the last group is shorter.
 
 Example:
     >>> from ternbench.methods import create_method
@@ -33,12 +40,18 @@ PAPER = (
 )
 
 
+#: FGQConfig.group_axis -> LayerExport.group_order
+GROUP_ORDER: dict[str, Literal["cij", "ijc"]] = {"cin_contiguous": "ijc", "flat_fanin": "cij"}
+
+
 @dataclass(frozen=True)
 class FGQConfig(MethodConfig):
     """FGQ knobs. ``solver``: ``exact`` (L2-optimal top-k search) or ``twn`` (0.7 mean rule)."""
 
     group_size: int = 4
     solver: Literal["exact", "twn"] = "exact"
+    #: the fan-in order groups are contiguous in (see the module docstring)
+    group_axis: Literal["cin_contiguous", "flat_fanin"] = "cin_contiguous"
     #: optional short STE fine-tune after ternarization (epochs over the training subset)
     finetune_epochs: float = 0.0
 
@@ -53,6 +66,8 @@ class FGQConfig(MethodConfig):
             self.group_size,
         )
         _check(self.solver in ("exact", "twn"), cls, "solver", "'exact' or 'twn'", self.solver)
+        _check(self.group_axis in GROUP_ORDER, cls, "group_axis",
+               "'cin_contiguous' or 'flat_fanin'", self.group_axis)
         _check(self.finetune_epochs >= 0, cls, "finetune_epochs", ">= 0", self.finetune_epochs)
 
 
@@ -69,7 +84,8 @@ class FGQ:
             ctx,
             cfg,
             self.name,
-            lambda: TernaryGroupWeight(cfg.group_size, cfg.solver),
+            lambda: TernaryGroupWeight(cfg.group_size, cfg.solver,
+                                       group_order=GROUP_ORDER[cfg.group_axis]),
             finetune_epochs=cfg.finetune_epochs,
         )
 
@@ -79,6 +95,7 @@ class FGQ:
     ablations={
         "fgq-group-size": {"group_size": (4, 8, 16, 32, 64)},
         "fgq-solver": {"solver": ("exact", "twn")},
+        "fgq-group-axis": {"group_axis": ("cin_contiguous", "flat_fanin")},
         "act-bits": {"act_bits": (8, 4)},
         "first-last": {"first_last": ("fp32", "int8", "same")},
         "bn-recalibration": {"bn_recalibrate": (True, False)},

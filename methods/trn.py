@@ -44,8 +44,7 @@ from ._facts import PaperDelta
 from ._layers import iter_quant_layers
 from ._ptq import TernaryGroupWeight, post_training_quantize
 from ._registry import register_method
-from ._ternarize import ternarize_rows
-from .fgq import FGQConfig
+from .fgq import GROUP_ORDER, FGQConfig
 
 __all__ = ["TRNConfig", "TRN", "TRNWeight", "set_active_edges"]
 
@@ -96,8 +95,9 @@ class TRNWeight(TernaryGroupWeight):
     ``bypass`` returns the latent FP weight (used to measure one layer's sensitivity alone).
     """
 
-    def __init__(self, group_size: int | None, solver: Literal["exact", "twn"]) -> None:
-        super().__init__(group_size, solver)
+    def __init__(self, group_size: int | None, solver: Literal["exact", "twn"],
+                 group_order: Literal["cij", "ijc"] = "cij") -> None:
+        super().__init__(group_size, solver, group_order=group_order)
         self.edges: list[tuple[Tensor, Tensor]] = []
         self.active = 0
         self.bypass = False
@@ -114,23 +114,23 @@ class TRNWeight(TernaryGroupWeight):
         eps = [float((w - approx).norm()) / norm]
         self.edges = []
         for _ in range(count):
-            codes, scales = ternarize_rows(w - approx, gs, "exact")
+            codes, scales = self.ternarize_groups(w - approx, gs, "exact")
             scales = scales.to(torch.float16).to(torch.float32)  # stored like the base scales
             self.edges.append((codes, scales))
-            approx = approx + codes * scales.repeat_interleave(gs, dim=1)[:, : w.shape[1]]
+            approx = approx + codes * self.expand_scales(scales, gs, w.shape[1])
             eps.append(float((w - approx).norm()) / norm)
         return eps
 
     def dequantize_base(self, w2d: Tensor) -> Tensor:
         codes, scales, gs = self.encode(w2d)
-        return codes.to(w2d.dtype) * scales.repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
+        return codes.to(w2d.dtype) * self.expand_scales(scales, gs, w2d.shape[1])
 
     def dequantize(self, w2d: Tensor) -> Tensor:
         out = self.dequantize_base(w2d)
         gs = self.edge_group_size(w2d.shape[1])
         for codes, scales in self.edges[: self.active]:
-            full = scales.to(w2d.dtype).repeat_interleave(gs, dim=1)[:, : w2d.shape[1]]
-            out = out + codes.to(w2d.dtype) * full
+            out = out + codes.to(w2d.dtype) * self.expand_scales(scales.to(w2d.dtype), gs,
+                                                                 w2d.shape[1])
         return out
 
     def forward(self, w: Tensor) -> Tensor:
@@ -201,7 +201,8 @@ class TRN:
     def quantize(self, model: nn.Module, ctx: QuantContext) -> QuantizedModel:
         cfg = self.config
         qm = post_training_quantize(
-            model, ctx, cfg, self.name, lambda: TRNWeight(cfg.group_size, cfg.solver),
+            model, ctx, cfg, self.name,
+            lambda: TRNWeight(cfg.group_size, cfg.solver, GROUP_ORDER[cfg.group_axis]),
             finetune_epochs=cfg.finetune_epochs,
         )
         layers = _trn_layers(qm.module)

@@ -50,6 +50,8 @@ CASES = [
                               act_offset=0.3, w_offset=True), 1, "tvm_tt_popc"),
     ("conv_tt_1x1_s2", dict(op="conv2d", out=8, cin=32, k=1, pad=0, stride=2, hw=(7, 7),
                             act="ternary", w_offset=True), 1, "tvm_tt_popc"),
+    ("conv_gs8_ijc", dict(op="conv2d", out=16, cin=12, gs=8, hw=(6, 6), stride=2,
+                          order="ijc"), 1, "t2"),
     ("conv_tt_stem_c3", dict(op="conv2d", out=8, cin=3, hw=(6, 6), act="ternary",
                              act_offset=0.3, w_offset=True), 1, "tvm_tt_popc"),
 ]

@@ -388,7 +388,12 @@ def test_whole_model_runs_under_qemu_and_matches(method, data) -> None:
                                     data[0][:6].numpy(), gm.target)
     assert got.shape == (6, 10)
     check = compare_logits(got, ref[:6].numpy(), "ARM model under qemu")
-    assert check.rel_diff < 1e-3 and check.top1_agreement == 1.0
+    assert check.top1_agreement == 1.0
+    # each sample matches to float32 rounding, except where that rounding flipped one int8
+    # activation code at a tie (FGQ's fake-quant convs run in float32, the kernels sum exact
+    # integer groups: a sample then moves by ~1e-3; a wrong kernel moves every sample far more)
+    per = np.abs(got - ref[:6].numpy()).max(axis=1) / np.abs(ref[:6].numpy()).max()
+    assert np.median(per) < 1e-5 and per.max() < 1e-2, per
     # a wrong parameter is caught before anything runs, naming it
     params = [a for _n, a in gm.params]
     params[1] = params[1][..., :-1]

@@ -66,6 +66,8 @@ CASES = [
                               act_offset=0.3, w_offset=True), 2, "cuda.tt_popc"),  # X_rows
     ("conv_tt_1x1_s2", dict(op="conv2d", act="ternary", out=8, cin=16, k=1, pad=0, stride=2,
                             hw=(7, 6), act_offset=0.3), 1, "cuda.tt_popc"),  # strided X_bits
+    ("conv_gs8_ijc", dict(op="conv2d", out=16, cin=12, gs=8, hw=(6, 6), order="ijc"), 1,
+     "cuda.t2_gemm"),
     ("conv_tt_stem_c3", dict(op="conv2d", act="ternary", out=8, cin=3, hw=(6, 6),
                              act_offset=0.3, w_offset=True), 1, "cuda.tt_popc"),  # one word
     ("linear_int8", dict(fmt="int8", out=32, cin=64), 1, "cuda.int8"),

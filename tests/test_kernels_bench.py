@@ -242,12 +242,19 @@ def test_fgq_group_rows(tmp_path):
     the reference like every kernel (fan-in 72 with N=64: a partial, zero-padded last group)."""
     pytest.importorskip("tvm")
     res = kernels.run_kernels(tmp_path / "k", shapes=TINY[:1], batches=(1,), quick=True,
-                              act_modes=("int8",), progress=False, group_sizes=(4, 64))
+                              act_modes=("int8",), progress=False, group_sizes=(4, 64),
+                              group_axes=("cin_contiguous", "flat_fanin"))
     assert res.failures == ()
     df = pd.read_csv(res.csv_path)
     grouped = df[df["impl"].str.contains("_g")]
-    assert sorted(grouped["impl"].str.rsplit("_g", n=1).str[1].astype(int)) == [4, 64]
+    sizes = grouped["impl"].str.extract(r"_g(\d+)(_flat)?$")
+    assert sorted(sizes[0].astype(int)) == [4, 4, 64, 64]
+    assert sizes[1].notna().sum() == 2  # one flat_fanin row per size
     assert grouped["median_us"].notna().all() and (grouped["max_abs_err"] < 1e-3).all()
     assert not grouped["impl"].str.contains("generic").any()  # no fallback for N=64 on 72
     lx = kernels.synthetic_layer(TINY[0], "ternary", "int8", group_size=64)
     assert lx.scales.shape == (16, 2) and lx.group_size == 64
+    assert lx.group_order == ("ijc" if lx.op == "conv2d" else "cij")
+    with pytest.raises(ValueError, match="group axes"):
+        kernels.run_kernels(tmp_path / "bad", shapes=TINY[:1], group_sizes=(4,),
+                            group_axes=("channels",))

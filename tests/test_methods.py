@@ -113,6 +113,7 @@ def test_export_roundtrip_and_cost(name: str, cnn: torch.nn.Module, tmp_path) ->
         assert np.array_equal(back[k].codes, ex[k].codes)
         assert np.array_equal(back[k].scales, ex[k].scales)
         assert back[k].input_shape == ex[k].input_shape
+        assert back[k].group_order == ex[k].group_order
     assert summarize_cost(back.values()) == qm.cost()
     assert b"pickle" not in exports_to_bytes(ex)[:0]  # npz of plain arrays
 
@@ -137,6 +138,30 @@ def test_fgq_group_cost_counts() -> None:
     assert cost.muls == 8 * 2 * 4 * 3
     nnz = sum(int(np.count_nonzero(lx.codes)) for lx in qm.export().values())
     assert cost.adds == nnz * 4
+
+
+@pytest.mark.parametrize(("axis", "order"), [("cin_contiguous", "ijc"), ("flat_fanin", "cij")])
+def test_fgq_group_axis(axis: str, order: str, cnn) -> None:
+    """Groups run along the input channels of one tap (cin_contiguous) or along the flat
+    (C, kh, kw) fan-in: the nonzero weights of each group share one magnitude, in that order."""
+    x = torch.randn(8, 1, 12, 12)
+    qm = create_method("fgq", group_size=4, group_axis=axis, first_last="same",
+                       bn_recalibrate=False).quantize(cnn, _ctx(x))
+    ex = qm.export()
+    convs = [lx for lx in ex.values() if lx.op == "conv2d" and lx.in_channels >= 4]
+    assert convs and all(lx.group_order == order for lx in convs)
+    assert all(lx.group_order == "cij" for lx in ex.values() if lx.op == "linear")
+    for lx in convs:
+        n, c, (kh, kw) = lx.out_channels, lx.in_channels, lx.kernel_size
+        w = lx.dequantized_weight().reshape(n, c, kh, kw)
+        flat = w.transpose(0, 2, 3, 1).reshape(n, -1) if order == "ijc" else w.reshape(n, -1)
+        k4 = flat.shape[1] // 4 * 4
+        mags = np.abs(flat[:, :k4]).reshape(n, -1, 4)
+        for grp in mags.reshape(-1, 4):
+            nz = grp[grp > 0]
+            assert nz.size == 0 or np.allclose(nz, nz[0]), (lx.name, grp)
+    with pytest.raises(ConfigError, match="group_axis"):
+        create_method("fgq", group_axis="channels")
 
 
 def test_fgq_scales_are_fp16_values(cnn) -> None:

@@ -56,6 +56,7 @@ def make_layer(
     name: str | None = None,
     act_offset: float = 0.0,
     w_offset: bool = False,
+    order: str = "cij",
 ) -> LayerExport:
     """A hand-made export with random codes (ternary / int8 / fp32).
 
@@ -104,6 +105,7 @@ def make_layer(
         padding=pd,
         input_shape=in_shape,
         output_hw=out_hw,  # type: ignore[arg-type]
+        group_order=order,  # type: ignore[arg-type]
         **tern,  # type: ignore[arg-type]
     )
 
@@ -309,6 +311,12 @@ def test_list_targets_and_version():
         ("conv_stem_int8", dict(op="conv2d", fmt="int8", out=16, cin=3, k=7, stride=2, pad=3,
                                 hw=(15, 15)), 1, "tvm_int8"),
         ("conv_gs4_s2", dict(op="conv2d", out=16, cin=4, gs=4, hw=(7, 7), stride=2), 1, "t2"),
+        # FGQ's cin_contiguous groups: (kh, kw, C) im2col; N = 8 does not divide C = 12 (a
+        # group runs on into the next tap) and the last group is partial
+        ("conv_gs8_ijc", dict(op="conv2d", out=16, cin=12, gs=8, hw=(6, 6), order="ijc"), 2,
+         "t2"),
+        ("conv_gs4_ijc_s2", dict(op="conv2d", out=16, cin=16, gs=4, hw=(7, 7), stride=2,
+                                 order="ijc"), 1, "t2"),
         ("conv1x1", dict(op="conv2d", out=24, cin=16, k=1, pad=0, hw=(5, 5)), 2, "t2"),
         ("conv_nopad_gs16", dict(op="conv2d", out=16, cin=16, gs=16, pad=0, hw=(6, 6)), 1, "t2"),
         ("linear_partial_gs8", dict(op="linear", out=16, cin=30, gs=8), 2, "t2"),
@@ -351,6 +359,14 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     if "pixel" in label:
         spec = ops.plan_gemm(lx, batch, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
         assert spec.pixel_bits and not spec.has_input_stage
+    if "ijc" in label:
+        spec = ops.plan_gemm(lx, batch, "t2_avx2", nb=16, mb_max=4, rows_per_task=64)
+        assert spec.k_order == "ijc" and spec.G > 1 and not spec.k_row
+        # the grouping matters: the same codes grouped along (C, kh, kw) give another layer
+        from ternbench.core.reference import layer_reference
+        x = torch.randn(batch, *lx.input_shape)
+        other = dataclasses.replace(lx, group_order="cij")
+        assert not torch.allclose(layer_reference(lx, x), layer_reference(other, x))
     lat = measure_layer(lx, batch=batch, ev=EV)
     _sane(lat, lx, batch)
     if impl == "t2":
@@ -573,6 +589,8 @@ TT_CASES = [
                                act_offset=0.4), 1),
     ("conv_gs64_s2_off", dict(op="conv2d", out=16, cin=16, hw=(5, 5), stride=2, gs=64,
                               act_offset=0.3, w_offset=True), 1),
+    ("conv_gs16_ijc_aoff", dict(op="conv2d", out=12, cin=8, hw=(6, 5), gs=16, act_offset=0.4,
+                                order="ijc"), 1),
     ("conv1x1_nopad_off", dict(op="conv2d", out=8, cin=16, k=1, pad=0, hw=(4, 4),
                                act_offset=0.3, w_offset=True), 2),
     # 64 % C == 0: several whole taps per word, packed once per pixel (CIFAR-size layers)

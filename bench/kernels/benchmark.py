@@ -53,7 +53,8 @@ def _calibrate(run_n: Callable[[int], float], min_s: float) -> int:
 def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[str],
            tinfo: Any, tune: bool, tune_points: int | None, tune_budget_s: float | None,
            ms_trials: int, generic: bool, failures: list[tuple[str, int, str, str]],
-           pbar: Any, group_sizes: Sequence[int] = ()) -> list[_Impl]:
+           pbar: Any, group_sizes: Sequence[int] = (),
+           group_axes: Sequence[str] = ("cin_contiguous",)) -> list[_Impl]:
     """Prepare (build + check) every impl of one (shape, batch); failures become noted rows."""
     from ternbench.schedules import generic as gen_mod
     from ternbench.schedules import measure, tuning
@@ -109,11 +110,15 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
                                  "metaschedule", dev)
 
             attempt("tvm_metaschedule", mode, "tvm", make_ms)
+    from ternbench.methods.fgq import GROUP_ORDER
+
     for gs in group_sizes:  # FGQ: one scale per group of gs weights, int8 activations
-        lx = synthetic_layer(shape, "ternary", "int8", group_size=gs)
-        rule = measure.select_rule(lx, tinfo)
-        name = f"{rule.impl_for(lx)}_g{gs}"
-        attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
+        for axis in group_axes:  # flat_fanin rows are suffixed: the default is cin_contiguous
+            lx = synthetic_layer(shape, "ternary", "int8", group_size=gs,
+                                 group_order=GROUP_ORDER[axis])
+            rule = measure.select_rule(lx, tinfo)
+            name = f"{rule.impl_for(lx)}_g{gs}" + ("" if axis == "cin_contiguous" else "_flat")
+            attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
     return impls
 
 
@@ -153,7 +158,8 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
                 tune_budget_s: float | None = None, metaschedule_trials: int = 0,
                 generic: bool = False, quick: bool = False, rounds: int | None = None,
                 layers: Sequence[str] | None = None, shapes: Sequence[KernelShape] | None = None,
-                progress: bool | None = None, group_sizes: Sequence[int] = ()) -> KernelsResult:
+                progress: bool | None = None, group_sizes: Sequence[int] = (),
+                group_axes: Sequence[str] = ("cin_contiguous",)) -> KernelsResult:
     """Run the kernel benchmark into ``out`` (``kernels.csv``, ``kernels.md``).
 
     ``layers`` keeps the layers matching a pattern (see :func:`select_shapes`); ``shapes``
@@ -161,9 +167,10 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     search (:func:`ternbench.schedules.tuning.search`, ``tune_points`` / ``tune_budget_s``
     per rule and shape) before building; ``metaschedule_trials`` > 0 adds the MetaSchedule
     baseline for int8 activations. ``group_sizes``: also the int8-activation ternary kernel
-    with FGQ group scales of each size (impl ``<impl>_g<N>``). ``quick``: 3 rounds of >= 2 ms
-    samples and a smaller bandwidth buffer (tests, CI). Failed impls are rows with an empty
-    time and a ``note``.
+    with FGQ group scales of each size (impl ``<impl>_g<N>``), for each of ``group_axes``
+    (FGQ's ``cin_contiguous``, or ``flat_fanin``: impl ``<impl>_g<N>_flat``). ``quick``: 3
+    rounds of >= 2 ms samples and a smaller bandwidth buffer (tests, CI). Failed impls are rows
+    with an empty time and a ``note``.
     """
     import pandas as pd
     import torch
@@ -177,6 +184,10 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     bad_modes = [m for m in act_modes if m not in ACT_MODES]
     if bad_modes:
         raise ValueError(f"act modes must be among {ACT_MODES}, got {bad_modes}")
+    bad_axes = [a for a in group_axes if a not in ("cin_contiguous", "flat_fanin")]
+    if bad_axes or not group_axes:
+        raise ValueError("group axes must be among ('cin_contiguous', 'flat_fanin'), "
+                         f"got {list(group_axes)}")
     for note in configure_env(threads):
         log.warning(note)
     from ternbench import schedules
@@ -201,7 +212,7 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
             impls = _group(shape, batch, threads=threads, act_modes=act_modes, tinfo=tinfo,
                            tune=tune, tune_points=tune_points, tune_budget_s=tune_budget_s,
                            ms_trials=metaschedule_trials, generic=generic, failures=failures,
-                           pbar=pbar, group_sizes=group_sizes)
+                           pbar=pbar, group_sizes=group_sizes, group_axes=group_axes)
             pbar.set_postfix_str(f"{shape.name} b{batch} timing", refresh=True)
             _time_group(impls, threads=threads, rounds=n_rounds, min_s=min_s)
             rows += _rows(shape, batch, impls, bandwidth_gbs=bw, rounds=n_rounds, prov=prov)

@@ -20,10 +20,12 @@ _ACT = {"int8": ("int", 8, 0.05), "ternary": ("ternary", 2, 0.7), "fp32": ("fp32
 
 
 def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str = "int8",
-                    seed: int = 0, group_size: int | None = None) -> Any:
+                    seed: int = 0, group_size: int | None = None,
+                    group_order: str = "ijc") -> Any:
     """A LayerExport of ``shape`` with seeded codes and per-channel scales (ternary with
     ``group_size``: one scale per group of that many fan-in weights, FGQ style, the last group
-    partial when the fan-in is not a multiple).
+    partial when the fan-in is not a multiple; a conv's groups run along ``group_order``:
+    ``ijc`` = FGQ's default ``cin_contiguous`` axis, ``cij`` = ``flat_fanin``).
 
     ``weight_format``: ``ternary`` (codes in {-1, 0, 1}), ``int8`` or ``fp32`` (the float
     weights ``scale * code`` of the ternary layer of the same seed); ``act``: ``int8`` (8-bit
@@ -57,6 +59,7 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
     return LayerExport(
         name=f"{shape.name}[{weight_format},{act}]", op=shape.op, weight_format=weight_format,  # type: ignore[arg-type]
         codes=codes, scales=scales, group_size=gs, bias=bias, act_mode=mode,  # type: ignore[arg-type]
+        group_order=group_order if conv and gs < k else "cij",  # type: ignore[arg-type]
         act_bits=bits, act_scale=act_scale, in_channels=shape.cin, out_channels=n,
         kernel_size=(shape.k, shape.k), stride=(shape.stride, shape.stride),
         padding=(shape.pad, shape.pad),

@@ -274,12 +274,14 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
     m = batch * out_hw[0] * out_hw[1]
     mb, m_task = _row_tiles(m, mb_max, rows_per_task)
-    # One group: reduce in (kh, kw, C) order, so im2col copies contiguous channel runs (the
-    # weights are permuted on the host). Several groups must stay contiguous in K, which only
-    # the export's (C, kh, kw) order guarantees.
-    k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and g == 1 else "cij"
+    # One group, or groups along the input channels of each tap (group_order "ijc"): reduce in
+    # (kh, kw, C) order, so im2col copies contiguous channel runs (the weights are permuted on
+    # the host). Groups over the (C, kh, kw) order must stay contiguous in K: reduce in it.
+    ijc = g == 1 or lx.group_order == "ijc"
+    k_order: Literal["cij", "ijc"] = "ijc" if lx.op == "conv2d" and ijc else "cij"
     k_row = 0
-    if (layout in INTRIN_LAYOUTS and k_order == "ijc" and kp != k and in_shape[0] < 16):
+    if (layout in INTRIN_LAYOUTS and k_order == "ijc" and kp != k and in_shape[0] < 16
+            and g == 1):
         # a stem (C = 1..3): K = kh*kw*C would be padded at the end, leaving the im2col a
         # div/mod per element (80% of the int8 ResNet-18 stem); pad each kernel row instead
         kh_, kw_ = lx.kernel_size
