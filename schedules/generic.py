@@ -299,13 +299,21 @@ def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
             rb, ry, _ox, _r, rs = sch.get_loops(xr)
             sch.parallel(sch.fuse(rb, ry))
             sch.unroll(rs)
-        m, _w, s = sch.get_loops(bits)[-3:]
+        m, w, s = sch.get_loops(bits)[-3:]
+        c = spec.in_shape[0]
+        if c % 64 == 0 and not spec.row_words:
+            # words in (kernel row, kw x C/64) order: a kernel row's words are one contiguous
+            # run of X_bits, an affine copy (one loop over taps made LLVM gather and scatter)
+            _i, jq = sch.split(w, [spec.kernel[0], None])
+            sch.vectorize(sch.fuse(jq, s))
+            s = None
     else:
         m, _w, s, j = sch.get_loops(bits)
         todo = [(bits, j)]
     if spec.M > 1 and not tt_bits_per_task(spec):
         sch.parallel(m)
-    sch.unroll(s)
+    if s is not None:
+        sch.unroll(s)
     if spec.w_off:
         out = sch.get_sblock("out")
         om, on = sch.get_loops(out)
