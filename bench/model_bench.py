@@ -170,8 +170,10 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
         xs = x[: (n_cal // batch) * batch].numpy()
         # seeded random weights: in a deep ternary-activation net a value within float32
         # rounding of a threshold flips one code and the flip grows layer after layer (the
-        # torch-chained model of schedules.model shows the same on ResNet-18 at 224 px), so
-        # only the top-1 agreement is enforced here; each kernel is checked exactly below
+        # torch-chained model of schedules.model shows the same on ResNet-18 at 224 px), and
+        # near-tied random logits flip top-1 under a small gap (FGQ: 2% of max |logit|, 7 of 8
+        # agree), so either the gap or the top-1 agreement must hold (compare_logits's
+        # strict=False); each kernel is checked exactly below
         check = compare_logits(art.predict(xs), ref[: len(xs)].numpy(), f"artifact {dest}",
                                strict=False)
         xb = x[:batch].contiguous()

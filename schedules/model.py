@@ -317,8 +317,10 @@ def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
     """Compare deployed logits with the fake-quant model's (same samples, same order).
 
     Raises :class:`ModelCheckError` past :data:`LOGIT_RTOL` or under
-    :data:`MIN_TOP1_AGREEMENT`; with ``strict=False`` only under the top-1 agreement (a
-    logit gap is then logged as a warning and left in the returned figures).
+    :data:`MIN_TOP1_AGREEMENT`; with ``strict=False`` (models with seeded random weights, whose
+    near-threshold code flips grow through deep nets and whose near-tied logits flip top-1 under
+    a small gap) only when both fail: a gap within :data:`LOGIT_RTOL` or the top-1 agreement
+    passes, and the failed half is logged as a warning and left in the returned figures.
     """
     g = torch.as_tensor(np.asarray(got)).to(torch.float64)
     r = torch.as_tensor(np.asarray(ref)).to(torch.float64)
@@ -333,9 +335,10 @@ def compare_logits(got: Tensor | np.ndarray, ref: Tensor | np.ndarray,
     msg = (f"{what} disagrees with the fake-quant model on {n} samples: max |dlogit| = "
            f"{diff:.3g} ({res.rel_diff:.2%} of max |logit|, limit {LOGIT_RTOL:.0%}), top-1 "
            f"agreement {agree:.1%} (limit {MIN_TOP1_AGREEMENT:.0%})")
-    if agree < MIN_TOP1_AGREEMENT or (strict and not res.rel_diff <= LOGIT_RTOL):
+    close, agrees = res.rel_diff <= LOGIT_RTOL, agree >= MIN_TOP1_AGREEMENT
+    if not (close and agrees) and (strict or not (close or agrees)):
         raise ModelCheckError(msg)
-    if not res.rel_diff <= LOGIT_RTOL:
+    if not (close and agrees):
         log.warning("%s (accepted: not strict)", msg)
     return res
 

@@ -481,3 +481,23 @@ def test_kernel_chain_timer_runs_the_kernels_in_sequence(built) -> None:
     _path, gm, _ref = built
     t = kernel_chain_timer(gm)
     assert 0 < t(3) < 1.0
+
+
+def test_compare_logits_strict_and_lenient() -> None:
+    """Strict: both the logit gap and the top-1 agreement must hold. Not strict (random-weight
+    models): one of them suffices, both failing still raises."""
+    from ternbench.schedules.model import ModelCheckError, compare_logits
+
+    ref = np.tile(np.array([[1.0, 0.99, -1.0]]), (8, 1))
+    flipped = ref.copy()
+    flipped[0, :2] = [0.98, 1.0]  # a 2% gap flips a near tie: 7 of 8 agree
+    with pytest.raises(ModelCheckError, match="agreement 87.5%"):
+        compare_logits(flipped, ref)
+    assert compare_logits(flipped, ref, strict=False).top1_agreement == 0.875
+    drift = ref * 1.5  # 50% gap, every top-1 kept
+    with pytest.raises(ModelCheckError):
+        compare_logits(drift, ref)
+    assert compare_logits(drift, ref, strict=False).rel_diff == pytest.approx(0.5)
+    garbage = ref[:, ::-1] * 3  # far off and every top-1 wrong
+    with pytest.raises(ModelCheckError):
+        compare_logits(garbage, ref, strict=False)

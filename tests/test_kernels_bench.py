@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -258,3 +259,20 @@ def test_fgq_group_rows(tmp_path):
     with pytest.raises(ValueError, match="group axes"):
         kernels.run_kernels(tmp_path / "bad", shapes=TINY[:1], group_sizes=(4,),
                             group_axes=("channels",))
+
+
+def test_instruction_peaks(monkeypatch):
+    """Every recipe the CPU has gets a positive GMAC/s figure; those it lacks are left out; no
+    C compiler means no figures (and no error)."""
+    from ternbench.bench.kernels import peaks
+
+    flags = peaks._cpu_flags()
+    if not flags or (shutil.which("cc") or shutil.which("gcc")) is None:
+        pytest.skip("needs an x86 /proc/cpuinfo and a C compiler")
+    got = peaks.measure_peaks()
+    want = {r for r, need in peaks.RECIPES.items() if set(need) <= flags}
+    assert set(got) == want and all(v > 0 for v in got.values())
+    if {"fp32_fma", "int8_vpdpbusd"} <= set(got):  # 64 MACs per instruction vs 16 lanes
+        assert got["int8_vpdpbusd"] > 2 * got["fp32_fma"]
+    monkeypatch.setattr(peaks.shutil, "which", lambda name: None)
+    assert peaks.measure_peaks() == {}

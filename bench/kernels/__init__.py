@@ -29,7 +29,8 @@ Example:
 
 Modules (one job each; every public name is re-exported here, ``ternbench.bench.kernels.X``):
 :mod:`.shapes` (the shape suites), :mod:`.layers` (synthetic layers), :mod:`.env` (thread pools,
-bandwidth, provenance), :mod:`.impls` (the measured implementations), :mod:`.benchmark`
+bandwidth, provenance), :mod:`.peaks` (the CPU's instruction peaks per inner recipe),
+:mod:`.impls` (the measured implementations), :mod:`.benchmark`
 (:func:`run_kernels`), :mod:`.output` (CSV rows and the Markdown summary).
 """
 
@@ -40,6 +41,7 @@ from .env import configure_env, measure_bandwidth
 from .impls import loop_timer
 from .layers import ACT_MODES, synthetic_layer
 from .output import COLUMNS
+from .peaks import RECIPES, measure_peaks
 from .shapes import (
     SUITES,
     KernelShape,
@@ -63,6 +65,8 @@ __all__ = [
     "synthetic_layer",
     "configure_env",
     "measure_bandwidth",
+    "measure_peaks",
+    "RECIPES",
     "run_kernels",
     # also module attributes of the former single module, used by other modules and tests
     "bitnet_shapes",

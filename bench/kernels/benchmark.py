@@ -3,6 +3,7 @@ calibrate and time them interleaved round by round, then write the CSV and the s
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import math
@@ -16,6 +17,7 @@ from .env import _cpu_name, _git_describe, configure_env, measure_bandwidth
 from .impls import _Impl, _quiet_torch_quant, _torch_fp32_impl, _torch_int8_impl, _tvm_impl
 from .layers import ACT_MODES, synthetic_layer
 from .output import COLUMNS, _markdown, _rows
+from .peaks import measure_peaks
 from .shapes import KernelShape, select_shapes
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,15 @@ SAMPLE_S, QUICK_SAMPLE_S = 0.02, 0.002
 @dataclass(frozen=True)
 class KernelsResult:
     """Outcome of :func:`run_kernels`: the rows (a pandas DataFrame), the files, the
-    failures (``(shape, batch, impl, error)``) and the bandwidth used."""
+    failures (``(shape, batch, impl, error)``), the bandwidth used and this CPU's instruction
+    peaks (GMAC/s per recipe, :func:`.peaks.measure_peaks`; empty without a C compiler)."""
 
     frame: Any
     csv_path: Path
     md_path: Path
     failures: tuple[tuple[str, int, str, str], ...]
     bandwidth_gbs: float
+    peaks: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _calibrate(run_n: Callable[[int], float], min_s: float) -> int:
@@ -201,6 +205,10 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     bw = measure_bandwidth(quick)
     log.info("1-thread read bandwidth %.1f GB/s; %d shapes x %d batches, %d thread(s)", bw,
              len(shapes), len(batches), threads)
+    peaks = measure_peaks()
+    if peaks:
+        log.info("1-thread instruction peaks (GMAC/s): %s",
+                 ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
     prov = {"tvm_version": schedules.tvm_version() or "", "torch_version": torch.__version__,
             "cpu": f"{_cpu_name()} ({tinfo.mcpu})", "isa": tinfo.isa, "git": _git_describe()}
     rows: list[dict[str, Any]] = []
@@ -224,9 +232,10 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     csv_path, md_path = out / "kernels.csv", out / "kernels.md"
     df.to_csv(csv_path, index=False)
     meta = {"when": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "threads": threads, "bandwidth_gbs": bw, "rounds": n_rounds, **prov}
+            "threads": threads, "bandwidth_gbs": bw, "rounds": n_rounds, "peaks": peaks,
+            **prov}
     md_path.write_text(_markdown(df, meta))
     log.info("wrote %s and %s (%d rows, %d failed)", csv_path, md_path, len(df), len(failures))
     return KernelsResult(frame=df, csv_path=csv_path, md_path=md_path,
-                         failures=tuple(failures), bandwidth_gbs=bw)
+                         failures=tuple(failures), bandwidth_gbs=bw, peaks=peaks)
 

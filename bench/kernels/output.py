@@ -60,6 +60,10 @@ def _markdown(df: Any, meta: dict[str, Any]) -> str:
         f"of {meta['rounds']} interleaved rounds (µs); `xF` / `xI` = speed-up over torch fp32 "
         "/ torch int8 in the same run; roofline = minimum bytes / time / bandwidth.", "",
     ]
+    if meta.get("peaks"):
+        lines += ["1-thread instruction peaks of the kernels' inner recipes, operands in "
+                  "registers (GMAC/s; `bench/kernels/peaks.py`): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in meta["peaks"].items()) + ".", ""]
     ok = df[df["median_us"].notna()].copy()
     if not len(ok):
         return "\n".join([*lines, "No impl could be timed.", ""])
