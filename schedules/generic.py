@@ -141,12 +141,21 @@ LOCAL_IM2COL_MIN_TASKS = 16
 
 
 def im2col_per_task(sch: Any, spec: GemmSpec) -> bool:
-    """Whether a tile GEMM builds its im2col rows inside each row task (in cache, right before
+    """Whether a GEMM builds its im2col rows inside each row task (in cache, right before
     use) rather than the whole [M, Kp] matrix first: a conv with one im2col stage and at least
     :data:`LOCAL_IM2COL_MIN_TASKS` row tasks. At batch 64 the root matrix (115 MB for ResNet-18's
     64x56x56 conv) went through DRAM twice: 57.9 -> 38.7 ms on znver4."""
     return (spec.op == "conv2d" and spec.has_input_stage and not has_block(sch, "A_core")
             and -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS)
+
+
+def im2col_in_task(sch: Any, spec: GemmSpec, task: Any) -> None:
+    """Build ``A_in`` under the row-task loop ``task`` (see :func:`im2col_per_task`): its columns
+    split as at the root, ``X_pad`` parallel at the root."""
+    a_in = sch.get_sblock("A_in")
+    sch.compute_at(a_in, task)
+    _split_im2col_columns(sch, sch.get_loops(a_in)[-1], "A_in", spec)
+    schedule_padding(sch, spec)
 
 
 def fuse_epilogue(sch: Any, acc: Any, ep: Any, out: Any, g: Any, mo: Any) -> None:
@@ -170,11 +179,8 @@ def finish_tensorized(sch: Any, spec: GemmSpec, acc: Any, ep: Any, out: Any,
     if im2col_per_task(sch, spec):
         # the row task's im2col rows right before its GEMM (the row task is then the only
         # parallel loop: the channel blocks of a task reuse its rows from cache)
-        a_in = sch.get_sblock("A_in")
-        sch.compute_at(a_in, task[0])
+        im2col_in_task(sch, spec, task[0])
         sch.parallel(task[0])
-        _split_im2col_columns(sch, sch.get_loops(a_in)[-1], "A_in", spec)
-        schedule_padding(sch, spec)
     else:
         sch.parallel(sch.fuse(*task))
         schedule_input_stage(sch, spec)
@@ -243,14 +249,18 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     sch.vectorize(sch.get_loops(ep)[-1])
     if fuse_out and spec.N % spec.nb == 0:  # else predicated: cannot be vectorised
         sch.vectorize(sch.get_loops(out)[-1])
-    if tt_bits_per_task(spec):  # the row task gathers its own plane words right before its GEMM
+    # the row task builds its own input rows right before its GEMM (it is then the only
+    # parallel loop; its channel blocks reuse the rows from cache)
+    bits_local = tt_bits_per_task(spec)
+    a_local = spec.layout != "tt_planes" and im2col_per_task(sch, spec)
+    if bits_local:
         sch.compute_at(sch.get_sblock("A_bits"), mp)
-        task = mp
-    else:
-        task = sch.fuse(mp, no)
+    if a_local:
+        im2col_in_task(sch, spec, mp)
+    task = mp if bits_local or a_local else sch.fuse(mp, no)
     if decode:
         wd = sch.get_sblock("W_dec")
-        sch.compute_at(wd, red[0] if decode_per_k else task)
+        sch.compute_at(wd, red[0] if decode_per_k else (no if a_local else task))
         _wb, wk, wn = sch.get_loops(wd)[-3:]
         if decode_per_k:
             sch.unroll(wk)
@@ -260,7 +270,8 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     # parallel/vectorize check the subtree's dataflow, which decomposed reductions (blocks
     # without init) fail, so every loop annotation comes before decompose_reduction
     sch.parallel(task)
-    schedule_input_stage(sch, spec)
+    if not a_local:
+        schedule_input_stage(sch, spec)
     tt_inits = _schedule_tt_stages(sch, spec) if spec.layout == "tt_planes" else []
     for blk, loop in tt_inits:
         sch.decompose_reduction(blk, loop)  # scalar inits
