@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-__all__ = ["ActMode", "LayerExport", "WeightFormat", "act_qmax"]
+__all__ = ["ActMode", "LayerExport", "WeightFormat", "act_qmax", "ijc_permutation"]
 
 WeightFormat = Literal["ternary", "int8", "fp32"]
 ActMode = Literal["fp32", "int", "ternary"]
@@ -21,6 +21,17 @@ ActMode = Literal["fp32", "int", "ternary"]
 def act_qmax(bits: int) -> int:
     """Largest code of a symmetric ``bits``-bit activation quantizer: ``2**(bits-1) - 1``."""
     return 2 ** (bits - 1) - 1
+
+
+def ijc_permutation(in_channels: int, kernel_size: tuple[int, int]) -> np.ndarray:
+    """The (C, kh, kw) fan-in indices of a conv listed in (kh, kw, C) order.
+
+    Example:
+        >>> ijc_permutation(2, (1, 2)).tolist()
+        [0, 2, 1, 3]
+    """
+    kh, kw = kernel_size
+    return np.arange(in_channels * kh * kw).reshape(in_channels, kh, kw).transpose(1, 2, 0).ravel()
 
 
 @dataclass(frozen=True)
@@ -106,8 +117,7 @@ class LayerExport:
         """
         if self.group_order == "cij":
             return None
-        kh, kw = self.kernel_size
-        return np.arange(self.fan_in).reshape(self.in_channels, kh, kw).transpose(1, 2, 0).ravel()
+        return ijc_permutation(self.in_channels, self.kernel_size)
 
     @property
     def fan_in(self) -> int:

@@ -86,7 +86,8 @@ def integer_reference(lx: LayerExport, a: Tensor) -> Tensor:
         if g == 1:
             gs = k
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)
-    perm = torch.from_numpy(lx.group_perm()) if g > 1 and lx.group_perm() is not None else None
+    order = lx.group_perm() if g > 1 else None
+    perm = None if order is None else torch.from_numpy(order)
     if perm is not None:
         codes = codes[:, perm]  # group order (the im2col columns below are permuted alike)
     kg = g * gs

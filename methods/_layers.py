@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from ternbench.core.export import act_qmax
+from ternbench.core.export import act_qmax, ijc_permutation
 from ternbench.core.reference import quantize_activation
 from torch import Tensor, nn
 
@@ -73,7 +73,7 @@ class WeightQuantizer(nn.Module):
         c, kh, kw = self.kernel_shape
         if c * kh * kw != fan_in:
             raise ValueError(f"kernel_shape {self.kernel_shape} does not match fan-in {fan_in}")
-        return torch.arange(fan_in).reshape(c, kh, kw).permute(1, 2, 0).reshape(-1)
+        return torch.from_numpy(ijc_permutation(c, (kh, kw)))
 
     def export_group_order(self) -> Literal["cij", "ijc"]:
         """The ``LayerExport.group_order`` of this quantizer's layer."""

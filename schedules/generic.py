@@ -140,13 +140,17 @@ def _split_im2col_columns(sch: Any, k: Any, name: str, spec: GemmSpec) -> None:
 LOCAL_IM2COL_MIN_TASKS = 16
 
 
+def _enough_row_tasks(spec: GemmSpec) -> bool:
+    return -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS
+
+
 def im2col_per_task(sch: Any, spec: GemmSpec) -> bool:
     """Whether a GEMM builds its im2col rows inside each row task (in cache, right before
     use) rather than the whole [M, Kp] matrix first: a conv with one im2col stage and at least
     :data:`LOCAL_IM2COL_MIN_TASKS` row tasks. At batch 64 the root matrix (115 MB for ResNet-18's
     64x56x56 conv) went through DRAM twice: 57.9 -> 38.7 ms on znver4."""
     return (spec.op == "conv2d" and spec.has_input_stage and not has_block(sch, "A_core")
-            and -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS)
+            and _enough_row_tasks(spec))
 
 
 def im2col_in_task(sch: Any, spec: GemmSpec, task: Any) -> None:
@@ -287,7 +291,7 @@ def tt_bits_per_task(spec: GemmSpec) -> bool:
     without a weight offset (whose root ``asum`` pass reads the planes too) and at least
     :data:`LOCAL_IM2COL_MIN_TASKS` row tasks."""
     return (spec.layout == "tt_planes" and spec.pixel_bits and not spec.w_off
-            and -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS)
+            and _enough_row_tasks(spec))
 
 
 def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:

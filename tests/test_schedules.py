@@ -668,8 +668,7 @@ def test_per_task_input_stage_matches_reference(tvm_mod, label, kw, batch):
     x = torch.randn(batch, *lx.input_shape, generator=torch.Generator().manual_seed(1))
     _impl, y = run_layer(lx, x)
     ref = layer_reference(lx, x).numpy()
-    rtol = measure.INT_RTOL if lx.act_mode == "ternary" else measure.FLOAT_RTOL
-    assert np.abs(y - ref).max() <= max(rtol, measure.FLOAT_RTOL) * np.abs(ref).max()
+    assert np.abs(y - ref).max() <= measure.FLOAT_RTOL * np.abs(ref).max()
     assert np.abs(ref).max() > 1.0
 
 

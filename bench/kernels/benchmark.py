@@ -188,10 +188,11 @@ def run_kernels(out: str | Path, *, threads: int = 1, suites: str | Iterable[str
     bad_modes = [m for m in act_modes if m not in ACT_MODES]
     if bad_modes:
         raise ValueError(f"act modes must be among {ACT_MODES}, got {bad_modes}")
-    bad_axes = [a for a in group_axes if a not in ("cin_contiguous", "flat_fanin")]
+    from ternbench.methods.fgq import GROUP_ORDER
+
+    bad_axes = [a for a in group_axes if a not in GROUP_ORDER]
     if bad_axes or not group_axes:
-        raise ValueError("group axes must be among ('cin_contiguous', 'flat_fanin'), "
-                         f"got {list(group_axes)}")
+        raise ValueError(f"group axes must be among {tuple(GROUP_ORDER)}, got {list(group_axes)}")
     for note in configure_env(threads):
         log.warning(note)
     from ternbench import schedules
