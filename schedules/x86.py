@@ -41,13 +41,16 @@ from .generic import (
     schedule_gemm,
 )
 from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
+from .ops.lut import LUT_LANES
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 __all__ = [
     "rules",
+    "lut_rule",
     "schedule_t2_avx2",
+    "schedule_t2_lut",
     "schedule_t2_f32",
     "schedule_tt_popc",
     "register_avx2_intrinsic",
@@ -86,6 +89,13 @@ TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 #: convs 2-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
 TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
+#: table-lookup convs: 4 zmm of 32 int16 lanes (128 channels) x 4 pixels, 16 accumulators
+LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
+#: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
+#: 1 thread, speed over the VNNI kernel at batch 1 / 64: 64 channels 0.96 / 1.03, 128 1.10 /
+#: 1.06, 256 1.09 / 1.06, 512 1.14 / 1.18; the 7x7/2 3-channel stem 1.63 / 1.70; stride-2 3x3
+#: convs 0.81-0.94 at batch 1, 1x1 convs 0.13-0.62)
+LUT_MIN_CHANNELS = 128
 
 
 @functools.cache
@@ -370,6 +380,39 @@ def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                      **tile_kwargs(params, DENSE_DEFAULT))
 
 
+def _applies_t2_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``t2_lut`` kernel can run: one-group int8-activation ternary convs on AVX-512BW
+    (``vpermw zmm``)."""
+    if not (_is_x86(target) and target.has("avx512f") and target.has("avx512bw")):
+        return False
+    return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "int"
+            and lx.act_qmax <= 127 and int(lx.group_size) >= lx.fan_in)
+
+
+def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where it is chosen over ``vpdpbusd``: convs whose input tables are each read >= 9 times
+    (``kh * kw / (sh * sw)``: 3x3/1, 7x7/2) with >= LUT_MIN_CHANNELS inputs or a stem's <= 4
+    (one triple per tap: ``vpdpbusd`` pads its 4-byte steps). Measured: docs/kernels.md."""
+    if not _applies_t2_lut_any(lx, target):
+        return False
+    (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
+    reuse = kh * kw / (sh * sw)
+    return reuse >= 9 and (lx.in_channels >= LUT_MIN_CHANNELS or lx.in_channels <= 4)
+
+
+def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                 params: Params) -> GemmSpec:
+    kw = tile_kwargs(params, LUT_DEFAULT)
+    kw["nb"] = min(kw["nb"], -(-lx.out_channels // LUT_LANES) * LUT_LANES)
+    return plan_gemm(lx, batch, "t2_lut", **kw)
+
+
+def schedule_t2_lut(func: Any, spec: GemmSpec) -> Any:
+    """The ``t2_lut`` PrimFunc comes scheduled (:mod:`.ops.lut`)."""
+    tvm = _tvm.require_tvm()
+    return tvm.IRModule({"main": func})
+
+
 def _applies_i8_vnni(flavour: str) -> Any:
     """Dense int8 weights x int8 activations on the VNNI tile intrinsic (never AVX2's
     ``vpmaddubsw``: a u8 x s8 pair sum of full-range weights overflows int16)."""
@@ -408,9 +451,19 @@ def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],
     return (default, *[p for p in pts if p != default])
 
 
+def lut_rule(*, where_chosen: bool = True) -> Rule:
+    """The ``t2_lut`` rule; ``where_chosen=False`` applies wherever the kernel can run (the
+    kernel benchmark times it beside the VNNI kernel on every int8-activation conv)."""
+    return Rule("x86.t2_lut", "tvm_t2_lut",
+                _applies_t2_lut if where_chosen else _applies_t2_lut_any, _plan_t2_lut,
+                schedule_t2_lut, grid=_grid((128, 64), (4, 7), (1,), LUT_DEFAULT))
+
+
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
+        # AVX-512BW: deep stride-1 convs as table lookups (vpermw, 96 MACs per instruction)
+        lut_rule(),
         # VNNI CPUs: the same packing, one vpdpbusd per tile instead of three ops; AVX-512
         # tiles are 16 channels wide (zmm), AVX-VNNI's 8 (ymm)
         Rule("x86.t2_avx512vnni", "tvm_t2_vnni", _applies_vnni("avx512vnni"), _plan_t2_avx2,

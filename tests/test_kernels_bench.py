@@ -24,7 +24,7 @@ BASELINES = {"torch_fp32", "torch_int8", "tvm_fp32", "tvm_int8"}
 #: impl -> (weight format, activations) of the synthetic layer it ran
 LAYER_OF = {"tvm_fp32": ("fp32", "fp32"), "tvm_int8": ("int8", "int8"),
             "tvm_t2_avx2": ("ternary", "int8"), "tvm_t2_generic": ("ternary", "int8"),
-            "tvm_t2_vnni": ("ternary", "int8"),
+            "tvm_t2_vnni": ("ternary", "int8"), "tvm_t2_lut": ("ternary", "int8"),
             "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary")}
 
 
@@ -140,7 +140,13 @@ def test_quick_benchmark_rows(tmp_path):
     assert res.failures == ()
     df = pd.read_csv(res.csv_path)
     assert list(df.columns) == list(kernels.COLUMNS)
-    assert len(df) == len(TINY) * 6  # 4 baselines + t2 (int8 act) + tt (ternary act)
+    # 4 baselines + t2 (int8 act) + tt (ternary act); on AVX-512BW the table-lookup kernel
+    # beside t2 on the convs
+    from conftest import x86_info
+
+    lut = {"avx512f", "avx512bw"} <= x86_info().features
+    assert len(df) == len(TINY) * 6 + lut * sum(s.op == "conv2d" for s in TINY)
+    assert ("tvm_t2_lut" in set(df["impl"])) == lut
     assert df["median_us"].notna().all() and (df["median_us"] > 0).all()
     assert set(df["threads"]) == {1} and set(df["batch"]) == {2}
     assert (df["rounds"] == kernels.QUICK_ROUNDS).all()

@@ -102,6 +102,8 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
         lx = synthetic_layer(shape, "ternary", mode)
         rule = measure.select_rule(lx, tinfo)
         attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
+        for alt in _alternatives(lx, rule, tinfo):  # the other int8-act recipe, same run
+            attempt(alt.impl_for(lx), mode, "tvm", tvm_case(lx, mode, alt))
         if generic:
             g = gen["generic.t2" if mode == "int8" else "generic.tt_popc"]
             if g.name != rule.name:
@@ -124,6 +126,23 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
             name = f"{rule.impl_for(lx)}_g{gs}" + ("" if axis == "cin_contiguous" else "_flat")
             attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
     return impls
+
+
+def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
+    """The int8-activation recipe the rules did not choose, timed beside the chosen one:
+    table lookups (``tvm_t2_lut``) where the VNNI/AVX2 kernel was chosen and the kernel can
+    run, the VNNI/AVX2 kernel where the lookups were chosen (x86 only)."""
+    if tinfo.family != "x86":
+        return []
+    from ternbench.schedules import x86
+
+    lut = x86.lut_rule(where_chosen=False)
+    if chosen.name == lut.name:
+        rest = (r for r in x86.rules() if r.name != lut.name and r.applies(lx, tinfo))
+        return [r for r in (next(rest, None),) if r is not None]
+    if lx.act_mode == "int" and lut.applies(lx, tinfo):
+        return [lut]
+    return []
 
 
 def _import_tvm() -> Any:

@@ -113,11 +113,25 @@ A512 static double lut(long n) {  /* 256 MACs per step: 2 planes x (2 vpshufb, 2
   for (int i = 0; i < 8; i++) s += _mm512_reduce_add_epi32(acc[i]);
   sink = s; return n * 2.0 * 256 / t;
 }
+A512 static double permw(long n) {  /* 96 MACs per vpermw (27-entry table of 3 ternary weights) + vpaddw */
+  __m512i acc[8], ix[8]; __m512i tab = _mm512_set1_epi16(3);
+  for (int i = 0; i < 8; i++) { acc[i] = _mm512_setzero_si512(); ix[i] = _mm512_set1_epi16(i); }
+  double t = now();
+  for (long r = 0; r < n; r++) {  /* distinct indices per lookup: nothing to share */
+    _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++)
+      acc[i] = _mm512_add_epi16(acc[i], _mm512_permutexvar_epi16(ix[i], tab));
+    __asm__ volatile("" : "+v"(tab));
+  }
+  t = now() - t; long s = 0;
+  for (int i = 0; i < 8; i++) s += _mm512_reduce_add_epi32(acc[i]);
+  sink = s; return n * 8.0 * 96 / t;
+}
 typedef double (*fn)(long);
 int main(int argc, char **argv) {
   struct { const char *name; fn f; } r[] = {
     {"fp32_fma256", fma256}, {"fp32_fma512", fma512}, {"int8_vpdpbusd", vnni},
-    {"int8_vpmaddubsw", maddubs}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut}};
+    {"int8_vpmaddubsw", maddubs}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
+    {"lut_vpermw", permw}};
   for (int a = 1; a < argc; a++)
     for (unsigned i = 0; i < sizeof r / sizeof r[0]; i++)
       if (!strcmp(argv[a], r[i].name)) {

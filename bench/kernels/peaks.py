@@ -16,7 +16,10 @@ GMAC/s per recipe:
   ``vpopcntq`` and two ``vpaddq`` (512 MACs): the bound of ``tvm_tt_popc`` on AVX-512;
 * ``lut_exact``: a T-MAC style lookup step that stays exact: weights as two binary planes, groups
   of 4 int8 activations, 16-entry int16 tables split into lo/hi bytes for ``vpshufb``; per plane
-  two shuffles, two unpacks and two adds for 64 lanes x 4 activations.
+  two shuffles, two unpacks and two adds for 64 lanes x 4 activations;
+* ``lut_vpermw``: the lookup of ``tvm_t2_lut``: one ``vpermw`` (AVX512-BW: 32 int16 lanes from
+  a 32-entry table, i.e. three ternary weights' 27 sums of three int8 activations) and one
+  ``vpaddw`` per 96 MACs.
 
 Recipes whose instructions the CPU lacks are left out. Example::
 
@@ -46,6 +49,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "fgq4": ("avx512f", "avx512bw", "avx512_vnni"),
     "tt_popcount": ("avx512f", "avx512_vpopcntdq"),
     "lut_exact": ("avx512f", "avx512bw"),
+    "lut_vpermw": ("avx512f", "avx512bw"),
 }
 
 # peaks.c: each recipe is a function compiled for its own ISA (target attribute) and selected by

@@ -32,13 +32,17 @@ padding never changes the result):
   run time by the kernel itself (stage ``A_bits [M, KW, 2]``) and a group's dot product is
   ``popc(am & wm) - 2 * popc(am & wm & (as ^ ws))``. The affine terms of RTN-style offsets are
   added in the epilogue (see :func:`tt_compute`).
+* ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): int16 indices of three ternary
+  weights ``[taps, CGp, Np]`` into 27-entry tables the kernel builds per input pixel and channel
+  triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`).
 
 Nothing here imports tvm at module import time.
 
 Modules (one job each; every public name is re-exported here, ``ternbench.schedules.ops.X``):
 :mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
 description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
-definitions), :mod:`.rules` (:class:`Rule`, :class:`Kernel` and the kernel cache).
+definitions), :mod:`.lut` (the hand-scheduled ``t2_lut`` kernel), :mod:`.rules`
+(:class:`Rule`, :class:`Kernel` and the kernel cache).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from .packing import (
     group_code_sums,
     pack_dense_blocked,
     pack_i8_tiles,
+    pack_lut_idx,
     pack_planes,
     pack_t2_avx2,
     pack_t2_blocked,
@@ -79,6 +84,7 @@ __all__ = [
     "pack_t2_avx2",
     "pack_i8_tiles",
     "pack_t2_blocked",
+    "pack_lut_idx",
     "pack_dense_blocked",
     "group_code_sums",
     "layer_geometry",

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import _tvm
+from .lut import lut_compute
 from .packing import AVX2_ACT_OFFSET, TT_WORD, border_classes
 
 if TYPE_CHECKING:
@@ -118,6 +119,8 @@ def gemm_compute(spec: GemmSpec) -> Any:
     """
     if spec.layout == "tt_planes":
         return tt_compute(spec)
+    if spec.layout == "t2_lut":  # hand-scheduled TIR (a data-dependent in-register lookup)
+        return lut_compute(spec)
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     m_, kp, g_, gs, np_ = spec.M, spec.Kp, spec.G, spec.gs, spec.Np

@@ -229,6 +229,30 @@ def border_classes(spec: GemmSpec, tw: np.ndarray
 
 
 
+def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
+                 np_: int) -> np.ndarray:
+    """``t2_lut`` weight indices ``[taps, CGp, Np]`` int16 from ternary codes ``[N, K]`` in
+    (kh, kw, C) order: ``(w0 + 1) + 3 (w1 + 1) + 9 (w2 + 1)`` per tap and channel triple;
+    padding channels, triples and output channels get the all-zero index 13.
+
+    Example:
+        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1)[0, :, 0].tolist()
+        [5, 14]
+    """
+    from .lut import LUT_GROUP, LUT_ZERO_INDEX, lut_geometry_of
+
+    _check_ternary(codes)
+    n = codes.shape[0]
+    taps = kernel[0] * kernel[1]
+    cgp = lut_geometry_of(channels, taps).cgp
+    w = np.zeros((n, taps, cgp * LUT_GROUP), np.int16)
+    w[:, :, :channels] = np.asarray(codes, np.int16).reshape(n, taps, channels)
+    d = w.reshape(n, taps, cgp, LUT_GROUP) + 1
+    idx = np.full((taps, cgp, np_), LUT_ZERO_INDEX, np.int16)
+    idx[:, :, :n] = (d[..., 0] + 3 * d[..., 1] + 9 * d[..., 2]).transpose(1, 2, 0)
+    return idx
+
+
 def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     """Runtime weight arguments of a kernel, in PrimFunc order: weights (+ Cw), S, bias."""
     codes = np.asarray(lx.codes)
@@ -256,6 +280,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
                       (AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)).T)]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
+    elif spec.layout == "t2_lut":
+        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np)]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)
@@ -265,6 +291,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
     if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
+    elif spec.layout == "t2_lut":  # one group: a flat vector (the kernel loads 32 at once)
+        s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:
         bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)

@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .lut import lut_geometry_of
 from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
-                       "tt_planes"]
+                       "tt_planes", "t2_lut"]
 #: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
 INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
 
@@ -52,7 +53,7 @@ class GemmSpec:
     Np: int
     act_dtype: Literal["int8", "float32"]
     layout: WeightLayout
-    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16"]
     nb: int  # output channels per parallel task / register tile
     mb: int  # rows per register tile
     m_task: int  # register tiles per parallel task
@@ -242,7 +243,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     if g == 1 or lx.weight_format == "fp32":
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
     kg = g * gs  # >= K: a partial last group is zero-padded
-    w_dtype: Literal["uint8", "int8", "float32", "uint64"]
+    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16"]
     row_words = False
     if layout == "tt_planes":
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
@@ -267,6 +268,13 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
             raise ValueError(f"layout i8_avx2 needs int8 weights, got {lx.weight_format}")
     elif layout in ("t2_blocked", "t2_decoded"):
         kp, w_dtype = _round_up(kg, 4), "uint8"
+    elif layout == "t2_lut":
+        if lx.op != "conv2d" or g != 1 or act != "int8":
+            raise ValueError(f"layout t2_lut is for one-group int8-activation convs, got "
+                             f"{lx.op} with {g} groups, {act} activations")
+        taps = lx.kernel_size[0] * lx.kernel_size[1]
+        kp = gs = taps * lut_geometry_of(in_shape[0], taps).cgp * 3  # padded channel triples
+        w_dtype = "int16"
     else:
         kp = kg
         w_dtype = "int8" if lx.weight_format == "int8" else "float32"
@@ -274,6 +282,8 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
     m = batch * out_hw[0] * out_hw[1]
     mb, m_task = _row_tiles(m, mb_max, rows_per_task)
+    if layout == "t2_lut":  # tiles of one image's pixels (the tables are built per image)
+        mb, m_task = _row_tiles(out_hw[0] * out_hw[1], mb_max, 1)[0], 1
     # One group, or groups along the input channels of each tap (group_order "ijc"): reduce in
     # (kh, kw, C) order, so im2col copies contiguous channel runs (the weights are permuted on
     # the host). Groups over the (C, kh, kw) order must stay contiguous in K: reduce in it.

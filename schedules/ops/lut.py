@@ -1,0 +1,191 @@
+"""The ``t2_lut`` layout: an int8-activation ternary conv as table lookups (AVX-512BW ``vpermw``).
+
+T-MAC / bitnet.cpp TL style, exact: three ternary weights of one kernel tap and three input
+channels form one index ``e = (w0 + 1) + 3 (w1 + 1) + 9 (w2 + 1)`` (27 values), and each input
+pixel gets, per channel triple, a 32-entry int16 table ``T[e] = sum_j (digit_j(e) - 1) * x_j``.
+One ``vpermw`` then looks up 32 output channels' partial sums at once (96 MACs); a plain
+``vpaddw`` accumulates them. ``vpdpbusd`` does 64 MACs per instruction, and this CPU runs both at
+one per cycle (``bench/kernels/peaks.py``: ``lut_vpermw`` against ``int8_vpdpbusd``).
+
+Why per input pixel: a 3x3 conv reads every input pixel under 9 taps, so tables built on the
+input (``tab [Hp, Wp, CGp, 32]``, the padding ring all zeros) are reused 9 times and by every
+output channel; an im2col-row table would be built 9 times. Strided convs reuse them less
+(stride 2 reads each table ~2.25 times), 1x1 convs not at all.
+
+Exactness: ``|T[e]| <= 3 * 128``, so at most 85 lookups may add up in int16 before they are
+widened to int32; the reduction over (tap, channel triple) runs in chunks of at most 85 (taps
+grouped when a tap has few triples, triples split when it has many).
+
+The kernel is written as TVMScript text (one unrolled register tile, a Python-generated body):
+TE cannot express a data-dependent in-register lookup, and tensorize cannot match one. It
+keeps the common signature ``main(X, Wi, S, bias, out)``: ``X`` int8 NHWC, ``Wi [taps, CGp,
+Np]`` int16 indices (:func:`.packing.pack_lut_idx`), ``S [Np]``, ``bias [Np]``, ``out [M, N]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import _tvm
+
+if TYPE_CHECKING:
+    from .spec import GemmSpec
+
+#: LLVM's name of ``vpermw zmm`` (AVX512-BW): ``(table, index) -> table[index]`` per 16-bit lane
+VPERMW = "llvm.x86.avx512.permvar.hi.512"
+#: lanes of one table / one lookup (int16 in a zmm)
+LUT_LANES = 32
+#: weights per index (3^3 = 27 <= 32 table entries)
+LUT_GROUP = 3
+#: lookups that may add up in int16: 85 * 384 = 32640 <= 32767
+LUT_INT16_RUN = 85
+#: the weight index of three zero weights (padding channels and groups)
+LUT_ZERO_INDEX = 13
+
+
+@dataclass(frozen=True)
+class LutGeometry:
+    """How a ``t2_lut`` spec splits its reduction.
+
+    ``cg`` channel triples per tap (the last may be partial), padded to ``cgp = nc * cgc``;
+    the reduction runs over ``nt`` chunks of ``tpc`` taps x ``cgc`` triples, each at most
+    :data:`LUT_INT16_RUN` lookups long.
+
+    Example:
+        >>> lut_geometry_of(64, 9)
+        LutGeometry(cg=22, cgp=22, nc=1, cgc=22, tpc=3, nt=3)
+        >>> lut_geometry_of(512, 9)
+        LutGeometry(cg=171, cgp=171, nc=3, cgc=57, tpc=1, nt=9)
+    """
+
+    cg: int
+    cgp: int
+    nc: int
+    cgc: int
+    tpc: int
+    nt: int
+
+
+def lut_geometry_of(channels: int, taps: int) -> LutGeometry:
+    """The chunking of a conv with ``channels`` inputs and ``taps = kh * kw``."""
+    cg = -(-channels // LUT_GROUP)
+    if cg <= LUT_INT16_RUN:
+        tpc = max(d for d in range(1, taps + 1) if taps % d == 0 and d * cg <= LUT_INT16_RUN)
+        nc, cgc = 1, cg
+    else:
+        tpc = 1
+        nc = -(-cg // LUT_INT16_RUN)
+        cgc = -(-cg // nc)
+    return LutGeometry(cg=cg, cgp=nc * cgc, nc=nc, cgc=cgc, tpc=tpc, nt=taps // tpc)
+
+
+def lut_geometry(spec: GemmSpec) -> LutGeometry:
+    return lut_geometry_of(spec.in_shape[0], spec.kernel[0] * spec.kernel[1])
+
+
+def lut_source(spec: GemmSpec) -> str:
+    """TVMScript text of the ``t2_lut`` kernel for ``spec`` (see the module docstring)."""
+    if spec.op != "conv2d" or spec.layout != "t2_lut" or spec.G != 1:
+        raise ValueError(f"t2_lut is a one-group conv2d layout, got {spec.op} {spec.layout} "
+                         f"G={spec.G}")
+    geo = lut_geometry(spec)
+    c, h, w = spec.in_shape
+    kw = spec.kernel[1]
+    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    mi, mb, nv = ho * wo, spec.mb, spec.nb // LUT_LANES
+    if mi % mb or spec.nb % LUT_LANES or spec.Np % spec.nb:
+        raise ValueError(f"t2_lut tiles: mb={mb} must divide Ho*Wo={mi}, nb={spec.nb} be a "
+                         f"multiple of {LUT_LANES} dividing Np={spec.Np}")
+    hp, wp, cgp, taps = h + 2 * ph, w + 2 * pw, geo.cgp, spec.kernel[0] * kw
+    v = "T.ramp(0, 1, 32)"
+    lines = [
+        "@T.prim_func(s_tir=True)",
+        f"def main(X: T.Buffer(({spec.batch}, {h}, {w}, {c}), 'int8'),"
+        f" Wi: T.Buffer(({taps}, {cgp}, {spec.Np}), 'int16'),"
+        f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
+        f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
+        "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
+        "    with T.sblock('root'):",
+        f"        tab = T.alloc_buffer(({hp}, {wp}, {cgp}, 32), 'int16')",
+        f"        for b in range({spec.batch}):",
+        # the zero ring and the padding triples (rewritten per image: cheap, and the buffer is
+        # a per-call workspace)
+        f"            for y in T.parallel({hp}):",
+        f"                for z, g in T.grid({wp}, {cgp}):",
+        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}"
+        f" or g >= {geo.cg}:",
+        "                        for e in T.vectorized(32):",
+        "                            tab[y, z, g, e] = T.int16(0)",
+        f"            for y in T.parallel({h}):",
+        f"                for z in range({w}):",
+    ]
+    digit = ("e % 3", "e // 3 % 3", "e // 9")  # entries 27..31 are never looked up
+
+    def table(g: str, n: int) -> str:
+        terms = [f"T.Cast('int16', X[b, y, z, {g} * 3 + {j}]) * T.Cast('int16', {digit[j]} - 1)"
+                 for j in range(n)]
+        return " + ".join(terms)
+
+    full, rem = divmod(c, LUT_GROUP)
+    if full:
+        lines += [f"                    for g in range({full}):",
+                  "                        for e in T.vectorized(32):",
+                  f"                            tab[y + {ph}, z + {pw}, g, e] = {table('g', 3)}"]
+    if rem:
+        lines += ["                    for e in T.vectorized(32):",
+                  f"                        tab[y + {ph}, z + {pw}, {full}, e] = "
+                  f"{table(str(full), rem)}"]
+    # register tile: mb output pixels x nv * 32 channels; small "global" buffers stay stack
+    # allocas that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
+    tile = [(r, j) for r in range(mb) for j in range(nv)]
+    lines += [f"            for t in T.parallel({mi // mb}):",
+              "                with T.sblock('tile'):",
+              "                    T.reads()",
+              "                    T.writes()"]
+    lines += [f"                    acc_{r}_{j} = T.alloc_buffer((32,), 'int32')" for r, j in tile]
+    lines += [f"                    a16_{r}_{j} = T.alloc_buffer((32,), 'int16')" for r, j in tile]
+    lines += [f"                    iv_{j} = T.alloc_buffer((32,), 'int16')" for j in range(nv)]
+    lines += ["                    tv = T.alloc_buffer((32,), 'int16')",
+              f"                    for nk in range({spec.Np // spec.nb}):"]
+    lines += [f"                        acc_{r}_{j}[{v}] = T.broadcast(0, 32)" for r, j in tile]
+    lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
+    lines += [f"                            a16_{r}_{j}[{v}] = T.broadcast(T.int16(0), 32)"
+              for r, j in tile]
+    tap = f"tc * {geo.tpc} + i"
+    lines += [f"                            for i in range({geo.tpc}):",
+              f"                                for k in range({geo.cgc}):"]
+    ind = "                                    "
+    lines += [f"{ind}iv_{j}[{v}] = Wi[{tap}, cc * {geo.cgc} + k,"
+              f" T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)]" for j in range(nv)]
+    for r in range(mb):
+        m = f"(t * {mb} + {r})"
+        lines.append(f"{ind}tv[{v}] = tab[{m} // {wo} * {sh} + ({tap}) // {kw},"
+                     f" {m} % {wo} * {sw} + ({tap}) % {kw}, cc * {geo.cgc} + k, {v}]")
+        lines += [f"{ind}a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
+                  f"T.llvm_lookup_intrinsic_id('{VPERMW}'), tv[{v}], iv_{j}[{v}],"
+                  " dtype='int16x32')" for j in range(nv)]
+    lines += [f"                            acc_{r}_{j}[{v}] = acc_{r}_{j}[{v}]"
+              f" + T.Cast('int32x32', a16_{r}_{j}[{v}])" for r, j in tile]
+    ind = "                        "
+    for r, j in tile:
+        row, n0 = f"b * {mi} + t * {mb} + {r}", f"nk * {spec.nb} + {32 * j}"
+        if spec.N % spec.nb == 0:
+            lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, 32)] = T.Cast('float32x32', "
+                         f"acc_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, 32)]"
+                         f" + bias[T.ramp({n0}, 1, 32)]")
+        else:  # a partial last block: the padding channels are not stored
+            lines += [f"{ind}for n in range(32):",
+                      f"{ind}    if {n0} + n < {spec.N}:",
+                      f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', acc_{r}_{j}[n])"
+                      f" * S[{n0} + n] + bias[{n0} + n]"]
+    return "\n".join(lines)
+
+
+def lut_compute(spec: GemmSpec) -> Any:
+    """The ``t2_lut`` PrimFunc for ``spec`` (already scheduled: see the module docstring)."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    return tvm.script.from_source(lut_source(spec), extra_vars={"T": T}, s_tir=True)

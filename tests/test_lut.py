@@ -1,0 +1,150 @@
+"""The ``t2_lut`` table-lookup conv (AVX-512BW ``vpermw``): chunking, index packing, rule gate,
+and exactness against the integer reference (including the int16 accumulation bound)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import x86_info
+from ternbench.schedules import _tvm, measure, ops, x86
+from ternbench.schedules.ops.lut import (
+    LUT_GROUP,
+    LUT_INT16_RUN,
+    LUT_ZERO_INDEX,
+    lut_geometry_of,
+    lut_source,
+)
+from test_schedules import make_layer
+
+AVX512 = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4", is_x86=True,
+                         features=frozenset({"avx2", "avx512f", "avx512bw", "avx512vl",
+                                             "avx512dq", "avx512vnni"}))
+
+
+@pytest.mark.parametrize("taps", [1, 9, 49])
+def test_geometry_keeps_int16_runs_exact(taps):
+    for c in range(1, 700):
+        geo = lut_geometry_of(c, taps)
+        assert geo.cgp * LUT_GROUP >= c and geo.cgp == geo.nc * geo.cgc
+        assert geo.cg <= geo.cgp < geo.cg + geo.nc  # at most one padding triple per chunk
+        assert geo.tpc * geo.cgc <= LUT_INT16_RUN  # 85 lookups of |entry| <= 384 fit int16
+        assert geo.nt * geo.tpc == taps and (geo.tpc == 1 or geo.nc == 1)
+    assert LUT_INT16_RUN * 3 * 128 <= np.iinfo(np.int16).max
+
+
+def test_pack_lut_idx_decodes_to_the_codes():
+    rng = np.random.default_rng(0)
+    n, c, kh, kw = 5, 7, 3, 3
+    codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
+    idx = ops.pack_lut_idx(codes, c, (kh, kw), 8)
+    geo = lut_geometry_of(c, kh * kw)
+    assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.int16
+    digits = np.stack([idx % 3, idx // 3 % 3, idx // 9], -1) - 1  # [taps, cgp, Np, 3]
+    back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)[:, :, :c]
+    np.testing.assert_array_equal(back[:n].reshape(n, -1), codes)
+    assert (idx[:, :, n:] == LUT_ZERO_INDEX).all()  # padding channels add zero
+    assert (digits[:, :, :n].reshape(kh * kw, geo.cgp, n, 3).transpose(2, 0, 1, 3)
+            .reshape(n, kh * kw, -1)[:, :, c:] == 0).all()
+
+
+def test_rule_gate():
+    """Chosen where each input table is read >= 9 times with >= 128 or <= 4 channels; never
+    for groups (FGQ), ternary activations, stride-2 3x3 or 1x1 convs, or without AVX-512BW."""
+    def rule(**kw):
+        return measure.select_rule(make_layer("conv2d", **kw), AVX512).name
+
+    assert rule(cin=128, out=32) == "x86.t2_lut"
+    assert rule(cin=3, out=16, k=7, stride=2, pad=3, hw=(15, 15)) == "x86.t2_lut"
+    assert rule(cin=3, out=16) == "x86.t2_lut"
+    for kw in (dict(cin=64), dict(cin=128, stride=2), dict(cin=256, k=1, pad=0),
+               dict(cin=128, gs=4, order="ijc")):
+        assert rule(out=32, **kw) == "x86.t2_avx512vnni", kw
+    assert rule(cin=128, out=32, act="ternary") == "x86.tt_popc"
+    assert measure.select_rule(make_layer(cin=128), AVX512).name != "x86.t2_lut"  # linear
+    no_bw = dataclasses.replace(AVX512, features=frozenset({"avx2", "avx512f", "avx512vnni"}))
+    assert measure.select_rule(make_layer("conv2d", cin=128), no_bw).name != "x86.t2_lut"
+    assert x86.rules()[0].name == "x86.t2_lut"
+
+
+def test_plan_tiles_one_image():
+    lx = make_layer("conv2d", cin=130, out=40, hw=(7, 7))
+    spec = x86.lut_rule().plan(lx, 3, AVX512, {})
+    assert spec.layout == "t2_lut" and spec.w_dtype == "int16" and spec.k_order == "ijc"
+    assert (7 * 7) % spec.mb == 0 and spec.mb == 7  # tiles never straddle two images
+    assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks, not four
+    assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap
+    src = lut_source(spec)
+    assert "llvm.x86.avx512.permvar.hi.512" in src and "if nk * 64 + 32 + n < 40" in src
+    with pytest.raises(ValueError, match="one-group"):
+        ops.plan_gemm(make_layer("conv2d", cin=8, gs=4), 1, "t2_lut", nb=32, mb_max=4,
+                      rows_per_task=1)
+
+
+def _needs_bw() -> None:
+    pytest.importorskip("tvm")
+    if not _tvm.is_x86_host():
+        pytest.skip("not an x86 host")
+    if not {"avx512f", "avx512bw"} <= x86_info().features:
+        pytest.skip(f"t2_lut needs AVX-512BW; this target is {x86_info().isa}")
+
+
+CASES = [
+    # C % 3 == 1, N not a multiple of 32 (partial block), batch 2
+    ("c130_n40_b2", dict(cin=130, out=40, hw=(6, 6)), 2),
+    # 86 triples per tap: two int16 chunks per tap, C % 3 == 2
+    ("c257_chunks", dict(cin=257, out=64, hw=(5, 5)), 1),
+    ("stem_7x7_s2", dict(cin=3, out=32, k=7, stride=2, pad=3, hw=(15, 15)), 1),
+    # cases the rule does not choose, which the benchmark times beside the VNNI kernel
+    ("c8_s2", dict(cin=8, out=32, stride=2, hw=(9, 9)), 2),
+    ("c16_1x1_nopad", dict(cin=16, out=32, k=1, pad=0, hw=(5, 5)), 1),
+    ("c2_nopad", dict(cin=2, out=16, pad=0, hw=(6, 6)), 1),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch"), CASES, ids=[c[0] for c in CASES])
+def test_lut_kernel_matches_reference(label, kw, batch):
+    from ternbench.schedules import tuning
+
+    _needs_bw()
+    lx = make_layer("conv2d", **kw, name=label)
+    prep = tuning.prepare_rule(x86.lut_rule(where_chosen=False), lx, batch, x86_info())
+    assert prep.kernel.impl == "tvm_t2_lut" and prep.kernel.spec.layout == "t2_lut"
+    assert np.isfinite(prep.max_abs_err)  # prepare_rule raised KernelMismatchError otherwise
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("cin", [255, 256])
+def test_lut_kernel_is_exact_at_the_int16_bound(cin):
+    """Saturated activations and all-(+1) / all-(-1) weights: 85 lookups of +-381 per chunk
+    (cin 255: one chunk per tap), the most int16 may hold; cin 256 splits into 2 chunks."""
+    _needs_bw()
+    tinfo = x86_info()
+    for sign in (1, -1):
+        lx = make_layer("conv2d", cin=cin, out=32, hw=(3, 3), name=f"bound{cin}")
+        lx = dataclasses.replace(lx, codes=np.full_like(lx.codes, sign),
+                                 scales=np.ones_like(lx.scales), bias=None)
+        kern = x86.lut_rule().build(lx, 1, tinfo)
+        for level in (1e3, -1e3):
+            x = torch.full((1, cin, 3, 3), level)
+            prep = measure.prepare_kernel(kern, lx, tinfo, x)
+            a = prep.a.astype(np.int64)
+            assert abs(a).max() == lx.act_qmax
+            centre = float(a[0].sum() * sign) * lx.act_scale  # all 9 taps in the image
+            assert prep.out.numpy()[4, 0] == pytest.approx(centre, rel=1e-6)
+
+
+@pytest.mark.tvm
+def test_lut_tiles_stay_in_registers():
+    """One heap workspace (the per-image tables); the register tiles are stack buffers that
+    LLVM promotes (a "local" buffer would be a heap workspace, each lookup a store + reload)."""
+    _needs_bw()
+    kern = x86.lut_rule().build(make_layer("conv2d", cin=128, out=64, hw=(4, 4)), 1,
+                                x86_info())
+    ll = kern.module.inspect_source("ll")
+    assert ll.count("load ptr, ptr @__TVMBackendAllocWorkspace") == 1
+    asm = kern.module.inspect_source("asm")
+    assert "vpermw" in asm
