@@ -184,6 +184,32 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
+def test_table_lookup_convs_lower_and_match(data) -> None:
+    """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
+    128-channel 3x3/1 conv run the table-lookup kernel inside the one module, and the module
+    reproduces the fake-quant logits."""
+    from ternbench.schedules import _tvm
+    from ternbench.schedules.graph import build_graph
+    from ternbench.schedules.model import compare_logits
+
+    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    qm = create_method("twn", act_bits=8, first_last="same").quantize(model, ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    impls = [k.impl for k in build_graph(qm.module, qm.export(), batch=8,
+                                         input_shape=(1, 28, 28)).kernels]
+    lut = {"avx512f", "avx512bw"} <= _tvm.target_info("x86").features
+    assert impls[:2] == (["tvm_t2_lut"] * 2 if lut else impls[:2]) and len(impls) == 3
+    compare_logits(_run_in_process(qm, data), ref.numpy())
+
+
 def test_unsupported_op_is_named(data) -> None:
     from ternbench.schedules.graph import UnsupportedGraphError, build_graph
 
