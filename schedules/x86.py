@@ -90,6 +90,8 @@ TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: table-lookup convs: 4 zmm of 32 int16 lanes (128 channels) x 4 pixels, 16 accumulators
+#: (7 x 4 = 28 of the 32 zmm spilled: 512x7x7 ran 450-740 µs from run to run); a 7x7 map
+#: takes 5-pixel tiles (``plan_gemm``)
 LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
 #: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
 #: 1 thread, speed over the VNNI kernel at batch 1 / 64: 64 channels 0.96 / 1.03, 128 1.10 /
@@ -456,7 +458,7 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
     kernel benchmark times it beside the VNNI kernel on every int8-activation conv)."""
     return Rule("x86.t2_lut", "tvm_t2_lut",
                 _applies_t2_lut if where_chosen else _applies_t2_lut_any, _plan_t2_lut,
-                schedule_t2_lut, grid=_grid((128, 64), (4, 7), (1,), LUT_DEFAULT))
+                schedule_t2_lut, grid=_grid((128, 64), (4, 2), (1,), LUT_DEFAULT))
 
 
 def rules() -> list[Rule]:

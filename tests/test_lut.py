@@ -73,11 +73,14 @@ def test_plan_tiles_one_image():
     lx = make_layer("conv2d", cin=130, out=40, hw=(7, 7))
     spec = x86.lut_rule().plan(lx, 3, AVX512, {})
     assert spec.layout == "t2_lut" and spec.w_dtype == "int16" and spec.k_order == "ijc"
-    assert (7 * 7) % spec.mb == 0 and spec.mb == 7  # tiles never straddle two images
+    assert spec.mb == 5 and spec.m_task == 1  # 10 tiles per image, the last one partial
     assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks, not four
     assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap
     src = lut_source(spec)
     assert "llvm.x86.avx512.permvar.hi.512" in src and "if nk * 64 + 32 + n < 40" in src
+    assert "T.min(t * 5 + 1, 48)" in src and "if t * 5 + 4 < 49:" in src
+    assert x86.lut_rule().plan(make_layer("conv2d", cin=130, hw=(14, 14)), 1, AVX512,
+                               {}).mb == 4  # 196 = 49 x 4
     with pytest.raises(ValueError, match="one-group"):
         ops.plan_gemm(make_layer("conv2d", cin=8, gs=4), 1, "t2_lut", nb=32, mb_max=4,
                       rows_per_task=1)
@@ -97,6 +100,8 @@ CASES = [
     # 86 triples per tap: two int16 chunks per tap, C % 3 == 2
     ("c257_chunks", dict(cin=257, out=64, hw=(5, 5)), 1),
     ("stem_7x7_s2", dict(cin=3, out=32, k=7, stride=2, pad=3, hw=(15, 15)), 1),
+    # a 7x7 map: 5-pixel tiles, the last of each image partial (batch 2: the image offset)
+    ("c128_7x7_partial_tile", dict(cin=128, out=32, hw=(7, 7)), 2),
     # cases the rule does not choose, which the benchmark times beside the VNNI kernel
     ("c8_s2", dict(cin=8, out=32, stride=2, hw=(9, 9)), 2),
     ("c16_1x1_nopad", dict(cin=16, out=32, k=1, pad=0, hw=(5, 5)), 1),
@@ -113,6 +118,8 @@ def test_lut_kernel_matches_reference(label, kw, batch):
     lx = make_layer("conv2d", **kw, name=label)
     prep = tuning.prepare_rule(x86.lut_rule(where_chosen=False), lx, batch, x86_info())
     assert prep.kernel.impl == "tvm_t2_lut" and prep.kernel.spec.layout == "t2_lut"
+    if "partial" in label:
+        assert 49 % prep.kernel.spec.mb
     assert np.isfinite(prep.max_abs_err)  # prepare_rule raised KernelMismatchError otherwise
 
 

@@ -95,9 +95,10 @@ def lut_source(spec: GemmSpec) -> str:
     (sh, sw), (ph, pw) = spec.stride, spec.padding
     ho, wo = spec.out_hw
     mi, mb, nv = ho * wo, spec.mb, spec.nb // LUT_LANES
-    if mi % mb or spec.nb % LUT_LANES or spec.Np % spec.nb:
-        raise ValueError(f"t2_lut tiles: mb={mb} must divide Ho*Wo={mi}, nb={spec.nb} be a "
-                         f"multiple of {LUT_LANES} dividing Np={spec.Np}")
+    if spec.nb % LUT_LANES or spec.Np % spec.nb:
+        raise ValueError(f"t2_lut tiles: nb={spec.nb} must be a multiple of {LUT_LANES} "
+                         f"dividing Np={spec.Np}")
+    tiles = -(-mi // mb)  # a last partial tile reads its last pixel again and stores nothing
     hp, wp, cgp, taps = h + 2 * ph, w + 2 * pw, geo.cgp, spec.kernel[0] * kw
     v = "T.ramp(0, 1, 32)"
     lines = [
@@ -140,7 +141,7 @@ def lut_source(spec: GemmSpec) -> str:
     # register tile: mb output pixels x nv * 32 channels; small "global" buffers stay stack
     # allocas that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
     tile = [(r, j) for r in range(mb) for j in range(nv)]
-    lines += [f"            for t in T.parallel({mi // mb}):",
+    lines += [f"            for t in T.parallel({tiles}):",
               "                with T.sblock('tile'):",
               "                    T.reads()",
               "                    T.writes()"]
@@ -160,7 +161,7 @@ def lut_source(spec: GemmSpec) -> str:
     lines += [f"{ind}iv_{j}[{v}] = Wi[{tap}, cc * {geo.cgc} + k,"
               f" T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)]" for j in range(nv)]
     for r in range(mb):
-        m = f"(t * {mb} + {r})"
+        m = f"T.min(t * {mb} + {r}, {mi - 1})" if mi % mb else f"(t * {mb} + {r})"
         lines.append(f"{ind}tv[{v}] = tab[{m} // {wo} * {sh} + ({tap}) // {kw},"
                      f" {m} % {wo} * {sw} + ({tap}) % {kw}, cc * {geo.cgc} + k, {v}]")
         lines += [f"{ind}a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
@@ -171,6 +172,9 @@ def lut_source(spec: GemmSpec) -> str:
     ind = "                        "
     for r, j in tile:
         row, n0 = f"b * {mi} + t * {mb} + {r}", f"nk * {spec.nb} + {32 * j}"
+        if mi % mb:
+            lines.append(f"{ind}if t * {mb} + {r} < {mi}:")
+            ind += "    "
         if spec.N % spec.nb == 0:
             lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, 32)] = T.Cast('float32x32', "
                          f"acc_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, 32)]"
@@ -180,6 +184,7 @@ def lut_source(spec: GemmSpec) -> str:
                       f"{ind}    if {n0} + n < {spec.N}:",
                       f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', acc_{r}_{j}[n])"
                       f" * S[{n0} + n] + bias[{n0} + n]"]
+        ind = "                        "
     return "\n".join(lines)
 
 
