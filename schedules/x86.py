@@ -94,10 +94,10 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: takes 5-pixel tiles (``plan_gemm``)
 LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
 #: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
-#: 1 thread, speed over the VNNI kernel at batch 1 / 64: 64 channels 0.96 / 1.03, 128 1.10 /
-#: 1.06, 256 1.09 / 1.06, 512 1.14 / 1.18; the 7x7/2 3-channel stem 1.63 / 1.70; stride-2 3x3
-#: convs 0.81-0.94 at batch 1, 1x1 convs 0.13-0.62)
-LUT_MIN_CHANNELS = 128
+#: 1 thread, speed over the VNNI kernel at batch 1 / 64: 32 channels 0.92 / 0.92, 64 1.02-1.04 /
+#: 1.00-1.07, 128 1.13 / 1.12, 256 1.15 / 1.05, 512 1.16 / 1.07; the 7x7/2 3-channel stem 1.79 /
+#: 1.60; stride-2 3x3 convs 0.60-1.01, 1x1 convs 0.13-0.61: docs/kernels.md)
+LUT_MIN_CHANNELS = 64
 
 
 @functools.cache

@@ -51,7 +51,7 @@ def test_pack_lut_idx_decodes_to_the_codes():
 
 
 def test_rule_gate():
-    """Chosen where each input table is read >= 9 times with >= 128 or <= 4 channels; never
+    """Chosen where each input table is read >= 9 times with >= 64 or <= 4 channels; never
     for groups (FGQ), ternary activations, stride-2 3x3 or 1x1 convs, or without AVX-512BW."""
     def rule(**kw):
         return measure.select_rule(make_layer("conv2d", **kw), AVX512).name
@@ -59,7 +59,8 @@ def test_rule_gate():
     assert rule(cin=128, out=32) == "x86.t2_lut"
     assert rule(cin=3, out=16, k=7, stride=2, pad=3, hw=(15, 15)) == "x86.t2_lut"
     assert rule(cin=3, out=16) == "x86.t2_lut"
-    for kw in (dict(cin=64), dict(cin=128, stride=2), dict(cin=256, k=1, pad=0),
+    assert rule(cin=64, out=16) == "x86.t2_lut"
+    for kw in (dict(cin=32), dict(cin=128, stride=2), dict(cin=256, k=1, pad=0),
                dict(cin=128, gs=4, order="ijc")):
         assert rule(out=32, **kw) == "x86.t2_avx512vnni", kw
     assert rule(cin=128, out=32, act="ternary") == "x86.tt_popc"

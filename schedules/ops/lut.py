@@ -84,6 +84,22 @@ def lut_geometry(spec: GemmSpec) -> LutGeometry:
     return lut_geometry_of(spec.in_shape[0], spec.kernel[0] * spec.kernel[1])
 
 
+#: LLVM names of ``vpdpbusd zmm`` (u8 x s8, 4 per dword, accumulate) and ``vpackssdw zmm``
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+PACKSSDW = "llvm.x86.avx512.packssdw.512"
+#: 0x80808080 as int32: XOR-ing it adds 128 to each int8 (the unsigned operand of vpdpbusd)
+_XOR_128 = -0x7F7F7F80
+
+
+def _digit_of(half: str, dword: str, k: str) -> str:
+    """TVMScript for digit ``k`` (0..2; 3: the zero weight of the 4th byte) of the table entry
+    that dword ``dword`` of half ``half`` builds (entry ``8 (dword // 4) + 4 half + dword % 4``:
+    see the packssdw note in :func:`lut_source`; entries 27..31 are never looked up)."""
+    e = f"(8 * ({dword} // 4) + 4 * ({half}) + {dword} % 4)"
+    return (f"T.if_then_else({k} == 0, {e} % 3, T.if_then_else({k} == 1, {e} // 3 % 3, "
+            f"T.if_then_else({k} == 2, T.min({e} // 9, 2), 1)))")
+
+
 def lut_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``t2_lut`` kernel for ``spec`` (see the module docstring)."""
     if spec.op != "conv2d" or spec.layout != "t2_lut" or spec.G != 1:
@@ -110,6 +126,15 @@ def lut_source(spec: GemmSpec) -> str:
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
         f"        tab = T.alloc_buffer(({hp}, {wp}, {cgp}, 32), 'int16')",
+        # the table-building constants (see below): signed weights of each entry, 4 bytes per
+        # dword (the 4th zero), and -128 * their sum
+        "        wq = T.alloc_buffer((128,), 'int8')",
+        "        cq = T.alloc_buffer((32,), 'int32')",
+        "        for i in range(128):",
+        f"            wq[i] = T.Cast('int8', {_digit_of('i // 64', 'i % 64 // 4', 'i % 4')} - 1)",
+        "        for i in range(32):",
+        "            cq[i] = -128 * ("
+        + " + ".join(f"{_digit_of('i // 16', 'i % 16', str(k))} - 1" for k in range(3)) + ")",
         f"        for b in range({spec.batch}):",
         # the zero ring and the padding triples (rewritten per image: cheap, and the buffer is
         # a per-call workspace)
@@ -129,15 +154,26 @@ def lut_source(spec: GemmSpec) -> str:
                  for j in range(n)]
         return " + ".join(terms)
 
-    full, rem = divmod(c, LUT_GROUP)
-    if full:
-        lines += [f"                    for g in range({full}):",
-                  "                        for e in T.vectorized(32):",
-                  f"                            tab[y + {ph}, z + {pw}, g, e] = {table('g', 3)}"]
-    if rem:
+    # Triples whose 4-byte load stays inside the pixel (3g + 3 < C) get their table from two
+    # vpdpbusd: the 4 bytes (x0, x1, x2, next) + 128 as the unsigned operand, broadcast to 16
+    # dwords, against each entry's signed weights (w0, w1, w2, 0), starting from the constant
+    # -128 * sum(w) (the +128 cancelled exactly); packssdw interleaves the two halves per 128-bit
+    # lane, so half h, dword 4L + q holds entry 8L + 4h + q and the table is in entry order.
+    fast = (c - 1) // LUT_GROUP
+    xb = (f"T.reinterpret(T.broadcast(T.bitwise_xor(T.reinterpret(X.vload([b, y, z, g * 3], "
+          f"'int8x4'), dtype='int32'), T.int32({_XOR_128})), 16), dtype='int8x64')")
+    dp = [f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{VPDPBUSD}'), "
+          f"cq[T.ramp({16 * h}, 1, 16)], {xb}, wq[T.ramp({64 * h}, 1, 64)], dtype='int32x16')"
+          for h in (0, 1)]
+    if fast:
+        lines += [f"                    for g in range({fast}):",
+                  f"                        tab[y + {ph}, z + {pw}, g, {v}] = "
+                  f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{PACKSSDW}'), "
+                  f"{dp[0]}, {dp[1]}, dtype='int16x32')"]
+    for g in range(fast, geo.cg):  # the last triple(s): plain vector arithmetic
+        n = min(LUT_GROUP, c - LUT_GROUP * g)
         lines += ["                    for e in T.vectorized(32):",
-                  f"                        tab[y + {ph}, z + {pw}, {full}, e] = "
-                  f"{table(str(full), rem)}"]
+                  f"                        tab[y + {ph}, z + {pw}, {g}, e] = {table(str(g), n)}"]
     # register tile: mb output pixels x nv * 32 channels; small "global" buffers stay stack
     # allocas that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
     tile = [(r, j) for r in range(mb) for j in range(nv)]
