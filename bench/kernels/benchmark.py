@@ -102,7 +102,7 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
         lx = synthetic_layer(shape, "ternary", mode)
         rule = measure.select_rule(lx, tinfo)
         attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
-        for alt in _alternatives(lx, rule, tinfo):  # the other int8-act recipe, same run
+        for alt in _alternatives(lx, rule, tinfo):  # the other int8-act recipes, same run
             attempt(alt.impl_for(lx), mode, "tvm", tvm_case(lx, mode, alt))
         if generic:
             g = gen["generic.t2" if mode == "int8" else "generic.tt_popc"]
@@ -128,21 +128,26 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
     return impls
 
 
+#: the x86 int8-activation ternary rules besides the table lookups, highest ISA first
+_INT8_ACT_RULES = ("x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2")
+
+
 def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
-    """The int8-activation recipe the rules did not choose, timed beside the chosen one:
-    table lookups (``tvm_t2_lut``) where the VNNI/AVX2 kernel was chosen and the kernel can
-    run, the VNNI/AVX2 kernel where the lookups were chosen (x86 only)."""
-    if tinfo.family != "x86":
+    """Every other int8-activation ternary recipe this CPU runs, timed beside the chosen one:
+    table lookups (``tvm_t2_lut``, convs), ``vpdpbusd`` tiles (``tvm_t2_vnni``) and AVX2's
+    ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums (``tvm_t2_avx2``); x86 only."""
+    if tinfo.family != "x86" or lx.act_mode != "int":
         return []
     from ternbench.schedules import x86
 
-    lut = x86.lut_rule(where_chosen=False)
-    if chosen.name == lut.name:
-        rest = (r for r in x86.rules() if r.name != lut.name and r.applies(lx, tinfo))
-        return [r for r in (next(rest, None),) if r is not None]
-    if lx.act_mode == "int" and lut.applies(lx, tinfo):
-        return [lut]
-    return []
+    rules = [x86.lut_rule(where_chosen=False),
+             *(r for r in x86.rules() if r.name in _INT8_ACT_RULES)]
+    seen, out = {chosen.impl}, []
+    for rule in rules:
+        if rule.impl not in seen and rule.applies(lx, tinfo):
+            seen.add(rule.impl)
+            out.append(rule)
+    return out
 
 
 def _import_tvm() -> Any:
