@@ -4,8 +4,9 @@ T-MAC / bitnet.cpp TL style, exact: three ternary weights of one kernel tap and 
 channels form one index ``e = (w0 + 1) + 3 (w1 + 1) + 9 (w2 + 1)`` (27 values), and each input
 pixel gets, per channel triple, a 32-entry int16 table ``T[e] = sum_j (digit_j(e) - 1) * x_j``.
 One ``vpermw`` then looks up 32 output channels' partial sums at once (96 MACs); a plain
-``vpaddw`` accumulates them. ``vpdpbusd`` does 64 MACs per instruction, and this CPU runs both at
-one per cycle (``bench/kernels/peaks.py``: ``lut_vpermw`` against ``int8_vpdpbusd``).
+``vpaddw`` accumulates them. ``vpdpbusd`` does 64 MACs per instruction (instruction peaks on
+znver4, ``bench/kernels/peaks.py``: ``lut_vpermw`` 291 GMAC/s, ``int8_vpdpbusd`` 235). A table
+costs two ``vpdpbusd`` and a ``vpackssdw`` (see :func:`lut_source`).
 
 Why per input pixel: a 3x3 conv reads every input pixel under 9 taps, so tables built on the
 input (``tab [Hp, Wp, CGp, 32]``, the padding ring all zeros) are reused 9 times and by every
