@@ -43,11 +43,10 @@ def test_pack_lut_idx_decodes_to_the_codes():
     geo = lut_geometry_of(c, kh * kw)
     assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.int16
     digits = np.stack([idx % 3, idx // 3 % 3, idx // 9], -1) - 1  # [taps, cgp, Np, 3]
-    back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)[:, :, :c]
-    np.testing.assert_array_equal(back[:n].reshape(n, -1), codes)
-    assert (idx[:, :, n:] == LUT_ZERO_INDEX).all()  # padding channels add zero
-    assert (digits[:, :, :n].reshape(kh * kw, geo.cgp, n, 3).transpose(2, 0, 1, 3)
-            .reshape(n, kh * kw, -1)[:, :, c:] == 0).all()
+    back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)  # [Np, taps, 3 cgp]
+    np.testing.assert_array_equal(back[:n, :, :c].reshape(n, -1), codes)
+    assert (idx[:, :, n:] == LUT_ZERO_INDEX).all()  # padding output channels add zero
+    assert (back[:n, :, c:] == 0).all()  # so do the input channels padding the last triple
 
 
 def test_rule_gate():

@@ -92,13 +92,19 @@ PACKSSDW = "llvm.x86.avx512.packssdw.512"
 _XOR_128 = -0x7F7F7F80
 
 
+def _digits(e: str) -> tuple[str, str, str]:
+    """TVMScript for the three index digits ``w_j + 1`` of table entry ``e`` (entries 27..31
+    are never looked up, whatever they hold)."""
+    return f"{e} % 3", f"{e} // 3 % 3", f"{e} // 9"
+
+
 def _digit_of(half: str, dword: str, k: str) -> str:
     """TVMScript for digit ``k`` (0..2; 3: the zero weight of the 4th byte) of the table entry
     that dword ``dword`` of half ``half`` builds (entry ``8 (dword // 4) + 4 half + dword % 4``:
-    see the packssdw note in :func:`lut_source`; entries 27..31 are never looked up)."""
-    e = f"(8 * ({dword} // 4) + 4 * ({half}) + {dword} % 4)"
-    return (f"T.if_then_else({k} == 0, {e} % 3, T.if_then_else({k} == 1, {e} // 3 % 3, "
-            f"T.if_then_else({k} == 2, T.min({e} // 9, 2), 1)))")
+    see the packssdw note in :func:`lut_source`)."""
+    d0, d1, d2 = _digits(f"(8 * ({dword} // 4) + 4 * ({half}) + {dword} % 4)")
+    return (f"T.if_then_else({k} == 0, {d0}, T.if_then_else({k} == 1, {d1}, "
+            f"T.if_then_else({k} == 2, {d2}, 1)))")
 
 
 def lut_source(spec: GemmSpec) -> str:
@@ -148,7 +154,7 @@ def lut_source(spec: GemmSpec) -> str:
         f"            for y in T.parallel({h}):",
         f"                for z in range({w}):",
     ]
-    digit = ("e % 3", "e // 3 % 3", "e // 9")  # entries 27..31 are never looked up
+    digit = _digits("e")
 
     def table(g: str, n: int) -> str:
         terms = [f"T.Cast('int16', X[b, y, z, {g} * 3 + {j}]) * T.Cast('int16', {digit[j]} - 1)"

@@ -280,14 +280,14 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         w_dtype = "int8" if lx.weight_format == "int8" else "float32"
     if layout.startswith(("t2", "tt")) and lx.weight_format != "ternary":
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
-    m = batch * out_hw[0] * out_hw[1]
-    mb, m_task = _row_tiles(m, mb_max, rows_per_task)
     if layout == "t2_lut":  # tiles of one image's pixels (the tables are built per image);
         # a partial last tile rather than a divisor (7 rows x 128 channels would spill): mb_max
         # or one more row, whichever pads fewer rows (a 7x7 map: 10 tiles of 5, not 13 of 4)
         mi = out_hw[0] * out_hw[1]
         mb = min((min(c, mi) for c in (mb_max, mb_max + 1)), key=lambda c: (-(-mi // c) * c, c))
         m_task = 1
+    else:
+        mb, m_task = _row_tiles(batch * out_hw[0] * out_hw[1], mb_max, rows_per_task)
     # One group, or groups along the input channels of each tap (group_order "ijc"): reduce in
     # (kh, kw, C) order, so im2col copies contiguous channel runs (the weights are permuted on
     # the host). Groups over the (C, kh, kw) order must stay contiguous in K: reduce in it.
