@@ -126,12 +126,27 @@ A512 static double permw(long n) {  /* 96 MACs per vpermw (27-entry table of 3 t
   for (int i = 0; i < 8; i++) s += _mm512_reduce_add_epi32(acc[i]);
   sink = s; return n * 8.0 * 96 / t;
 }
+#define VBMI __attribute__((target("avx512f,avx512bw,avx512vbmi")))
+VBMI static double permi2b(long n) {  /* 256 MACs per vpermi2b (81-entry int8 table of 4 ternary
+                                       activations' sums, indexed by 4 ternary weights) + vpaddb */
+  __m512i acc[8], ix[8]; __m512i lo = _mm512_set1_epi8(3), hi = _mm512_set1_epi8(-2);
+  for (int i = 0; i < 8; i++) { acc[i] = _mm512_setzero_si512(); ix[i] = _mm512_set1_epi8(9 * i); }
+  double t = now();
+  for (long r = 0; r < n; r++) {  /* distinct indices per lookup: nothing to share */
+    _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++)
+      acc[i] = _mm512_add_epi8(acc[i], _mm512_permutex2var_epi8(lo, ix[i], hi));
+    __asm__ volatile("" : "+v"(lo), "+v"(hi));
+  }
+  t = now() - t; long s = 0;
+  for (int i = 0; i < 8; i++) s += _mm512_reduce_add_epi32(acc[i]);
+  sink = s; return n * 8.0 * 256 / t;
+}
 typedef double (*fn)(long);
 int main(int argc, char **argv) {
   struct { const char *name; fn f; } r[] = {
     {"fp32_fma256", fma256}, {"fp32_fma512", fma512}, {"int8_vpdpbusd", vnni},
     {"int8_vpmaddubsw", maddubs}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
-    {"lut_vpermw", permw}};
+    {"lut_vpermw", permw}, {"tt_vpermi2b", permi2b}};
   for (int a = 1; a < argc; a++)
     for (unsigned i = 0; i < sizeof r / sizeof r[0]; i++)
       if (!strcmp(argv[a], r[i].name)) {
