@@ -5,7 +5,7 @@ channels form one index ``e = (w0 + 1) + 3 (w1 + 1) + 9 (w2 + 1)`` (27 values), 
 pixel gets, per channel triple, a 32-entry int16 table ``T[e] = sum_j (digit_j(e) - 1) * x_j``.
 One ``vpermw`` then looks up 32 output channels' partial sums at once (96 MACs); a plain
 ``vpaddw`` accumulates them. ``vpdpbusd`` does 64 MACs per instruction (instruction peaks on
-znver4, ``bench/kernels/peaks.py``: ``lut_vpermw`` 291 GMAC/s, ``int8_vpdpbusd`` 235). A table
+znver4, ``bench/kernels/peaks.py``: ``lut_vpermw`` ~345 GMAC/s, ``int8_vpdpbusd`` 235). A table
 costs two ``vpdpbusd`` and a ``vpackssdw`` (see :func:`lut_source`).
 
 Why per input pixel: a 3x3 conv reads every input pixel under 9 taps, so tables built on the
