@@ -225,7 +225,11 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     tvm = _tvm.require_tvm()
     sch = tvm.s_tir.Schedule(func)
     acc, ep, out = (sch.get_sblock(n) for n in ("acc", "ep", "out"))
-    m, g, n, kk = sch.get_loops(acc)
+    split = spec.layout == "tt_planes" and spec.tt_split
+    if split:  # the two accumulators of an output: an unrolled loop inside the row tile
+        m, g, n, t, kk = sch.get_loops(acc)
+    else:
+        m, g, n, kk = sch.get_loops(acc)
     mp, mo, mi = sch.split(m, [None, spec.m_task, spec.mb])
     no, ni = sch.split(n, [None, spec.nb])
     red = [kk]
@@ -234,8 +238,18 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     if (spec.layout == "t2_blocked" and spec.gs % 4 == 0) or decode_per_k:
         # k % 4 becomes the unrolled loop index: constant shifts for the 2-bit decode
         red = list(sch.split(kk, [None, 4]))
-    sch.reorder(mp, no, mo, g, *red, mi, ni)
+    sch.reorder(mp, no, mo, g, *red, mi, *([t] if split else []), ni)
+    if split:
+        sch.unroll(t)
     sch.set_scope(acc, 0, TILE_SCOPE)
+    if split:  # the pair's difference, per tile at g: the pair axis unrolled outside n
+        pair_diff = sch.get_sblock("acc_pair")
+        sch.reverse_compute_at(pair_diff, g)
+        sch.set_scope(pair_diff, 0, TILE_SCOPE)
+        *_, d_n, d_t = sch.get_loops(pair_diff)
+        sch.reorder(d_t, d_n)
+        sch.unroll(d_t)
+        sch.vectorize(d_n)
     sch.reverse_compute_at(ep, g)
     # `out` moves under the row-tile loop only when `ep` is its single producer stage (a
     # second one is refused, and `asum` cannot move first since its consumer is `out`)
@@ -280,6 +294,8 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     for blk, loop in tt_inits:
         sch.decompose_reduction(blk, loop)  # scalar inits
     inits = [sch.decompose_reduction(acc, red[0]), sch.decompose_reduction(ep, g)]
+    if split:
+        inits.append(sch.decompose_reduction(pair_diff, d_t))
     for init in inits:
         sch.vectorize(sch.get_loops(init)[-1])
     return sch.mod

@@ -250,6 +250,12 @@ def test_rule_selection_is_gated_by_target_features():
     rule = measure.select_rule(tt, popc512)
     assert rule.name == "x86.tt_popc512" and rule.impl_for(tt) == "tvm_tt_popc"
     assert rule.plan(tt, 1, popc512, rule.default_params).tt_acc64
+    # the two popcount sums kept apart from 16 words per group on (x86.TT_SPLIT_MIN_WORDS)
+    for cin, words, split in ((64, 9, False), (128, 18, True)):  # 3x3 convs: 9 x cin / 64
+        lx = make_layer("conv2d", act="ternary", cin=cin, hw=(4, 4))
+        spec = rule.plan(lx, 1, popc512, rule.default_params)
+        assert (spec.gsp // 64, spec.tt_split) == (words, split)
+    assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
     # dense int8: the VNNI tile intrinsic where there is VNNI, never AVX2's vpmaddubsw (its
     # int16 pair sums overflow with full-range int8 weights)
     vnni = dataclasses.replace(popc512, features=popc512.features | {"avx512vnni"})
@@ -607,6 +613,11 @@ TT_CASES = [
                                 act_offset=0.3, w_offset=True), 2),
     ("conv1x1_s2_pix_c64", dict(op="conv2d", out=8, cin=64, k=1, pad=0, stride=2, hw=(6, 5)),
      1),
+    # >= 16 words per group: AVX-512 keeps sum popc(nz) and sum popc(neg) apart (tt_split)
+    ("conv_c128_pix_split", dict(op="conv2d", out=16, cin=128, hw=(5, 5)), 1),
+    ("conv_c128_pix_split_off", dict(op="conv2d", out=24, cin=128, hw=(5, 4), stride=2,
+                                     act_offset=0.3, w_offset=True), 2),
+    ("lin_gs1024_split", dict(op="linear", out=16, cin=2000, gs=1024), 2),
 ]
 
 

@@ -376,16 +376,32 @@ def tt_compute(spec: GemmSpec) -> Any:
 
     q = te.reduce_axis((0, q_per_g), "q")
 
-    def dot(m: Any, g: Any, n: Any) -> Any:
+    def masks(m: Any, g: Any, n: Any) -> tuple[Any, Any]:
         w = g * q_per_g + q
         nz = planes[m, w, 0] & wm[n // nb, w, n % nb]
-        neg = nz & (planes[m, w, 1] ^ ws[n // nb, w, n % nb])
+        return nz, nz & (planes[m, w, 1] ^ ws[n // nb, w, n % nb])
+
+    def dot(m: Any, g: Any, n: Any) -> Any:
+        nz, neg = masks(m, g, n)
         return te.sum(popc(nz) - (popc(neg) << 1), axis=q)
 
-    acc = te.compute((m_, g_, np_), dot, name="acc")
+    def dot_split(m: Any, g: Any, n: Any, t: Any) -> Any:
+        # t is an unrolled constant in the schedule: the select folds, the masks are shared
+        nz, neg = masks(m, g, n)
+        return te.sum(popc(tirx.Select(t == 0, nz, neg)), axis=q)
+
     s = te.placeholder((np_, g_), "float32", name="S")
     bias = te.placeholder((np_,), "float32", name="bias")
     gr = te.reduce_axis((0, g_), "g")
+    if spec.tt_split:
+        pair = te.compute((m_, g_, np_, 2), dot_split, name="acc")
+        # sum popc(nz) - 2 sum popc(neg) as a reduction over the pair (weights 1, -2), not two
+        # constant-index reads: compute_at cannot place a consumer of those under acc's loops
+        tr = te.reduce_axis((0, 2), "t")
+        acc = te.compute((m_, g_, np_), lambda m, g, n: te.sum(
+            pair[m, g, n, tr] * (1 - 3 * tr).astype(acc_t), axis=tr), name="acc_pair")
+    else:
+        acc = te.compute((m_, g_, np_), dot, name="acc")
     ep = te.compute((m_, np_), lambda m, n: te.sum(
         s[n, gr] * acc[m, gr, n].astype("float32"), axis=gr), name="ep")
     extra_args: list[Any] = []
