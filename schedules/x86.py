@@ -90,8 +90,8 @@ TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 #: AVX-512 popcount GEMMs keep ``sum popc(nz)`` and ``sum popc(neg)`` apart (``tt_split``: 6
 #: vector ops per word and lane block instead of 7) from this many 64-bit words per group: the
-#: ResNet-18 convs with 18-72 words ran 3.6-8.7% faster, those with 1-9 words 4-13% slower
-#: (the epilogue converts and scales both sums)
+#: ResNet-18 convs with 18-72 words ran 4-12% faster (batch 1 and 64), those with 1-9 words
+#: within noise (0.97-1.03x) and the 3-word 7x7 stem 9-11% slower
 TT_SPLIT_MIN_WORDS = 16
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: table-lookup convs: 4 zmm of 32 int16 lanes (128 channels) x 4 pixels, 16 accumulators
