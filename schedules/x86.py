@@ -100,9 +100,9 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
 #: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
 #: 1 thread, speed over the VNNI kernel at batch 1 / 64 in the kernels run of docs/kernels.md:
-#: 32 channels 0.93 / 0.92, 64 1.01-1.03 / 1.01-1.12, 128 1.12 / 1.09, 256 1.15 / 1.04, 512
-#: 1.12 / 1.10; the 7x7/2 3-channel stem 1.84 / 1.73; stride-2 3x3 convs 0.57-1.02, 1x1 convs
-#: 0.20-0.77)
+#: 32 channels 0.90 / 0.92, 64 1.01 / 1.01-1.11, 128 1.15 / 1.14, 256 1.15 / 1.05, 512
+#: 1.12 / 1.12; the 7x7/2 3-channel stem 1.85 / 1.72; stride-2 3x3 convs 0.57-1.07, 1x1 convs
+#: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
 
 
