@@ -210,6 +210,38 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
+@pytest.mark.parametrize("method", ["sttn", "rtn"])
+def test_split_popcount_convs_lower_and_match(method, data) -> None:
+    """Ternary activations on a 128-channel 3x3 conv (18 words per output): with VPOPCNTDQ the
+    kernel keeps the two popcount sums apart (``tt_split``) inside the one module, quantizing its
+    float input while packing (and, for RTN, with the offset terms), and the module reproduces
+    the fake-quant logits."""
+    from ternbench.schedules import _tvm
+    from ternbench.schedules.graph import build_graph
+    from ternbench.schedules.model import compare_logits
+
+    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    qm = create_method(method, first_last="same").quantize(model, ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    conv = gm.kernels[1]
+    func = gm.mod[conv.func]
+    text = func.script()
+    assert conv.impl == "tvm_tt_popc"
+    assert 'X: T.Buffer((8, 28, 28, 128), "float32")' in text  # quantized while packing
+    popc512 = {"avx512vpopcntdq", "avx512dq"} <= _tvm.target_info("x86").features
+    assert ('sblock("acc_pair_update")' in text) == popc512  # combines the two sums
+    compare_logits(_run_in_process(qm, data), ref.numpy())
+
+
 def test_unsupported_op_is_named(data) -> None:
     from ternbench.schedules.graph import UnsupportedGraphError, build_graph
 
