@@ -95,7 +95,7 @@ def measure_peaks(recipes: tuple[str, ...] | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "peaks"
         # no -funroll-loops: the loops unroll by pragma; unrolling the outer loop as well
-        # adds register copies to the lookup recipes (vpermw 290 instead of ~320 GMAC/s)
+        # adds register copies to the lookup recipes (vpermw 290 instead of 320-350 GMAC/s)
         build = subprocess.run([cc, "-O2", str(_SOURCE), "-o", str(exe)],
                                capture_output=True, text=True)
         if build.returncode != 0:

@@ -81,9 +81,10 @@ class GemmSpec:
     #: ``tt_planes``: accumulate the popcounts in int64 lanes (x86: ``vpopcntq`` results need
     #: no narrowing per word), else int32
     tt_acc64: bool = False
-    #: ``tt_planes``: two accumulators per output, ``sum popc(nz)`` and ``sum popc(neg)``,
-    #: combined once in the epilogue (``acc`` gets a last axis of 2): per word and lane block
-    #: one add each instead of add, double and subtract (x86 AVX-512: 6 vector ops, not 7)
+    #: ``tt_planes``: two accumulators per output, ``sum popc(nz)`` and ``sum popc(neg)``
+    #: (``acc`` gets a last axis of 2), combined exactly in integers once per register tile
+    #: (block ``acc_pair``): per word and lane block one add each instead of add, double and
+    #: subtract (x86 AVX-512: 6 vector ops, not 7)
     tt_split: bool = False
 
     @property
