@@ -184,13 +184,10 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
-def test_table_lookup_convs_lower_and_match(data) -> None:
-    """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
-    128-channel 3x3/1 conv run the table-lookup kernel inside the one module, and the module
-    reproduces the fake-quant logits."""
-    from ternbench.schedules import _tvm
+def _conv128(method: str, data, **kw):
+    """A 1-channel stem and a 128-channel 3x3/1 conv quantized by ``method`` (every layer,
+    ``first_last="same"``), its whole-model graph (batch 8) and its fake-quant logits."""
     from ternbench.schedules.graph import build_graph
-    from ternbench.schedules.model import compare_logits
 
     model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
@@ -199,12 +196,22 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
     x, y = data
     ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
                        progress=False)
-    qm = create_method("twn", act_bits=8, first_last="same").quantize(model, ctx)
+    qm = create_method(method, first_last="same", **kw).quantize(model, ctx)
     qm.module.eval()
     with torch.no_grad():
         ref = qm.module(x)
-    impls = [k.impl for k in build_graph(qm.module, qm.export(), batch=8,
-                                         input_shape=(1, 28, 28)).kernels]
+    return qm, build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28)), ref
+
+
+def test_table_lookup_convs_lower_and_match(data) -> None:
+    """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
+    128-channel 3x3/1 conv run the table-lookup kernel inside the one module, and the module
+    reproduces the fake-quant logits."""
+    from ternbench.schedules import _tvm
+    from ternbench.schedules.model import compare_logits
+
+    qm, gm, ref = _conv128("twn", data, act_bits=8)
+    impls = [k.impl for k in gm.kernels]
     lut = {"avx512f", "avx512bw"} <= _tvm.target_info("x86").features
     assert impls[:2] == (["tvm_t2_lut"] * 2 if lut else impls[:2]) and len(impls) == 3
     compare_logits(_run_in_process(qm, data), ref.numpy())
@@ -217,24 +224,11 @@ def test_split_popcount_convs_lower_and_match(method, data) -> None:
     float input while packing (and, for RTN, with the offset terms), and the module reproduces
     the fake-quant logits."""
     from ternbench.schedules import _tvm
-    from ternbench.schedules.graph import build_graph
     from ternbench.schedules.model import compare_logits
 
-    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
-    torch.manual_seed(0)
-    x, y = data
-    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
-                       progress=False)
-    qm = create_method(method, first_last="same").quantize(model, ctx)
-    qm.module.eval()
-    with torch.no_grad():
-        ref = qm.module(x)
-    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    qm, gm, ref = _conv128(method, data)
     conv = gm.kernels[1]
-    func = gm.mod[conv.func]
-    text = func.script()
+    text = gm.mod[conv.func].script()
     assert conv.impl == "tvm_tt_popc"
     assert 'X: T.Buffer((8, 28, 28, 128), "float32")' in text  # quantized while packing
     popc512 = {"avx512vpopcntdq", "avx512dq"} <= _tvm.target_info("x86").features
