@@ -137,7 +137,7 @@ def _parse_target(target_str: str) -> Any:
 
 #: features that x86 rules may gate on (queried once per target)
 _GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni",
-                   "avxvnni", "avx512vpopcntdq", "avx512bitalg")
+                   "avxvnni", "avx512vpopcntdq", "avx512bitalg", "avx512vbmi")
 
 #: x86 ISA levels, lowest first, with the LLVM features each one switches off on the host CPU
 #: (LLVM also drops every feature that needs a disabled one: ``-avx512f`` takes VNNI and

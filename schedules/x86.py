@@ -32,6 +32,8 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from . import _tvm
 from .generic import (
     TILE_SCOPE,
@@ -42,6 +44,7 @@ from .generic import (
 )
 from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 from .ops.lut import LUT_LANES
+from .ops.ttlut import TT_LUT_LANES
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "rules",
     "lut_rule",
+    "tt_lut_rule",
     "schedule_t2_avx2",
     "schedule_t2_lut",
     "schedule_t2_f32",
@@ -104,6 +108,13 @@ LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
 #: 1.12 / 1.12; the 7x7/2 3-channel stem 1.85 / 1.72; stride-2 3x3 convs 0.57-1.07, 1x1 convs
 #: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
+#: ternary x ternary byte-table lookups: 4 pixels x 4 zmm of 64 int8 lanes (256 channels)
+TT_LUT_DEFAULT = {"nb": 256, "mb": 4, "rows": 1}
+#: input and output channels from which they are chosen over the popcount kernel (znver4, 1
+#: thread, batch 1: 128 -> 128 3x3/1 1.00-1.09x, 256 1.14x, 512 1.13x, 3x3/2 1.14-1.19x; with
+#: 64 channels, one 64-lane vector per pixel, 0.62-0.92x); stems with <= 4 channels too (one
+#: index per tap: 7x7/2 3 -> 64 1.78x, 3x3 3 -> 16 1.17x)
+TT_LUT_MIN_CHANNELS = 128
 
 
 @functools.cache
@@ -417,7 +428,8 @@ def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
 
 
 def schedule_t2_lut(func: Any, spec: GemmSpec) -> Any:
-    """The ``t2_lut`` PrimFunc comes scheduled (:mod:`.ops.lut`)."""
+    """The ``t2_lut`` and ``tt_lut`` PrimFuncs come scheduled (:mod:`.ops.lut`,
+    :mod:`.ops.ttlut`)."""
     tvm = _tvm.require_tvm()
     return tvm.IRModule({"main": func})
 
@@ -468,6 +480,39 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
                 schedule_t2_lut, grid=_grid((128, 64), (4, 2), (1,), LUT_DEFAULT))
 
 
+def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``tt_lut`` kernel can run: one-group ternary x ternary convs without offsets on
+    AVX512-VBMI (``vpermi2b zmm``), fan-in below 2^15 (int16 sums)."""
+    if not (_is_x86(target) and target.has("avx512bw") and target.has("avx512vbmi")):
+        return False
+    w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+    return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "ternary"
+            and int(lx.group_size) >= lx.fan_in and float(lx.act_offset) == 0.0 and not w_off
+            and lx.fan_in < 2 ** 15)
+
+
+def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where it is chosen over the popcount kernel: >= TT_LUT_MIN_CHANNELS input and output
+    channels, or a stem's <= 4 inputs. Measured: docs/kernels.md."""
+    wide = min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS
+    return _applies_tt_lut_any(lx, target) and (wide or lx.in_channels <= 4)
+
+
+def _plan_tt_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                 params: Params) -> GemmSpec:
+    kw = tile_kwargs(params, TT_LUT_DEFAULT)
+    kw["nb"] = min(kw["nb"], -(-lx.out_channels // TT_LUT_LANES) * TT_LUT_LANES)
+    return plan_gemm(lx, batch, "tt_lut", **kw)
+
+
+def tt_lut_rule(*, where_chosen: bool = True) -> Rule:
+    """The ``tt_lut`` rule; ``where_chosen=False`` applies wherever the kernel can run (the
+    kernel benchmark times it beside the popcount kernel on every ternary-activation conv)."""
+    return Rule("x86.tt_lut", "tvm_tt_lut",
+                _applies_tt_lut if where_chosen else _applies_tt_lut_any, _plan_tt_lut,
+                schedule_t2_lut, grid=_grid((256, 128, 64), (4, 2), (1,), TT_LUT_DEFAULT))
+
+
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
@@ -483,6 +528,8 @@ def rules() -> list[Rule]:
                                                       T2_DEFAULT)),
         Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2,
              grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT)),
+        # AVX512-VBMI: wide ternary x ternary convs as byte-table lookups (vpermi2b, 256 MACs)
+        tt_lut_rule(),
         Rule("x86.tt_popc512", "tvm_tt_popc", _applies_tt_popc512, _plan_tt_popc512,
              schedule_tt_popc, grid=_grid((8, 16, 32), (1, 2, 4), (64, 256), TT_512_DEFAULT)),
         Rule("x86.tt_popc", "tvm_tt_popc", _applies_tt_popc, _plan_tt_popc, schedule_tt_popc,

@@ -218,21 +218,24 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
 
 
 @pytest.mark.parametrize("method", ["sttn", "rtn"])
-def test_split_popcount_convs_lower_and_match(method, data) -> None:
-    """Ternary activations on a 128-channel 3x3 conv (18 words per output): with VPOPCNTDQ the
-    kernel keeps the two popcount sums apart (``tt_split``) inside the one module, quantizing its
-    float input while packing (and, for RTN, with the offset terms), and the module reproduces
-    the fake-quant logits."""
+def test_wide_ternary_convs_lower_and_match(method, data) -> None:
+    """Ternary activations on a 128-channel 3x3 conv inside the one module, which reproduces the
+    fake-quant logits. STTN (no offsets): the byte-table lookup kernel on AVX512-VBMI, fed
+    activation codes. RTN (offsets): the popcount kernel, quantizing its float input while
+    packing; with VPOPCNTDQ it keeps the two popcount sums apart (18 words per output)."""
     from ternbench.schedules import _tvm
     from ternbench.schedules.model import compare_logits
 
     qm, gm, ref = _conv128(method, data)
     conv = gm.kernels[1]
     text = gm.mod[conv.func].script()
-    assert conv.impl == "tvm_tt_popc"
-    assert 'X: T.Buffer((8, 28, 28, 128), "float32")' in text  # quantized while packing
-    popc512 = {"avx512vpopcntdq", "avx512dq"} <= _tvm.target_info("x86").features
-    assert ('sblock("acc_pair_update")' in text) == popc512  # combines the two sums
+    feats = _tvm.target_info("x86").features
+    lut = method == "sttn" and {"avx512bw", "avx512vbmi"} <= feats
+    assert conv.impl == ("tvm_tt_lut" if lut else "tvm_tt_popc")
+    x_dtype = "int8" if lut else "float32"  # codes, or quantized while packing
+    assert f'X: T.Buffer((8, 28, 28, 128), "{x_dtype}")' in text
+    split = not lut and {"avx512vpopcntdq", "avx512dq"} <= feats
+    assert ('sblock("acc_pair_update")' in text) == split  # combines the two sums
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 

@@ -25,7 +25,8 @@ BASELINES = {"torch_fp32", "torch_int8", "tvm_fp32", "tvm_int8"}
 LAYER_OF = {"tvm_fp32": ("fp32", "fp32"), "tvm_int8": ("int8", "int8"),
             "tvm_t2_avx2": ("ternary", "int8"), "tvm_t2_generic": ("ternary", "int8"),
             "tvm_t2_vnni": ("ternary", "int8"), "tvm_t2_lut": ("ternary", "int8"),
-            "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary")}
+            "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary"),
+            "tvm_tt_lut": ("ternary", "ternary")}
 
 
 @pytest.fixture(autouse=True)
@@ -140,8 +141,9 @@ def test_quick_benchmark_rows(tmp_path):
     assert res.failures == ()
     df = pd.read_csv(res.csv_path)
     assert list(df.columns) == list(kernels.COLUMNS)
-    # 4 baselines + tt (ternary act) + every int8-act ternary recipe the CPU runs (the chosen
-    # one and the others beside it: table lookups on convs, vpdpbusd, vpmaddubsw)
+    # 4 baselines + every ternary recipe the CPU runs for each activation kind (the chosen one
+    # and the others beside it): int8 act table lookups on convs, vpdpbusd, vpmaddubsw;
+    # ternary act byte-table lookups on convs (AVX512-VBMI) and the popcount kernel
     from conftest import x86_info
 
     feats = x86_info().features
@@ -151,9 +153,13 @@ def test_quick_benchmark_rows(tmp_path):
             want.add("tvm_t2_vnni")
         if {"avx512f", "avx512bw"} <= feats and shape.op == "conv2d":
             want.add("tvm_t2_lut")
+        want_tt = {"tvm_tt_popc"} if "avx2" in feats else {"tvm_tt_popc_generic"}
+        if {"avx512bw", "avx512vbmi"} <= feats and shape.op == "conv2d":
+            want_tt.add("tvm_tt_lut")
         rows = df[df["shape"] == shape.label]
         assert set(rows.loc[rows["act_mode"] == "int8", "impl"]) - BASELINES == want
-        assert len(rows) == 5 + len(want)
+        assert set(rows.loc[rows["act_mode"] == "ternary", "impl"]) == want_tt
+        assert len(rows) == 4 + len(want_tt) + len(want)
     assert df["median_us"].notna().all() and (df["median_us"] > 0).all()
     assert set(df["threads"]) == {1} and set(df["batch"]) == {2}
     assert (df["rounds"] == kernels.QUICK_ROUNDS).all()

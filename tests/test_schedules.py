@@ -240,9 +240,9 @@ def test_rule_selection_is_gated_by_target_features():
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:7] == [
-        "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_popc512",
-        "x86.tt_popc", "x86.t2_f32"]
+    assert [r.name for r in x86.rules()][:8] == [
+        "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_lut",
+        "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
     # VPOPCNTDQ + DQ: the 512-bit rule, int64 accumulators; without them the AVX2 one
     popc512 = dataclasses.replace(info, features=frozenset(
         {"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vpopcntdq"}))
@@ -256,6 +256,22 @@ def test_rule_selection_is_gated_by_target_features():
         spec = rule.plan(lx, 1, popc512, rule.default_params)
         assert (spec.gsp // 64, spec.tt_split) == (words, split)
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
+    # AVX512-VBMI: byte-table lookups for one-group ternary convs without offsets, >= 128
+    # channels in and out or a stem's <= 4 inputs; everything else stays on the popcount
+    vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"})
+    for kw, lut in ((dict(cin=128, out=128), True), (dict(cin=3, out=16), True),
+                    (dict(cin=64, out=128), False), (dict(cin=128, out=64), False),
+                    (dict(cin=128, out=128, act_offset=0.3), False),
+                    (dict(cin=128, out=128, w_offset=True), False),
+                    (dict(cin=128, out=128, gs=64), False)):
+        lx = make_layer("conv2d", act="ternary", hw=(4, 4), **kw)
+        assert measure.select_rule(lx, vbmi).name == ("x86.tt_lut" if lut else "x86.tt_popc512")
+        assert measure.select_rule(lx, popc512).name == "x86.tt_popc512"  # no VBMI
+    assert measure.select_rule(make_layer(act="ternary", cin=256, out=256), vbmi).name \
+        == "x86.tt_popc512"  # linears: no pixel tables to share
+    wide = make_layer("conv2d", act="ternary", cin=128, out=128, hw=(4, 4))
+    spec = x86.tt_lut_rule().plan(wide, 1, vbmi, x86.TT_LUT_DEFAULT)
+    assert (spec.layout, spec.nb, spec.Np, spec.Kp) == ("tt_lut", 128, 128, 9 * 128)
     # dense int8: the VNNI tile intrinsic where there is VNNI, never AVX2's vpmaddubsw (its
     # int16 pair sums overflow with full-range int8 weights)
     vnni = dataclasses.replace(popc512, features=popc512.features | {"avx512vnni"})
@@ -378,7 +394,7 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     if impl == "t2":
         impl = expected_t2_impl(x86_info().features, lx)
     elif impl == "tt":
-        impl = expected_tt_impl(x86_info().features)
+        impl = expected_tt_impl(x86_info().features, lx)
     assert lat.impl == impl and lat.isa == x86_info().isa
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
@@ -618,6 +634,12 @@ TT_CASES = [
     ("conv_c128_pix_split_off", dict(op="conv2d", out=24, cin=128, hw=(5, 4), stride=2,
                                      act_offset=0.3, w_offset=True), 2),
     ("lin_gs1024_split", dict(op="linear", out=16, cin=2000, gs=1024), 2),
+    # AVX512-VBMI byte-table lookups (tt_lut): >= 128 channels in and out, or a stem; a partial
+    # last channel quad, a partial last 64-channel block, stride 2, a 7x7 stem
+    ("conv_c128_n128_lut", dict(op="conv2d", out=128, cin=128, hw=(5, 5)), 2),
+    ("conv_c130_n136_s2_lut", dict(op="conv2d", out=136, cin=130, hw=(7, 6), stride=2), 1),
+    ("conv_c2_k7_s2_lut", dict(op="conv2d", out=24, cin=2, hw=(11, 11), k=7, stride=2, pad=3),
+     2),
 ]
 
 
@@ -637,7 +659,7 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
         if spec.row_words:
             assert spec.Kp == 3 * spec.row_chunks * 64
     impl, y = run_layer(lx, x)
-    assert impl == expected_tt_impl(x86_info().features)
+    assert impl == expected_tt_impl(x86_info().features, lx)
     ref = layer_reference(lx, x).numpy()
     assert y.shape == ref.shape
     affine = lx.act_offset != 0.0 or lx.weight_offset is not None

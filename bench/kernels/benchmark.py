@@ -102,7 +102,7 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
         lx = synthetic_layer(shape, "ternary", mode)
         rule = measure.select_rule(lx, tinfo)
         attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
-        for alt in _alternatives(lx, rule, tinfo):  # the other int8-act recipes, same run
+        for alt in _alternatives(lx, rule, tinfo):  # the other recipes, same run
             attempt(alt.impl_for(lx), mode, "tvm", tvm_case(lx, mode, alt))
         if generic:
             g = gen["generic.t2" if mode == "int8" else "generic.tt_popc"]
@@ -130,18 +130,26 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
 
 #: the x86 int8-activation ternary rules besides the table lookups, highest ISA first
 _INT8_ACT_RULES = ("x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2")
+#: the x86 ternary-activation popcount rules, highest ISA first
+_TT_ACT_RULES = ("x86.tt_popc512", "x86.tt_popc")
 
 
 def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
-    """Every other int8-activation ternary recipe this CPU runs, timed beside the chosen one:
-    table lookups (``tvm_t2_lut``, convs), ``vpdpbusd`` tiles (``tvm_t2_vnni``) and AVX2's
-    ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums (``tvm_t2_avx2``); x86 only."""
-    if tinfo.family != "x86" or lx.act_mode != "int":
+    """Every other ternary recipe this CPU runs for the layer's activations, timed beside the
+    chosen one; x86 only. int8 activations: table lookups (``tvm_t2_lut``, convs), ``vpdpbusd``
+    tiles (``tvm_t2_vnni``) and AVX2's ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums
+    (``tvm_t2_avx2``). Ternary activations: byte-table lookups (``tvm_tt_lut``, convs) and the
+    popcount kernel (``tvm_tt_popc``)."""
+    if tinfo.family != "x86" or lx.act_mode not in ("int", "ternary"):
         return []
     from ternbench.schedules import x86
 
-    rules = [x86.lut_rule(where_chosen=False),
-             *(r for r in x86.rules() if r.name in _INT8_ACT_RULES)]
+    if lx.act_mode == "ternary":
+        rules = [x86.tt_lut_rule(where_chosen=False),
+                 *(r for r in x86.rules() if r.name in _TT_ACT_RULES)]
+    else:
+        rules = [x86.lut_rule(where_chosen=False),
+                 *(r for r in x86.rules() if r.name in _INT8_ACT_RULES)]
     seen, out = {chosen.impl}, []
     for rule in rules:
         if rule.impl not in seen and rule.applies(lx, tinfo):

@@ -12,6 +12,7 @@ import numpy as np
 from .. import _tvm
 from .lut import lut_compute
 from .packing import AVX2_ACT_OFFSET, TT_WORD, border_classes
+from .ttlut import ttlut_compute
 
 if TYPE_CHECKING:
     from .spec import GemmSpec
@@ -121,6 +122,8 @@ def gemm_compute(spec: GemmSpec) -> Any:
         return tt_compute(spec)
     if spec.layout == "t2_lut":  # hand-scheduled TIR (a data-dependent in-register lookup)
         return lut_compute(spec)
+    if spec.layout == "tt_lut":
+        return ttlut_compute(spec)
     tvm = _tvm.require_tvm()
     te, tirx = tvm.te, tvm.tirx
     m_, kp, g_, gs, np_ = spec.M, spec.Kp, spec.G, spec.gs, spec.Np

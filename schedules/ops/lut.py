@@ -68,15 +68,17 @@ class LutGeometry:
     nt: int
 
 
-def lut_geometry_of(channels: int, taps: int) -> LutGeometry:
-    """The chunking of a conv with ``channels`` inputs and ``taps = kh * kw``."""
-    cg = -(-channels // LUT_GROUP)
-    if cg <= LUT_INT16_RUN:
-        tpc = max(d for d in range(1, taps + 1) if taps % d == 0 and d * cg <= LUT_INT16_RUN)
+def lut_geometry_of(channels: int, taps: int, group: int = LUT_GROUP,
+                    run: int = LUT_INT16_RUN) -> LutGeometry:
+    """The chunking of a conv with ``channels`` inputs and ``taps = kh * kw``: groups of
+    ``group`` channels, at most ``run`` lookups per chunk (``tt_lut``: 4 and 31)."""
+    cg = -(-channels // group)
+    if cg <= run:
+        tpc = max(d for d in range(1, taps + 1) if taps % d == 0 and d * cg <= run)
         nc, cgc = 1, cg
     else:
         tpc = 1
-        nc = -(-cg // LUT_INT16_RUN)
+        nc = -(-cg // run)
         cgc = -(-cg // nc)
     return LutGeometry(cg=cg, cgp=nc * cgc, nc=nc, cgc=cgc, tpc=tpc, nt=taps // tpc)
 

@@ -230,26 +230,34 @@ def border_classes(spec: GemmSpec, tw: np.ndarray
 
 
 def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
-                 np_: int) -> np.ndarray:
-    """``t2_lut`` weight indices ``[taps, CGp, Np]`` int16 from ternary codes ``[N, K]`` in
-    (kh, kw, C) order: ``(w0 + 1) + 3 (w1 + 1) + 9 (w2 + 1)`` per tap and channel triple;
-    padding channels, triples and output channels get the all-zero index 13.
+                 np_: int, *, group: int = 3) -> np.ndarray:
+    """Table-lookup weight indices ``[taps, CGp, Np]`` from ternary codes ``[N, K]`` in
+    (kh, kw, C) order: ``sum_j 3^j (w_j + 1)`` per tap and group of ``group`` channels; padding
+    channels, groups and output channels get the all-zero index ``(3^group - 1) / 2``.
+    ``group=3``: ``t2_lut`` (int16, 27 indices); ``group=4``: ``tt_lut`` (int8, 81).
 
     Example:
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1)[0, :, 0].tolist()
         [5, 14]
+        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1, group=4)[0, :, 0].tolist()
+        [32]
     """
-    from .lut import LUT_GROUP, LUT_ZERO_INDEX, lut_geometry_of
+    from .lut import lut_geometry_of
+    from .ttlut import TT_LUT_GROUP, TT_LUT_RUN
 
     _check_ternary(codes)
     n = codes.shape[0]
     taps = kernel[0] * kernel[1]
-    cgp = lut_geometry_of(channels, taps).cgp
-    w = np.zeros((n, taps, cgp * LUT_GROUP), np.int16)
+    dtype: type[np.integer] = np.int8 if group == TT_LUT_GROUP else np.int16
+    if group == TT_LUT_GROUP:
+        cgp = lut_geometry_of(channels, taps, group, TT_LUT_RUN).cgp
+    else:
+        cgp = lut_geometry_of(channels, taps).cgp
+    w = np.zeros((n, taps, cgp * group), np.int16)
     w[:, :, :channels] = np.asarray(codes, np.int16).reshape(n, taps, channels)
-    d = w.reshape(n, taps, cgp, LUT_GROUP) + 1
-    idx = np.full((taps, cgp, np_), LUT_ZERO_INDEX, np.int16)
-    idx[:, :, :n] = (d[..., 0] + 3 * d[..., 1] + 9 * d[..., 2]).transpose(1, 2, 0)
+    d = w.reshape(n, taps, cgp, group) + 1
+    idx = np.full((taps, cgp, np_), (3 ** group - 1) // 2, dtype)
+    idx[:, :, :n] = (d * 3 ** np.arange(group)).sum(-1).transpose(1, 2, 0)
     return idx
 
 
@@ -282,6 +290,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
     elif spec.layout == "t2_lut":
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np)]
+    elif spec.layout == "tt_lut":
+        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np, group=4)]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)
@@ -291,7 +301,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
     if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
-    elif spec.layout == "t2_lut":  # one group: a flat vector (the kernel loads 32 at once)
+    elif spec.layout in ("t2_lut", "tt_lut"):  # one group: a flat vector (vector loads)
         s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:

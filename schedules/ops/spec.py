@@ -12,12 +12,13 @@ import numpy as np
 
 from .lut import lut_geometry_of
 from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
+from .ttlut import TT_LUT_GROUP, TT_LUT_RUN
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
-                       "tt_planes", "t2_lut"]
+                       "tt_planes", "t2_lut", "tt_lut"]
 #: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
 INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
 
@@ -243,7 +244,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     g, gs = _groups(lx)
     act = _act_dtype(lx)
     k, n = lx.fan_in, lx.out_channels
-    if (layout == "tt_planes") != (lx.act_mode == "ternary"):
+    if (layout in ("tt_planes", "tt_lut")) != (lx.act_mode == "ternary"):
         raise ValueError(f"layout {layout} does not fit act_mode {lx.act_mode!r}")
     if g == 1 or lx.weight_format == "fp32":
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
@@ -280,12 +281,22 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         taps = lx.kernel_size[0] * lx.kernel_size[1]
         kp = gs = taps * lut_geometry_of(in_shape[0], taps).cgp * 3  # padded channel triples
         w_dtype = "int16"
+    elif layout == "tt_lut":
+        a_off = float(lx.act_offset) != 0.0
+        w_off_ = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+        if lx.op != "conv2d" or g != 1 or a_off or w_off_:
+            raise ValueError(f"layout tt_lut is for one-group ternary convs without offsets, "
+                             f"got {lx.op} with {g} groups, act offset {lx.act_offset}, "
+                             f"weight offsets {w_off_}")
+        taps = lx.kernel_size[0] * lx.kernel_size[1]
+        kp = gs = taps * lut_geometry_of(in_shape[0], taps, TT_LUT_GROUP, TT_LUT_RUN).cgp * 4
+        w_dtype = "int8"
     else:
         kp = kg
         w_dtype = "int8" if lx.weight_format == "int8" else "float32"
     if layout.startswith(("t2", "tt")) and lx.weight_format != "ternary":
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
-    if layout == "t2_lut":  # tiles of one image's pixels (the tables are built per image);
+    if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image);
         # a partial last tile rather than a divisor (7 rows x 128 channels would spill): mb_max
         # or one more row, whichever pads fewer rows (a 7x7 map: 10 tiles of 5, not 13 of 4)
         mi = out_hw[0] * out_hw[1]

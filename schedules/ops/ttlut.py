@@ -1,0 +1,159 @@
+"""The ``tt_lut`` layout: a ternary x ternary conv as byte-table lookups (AVX512-VBMI ``vpermi2b``).
+
+Four ternary activations of one pixel have 81 codes ``a = sum_i 3^i (x_i + 1)``, four ternary
+weights of one tap 81 indices ``e`` (:func:`.packing.pack_lut_idx` with ``group=4``). The table
+``TT[a, e] = sum_i (digit_i(a) - 1) (digit_i(e) - 1)`` therefore depends on the activations' code
+only: the kernel builds the whole 81 x 128 int8 table once per call (10 KB, stays in L1) and
+each input pixel keeps just its codes. One ``vpermi2b`` reads 64 output channels' partial sums
+from the code's 128-byte row held in two registers (256 MACs; the ``tt_vpermi2b`` peak, 872
+GMAC/s on znver4, against the popcount step's 576); a ``vpaddb`` accumulates them.
+
+Exactness: ``|TT| <= 4``, so runs of at most :data:`TT_LUT_RUN` (31) lookups add up in int8,
+then widen to int16; the whole sum is at most the fan-in, so the gate keeps ``K < 32768``.
+
+Why codes, not per-pixel tables: copying each pixel's table row out of ``TT`` (128 bytes per 4
+channels, 64 times the bit-planes) made the kernel read its tables from L2/L3, and it ran at
+320-443 GMAC/s; loading the row through the code keeps every table read in L1 (542-630 GMAC/s on
+the ResNet-18 convs with >= 128 channels). With 64 channels (one 64-lane vector per pixel) it
+loses to the popcount kernel, which is why the rule asks for >= 128 input and output channels.
+
+Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile of
+``mb`` pixels x ``nb / 64`` vectors) with the common signature ``main(X, Wi, S, bias, out)``:
+``X`` int8 NHWC activation codes, ``Wi [taps, CGp, Np]`` int8 indices, ``S``/``bias [Np]``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .. import _tvm
+
+if TYPE_CHECKING:
+    from .spec import GemmSpec
+
+#: LLVM's name of ``vpermi2b zmm`` (AVX512-VBMI): ``(table lo, index, table hi) -> bytes``
+VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"
+#: ternary weights (and activations) per index / code: 3^4 = 81 <= 128 table bytes
+TT_LUT_GROUP = 4
+#: lookups that may add up in int8: 31 * 4 = 124 <= 127
+TT_LUT_RUN = 31
+#: the code (and index) of four zeros: padding pixels, channels and output channels
+TT_LUT_ZERO = 40
+#: output channels per lookup (int8 lanes of a zmm)
+TT_LUT_LANES = 64
+
+
+def ttlut_geometry(spec: GemmSpec) -> Any:
+    from .lut import lut_geometry_of
+
+    return lut_geometry_of(spec.in_shape[0], spec.kernel[0] * spec.kernel[1], TT_LUT_GROUP,
+                           TT_LUT_RUN)
+
+
+def _digit(v: str, i: int) -> str:
+    return f"({v} // {3 ** i} % 3 - 1)"
+
+
+def ttlut_source(spec: GemmSpec) -> str:
+    """TVMScript text of the ``tt_lut`` kernel for ``spec`` (see the module docstring)."""
+    if spec.op != "conv2d" or spec.layout != "tt_lut" or spec.G != 1:
+        raise ValueError(f"tt_lut is a one-group conv2d layout, got {spec.op} {spec.layout} "
+                         f"G={spec.G}")
+    geo = ttlut_geometry(spec)
+    c, h, w = spec.in_shape
+    kw = spec.kernel[1]
+    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    ho, wo = spec.out_hw
+    mi, mb, nv = ho * wo, spec.mb, spec.nb // TT_LUT_LANES
+    if spec.nb % TT_LUT_LANES or spec.Np % spec.nb:
+        raise ValueError(f"tt_lut tiles: nb={spec.nb} must be a multiple of {TT_LUT_LANES} "
+                         f"dividing Np={spec.Np}")
+    tiles = -(-mi // mb)  # a last partial tile reads its last pixel again and stores nothing
+    hp, wp, cgp, taps = h + 2 * ph, w + 2 * pw, geo.cgp, spec.kernel[0] * kw
+    v = f"T.ramp(0, 1, {TT_LUT_LANES})"
+    code = " + ".join(
+        f"{3 ** i} * T.if_then_else(g * 4 + {i} < {c}, "
+        f"T.Cast('int32', X[b, y, z, T.min(g * 4 + {i}, {c - 1})]) + 1, 1)" for i in range(4))
+    lines = [
+        "@T.prim_func(s_tir=True)",
+        f"def main(X: T.Buffer(({spec.batch}, {h}, {w}, {c}), 'int8'),"
+        f" Wi: T.Buffer(({taps}, {cgp}, {spec.Np}), 'int8'),"
+        f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
+        f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
+        "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
+        "    with T.sblock('root'):",
+        "        TT = T.alloc_buffer((81, 128), 'int8')",
+        f"        codes = T.alloc_buffer(({hp}, {wp}, {cgp}), 'int32')",
+        "        for a in range(81):",  # bytes 81..127 are never looked up: zeros
+        "            for e in T.vectorized(128):",
+        "                TT[a, e] = T.Cast('int8', T.if_then_else(e < 81, "
+        + " + ".join(f"{_digit('a', i)} * {_digit('e', i)}" for i in range(4)) + ", 0))",
+        f"        for b in range({spec.batch}):",
+        f"            for y in T.parallel({hp}):",  # the padding ring and groups: all zeros
+        f"                for z, g in T.grid({wp}, {cgp}):",
+        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}"
+        f" or g >= {geo.cg}:",
+        f"                        codes[y, z, g] = {TT_LUT_ZERO}",
+        f"            for y in T.parallel({h}):",
+        f"                for z, g in T.grid({w}, {geo.cg}):",
+        f"                    codes[y + {ph}, z + {pw}, g] = {code}",
+    ]
+    # register tile: mb pixels x nv * 64 channels; small "global" buffers stay stack allocas
+    # that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
+    tile = [(r, j) for r in range(mb) for j in range(nv)]
+    lines += [f"            for t in T.parallel({tiles}):",
+              "                with T.sblock('tile'):",
+              "                    T.reads()",
+              "                    T.writes()"]
+    lines += [f"                    a16_{r}_{j} = T.alloc_buffer((64,), 'int16')" for r, j in tile]
+    lines += [f"                    a8_{r}_{j} = T.alloc_buffer((64,), 'int8')" for r, j in tile]
+    lines += [f"                    iv_{j} = T.alloc_buffer((64,), 'int8')" for j in range(nv)]
+    lines += ["                    ta = T.alloc_buffer((64,), 'int8')",
+              "                    tb = T.alloc_buffer((64,), 'int8')",
+              f"                    for nk in range({spec.Np // spec.nb}):"]
+    lines += [f"                        a16_{r}_{j}[{v}] = T.broadcast(T.int16(0), 64)"
+              for r, j in tile]
+    lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
+    lines += [f"                            a8_{r}_{j}[{v}] = T.broadcast(T.int8(0), 64)"
+              for r, j in tile]
+    tap = f"tc * {geo.tpc} + i"
+    lines += [f"                            for i in range({geo.tpc}):",
+              f"                                for k in range({geo.cgc}):"]
+    ind = "                                    "
+    lines += [f"{ind}iv_{j}[{v}] = Wi[{tap}, cc * {geo.cgc} + k,"
+              f" T.ramp(nk * {spec.nb} + {64 * j}, 1, 64)]" for j in range(nv)]
+    for r in range(mb):
+        m = f"T.min(t * {mb} + {r}, {mi - 1})" if mi % mb else f"(t * {mb} + {r})"
+        row = (f"codes[{m} // {wo} * {sh} + ({tap}) // {kw}, {m} % {wo} * {sw} + ({tap}) % {kw},"
+               f" cc * {geo.cgc} + k]")
+        lines += [f"{ind}ta[{v}] = TT[{row}, T.ramp(0, 1, 64)]",
+                  f"{ind}tb[{v}] = TT[{row}, T.ramp(64, 1, 64)]"]
+        lines += [f"{ind}a8_{r}_{j}[{v}] = a8_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
+                  f"T.llvm_lookup_intrinsic_id('{VPERMI2B}'), ta[{v}], iv_{j}[{v}], tb[{v}],"
+                  " dtype='int8x64')" for j in range(nv)]
+    lines += [f"                            a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}]"
+              f" + T.Cast('int16x64', a8_{r}_{j}[{v}])" for r, j in tile]
+    for r, j in tile:
+        ind = "                        "
+        row, n0 = f"b * {mi} + t * {mb} + {r}", f"nk * {spec.nb} + {64 * j}"
+        if mi % mb:
+            lines.append(f"{ind}if t * {mb} + {r} < {mi}:")
+            ind += "    "
+        if spec.N % spec.nb == 0:
+            lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, 64)] = T.Cast('float32x64', "
+                         f"a16_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, 64)]"
+                         f" + bias[T.ramp({n0}, 1, 64)]")
+        else:  # a partial last block: the padding channels are not stored
+            lines += [f"{ind}for n in range(64):",
+                      f"{ind}    if {n0} + n < {spec.N}:",
+                      f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', a16_{r}_{j}[n])"
+                      f" * S[{n0} + n] + bias[{n0} + n]"]
+    return "\n".join(lines)
+
+
+def ttlut_compute(spec: GemmSpec) -> Any:
+    """The ``tt_lut`` PrimFunc for ``spec`` (already scheduled: see the module docstring)."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    return tvm.script.from_source(ttlut_source(spec), extra_vars={"T": T}, s_tir=True)

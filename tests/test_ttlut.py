@@ -1,0 +1,86 @@
+"""The ``tt_lut`` byte-table lookup conv (AVX512-VBMI ``vpermi2b``, ternary x ternary): chunking,
+index packing, the table, and exactness against the integer reference at the int8 run bound.
+(Reference cases on every path and the rule gate are in ``test_schedules.py``.)"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import x86_info
+from ternbench.schedules import _tvm, measure, ops, x86
+from ternbench.schedules.ops.lut import lut_geometry_of
+from ternbench.schedules.ops.ttlut import TT_LUT_GROUP, TT_LUT_RUN, TT_LUT_ZERO
+from test_schedules import make_layer
+
+
+def _needs_vbmi() -> None:
+    pytest.importorskip("tvm")
+    if not _tvm.is_x86_host():
+        pytest.skip("not an x86 host")
+    if not {"avx512bw", "avx512vbmi"} <= x86_info().features:
+        pytest.skip(f"tt_lut needs AVX512-VBMI; this target is {x86_info().isa}")
+
+
+@pytest.mark.parametrize("taps", [1, 9, 49])
+def test_geometry_keeps_int8_runs_exact(taps):
+    for c in range(1, 700):
+        geo = lut_geometry_of(c, taps, TT_LUT_GROUP, TT_LUT_RUN)
+        assert geo.cgp * TT_LUT_GROUP >= c and geo.cgp == geo.nc * geo.cgc
+        assert geo.tpc * geo.cgc <= TT_LUT_RUN  # 31 lookups of |entry| <= 4 fit int8
+        assert geo.nt * geo.tpc == taps and (geo.tpc == 1 or geo.nc == 1)
+    assert TT_LUT_RUN * TT_LUT_GROUP <= np.iinfo(np.int8).max
+
+
+def test_pack_quads_decode_to_the_codes():
+    rng = np.random.default_rng(0)
+    n, c, kh, kw = 5, 7, 3, 3
+    codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
+    idx = ops.pack_lut_idx(codes, c, (kh, kw), 64, group=4)
+    geo = lut_geometry_of(c, kh * kw, TT_LUT_GROUP, TT_LUT_RUN)
+    assert idx.shape == (kh * kw, geo.cgp, 64) and idx.dtype == np.int8
+    i = idx.astype(np.int64)
+    digits = np.stack([i % 3, i // 3 % 3, i // 9 % 3, i // 27], -1) - 1  # [taps, cgp, Np, 4]
+    back = digits.transpose(2, 0, 1, 3).reshape(64, kh * kw, geo.cgp * 4)
+    np.testing.assert_array_equal(back[:n, :, :c].reshape(n, -1), codes)
+    assert (idx[:, :, n:] == TT_LUT_ZERO).all()  # padding output channels add zero
+    assert (back[:n, :, c:] == 0).all()  # so do the input channels padding the last quad
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("cin", [124, 128])
+def test_ttlut_kernel_is_exact_at_the_int8_bound(cin):
+    """All activations +1 or -1 and all weights +1 or -1: every lookup is +-4, 31 per run
+    (cin 124: exactly one run per tap; cin 128: two), the most int8 holds; the sums (up to
+    9 x 128) are widened to int16 per run."""
+    _needs_vbmi()
+    tinfo = x86_info()
+    for sign in (1, -1):
+        lx = make_layer("conv2d", cin=cin, out=128, hw=(3, 3), act="ternary",
+                        name=f"bound{cin}")
+        lx = dataclasses.replace(lx, codes=np.full_like(lx.codes, sign),
+                                 scales=np.ones_like(lx.scales), bias=None)
+        kern = x86.tt_lut_rule().build(lx, 1, tinfo)
+        assert kern.spec.layout == "tt_lut"
+        for level in (1e3, -1e3):
+            x = torch.full((1, cin, 3, 3), level)
+            prep = measure.prepare_kernel(kern, lx, tinfo, x)
+            centre = float(prep.a[0].astype(np.int64).sum() * sign) * lx.act_scale
+            assert abs(prep.a).min() == 1  # every activation saturated
+            assert prep.out.numpy()[4, 0] == pytest.approx(centre, rel=1e-6)
+
+
+@pytest.mark.tvm
+def test_ttlut_kernel_looks_up_with_vpermi2b():
+    """The lookups are vpermi2b / vpermt2b on zmm (the same instruction with the operands
+    swapped), and the register tile stays in registers: two heap workspaces only (the 81 x 128
+    table and the per-pixel codes)."""
+    _needs_vbmi()
+    kern = x86.tt_lut_rule().build(
+        make_layer("conv2d", cin=128, out=128, hw=(4, 4), act="ternary"), 1, x86_info())
+    asm = kern.module.inspect_source("asm")
+    assert "vpermi2b\t%zmm" in asm or "vpermt2b\t%zmm" in asm
+    ll = kern.module.inspect_source("ll")
+    assert ll.count("load ptr, ptr @__TVMBackendAllocWorkspace") == 2
