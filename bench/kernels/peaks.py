@@ -20,11 +20,10 @@ GMAC/s per recipe:
 * ``lut_vpermw``: the lookup of ``tvm_t2_lut``: one ``vpermw`` (AVX512-BW: 32 int16 lanes from
   a 32-entry table, i.e. three ternary weights' 27 sums of three int8 activations) and one
   ``vpaddw`` per 96 MACs;
-* ``tt_vpermi2b``: a ternary x ternary lookup no kernel uses yet: one ``vpermi2b`` (AVX512-VBMI:
+* ``tt_vpermi2b``: the lookup of ``tvm_tt_lut`` (ternary x ternary): one ``vpermi2b`` (AVX512-VBMI:
   64 int8 lanes from a 128-entry table held in two registers, i.e. four ternary weights' 81 sums
   of four ternary activations, a table that depends only on the activations' code) and one
-  ``vpaddb`` per 256 MACs. It bounds a lookup kernel for ternary activations, as
-  ``tt_popcount`` bounds the popcount one.
+  ``vpaddb`` per 256 MACs.
 
 Recipes whose instructions the CPU lacks are left out. Example::
 

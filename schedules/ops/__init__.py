@@ -35,13 +35,18 @@ padding never changes the result):
 * ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): int16 indices of three ternary
   weights ``[taps, CGp, Np]`` into 27-entry tables the kernel builds per input pixel and channel
   triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`).
+* ``tt_lut`` (ternary activations *and* weights, one group, convs without offsets;
+  AVX512-VBMI): int8 indices of four ternary weights ``[taps, CGp, Np]`` into the 128-byte row
+  of an 81 x 128 table that the activations' code of each pixel and channel quad selects,
+  looked up 64 channels at a time with ``vpermi2b`` (:mod:`.ttlut`).
 
 Nothing here imports tvm at module import time.
 
 Modules (one job each; every public name is re-exported here, ``ternbench.schedules.ops.X``):
 :mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
 description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
-definitions), :mod:`.lut` (the hand-scheduled ``t2_lut`` kernel), :mod:`.rules`
+definitions), :mod:`.lut` and :mod:`.ttlut` (the hand-scheduled ``t2_lut`` and ``tt_lut``
+kernels), :mod:`.rules`
 (:class:`Rule`, :class:`Kernel` and the kernel cache).
 """
 
