@@ -109,31 +109,148 @@ def _digit_of(half: str, dword: str, k: str) -> str:
             f"T.if_then_else({k} == 2, {d2}, 1)))")
 
 
-def lut_source(spec: GemmSpec) -> str:
-    """TVMScript text of the ``t2_lut`` kernel for ``spec`` (see the module docstring)."""
-    if spec.op != "conv2d" or spec.layout != "t2_lut" or spec.G != 1:
-        raise ValueError(f"t2_lut is a one-group conv2d layout, got {spec.op} {spec.layout} "
+@dataclass(frozen=True)
+class ConvFrame:
+    """What a table-lookup kernel generator needs of its conv spec: sizes of the padded input,
+    the output map ``mi = ho * wo`` in ``tiles`` tiles of ``mb`` pixels, ``nv`` vectors of
+    ``lanes`` channels per tile."""
+
+    c: int
+    h: int
+    w: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    wo: int
+    mi: int
+    mb: int
+    nv: int
+    lanes: int
+    tiles: int
+    hp: int
+    wp: int
+    taps: int
+
+
+def conv_frame(spec: GemmSpec, layout: str, lanes: int) -> ConvFrame:
+    """The :class:`ConvFrame` of a one-group conv ``spec`` in ``layout``, checked."""
+    if spec.op != "conv2d" or spec.layout != layout or spec.G != 1:
+        raise ValueError(f"{layout} is a one-group conv2d layout, got {spec.op} {spec.layout} "
                          f"G={spec.G}")
-    geo = lut_geometry(spec)
+    if spec.nb % lanes or spec.Np % spec.nb:
+        raise ValueError(f"{layout} tiles: nb={spec.nb} must be a multiple of {lanes} "
+                         f"dividing Np={spec.Np}")
     c, h, w = spec.in_shape
-    kw = spec.kernel[1]
     (sh, sw), (ph, pw) = spec.stride, spec.padding
     ho, wo = spec.out_hw
-    mi, mb, nv = ho * wo, spec.mb, spec.nb // LUT_LANES
-    if spec.nb % LUT_LANES or spec.Np % spec.nb:
-        raise ValueError(f"t2_lut tiles: nb={spec.nb} must be a multiple of {LUT_LANES} "
-                         f"dividing Np={spec.Np}")
-    tiles = -(-mi // mb)  # a last partial tile reads its last pixel again and stores nothing
-    hp, wp, cgp, taps = h + 2 * ph, w + 2 * pw, geo.cgp, spec.kernel[0] * kw
-    v = "T.ramp(0, 1, 32)"
-    lines = [
+    mi = ho * wo
+    return ConvFrame(c=c, h=h, w=w, kw=spec.kernel[1], sh=sh, sw=sw, ph=ph, pw=pw, wo=wo, mi=mi,
+                     mb=spec.mb, nv=spec.nb // lanes, lanes=lanes,
+                     # a last partial tile reads its last pixel again and stores nothing
+                     tiles=-(-mi // spec.mb), hp=h + 2 * ph, wp=w + 2 * pw,
+                     taps=spec.kernel[0] * spec.kernel[1])
+
+
+def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str) -> list[str]:
+    """The PrimFunc's signature ``main(X, Wi, S, bias, out)`` and its root block."""
+    return [
         "@T.prim_func(s_tir=True)",
-        f"def main(X: T.Buffer(({spec.batch}, {h}, {w}, {c}), 'int8'),"
-        f" Wi: T.Buffer(({taps}, {cgp}, {spec.Np}), 'int16'),"
+        f"def main(X: T.Buffer(({spec.batch}, {f.h}, {f.w}, {f.c}), 'int8'),"
+        f" Wi: T.Buffer(({f.taps}, {cgp}, {spec.Np}), '{w_dtype}'),"
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
+    ]
+
+
+def tile_head(f: ConvFrame) -> list[str]:
+    """The parallel loop over register tiles (one image's pixels; under ``for b``). Its small
+    "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones become heap
+    workspaces in TVM 0.27)."""
+    return [f"            for t in T.parallel({f.tiles}):",
+            "                with T.sblock('tile'):",
+            "                    T.reads()",
+            "                    T.writes()"]
+
+
+def tile_pixel(f: ConvFrame, r: int, tap: str) -> tuple[str, str]:
+    """Padded-input row and column that tap ``tap`` of pixel ``r`` of tile ``t`` reads (the
+    last partial tile repeats its last pixel)."""
+    m = f"T.min(t * {f.mb} + {r}, {f.mi - 1})" if f.mi % f.mb else f"(t * {f.mb} + {r})"
+    return (f"{m} // {f.wo} * {f.sh} + ({tap}) // {f.kw}",
+            f"{m} % {f.wo} * {f.sw} + ({tap}) % {f.kw}")
+
+
+def tile_reduction(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, wide: tuple[str, str],
+                   narrow: tuple[str, str], idx_dtype: str, temps: list[str]) -> list[str]:
+    """The tile's buffers and reduction loops up to the weight-index loads of one step: ``wide``
+    and ``narrow`` accumulators (name, dtype) per pixel ``r`` and vector ``j``, zeroed per
+    output-channel block ``nk`` and per chunk ``(tc, cc)``; ``iv_{j}`` the step's indices;
+    ``temps`` more vectors of the index type. The caller adds the lookups (indented 36)."""
+    n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
+    tile = [(r, j) for r in range(f.mb) for j in range(f.nv)]
+    (wn, wt), (nn, nt) = wide, narrow
+    lines = [f"                    {wn}_{r}_{j} = T.alloc_buffer(({n},), '{wt}')" for r, j in tile]
+    lines += [f"                    {nn}_{r}_{j} = T.alloc_buffer(({n},), '{nt}')" for r, j in tile]
+    lines += [f"                    {t} = T.alloc_buffer(({n},), '{idx_dtype}')"
+              for t in [f"iv_{j}" for j in range(f.nv)] + temps]
+    lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
+    lines += [f"                        {wn}_{r}_{j}[{v}] = T.broadcast(T.{wt}(0), {n})"
+              for r, j in tile]
+    lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
+    lines += [f"                            {nn}_{r}_{j}[{v}] = T.broadcast(T.{nt}(0), {n})"
+              for r, j in tile]
+    lines += [f"                            for i in range({geo.tpc}):",
+              f"                                for k in range({geo.cgc}):"]
+    lines += [f"                                    iv_{j}[{v}] = Wi[tc * {geo.tpc} + i,"
+              f" cc * {geo.cgc} + k, T.ramp(nk * {spec.nb} + {n * j}, 1, {n})]"
+              for j in range(f.nv)]
+    return lines
+
+
+def tile_widen(f: ConvFrame, wide: tuple[str, str], narrow: str) -> list[str]:
+    """End of a chunk: each narrow accumulator added into its wide one."""
+    n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
+    wn, wt = wide
+    return [f"                            {wn}_{r}_{j}[{v}] = {wn}_{r}_{j}[{v}]"
+            f" + T.Cast('{wt}x{n}', {narrow}_{r}_{j}[{v}])"
+            for r in range(f.mb) for j in range(f.nv)]
+
+
+def tile_stores(spec: GemmSpec, f: ConvFrame, acc: str) -> list[str]:
+    """The epilogue of a tile: ``out = acc * S + bias`` per pixel and vector (``acc`` names the
+    accumulators, ``{acc}_{r}_{j}``); a partial last tile or channel block is guarded."""
+    lines, n, v = [], f.lanes, f"T.ramp(0, 1, {f.lanes})"
+    for r in range(f.mb):
+        for j in range(f.nv):
+            ind = "                        "
+            row, n0 = f"b * {f.mi} + t * {f.mb} + {r}", f"nk * {spec.nb} + {n * j}"
+            if f.mi % f.mb:
+                lines.append(f"{ind}if t * {f.mb} + {r} < {f.mi}:")
+                ind += "    "
+            if spec.N % spec.nb == 0:
+                lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, {n})] = T.Cast('float32x{n}', "
+                             f"{acc}_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, {n})]"
+                             f" + bias[T.ramp({n0}, 1, {n})]")
+            else:  # a partial last block: the padding channels are not stored
+                lines += [f"{ind}for n in range({n}):",
+                          f"{ind}    if {n0} + n < {spec.N}:",
+                          f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', "
+                          f"{acc}_{r}_{j}[n]) * S[{n0} + n] + bias[{n0} + n]"]
+    return lines
+
+
+def lut_source(spec: GemmSpec) -> str:
+    """TVMScript text of the ``t2_lut`` kernel for ``spec`` (see the module docstring)."""
+    f = conv_frame(spec, "t2_lut", LUT_LANES)
+    geo = lut_geometry(spec)
+    c, h, w, ph, pw, mb, nv = f.c, f.h, f.w, f.ph, f.pw, f.mb, f.nv
+    hp, wp, cgp = f.hp, f.wp, geo.cgp
+    v = "T.ramp(0, 1, 32)"
+    lines = kernel_head(spec, f, cgp, "int16") + [
         f"        tab = T.alloc_buffer(({hp}, {wp}, {cgp}, 32), 'int16')",
         # the table-building constants (see below): signed weights of each entry, 4 bytes per
         # dword (the 4th zero), and -128 * their sum
@@ -183,54 +300,18 @@ def lut_source(spec: GemmSpec) -> str:
         n = min(LUT_GROUP, c - LUT_GROUP * g)
         lines += ["                    for e in T.vectorized(32):",
                   f"                        tab[y + {ph}, z + {pw}, {g}, e] = {table(str(g), n)}"]
-    # register tile: mb output pixels x nv * 32 channels; small "global" buffers stay stack
-    # allocas that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
-    tile = [(r, j) for r in range(mb) for j in range(nv)]
-    lines += [f"            for t in T.parallel({tiles}):",
-              "                with T.sblock('tile'):",
-              "                    T.reads()",
-              "                    T.writes()"]
-    lines += [f"                    acc_{r}_{j} = T.alloc_buffer((32,), 'int32')" for r, j in tile]
-    lines += [f"                    a16_{r}_{j} = T.alloc_buffer((32,), 'int16')" for r, j in tile]
-    lines += [f"                    iv_{j} = T.alloc_buffer((32,), 'int16')" for j in range(nv)]
-    lines += ["                    tv = T.alloc_buffer((32,), 'int16')",
-              f"                    for nk in range({spec.Np // spec.nb}):"]
-    lines += [f"                        acc_{r}_{j}[{v}] = T.broadcast(0, 32)" for r, j in tile]
-    lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
-    lines += [f"                            a16_{r}_{j}[{v}] = T.broadcast(T.int16(0), 32)"
-              for r, j in tile]
-    tap = f"tc * {geo.tpc} + i"
-    lines += [f"                            for i in range({geo.tpc}):",
-              f"                                for k in range({geo.cgc}):"]
-    ind = "                                    "
-    lines += [f"{ind}iv_{j}[{v}] = Wi[{tap}, cc * {geo.cgc} + k,"
-              f" T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)]" for j in range(nv)]
+    # register tile: mb output pixels x nv * 32 channels
+    lines += tile_head(f)
+    lines += tile_reduction(spec, f, geo, ("acc", "int32"), ("a16", "int16"), "int16", ["tv"])
+    tap, ind = f"tc * {geo.tpc} + i", "                                    "
     for r in range(mb):
-        m = f"T.min(t * {mb} + {r}, {mi - 1})" if mi % mb else f"(t * {mb} + {r})"
-        lines.append(f"{ind}tv[{v}] = tab[{m} // {wo} * {sh} + ({tap}) // {kw},"
-                     f" {m} % {wo} * {sw} + ({tap}) % {kw}, cc * {geo.cgc} + k, {v}]")
+        py, px = tile_pixel(f, r, tap)
+        lines.append(f"{ind}tv[{v}] = tab[{py}, {px}, cc * {geo.cgc} + k, {v}]")
         lines += [f"{ind}a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
                   f"T.llvm_lookup_intrinsic_id('{VPERMW}'), tv[{v}], iv_{j}[{v}],"
                   " dtype='int16x32')" for j in range(nv)]
-    lines += [f"                            acc_{r}_{j}[{v}] = acc_{r}_{j}[{v}]"
-              f" + T.Cast('int32x32', a16_{r}_{j}[{v}])" for r, j in tile]
-    ind = "                        "
-    for r, j in tile:
-        row, n0 = f"b * {mi} + t * {mb} + {r}", f"nk * {spec.nb} + {32 * j}"
-        if mi % mb:
-            lines.append(f"{ind}if t * {mb} + {r} < {mi}:")
-            ind += "    "
-        if spec.N % spec.nb == 0:
-            lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, 32)] = T.Cast('float32x32', "
-                         f"acc_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, 32)]"
-                         f" + bias[T.ramp({n0}, 1, 32)]")
-        else:  # a partial last block: the padding channels are not stored
-            lines += [f"{ind}for n in range(32):",
-                      f"{ind}    if {n0} + n < {spec.N}:",
-                      f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', acc_{r}_{j}[n])"
-                      f" * S[{n0} + n] + bias[{n0} + n]"]
-        ind = "                        "
-    return "\n".join(lines)
+    lines += tile_widen(f, ("acc", "int32"), "a16")
+    return "\n".join(lines + tile_stores(spec, f, "acc"))
 
 
 def lut_compute(spec: GemmSpec) -> Any:

@@ -56,41 +56,33 @@ def _digit(v: str, i: int) -> str:
 
 def ttlut_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``tt_lut`` kernel for ``spec`` (see the module docstring)."""
-    if spec.op != "conv2d" or spec.layout != "tt_lut" or spec.G != 1:
-        raise ValueError(f"tt_lut is a one-group conv2d layout, got {spec.op} {spec.layout} "
-                         f"G={spec.G}")
+    from .lut import (
+        conv_frame,
+        kernel_head,
+        tile_head,
+        tile_pixel,
+        tile_reduction,
+        tile_stores,
+        tile_widen,
+    )
+
+    f = conv_frame(spec, "tt_lut", TT_LUT_LANES)
     geo = ttlut_geometry(spec)
-    c, h, w = spec.in_shape
-    kw = spec.kernel[1]
-    (sh, sw), (ph, pw) = spec.stride, spec.padding
-    ho, wo = spec.out_hw
-    mi, mb, nv = ho * wo, spec.mb, spec.nb // TT_LUT_LANES
-    if spec.nb % TT_LUT_LANES or spec.Np % spec.nb:
-        raise ValueError(f"tt_lut tiles: nb={spec.nb} must be a multiple of {TT_LUT_LANES} "
-                         f"dividing Np={spec.Np}")
-    tiles = -(-mi // mb)  # a last partial tile reads its last pixel again and stores nothing
-    hp, wp, cgp, taps = h + 2 * ph, w + 2 * pw, geo.cgp, spec.kernel[0] * kw
+    c, h, w, ph, pw, mb, nv = f.c, f.h, f.w, f.ph, f.pw, f.mb, f.nv
     v = f"T.ramp(0, 1, {TT_LUT_LANES})"
     code = " + ".join(
         f"{3 ** i} * T.if_then_else(g * 4 + {i} < {c}, "
         f"T.Cast('int32', X[b, y, z, T.min(g * 4 + {i}, {c - 1})]) + 1, 1)" for i in range(4))
-    lines = [
-        "@T.prim_func(s_tir=True)",
-        f"def main(X: T.Buffer(({spec.batch}, {h}, {w}, {c}), 'int8'),"
-        f" Wi: T.Buffer(({taps}, {cgp}, {spec.Np}), 'int8'),"
-        f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
-        f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
-        "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
-        "    with T.sblock('root'):",
+    lines = kernel_head(spec, f, geo.cgp, "int8") + [
         "        TT = T.alloc_buffer((81, 128), 'int8')",
-        f"        codes = T.alloc_buffer(({hp}, {wp}, {cgp}), 'int32')",
+        f"        codes = T.alloc_buffer(({f.hp}, {f.wp}, {geo.cgp}), 'int32')",
         "        for a in range(81):",  # bytes 81..127 are never looked up: zeros
         "            for e in T.vectorized(128):",
         "                TT[a, e] = T.Cast('int8', T.if_then_else(e < 81, "
         + " + ".join(f"{_digit('a', i)} * {_digit('e', i)}" for i in range(4)) + ", 0))",
         f"        for b in range({spec.batch}):",
-        f"            for y in T.parallel({hp}):",  # the padding ring and groups: all zeros
-        f"                for z, g in T.grid({wp}, {cgp}):",
+        f"            for y in T.parallel({f.hp}):",  # the padding ring and groups: all zeros
+        f"                for z, g in T.grid({f.wp}, {geo.cgp}):",
         f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}"
         f" or g >= {geo.cg}:",
         f"                        codes[y, z, g] = {TT_LUT_ZERO}",
@@ -98,57 +90,20 @@ def ttlut_source(spec: GemmSpec) -> str:
         f"                for z, g in T.grid({w}, {geo.cg}):",
         f"                    codes[y + {ph}, z + {pw}, g] = {code}",
     ]
-    # register tile: mb pixels x nv * 64 channels; small "global" buffers stay stack allocas
-    # that LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)
-    tile = [(r, j) for r in range(mb) for j in range(nv)]
-    lines += [f"            for t in T.parallel({tiles}):",
-              "                with T.sblock('tile'):",
-              "                    T.reads()",
-              "                    T.writes()"]
-    lines += [f"                    a16_{r}_{j} = T.alloc_buffer((64,), 'int16')" for r, j in tile]
-    lines += [f"                    a8_{r}_{j} = T.alloc_buffer((64,), 'int8')" for r, j in tile]
-    lines += [f"                    iv_{j} = T.alloc_buffer((64,), 'int8')" for j in range(nv)]
-    lines += ["                    ta = T.alloc_buffer((64,), 'int8')",
-              "                    tb = T.alloc_buffer((64,), 'int8')",
-              f"                    for nk in range({spec.Np // spec.nb}):"]
-    lines += [f"                        a16_{r}_{j}[{v}] = T.broadcast(T.int16(0), 64)"
-              for r, j in tile]
-    lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
-    lines += [f"                            a8_{r}_{j}[{v}] = T.broadcast(T.int8(0), 64)"
-              for r, j in tile]
-    tap = f"tc * {geo.tpc} + i"
-    lines += [f"                            for i in range({geo.tpc}):",
-              f"                                for k in range({geo.cgc}):"]
-    ind = "                                    "
-    lines += [f"{ind}iv_{j}[{v}] = Wi[{tap}, cc * {geo.cgc} + k,"
-              f" T.ramp(nk * {spec.nb} + {64 * j}, 1, 64)]" for j in range(nv)]
+    # register tile: mb pixels x nv * 64 channels
+    lines += tile_head(f)
+    lines += tile_reduction(spec, f, geo, ("a16", "int16"), ("a8", "int8"), "int8", ["ta", "tb"])
+    tap, ind = f"tc * {geo.tpc} + i", "                                    "
     for r in range(mb):
-        m = f"T.min(t * {mb} + {r}, {mi - 1})" if mi % mb else f"(t * {mb} + {r})"
-        row = (f"codes[{m} // {wo} * {sh} + ({tap}) // {kw}, {m} % {wo} * {sw} + ({tap}) % {kw},"
-               f" cc * {geo.cgc} + k]")
+        py, px = tile_pixel(f, r, tap)
+        row = f"codes[{py}, {px}, cc * {geo.cgc} + k]"
         lines += [f"{ind}ta[{v}] = TT[{row}, T.ramp(0, 1, 64)]",
                   f"{ind}tb[{v}] = TT[{row}, T.ramp(64, 1, 64)]"]
         lines += [f"{ind}a8_{r}_{j}[{v}] = a8_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
                   f"T.llvm_lookup_intrinsic_id('{VPERMI2B}'), ta[{v}], iv_{j}[{v}], tb[{v}],"
                   " dtype='int8x64')" for j in range(nv)]
-    lines += [f"                            a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}]"
-              f" + T.Cast('int16x64', a8_{r}_{j}[{v}])" for r, j in tile]
-    for r, j in tile:
-        ind = "                        "
-        row, n0 = f"b * {mi} + t * {mb} + {r}", f"nk * {spec.nb} + {64 * j}"
-        if mi % mb:
-            lines.append(f"{ind}if t * {mb} + {r} < {mi}:")
-            ind += "    "
-        if spec.N % spec.nb == 0:
-            lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, 64)] = T.Cast('float32x64', "
-                         f"a16_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, 64)]"
-                         f" + bias[T.ramp({n0}, 1, 64)]")
-        else:  # a partial last block: the padding channels are not stored
-            lines += [f"{ind}for n in range(64):",
-                      f"{ind}    if {n0} + n < {spec.N}:",
-                      f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', a16_{r}_{j}[n])"
-                      f" * S[{n0} + n] + bias[{n0} + n]"]
-    return "\n".join(lines)
+    lines += tile_widen(f, ("a16", "int16"), "a8")
+    return "\n".join(lines + tile_stores(spec, f, "a16"))
 
 
 def ttlut_compute(spec: GemmSpec) -> Any:
