@@ -43,8 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import _tvm, measure, ops
 from .measure import (
     EvaluatorCfg,
@@ -264,7 +262,7 @@ def metaschedule_layout(lx: LayerExport) -> ops.WeightLayout:
         if lx.weight_format != "ternary":
             raise ops.UnsupportedLayerError(f"{lx.name}: ternary activations need ternary "
                                             "weights")
-        if lx.weight_offset is not None and np.any(np.asarray(lx.weight_offset)):
+        if ops.layer_offsets(lx)[1]:
             # `out` then has two producers (ep and asum): MetaSchedule's rules fail on it
             raise ops.UnsupportedLayerError(
                 f"{lx.name}: no MetaSchedule workload for ternary layers with weight offsets")

@@ -32,8 +32,6 @@ import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from . import _tvm
 from .generic import (
     TILE_SCOPE,
@@ -42,7 +40,7 @@ from .generic import (
     schedule_blocked,
     schedule_gemm,
 )
-from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
+from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, layer_offsets, plan_gemm, tile_kwargs
 from .ops.lut import LUT_LANES
 from .ops.ttlut import TT_LUT_LANES
 
@@ -485,9 +483,8 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     AVX512-VBMI (``vpermi2b zmm``), fan-in below 2^15 (int16 sums)."""
     if not (_is_x86(target) and target.has("avx512bw") and target.has("avx512vbmi")):
         return False
-    w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
     return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "ternary"
-            and int(lx.group_size) >= lx.fan_in and float(lx.act_offset) == 0.0 and not w_off
+            and int(lx.group_size) >= lx.fan_in and not any(layer_offsets(lx))
             and lx.fan_in < 2 ** 15)
 
 

@@ -57,6 +57,18 @@ def expected_t2_impl(features: frozenset[str], lx=None) -> str:
     return "tvm_t2_avx2" if "avx2" in features else "tvm_t2_generic"
 
 
+def require_x86_features(features: set[str], what: str) -> None:
+    """Skip, saying why, unless TVM is installed and this x86 target has ``features``
+    (``what``: e.g. "t2_lut needs AVX-512BW"). Forced lower ISA levels lack them too."""
+    pytest.importorskip("tvm")
+    from ternbench.schedules import _tvm
+
+    if not _tvm.is_x86_host():
+        pytest.skip("not an x86 host")
+    if not features <= x86_info().features:
+        pytest.skip(f"{what}; this target is {x86_info().isa}")
+
+
 def expected_tt_impl(features: frozenset[str], lx=None) -> str:
     """The ternary x ternary kernel a feature set should get. With the layer ``lx``: the
     byte-table lookup kernel on AVX512-VBMI for one-group convs without offsets whose input and

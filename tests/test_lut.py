@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import x86_info
+from conftest import require_x86_features, x86_info
 from ternbench.schedules import _tvm, measure, ops, x86
 from ternbench.schedules.ops.lut import (
     LUT_GROUP,
@@ -87,11 +87,7 @@ def test_plan_tiles_one_image():
 
 
 def _needs_bw() -> None:
-    pytest.importorskip("tvm")
-    if not _tvm.is_x86_host():
-        pytest.skip("not an x86 host")
-    if not {"avx512f", "avx512bw"} <= x86_info().features:
-        pytest.skip(f"t2_lut needs AVX-512BW; this target is {x86_info().isa}")
+    require_x86_features({"avx512f", "avx512bw"}, "t2_lut needs AVX-512BW")
 
 
 CASES = [

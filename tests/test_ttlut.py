@@ -9,19 +9,15 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import x86_info
-from ternbench.schedules import _tvm, measure, ops, x86
+from conftest import require_x86_features, x86_info
+from ternbench.schedules import measure, ops, x86
 from ternbench.schedules.ops.lut import lut_geometry_of
 from ternbench.schedules.ops.ttlut import TT_LUT_GROUP, TT_LUT_RUN, TT_LUT_ZERO
 from test_schedules import make_layer
 
 
 def _needs_vbmi() -> None:
-    pytest.importorskip("tvm")
-    if not _tvm.is_x86_host():
-        pytest.skip("not an x86 host")
-    if not {"avx512bw", "avx512vbmi"} <= x86_info().features:
-        pytest.skip(f"tt_lut needs AVX512-VBMI; this target is {x86_info().isa}")
+    require_x86_features({"avx512bw", "avx512vbmi"}, "tt_lut needs AVX512-VBMI")
 
 
 @pytest.mark.parametrize("taps", [1, 9, 49])

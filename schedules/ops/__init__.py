@@ -77,6 +77,7 @@ from .spec import (
     UnsupportedLayerError,
     WeightLayout,
     layer_geometry,
+    layer_offsets,
     plan_gemm,
     tile_kwargs,
 )
@@ -93,6 +94,7 @@ __all__ = [
     "pack_dense_blocked",
     "group_code_sums",
     "layer_geometry",
+    "layer_offsets",
     "plan_gemm",
     "pack_weight_args",
     "gemm_compute",

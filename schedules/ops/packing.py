@@ -240,19 +240,17 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1)[0, :, 0].tolist()
         [5, 14]
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1, group=4)[0, :, 0].tolist()
-        [32]
+        [59]
     """
-    from .lut import lut_geometry_of
+    from .lut import LUT_INT16_RUN, lut_geometry_of
     from .ttlut import TT_LUT_GROUP, TT_LUT_RUN
 
     _check_ternary(codes)
     n = codes.shape[0]
     taps = kernel[0] * kernel[1]
-    dtype: type[np.integer] = np.int8 if group == TT_LUT_GROUP else np.int16
-    if group == TT_LUT_GROUP:
-        cgp = lut_geometry_of(channels, taps, group, TT_LUT_RUN).cgp
-    else:
-        cgp = lut_geometry_of(channels, taps).cgp
+    byte = group == TT_LUT_GROUP  # tt_lut: int8 indices, runs of 31; t2_lut: int16, runs of 85
+    dtype: type[np.integer] = np.int8 if byte else np.int16
+    cgp = lut_geometry_of(channels, taps, group, TT_LUT_RUN if byte else LUT_INT16_RUN).cgp
     w = np.zeros((n, taps, cgp * group), np.int16)
     w[:, :, :channels] = np.asarray(codes, np.int16).reshape(n, taps, channels)
     d = w.reshape(n, taps, cgp, group) + 1
@@ -291,7 +289,10 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     elif spec.layout == "t2_lut":
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np)]
     elif spec.layout == "tt_lut":
-        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np, group=4)]
+        from .ttlut import TT_LUT_GROUP
+
+        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
+                               group=TT_LUT_GROUP)]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)

@@ -235,6 +235,18 @@ def tile_kwargs(params: Params, default: Mapping[str, int]) -> dict[str, int]:
     return kw
 
 
+def layer_offsets(lx: LayerExport) -> tuple[bool, bool]:
+    """Whether a layer has an activation offset and any non-zero weight offset (RTN).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> layer_offsets(SimpleNamespace(act_offset=0.0, weight_offset=np.zeros(4)))
+        (False, False)
+    """
+    w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+    return float(lx.act_offset) != 0.0, w_off
+
+
 def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_max: int,
               rows_per_task: int, tile_n: int = AVX2_TILE_N) -> GemmSpec:
     """GEMM view of ``lx`` for a weight layout and tile sizes (padding decided here)."""
@@ -282,14 +294,14 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = gs = taps * lut_geometry_of(in_shape[0], taps).cgp * 3  # padded channel triples
         w_dtype = "int16"
     elif layout == "tt_lut":
-        a_off = float(lx.act_offset) != 0.0
-        w_off_ = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
+        a_off, w_off_ = layer_offsets(lx)
         if lx.op != "conv2d" or g != 1 or a_off or w_off_:
             raise ValueError(f"layout tt_lut is for one-group ternary convs without offsets, "
                              f"got {lx.op} with {g} groups, act offset {lx.act_offset}, "
                              f"weight offsets {w_off_}")
         taps = lx.kernel_size[0] * lx.kernel_size[1]
-        kp = gs = taps * lut_geometry_of(in_shape[0], taps, TT_LUT_GROUP, TT_LUT_RUN).cgp * 4
+        kp = gs = taps * TT_LUT_GROUP * lut_geometry_of(in_shape[0], taps, TT_LUT_GROUP,
+                                                        TT_LUT_RUN).cgp
         w_dtype = "int8"
     else:
         kp = kg
@@ -319,8 +331,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = gs = kh_ * k_row  # one group over the padded rows (pad weights are zeros)
     w_off = border = affine = False
     if layout == "tt_planes":
-        w_off = lx.weight_offset is not None and bool(np.any(np.asarray(lx.weight_offset)))
-        a_off = float(lx.act_offset) != 0.0
+        a_off, w_off = layer_offsets(lx)
         border = a_off and lx.op == "conv2d" and any(tuple(lx.padding))
         affine = w_off or a_off
     return GemmSpec(
