@@ -106,13 +106,20 @@ LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
 #: 1.12 / 1.12; the 7x7/2 3-channel stem 1.85 / 1.72; stride-2 3x3 convs 0.57-1.07, 1x1 convs
 #: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
-#: ternary x ternary byte-table lookups: 4 pixels x 4 zmm of 64 int8 lanes (256 channels)
-TT_LUT_DEFAULT = {"nb": 256, "mb": 4, "rows": 1}
+#: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
+#: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4
+#: zmm and 12 indices spilled: 3.7x slower)
+TT_LUT_DEFAULT = {"nb": 128, "mb": 7, "rows": 1}
 #: input and output channels from which they are chosen over the popcount kernel (znver4, 1
-#: thread, batch 1: 128 -> 128 3x3/1 1.00-1.09x, 256 1.14x, 512 1.13x, 3x3/2 1.14-1.19x; with
-#: 64 channels, one 64-lane vector per pixel, 0.62-0.92x); stems with <= 4 channels too (one
-#: index per tap: 7x7/2 3 -> 64 1.78x, 3x3 3 -> 16 1.17x)
-TT_LUT_MIN_CHANNELS = 128
+#: thread, the same process; row tiles sharing each input column's table row): stride-1 3x3
+#: convs with 64 channels 1.13x / 0.99x (batch 1 / 64), 128-512 1.27-1.33x / 1.14-1.18x; 3x3/2
+#: 64 -> 128 0.98x / 0.86x, 128 -> 256 and 256 -> 512 1.26-1.29x / 1.13-1.16x; 1x1 convs (no
+#: shared rows) 0.41x with 64 inputs, 1.03-1.14x with 128-256 (batch 1); CIFAR's 32 channels
+#: 1.00-1.14x, 16 0.60-0.88x. Stems with <= 4 channels too (7x7/2 3 -> 64 2.02x, 3x3 3 -> 16
+#: 1.67x)
+TT_LUT_MIN_CHANNELS = 64
+#: the same for strided and 1x1 convs (fewer shared table rows)
+TT_LUT_MIN_CHANNELS_STRIDED = 128
 
 
 @functools.cache
@@ -490,8 +497,11 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: >= TT_LUT_MIN_CHANNELS input and output
-    channels, or a stem's <= 4 inputs. Measured: docs/kernels.md."""
-    wide = min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS
+    channels (strided and 1x1 convs: TT_LUT_MIN_CHANNELS_STRIDED), or a stem's <= 4 inputs.
+    Measured: docs/kernels.md."""
+    shared = lx.kernel_size[1] > 1 and tuple(lx.stride) == (1, 1)
+    floor = TT_LUT_MIN_CHANNELS if shared else TT_LUT_MIN_CHANNELS_STRIDED
+    wide = min(lx.in_channels, lx.out_channels) >= floor
     return _applies_tt_lut_any(lx, target) and (wide or lx.in_channels <= 4)
 
 
@@ -507,7 +517,7 @@ def tt_lut_rule(*, where_chosen: bool = True) -> Rule:
     kernel benchmark times it beside the popcount kernel on every ternary-activation conv)."""
     return Rule("x86.tt_lut", "tvm_tt_lut",
                 _applies_tt_lut if where_chosen else _applies_tt_lut_any, _plan_tt_lut,
-                schedule_t2_lut, grid=_grid((256, 128, 64), (4, 2), (1,), TT_LUT_DEFAULT))
+                schedule_t2_lut, grid=_grid((128, 64), (7, 4, 14), (1,), TT_LUT_DEFAULT))
 
 
 def rules() -> list[Rule]:

@@ -11,8 +11,12 @@ import pytest
 import torch
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import measure, ops, x86
-from ternbench.schedules.ops.lut import lut_geometry_of
-from ternbench.schedules.ops.ttlut import TT_LUT_GROUP, TT_LUT_RUN, TT_LUT_ZERO
+from ternbench.schedules.ops.ttlut import (
+    TT_LUT_GROUP,
+    TT_LUT_RUN,
+    TT_LUT_ZERO,
+    ttlut_geometry_of,
+)
 from test_schedules import make_layer
 
 
@@ -20,14 +24,19 @@ def _needs_vbmi() -> None:
     require_x86_features({"avx512bw", "avx512vbmi"}, "tt_lut needs AVX512-VBMI")
 
 
-@pytest.mark.parametrize("taps", [1, 9, 49])
-def test_geometry_keeps_int8_runs_exact(taps):
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (7, 7), (1, 5)])
+def test_geometry_keeps_int8_runs_exact(kernel):
+    kh, kw = kernel
     for c in range(1, 700):
-        geo = lut_geometry_of(c, taps, TT_LUT_GROUP, TT_LUT_RUN)
+        geo = ttlut_geometry_of(c, kernel)
         assert geo.cgp * TT_LUT_GROUP >= c and geo.cgp == geo.nc * geo.cgc
-        assert geo.tpc * geo.cgc <= TT_LUT_RUN  # 31 lookups of |entry| <= 4 fit int8
-        assert geo.nt * geo.tpc == taps and (geo.tpc == 1 or geo.nc == 1)
+        # a run: tpc kernel rows x kw taps x cgc quads, 31 lookups of |entry| <= 4 at most
+        assert geo.tpc * kw * geo.cgc <= TT_LUT_RUN
+        assert geo.nt * geo.tpc == kh and (geo.tpc == 1 or geo.nc == 1)
+        assert geo.cgp - geo.cg < geo.nc  # never a whole padding quad per chunk
     assert TT_LUT_RUN * TT_LUT_GROUP <= np.iinfo(np.int8).max
+    with pytest.raises(ValueError, match="kernel width 32"):
+        ttlut_geometry_of(8, (1, 32))
 
 
 def test_pack_quads_decode_to_the_codes():
@@ -35,7 +44,7 @@ def test_pack_quads_decode_to_the_codes():
     n, c, kh, kw = 5, 7, 3, 3
     codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
     idx = ops.pack_lut_idx(codes, c, (kh, kw), 64, group=4)
-    geo = lut_geometry_of(c, kh * kw, TT_LUT_GROUP, TT_LUT_RUN)
+    geo = ttlut_geometry_of(c, (kh, kw))
     assert idx.shape == (kh * kw, geo.cgp, 64) and idx.dtype == np.int8
     i = idx.astype(np.int64)
     digits = np.stack([i % 3, i // 3 % 3, i // 9 % 3, i // 27], -1) - 1  # [taps, cgp, Np, 4]
@@ -46,10 +55,10 @@ def test_pack_quads_decode_to_the_codes():
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("cin", [124, 128])
+@pytest.mark.parametrize("cin", [120, 128])
 def test_ttlut_kernel_is_exact_at_the_int8_bound(cin):
-    """All activations +1 or -1 and all weights +1 or -1: every lookup is +-4, 31 per run
-    (cin 124: exactly one run per tap; cin 128: two), the most int8 holds; the sums (up to
+    """All activations +1 or -1 and all weights +1 or -1: every lookup is +-4 (cin 120: runs of
+    3 taps x 10 quads = 30 lookups, 120 of the 127 int8 holds; cin 128: 3 x 8); the sums (up to
     9 x 128) are widened to int16 per run."""
     _needs_vbmi()
     tinfo = x86_info()

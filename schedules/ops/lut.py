@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from .. import _tvm
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .spec import GemmSpec
 
 #: LLVM's name of ``vpermw zmm`` (AVX512-BW): ``(table, index) -> table[index]`` per 16-bit lane
@@ -220,16 +222,29 @@ def tile_widen(f: ConvFrame, wide: tuple[str, str], narrow: str) -> list[str]:
             for r in range(f.mb) for j in range(f.nv)]
 
 
-def tile_stores(spec: GemmSpec, f: ConvFrame, acc: str) -> list[str]:
+def _flat_pixel(f: ConvFrame) -> Callable[[int], tuple[str, str | None]]:
+    """Tiles of ``mb`` consecutive pixels of the flattened output map (the last partial)."""
+    def pixel(r: int) -> tuple[str, str | None]:
+        return (f"b * {f.mi} + t * {f.mb} + {r}",
+                f"t * {f.mb} + {r} < {f.mi}" if f.mi % f.mb else None)
+
+    return pixel
+
+
+def tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
+                pixel: Callable[[int], tuple[str, str | None]] | None = None) -> list[str]:
     """The epilogue of a tile: ``out = acc * S + bias`` per pixel and vector (``acc`` names the
-    accumulators, ``{acc}_{r}_{j}``); a partial last tile or channel block is guarded."""
+    accumulators, ``{acc}_{r}_{j}``). ``pixel(r)``: output row of tile pixel ``r`` and the
+    condition that it exists (None: always); default: flattened tiles. A pixel that may not
+    exist or a partial channel block is guarded."""
     lines, n, v = [], f.lanes, f"T.ramp(0, 1, {f.lanes})"
     for r in range(f.mb):
+        row, guard = (pixel or _flat_pixel(f))(r)
         for j in range(f.nv):
             ind = "                        "
-            row, n0 = f"b * {f.mi} + t * {f.mb} + {r}", f"nk * {spec.nb} + {n * j}"
-            if f.mi % f.mb:
-                lines.append(f"{ind}if t * {f.mb} + {r} < {f.mi}:")
+            n0 = f"nk * {spec.nb} + {n * j}"
+            if guard:
+                lines.append(f"{ind}if {guard}:")
                 ind += "    "
             if spec.N % spec.nb == 0:
                 lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, {n})] = T.Cast('float32x{n}', "

@@ -12,7 +12,7 @@ import numpy as np
 
 from .lut import lut_geometry_of
 from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
-from .ttlut import TT_LUT_GROUP, TT_LUT_RUN
+from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
@@ -299,9 +299,8 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
             raise ValueError(f"layout tt_lut is for one-group ternary convs without offsets, "
                              f"got {lx.op} with {g} groups, act offset {lx.act_offset}, "
                              f"weight offsets {w_off_}")
-        taps = lx.kernel_size[0] * lx.kernel_size[1]
-        kp = gs = taps * TT_LUT_GROUP * lut_geometry_of(in_shape[0], taps, TT_LUT_GROUP,
-                                                        TT_LUT_RUN).cgp
+        kh_, kw_ = lx.kernel_size
+        kp = gs = kh_ * kw_ * TT_LUT_GROUP * ttlut_geometry_of(in_shape[0], (kh_, kw_)).cgp
         w_dtype = "int8"
     else:
         kp = kg
@@ -310,8 +309,9 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
     if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image);
         # a partial last tile rather than a divisor (7 rows x 128 channels would spill): mb_max
-        # or one more row, whichever pads fewer rows (a 7x7 map: 10 tiles of 5, not 13 of 4)
-        mi = out_hw[0] * out_hw[1]
+        # or one more row, whichever pads fewer rows (a 7x7 map: 10 tiles of 5, not 13 of 4);
+        # tt_lut tiles lie in one output row (they share table rows), so pad the row instead
+        mi = out_hw[1] if layout == "tt_lut" else out_hw[0] * out_hw[1]
         mb = min((min(c, mi) for c in (mb_max, mb_max + 1)), key=lambda c: (-(-mi // c) * c, c))
         m_task = 1
     else:
