@@ -37,8 +37,12 @@ EPILOG = textwrap.dedent("""\
 
 KERNELS_EPILOG = textwrap.dedent("""\
     what is measured, per layer shape x batch, interleaved round by round in one process:
-      tvm_t2_avx2     ternary weights (2-bit), int8 activations (AVX2 vpmaddubsw kernel)
+      tvm_t2_vnni     ternary weights (2-bit), int8 activations: vpdpbusd (AVX512-VNNI /
+                      AVX-VNNI); tvm_t2_avx2 the AVX2 vpmaddubsw kernel (timed beside it)
+      tvm_t2_lut      the same as table lookups (AVX-512BW vpermw; convs)
+      tvm_t2_*_g<N>   with FGQ group scales every N weights (--group-sizes)
       tvm_tt_popc     ternary weights and ternary activations (bit-planes + popcount)
+      tvm_tt_lut      the same as byte-table lookups (AVX512-VBMI vpermi2b; convs)
       tvm_int8        int8 weights, int8 activations (blocked TVM GEMM, same loop nest)
       tvm_fp32        fp32 weights and activations (blocked TVM GEMM)
       torch_fp32      F.conv2d / F.linear (MKL / oneDNN)
@@ -131,8 +135,8 @@ def _add_kernels_parser(sub: Any) -> None:
                    help="batch sizes (default: 1,64)")
     k.add_argument("--act-modes", type=_choice_list(("int8", "ternary")),
                    default=["int8", "ternary"], metavar="MODES",
-                   help="activation modes of the ternary kernels: int8 (t2_avx2), ternary "
-                   "(tt_popc) (default: both)")
+                   help="activation modes of the ternary kernels: int8 (t2_*), ternary "
+                   "(tt_*) (default: both)")
     k.add_argument("--group-sizes", type=_int_list, default=[], metavar="N1,N2",
                    help="also time the int8-activation ternary kernel with FGQ group scales "
                    "of these sizes (rows tvm_t2_*_g<N>), e.g. 4,16,64")

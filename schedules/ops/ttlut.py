@@ -11,15 +11,23 @@ GMAC/s on znver4, against the popcount step's 576); a ``vpaddb`` accumulates the
 Exactness: ``|TT| <= 4``, so runs of at most :data:`TT_LUT_RUN` (31) lookups add up in int8,
 then widen to int16; the whole sum is at most the fan-in, so the gate keeps ``K < 32768``.
 
-Why codes, not per-pixel tables: copying each pixel's table row out of ``TT`` (128 bytes per 4
-channels, 64 times the bit-planes) made the kernel read its tables from L2/L3, and it ran at
-320-443 GMAC/s; loading the row through the code keeps every table read in L1 (542-630 GMAC/s on
-the ResNet-18 convs with >= 128 channels). With 64 channels (one 64-lane vector per pixel) it
-loses to the popcount kernel, which is why the rule asks for >= 128 input and output channels.
+Register tile: ``mb`` neighbouring pixels of one output row x ``nv`` 64-channel vectors (default
+7 x 2). Two zmm loads per table row are the bottleneck when every (pixel, tap) loads its own
+row (two loads per ``nv`` lookups), and in a row tile pixel ``r`` under tap ``d`` reads input
+column ``r * stride + d``: per (kernel row, channel quad) the kernel holds the indices of all
+``kw`` taps in registers and loads each of the ``(mb - 1) * stride + kw`` columns' rows once
+(9 rows instead of 21 for 7 pixels of a 3x3/1 conv). A run therefore covers whole kernel rows:
+``tpc`` rows x ``kw`` taps x ``cgc`` quads (:func:`ttlut_geometry_of`). Measured on the ResNet-18
+3x3 convs with >= 128 channels: 650-770 GMAC/s, against 440-630 with 4-pixel tiles that loaded a
+row per (pixel, tap) and 320-443 for per-pixel tables copied out of ``TT`` (their reads came from
+L2/L3; loading the row through the code keeps every table read in L1).
 
-Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile of
-``mb`` pixels x ``nb / 64`` vectors) with the common signature ``main(X, Wi, S, bias, out)``:
-``X`` int8 NHWC activation codes, ``Wi [taps, CGp, Np]`` int8 indices, ``S``/``bias [Np]``.
+With 64 channels (one vector per pixel) it still beats the popcount kernel on stride-1 convs;
+strided and 1x1 convs share fewer rows, so the rule asks for >= 128 channels there.
+
+Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile)
+with the common signature ``main(X, Wi, S, bias, out)``: ``X`` int8 NHWC activation codes,
+``Wi [taps, CGp, Np]`` int8 indices, ``S``/``bias [Np]``.
 """
 
 from __future__ import annotations
