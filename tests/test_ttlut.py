@@ -92,19 +92,19 @@ def test_ttlut_kernel_looks_up_with_vpermi2b():
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize(("kw", "params"), [
-    (dict(cin=128, out=128, k=1, pad=0, stride=2, hw=(7, 9)), None),  # 1x1: no shared rows
-    (dict(cin=28, out=64, k=5, pad=2, hw=(6, 11)), None),  # 5 taps x 6 quads per run
-    (dict(cin=64, out=192, hw=(6, 10), stride=2), {"nb": 64, "mb": 4, "rows": 1}),
-    (dict(cin=40, out=64, hw=(5, 15)), {"nb": 64, "mb": 14, "rows": 1}),  # 2 tiles of 14 / row
+@pytest.mark.parametrize(("kw", "params", "mb"), [
+    (dict(cin=128, out=128, k=1, pad=0, stride=2, hw=(7, 9)), None, 5),  # 1x1: no shared rows
+    (dict(cin=28, out=64, k=5, pad=2, hw=(6, 11)), None, 7),  # runs of 5 taps x 4 quads
+    (dict(cin=64, out=192, hw=(6, 10), stride=2), {"nb": 64, "mb": 4, "rows": 1}, 5),
+    (dict(cin=40, out=64, hw=(5, 20)), {"nb": 64, "mb": 14, "rows": 1}, 14),  # 14 + 6 per row
 ])
-def test_ttlut_kernel_matches_the_reference_off_its_gate(kw, params):
+def test_ttlut_kernel_matches_the_reference_off_its_gate(kw, params, mb):
     """Shapes the rule does not choose, or tiles it does not default to: the row tiles still
     read the right columns (the reference check in prepare_kernel)."""
     _needs_vbmi()
     tinfo = x86_info()
     lx = make_layer("conv2d", act="ternary", name="offgate", **kw)
     kern = x86.tt_lut_rule(where_chosen=False).build(lx, 2, tinfo, params)
-    assert kern.spec.layout == "tt_lut"
+    assert (kern.spec.layout, kern.spec.mb) == ("tt_lut", mb)
     prep = measure.prepare_kernel(kern, lx, tinfo)
     assert np.isfinite(prep.max_abs_err)

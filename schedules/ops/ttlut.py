@@ -23,7 +23,8 @@ loaded a row per (pixel, tap) and 320-443 for per-pixel tables copied out of ``T
 came from L2/L3; loading the row through the code keeps every table read in L1).
 
 With 64 channels (one vector per pixel) it still beats the popcount kernel on stride-1 convs;
-strided and 1x1 convs share fewer rows, so the rule asks for >= 128 channels there.
+strided convs share fewer rows (the rule asks for >= 128 channels there) and 1x1 convs none
+(they stay on the popcount kernel).
 
 Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile)
 with the common signature ``main(X, Wi, S, bias, out)``: ``X`` int8 NHWC activation codes,
