@@ -22,6 +22,8 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["tests"]
 
 PYTHON = "3.11"
+#: the library's packages (mypy's targets; their docstring examples run with the tests)
+LIBRARY = ("methods", "bench", "schedules", "reports", "core")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -33,9 +35,12 @@ def _install(session: nox.Session, extras: str = "test") -> None:
 
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
-    """Run the test suite (default tier; pass `-- -m slow` or `-- -m ''` for more)."""
+    """Run the test suite (default tier; pass `-- -m slow` or `-- -m ''` for more), then, when no
+    arguments select tests, the docstring examples of the library (seconds)."""
     _install(session, "test")
     session.run("pytest", *session.posargs)
+    if not session.posargs:
+        session.run("pytest", "--doctest-modules", "-p", "no:cacheprovider", *LIBRARY)
 
 
 @nox.session(python=PYTHON)
@@ -43,7 +48,7 @@ def lint(session: nox.Session) -> None:
     """ruff (lint) and mypy on the library."""
     _install(session, "test,lint")
     session.run("ruff", "check", ".")
-    session.run("mypy", "methods", "bench", "schedules", "reports", "core")
+    session.run("mypy", *LIBRARY)
 
 
 @nox.session(python=PYTHON)
