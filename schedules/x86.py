@@ -111,15 +111,14 @@ LUT_MIN_CHANNELS = 64
 #: zmm and 12 indices spilled: 3.7x slower)
 TT_LUT_DEFAULT = {"nb": 128, "mb": 7, "rows": 1}
 #: input and output channels from which they are chosen over the popcount kernel (znver4, 1
-#: thread, kernels run c314a6b; row tiles sharing each input column's table row), batch 1 / 64:
-#: stride-1 3x3 convs with 64 channels 1.04x / 0.97x (ResNet-18), 1.10x / 0.99x (CIFAR),
-#: 128-512 channels 1.27-1.32x / 1.10-1.19x; 3x3/2 64 -> 128 0.98x / 0.86x, 128 -> 256 and
-#: 256 -> 512 1.24-1.26x / 1.06-1.13x; CIFAR's 16 channels 0.60-0.90x. 1x1 convs share no rows
-#: and stay on the popcount kernel (0.41-1.14x / 0.46-0.94x). Stems with <= 4 channels take it
-#: whatever their kernel (7x7/2 3 -> 64 2.07x / 2.20x, 3x3 3 -> 16 1.69x / 1.79x)
-TT_LUT_MIN_CHANNELS = 64
-#: the same for strided convs (fewer shared table rows)
-TT_LUT_MIN_CHANNELS_STRIDED = 128
+#: thread, the same process, batch 1 / 64; row tiles that load each input column's table row
+#: once, activation codes built 16 quads per vpmaddubsw + vpmaddwd): ResNet-18 3x3 convs with 64
+#: channels 1.39x / 1.14x (3x3/1), 1.45x / 1.12x (3x3/2); CIFAR 64x8x8 1.22x / 1.33x, 3x3/2
+#: 32 -> 64 1.15x / 1.30x, 32x16x16 0.99x / 1.06x; >= 128 channels 1.08-1.33x / 1.06-1.19x in
+#: the c314a6b kernels run (docs/kernels.md). 1x1 convs share no rows and stay on the popcount
+#: kernel (0.41-1.14x / 0.46-0.94x). Stems with <= 4 channels take it whatever their kernel
+#: (7x7/2 3 -> 64 2.07x / 2.20x, 3x3 3 -> 16 1.69x / 1.79x)
+TT_LUT_MIN_CHANNELS = 32
 
 
 @functools.cache
@@ -497,10 +496,10 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: convs wider than 1 tap with >=
-    TT_LUT_MIN_CHANNELS input and output channels (strided: TT_LUT_MIN_CHANNELS_STRIDED), or a
-    stem's <= 4 inputs. Measured: docs/kernels.md."""
-    floor = TT_LUT_MIN_CHANNELS if tuple(lx.stride) == (1, 1) else TT_LUT_MIN_CHANNELS_STRIDED
-    wide = lx.kernel_size[1] > 1 and min(lx.in_channels, lx.out_channels) >= floor
+    TT_LUT_MIN_CHANNELS input and output channels, or a stem's <= 4 inputs. Measured:
+    docs/kernels.md."""
+    wide = (lx.kernel_size[1] > 1
+            and min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS)
     return _applies_tt_lut_any(lx, target) and (wide or lx.in_channels <= 4)
 
 

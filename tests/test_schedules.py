@@ -256,15 +256,16 @@ def test_rule_selection_is_gated_by_target_features():
         spec = rule.plan(lx, 1, popc512, rule.default_params)
         assert (spec.gsp // 64, spec.tt_split) == (words, split)
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
-    # AVX512-VBMI: byte-table lookups for one-group ternary convs without offsets, >= 64
-    # channels in and out (strided: 128; 1x1 never) or a stem's <= 4 inputs; everything else
-    # stays on the popcount
+    # AVX512-VBMI: byte-table lookups for one-group ternary convs without offsets, >= 32
+    # channels in and out (1x1 never) or a stem's <= 4 inputs; everything else stays on the
+    # popcount
     vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"})
     for kw, lut in ((dict(cin=128, out=128), True), (dict(cin=3, out=16), True),
                     (dict(cin=64, out=128), True), (dict(cin=128, out=64), True),
-                    (dict(cin=32, out=128), False), (dict(cin=128, out=32), False),
+                    (dict(cin=32, out=128), True), (dict(cin=128, out=16), False),
+                    (dict(cin=16, out=32), False),
                     (dict(cin=64, out=128, k=1, pad=0), False),
-                    (dict(cin=64, out=128, stride=2), False),
+                    (dict(cin=64, out=128, stride=2), True),
                     (dict(cin=128, out=128, stride=2), True),
                     (dict(cin=128, out=128, k=1, pad=0), False),
                     (dict(cin=128, out=128, act_offset=0.3), False),
@@ -644,7 +645,7 @@ TT_CASES = [
     ("conv_c128_pix_split_off", dict(op="conv2d", out=24, cin=128, hw=(5, 4), stride=2,
                                      act_offset=0.3, w_offset=True), 2),
     ("lin_gs1024_split", dict(op="linear", out=16, cin=2000, gs=1024), 2),
-    # AVX512-VBMI byte-table lookups (tt_lut): >= 64 channels in and out, or a stem; a partial
+    # AVX512-VBMI byte-table lookups (tt_lut): >= 32 channels in and out, or a stem; a partial
     # last channel quad, a partial last 64-channel block, stride 2, a 7x7 stem, a partial last
     # tile of an output row (17 = 7 + 7 + 3)
     ("conv_c128_n128_lut", dict(op="conv2d", out=128, cin=128, hw=(5, 5)), 2),

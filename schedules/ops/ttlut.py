@@ -22,9 +22,10 @@ column ``r * stride + d``: per (kernel row, channel quad) the kernel holds the i
 loaded a row per (pixel, tap) and 320-443 for per-pixel tables copied out of ``TT`` (their reads
 came from L2/L3; loading the row through the code keeps every table read in L1).
 
-With 64 channels (one vector per pixel) it still beats the popcount kernel on stride-1 convs;
-strided convs share fewer rows (the rule asks for >= 128 channels there) and 1x1 convs none
-(they stay on the popcount kernel).
+The codes of a pixel's 64 channels come from one ``vpmaddubsw`` (bytes times (1, 3, 9, 27), in
+pairs) and one ``vpmaddwd`` (pairs of pairs); built one scalar code at a time they took a fifth
+of a 64x56x56 conv. With 32-64 channels (one vector per pixel) the kernel still beats the
+popcount kernel on 3x3 convs; 1x1 convs share no rows and stay on the popcount kernel.
 
 Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile)
 with the common signature ``main(X, Wi, S, bias, out)``: ``X`` int8 NHWC activation codes,
@@ -51,6 +52,11 @@ TT_LUT_RUN = 31
 TT_LUT_ZERO = 40
 #: output channels per lookup (int8 lanes of a zmm)
 TT_LUT_LANES = 64
+#: LLVM's names of ``vpmaddubsw zmm`` (u8 x s8 pair sums) and ``vpmaddwd zmm`` (AVX-512BW)
+PMADDUBSW = "llvm.x86.avx512.pmaddubs.w.512"
+PMADDWD = "llvm.x86.avx512.pmaddw.d.512"
+#: the bytes (1, 3, 9, 27) of one int32: a quad's digit weights, little-endian
+_POW3_BYTES = 1 + (3 << 8) + (9 << 16) + (27 << 24)
 
 
 def ttlut_geometry_of(channels: int, kernel: tuple[int, int]) -> LutGeometry:
@@ -116,14 +122,36 @@ def ttlut_source(spec: GemmSpec) -> str:
         "                TT[a, e] = T.Cast('int8', T.if_then_else(e < 81, "
         + " + ".join(f"{_digit('a', i)} * {_digit('e', i)}" for i in range(4)) + ", 0))",
         f"        for b in range({spec.batch}):",
-        f"            for y in T.parallel({f.hp}):",  # the padding ring and quads: all zeros
-        f"                for z, g in T.grid({wpx}, {geo.cgp}):",
-        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}"
-        f" or g >= {geo.cg}:",
-        f"                        codes[y, z, g] = {TT_LUT_ZERO}",
-        f"            for y in T.parallel({h}):",
-        f"                for z, g in T.grid({w}, {geo.cg}):",
-        f"                    codes[y + {ph}, z + {pw}, g] = {code}",
+        # the padding ring and padding quads: all zeros (decided per pixel, not per quad)
+        f"            for y in T.parallel({f.hp}):",
+        f"                for z in range({wpx}):",
+        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
+        f"                        for g in T.vectorized({geo.cgp}):",
+        f"                            codes[y, z, g] = {TT_LUT_ZERO}",
+    ]
+    if geo.cgp > geo.cg:
+        lines += ["                    else:",
+                  f"                        for g in range({geo.cg}, {geo.cgp}):",
+                  f"                            codes[y, z, g] = {TT_LUT_ZERO}"]
+    # the codes, 16 quads (64 channels) per vpmaddubsw + vpmaddwd: the bytes of a quad times
+    # (1, 3, 9, 27), summed in pairs and then pairs of pairs, plus 40 (the +1 per digit);
+    # a last partial 64-channel group: scalar, so no byte of the next pixel is read
+    full = c // 64
+    lines += [f"            for y in T.parallel({h}):",
+              f"                for z in range({w}):"]
+    if full:
+        xv = "X.vload([b, y, z, q * 64], 'int8x64')"
+        lines += [f"                    for q in range({full}):",
+                  f"                        codes[y + {ph}, z + {pw}, T.ramp(q * 16, 1, 16)] = "
+                  f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{PMADDWD}'), "
+                  f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{PMADDUBSW}'), "
+                  f"T.reinterpret(T.broadcast(T.int32({_POW3_BYTES}), 16), dtype='int8x64'), "
+                  f"{xv}, dtype='int16x32'), T.broadcast(T.int16(1), 32), dtype='int32x16')"
+                  f" + T.broadcast(T.int32({TT_LUT_ZERO}), 16)"]
+    if full * 16 < geo.cg:
+        lines += [f"                    for g in range({full * 16}, {geo.cg}):",
+                  f"                        codes[y + {ph}, z + {pw}, g] = {code}"]
+    lines += [
         f"            for t in T.parallel({tiles}):",
         "                with T.sblock('tile'):",
         "                    T.reads()",
