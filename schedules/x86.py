@@ -111,13 +111,13 @@ LUT_MIN_CHANNELS = 64
 #: zmm and 12 indices spilled: 3.7x slower)
 TT_LUT_DEFAULT = {"nb": 128, "mb": 7, "rows": 1}
 #: input and output channels from which they are chosen over the popcount kernel (znver4, 1
-#: thread, the same process, batch 1 / 64; row tiles that load each input column's table row
-#: once, activation codes built 16 quads per vpmaddubsw + vpmaddwd): ResNet-18 3x3 convs with 64
-#: channels 1.39x / 1.14x (3x3/1), 1.45x / 1.12x (3x3/2); CIFAR 64x8x8 1.22x / 1.33x, 3x3/2
-#: 32 -> 64 1.15x / 1.30x, 32x16x16 0.99x / 1.06x; >= 128 channels 1.08-1.33x / 1.06-1.19x in
-#: the c314a6b kernels run (docs/kernels.md). 1x1 convs share no rows and stay on the popcount
-#: kernel (0.41-1.14x / 0.46-0.94x). Stems with <= 4 channels take it whatever their kernel
-#: (7x7/2 3 -> 64 2.07x / 2.20x, 3x3 3 -> 16 1.69x / 1.79x)
+#: thread, kernels run e147874, batch 1 / 64; row tiles that load each input column's table row
+#: once, activation codes built 16 quads per vpmaddubsw + vpmaddwd): ResNet-18 3x3 convs 1.21-1.40x
+#: / 1.09-1.14x (stride 1), 1.25-1.38x / 0.97-1.06x (stride 2); CIFAR 64x8x8 1.22x / 1.34x, 3x3/2
+#: 32 -> 64 1.17x / 1.26x, 32x16x16 1.00x / 1.02x, 16 channels 0.58-0.91x. 1x1 convs share no
+#: rows and stay on the popcount kernel (1.14-1.38x / 0.90-1.22x on ResNet-18, 0.44-0.48x on
+#: CIFAR). Stems with <= 4 channels take it whatever their kernel (7x7/2 3 -> 64 2.06x / 2.31x,
+#: 3x3 3 -> 16 1.68x / 1.73x)
 TT_LUT_MIN_CHANNELS = 32
 
 

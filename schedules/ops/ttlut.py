@@ -18,7 +18,7 @@ column ``r * stride + d``: per (kernel row, channel quad) the kernel holds the i
 ``kw`` taps in registers and loads each of the ``(mb - 1) * stride + kw`` columns' rows once
 (9 rows instead of 21 for 7 pixels of a 3x3/1 conv). A run therefore covers whole kernel rows:
 ``tpc`` rows x ``kw`` taps x ``cgc`` quads (:func:`ttlut_geometry_of`). Measured on the ResNet-18
-3x3 convs with >= 128 channels, batch 1: 582-682 GMAC/s, against 437-630 with 4-pixel tiles that
+3x3 convs, batch 1: 552-691 GMAC/s, against 437-630 (>= 128 channels) with 4-pixel tiles that
 loaded a row per (pixel, tap) and 320-443 for per-pixel tables copied out of ``TT`` (their reads
 came from L2/L3; loading the row through the code keeps every table read in L1).
 
