@@ -168,11 +168,11 @@ def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str) -> list[st
     ]
 
 
-def tile_head(f: ConvFrame) -> list[str]:
-    """The parallel loop over register tiles (one image's pixels; under ``for b``). Its small
-    "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones become heap
-    workspaces in TVM 0.27)."""
-    return [f"            for t in T.parallel({f.tiles}):",
+def tile_head(tiles: int) -> list[str]:
+    """The parallel loop over ``tiles`` register tiles (one image's pixels; under ``for b``).
+    Its small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
+    become heap workspaces in TVM 0.27)."""
+    return [f"            for t in T.parallel({tiles}):",
             "                with T.sblock('tile'):",
             "                    T.reads()",
             "                    T.writes()"]
@@ -187,18 +187,18 @@ def tile_pixel(f: ConvFrame, r: int, tap: str) -> tuple[str, str]:
 
 
 def tile_reduction(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, wide: tuple[str, str],
-                   narrow: tuple[str, str], idx_dtype: str, temps: list[str]) -> list[str]:
-    """The tile's buffers and reduction loops up to the weight-index loads of one step: ``wide``
-    and ``narrow`` accumulators (name, dtype) per pixel ``r`` and vector ``j``, zeroed per
-    output-channel block ``nk`` and per chunk ``(tc, cc)``; ``iv_{j}`` the step's indices;
-    ``temps`` more vectors of the index type. The caller adds the lookups (indented 36)."""
+                   narrow: tuple[str, str], idx_dtype: str, vectors: list[str]) -> list[str]:
+    """The tile's buffers and reduction loops down to one step ``(i, k)``: ``wide`` and
+    ``narrow`` accumulators (name, dtype) per pixel ``r`` and vector ``j``, zeroed per
+    output-channel block ``nk`` and per chunk ``(tc, cc)``; ``vectors`` more buffers of the
+    index type (indices, tables). The caller adds the step's index loads and lookups
+    (indented 36)."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
     tile = [(r, j) for r in range(f.mb) for j in range(f.nv)]
     (wn, wt), (nn, nt) = wide, narrow
     lines = [f"                    {wn}_{r}_{j} = T.alloc_buffer(({n},), '{wt}')" for r, j in tile]
     lines += [f"                    {nn}_{r}_{j} = T.alloc_buffer(({n},), '{nt}')" for r, j in tile]
-    lines += [f"                    {t} = T.alloc_buffer(({n},), '{idx_dtype}')"
-              for t in [f"iv_{j}" for j in range(f.nv)] + temps]
+    lines += [f"                    {t} = T.alloc_buffer(({n},), '{idx_dtype}')" for t in vectors]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {wn}_{r}_{j}[{v}] = T.broadcast(T.{wt}(0), {n})"
               for r, j in tile]
@@ -207,9 +207,6 @@ def tile_reduction(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, wide: tuple[s
               for r, j in tile]
     lines += [f"                            for i in range({geo.tpc}):",
               f"                                for k in range({geo.cgc}):"]
-    lines += [f"                                    iv_{j}[{v}] = Wi[tc * {geo.tpc} + i,"
-              f" cc * {geo.cgc} + k, T.ramp(nk * {spec.nb} + {n * j}, 1, {n})]"
-              for j in range(f.nv)]
     return lines
 
 
@@ -316,8 +313,12 @@ def lut_source(spec: GemmSpec) -> str:
         lines += ["                    for e in T.vectorized(32):",
                   f"                        tab[y + {ph}, z + {pw}, {g}, e] = {table(str(g), n)}"]
     # register tile: mb output pixels x nv * 32 channels
-    lines += tile_head(f)
-    lines += tile_reduction(spec, f, geo, ("acc", "int32"), ("a16", "int16"), "int16", ["tv"])
+    lines += tile_head(f.tiles)
+    lines += tile_reduction(spec, f, geo, ("acc", "int32"), ("a16", "int16"), "int16",
+                            [f"iv_{j}" for j in range(nv)] + ["tv"])
+    lines += [f"                                    iv_{j}[{v}] = Wi[tc * {geo.tpc} + i,"
+              f" cc * {geo.cgc} + k, T.ramp(nk * {spec.nb} + {LUT_LANES * j}, 1, {LUT_LANES})]"
+              for j in range(nv)]
     tap, ind = f"tc * {geo.tpc} + i", "                                    "
     for r in range(mb):
         py, px = tile_pixel(f, r, tap)

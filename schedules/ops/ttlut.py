@@ -101,7 +101,14 @@ def ttlut_row_tiles(spec: GemmSpec) -> tuple[int, int]:
 
 def ttlut_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``tt_lut`` kernel for ``spec`` (see the module docstring)."""
-    from .lut import conv_frame, kernel_head, tile_stores, tile_widen
+    from .lut import (
+        conv_frame,
+        kernel_head,
+        tile_head,
+        tile_reduction,
+        tile_stores,
+        tile_widen,
+    )
 
     f = conv_frame(spec, "tt_lut", TT_LUT_LANES)
     geo = ttlut_geometry(spec)
@@ -151,28 +158,11 @@ def ttlut_source(spec: GemmSpec) -> str:
     if full * 16 < geo.cg:
         lines += [f"                    for g in range({full * 16}, {geo.cg}):",
                   f"                        codes[y + {ph}, z + {pw}, g] = {code}"]
-    lines += [
-        f"            for t in T.parallel({tiles}):",
-        "                with T.sblock('tile'):",
-        "                    T.reads()",
-        "                    T.writes()",
-    ]
-    # register tile: mb pixels of one output row x nv * 64 channels; "global" buffers stay
-    # stack allocas that LLVM keeps in registers
-    tile = [(r, j) for r in range(mb) for j in range(nv)]
-    ind = "                    "
-    lines += [f"{ind}a16_{r}_{j} = T.alloc_buffer(({n},), 'int16')" for r, j in tile]
-    lines += [f"{ind}a8_{r}_{j} = T.alloc_buffer(({n},), 'int8')" for r, j in tile]
-    lines += [f"{ind}iv_{d}_{j} = T.alloc_buffer(({n},), 'int8')"
-              for d in range(kw) for j in range(nv)]
-    lines += [f"{ind}{t} = T.alloc_buffer(({n},), 'int8')" for t in ("ta", "tb")]
-    lines += [f"{ind}for nk in range({spec.Np // spec.nb}):"]
-    lines += [f"{ind}    a16_{r}_{j}[{v}] = T.broadcast(T.int16(0), {n})" for r, j in tile]
-    lines += [f"{ind}    for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
-    lines += [f"{ind}        a8_{r}_{j}[{v}] = T.broadcast(T.int8(0), {n})" for r, j in tile]
-    lines += [f"{ind}        for i in range({geo.tpc}):",
-              f"{ind}            for k in range({geo.cgc}):"]
-    ind += "                "
+    # register tile: mb pixels of one output row x nv * 64 channels
+    lines += tile_head(tiles)
+    lines += tile_reduction(spec, f, geo, ("a16", "int16"), ("a8", "int8"), "int8",
+                            [f"iv_{d}_{j}" for d in range(kw) for j in range(nv)] + ["ta", "tb"])
+    ind = "                                    "
     dy, quad = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
     # the indices of every tap of the kernel row, for all nv vectors, stay in registers ...
     lines += [f"{ind}iv_{d}_{j}[{v}] = Wi[{dy} * {kw} + {d}, {quad},"
