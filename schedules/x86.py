@@ -96,10 +96,12 @@ TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 #: within noise (0.97-1.03x) and the 3-word 7x7 stem 9-11% slower
 TT_SPLIT_MIN_WORDS = 16
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
-#: table-lookup convs: 4 zmm of 32 int16 lanes (128 channels) x 4 pixels, 16 accumulators
-#: (7 x 4 = 28 of the 32 zmm spilled: 512x7x7 ran 450-740 µs from run to run); a 7x7 map
-#: takes 5-pixel tiles (``plan_gemm``)
-LUT_DEFAULT = {"nb": 128, "mb": 4, "rows": 1}
+#: table-lookup convs: 7 pixels of one output row x 2 zmm of 32 int16 lanes (64 channels);
+#: with 3x3 kernels 14 accumulators + 6 index vectors stay in registers, and each input
+#: column's table is loaded once for all 21 (pixel, tap) pairs that read it (znver4, 1 thread,
+#: batch 1, one process against the 4-pixel x 128-channel tiles that loaded a table per (pixel,
+#: tap): 3x3/1 convs 2.6-8.4% faster; 4 x 128 tiles: 16 accumulators, 7 x 128 spilled)
+LUT_DEFAULT = {"nb": 64, "mb": 7, "rows": 1}
 #: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
 #: 1 thread, speed over the VNNI kernel at batch 1 / 64 in the kernels run of docs/kernels.md:
 #: 32 channels 0.90 / 0.92, 64 1.01 / 1.01-1.11, 128 1.15 / 1.14, 256 1.15 / 1.05, 512
@@ -481,7 +483,7 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
     kernel benchmark times it beside the VNNI kernel on every int8-activation conv)."""
     return Rule("x86.t2_lut", "tvm_t2_lut",
                 _applies_t2_lut if where_chosen else _applies_t2_lut_any, _plan_t2_lut,
-                schedule_t2_lut, grid=_grid((128, 64), (4, 2), (1,), LUT_DEFAULT))
+                schedule_t2_lut, grid=_grid((64, 32), (7, 4, 14), (1,), LUT_DEFAULT))
 
 
 def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:

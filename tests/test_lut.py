@@ -24,15 +24,19 @@ AVX512 = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4"
                                              "avx512dq", "avx512vnni"}))
 
 
-@pytest.mark.parametrize("taps", [1, 9, 49])
-def test_geometry_keeps_int16_runs_exact(taps):
+@pytest.mark.parametrize("kernel", [(1, 1), (3, 3), (7, 7), (1, 5)])
+def test_geometry_keeps_int16_runs_exact(kernel):
+    kh, kw = kernel
     for c in range(1, 700):
-        geo = lut_geometry_of(c, taps)
+        geo = lut_geometry_of(c, kernel)
         assert geo.cgp * LUT_GROUP >= c and geo.cgp == geo.nc * geo.cgc
         assert geo.cg <= geo.cgp < geo.cg + geo.nc  # at most one padding triple per chunk
-        assert geo.tpc * geo.cgc <= LUT_INT16_RUN  # 85 lookups of |entry| <= 384 fit int16
-        assert geo.nt * geo.tpc == taps and (geo.tpc == 1 or geo.nc == 1)
+        # a run: tpc kernel rows x kw taps x cgc triples, 85 lookups of |entry| <= 384 at most
+        assert geo.tpc * kw * geo.cgc <= LUT_INT16_RUN
+        assert geo.nt * geo.tpc == kh and (geo.tpc == 1 or geo.nc == 1)
     assert LUT_INT16_RUN * 3 * 128 <= np.iinfo(np.int16).max
+    with pytest.raises(ValueError, match="kernel width 86"):
+        lut_geometry_of(8, (1, 86))
 
 
 def test_pack_lut_idx_decodes_to_the_codes():
@@ -40,7 +44,7 @@ def test_pack_lut_idx_decodes_to_the_codes():
     n, c, kh, kw = 5, 7, 3, 3
     codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
     idx = ops.pack_lut_idx(codes, c, (kh, kw), 8)
-    geo = lut_geometry_of(c, kh * kw)
+    geo = lut_geometry_of(c, (kh, kw))
     assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.int16
     digits = np.stack([idx % 3, idx // 3 % 3, idx // 9], -1) - 1  # [taps, cgp, Np, 3]
     back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)  # [Np, taps, 3 cgp]
@@ -73,14 +77,20 @@ def test_plan_tiles_one_image():
     lx = make_layer("conv2d", cin=130, out=40, hw=(7, 7))
     spec = x86.lut_rule().plan(lx, 3, AVX512, {})
     assert spec.layout == "t2_lut" and spec.w_dtype == "int16" and spec.k_order == "ijc"
-    assert spec.mb == 5 and spec.m_task == 1  # 10 tiles per image, the last one partial
-    assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks, not four
-    assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap
+    assert spec.mb == 7 and spec.m_task == 1  # one tile per output row
+    assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks
+    assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap (2 chunks of 22)
     src = lut_source(spec)
     assert "llvm.x86.avx512.permvar.hi.512" in src and "if nk * 64 + 32 + n < 40" in src
-    assert "T.min(t * 5 + 1, 48)" in src and "if t * 5 + 4 < 49:" in src
-    assert x86.lut_rule().plan(make_layer("conv2d", cin=130, hw=(14, 14)), 1, AVX512,
-                               {}).mb == 4  # 196 = 49 x 4
+    assert " < 7:" not in src  # whole rows: no pixel guards
+    # tiles of one output row: 7 pixels by default, or 8 where that pads the row less; the
+    # extra pixels of a row's partial last tile are not stored
+    for w, mb in ((4, 4), (28, 7), (32, 8), (17, 7), (112, 7)):
+        lx = make_layer("conv2d", cin=130, hw=(3, w))
+        assert x86.lut_rule().plan(lx, 1, AVX512, {}).mb == mb
+    src = lut_source(x86.lut_rule().plan(make_layer("conv2d", cin=130, hw=(3, 17)), 1,
+                                         AVX512, {}))
+    assert "if t % 3 * 7 + 6 < 17:" in src
     with pytest.raises(ValueError, match="one-group"):
         ops.plan_gemm(make_layer("conv2d", cin=8, gs=4), 1, "t2_lut", nb=32, mb_max=4,
                       rows_per_task=1)
@@ -96,8 +106,9 @@ CASES = [
     # 86 triples per tap: two int16 chunks per tap, C % 3 == 2
     ("c257_chunks", dict(cin=257, out=64, hw=(5, 5)), 1),
     ("stem_7x7_s2", dict(cin=3, out=32, k=7, stride=2, pad=3, hw=(15, 15)), 1),
-    # a 7x7 map: 5-pixel tiles, the last of each image partial (batch 2: the image offset)
-    ("c128_7x7_partial_tile", dict(cin=128, out=32, hw=(7, 7)), 2),
+    # 17-wide rows: tiles of 7 + 7 + 3 pixels, the last partial (batch 2: the image offset)
+    ("c128_w17_partial_tile", dict(cin=128, out=32, hw=(4, 17)), 2),
+    ("c128_7x7", dict(cin=128, out=64, hw=(7, 7)), 1),
     # cases the rule does not choose, which the benchmark times beside the VNNI kernel
     ("c8_s2", dict(cin=8, out=32, stride=2, hw=(9, 9)), 2),
     ("c16_1x1_nopad", dict(cin=16, out=32, k=1, pad=0, hw=(5, 5)), 1),
@@ -115,15 +126,16 @@ def test_lut_kernel_matches_reference(label, kw, batch):
     prep = tuning.prepare_rule(x86.lut_rule(where_chosen=False), lx, batch, x86_info())
     assert prep.kernel.impl == "tvm_t2_lut" and prep.kernel.spec.layout == "t2_lut"
     if "partial" in label:
-        assert 49 % prep.kernel.spec.mb
+        assert 17 % prep.kernel.spec.mb
     assert np.isfinite(prep.max_abs_err)  # prepare_rule raised KernelMismatchError otherwise
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("cin", [255, 256])
+@pytest.mark.parametrize("cin", [84, 85])
 def test_lut_kernel_is_exact_at_the_int16_bound(cin):
-    """Saturated activations and all-(+1) / all-(-1) weights: 85 lookups of +-381 per chunk
-    (cin 255: one chunk per tap), the most int16 may hold; cin 256 splits into 2 chunks."""
+    """Saturated activations and all-(+1) / all-(-1) weights: runs of 3 taps x 28 triples = 84
+    lookups of +-381 (cin 84: one chunk per kernel row), near the 85 int16 may hold; cin 85
+    splits each row into 2 chunks."""
     _needs_bw()
     tinfo = x86_info()
     for sign in (1, -1):

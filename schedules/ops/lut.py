@@ -13,9 +13,18 @@ input (``tab [Hp, Wp, CGp, 32]``, the padding ring all zeros) are reused 9 times
 output channel; an im2col-row table would be built 9 times. Strided convs reuse them less
 (stride 2 reads each table ~2.25 times), 1x1 convs not at all.
 
+Register tile (shared with :mod:`.ttlut`, :func:`row_tile_kernel`): ``mb`` neighbouring pixels
+of one output row x ``nv`` 32-channel vectors (default 7 x 2: 14 accumulators). Pixel ``r``
+under tap ``d`` reads input column ``r * stride + d``, so per (kernel row, channel triple) the
+indices of all ``kw`` taps stay in registers and each of the ``(mb - 1) * stride + kw``
+columns' tables is loaded once for every (pixel, tap) that reads it: 9 loads for 21 pairs of a
+3x3/1 conv, against one per (pixel, tap) with the earlier 4-pixel x 128-channel tiles (in one
+process, batch 1: the ResNet-18 3x3/1 convs 1-11% faster, the 7x7/2 stem 14% at batch 64).
+
 Exactness: ``|T[e]| <= 3 * 128``, so at most 85 lookups may add up in int16 before they are
-widened to int32; the reduction over (tap, channel triple) runs in chunks of at most 85 (taps
-grouped when a tap has few triples, triples split when it has many).
+widened to int32; the reduction runs in chunks of whole kernel rows of at most 85 lookups
+(rows grouped when a row has few triples, triples split when it has many:
+:func:`lut_geometry_of`).
 
 The kernel is written as TVMScript text (one unrolled register tile, a Python-generated body):
 TE cannot express a data-dependent in-register lookup, and tensorize cannot match one. It
@@ -49,17 +58,17 @@ LUT_ZERO_INDEX = 13
 
 @dataclass(frozen=True)
 class LutGeometry:
-    """How a ``t2_lut`` spec splits its reduction.
+    """How a table-lookup spec splits its reduction.
 
-    ``cg`` channel triples per tap (the last may be partial), padded to ``cgp = nc * cgc``;
-    the reduction runs over ``nt`` chunks of ``tpc`` taps x ``cgc`` triples, each at most
-    :data:`LUT_INT16_RUN` lookups long.
+    ``cg`` channel groups per tap (the last may be partial), padded to ``cgp = nc * cgc``;
+    the reduction runs over ``nt`` chunks of ``tpc`` kernel rows x all ``kw`` taps of a row x
+    ``cgc`` groups, each at most ``run`` lookups long (:func:`lut_geometry_of`).
 
     Example:
-        >>> lut_geometry_of(64, 9)
-        LutGeometry(cg=22, cgp=22, nc=1, cgc=22, tpc=3, nt=3)
-        >>> lut_geometry_of(512, 9)
-        LutGeometry(cg=171, cgp=171, nc=3, cgc=57, tpc=1, nt=9)
+        >>> lut_geometry_of(64, (3, 3))
+        LutGeometry(cg=22, cgp=22, nc=1, cgc=22, tpc=1, nt=3)
+        >>> lut_geometry_of(512, (3, 3))  # 9 chunks of 19 triples, 57 lookups per run
+        LutGeometry(cg=171, cgp=171, nc=9, cgc=19, tpc=1, nt=3)
     """
 
     cg: int
@@ -70,23 +79,29 @@ class LutGeometry:
     nt: int
 
 
-def lut_geometry_of(channels: int, taps: int, group: int = LUT_GROUP,
+def lut_geometry_of(channels: int, kernel: tuple[int, int], group: int = LUT_GROUP,
                     run: int = LUT_INT16_RUN) -> LutGeometry:
-    """The chunking of a conv with ``channels`` inputs and ``taps = kh * kw``: groups of
-    ``group`` channels, at most ``run`` lookups per chunk (``tt_lut``: 4 and 31)."""
+    """The chunking of a conv with ``channels`` inputs and a ``kernel = (kh, kw)``: groups of
+    ``group`` channels (the last may be partial), padded to ``cgp = nc * cgc``. A chunk covers
+    whole kernel rows (a row tile holds every tap's indices of a row in registers): ``tpc`` rows
+    x ``kw`` taps x ``cgc`` groups, so that each accumulator adds at most ``run`` lookups
+    (``tpc * kw * cgc <= run``; ``t2_lut``: triples, 85; ``tt_lut``: quads, 31). Groups split
+    into the chunks that pad least (a widening costs about two lookups per accumulator)."""
+    kh, kw = kernel
+    if not 1 <= kw <= run:
+        raise ValueError(f"table lookups: kernel width {kw} must be 1..{run}")
     cg = -(-channels // group)
-    if cg <= run:
-        tpc = max(d for d in range(1, taps + 1) if taps % d == 0 and d * cg <= run)
-        nc, cgc = 1, cg
-    else:
-        tpc = 1
-        nc = -(-cg // run)
-        cgc = -(-cg // nc)
-    return LutGeometry(cg=cg, cgp=nc * cgc, nc=nc, cgc=cgc, tpc=tpc, nt=taps // tpc)
+    per_row = run // kw  # groups per kernel row that one run can take
+    if cg <= per_row:
+        tpc = max(d for d in range(1, kh + 1) if kh % d == 0 and d * cg <= per_row)
+        return LutGeometry(cg=cg, cgp=cg, nc=1, cgc=cg, tpc=tpc, nt=kh // tpc)
+    nc = min(range(-(-cg // per_row), cg + 1), key=lambda n: (kw * n * -(-cg // n) + 2 * n, n))
+    cgc = -(-cg // nc)
+    return LutGeometry(cg=cg, cgp=nc * cgc, nc=nc, cgc=cgc, tpc=1, nt=kh)
 
 
 def lut_geometry(spec: GemmSpec) -> LutGeometry:
-    return lut_geometry_of(spec.in_shape[0], spec.kernel[0] * spec.kernel[1])
+    return lut_geometry_of(spec.in_shape[0], (spec.kernel[0], spec.kernel[1]))
 
 
 #: LLVM names of ``vpdpbusd zmm`` (u8 x s8, 4 per dword, accumulate) and ``vpackssdw zmm``
@@ -113,9 +128,12 @@ def _digit_of(half: str, dword: str, k: str) -> str:
 
 @dataclass(frozen=True)
 class ConvFrame:
-    """What a table-lookup kernel generator needs of its conv spec: sizes of the padded input,
-    the output map ``mi = ho * wo`` in ``tiles`` tiles of ``mb`` pixels, ``nv`` vectors of
-    ``lanes`` channels per tile."""
+    """What a table-lookup kernel generator needs of its conv spec: sizes of the input, its
+    padding and the padded table rows, and the output map ``mi = ho * wo`` in row tiles: ``mb``
+    neighbouring pixels of one output row (``per_row`` tiles per row, the last may be partial;
+    ``tiles`` per image) x ``nv`` vectors of ``lanes`` channels. ``wt`` is the width of the
+    padded per-pixel buffer (tables or codes): wide enough for a partial tile's extra pixels,
+    which read zeros and are not stored."""
 
     c: int
     h: int
@@ -130,9 +148,10 @@ class ConvFrame:
     mb: int
     nv: int
     lanes: int
+    per_row: int
     tiles: int
     hp: int
-    wp: int
+    wt: int
     taps: int
 
 
@@ -145,14 +164,13 @@ def conv_frame(spec: GemmSpec, layout: str, lanes: int) -> ConvFrame:
         raise ValueError(f"{layout} tiles: nb={spec.nb} must be a multiple of {lanes} "
                          f"dividing Np={spec.Np}")
     c, h, w = spec.in_shape
-    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    (sh, sw), (ph, pw), (kh, kw) = spec.stride, spec.padding, spec.kernel
     ho, wo = spec.out_hw
-    mi = ho * wo
-    return ConvFrame(c=c, h=h, w=w, kw=spec.kernel[1], sh=sh, sw=sw, ph=ph, pw=pw, wo=wo, mi=mi,
-                     mb=spec.mb, nv=spec.nb // lanes, lanes=lanes,
-                     # a last partial tile reads its last pixel again and stores nothing
-                     tiles=-(-mi // spec.mb), hp=h + 2 * ph, wp=w + 2 * pw,
-                     taps=spec.kernel[0] * spec.kernel[1])
+    per_row = -(-wo // spec.mb)
+    return ConvFrame(c=c, h=h, w=w, kw=kw, sh=sh, sw=sw, ph=ph, pw=pw, wo=wo, mi=ho * wo,
+                     mb=spec.mb, nv=spec.nb // lanes, lanes=lanes, per_row=per_row,
+                     tiles=ho * per_row, hp=h + 2 * ph,
+                     wt=max(w + 2 * pw, (per_row * spec.mb - 1) * sw + kw), taps=kh * kw)
 
 
 def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str) -> list[str]:
@@ -168,37 +186,38 @@ def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str) -> list[st
     ]
 
 
-def tile_head(tiles: int) -> list[str]:
-    """The parallel loop over ``tiles`` register tiles (one image's pixels; under ``for b``).
-    Its small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
-    become heap workspaces in TVM 0.27)."""
-    return [f"            for t in T.parallel({tiles}):",
-            "                with T.sblock('tile'):",
-            "                    T.reads()",
-            "                    T.writes()"]
+def padding_ring(f: ConvFrame) -> str:
+    """TVMScript condition: padded pixel ``(y, z)`` lies outside the input (it reads zeros)."""
+    return f"y < {f.ph} or y >= {f.h + f.ph} or z < {f.pw} or z >= {f.w + f.pw}"
 
 
-def tile_pixel(f: ConvFrame, r: int, tap: str) -> tuple[str, str]:
-    """Padded-input row and column that tap ``tap`` of pixel ``r`` of tile ``t`` reads (the
-    last partial tile repeats its last pixel)."""
-    m = f"T.min(t * {f.mb} + {r}, {f.mi - 1})" if f.mi % f.mb else f"(t * {f.mb} + {r})"
-    return (f"{m} // {f.wo} * {f.sh} + ({tap}) // {f.kw}",
-            f"{m} % {f.wo} * {f.sw} + ({tap}) % {f.kw}")
+def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
+                    wide: tuple[str, str], narrow: tuple[str, str], idx_dtype: str,
+                    regs: list[str], column: Callable[[str, str, str], list[str]],
+                    lookup: Callable[[str], str]) -> list[str]:
+    """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
-
-def tile_reduction(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, wide: tuple[str, str],
-                   narrow: tuple[str, str], idx_dtype: str, vectors: list[str]) -> list[str]:
-    """The tile's buffers and reduction loops down to one step ``(i, k)``: ``wide`` and
-    ``narrow`` accumulators (name, dtype) per pixel ``r`` and vector ``j``, zeroed per
-    output-channel block ``nk`` and per chunk ``(tc, cc)``; ``vectors`` more buffers of the
-    index type (indices, tables). The caller adds the step's index loads and lookups
-    (indented 36)."""
+    Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
+    dtype) per tile pixel ``r`` and vector ``j`` add up one run of lookups and are then widened
+    into ``wide`` ones. Per step ``(i, k)`` (a kernel row and a channel group) the indices of
+    all ``kw`` taps of the row stay in registers, and each input column ``q`` the tile reads is
+    loaded once and looked up for every (pixel ``r``, tap ``d``) with ``r * sw + d == q``:
+    ``column(row, col, group)`` gives the lines that load its ``regs`` (TVMScript, indent 36),
+    ``lookup(index)`` the looked-up vector. The small "global" buffers stay stack allocas that
+    LLVM keeps in registers ("local" ones become heap workspaces in TVM 0.27)."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
-    tile = [(r, j) for r in range(f.mb) for j in range(f.nv)]
+    mb, nv, kw = f.mb, f.nv, f.kw
+    tile = [(r, j) for r in range(mb) for j in range(nv)]
     (wn, wt), (nn, nt) = wide, narrow
-    lines = [f"                    {wn}_{r}_{j} = T.alloc_buffer(({n},), '{wt}')" for r, j in tile]
+    idx = [f"iv_{d}_{j}" for d in range(kw) for j in range(nv)]
+    lines = [f"            for t in T.parallel({f.tiles}):",
+             "                with T.sblock('tile'):",
+             "                    T.reads()",
+             "                    T.writes()"]
+    lines += [f"                    {wn}_{r}_{j} = T.alloc_buffer(({n},), '{wt}')" for r, j in tile]
     lines += [f"                    {nn}_{r}_{j} = T.alloc_buffer(({n},), '{nt}')" for r, j in tile]
-    lines += [f"                    {t} = T.alloc_buffer(({n},), '{idx_dtype}')" for t in vectors]
+    lines += [f"                    {x} = T.alloc_buffer(({n},), '{idx_dtype}')"
+              for x in idx + regs]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {wn}_{r}_{j}[{v}] = T.broadcast(T.{wt}(0), {n})"
               for r, j in tile]
@@ -207,41 +226,36 @@ def tile_reduction(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, wide: tuple[s
               for r, j in tile]
     lines += [f"                            for i in range({geo.tpc}):",
               f"                                for k in range({geo.cgc}):"]
-    return lines
+    ind = "                                    "
+    dy, grp = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
+    lines += [f"{ind}iv_{d}_{j}[{v}] = Wi[{dy} * {kw} + {d}, {grp},"
+              f" T.ramp(nk * {spec.nb} + {n * j}, 1, {n})]" for d in range(kw) for j in range(nv)]
+    y0, x0 = f"t // {f.per_row} * {f.sh} + {dy}", f"t % {f.per_row} * {mb * f.sw}"
+    for q in range((mb - 1) * f.sw + kw):
+        pairs = [(r, q - r * f.sw) for r in range(mb) if 0 <= q - r * f.sw < kw]
+        if not pairs:
+            continue
+        lines += column(y0, f"{x0} + {q}", grp)
+        lines += [f"{ind}{nn}_{r}_{j}[{v}] = {nn}_{r}_{j}[{v}] + {lookup(f'iv_{d}_{j}[{v}]')}"
+                  for r, d in pairs for j in range(nv)]
+    lines += [f"                            {wn}_{r}_{j}[{v}] = {wn}_{r}_{j}[{v}]"
+              f" + T.Cast('{wt}x{n}', {nn}_{r}_{j}[{v}])" for r, j in tile]
+    return lines + _tile_stores(spec, f, wn)
 
 
-def tile_widen(f: ConvFrame, wide: tuple[str, str], narrow: str) -> list[str]:
-    """End of a chunk: each narrow accumulator added into its wide one."""
-    n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
-    wn, wt = wide
-    return [f"                            {wn}_{r}_{j}[{v}] = {wn}_{r}_{j}[{v}]"
-            f" + T.Cast('{wt}x{n}', {narrow}_{r}_{j}[{v}])"
-            for r in range(f.mb) for j in range(f.nv)]
-
-
-def _flat_pixel(f: ConvFrame) -> Callable[[int], tuple[str, str | None]]:
-    """Tiles of ``mb`` consecutive pixels of the flattened output map (the last partial)."""
-    def pixel(r: int) -> tuple[str, str | None]:
-        return (f"b * {f.mi} + t * {f.mb} + {r}",
-                f"t * {f.mb} + {r} < {f.mi}" if f.mi % f.mb else None)
-
-    return pixel
-
-
-def tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
-                pixel: Callable[[int], tuple[str, str | None]] | None = None) -> list[str]:
-    """The epilogue of a tile: ``out = acc * S + bias`` per pixel and vector (``acc`` names the
-    accumulators, ``{acc}_{r}_{j}``). ``pixel(r)``: output row of tile pixel ``r`` and the
-    condition that it exists (None: always); default: flattened tiles. A pixel that may not
-    exist or a partial channel block is guarded."""
+def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str) -> list[str]:
+    """The epilogue of a row tile: ``out = acc * S + bias`` per pixel and vector (``acc``
+    names the accumulators ``{acc}_{r}_{j}``); the pixels of a partial tile past the row and
+    a partial channel block's padding channels are not stored."""
     lines, n, v = [], f.lanes, f"T.ramp(0, 1, {f.lanes})"
     for r in range(f.mb):
-        row, guard = (pixel or _flat_pixel(f))(r)
+        xo = f"t % {f.per_row} * {f.mb} + {r}"
+        row = f"b * {f.mi} + t // {f.per_row} * {f.wo} + {xo}"
         for j in range(f.nv):
             ind = "                        "
             n0 = f"nk * {spec.nb} + {n * j}"
-            if guard:
-                lines.append(f"{ind}if {guard}:")
+            if f.wo % f.mb:
+                lines.append(f"{ind}if {xo} < {f.wo}:")
                 ind += "    "
             if spec.N % spec.nb == 0:
                 lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, {n})] = T.Cast('float32x{n}', "
@@ -259,11 +273,10 @@ def lut_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``t2_lut`` kernel for ``spec`` (see the module docstring)."""
     f = conv_frame(spec, "t2_lut", LUT_LANES)
     geo = lut_geometry(spec)
-    c, h, w, ph, pw, mb, nv = f.c, f.h, f.w, f.ph, f.pw, f.mb, f.nv
-    hp, wp, cgp = f.hp, f.wp, geo.cgp
+    c, h, w, ph, pw = f.c, f.h, f.w, f.ph, f.pw
     v = "T.ramp(0, 1, 32)"
-    lines = kernel_head(spec, f, cgp, "int16") + [
-        f"        tab = T.alloc_buffer(({hp}, {wp}, {cgp}, 32), 'int16')",
+    lines = kernel_head(spec, f, geo.cgp, "int16") + [
+        f"        tab = T.alloc_buffer(({f.hp}, {f.wt}, {geo.cgp}, 32), 'int16')",
         # the table-building constants (see below): signed weights of each entry, 4 bytes per
         # dword (the 4th zero), and -128 * their sum
         "        wq = T.alloc_buffer((128,), 'int8')",
@@ -274,12 +287,11 @@ def lut_source(spec: GemmSpec) -> str:
         "            cq[i] = -128 * ("
         + " + ".join(f"{_digit_of('i // 16', 'i % 16', str(k))} - 1" for k in range(3)) + ")",
         f"        for b in range({spec.batch}):",
-        # the zero ring and the padding triples (rewritten per image: cheap, and the buffer is
-        # a per-call workspace)
-        f"            for y in T.parallel({hp}):",
-        f"                for z, g in T.grid({wp}, {cgp}):",
-        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}"
-        f" or g >= {geo.cg}:",
+        # the zero ring (and a partial tile's columns past it) and the padding triples
+        # (rewritten per image: cheap, and the buffer is a per-call workspace)
+        f"            for y in T.parallel({f.hp}):",
+        f"                for z, g in T.grid({f.wt}, {geo.cgp}):",
+        f"                    if {padding_ring(f)} or g >= {geo.cg}:",
         "                        for e in T.vectorized(32):",
         "                            tab[y, z, g, e] = T.int16(0)",
         f"            for y in T.parallel({h}):",
@@ -312,22 +324,19 @@ def lut_source(spec: GemmSpec) -> str:
         n = min(LUT_GROUP, c - LUT_GROUP * g)
         lines += ["                    for e in T.vectorized(32):",
                   f"                        tab[y + {ph}, z + {pw}, {g}, e] = {table(str(g), n)}"]
-    # register tile: mb output pixels x nv * 32 channels
-    lines += tile_head(f.tiles)
-    lines += tile_reduction(spec, f, geo, ("acc", "int32"), ("a16", "int16"), "int16",
-                            [f"iv_{j}" for j in range(nv)] + ["tv"])
-    lines += [f"                                    iv_{j}[{v}] = Wi[tc * {geo.tpc} + i,"
-              f" cc * {geo.cgc} + k, T.ramp(nk * {spec.nb} + {LUT_LANES * j}, 1, {LUT_LANES})]"
-              for j in range(nv)]
-    tap, ind = f"tc * {geo.tpc} + i", "                                    "
-    for r in range(mb):
-        py, px = tile_pixel(f, r, tap)
-        lines.append(f"{ind}tv[{v}] = tab[{py}, {px}, cc * {geo.cgc} + k, {v}]")
-        lines += [f"{ind}a16_{r}_{j}[{v}] = a16_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
-                  f"T.llvm_lookup_intrinsic_id('{VPERMW}'), tv[{v}], iv_{j}[{v}],"
-                  " dtype='int16x32')" for j in range(nv)]
-    lines += tile_widen(f, ("acc", "int32"), "a16")
-    return "\n".join(lines + tile_stores(spec, f, "acc"))
+
+    # register tile: mb pixels of one output row x nv * 32 channels; an input column's table
+    # (one zmm) serves every (pixel, tap) of the tile that reads it
+    def column(y: str, x: str, g: str) -> list[str]:
+        return [f"                                    tv[{v}] = tab[{y}, {x}, {g}, {v}]"]
+
+    def lookup(index: str) -> str:
+        return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{VPERMW}'), tv[{v}], "
+                f"{index}, dtype='int16x32')")
+
+    lines += row_tile_kernel(spec, f, geo, wide=("acc", "int32"), narrow=("a16", "int16"),
+                             idx_dtype="int16", regs=["tv"], column=column, lookup=lookup)
+    return "\n".join(lines)
 
 
 def lut_compute(spec: GemmSpec) -> Any:

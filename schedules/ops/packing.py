@@ -242,7 +242,7 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1, group=4)[0, :, 0].tolist()
         [59]
     """
-    from .lut import LUT_INT16_RUN, lut_geometry_of
+    from .lut import lut_geometry_of
     from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
 
     _check_ternary(codes)
@@ -251,7 +251,7 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     byte = group == TT_LUT_GROUP  # tt_lut: int8 indices, runs of 31; t2_lut: int16, runs of 85
     dtype: type[np.integer] = np.int8 if byte else np.int16
     cgp = (ttlut_geometry_of(channels, (kernel[0], kernel[1])) if byte
-           else lut_geometry_of(channels, taps, group, LUT_INT16_RUN)).cgp
+           else lut_geometry_of(channels, (kernel[0], kernel[1]))).cgp
     w = np.zeros((n, taps, cgp * group), np.int16)
     w[:, :, :channels] = np.asarray(codes, np.int16).reshape(n, taps, channels)
     d = w.reshape(n, taps, cgp, group) + 1

@@ -290,8 +290,8 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         if lx.op != "conv2d" or g != 1 or act != "int8":
             raise ValueError(f"layout t2_lut is for one-group int8-activation convs, got "
                              f"{lx.op} with {g} groups, {act} activations")
-        taps = lx.kernel_size[0] * lx.kernel_size[1]
-        kp = gs = taps * lut_geometry_of(in_shape[0], taps).cgp * 3  # padded channel triples
+        kh_, kw_ = lx.kernel_size
+        kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "int16"
     elif layout == "tt_lut":
         a_off, w_off_ = layer_offsets(lx)
@@ -307,11 +307,10 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         w_dtype = "int8" if lx.weight_format == "int8" else "float32"
     if layout.startswith(("t2", "tt")) and lx.weight_format != "ternary":
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
-    if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image);
-        # a partial last tile rather than a divisor (7 rows x 128 channels would spill): mb_max
-        # or one more row, whichever pads fewer rows (a 7x7 map: 10 tiles of 5, not 13 of 4);
-        # tt_lut tiles lie in one output row (they share table rows), so pad the row instead
-        mi = out_hw[1] if layout == "tt_lut" else out_hw[0] * out_hw[1]
+    if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image) that
+        # lie in one output row (they share table rows): mb_max or one more pixel, whichever
+        # pads the row less (a row's last tile may be partial: 7 x 128 channels would spill)
+        mi = out_hw[1]
         mb = min((min(c, mi) for c in (mb_max, mb_max + 1)), key=lambda c: (-(-mi // c) * c, c))
         m_task = 1
     else:

@@ -37,7 +37,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import _tvm
-from .lut import LutGeometry
+from .lut import (
+    LutGeometry,
+    conv_frame,
+    kernel_head,
+    lut_geometry_of,
+    padding_ring,
+    row_tile_kernel,
+)
 
 if TYPE_CHECKING:
     from .spec import GemmSpec
@@ -61,26 +68,14 @@ _POW3_BYTES = 1 + (3 << 8) + (9 << 16) + (27 << 24)
 
 def ttlut_geometry_of(channels: int, kernel: tuple[int, int]) -> LutGeometry:
     """The chunking of a ``tt_lut`` conv with ``channels`` inputs and a ``kernel = (kh, kw)``:
-    quads of 4 channels (the last may be partial), padded to ``cgp = nc * cgc``; a chunk covers
-    ``tpc`` kernel rows x all ``kw`` taps of a row x ``cgc`` quads, so that each accumulator
-    adds at most :data:`TT_LUT_RUN` lookups (``tpc * kw * cgc <= 31``). Quads split into the
-    chunks that pad least (a widening costs about two lookups per accumulator).
+    quads of 4 channels, runs of at most :data:`TT_LUT_RUN` lookups per accumulator
+    (:func:`.lut.lut_geometry_of`).
 
     Example:
         >>> ttlut_geometry_of(256, (3, 3))  # 8 chunks of 8 quads, 24 lookups per run
         LutGeometry(cg=64, cgp=64, nc=8, cgc=8, tpc=1, nt=3)
     """
-    kh, kw = kernel
-    if not 1 <= kw <= TT_LUT_RUN:
-        raise ValueError(f"tt_lut: kernel width {kw} must be 1..{TT_LUT_RUN}")
-    cg = -(-channels // TT_LUT_GROUP)
-    run = TT_LUT_RUN // kw  # quads per kernel row that one run can take
-    if cg <= run:
-        tpc = max(d for d in range(1, kh + 1) if kh % d == 0 and d * cg <= run)
-        return LutGeometry(cg=cg, cgp=cg, nc=1, cgc=cg, tpc=tpc, nt=kh // tpc)
-    nc = min(range(-(-cg // run), cg + 1), key=lambda n: (kw * n * -(-cg // n) + 2 * n, n))
-    cgc = -(-cg // nc)
-    return LutGeometry(cg=cg, cgp=nc * cgc, nc=nc, cgc=cgc, tpc=1, nt=kh)
+    return lut_geometry_of(channels, kernel, TT_LUT_GROUP, TT_LUT_RUN)
 
 
 def ttlut_geometry(spec: GemmSpec) -> LutGeometry:
@@ -91,39 +86,20 @@ def _digit(v: str, i: int) -> str:
     return f"({v} // {3 ** i} % 3 - 1)"
 
 
-def ttlut_row_tiles(spec: GemmSpec) -> tuple[int, int]:
-    """``(tiles per output row, tiles per image)``: a register tile is ``mb`` neighbouring
-    pixels of one output row (a row's last tile may be partial)."""
-    ho, wo = spec.out_hw
-    per_row = -(-wo // spec.mb)
-    return per_row, ho * per_row
-
-
 def ttlut_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``tt_lut`` kernel for ``spec`` (see the module docstring)."""
-    from .lut import (
-        conv_frame,
-        kernel_head,
-        tile_head,
-        tile_reduction,
-        tile_stores,
-        tile_widen,
-    )
-
     f = conv_frame(spec, "tt_lut", TT_LUT_LANES)
     geo = ttlut_geometry(spec)
-    c, h, w, ph, pw, mb, nv, kw = f.c, f.h, f.w, f.ph, f.pw, f.mb, f.nv, f.kw
-    per_row, tiles = ttlut_row_tiles(spec)
-    # the codes buffer is wide enough for a partial last tile's pixels past the row (their
-    # codes are zeros; they are computed and not stored)
-    wpx = max(f.wp, (per_row * mb - 1) * f.sw + kw)
-    v, n = f"T.ramp(0, 1, {TT_LUT_LANES})", TT_LUT_LANES
+    c, h, ph, pw = f.c, f.h, f.ph, f.pw
+    v = f"T.ramp(0, 1, {TT_LUT_LANES})"
     code = " + ".join(
         f"{3 ** i} * T.if_then_else(g * 4 + {i} < {c}, "
         f"T.Cast('int32', X[b, y, z, T.min(g * 4 + {i}, {c - 1})]) + 1, 1)" for i in range(4))
+    # the codes buffer is wide enough for a partial last tile's pixels past the row (their
+    # codes are zeros; they are computed and not stored)
     lines = kernel_head(spec, f, geo.cgp, "int8") + [
         "        TT = T.alloc_buffer((81, 128), 'int8')",
-        f"        codes = T.alloc_buffer(({f.hp}, {wpx}, {geo.cgp}), 'int32')",
+        f"        codes = T.alloc_buffer(({f.hp}, {f.wt}, {geo.cgp}), 'int32')",
         "        for a in range(81):",  # bytes 81..127 are never looked up: zeros
         "            for e in T.vectorized(128):",
         "                TT[a, e] = T.Cast('int8', T.if_then_else(e < 81, "
@@ -131,8 +107,8 @@ def ttlut_source(spec: GemmSpec) -> str:
         f"        for b in range({spec.batch}):",
         # the padding ring and padding quads: all zeros (decided per pixel, not per quad)
         f"            for y in T.parallel({f.hp}):",
-        f"                for z in range({wpx}):",
-        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
+        f"                for z in range({f.wt}):",
+        f"                    if {padding_ring(f)}:",
         f"                        for g in T.vectorized({geo.cgp}):",
         f"                            codes[y, z, g] = {TT_LUT_ZERO}",
     ]
@@ -145,7 +121,7 @@ def ttlut_source(spec: GemmSpec) -> str:
     # a last partial 64-channel group: scalar, so no byte of the next pixel is read
     full = c // 64
     lines += [f"            for y in T.parallel({h}):",
-              f"                for z in range({w}):"]
+              f"                for z in range({f.w}):"]
     if full:
         xv = "X.vload([b, y, z, q * 64], 'int8x64')"
         lines += [f"                    for q in range({full}):",
@@ -158,36 +134,21 @@ def ttlut_source(spec: GemmSpec) -> str:
     if full * 16 < geo.cg:
         lines += [f"                    for g in range({full * 16}, {geo.cg}):",
                   f"                        codes[y + {ph}, z + {pw}, g] = {code}"]
-    # register tile: mb pixels of one output row x nv * 64 channels
-    lines += tile_head(tiles)
-    lines += tile_reduction(spec, f, geo, ("a16", "int16"), ("a8", "int8"), "int8",
-                            [f"iv_{d}_{j}" for d in range(kw) for j in range(nv)] + ["ta", "tb"])
-    ind = "                                    "
-    dy, quad = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
-    # the indices of every tap of the kernel row, for all nv vectors, stay in registers ...
-    lines += [f"{ind}iv_{d}_{j}[{v}] = Wi[{dy} * {kw} + {d}, {quad},"
-              f" T.ramp(nk * {spec.nb} + {n * j}, 1, {n})]" for d in range(kw) for j in range(nv)]
-    # ... so that each input column q the tile reads is looked up once: its table row serves
-    # every (pixel r, tap d) with r * stride + d == q
-    y0, x0 = f"t // {per_row} * {f.sh} + {dy}", f"t % {per_row} * {mb * f.sw}"
-    for q in range((mb - 1) * f.sw + kw):
-        pairs = [(r, q - r * f.sw) for r in range(mb) if 0 <= q - r * f.sw < kw]
-        if not pairs:
-            continue
-        row = f"codes[{y0}, {x0} + {q}, {quad}]"
-        lines += [f"{ind}ta[{v}] = TT[{row}, T.ramp(0, 1, 64)]",
-                  f"{ind}tb[{v}] = TT[{row}, T.ramp(64, 1, 64)]"]
-        lines += [f"{ind}a8_{r}_{j}[{v}] = a8_{r}_{j}[{v}] + T.call_llvm_pure_intrin("
-                  f"T.llvm_lookup_intrinsic_id('{VPERMI2B}'), ta[{v}], iv_{d}_{j}[{v}], tb[{v}],"
-                  " dtype='int8x64')" for r, d in pairs for j in range(nv)]
-    lines += tile_widen(f, ("a16", "int16"), "a8")
 
-    def pixel(r: int) -> tuple[str, str | None]:
-        xo = f"t % {per_row} * {mb} + {r}"
-        return (f"b * {f.mi} + t // {per_row} * {f.wo} + {xo}",
-                f"{xo} < {f.wo}" if f.wo % mb else None)
+    # register tile: mb pixels of one output row x nv * 64 channels; an input column's table
+    # row (two zmm, loaded through its code) serves every (pixel, tap) that reads it
+    def column(y: str, x: str, g: str) -> list[str]:
+        row, ind = f"codes[{y}, {x}, {g}]", "                                    "
+        return [f"{ind}ta[{v}] = TT[{row}, T.ramp(0, 1, 64)]",
+                f"{ind}tb[{v}] = TT[{row}, T.ramp(64, 1, 64)]"]
 
-    return "\n".join(lines + tile_stores(spec, f, "a16", pixel))
+    def lookup(index: str) -> str:
+        return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{VPERMI2B}'), ta[{v}], "
+                f"{index}, tb[{v}], dtype='int8x64')")
+
+    lines += row_tile_kernel(spec, f, geo, wide=("a16", "int16"), narrow=("a8", "int8"),
+                             idx_dtype="int8", regs=["ta", "tb"], column=column, lookup=lookup)
+    return "\n".join(lines)
 
 
 def ttlut_compute(spec: GemmSpec) -> Any:
