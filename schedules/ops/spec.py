@@ -309,7 +309,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         raise ValueError(f"layout {layout} needs ternary weights, got {lx.weight_format}")
     if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image) that
         # lie in one output row (they share table rows): mb_max or one more pixel, whichever
-        # pads the row less (a row's last tile may be partial: 7 x 128 channels would spill)
+        # pads the row less; a row's last tile may be partial (wider tiles would spill)
         mi = out_hw[1]
         mb = min((min(c, mi) for c in (mb_max, mb_max + 1)), key=lambda c: (-(-mi // c) * c, c))
         m_task = 1
