@@ -79,6 +79,9 @@ KERNELS_EPILOG = textwrap.dedent("""\
       ternbench kernels --shapes resnet18 --layers 'resnet18.layer3.*' --batches 1,8
       ternbench kernels --shapes resnet18 --tune --tune-points 12 --out runs/k-tuned
       ternbench kernels --shapes gemv --metaschedule 64 --out runs/k-ms
+      ternbench kernels --whole-model resnet18 --model-methods rtn,sttn --model-only --out runs/m
+      ternbench kernels --whole-model resnet18 --model-methods twn --set twn.act_bits=8 \\
+          --model-only --out runs/m-twn8        # TWN's ternary weights, 8-bit activations
       nox -s kernels -- --threads 1 --out runs/kernels
     """)
 
@@ -170,6 +173,11 @@ def _add_kernels_parser(sub: Any) -> None:
                    "methods: rtn,sttn,fgq,twn)")
     k.add_argument("--model-only", action="store_true",
                    help="with --whole-model: skip the per-shape kernel benchmark")
+    k.add_argument("--set", dest="sets", action="append", default=[],
+                   metavar="METHOD.FIELD=VALUE",
+                   help="with --whole-model: override a method's config field, as for `run` "
+                   "(e.g. --set twn.act_bits=8: ternary weights with 8-bit activations); the "
+                   "row and the artifact are labelled METHOD+FIELD=VALUE (repeatable)")
     k.add_argument("--target", choices=("x86", "cuda"), default="x86",
                    help="x86 (this CPU, default) or cuda (the visible GPU: TVM CUDA kernels vs "
                    "torch cuDNN/cuBLAS FP32 and FP16; --threads, --tune and --metaschedule "
@@ -204,6 +212,9 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         print((csv.parent / "kernels.md").read_text())
         print(f"results: {csv}")
         return 0
+    if a.sets and not a.whole_model:
+        print("ternbench: error: --set applies to --whole-model's methods", file=sys.stderr)
+        return 2
     if a.whole_model:
         from .model_bench import (
             WHOLE_MODELS,
@@ -219,9 +230,11 @@ def _cmd_kernels(a: argparse.Namespace) -> int:
         from ternbench.methods import whole_model_methods
 
         model_methods = a.model_methods or whole_model_methods()
+        overrides = _method_overrides(a.sets, model_methods)
         results = [whole_model_latency(a.whole_model, m, threads=a.threads,
                                        repeat=a.rounds or (3 if a.quick else 15),
-                                       min_repeat_ms=5.0 if a.quick else 200.0, out=a.out)
+                                       min_repeat_ms=5.0 if a.quick else 200.0, out=a.out,
+                                       method_overrides=overrides.get(m))
                    for m in model_methods]
         mcsv, _ = write_model_results(results, a.out)
         (Path(a.out) / "model.md").write_text(model_markdown(results))
@@ -412,6 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default: the single run's dir)")
     _add_kernels_parser(sub)
     return p
+
+
+def _method_overrides(sets: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set METHOD.FIELD=VALUE`` of ``kernels --whole-model``: method -> field -> value,
+    each method one of ``methods`` (a ConfigError names the one that is not)."""
+    from ternbench.methods import ConfigError
+
+    from .config import parse_override
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for s in sets:
+        meth, fld, val = parse_override(s)
+        if meth not in methods:
+            raise ConfigError(f"--set {s}: {meth!r} is not one of the whole-model methods "
+                              f"being run ({', '.join(methods)}); add it to --model-methods")
+        overrides.setdefault(meth, {})[fld] = val
+    return overrides
 
 
 def _config_from_args(a: argparse.Namespace) -> Any:

@@ -28,7 +28,7 @@ import torch
 
 __all__ = [
     "WHOLE_MODELS", "WholeModelResult", "whole_model_latency", "write_model_results",
-    "model_markdown",
+    "model_markdown", "method_label",
 ]
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,17 @@ class WholeModelResult:
         return self.tvm_us / self.kernel_chain_us
 
 
+def method_label(method: str, overrides: dict[str, Any] | None = None) -> str:
+    """The name of a whole-model row and its artifact: the method, plus each config override
+    the user gave (sorted by field).
+
+    Example:
+        >>> method_label("twn", {"act_bits": 8})
+        'twn+act_bits=8'
+    """
+    return "".join([method, *(f"+{k}={v}" for k, v in sorted((overrides or {}).items()))])
+
+
 def whole_model_latency(model: str = "resnet18", method: str | None = None, *, batch: int = 1,
                         threads: int = 1, seed: int = 0, check_samples: int = 8,
                         repeat: int = 15, min_repeat_ms: float = 200.0,
@@ -103,7 +114,8 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
     ``method`` None takes the first of the registered whole-model methods
     (:func:`ternbench.methods.whole_model_methods`). Training-time methods are used as
     initialised (no training: latency only); their kernels and activation modes are the trained
-    model's.
+    model's. ``method_overrides`` change the method's config (e.g. ``{"act_bits": 8}``); the
+    result and the artifact are then named by :func:`method_label`.
     """
     import statistics
     import tempfile
@@ -142,6 +154,7 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
     x = torch.randn(n_cal, chans, size, size, generator=gen)
     y = torch.randint(0, classes, (n_cal,), generator=gen)
     overrides = dict(method_overrides or {})
+    label = method_label(method, overrides)
     if get_method_info(method).trains:
         overrides.setdefault("epochs", 0)  # training-time methods: latency only, no training
     ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
@@ -157,16 +170,17 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="ternbench-artifact-")
-        dest = Path(tmp.name) / f"{model}-{method}"
+        dest = Path(tmp.name) / f"{model}-{label}"
     else:
-        dest = Path(out) / "artifacts" / f"{model}-{method}"
+        dest = Path(out) / "artifacts" / f"{model}-{label}"
     try:
         write_artifact(dest, ex, gm.params, input_shape=gm.input_shape,
                        output_shape=gm.output_shape, target=gm.target,
-                       info={"model": model, "method": method, "weights": "seeded random"})
+                       info={"model": model, "method": method, "overrides": overrides,
+                             "weights": "seeded random"})
         art = load_artifact(dest)
         build_s = time.perf_counter() - t0
-        log.info("%s/%s: quantized and compiled in %.1f s", model, method, build_s)
+        log.info("%s/%s: quantized and compiled in %.1f s", model, label, build_s)
         xs = x[: (n_cal // batch) * batch].numpy()
         # seeded random weights: in a deep ternary-activation net a value within float32
         # rounding of a threshold flips one code and the flip grows layer after layer (the
@@ -210,10 +224,10 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
             tmp.cleanup()
     ksum = med["kernel_sum"]  # interleaved with the artifact (per_layer: each one alone)
     log.info("%s/%s artifact %.0f us (kernel sum %.0f us), torch fp32 %.0f, int8 %.0f, ort %s",
-             model, method, med["tvm"], ksum, med["torch_fp32"], med["torch_int8"],
+             model, label, med["tvm"], ksum, med["torch_fp32"], med["torch_int8"],
              f"{med['onnxruntime_int8']:.0f}" if "onnxruntime_int8" in med else "-")
     return WholeModelResult(
-        model=model, method=method, image_size=size, batch=batch, threads=threads,
+        model=model, method=label, image_size=size, batch=batch, threads=threads,
         tvm_us=med["tvm"], torch_fp32_us=med["torch_fp32"], torch_int8_us=med["torch_int8"],
         other_us=med["tvm"] - ksum, logit_rel_diff=check.rel_diff,
         top1_agreement=check.top1_agreement, per_layer_us=per_layer, impls=impls,

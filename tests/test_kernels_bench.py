@@ -257,6 +257,29 @@ def test_cli_whole_model(tmp_path, capsys):
 
 
 @pytest.mark.tvm
+def test_cli_whole_model_with_config_overrides(tmp_path, capsys):
+    """`--set METHOD.FIELD=VALUE` changes a whole-model method's config (TWN with 8-bit
+    activations: its convs run the int8-activation ternary kernels); the row and the artifact
+    carry the override in their name. A --set for a method that is not run, or without
+    --whole-model, is refused with the reason."""
+    rc = cli.main(["kernels", "--whole-model", "resnet8", "--model-methods", "twn",
+                   "--set", "twn.act_bits=8", "--model-only", "--quick", "--rounds", "1",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    r = pd.read_csv(tmp_path / "model.csv").iloc[0]
+    assert r.method == "twn+act_bits=8" and r.top1_agreement == 1.0
+    assert (tmp_path / "artifacts" / "resnet8-twn+act_bits=8" / "manifest.json").exists()
+    impls = set(pd.read_csv(tmp_path / "model_layers.csv").impl)
+    assert impls & {"tvm_t2_lut", "tvm_t2_vnni", "tvm_t2_avx2"}, impls  # int8 activations
+    capsys.readouterr()
+    assert cli.main(["kernels", "--whole-model", "resnet8", "--model-methods", "rtn",
+                     "--set", "twn.act_bits=8", "--out", str(tmp_path)]) == 2
+    assert "'twn' is not one of the whole-model methods being run (rtn)" in capsys.readouterr().err
+    assert cli.main(["kernels", "--set", "twn.act_bits=8", "--out", str(tmp_path)]) == 2
+    assert "--set applies to --whole-model" in capsys.readouterr().err
+
+
+@pytest.mark.tvm
 def test_fgq_group_rows(tmp_path):
     """``group_sizes`` adds the int8-activation kernel with FGQ group scales, checked against
     the reference like every kernel (fan-in 72 with N=64: a partial, zero-padded last group)."""
