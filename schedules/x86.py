@@ -100,7 +100,7 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: with 3x3 kernels 14 accumulators + 6 index vectors stay in registers, and each input
 #: column's table is loaded once for all 21 (pixel, tap) pairs that read it (znver4, 1 thread,
 #: batch 1, one process against the 4-pixel x 128-channel tiles that loaded a table per (pixel,
-#: tap): 3x3/1 convs 2.6-8.4% faster; 4 x 128 tiles: 16 accumulators, 7 x 128 spilled)
+#: tap): ResNet-18 3x3/1 convs 1-11% faster; 4 x 128 tiles: 16 accumulators, 7 x 128 spilled)
 LUT_DEFAULT = {"nb": 64, "mb": 7, "rows": 1}
 #: input channels from which the lookup kernel is chosen over vpdpbusd on 3x3/1 convs (znver4,
 #: 1 thread, speed over the VNNI kernel at batch 1 / 64 in the kernels run of docs/kernels.md:
@@ -108,6 +108,10 @@ LUT_DEFAULT = {"nb": 64, "mb": 7, "rows": 1}
 #: 1.12 / 1.12; the 7x7/2 3-channel stem 1.85 / 1.72; stride-2 3x3 convs 0.57-1.07, 1x1 convs
 #: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
+#: input channels from which it is chosen on convs whose tables are read 2-9 times (3x3/2):
+#: with row tiles and byte indices, speed over the VNNI kernel in one process (batch 1 / 64)
+#: 3x3/2 256 -> 512 1.08x / 1.08x, 128 -> 256 0.93-1.02x / 1.02x, 64 -> 128 0.92x
+LUT_MIN_CHANNELS_STRIDED = 256
 #: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
 #: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4
 #: zmm and 12 indices spilled: 3.7x slower)
@@ -418,12 +422,14 @@ def _applies_t2_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over ``vpdpbusd``: convs whose input tables are each read >= 9 times
     (``kh * kw / (sh * sw)``: 3x3/1, 7x7/2) with >= LUT_MIN_CHANNELS inputs or a stem's <= 4
-    (one triple per tap: ``vpdpbusd`` pads its 4-byte steps). Measured: docs/kernels.md."""
+    (one triple per tap: ``vpdpbusd`` pads its 4-byte steps), and those read >= 2 times (3x3/2)
+    with >= LUT_MIN_CHANNELS_STRIDED inputs. Measured: docs/kernels.md."""
     if not _applies_t2_lut_any(lx, target):
         return False
     (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
-    reuse = kh * kw / (sh * sw)
-    return reuse >= 9 and (lx.in_channels >= LUT_MIN_CHANNELS or lx.in_channels <= 4)
+    reuse, c = kh * kw / (sh * sw), lx.in_channels
+    return ((reuse >= 9 and (c >= LUT_MIN_CHANNELS or c <= 4))
+            or (reuse >= 2 and c >= LUT_MIN_CHANNELS_STRIDED))
 
 
 def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,

@@ -46,11 +46,13 @@ def expected_t2_impl(features: frozenset[str], lx=None) -> str:
     """The int8-activation ternary kernel a feature set should get (derived from the CPU's
     features, never a hard-coded name: CI machines differ). With the layer ``lx``: the
     table-lookup kernel on AVX-512BW for one-group convs whose input tables are each read >= 9
-    times with >= 64 or <= 4 input channels."""
+    times with >= 64 or <= 4 input channels, or >= 2 times with >= 256."""
     if lx is not None and {"avx512f", "avx512bw"} <= features and lx.op == "conv2d":
         (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
-        if (lx.group_size >= lx.fan_in and kh * kw >= 9 * sh * sw
-                and (lx.in_channels >= 64 or lx.in_channels <= 4)):
+        c = lx.in_channels
+        if lx.group_size >= lx.fan_in and (
+                (kh * kw >= 9 * sh * sw and (c >= 64 or c <= 4))
+                or (kh * kw >= 2 * sh * sw and c >= 256)):
             return "tvm_t2_lut"
     if {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features:
         return "tvm_t2_vnni"

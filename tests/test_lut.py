@@ -45,17 +45,30 @@ def test_pack_lut_idx_decodes_to_the_codes():
     codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
     idx = ops.pack_lut_idx(codes, c, (kh, kw), 8)
     geo = lut_geometry_of(c, (kh, kw))
-    assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.int16
-    digits = np.stack([idx % 3, idx // 3 % 3, idx // 9], -1) - 1  # [taps, cgp, Np, 3]
+    assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.uint8
+    i = idx.astype(np.int64)
+    digits = np.stack([i % 3, i // 3 % 3, i // 9], -1) - 1  # [taps, cgp, Np, 3]
     back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)  # [Np, taps, 3 cgp]
     np.testing.assert_array_equal(back[:n, :, :c].reshape(n, -1), codes)
     assert (idx[:, :, n:] == LUT_ZERO_INDEX).all()  # padding output channels add zero
     assert (back[:n, :, c:] == 0).all()  # so do the input channels padding the last triple
+    # paired: a 64-channel block read as int16 words holds channel k in the low byte of word
+    # k and channel 32 + k in its high byte
+    codes = rng.integers(-1, 2, (100, kh * kw * c)).astype(np.int8)
+    plain = ops.pack_lut_idx(codes, c, (kh, kw), 128)
+    words = ops.pack_lut_idx(codes, c, (kh, kw), 128, paired=True).view(np.uint16)
+    np.testing.assert_array_equal(words & 0xFF, plain.reshape(9, -1, 2, 2, 32)[..., 0, :]
+                                  .reshape(words.shape))
+    np.testing.assert_array_equal(words >> 8, plain.reshape(9, -1, 2, 2, 32)[..., 1, :]
+                                  .reshape(words.shape))
+    with pytest.raises(ValueError, match="Np % 64"):
+        ops.pack_lut_idx(codes[:32], c, (kh, kw), 96, paired=True)
 
 
 def test_rule_gate():
-    """Chosen where each input table is read >= 9 times with >= 64 or <= 4 channels; never
-    for groups (FGQ), ternary activations, stride-2 3x3 or 1x1 convs, or without AVX-512BW."""
+    """Chosen where each input table is read >= 9 times with >= 64 or <= 4 channels, or >= 2
+    times (3x3/2) with >= 256; never for groups (FGQ), ternary activations, narrower stride-2
+    3x3 or 1x1 convs, or without AVX-512BW."""
     def rule(**kw):
         return measure.select_rule(make_layer("conv2d", **kw), AVX512).name
 
@@ -63,6 +76,7 @@ def test_rule_gate():
     assert rule(cin=3, out=16, k=7, stride=2, pad=3, hw=(15, 15)) == "x86.t2_lut"
     assert rule(cin=3, out=16) == "x86.t2_lut"
     assert rule(cin=64, out=16) == "x86.t2_lut"
+    assert rule(cin=256, out=32, stride=2) == "x86.t2_lut"  # tables read 2.25 times, 256 ch
     for kw in (dict(cin=32), dict(cin=128, stride=2), dict(cin=256, k=1, pad=0),
                dict(cin=128, gs=4, order="ijc")):
         assert rule(out=32, **kw) == "x86.t2_avx512vnni", kw
@@ -76,7 +90,7 @@ def test_rule_gate():
 def test_plan_tiles_one_image():
     lx = make_layer("conv2d", cin=130, out=40, hw=(7, 7))
     spec = x86.lut_rule().plan(lx, 3, AVX512, {})
-    assert spec.layout == "t2_lut" and spec.w_dtype == "int16" and spec.k_order == "ijc"
+    assert spec.layout == "t2_lut" and spec.w_dtype == "uint8" and spec.k_order == "ijc"
     assert spec.mb == 7 and spec.m_task == 1  # one tile per output row
     assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks
     assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap (2 chunks of 22)

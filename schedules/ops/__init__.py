@@ -32,7 +32,7 @@ padding never changes the result):
   run time by the kernel itself (stage ``A_bits [M, KW, 2]``) and a group's dot product is
   ``popc(am & wm) - 2 * popc(am & wm & (as ^ ws))``. The affine terms of RTN-style offsets are
   added in the epilogue (see :func:`tt_compute`).
-* ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): int16 indices of three ternary
+* ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): byte indices of three ternary
   weights ``[taps, CGp, Np]`` into 27-entry tables the kernel builds per input pixel and channel
   triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`).
 * ``tt_lut`` (ternary activations *and* weights, one group, convs without offsets;

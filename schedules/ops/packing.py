@@ -230,17 +230,22 @@ def border_classes(spec: GemmSpec, tw: np.ndarray
 
 
 def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
-                 np_: int, *, group: int = 3) -> np.ndarray:
+                 np_: int, *, group: int = 3, paired: bool = False) -> np.ndarray:
     """Table-lookup weight indices ``[taps, CGp, Np]`` from ternary codes ``[N, K]`` in
     (kh, kw, C) order: ``sum_j 3^j (w_j + 1)`` per tap and group of ``group`` channels; padding
     channels, groups and output channels get the all-zero index ``(3^group - 1) / 2``.
-    ``group=3``: ``t2_lut`` (int16, 27 indices); ``group=4``: ``tt_lut`` (int8, 81).
+    ``group=3``: ``t2_lut`` (uint8, 27 indices); ``group=4``: ``tt_lut`` (int8, 81).
+    ``paired``: bytes ``2k`` and ``2k + 1`` of each 64-channel block hold channels ``k`` and
+    ``32 + k`` (``t2_lut`` reads a block as 32 int16 words: ``vpermw`` looks up the low byte's
+    index, and again after a shift right by 8 the high byte's).
 
     Example:
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1)[0, :, 0].tolist()
         [5, 14]
         >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1, group=4)[0, :, 0].tolist()
         [59]
+        >>> pack_lut_idx(np.eye(64, 3, dtype=int), 3, (1, 1), 64, paired=True)[0, 0, :4].tolist()
+        [14, 13, 16, 13]
     """
     from .lut import lut_geometry_of
     from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
@@ -248,8 +253,8 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     _check_ternary(codes)
     n = codes.shape[0]
     taps = kernel[0] * kernel[1]
-    byte = group == TT_LUT_GROUP  # tt_lut: int8 indices, runs of 31; t2_lut: int16, runs of 85
-    dtype: type[np.integer] = np.int8 if byte else np.int16
+    byte = group == TT_LUT_GROUP  # tt_lut: int8 indices, runs of 31; t2_lut: uint8, runs of 85
+    dtype: type[np.integer] = np.int8 if byte else np.uint8
     cgp = (ttlut_geometry_of(channels, (kernel[0], kernel[1])) if byte
            else lut_geometry_of(channels, (kernel[0], kernel[1]))).cgp
     w = np.zeros((n, taps, cgp * group), np.int16)
@@ -257,6 +262,11 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     d = w.reshape(n, taps, cgp, group) + 1
     idx = np.full((taps, cgp, np_), (3 ** group - 1) // 2, dtype)
     idx[:, :, :n] = (d * 3 ** np.arange(group)).sum(-1).transpose(1, 2, 0)
+    if paired:
+        if np_ % 64:
+            raise ValueError(f"paired indices need Np % 64 == 0, got {np_}")
+        blocks = idx.reshape(taps, cgp, np_ // 64, 2, 32)  # [.., half, k] -> byte 2k + half
+        idx = np.ascontiguousarray(blocks.transpose(0, 1, 2, 4, 3)).reshape(taps, cgp, np_)
     return idx
 
 
@@ -288,7 +298,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
     elif spec.layout == "t2_lut":
-        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np)]
+        w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
+                               paired=spec.nb % 64 == 0)]
     elif spec.layout == "tt_lut":
         from .ttlut import TT_LUT_GROUP
 

@@ -292,7 +292,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
                              f"{lx.op} with {g} groups, {act} activations")
         kh_, kw_ = lx.kernel_size
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
-        w_dtype = "int16"
+        w_dtype = "uint8"
     elif layout == "tt_lut":
         a_off, w_off_ = layer_offsets(lx)
         if lx.op != "conv2d" or g != 1 or a_off or w_off_:
