@@ -35,7 +35,7 @@ low byte's index, and after a shift right by 8 the high byte's), ``S [Np]``, ``b
 ``out [M, N]``. Byte indices take 2.67 bits per weight; int16 ones took 5.3, and against them
 (one process, batch 1) the 512x7x7 conv ran 8% and the 3x3/2 256 -> 512 one 6.5% faster (their
 indices no longer fill L2), the narrower convs 0-2% slower (the shift), and the whole ResNet-18
-with TWN's weights and 8-bit activations 5% faster (11.12 -> 10.58 ms, two runs).
+with TWN's weights and 8-bit activations 3-5% faster (11.12 ms; 10.58 and 10.78 ms after).
 """
 
 from __future__ import annotations
