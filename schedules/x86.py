@@ -109,8 +109,9 @@ LUT_DEFAULT = {"nb": 64, "mb": 7, "rows": 1}
 #: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
 #: input channels from which it is chosen on convs whose tables are read 2-9 times (3x3/2):
-#: with row tiles and byte indices, speed over the VNNI kernel in one process (batch 1 / 64)
-#: 3x3/2 256 -> 512 1.08x / 1.08x, 128 -> 256 0.93-1.02x / 1.02x, 64 -> 128 0.92x
+#: with row tiles and byte indices, speed over the VNNI kernel (batch 1 / 64; one process, then
+#: the kernels run at 346f515): 3x3/2 256 -> 512 1.08x / 1.08x, 1.10x / 1.07x; 128 -> 256
+#: 0.93x / 1.02x, 0.99x / 0.92x; 64 -> 128 0.92x (batch 1, one process)
 LUT_MIN_CHANNELS_STRIDED = 256
 #: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
 #: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4

@@ -201,7 +201,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                     wide: tuple[str, str], narrow: tuple[str, str], idx_dtype: str,
                     regs: list[str], column: Callable[[str, str, str], list[str]],
                     lookup: Callable[[str], str],
-                    indices: Callable[[int, str, str], list[str]] | None = None) -> list[str]:
+                    indices: Callable[[int, str, str], list[str]]) -> list[str]:
     """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
     Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
@@ -211,7 +211,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     loaded once and looked up for every (pixel ``r``, tap ``d``) with ``r * sw + d == q``:
     ``column(row, col, group)`` gives the lines that load its ``regs`` (TVMScript, indent 36),
     ``lookup(index)`` the looked-up vector; ``indices(d, tap, group)`` the lines that load tap
-    ``d``'s index vectors ``iv_{d}_{j}`` (default: ``lanes`` elements of ``Wi`` per vector).
+    ``d``'s index vectors ``iv_{d}_{j}`` from ``Wi[tap, group, ...]`` (block ``nk``).
     The small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
     become heap workspaces in TVM 0.27)."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
@@ -238,11 +238,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     ind = "                                    "
     dy, grp = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
     for d in range(kw):
-        if indices is not None:
-            lines += indices(d, f"{dy} * {kw} + {d}", grp)
-        else:
-            lines += [f"{ind}iv_{d}_{j}[{v}] = Wi[{dy} * {kw} + {d}, {grp},"
-                      f" T.ramp(nk * {spec.nb} + {n * j}, 1, {n})]" for j in range(nv)]
+        lines += indices(d, f"{dy} * {kw} + {d}", grp)
     y0, x0 = f"t // {f.per_row} * {f.sh} + {dy}", f"t % {f.per_row} * {mb * f.sw}"
     for q in range((mb - 1) * f.sw + kw):
         pairs = [(r, q - r * f.sw) for r in range(mb) if 0 <= q - r * f.sw < kw]
@@ -353,14 +349,14 @@ def lut_source(spec: GemmSpec) -> str:
     # vector is widened
     def indices(d: int, tap: str, g: str) -> list[str]:
         ind, out = "                                    ", []
-        for j in range(0, f.nv, 2) if f.nv % 2 == 0 else ():
+        if f.nv % 2:
+            return [f"{ind}iv_{d}_{j}[{v}] = T.Cast('int16x32', Wi[{tap}, {g}, "
+                    f"T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)])" for j in range(f.nv)]
+        for j in range(0, f.nv, 2):
             block = f"Wi[{tap}, {g}, T.ramp(nk * {spec.nb} + {32 * j}, 1, 64)]"
             out += [f"{ind}iv_{d}_{j}[{v}] = T.reinterpret({block}, dtype='int16x32')",
                     f"{ind}iv_{d}_{j + 1}[{v}] = T.shift_right(iv_{d}_{j}[{v}], "
                     "T.broadcast(T.int16(8), 32))"]
-        for j in range(f.nv) if f.nv % 2 else ():
-            out.append(f"{ind}iv_{d}_{j}[{v}] = T.Cast('int16x32', Wi[{tap}, {g}, "
-                       f"T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)])")
         return out
 
     lines += row_tile_kernel(spec, f, geo, wide=("acc", "int32"), narrow=("a16", "int16"),

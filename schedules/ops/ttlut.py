@@ -146,8 +146,14 @@ def ttlut_source(spec: GemmSpec) -> str:
         return (f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{VPERMI2B}'), ta[{v}], "
                 f"{index}, tb[{v}], dtype='int8x64')")
 
+    def indices(d: int, tap: str, g: str) -> list[str]:  # 64 int8 indices per vector
+        return [f"                                    iv_{d}_{j}[{v}] = Wi[{tap}, {g},"
+                f" T.ramp(nk * {spec.nb} + {TT_LUT_LANES * j}, 1, {TT_LUT_LANES})]"
+                for j in range(f.nv)]
+
     lines += row_tile_kernel(spec, f, geo, wide=("a16", "int16"), narrow=("a8", "int8"),
-                             idx_dtype="int8", regs=["ta", "tb"], column=column, lookup=lookup)
+                             idx_dtype="int8", regs=["ta", "tb"], column=column, lookup=lookup,
+                             indices=indices)
     return "\n".join(lines)
 
 
