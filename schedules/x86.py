@@ -40,7 +40,7 @@ from .generic import (
     schedule_blocked,
     schedule_gemm,
 )
-from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, layer_offsets, plan_gemm, tile_kwargs
+from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
 from .ops.lut import LUT_LANES
 from .ops.ttlut import TT_LUT_LANES
 
@@ -494,13 +494,12 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
 
 
 def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-    """Where the ``tt_lut`` kernel can run: one-group ternary x ternary convs without offsets on
-    AVX512-VBMI (``vpermi2b zmm``), fan-in below 2^15 (int16 sums)."""
+    """Where the ``tt_lut`` kernel can run: one-group ternary x ternary convs (RTN's offsets
+    included) on AVX512-VBMI (``vpermi2b zmm``), fan-in below 2^15 (int16 sums)."""
     if not (_is_x86(target) and target.has("avx512bw") and target.has("avx512vbmi")):
         return False
     return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "ternary"
-            and int(lx.group_size) >= lx.fan_in and not any(layer_offsets(lx))
-            and lx.fan_in < 2 ** 15)
+            and int(lx.group_size) >= lx.fan_in and lx.fan_in < 2 ** 15)
 
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:

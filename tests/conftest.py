@@ -7,7 +7,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,13 +72,11 @@ def require_x86_features(features: set[str], what: str) -> None:
 
 def expected_tt_impl(features: frozenset[str], lx=None) -> str:
     """The ternary x ternary kernel a feature set should get. With the layer ``lx``: the
-    byte-table lookup kernel on AVX512-VBMI for one-group convs without offsets whose input and
-    output channels are both >= 32 (1x1 convs never), or whose input has <= 4 channels
-    (stems)."""
+    byte-table lookup kernel on AVX512-VBMI for one-group convs (RTN's offsets included) whose
+    input and output channels are both >= 32 (1x1 convs never), or whose input has <= 4
+    channels (stems)."""
     if lx is not None and {"avx512bw", "avx512vbmi"} <= features and lx.op == "conv2d":
-        w_off = lx.weight_offset is not None and np.any(np.asarray(lx.weight_offset))
-        if (lx.group_size >= lx.fan_in and lx.act_offset == 0.0 and not w_off
-                and lx.fan_in < 2 ** 15
+        if (lx.group_size >= lx.fan_in and lx.fan_in < 2 ** 15
                 and ((lx.kernel_size[1] > 1 and min(lx.in_channels, lx.out_channels) >= 32)
                      or lx.in_channels <= 4)):
             return "tvm_tt_lut"

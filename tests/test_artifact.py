@@ -220,9 +220,10 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
 @pytest.mark.parametrize("method", ["sttn", "rtn"])
 def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     """Ternary activations on a 128-channel 3x3 conv inside the one module, which reproduces the
-    fake-quant logits. STTN (no offsets): the byte-table lookup kernel on AVX512-VBMI, fed
-    activation codes. RTN (offsets): the popcount kernel, quantizing its float input while
-    packing; with VPOPCNTDQ it keeps the two popcount sums apart (18 words per output)."""
+    fake-quant logits. On AVX512-VBMI the byte-table lookup kernel, fed activation codes, for
+    STTN (no offsets) and RTN (offsets: window sums and border terms in its epilogue);
+    elsewhere the popcount kernel, quantizing its float input while packing; with VPOPCNTDQ it
+    keeps the two popcount sums apart (18 words per output)."""
     from ternbench.schedules import _tvm
     from ternbench.schedules.model import compare_logits
 
@@ -230,7 +231,7 @@ def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     conv = gm.kernels[1]
     text = gm.mod[conv.func].script()
     feats = _tvm.target_info("x86").features
-    lut = method == "sttn" and {"avx512bw", "avx512vbmi"} <= feats
+    lut = {"avx512bw", "avx512vbmi"} <= feats
     assert conv.impl == ("tvm_tt_lut" if lut else "tvm_tt_popc")
     x_dtype = "int8" if lut else "float32"  # codes, or quantized while packing
     assert f'X: T.Buffer((8, 28, 28, 128), "{x_dtype}")' in text

@@ -256,7 +256,7 @@ def test_rule_selection_is_gated_by_target_features():
         spec = rule.plan(lx, 1, popc512, rule.default_params)
         assert (spec.gsp // 64, spec.tt_split) == (words, split)
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
-    # AVX512-VBMI: byte-table lookups for one-group ternary convs without offsets, >= 32
+    # AVX512-VBMI: byte-table lookups for one-group ternary convs (offsets or not), >= 32
     # channels in and out (1x1 never) or a stem's <= 4 inputs; everything else stays on the
     # popcount
     vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"})
@@ -268,8 +268,8 @@ def test_rule_selection_is_gated_by_target_features():
                     (dict(cin=64, out=128, stride=2), True),
                     (dict(cin=128, out=128, stride=2), True),
                     (dict(cin=128, out=128, k=1, pad=0), False),
-                    (dict(cin=128, out=128, act_offset=0.3), False),
-                    (dict(cin=128, out=128, w_offset=True), False),
+                    (dict(cin=128, out=128, act_offset=0.3), True),  # RTN's offsets
+                    (dict(cin=128, out=128, w_offset=True), True),
                     (dict(cin=128, out=128, gs=64), False)):
         lx = make_layer("conv2d", act="ternary", hw=(4, 4), **kw)
         assert measure.select_rule(lx, vbmi).name == ("x86.tt_lut" if lut else "x86.tt_popc512")
@@ -749,8 +749,12 @@ def test_ternary_mismatch_raises(tvm_mod, monkeypatch):
 
     def corrupt(spec, lx_):
         args = real_pack(spec, lx_)
-        args[1] = args[1].copy()
-        args[1].flat[0] ^= np.uint64(0xFFFF)  # flip 16 sign bits: some nonzero codes flip
+        if spec.layout == "tt_lut":  # the byte-table lookups (a stem, AVX512-VBMI)
+            args[0] = args[0].copy()
+            args[0][0] = 80 - args[0][0]  # tap 0's indices of the negated weights
+        else:
+            args[1] = args[1].copy()
+            args[1].flat[0] ^= np.uint64(0xFFFF)  # flip 16 sign bits: some nonzero codes flip
         return args
 
     monkeypatch.setattr(ops.packing, "pack_weight_args", corrupt)

@@ -108,3 +108,31 @@ def test_ttlut_kernel_matches_the_reference_off_its_gate(kw, params, mb):
     assert (kern.spec.layout, kern.spec.mb) == ("tt_lut", mb)
     prep = measure.prepare_kernel(kern, lx, tinfo)
     assert np.isfinite(prep.max_abs_err)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("kw", [
+    dict(cin=128, out=128, hw=(28, 28), stride=2, act_offset=0.3, w_offset=True),  # 2 tiles/row
+    dict(cin=64, out=96, hw=(7, 16), act_offset=-0.2, w_offset=True),  # partial block and tile
+    dict(cin=40, out=64, hw=(5, 11), act_offset=0.25),  # border term only
+    dict(cin=64, out=64, hw=(6, 15), stride=2, w_offset=True),  # window sums only
+    dict(cin=64, out=64, hw=(5, 8), pad=0, act_offset=0.4, w_offset=True),  # offset in bias
+    dict(cin=3, out=64, hw=(9, 9), k=7, pad=3, stride=2, act_offset=0.1, w_offset=True),
+])
+def test_ttlut_kernel_adds_rtn_offsets(kw):
+    """RTN's offsets: the weight offset times each window's sum of activation codes, and the
+    activation offset times the weights of the taps inside the image (by border class, or
+    folded into the bias without padding), checked against the reference, as the popcount
+    kernel adds them (same spec flags, same arguments)."""
+    _needs_vbmi()
+    tinfo = x86_info()
+    lx = make_layer("conv2d", act="ternary", name="rtn_offsets", **kw)
+    assert measure.select_rule(lx, tinfo).name == "x86.tt_lut"
+    kern = x86.tt_lut_rule().build(lx, 2, tinfo)
+    spec = kern.spec
+    assert spec.w_off == bool(kw.get("w_offset")) and spec.affine
+    assert spec.border == (bool(kw.get("act_offset")) and kw.get("pad", 1) != 0)
+    popc = ops.plan_gemm(lx, 2, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
+    assert (popc.w_off, popc.border) == (spec.w_off, spec.border)
+    prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
+    assert len(prep.args) == 4 + spec.w_off + 3 * spec.border  # X, Wi, [Bw], [Rc, Cc, Tb], S, bias

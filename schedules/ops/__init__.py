@@ -35,10 +35,11 @@ padding never changes the result):
 * ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): byte indices of three ternary
   weights ``[taps, CGp, Np]`` into 27-entry tables the kernel builds per input pixel and channel
   triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`).
-* ``tt_lut`` (ternary activations *and* weights, one group, convs without offsets;
-  AVX512-VBMI): int8 indices of four ternary weights ``[taps, CGp, Np]`` into the 128-byte row
-  of an 81 x 128 table that the activations' code of each pixel and channel quad selects,
-  looked up 64 channels at a time with ``vpermi2b`` (:mod:`.ttlut`).
+* ``tt_lut`` (ternary activations *and* weights, one group, convs; AVX512-VBMI): int8 indices
+  of four ternary weights ``[taps, CGp, Np]`` into the 128-byte row of an 81 x 128 table that
+  the activations' code of each pixel and channel quad selects, looked up 64 channels at a time
+  with ``vpermi2b`` (:mod:`.ttlut`); RTN's offsets are the same affine terms, added in the
+  row tile's epilogue.
 
 Nothing here imports tvm at module import time.
 

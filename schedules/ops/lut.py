@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _tvm
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .spec import GemmSpec
 
@@ -179,12 +179,15 @@ def conv_frame(spec: GemmSpec, layout: str, lanes: int) -> ConvFrame:
                      wt=max(w + 2 * pw, (per_row * spec.mb - 1) * sw + kw), taps=kh * kw)
 
 
-def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str) -> list[str]:
-    """The PrimFunc's signature ``main(X, Wi, S, bias, out)`` and its root block."""
+def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str,
+                extra: Sequence[str] = ()) -> list[str]:
+    """The PrimFunc's signature ``main(X, Wi, [extra], S, bias, out)`` and its root block
+    (``extra``: TVMScript parameters, e.g. ``tt_lut``'s offset terms)."""
+    more = "".join(f" {e}," for e in extra)
     return [
         "@T.prim_func(s_tir=True)",
         f"def main(X: T.Buffer(({spec.batch}, {f.h}, {f.w}, {f.c}), 'int8'),"
-        f" Wi: T.Buffer(({f.taps}, {cgp}, {spec.Np}), '{w_dtype}'),"
+        f" Wi: T.Buffer(({f.taps}, {cgp}, {spec.Np}), '{w_dtype}'),{more}"
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
@@ -201,7 +204,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                     wide: tuple[str, str], narrow: tuple[str, str], idx_dtype: str,
                     regs: list[str], column: Callable[[str, str, str], list[str]],
                     lookup: Callable[[str], str],
-                    indices: Callable[[int, str, str], list[str]]) -> list[str]:
+                    indices: Callable[[int, str, str], list[str]],
+                    terms: Callable[[str, str, str], list[str]] | None = None) -> list[str]:
     """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
     Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
@@ -213,7 +217,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     ``lookup(index)`` the looked-up vector; ``indices(d, tap, group)`` the lines that load tap
     ``d``'s index vectors ``iv_{d}_{j}`` from ``Wi[tap, group, ...]`` (block ``nk``).
     The small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
-    become heap workspaces in TVM 0.27)."""
+    become heap workspaces in TVM 0.27). ``terms`` adds to each stored output (see
+    :func:`_tile_stores`)."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
     mb, nv, kw = f.mb, f.nv, f.kw
     tile = [(r, j) for r in range(mb) for j in range(nv)]
@@ -249,17 +254,21 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                   for r, d in pairs for j in range(nv)]
     lines += [f"                            {wn}_{r}_{j}[{v}] = {wn}_{r}_{j}[{v}]"
               f" + T.Cast('{wt}x{n}', {nn}_{r}_{j}[{v}])" for r, j in tile]
-    return lines + _tile_stores(spec, f, wn)
+    return lines + _tile_stores(spec, f, wn, terms)
 
 
-def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str) -> list[str]:
-    """The epilogue of a row tile: ``out = acc * S + bias`` per pixel and vector (``acc``
-    names the accumulators ``{acc}_{r}_{j}``); the pixels of a partial tile past the row and
-    a partial channel block's padding channels are not stored."""
+def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
+                 terms: Callable[[str, str, str], list[str]] | None = None) -> list[str]:
+    """The epilogue of a row tile: ``out = acc * S + bias [+ terms]`` per pixel and vector
+    (``acc`` names the accumulators ``{acc}_{r}_{j}``; ``terms(yo, xo, channels)`` gives
+    TVMScript expressions added in order, ``channels`` a ramp of lanes or one channel); the
+    pixels of a partial tile past the row and a partial channel block's padding channels are
+    not stored."""
     lines, n, v = [], f.lanes, f"T.ramp(0, 1, {f.lanes})"
+    yo = f"t // {f.per_row}"
     for r in range(f.mb):
         xo = f"t % {f.per_row} * {f.mb} + {r}"
-        row = f"b * {f.mi} + t // {f.per_row} * {f.wo} + {xo}"
+        row = f"b * {f.mi} + {yo} * {f.wo} + {xo}"
         for j in range(f.nv):
             ind = "                        "
             n0 = f"nk * {spec.nb} + {n * j}"
@@ -267,14 +276,16 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str) -> list[str]:
                 lines.append(f"{ind}if {xo} < {f.wo}:")
                 ind += "    "
             if spec.N % spec.nb == 0:
-                lines.append(f"{ind}out[{row}, T.ramp({n0}, 1, {n})] = T.Cast('float32x{n}', "
-                             f"{acc}_{r}_{j}[{v}]) * S[T.ramp({n0}, 1, {n})]"
-                             f" + bias[T.ramp({n0}, 1, {n})]")
+                ch = f"T.ramp({n0}, 1, {n})"
+                more = "".join(f" + {e}" for e in (terms(yo, xo, ch) if terms else []))
+                lines.append(f"{ind}out[{row}, {ch}] = (T.Cast('float32x{n}', "
+                             f"{acc}_{r}_{j}[{v}]) * S[{ch}] + bias[{ch}]){more}")
             else:  # a partial last block: the padding channels are not stored
+                more = "".join(f" + {e}" for e in (terms(yo, xo, f"{n0} + n") if terms else []))
                 lines += [f"{ind}for n in range({n}):",
                           f"{ind}    if {n0} + n < {spec.N}:",
-                          f"{ind}        out[{row}, {n0} + n] = T.Cast('float32', "
-                          f"{acc}_{r}_{j}[n]) * S[{n0} + n] + bias[{n0} + n]"]
+                          f"{ind}        out[{row}, {n0} + n] = (T.Cast('float32', "
+                          f"{acc}_{r}_{j}[n]) * S[{n0} + n] + bias[{n0} + n]){more}"]
     return lines
 
 

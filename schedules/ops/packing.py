@@ -305,6 +305,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
 
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
                                group=TT_LUT_GROUP)]
+        if spec.w_off or spec.border:  # RTN's offsets, as for tt_planes
+            w_args += _tt_offset_args(spec, lx)[0]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)
@@ -316,21 +318,28 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         s = np.ascontiguousarray(s.T)
     elif spec.layout in ("t2_lut", "tt_lut"):  # one group: a flat vector (vector loads)
         s = s.reshape(spec.Np)
+    if spec.layout == "tt_lut" and spec.affine:
+        return [*w_args, s, _tt_offset_args(spec, lx)[1]]
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:
         bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
     return [*w_args, s, bias]
 
 
+def _tt_offset_args(spec: GemmSpec, lx: LayerExport) -> tuple[list[np.ndarray], np.ndarray]:
+    """The offset arguments ``[Bw], [Rc, Cc, Tb]`` of a ternary-activation kernel and its bias
+    (with the activation offset folded in where every tap is always valid)."""
+    terms = tt_affine_terms(lx, spec)
+    args = [terms["Bw"]] if spec.w_off else []
+    if spec.border:
+        args += [terms["Rc"], terms["Cc"], terms["Tb"]]
+    return args, terms["bias"]
+
+
 def _pack_tt_args(spec: GemmSpec, lx: LayerExport, codes: np.ndarray,
                   gs: int | None = None) -> list[np.ndarray]:
     """``tt_planes`` arguments: Wm, Ws, [Bw], [Rc, Cc, Tb], S, bias (see :func:`tt_compute`)."""
     wm, ws = pack_planes(codes, spec.G, gs or spec.gs, spec.gsp, spec.nb, spec.Np)
-    terms = tt_affine_terms(lx, spec)
     s = np.asarray(lx.scales, dtype=np.float64) * float(lx.act_scale)
-    args = [wm, ws]
-    if spec.w_off:
-        args.append(terms["Bw"])
-    if spec.border:
-        args += [terms["Rc"], terms["Cc"], terms["Tb"]]
-    return [*args, _pad2(s.astype(np.float32), spec.Np, spec.G), terms["bias"]]
+    offsets, bias = _tt_offset_args(spec, lx)
+    return [wm, ws, *offsets, _pad2(s.astype(np.float32), spec.Np, spec.G), bias]

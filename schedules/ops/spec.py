@@ -294,11 +294,9 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "uint8"
     elif layout == "tt_lut":
-        a_off, w_off_ = layer_offsets(lx)
-        if lx.op != "conv2d" or g != 1 or a_off or w_off_:
-            raise ValueError(f"layout tt_lut is for one-group ternary convs without offsets, "
-                             f"got {lx.op} with {g} groups, act offset {lx.act_offset}, "
-                             f"weight offsets {w_off_}")
+        if lx.op != "conv2d" or g != 1:
+            raise ValueError(f"layout tt_lut is for one-group ternary convs, got {lx.op} "
+                             f"with {g} groups")
         kh_, kw_ = lx.kernel_size
         kp = gs = kh_ * kw_ * TT_LUT_GROUP * ttlut_geometry_of(in_shape[0], (kh_, kw_)).cgp
         w_dtype = "int8"
@@ -329,7 +327,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         k_row = _round_up(kw_ * in_shape[0], AVX2_TILE_K if layout == "t2_avx2" else 4)
         kp = gs = kh_ * k_row  # one group over the padded rows (pad weights are zeros)
     w_off = border = affine = False
-    if layout == "tt_planes":
+    if layout in ("tt_planes", "tt_lut"):
         a_off, w_off = layer_offsets(lx)
         border = a_off and lx.op == "conv2d" and any(tuple(lx.padding))
         affine = w_off or a_off
