@@ -95,7 +95,10 @@ def test_plan_tiles_one_image():
     assert spec.nb == 64 and spec.Np == 64  # 40 channels: two 32-lane blocks
     assert spec.Kp == 9 * 44 * 3  # 130 channels -> 44 triples per tap (2 chunks of 22)
     src = lut_source(spec)
-    assert "llvm.x86.avx512.permvar.hi.512" in src and "if nk * 64 + 32 + n < 40" in src
+    assert "llvm.x86.avx512.permvar.hi.512" in src
+    # the second vector holds channels 32..39: a 16-lane vector, 8 of its lanes stored
+    assert "ot[T.ramp(0, 1, 16)] = " in src and "for n in range(8):" in src
+    assert ", 32 + n] = ot[n]" in src and "T.ramp(32, 1, 32)" not in src
     assert " < 7:" not in src  # whole rows: no pixel guards
     # tiles of one output row: 7 pixels by default, or 8 where that pads the row less; the
     # extra pixels of a row's partial last tile are not stored

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
     from .spec import GemmSpec
 
+    #: ``terms(yo, xo, channels, width) -> expressions`` of :func:`_tile_stores`
+    EpilogueTerms = Callable[[str, str, str, int], list[str]]
+
 #: LLVM's name of ``vpermw zmm`` (AVX512-BW): ``(table, index) -> table[index]`` per 16-bit lane
 VPERMW = "llvm.x86.avx512.permvar.hi.512"
 #: lanes of one table / one lookup (int16 in a zmm)
@@ -205,7 +208,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                     regs: list[str], column: Callable[[str, str, str], list[str]],
                     lookup: Callable[[str], str],
                     indices: Callable[[int, str, str], list[str]],
-                    terms: Callable[[str, str, str], list[str]] | None = None) -> list[str]:
+                    terms: EpilogueTerms | None = None) -> list[str]:
     """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
     Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
@@ -232,6 +235,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lines += [f"                    {nn}_{r}_{j} = T.alloc_buffer(({n},), '{nt}')" for r, j in tile]
     lines += [f"                    {x} = T.alloc_buffer(({n},), '{idx_dtype}')"
               for x in idx + regs]
+    if spec.N % 16:  # a partial last block's outputs, stored lane by lane (_tile_stores)
+        lines += [f"                    ot = T.alloc_buffer(({n},), 'float32')"]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {wn}_{r}_{j}[{v}] = T.broadcast(T.{wt}(0), {n})"
               for r, j in tile]
@@ -258,34 +263,53 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
 
 
 def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
-                 terms: Callable[[str, str, str], list[str]] | None = None) -> list[str]:
+                 terms: EpilogueTerms | None = None) -> list[str]:
     """The epilogue of a row tile: ``out = acc * S + bias [+ terms]`` per pixel and vector
-    (``acc`` names the accumulators ``{acc}_{r}_{j}``; ``terms(yo, xo, channels)`` gives
-    TVMScript expressions added in order, ``channels`` a ramp of lanes or one channel); the
-    pixels of a partial tile past the row and a partial channel block's padding channels are
-    not stored."""
-    lines, n, v = [], f.lanes, f"T.ramp(0, 1, {f.lanes})"
+    (``acc`` names the accumulators ``{acc}_{r}_{j}``; ``terms(yo, xo, channels, width)``
+    gives the TVMScript expressions added in order, ``channels`` a ramp of ``width`` lanes);
+    the pixels of a partial tile past the row are not stored, nor a partial channel block's
+    padding lanes: its channels are computed as the narrowest vector that holds them and
+    stored as it is or through ``ot`` (adding RTN's offset terms lane by lane made a
+    32-channel conv 3x slower). No scalar bindings here: a ``name: T.float32 = ...`` in the
+    tile cost as much again (likely one heap workspace each, as "local" buffers get)."""
+    lines, n = [], f.lanes
     yo = f"t // {f.per_row}"
+    last = spec.Np // spec.nb - 1  # the last channel block (the partial one, if any)
     for r in range(f.mb):
         xo = f"t % {f.per_row} * {f.mb} + {r}"
         row = f"b * {f.mi} + {yo} * {f.wo} + {xo}"
         for j in range(f.nv):
+
+            def value(c0: str, w: int, a: str = f"{acc}_{r}_{j}", xo: str = xo) -> str:
+                ch = f"T.ramp({c0}, 1, {w})"
+                return (f"(T.Cast('float32x{w}', {a}[T.ramp(0, 1, {w})]) * S[{ch}]"
+                        f" + bias[{ch}])"
+                        + "".join(f" + {e}" for e in (terms(yo, xo, ch, w) if terms else [])))
+
+            c0 = f"nk * {spec.nb} + {n * j}"
+            store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(c0, n)}"
+            # its channels in the last block
+            valid = min(max(spec.N - last * spec.nb - n * j, 0), n)
+            if valid == n:
+                body = [store]
+            else:  # the last block stores its channels only: the narrowest vector that holds
+                # them (16, 32 or 64 lanes), stored as it is or through ``ot``
+                w = next(x for x in (16, 32, 64) if x >= valid)
+                c1 = str(last * spec.nb + n * j)
+                tail = ([f"out[{row}, T.ramp({c1}, 1, {w})] = {value(c1, w)}"] if valid == w
+                        else [f"ot[T.ramp(0, 1, {w})] = {value(c1, w)}",
+                              f"for n in range({valid}):",
+                              f"    out[{row}, {c1} + n] = ot[n]"]) if valid else []
+                body = ([f"if nk < {last}:", f"    {store}"]
+                        + (["else:", *(f"    {x}" for x in tail)] if tail else [])
+                        if last else tail)
+            if not body:
+                continue
             ind = "                        "
-            n0 = f"nk * {spec.nb} + {n * j}"
             if f.wo % f.mb:
                 lines.append(f"{ind}if {xo} < {f.wo}:")
                 ind += "    "
-            if spec.N % spec.nb == 0:
-                ch = f"T.ramp({n0}, 1, {n})"
-                more = "".join(f" + {e}" for e in (terms(yo, xo, ch) if terms else []))
-                lines.append(f"{ind}out[{row}, {ch}] = (T.Cast('float32x{n}', "
-                             f"{acc}_{r}_{j}[{v}]) * S[{ch}] + bias[{ch}]){more}")
-            else:  # a partial last block: the padding channels are not stored
-                more = "".join(f" + {e}" for e in (terms(yo, xo, f"{n0} + n") if terms else []))
-                lines += [f"{ind}for n in range({n}):",
-                          f"{ind}    if {n0} + n < {spec.N}:",
-                          f"{ind}        out[{row}, {n0} + n] = (T.Cast('float32', "
-                          f"{acc}_{r}_{j}[n]) * S[{n0} + n] + bias[{n0} + n]){more}"]
+            lines += [ind + x for x in body]
     return lines
 
 

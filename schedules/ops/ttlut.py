@@ -33,8 +33,8 @@ added in the row tile's epilogue: ``Bw[n]`` times the window's sum of activation
 pixel's channel sum is kept beside its codes, the padding ring's is zero) and ``Tb[Rc[yo],
 Cc[xo], n]``, the activation offset times the in-image taps' weights by border class (folded
 into the bias when the conv does not pad). In one process, batch 1, on the ResNet-18 3x3 convs
-they cost 2-11% over the same kernel without offsets and leave it 1.18-1.43x faster than the
-popcount kernel with them.
+they cost up to 12% over the same kernel without offsets and leave it 1.19-1.42x faster than
+the popcount kernel with them (``docs/kernels.md``).
 
 Like :mod:`.lut`, the kernel is TVMScript text generated per spec (one unrolled register tile)
 with the signature ``main(X, Wi, [Bw], [Rc, Cc, Tb], S, bias, out)``: ``X`` int8 NHWC
@@ -60,8 +60,7 @@ from .lut import (
 from .packing import border_classes
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
+    from .lut import EpilogueTerms
     from .spec import GemmSpec
 
 #: LLVM's name of ``vpermi2b zmm`` (AVX512-VBMI): ``(table lo, index, table hi) -> bytes``
@@ -77,6 +76,8 @@ TT_LUT_LANES = 64
 #: LLVM's names of ``vpmaddubsw zmm`` (u8 x s8 pair sums) and ``vpmaddwd zmm`` (AVX-512BW)
 PMADDUBSW = "llvm.x86.avx512.pmaddubs.w.512"
 PMADDWD = "llvm.x86.avx512.pmaddw.d.512"
+#: LLVM's horizontal add of a vector (here int32x16)
+VREDUCE_ADD = "llvm.vector.reduce.add"
 #: the bytes (1, 3, 9, 27) of one int32: a quad's digit weights, little-endian
 _POW3_BYTES = 1 + (3 << 8) + (9 << 16) + (27 << 24)
 
@@ -153,10 +154,7 @@ def ttlut_source(spec: GemmSpec) -> str:
         lines += [f"                    for g in range({full * 16}, {geo.cg}):",
                   f"                        codes[y + {ph}, z + {pw}, g] = {code}"]
     if spec.w_off:  # each pixel's sum of activation codes (a window's: in the epilogue)
-        lines += [f"                    asum[y + {ph}, z + {pw}] = 0",
-                  f"                    for c in range({c}):",
-                  f"                        asum[y + {ph}, z + {pw}] = asum[y + {ph}, z + {pw}]"
-                  " + T.Cast('int32', X[b, y, z, c])"]
+        lines += [f"                    asum[y + {ph}, z + {pw}] = {_channel_sum(c)}"]
 
     # register tile: mb pixels of one output row x nv * 64 channels; an input column's table
     # row (two zmm, loaded through its code) serves every (pixel, tap) that reads it
@@ -180,8 +178,21 @@ def ttlut_source(spec: GemmSpec) -> str:
     return "\n".join(lines)
 
 
+def _channel_sum(c: str | int) -> str:
+    """TVMScript: the sum of pixel ``(b, y, z)``'s ``c`` activation codes, 16 channels per
+    vector and one horizontal add (a loop adding one byte at a time made a 32-channel conv with
+    offsets 3.4x slower than without)."""
+    n = int(c)
+    vec = [f"T.Cast('int32x16', X[b, y, z, T.ramp({16 * q}, 1, 16)])" for q in range(n // 16)]
+    terms = [f"T.Cast('int32', X[b, y, z, {k}])" for k in range(n // 16 * 16, n)]
+    if vec:
+        terms.insert(0, f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("
+                        f"'{VREDUCE_ADD}'), {' + '.join(vec)}, dtype='int32')")
+    return " + ".join(terms)
+
+
 def _offset_terms(spec: GemmSpec, f: ConvFrame
-                  ) -> tuple[list[str], list[str], Callable[[str, str, str], list[str]] | None]:
+                  ) -> tuple[list[str], list[str], EpilogueTerms | None]:
     """RTN's offsets (:func:`.packing.tt_affine_terms`, as :func:`.compute.tt_compute` adds
     them): the extra parameters ``[Bw], [Rc, Cc, Tb]``, the work buffer of per-pixel sums of
     activation codes (``w_off``) and the epilogue's terms ``Bw[n] * sum of the window's codes``
@@ -200,15 +211,12 @@ def _offset_terms(spec: GemmSpec, f: ConvFrame
                   f"Tb: T.Buffer(({r_}, {c_}, {np_}), 'float32')"]
     kh = spec.kernel[0]
 
-    def terms(yo: str, xo: str, ch: str) -> list[str]:
+    def terms(yo: str, xo: str, ch: str, width: int) -> list[str]:
         out = []
         if spec.w_off:  # padded pixel (yo * sh + i, xo * sw + j) under tap (i, j)
             window = " + ".join(f"asum[({yo}) * {f.sh} + {i}, ({xo}) * {f.sw} + {j}]"
                                 for i in range(kh) for j in range(f.kw))
-            total = f"T.Cast('float32', {window})"
-            if ch.startswith("T.ramp"):
-                total = f"T.broadcast({total}, {f.lanes})"
-            out.append(f"Bw[{ch}] * {total}")
+            out.append(f"Bw[{ch}] * T.broadcast(T.Cast('float32', {window}), {width})")
         if spec.border:
             out.append(f"Tb[Rc[{yo}], Cc[{xo}], {ch}]")
         return out
