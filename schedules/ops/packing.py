@@ -305,8 +305,6 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
 
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
                                group=TT_LUT_GROUP)]
-        if spec.w_off or spec.border:  # RTN's offsets, as for tt_planes
-            w_args += _tt_offset_args(spec, lx)[0]
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)
@@ -318,11 +316,12 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         s = np.ascontiguousarray(s.T)
     elif spec.layout in ("t2_lut", "tt_lut"):  # one group: a flat vector (vector loads)
         s = s.reshape(spec.Np)
-    if spec.layout == "tt_lut" and spec.affine:
-        return [*w_args, s, _tt_offset_args(spec, lx)[1]]
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:
         bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
+    if spec.layout == "tt_lut" and spec.affine:  # RTN's offsets, as for tt_planes: their
+        offsets, bias = _tt_offset_args(spec, lx)  # arguments, and a bias with a term folded in
+        w_args += offsets
     return [*w_args, s, bias]
 
 

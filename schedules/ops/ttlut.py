@@ -178,11 +178,10 @@ def ttlut_source(spec: GemmSpec) -> str:
     return "\n".join(lines)
 
 
-def _channel_sum(c: str | int) -> str:
-    """TVMScript: the sum of pixel ``(b, y, z)``'s ``c`` activation codes, 16 channels per
-    vector and one horizontal add (a loop adding one byte at a time made a 32-channel conv with
-    offsets 3.4x slower than without)."""
-    n = int(c)
+def _channel_sum(n: int) -> str:
+    """TVMScript: the sum of pixel ``(b, y, z)``'s ``n`` activation codes, 16 channels per
+    vector and one horizontal add (added one code at a time, a 32-channel 14x14 conv with
+    offsets took 1.75x the time: 38.7 against 22.1 µs in one process)."""
     vec = [f"T.Cast('int32x16', X[b, y, z, T.ramp({16 * q}, 1, 16)])" for q in range(n // 16)]
     terms = [f"T.Cast('int32', X[b, y, z, {k}])" for k in range(n // 16 * 16, n)]
     if vec:
