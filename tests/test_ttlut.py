@@ -97,6 +97,7 @@ def test_ttlut_kernel_looks_up_with_vpermi2b():
     (dict(cin=28, out=64, k=5, pad=2, hw=(6, 11)), None, 7),  # runs of 5 taps x 4 quads
     (dict(cin=64, out=192, hw=(6, 10), stride=2), {"nb": 64, "mb": 4, "rows": 1}, 5),
     (dict(cin=40, out=64, hw=(5, 20)), {"nb": 64, "mb": 14, "rows": 1}, 14),  # 14 + 6 per row
+    (dict(cin=64, out=48, hw=(6, 9)), None, 7),  # 48 of 64 lanes: stored through `ot`
 ])
 def test_ttlut_kernel_matches_the_reference_off_its_gate(kw, params, mb):
     """Shapes the rule does not choose, or tiles it does not default to: the row tiles still
@@ -114,6 +115,7 @@ def test_ttlut_kernel_matches_the_reference_off_its_gate(kw, params, mb):
 @pytest.mark.parametrize("kw", [
     dict(cin=128, out=128, hw=(28, 28), stride=2, act_offset=0.3, w_offset=True),  # 2 tiles/row
     dict(cin=64, out=96, hw=(7, 16), act_offset=-0.2, w_offset=True),  # partial block and tile
+    dict(cin=64, out=112, hw=(6, 9), act_offset=0.2, w_offset=True),  # 48 lanes of a block
     dict(cin=40, out=64, hw=(5, 11), act_offset=0.25),  # border term only
     dict(cin=64, out=64, hw=(6, 15), stride=2, w_offset=True),  # window sums only
     dict(cin=64, out=64, hw=(5, 8), pad=0, act_offset=0.4, w_offset=True),  # offset in bias
