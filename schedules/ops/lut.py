@@ -275,34 +275,38 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
     lines, n = [], f.lanes
     yo = f"t // {f.per_row}"
     last = spec.Np // spec.nb - 1  # the last channel block (the partial one, if any)
+
+    def value(a: str, xo: str, c0: str, w: int) -> str:  # w lanes from channel c0
+        ch = f"T.ramp({c0}, 1, {w})"
+        extra = terms(yo, xo, ch, w) if terms else []
+        return (f"(T.Cast('float32x{w}', {a}[T.ramp(0, 1, {w})]) * S[{ch}] + bias[{ch}])"
+                + "".join(f" + {e}" for e in extra))
+
     for r in range(f.mb):
         xo = f"t % {f.per_row} * {f.mb} + {r}"
         row = f"b * {f.mi} + {yo} * {f.wo} + {xo}"
         for j in range(f.nv):
-
-            def value(c0: str, w: int, a: str = f"{acc}_{r}_{j}", xo: str = xo) -> str:
-                ch = f"T.ramp({c0}, 1, {w})"
-                return (f"(T.Cast('float32x{w}', {a}[T.ramp(0, 1, {w})]) * S[{ch}]"
-                        f" + bias[{ch}])"
-                        + "".join(f" + {e}" for e in (terms(yo, xo, ch, w) if terms else [])))
-
-            c0 = f"nk * {spec.nb} + {n * j}"
-            store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(c0, n)}"
-            # its channels in the last block
-            valid = min(max(spec.N - last * spec.nb - n * j, 0), n)
+            a, c0 = f"{acc}_{r}_{j}", f"nk * {spec.nb} + {n * j}"
+            store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(a, xo, c0, n)}"
+            valid = min(max(spec.N - last * spec.nb - n * j, 0), n)  # its lanes in the last block
             if valid == n:
                 body = [store]
-            else:  # the last block stores its channels only: the narrowest vector that holds
-                # them (16, 32 or 64 lanes), stored as it is or through ``ot``
-                w = next(x for x in (16, 32, 64) if x >= valid)
-                c1 = str(last * spec.nb + n * j)
-                tail = ([f"out[{row}, T.ramp({c1}, 1, {w})] = {value(c1, w)}"] if valid == w
-                        else [f"ot[T.ramp(0, 1, {w})] = {value(c1, w)}",
-                              f"for n in range({valid}):",
-                              f"    out[{row}, {c1} + n] = ot[n]"]) if valid else []
-                body = ([f"if nk < {last}:", f"    {store}"]
-                        + (["else:", *(f"    {x}" for x in tail)] if tail else [])
-                        if last else tail)
+            else:
+                # the last block stores its channels only: the narrowest vector that holds
+                # them (16, 32 or 64 lanes), as it is or through ``ot``
+                w, c1 = next(x for x in (16, 32, 64) if x >= valid), str(last * spec.nb + n * j)
+                if not valid:
+                    tail = []
+                elif valid == w:
+                    tail = [f"out[{row}, T.ramp({c1}, 1, {w})] = {value(a, xo, c1, w)}"]
+                else:
+                    tail = [f"ot[T.ramp(0, 1, {w})] = {value(a, xo, c1, w)}",
+                            f"for n in range({valid}):", f"    out[{row}, {c1} + n] = ot[n]"]
+                body = tail
+                if last:  # the other blocks are whole
+                    body = [f"if nk < {last}:", f"    {store}"]
+                    if tail:
+                        body += ["else:", *(f"    {x}" for x in tail)]
             if not body:
                 continue
             ind = "                        "
