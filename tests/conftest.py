@@ -162,3 +162,15 @@ def tiny_profile():
     PROFILES["tiny"] = prof
     yield prof
     PROFILES.pop("tiny", None)
+
+
+@pytest.fixture
+def stream_everything(monkeypatch):
+    """Every output counts as large (non-temporal stores), with a fresh kernel cache: the
+    cache is keyed by spec, and the bound is not part of it."""
+    from ternbench.schedules.ops import lut, rules
+
+    monkeypatch.setattr(lut, "STREAM_MIN_BYTES", 0)
+    rules.clear_kernel_cache()
+    yield
+    rules.clear_kernel_cache()

@@ -180,3 +180,58 @@ def test_lut_tiles_stay_in_registers():
     assert ll.count("load ptr, ptr @__TVMBackendAllocWorkspace") == 1
     asm = kern.module.inspect_source("asm")
     assert "vpermw" in asm
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("out", [64, 72])
+def test_lut_kernel_streams_large_outputs(stream_everything, out):
+    """Large outputs are written with ``vmovntps``, and the results stay exact: with 72
+    channels every other row starts off a 64-byte boundary, where the helper stores plainly
+    (a non-temporal store there would fault)."""
+    _needs_bw()
+    tinfo = x86_info()
+    lx = make_layer("conv2d", cin=64, out=out, hw=(5, 7), name=f"stream{out}")
+    kern = x86.lut_rule().build(lx, 2, tinfo)
+    assert "pragma_import_llvm" in lut_source(kern.spec)
+    assert "vmovntps" in kern.module.inspect_source("asm")
+    prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
+    assert np.isfinite(prep.max_abs_err)
+
+
+def test_only_large_outputs_stream():
+    """The batch-1 ResNet-18 convs keep plain stores (their outputs feed the next layer from
+    the caches); the same convs at batch 64 stream."""
+    from ternbench.bench.kernels.layers import synthetic_layer
+    from ternbench.bench.kernels.shapes import resnet18_shapes
+    from ternbench.schedules.ops.lut import streams_output
+
+    for s in resnet18_shapes():
+        if s.op != "conv2d" or s.k != 3:
+            continue
+        lx = synthetic_layer(s, "ternary", "int8")
+        one, many = (x86.lut_rule(where_chosen=False).plan(lx, b, AVX512, {}) for b in (1, 64))
+        assert not streams_output(one) and "vmovntps" not in lut_source(one)
+        assert streams_output(many) and "tb_stream_f32x32" in lut_source(many)
+
+
+@pytest.mark.tvm
+def test_streaming_kernels_share_one_module(stream_everything):
+    """A whole-model module holds many kernels, each importing the store helper: its
+    ``linkonce_odr`` definitions link once."""
+    import tvm
+    from ternbench.schedules.ops.lut import lut_compute
+    from ternbench.schedules.ops.ttlut import ttlut_compute
+
+    _needs_bw()
+    tinfo = x86_info()
+    specs = [x86.lut_rule().plan(make_layer("conv2d", cin=c, out=64, hw=(4, 4)), 1, tinfo, {})
+             for c in (64, 128)]
+    funcs = {f"k{i}": lut_compute(s).with_attr("global_symbol", f"k{i}")
+             for i, s in enumerate(specs)}
+    if {"avx512vbmi"} <= tinfo.features:
+        tt = x86.tt_lut_rule().plan(make_layer("conv2d", cin=64, out=64, hw=(4, 4),
+                                               act="ternary"), 1, tinfo, {})
+        funcs["k2"] = ttlut_compute(tt).with_attr("global_symbol", "k2")
+    exe = _tvm.compile_prim_module(tvm.IRModule(funcs), tinfo)
+    for name in funcs:
+        assert exe[name] is not None

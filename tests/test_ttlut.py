@@ -16,6 +16,7 @@ from ternbench.schedules.ops.ttlut import (
     TT_LUT_RUN,
     TT_LUT_ZERO,
     ttlut_geometry_of,
+    ttlut_source,
 )
 from test_schedules import make_layer
 
@@ -138,3 +139,18 @@ def test_ttlut_kernel_adds_rtn_offsets(kw):
     assert (popc.w_off, popc.border) == (spec.w_off, spec.border)
     prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
     assert len(prep.args) == 4 + spec.w_off + 3 * spec.border  # X, Wi, [Bw], [Rc, Cc, Tb], S, bias
+
+
+@pytest.mark.tvm
+def test_ttlut_kernel_streams_large_outputs(stream_everything):
+    """Non-temporal stores with RTN's offsets in the epilogue, 72 channels (rows off a 64-byte
+    boundary store plainly): still exact."""
+    _needs_vbmi()
+    tinfo = x86_info()
+    lx = make_layer("conv2d", cin=64, out=72, hw=(6, 9), act="ternary", act_offset=0.2,
+                    w_offset=True, name="stream_tt")
+    kern = x86.tt_lut_rule().build(lx, 2, tinfo)
+    assert "tb_stream_f32x64" in ttlut_source(kern.spec)
+    assert "vmovntps" in kern.module.inspect_source("asm")
+    prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
+    assert np.isfinite(prep.max_abs_err)

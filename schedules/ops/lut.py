@@ -262,6 +262,65 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     return lines + _tile_stores(spec, f, wn, terms)
 
 
+#: fp32 outputs of at least this many bytes are written with non-temporal stores: past the
+#: caches they would only be read for ownership and evict the tables. In one process (interleaved
+#: rounds, ResNet-18 3x3 convs) the stores alone made ``tt_lut`` take 0.79-0.98x the time at
+#: batch 64 (64x56x56: 0.79x) and 0.94-0.99x at batch 16, ``t2_lut`` 0.94-0.99x at batch 64;
+#: 0.98-0.99x at batch 4-8 (1.6-6.4 MB). Below the bound (every batch-1 ResNet-18 conv) the
+#: output stays in the caches for the next layer.
+STREAM_MIN_BYTES = 4 << 20
+
+
+def streams_output(spec: GemmSpec) -> bool:
+    """Whether the lookup kernels write ``spec``'s fp32 output with non-temporal stores.
+
+    Example:
+        >>> import dataclasses
+        >>> from ternbench.schedules.ops.spec import GemmSpec
+        >>> big = GemmSpec(op="conv2d", batch=64, in_shape=(64, 56, 56), kernel=(3, 3),
+        ...                stride=(1, 1), padding=(1, 1), out_hw=(56, 56), k_order="ijc", N=64,
+        ...                K=576, G=1, gs=576, Kp=576, Np=64, act_dtype="int8",
+        ...                layout="tt_lut", w_dtype="int8", nb=64, mb=7, m_task=1)
+        >>> streams_output(big), streams_output(dataclasses.replace(big, batch=1))
+        (True, False)
+    """
+    return spec.M * spec.N * 4 >= STREAM_MIN_BYTES
+
+
+def _stream_store_ir(lanes: int) -> str:
+    """LLVM IR of ``tb_stream_f32x{lanes}(ptr, <lanes x float>)``: a non-temporal store where
+    the address is 64-byte aligned (``vmovntps zmm`` faults otherwise: a row of N floats is
+    aligned only when N % 16 == 0), a plain one elsewhere. ``linkonce_odr``: every kernel of a
+    module imports it."""
+    return (f"define linkonce_odr void @tb_stream_f32x{lanes}(ptr %p, <{lanes} x float> %v) "
+            "alwaysinline {\n"
+            "entry:\n"
+            "  %a = ptrtoint ptr %p to i64\n"
+            "  %m = and i64 %a, 63\n"
+            "  %z = icmp eq i64 %m, 0\n"
+            "  br i1 %z, label %nt, label %plain\n"
+            "nt:\n"
+            f"  store <{lanes} x float> %v, ptr %p, align 64, !nontemporal !0\n"
+            "  ret void\n"
+            "plain:\n"
+            f"  store <{lanes} x float> %v, ptr %p, align 4\n"
+            "  ret void\n"
+            "}\n"
+            "!0 = !{i32 1}\n")
+
+
+def finish_source(spec: GemmSpec, lines: list[str], lanes: int) -> str:
+    """The kernel's TVMScript text; with :func:`streams_output`, the batch loop (the root
+    block's last statement, at indent 8) is wrapped in an attribute that links the streaming
+    store helper into the module (``pragma_import_llvm``)."""
+    if not streams_output(spec):
+        return "\n".join(lines)
+    head = "        for b in range("
+    i = next(k for k, x in enumerate(lines) if x.startswith(head))
+    attr = f"        with T.attr(0, 'pragma_import_llvm', {_stream_store_ir(lanes)!r}):"
+    return "\n".join([*lines[:i], attr, *("    " + x for x in lines[i:])])
+
+
 def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
                  terms: EpilogueTerms | None = None) -> list[str]:
     """The epilogue of a row tile: ``out = acc * S + bias [+ terms]`` per pixel and vector
@@ -273,6 +332,7 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
     took 1.8x the time). No scalar bindings here: a ``name: T.float32 = ...`` per stored
     vector made the same conv take 1.5x the time (measured, not traced)."""
     lines, n = [], f.lanes
+    stream = streams_output(spec)
     yo = f"t // {f.per_row}"
     last = spec.Np // spec.nb - 1  # the last channel block (the partial one, if any)
 
@@ -287,7 +347,11 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
         row = f"b * {f.mi} + {yo} * {f.wo} + {xo}"
         for j in range(f.nv):
             a, c0 = f"{acc}_{r}_{j}", f"nk * {spec.nb} + {n * j}"
-            store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(a, xo, c0, n)}"
+            if stream:  # whole vectors only (see streams_output)
+                store = (f"T.evaluate(T.call_extern('void', 'tb_stream_f32x{n}', "
+                         f"T.address_of(out[{row}, {c0}]), {value(a, xo, c0, n)}))")
+            else:
+                store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(a, xo, c0, n)}"
             valid = min(max(spec.N - last * spec.nb - n * j, 0), n)  # its lanes in the last block
             if valid == n:
                 body = [store]
@@ -401,7 +465,7 @@ def lut_source(spec: GemmSpec) -> str:
     lines += row_tile_kernel(spec, f, geo, wide=("acc", "int32"), narrow=("a16", "int16"),
                              idx_dtype="int16", regs=["tv"], column=column, lookup=lookup,
                              indices=indices)
-    return "\n".join(lines)
+    return finish_source(spec, lines, LUT_LANES)
 
 
 def lut_compute(spec: GemmSpec) -> Any:

@@ -52,6 +52,7 @@ from .lut import (
     ConvFrame,
     LutGeometry,
     conv_frame,
+    finish_source,
     kernel_head,
     lut_geometry_of,
     padding_ring,
@@ -175,7 +176,7 @@ def ttlut_source(spec: GemmSpec) -> str:
     lines += row_tile_kernel(spec, f, geo, wide=("a16", "int16"), narrow=("a8", "int8"),
                              idx_dtype="int8", regs=["ta", "tb"], column=column, lookup=lookup,
                              indices=indices, terms=terms)
-    return "\n".join(lines)
+    return finish_source(spec, lines, TT_LUT_LANES)
 
 
 def _channel_sum(n: int) -> str:
