@@ -166,11 +166,12 @@ def tiny_profile():
 
 @pytest.fixture
 def stream_everything(monkeypatch):
-    """Every output counts as large (non-temporal stores), with a fresh kernel cache: the
-    cache is keyed by spec, and the bound is not part of it."""
+    """Every output counts as large (non-temporal stores), with empty kernel and schedule
+    caches for the test (both are keyed by spec, and the bound is not part of it); the
+    process's caches come back afterwards."""
+    from ternbench.schedules import graph
     from ternbench.schedules.ops import lut, rules
 
     monkeypatch.setattr(lut, "STREAM_MIN_BYTES", 0)
-    rules.clear_kernel_cache()
-    yield
-    rules.clear_kernel_cache()
+    monkeypatch.setattr(rules, "_CACHE", {})
+    monkeypatch.setattr(graph, "_SCHED_CACHE", {})
