@@ -189,9 +189,25 @@ def test_quick_benchmark_rows(tmp_path):
                 assert np.isfinite(r.max_abs_err)
         assert by.loc["torch_fp32", "speedup_vs_torch_fp32"] == 1.0
     assert 0.1 < res.bandwidth_gbs < 10_000
+    # one chosen kernel per layer and activation kind: the one the rules select
+    chosen = df[df["chosen"]]
+    assert (chosen.groupby(["shape", "batch", "act_mode"]).size() == 1).all()
+    assert set(chosen["act_mode"]) == {"int8", "ternary"} and len(chosen) == 2 * len(TINY)
+    for r in chosen.itertuples():
+        lx = kernels.synthetic_layer(next(s for s in TINY if s.label == r.shape), "ternary",
+                                     r.act_mode)
+        assert r.rule == measure.select_rule(lx, x86_info()).name
+    assert not df.loc[df["backend"] == "torch", "chosen"].any()
     md = res.md_path.read_text()
     assert "| shape | batch |" in md and all(s.label in md for s in TINY)
     assert "Geometric-mean speed-up" in md
+    assert "chosen, int8 act: x torch fp32, x torch int8" in md
+    conv = chosen[(chosen["act_mode"] == "ternary") & (chosen["op"] == "conv2d")]
+    from ternbench.bench.kernels.output import _layer_kind
+
+    kind = _layer_kind(conv["shape"].iloc[0])
+    row = next(x for x in md.splitlines() if x.startswith(f"| t | {kind} | 2 |"))
+    assert f"{conv['speedup_vs_torch_fp32'].median():.2f}" in row
 
 
 @pytest.mark.tvm

@@ -67,16 +67,17 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
     dev = tvm.cpu(0)
     impls: list[_Impl] = []
 
-    def attempt(impl: str, act_mode: str, backend: str, make: Callable[[], _Impl]) -> None:
+    def attempt(impl: str, act_mode: str, backend: str, make: Callable[[], _Impl],
+                chosen: bool = False) -> None:
         pbar.set_postfix_str(f"{shape.name} b{batch} {impl}", refresh=True)
         try:
-            impls.append(make())
+            impls.append(dataclasses.replace(make(), chosen=chosen))
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}"
             log.error("%s batch %d %s failed: %s", shape.name, batch, impl, msg)
             failures.append((shape.label, batch, impl, msg))
             impls.append(_Impl(impl=impl, act_mode=act_mode, backend=backend,
-                               note=f"failed: {msg}"[:500]))
+                               note=f"failed: {msg}"[:500], chosen=chosen))
 
     def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None
                  ) -> Callable[[], _Impl]:
@@ -101,7 +102,7 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
     for mode in act_modes:
         lx = synthetic_layer(shape, "ternary", mode)
         rule = measure.select_rule(lx, tinfo)
-        attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule))
+        attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule), chosen=True)
         for alt in _alternatives(lx, rule, tinfo):  # the other recipes, same run
             attempt(alt.impl_for(lx), mode, "tvm", tvm_case(lx, mode, alt))
         if generic:

@@ -38,6 +38,9 @@ class _Impl:
     threads: int = 0
     target_str: str = ""
     note: str = ""
+    #: the kernel the rules pick for this layer (what a deployed model runs); False for the
+    #: recipes timed beside it, FGQ's group variants and the baselines
+    chosen: bool = False
     number: int = 1
     samples: list[float] = field(default_factory=list)
 

@@ -4,6 +4,7 @@ the ``kernels.md`` summary."""
 from __future__ import annotations
 
 import math
+import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +17,8 @@ COLUMNS = (
     "op", "shape", "batch", "M", "K", "N", "act_mode", "impl", "target", "threads",
     "median_us", "p25_us", "p75_us", "speedup_vs_torch_fp32", "speedup_vs_torch_int8",
     "gmacs", "bytes", "roofline_fraction", "bandwidth_gbs", "max_abs_err",
-    "suite", "layer", "backend", "rule", "params", "build_s", "rounds", "target_str", "note",
+    "suite", "layer", "backend", "rule", "chosen", "params", "build_s", "rounds", "target_str",
+    "note",
     "tvm_version", "torch_version", "cpu", "isa", "git",
 )
 
@@ -42,11 +44,79 @@ def _rows(shape: KernelShape, batch: int, impls: list[_Impl], *, bandwidth_gbs: 
             "roofline_fraction": (i.nbytes / t / (bandwidth_gbs * 1e9)) if i.nbytes else math.nan,
             "bandwidth_gbs": bandwidth_gbs, "max_abs_err": i.max_abs_err,
             "suite": shape.suite, "layer": shape.name, "backend": i.backend, "rule": i.rule,
-            "params": i.params, "build_s": i.build_s, "rounds": len(i.samples) or rounds,
+            "chosen": i.chosen, "params": i.params, "build_s": i.build_s,
+            "rounds": len(i.samples) or rounds,
             "target_str": i.target_str, "note": i.note, **prov,
         }
         rows.append(row)
     return rows
+
+
+def _layer_kind(label: str) -> str:
+    """``conv 3x3/2 64x56x56->128`` -> ``3x3 convs``; ``linear 512->1000`` -> ``linears``."""
+    m = re.match(r"conv (\d+x\d+)/", label)
+    return f"{m.group(1)} convs" if m else "linears"
+
+
+def _span(x: Any) -> str:
+    """``median (min-max)``, or the one value."""
+    lo, hi = float(np.min(x)), float(np.max(x))
+    return f"{lo:.2f}" if lo == hi else f"{np.median(x):.2f} ({lo:.2f}-{hi:.2f})"
+
+
+def _chosen_summary(ok: Any) -> list[str]:
+    """One row per suite, layer kind and batch: the median (min-max) speed-up over torch of
+    the kernel the rules choose for each layer, per activation kind (what a deployed model
+    runs, not the best recipe per shape), the slowest ternary kernel timed (any recipe) against
+    torch fp32, and the median speed-up over torch fp32 of FGQ's group variants (one scale
+    per N weights).
+
+    Example:
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"shape": ["conv 3x3/1 8x8x8->8"] * 3 + ["linear 8->8"],
+        ...     "suite": "s", "batch": 1, "impl": ["tvm_tt_lut", "tvm_tt_popc", "tvm_t2_vnni_g4",
+        ...     "tvm_t2_vnni"], "act_mode": ["ternary", "ternary", "int8", "int8"],
+        ...     "chosen": [True, False, False, True],
+        ...     "speedup_vs_torch_fp32": [12.0, 9.0, 2.0, 7.0],
+        ...     "speedup_vs_torch_int8": [3.0, 2.0, 0.5, 2.5]})
+        >>> print("\\n".join(_chosen_summary(df)[3:-1]))
+        |---|---|---|---|---|---|---|---|
+        | s | 3x3 convs | 1 | 1 | - | 12.00, 3.00 | 2.00 | 2.00 |
+        | s | linears | 1 | 1 | 7.00, 2.50 | - | 7.00 | - |
+    """
+    ok = ok.assign(kind=[_layer_kind(x) for x in ok["shape"]],
+                   group=ok["impl"].str.extract(r"_g(\d+(?:_flat)?)$", expand=False))
+    chosen, fgq = ok[ok["chosen"].astype(bool)], ok[ok["group"].notna()]
+    if not len(chosen) and not len(fgq):
+        return []
+    groups = sorted(fgq["group"].unique(), key=lambda g: (g.endswith("_flat"),
+                                                          int(g.split("_")[0])))
+    modes = sorted(set(chosen["act_mode"]), key=lambda m: (m != "int8", m))  # int8 first
+    head = ["suite", "layers", "batch", "shapes",
+            *[f"chosen, {m} act: x torch fp32, x torch int8" for m in modes],
+            "slowest ternary kernel: x torch fp32",
+            *([f"FGQ N={' / '.join(groups)}: x torch fp32"] if groups else [])]
+    lines = ["Per suite, layer kind and batch: median (min-max) speed-up of the kernel the rules "
+             "choose for each layer (what a deployed model runs), the slowest ternary kernel "
+             "timed (any recipe, FGQ's included), and FGQ's group variants' median speed-up over "
+             "torch fp32 (`_flat`: groups along the flat fan-in):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (suite, kind, batch), g in ok.groupby(["suite", "kind", "batch"], sort=False):
+        cells = [str(suite), kind, str(batch), str(g["shape"].nunique())]
+        for m in modes:
+            c = g[g["chosen"].astype(bool) & (g["act_mode"] == m)]
+            cells.append(f"{_span(c['speedup_vs_torch_fp32'])}, "
+                         f"{_span(c['speedup_vs_torch_int8'])}" if len(c) else "-")
+        tern = g.loc[g["act_mode"].isin(("int8", "ternary")) & g["impl"].str.startswith("tvm_")
+                     & ~g["impl"].isin(("tvm_fp32", "tvm_int8")), "speedup_vs_torch_fp32"]
+        cells.append(f"{tern.min():.2f}" if len(tern) else "-")
+        if groups:
+            cells.append(" / ".join(
+                f"{np.median(x):.2f}" if len(x := g.loc[g["group"] == k,
+                                                        "speedup_vs_torch_fp32"]) else "-"
+                for k in groups))
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _markdown(df: Any, meta: dict[str, Any]) -> str:
@@ -89,6 +159,7 @@ def _markdown(df: Any, meta: dict[str, Any]) -> str:
                              f"x{r.speedup_vs_torch_int8:.2f}I, roof {r.roofline_fraction:.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _chosen_summary(ok)
     tern = ok[~ok["col"].isin(base)]
     if len(tern):
         lines += ["Geometric-mean speed-up over torch fp32 / int8:", ""]
