@@ -86,7 +86,8 @@ def _chosen_summary(ok: Any) -> list[str]:
     """
     ok = ok.assign(kind=[_layer_kind(x) for x in ok["shape"]],
                    group=ok["impl"].str.extract(r"_g(\d+(?:_flat)?)$", expand=False))
-    chosen, fgq = ok[ok["chosen"].astype(bool)], ok[ok["group"].notna()]
+    ok = ok.assign(chosen=ok["chosen"].eq(True))  # a CSV read back may hold NaN
+    chosen, fgq = ok[ok["chosen"]], ok[ok["group"].notna()]
     if not len(chosen) and not len(fgq):
         return []
     groups = sorted(fgq["group"].unique(), key=lambda g: (g.endswith("_flat"),
@@ -104,7 +105,7 @@ def _chosen_summary(ok: Any) -> list[str]:
     for (suite, kind, batch), g in ok.groupby(["suite", "kind", "batch"], sort=False):
         cells = [str(suite), kind, str(batch), str(g["shape"].nunique())]
         for m in modes:
-            c = g[g["chosen"].astype(bool) & (g["act_mode"] == m)]
+            c = g[g["chosen"] & (g["act_mode"] == m)]
             cells.append(f"{_span(c['speedup_vs_torch_fp32'])}, "
                          f"{_span(c['speedup_vs_torch_int8'])}" if len(c) else "-")
         tern = g.loc[g["act_mode"].isin(("int8", "ternary")) & g["impl"].str.startswith("tvm_")
