@@ -240,18 +240,18 @@ def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
-@pytest.mark.parametrize(("method", "kw", "impl"), [("twn", {"act_bits": 8}, "tvm_t2_lut"),
-                                                   ("rtn", {}, "tvm_tt_lut")])
-def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, data) -> None:
+@pytest.mark.parametrize(("method", "kw", "impl", "need"), [
+    ("twn", {"act_bits": 8}, "tvm_t2_lut", ({"avx512f", "avx512bw"}, "AVX-512BW")),
+    ("rtn", {}, "tvm_tt_lut", ({"avx512bw", "avx512vbmi"}, "AVX512-VBMI")),
+])
+def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, need,
+                                           data) -> None:
     """Every lookup kernel of a whole module with non-temporal stores (forced): each imports
     the store helper, the module links it once, and it reproduces the fake-quant logits."""
-    from ternbench.schedules import _tvm
+    from conftest import require_x86_features
     from ternbench.schedules.model import compare_logits
 
-    feats = _tvm.target_info("x86").features
-    need = {"avx512bw"} | ({"avx512vbmi"} if impl == "tvm_tt_lut" else set())
-    if not need <= feats:
-        pytest.skip(f"{impl} needs {sorted(need)}")
+    require_x86_features(need[0], f"{impl.removeprefix('tvm_')} needs {need[1]}")
     qm, gm, ref = _conv128(method, data, **kw)
     streaming = [k for k in gm.kernels if "pragma_import_llvm" in gm.mod[k.func].script()]
     assert {k.impl for k in streaming} == {impl} and len(streaming) >= 1
