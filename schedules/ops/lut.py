@@ -266,8 +266,9 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
 #: caches they would only be read for ownership and evict the tables. In one process (interleaved
 #: rounds, same buffers, ResNet-18 3x3 convs) the stores alone made ``tt_lut`` take 0.84-0.96x
 #: the time at batch 64 and 0.76x / 0.92x at batch 16 (64x56x56 / 128x28x28), ``t2_lut``
-#: 0.92-0.97x at batch 64; 0.98-0.99x at batch 4-8 (1.6-6.4 MB). Below the bound (every
-#: batch-1 ResNet-18 conv) the output stays in the caches for the next layer.
+#: 0.92-0.97x at batch 64; in a first series (own output buffers) 0.98-0.99x at batch 4-8
+#: (1.6-6.4 MB). Below the bound (every batch-1 ResNet-18 conv, the 3.2 MB stem included) the
+#: output stays in the caches for the next layer.
 STREAM_MIN_BYTES = 4 << 20
 
 
