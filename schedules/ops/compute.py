@@ -7,11 +7,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .. import _tvm
 from .lut import lut_compute
-from .packing import AVX2_ACT_OFFSET, TT_WORD, border_classes
+from .packing import AVX2_ACT_OFFSET, TT_WORD, border_class_counts
 from .ttlut import ttlut_compute
 
 if TYPE_CHECKING:
@@ -419,10 +417,10 @@ def tt_compute(spec: GemmSpec) -> Any:
         terms.append(lambda m, n: bw[n] * asum[m].astype("float32"))
     if spec.border:
         ho, wo = spec.out_hw
-        rc_, cc_, _tb = border_classes(spec, np.zeros((spec.kernel[0] * spec.kernel[1], 1)))
+        r_, c_ = border_class_counts(spec)
         rcls = te.placeholder((ho,), "int32", name="Rc")
         ccls = te.placeholder((wo,), "int32", name="Cc")
-        tb = te.placeholder((int(rc_.max()) + 1, int(cc_.max()) + 1, np_), "float32", name="Tb")
+        tb = te.placeholder((r_, c_, np_), "float32", name="Tb")
 
         def corr(m: Any, n: Any) -> Any:
             # the in-image taps' sum of this output's border class (one load, no reduction

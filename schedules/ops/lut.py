@@ -235,7 +235,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lines += [f"                    {nn}_{r}_{j} = T.alloc_buffer(({n},), '{nt}')" for r, j in tile]
     lines += [f"                    {x} = T.alloc_buffer(({n},), '{idx_dtype}')"
               for x in idx + regs]
-    if spec.N % spec.nb:  # a partial last block's outputs, stored lane by lane (_tile_stores)
+    if spec.N % spec.nb:  # a partial last block's vector, stored through it (_tile_stores)
         lines += [f"                    ot = T.alloc_buffer(({n},), 'float32')"]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {wn}_{r}_{j}[{v}] = T.broadcast(T.{wt}(0), {n})"

@@ -202,6 +202,22 @@ def _tap_classes(n_out: int, k: int, stride: int, pad: int, size: int
     return idx, sets
 
 
+def border_class_counts(spec: GemmSpec) -> tuple[int, int]:
+    """``(R, C)``: how many row and column classes :func:`border_classes` gives ``spec`` (the
+    leading shape of its ``Tb``, which a kernel's signature declares).
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> border_class_counts(S(out_hw=(4, 4), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+        ...                       in_shape=(1, 4, 4)))
+        (3, 3)
+    """
+    (ho, wo), (kh, kw) = spec.out_hw, spec.kernel
+    (sh, sw), (ph, pw) = spec.stride, spec.padding
+    _c, h, w = spec.in_shape
+    return (len(_tap_classes(ho, kh, sh, ph, h)[1]), len(_tap_classes(wo, kw, sw, pw, w)[1]))
+
+
 def border_classes(spec: GemmSpec, tw: np.ndarray
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The border term of a padded conv as a lookup: ``Rc [Ho]`` / ``Cc [Wo]`` give each output

@@ -45,8 +45,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from .. import _tvm
 from .lut import (
     ConvFrame,
@@ -58,7 +56,7 @@ from .lut import (
     padding_ring,
     row_tile_kernel,
 )
-from .packing import border_classes
+from .packing import border_class_counts
 
 if TYPE_CHECKING:
     from .lut import EpilogueTerms
@@ -205,8 +203,7 @@ def _offset_terms(spec: GemmSpec, f: ConvFrame
         extra.append(f"Bw: T.Buffer(({np_},), 'float32')")
         work.append(f"        asum = T.alloc_buffer(({f.hp}, {f.wt}), 'int32')")
     if spec.border:
-        rc, cc, _ = border_classes(spec, np.zeros((f.taps, 1)))
-        (ho, wo), r_, c_ = spec.out_hw, int(rc.max()) + 1, int(cc.max()) + 1
+        (ho, wo), (r_, c_) = spec.out_hw, border_class_counts(spec)
         extra += [f"Rc: T.Buffer(({ho},), 'int32')", f"Cc: T.Buffer(({wo},), 'int32')",
                   f"Tb: T.Buffer(({r_}, {c_}, {np_}), 'float32')"]
     kh = spec.kernel[0]
