@@ -217,7 +217,7 @@ def test_only_large_outputs_stream():
 @pytest.mark.tvm
 def test_streaming_kernels_share_one_module(stream_everything):
     """A whole-model module holds many kernels, each importing the store helper: its
-    ``linkonce_odr`` definitions link once."""
+    ``linkonce_odr`` definitions link once, and every call is inlined."""
     import tvm
     from ternbench.schedules.ops.lut import lut_compute
     from ternbench.schedules.ops.ttlut import ttlut_compute
@@ -232,6 +232,9 @@ def test_streaming_kernels_share_one_module(stream_everything):
         tt = x86.tt_lut_rule().plan(make_layer("conv2d", cin=64, out=64, hw=(4, 4),
                                                act="ternary"), 1, tinfo, {})
         funcs["k2"] = ttlut_compute(tt).with_attr("global_symbol", "k2")
-    exe = _tvm.compile_prim_module(tvm.IRModule(funcs), tinfo)
+    mod = _tvm.compile_prim_module(tvm.IRModule(funcs), tinfo).jit()
+    ll = mod.inspect_source("ll")  # linked once (a second definition would not link), inlined
+    assert "tb_stream_f32x32.exit" in ll and "call void @tb_stream" not in ll
+    assert "vmovntps" in mod.inspect_source("asm")
     for name in funcs:
-        assert exe[name] is not None
+        assert mod[name] is not None
