@@ -11,6 +11,7 @@ import torch
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import _tvm, measure, ops, x86
 from ternbench.schedules.ops.lut import (
+    LUT_BIAS,
     LUT_GROUP,
     LUT_INT16_RUN,
     LUT_ZERO_INDEX,
@@ -34,7 +35,8 @@ def test_geometry_keeps_int16_runs_exact(kernel):
         # a run: tpc kernel rows x kw taps x cgc triples, 85 lookups of |entry| <= 384 at most
         assert geo.tpc * kw * geo.cgc <= LUT_INT16_RUN
         assert geo.nt * geo.tpc == kh and (geo.tpc == 1 or geo.nc == 1)
-    assert LUT_INT16_RUN * 3 * 128 <= np.iinfo(np.int16).max
+    # biased entries 0..2 * LUT_BIAS add up in unsigned int16 (|entry| <= 3 * 128)
+    assert LUT_BIAS >= 3 * 128 and LUT_INT16_RUN * 2 * LUT_BIAS <= np.iinfo(np.uint16).max
     with pytest.raises(ValueError, match="kernel width 86"):
         lut_geometry_of(8, (1, 86))
 
@@ -43,14 +45,15 @@ def test_pack_lut_idx_decodes_to_the_codes():
     rng = np.random.default_rng(0)
     n, c, kh, kw = 5, 7, 3, 3
     codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)  # (kh, kw, C) order
-    idx = ops.pack_lut_idx(codes, c, (kh, kw), 8)
+    idx = ops.pack_lut_idx(codes, c, (kh, kw), 32)
     geo = lut_geometry_of(c, (kh, kw))
-    assert idx.shape == (kh * kw, geo.cgp, 8) and idx.dtype == np.uint8
-    i = idx.astype(np.int64)
+    assert idx.shape == (kh * kw, geo.cgp, 32) and idx.dtype == np.uint8
+    # lanes 2m, 2m + 1 hold channels m, 16 + m
+    i = idx.astype(np.int64)[..., [2 * (ch % 16) + ch // 16 for ch in range(32)]]
     digits = np.stack([i % 3, i // 3 % 3, i // 9], -1) - 1  # [taps, cgp, Np, 3]
-    back = digits.transpose(2, 0, 1, 3).reshape(8, kh * kw, geo.cgp * 3)  # [Np, taps, 3 cgp]
+    back = digits.transpose(2, 0, 1, 3).reshape(32, kh * kw, geo.cgp * 3)  # [Np, taps, 3 cgp]
     np.testing.assert_array_equal(back[:n, :, :c].reshape(n, -1), codes)
-    assert (idx[:, :, n:] == LUT_ZERO_INDEX).all()  # padding output channels add zero
+    assert (i[:, :, n:] == LUT_ZERO_INDEX).all()  # padding output channels add zero
     assert (back[:n, :, c:] == 0).all()  # so do the input channels padding the last triple
     # paired: a 64-channel block read as int16 words holds channel k in the low byte of word
     # k and channel 32 + k in its high byte
@@ -63,6 +66,8 @@ def test_pack_lut_idx_decodes_to_the_codes():
                                   .reshape(words.shape))
     with pytest.raises(ValueError, match="Np % 64"):
         ops.pack_lut_idx(codes[:32], c, (kh, kw), 96, paired=True)
+    with pytest.raises(ValueError, match="Np % 32"):
+        ops.pack_lut_idx(codes[:5], c, (kh, kw), 8)
 
 
 def test_rule_gate():

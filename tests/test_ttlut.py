@@ -12,6 +12,7 @@ import torch
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import measure, ops, x86
 from ternbench.schedules.ops.ttlut import (
+    TT_LUT_BIAS,
     TT_LUT_GROUP,
     TT_LUT_RUN,
     TT_LUT_ZERO,
@@ -35,7 +36,8 @@ def test_geometry_keeps_int8_runs_exact(kernel):
         assert geo.tpc * kw * geo.cgc <= TT_LUT_RUN
         assert geo.nt * geo.tpc == kh and (geo.tpc == 1 or geo.nc == 1)
         assert geo.cgp - geo.cg < geo.nc  # never a whole padding quad per chunk
-    assert TT_LUT_RUN * TT_LUT_GROUP <= np.iinfo(np.int8).max
+    # biased entries 0..2 * TT_LUT_BIAS add up in unsigned bytes (|entry| <= TT_LUT_GROUP)
+    assert TT_LUT_BIAS >= TT_LUT_GROUP and TT_LUT_RUN * 2 * TT_LUT_BIAS <= np.iinfo(np.uint8).max
     with pytest.raises(ValueError, match="kernel width 32"):
         ttlut_geometry_of(8, (1, 32))
 
@@ -47,11 +49,12 @@ def test_pack_quads_decode_to_the_codes():
     idx = ops.pack_lut_idx(codes, c, (kh, kw), 64, group=4)
     geo = ttlut_geometry_of(c, (kh, kw))
     assert idx.shape == (kh * kw, geo.cgp, 64) and idx.dtype == np.int8
-    i = idx.astype(np.int64)
+    # lanes 2m, 2m + 1 hold channels m, 32 + m
+    i = idx.astype(np.int64)[..., [2 * (ch % 32) + ch // 32 for ch in range(64)]]
     digits = np.stack([i % 3, i // 3 % 3, i // 9 % 3, i // 27], -1) - 1  # [taps, cgp, Np, 4]
     back = digits.transpose(2, 0, 1, 3).reshape(64, kh * kw, geo.cgp * 4)
     np.testing.assert_array_equal(back[:n, :, :c].reshape(n, -1), codes)
-    assert (idx[:, :, n:] == TT_LUT_ZERO).all()  # padding output channels add zero
+    assert (i[:, :, n:] == TT_LUT_ZERO).all()  # padding output channels add zero
     assert (back[:n, :, c:] == 0).all()  # so do the input channels padding the last quad
 
 

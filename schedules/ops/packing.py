@@ -251,20 +251,27 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     (kh, kw, C) order: ``sum_j 3^j (w_j + 1)`` per tap and group of ``group`` channels; padding
     channels, groups and output channels get the all-zero index ``(3^group - 1) / 2``.
     ``group=3``: ``t2_lut`` (uint8, 27 indices); ``group=4``: ``tt_lut`` (int8, 81).
-    ``paired``: bytes ``2k`` and ``2k + 1`` of each 64-channel block hold channels ``k`` and
-    ``32 + k`` (``t2_lut`` reads a block as 32 int16 words: ``vpermw`` looks up the low byte's
-    index, and again after a shift right by 8 the high byte's).
+    Channel order: in each block of a vector's ``width`` output channels (32 for ``t2_lut``'s
+    int16 lanes, 64 for ``tt_lut``'s bytes; ``Np`` a multiple of it) lanes ``2m`` and ``2m + 1``
+    hold channels ``m`` and ``width / 2 + m``: the kernels read a lane pair as one wide lane
+    when they widen their sums (:func:`.lut.row_tile_kernel`). ``paired`` (``t2_lut``, byte
+    indices): bytes ``2k`` and ``2k + 1`` of each 64-channel block then hold the ``k``-th
+    index of its two 32-channel vectors (``t2_lut`` reads a block as 32 int16 words:
+    ``vpermw`` looks up the low byte's index, and again after a shift right by 8 the high
+    byte's). So a paired block's bytes hold channels 0, 32, 16, 48, 1, 33, 17, 49, ...
 
     Example:
-        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1)[0, :, 0].tolist()
+        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 32)[0, :, 0].tolist()
         [5, 14]
-        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 1, group=4)[0, :, 0].tolist()
+        >>> pack_lut_idx(np.array([[1, 0, -1, 1]]), 4, (1, 1), 64, group=4)[0, :, 0].tolist()
         [59]
-        >>> pack_lut_idx(np.eye(64, 3, dtype=int), 3, (1, 1), 64, paired=True)[0, 0, :4].tolist()
-        [14, 13, 16, 13]
+        >>> codes = np.zeros((64, 3), int)
+        >>> codes[16, 0] = codes[32, 1] = codes[48, 2] = 1  # 13 is the all-zero index
+        >>> pack_lut_idx(codes, 3, (1, 1), 64, paired=True)[0, 0, :4].tolist()
+        [13, 16, 14, 22]
     """
-    from .lut import lut_geometry_of
-    from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
+    from .lut import LUT_LANES, lut_geometry_of
+    from .ttlut import TT_LUT_GROUP, TT_LUT_LANES, ttlut_geometry_of
 
     _check_ternary(codes)
     n = codes.shape[0]
@@ -278,12 +285,30 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     d = w.reshape(n, taps, cgp, group) + 1
     idx = np.full((taps, cgp, np_), (3 ** group - 1) // 2, dtype)
     idx[:, :, :n] = (d * 3 ** np.arange(group)).sum(-1).transpose(1, 2, 0)
+    # lanes 2m, 2m + 1 of each vector's block hold channels m and width / 2 + m (the kernels'
+    # widening reads lane pairs as one wide lane: lut.row_tile_kernel)
+    width = TT_LUT_LANES if byte else LUT_LANES
+    if np_ % width:
+        raise ValueError(f"table-lookup indices need Np % {width} == 0, got {np_}")
+    idx = _interleave(idx, width)
     if paired:
         if np_ % 64:
             raise ValueError(f"paired indices need Np % 64 == 0, got {np_}")
-        blocks = idx.reshape(taps, cgp, np_ // 64, 2, 32)  # [.., half, k] -> byte 2k + half
-        idx = np.ascontiguousarray(blocks.transpose(0, 1, 2, 4, 3)).reshape(taps, cgp, np_)
+        idx = _interleave(idx, 64)
     return idx
+
+
+def _interleave(idx: np.ndarray, width: int) -> np.ndarray:
+    """Per block of ``width`` channels of the last axis: position ``2k + half`` takes channel
+    ``half * width / 2 + k``.
+
+    Example:
+        >>> _interleave(np.arange(8).reshape(1, 8), 4).tolist()
+        [[0, 2, 1, 3, 4, 6, 5, 7]]
+    """
+    *lead, n = idx.shape
+    blocks = idx.reshape(*lead, n // width, 2, width // 2)  # [.., half, k] -> 2k + half
+    return np.ascontiguousarray(np.swapaxes(blocks, -1, -2)).reshape(idx.shape)
 
 
 def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
