@@ -156,8 +156,9 @@ def test_lut_kernel_matches_reference(label, kw, batch):
 @pytest.mark.parametrize("cin", [84, 85])
 def test_lut_kernel_is_exact_at_the_int16_bound(cin):
     """Saturated activations and all-(+1) / all-(-1) weights: runs of 3 taps x 28 triples = 84
-    lookups of +-381 (cin 84: one chunk per kernel row), near the 85 int16 may hold; cin 85
-    splits each row into 2 chunks."""
+    lookups of +-381 (cin 84: one chunk per kernel row), stored biased by 384 (3..765: up to
+    64260 of the 65535 an unsigned int16 holds, and the low end, all 3s); cin 85 splits each row
+    into 2 chunks."""
     _needs_bw()
     tinfo = x86_info()
     for sign in (1, -1):

@@ -61,9 +61,9 @@ def test_pack_quads_decode_to_the_codes():
 @pytest.mark.tvm
 @pytest.mark.parametrize("cin", [120, 128])
 def test_ttlut_kernel_is_exact_at_the_int8_bound(cin):
-    """All activations +1 or -1 and all weights +1 or -1: every lookup is +-4 (cin 120: runs of
-    3 taps x 10 quads = 30 lookups, 120 of the 127 int8 holds; cin 128: 3 x 8); the sums (up to
-    9 x 128) are widened to int16 per run."""
+    """All activations +1 or -1 and all weights +1 or -1: every lookup is +-4, stored biased by 4
+    (0 or 8; cin 120: runs of 3 taps x 10 quads = 30 lookups, up to 240 of the 255 a byte holds;
+    cin 128: 3 x 8); the sums (up to 9 x 128) are widened to int16 per run."""
     _needs_vbmi()
     tinfo = x86_info()
     for sign in (1, -1):

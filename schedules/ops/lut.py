@@ -230,8 +230,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lengths keep them below 2^bits). Lanes ``2m`` and ``2m + 1`` of a vector hold channels
     ``m`` and ``lanes / 2 + m`` (:func:`.packing.pack_lut_idx` interleaves the indices so);
     read as wide lanes they are ``lo + 2^bits hi``, so per run two wide sums ``se += v`` and
-    ``so += v >> bits`` (logical) take three instructions instead of four (two sign extensions
-    and two adds), and the tile's sums come out once per block: ``hi = so``,
+    ``so += v >> bits`` (logical) take three instructions instead of five (an extract, two
+    sign extensions and two adds), and the tile's sums come out once per block: ``hi = so``,
     ``lo = se - (so << bits)``, each less ``bias`` times the lookups per output, all in
     wrapping unsigned arithmetic (the true sums fit the signed wide type). In one process
     against sign extension (batch 1): ``t2_lut`` 0.98-1.00x the time on the ResNet-18 3x3
