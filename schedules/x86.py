@@ -121,11 +121,15 @@ TT_LUT_DEFAULT = {"nb": 128, "mb": 7, "rows": 1}
 #: thread, kernels run e147874, batch 1 / 64; row tiles that load each input column's table row
 #: once, activation codes built 16 quads per vpmaddubsw + vpmaddwd): ResNet-18 3x3 convs 1.21-1.40x
 #: / 1.09-1.14x (stride 1), 1.25-1.38x / 0.97-1.06x (stride 2); CIFAR 64x8x8 1.22x / 1.34x, 3x3/2
-#: 32 -> 64 1.17x / 1.26x, 32x16x16 1.00x / 1.02x, 16 channels 0.58-0.91x. 1x1 convs share no
-#: rows and stay on the popcount kernel (1.14-1.38x / 0.90-1.22x on ResNet-18, 0.44-0.48x on
-#: CIFAR). Stems with <= 4 channels take it whatever their kernel (7x7/2 3 -> 64 2.06x / 2.31x,
-#: 3x3 3 -> 16 1.68x / 1.73x)
+#: 32 -> 64 1.17x / 1.26x, 32x16x16 1.00x / 1.02x, 16 channels 0.58-0.91x. Stems with <= 4
+#: channels take it whatever their kernel (7x7/2 3 -> 64 2.06x / 2.31x, 3x3 3 -> 16 1.68x / 1.73x)
 TT_LUT_MIN_CHANNELS = 32
+#: 1x1 convs share no rows; with the biased widening and byte codes (fe33809) they are chosen
+#: from 64 inputs. ResNet-18's 1x1/2 downsamples (64, 128, 256 inputs), speed over the popcount
+#: kernel in one process, batch 1: 1.55x, 1.42x, 1.20x; batch 64: 1.47x, 1.56x, 0.84x (the two
+#: kernels runs at fe33809: 1.41-1.42x, 1.16-1.19x at batch 1, 256 -> 512 at batch 64 1.30x and
+#: 0.85x); CIFAR's (16 and 32 inputs) 0.59-0.76x, so they stay on the popcount kernel
+TT_LUT_MIN_CHANNELS_1X1 = 64
 
 
 @functools.cache
@@ -504,11 +508,14 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: convs wider than 1 tap with >=
-    TT_LUT_MIN_CHANNELS input and output channels, or a stem's <= 4 inputs. Measured:
+    TT_LUT_MIN_CHANNELS input and output channels, 1x1 convs with >= TT_LUT_MIN_CHANNELS_1X1
+    inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs. Measured:
     docs/kernels.md."""
-    wide = (lx.kernel_size[1] > 1
-            and min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS)
-    return _applies_tt_lut_any(lx, target) and (wide or lx.in_channels <= 4)
+    enough = min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS
+    wide = lx.kernel_size[1] > 1 and enough
+    one = (tuple(lx.kernel_size) == (1, 1) and enough
+           and lx.in_channels >= TT_LUT_MIN_CHANNELS_1X1)
+    return _applies_tt_lut_any(lx, target) and (wide or one or lx.in_channels <= 4)
 
 
 def _plan_tt_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
