@@ -127,8 +127,8 @@ TT_LUT_MIN_CHANNELS = 32
 #: 1x1 convs share no rows; with the biased widening and byte codes (fe33809) they are chosen
 #: from 64 inputs. ResNet-18's 1x1/2 downsamples (64, 128, 256 inputs), speed over the popcount
 #: kernel in one process, batch 1: 1.55x, 1.42x, 1.20x; batch 64: 1.47x, 1.56x, 0.84x (the two
-#: kernels runs at fe33809: 1.41-1.42x, 1.16-1.19x at batch 1, 256 -> 512 at batch 64 1.30x and
-#: 0.85x); CIFAR's (16 and 32 inputs) 0.59-0.76x, so they stay on the popcount kernel
+#: kernels runs at fe33809: 1.41-1.51x, 1.42x, 1.16-1.19x at batch 1; 256 -> 512 at batch 64
+#: 1.30x and 0.85x); CIFAR's (16 and 32 inputs) 0.59-0.76x, so they stay on the popcount kernel
 TT_LUT_MIN_CHANNELS_1X1 = 64
 
 

@@ -69,7 +69,7 @@ if TYPE_CHECKING:
 VPERMI2B = "llvm.x86.avx512.vpermi2var.qi.512"
 #: ternary weights (and activations) per index / code: 3^4 = 81 <= 128 table bytes
 TT_LUT_GROUP = 4
-#: lookups that may add up in int8: 31 * 4 = 124 <= 127
+#: lookups that may add up in a byte: 31 * 4 = 124 <= 127 (biased: 31 * 8 = 248 <= 255)
 TT_LUT_RUN = 31
 #: added to every table entry (``|TT| <= 4``): entries are 0..8, and a run of 31 adds up to
 #: 248 <= 255 as unsigned bytes (:func:`.lut.row_tile_kernel`)
