@@ -108,11 +108,13 @@ LUT_DEFAULT = {"nb": 64, "mb": 7, "rows": 1}
 #: 1.12 / 1.12; the 7x7/2 3-channel stem 1.85 / 1.72; stride-2 3x3 convs 0.57-1.07, 1x1 convs
 #: 0.20-0.76)
 LUT_MIN_CHANNELS = 64
-#: input channels from which it is chosen on convs whose tables are read 2-9 times (3x3/2):
-#: with row tiles and byte indices, speed over the VNNI kernel (batch 1 / 64; one process, then
+#: input channels from which it is chosen on convs whose tables are read 2-9 times (3x3/2).
+#: With row tiles and byte indices, speed over the VNNI kernel (batch 1 / 64; one process, then
 #: the kernels run at 346f515): 3x3/2 256 -> 512 1.08x / 1.08x, 1.10x / 1.07x; 128 -> 256
-#: 0.93x / 1.02x, 0.99x / 0.92x; 64 -> 128 0.92x (batch 1, one process)
-LUT_MIN_CHANNELS_STRIDED = 256
+#: 0.93x / 1.02x, 0.99x / 0.92x; 64 -> 128 0.92x (batch 1, one process). Since: 128 -> 256 at
+#: batch 1 1.06x (run c424f6f), 1.04x and 1.04x (the two runs at fe33809), 1.05x (one process,
+#: d0e3aa2); at batch 64 1.04x, 1.12x, 1.11x and 0.95x; 64 -> 128 0.89-0.92x at batch 1
+LUT_MIN_CHANNELS_STRIDED = 128
 #: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
 #: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4
 #: zmm and 12 indices spilled: 3.7x slower)

@@ -82,7 +82,8 @@ def test_rule_gate():
     assert rule(cin=3, out=16) == "x86.t2_lut"
     assert rule(cin=64, out=16) == "x86.t2_lut"
     assert rule(cin=256, out=32, stride=2) == "x86.t2_lut"  # tables read 2.25 times, 256 ch
-    for kw in (dict(cin=32), dict(cin=128, stride=2), dict(cin=256, k=1, pad=0),
+    assert rule(cin=128, out=32, stride=2) == "x86.t2_lut"  # and 128
+    for kw in (dict(cin=32), dict(cin=64, stride=2), dict(cin=256, k=1, pad=0),
                dict(cin=128, gs=4, order="ijc")):
         assert rule(out=32, **kw) == "x86.t2_avx512vnni", kw
     assert rule(cin=128, out=32, act="ternary") == "x86.tt_popc"
