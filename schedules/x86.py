@@ -124,8 +124,16 @@ TT_LUT_DEFAULT = {"nb": 128, "mb": 7, "rows": 1}
 #: once, activation codes built 16 quads per vpmaddubsw + vpmaddwd): ResNet-18 3x3 convs 1.21-1.40x
 #: / 1.09-1.14x (stride 1), 1.25-1.38x / 0.97-1.06x (stride 2); CIFAR 64x8x8 1.22x / 1.34x, 3x3/2
 #: 32 -> 64 1.17x / 1.26x, 32x16x16 1.00x / 1.02x, 16 channels 0.58-0.91x. Stems with <= 4
-#: channels take it whatever their kernel (7x7/2 3 -> 64 2.06x / 2.31x, 3x3 3 -> 16 1.68x / 1.73x)
+#: channels take it whatever their kernel (7x7/2 3 -> 64 2.06x / 2.31x, 3x3 3 -> 16 1.68x / 1.73x).
+#: The outputs fill its 64 byte lanes: 16 outputs lose (16 -> 16 3x3/1 0.73-0.75x in three runs
+#: and one process since fe33809, 0.75-0.89x at batch 64 with RTN's offsets)
 TT_LUT_MIN_CHANNELS = 32
+#: inputs of a wider-than-one-tap conv from which it is chosen (with TT_LUT_MIN_CHANNELS outputs):
+#: since fe33809, 16 inputs win: CIFAR's 3x3/2 16 -> 32 1.07-1.13x / 1.19x in three kernels
+#: runs; in one process (batch 1 / 64, without / with RTN's offsets) 3x3/1 16 -> 32 1.07x,
+#: 1.07x / 1.09x, 1.34x; 3x3/2 16 -> 32 1.12x, 1.03x / 1.18x, 1.07x; 3x3/1 16 -> 64 on 16x16
+#: 1.56x, 1.50x / 1.61x, 1.84x
+TT_LUT_MIN_INPUTS = 16
 #: 1x1 convs share no rows; with the biased widening and byte codes (fe33809) they are chosen
 #: from 64 inputs. ResNet-18's 1x1/2 downsamples (64, 128, 256 inputs), speed over the popcount
 #: kernel in one process, batch 1: 1.55x, 1.42x, 1.20x; batch 64: 1.47x, 1.56x, 0.84x (the two
@@ -510,12 +518,12 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: convs wider than 1 tap with >=
-    TT_LUT_MIN_CHANNELS input and output channels, 1x1 convs with >= TT_LUT_MIN_CHANNELS_1X1
-    inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs. Measured:
-    docs/kernels.md."""
-    enough = min(lx.in_channels, lx.out_channels) >= TT_LUT_MIN_CHANNELS
-    wide = lx.kernel_size[1] > 1 and enough
-    one = (tuple(lx.kernel_size) == (1, 1) and enough
+    TT_LUT_MIN_INPUTS inputs and TT_LUT_MIN_CHANNELS outputs, 1x1 convs with >=
+    TT_LUT_MIN_CHANNELS_1X1 inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs.
+    Measured: docs/kernels.md."""
+    outs = lx.out_channels >= TT_LUT_MIN_CHANNELS
+    wide = lx.kernel_size[1] > 1 and outs and lx.in_channels >= TT_LUT_MIN_INPUTS
+    one = (tuple(lx.kernel_size) == (1, 1) and outs
            and lx.in_channels >= TT_LUT_MIN_CHANNELS_1X1)
     return _applies_tt_lut_any(lx, target) and (wide or one or lx.in_channels <= 4)
 

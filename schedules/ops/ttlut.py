@@ -26,9 +26,10 @@ came from L2/L3; loading the row through the code keeps every table read in L1).
 
 The codes of a pixel's 64 channels come from one ``vpmaddubsw`` (bytes times (1, 3, 9, 27), in
 pairs) and one ``vpmaddwd`` (pairs of pairs); built one scalar code at a time they took a fifth
-of a 64x56x56 conv. With 32-64 channels (one vector per pixel) the kernel still beats the
-popcount kernel on 3x3 convs. 1x1 convs share no rows; with the biased widening and byte codes
-it wins on those with >= 64 inputs too (ResNet-18's downsamples), not on CIFAR's 16-32.
+of a 64x56x56 conv. With 16-64 input channels (one vector per pixel) the kernel still beats the
+popcount kernel on 3x3 convs with >= 32 outputs (16 outputs fill a quarter of its byte lanes and
+lose). 1x1 convs share no rows; with the biased widening and byte codes it wins on those with >=
+64 inputs too (ResNet-18's downsamples), not on CIFAR's 16-32.
 
 RTN's offsets (``x = alpha a + beta_a`` on the image, ``w = s c + beta_w``) are the popcount
 kernel's affine terms (:func:`.packing.tt_affine_terms`, spec flags ``w_off`` / ``border``),
