@@ -254,7 +254,7 @@ def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, 
     require_x86_features(need[0], f"{impl.removeprefix('tvm_')} needs {need[1]}")
     qm, gm, ref = _conv128(method, data, **kw)
     streaming = [k for k in gm.kernels if "pragma_import_llvm" in gm.mod[k.func].script()]
-    assert {k.impl for k in streaming} == {impl} and len(streaming) >= 1
+    assert {k.impl for k in streaming} == {impl}  # at least one, all of this kind
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 

@@ -120,7 +120,8 @@ def ttlut_source(spec: GemmSpec) -> str:
     # the codes buffer is wide enough for a partial last tile's pixels past the row (their
     # codes are zeros; they are computed and not stored). Codes are bytes: as int32 the buffer
     # was 4x larger than the int8 input (with the biased widening, batch 64, in one process:
-    # 0.93-0.98x the time on the ResNet-18 64- and 128-channel 3x3 convs; batch 1: unchanged)
+    # 0.93-0.98x the time on the ResNet-18 64- and 128-channel 3x3 convs; batch 1: within the
+    # noise between processes, 0.89-1.05x)
     extra, work, terms = _offset_terms(spec, f)
     lines = kernel_head(spec, f, geo.cgp, "int8", extra) + [
         "        TT = T.alloc_buffer((81, 128), 'int8')",
