@@ -51,6 +51,7 @@ __all__ = [
     "rules",
     "lut_rule",
     "tt_lut_rule",
+    "full_rate_permutes",
     "schedule_t2_avx2",
     "schedule_t2_lut",
     "schedule_t2_f32",
@@ -96,6 +97,15 @@ TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 #: within noise (0.97-1.03x) and the 3-word 7x7 stem 9-11% slower
 TT_SPLIT_MIN_WORDS = 16
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
+#: LLVM CPUs whose 512-bit permutes (``vpermw``, ``vpermi2b``) issue about one per cycle beside
+#: the adds, so that table lookups beat ``vpdpbusd`` and popcounts where the gates below say.
+#: 1-thread instruction peaks (``bench/kernels/peaks.py``, GMAC/s): znver4 ``lut_vpermw`` 335
+#: against ``int8_vpdpbusd`` 235, ``tt_vpermi2b`` 919 against ``tt_popcount`` 574; Intel
+#: emeraldrapids 164 against 186 and 329 against 432 (its permutes share one port and take two
+#: cycles each). There the lookups lost on every ResNet-18 3x3 conv (kernels run of
+#: docs/measured/kernels-x86-emr-avx512.md) and are chosen on stems only. Zen 5 keeps Zen 4's
+#: full-width permute units (assumed; not measured here).
+FULL_RATE_PERMUTE_CPUS = frozenset({"znver4", "znver5"})
 #: table-lookup convs: 7 pixels of one output row x 2 zmm of 32 int16 lanes (64 channels);
 #: with 3x3 kernels 14 accumulators + 6 index vectors stay in registers, and each input
 #: column's table is loaded once for all 21 (pixel, tap) pairs that read it (znver4, 1 thread,
@@ -425,6 +435,22 @@ def _plan_t2_f32(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                      **tile_kwargs(params, DENSE_DEFAULT))
 
 
+def full_rate_permutes(target: _tvm.TargetInfo) -> bool:
+    """Whether ``target``'s CPU runs 512-bit permutes at full rate (FULL_RATE_PERMUTE_CPUS):
+    where it does not, the table-lookup kernels are chosen on stems (<= 4 inputs) only.
+
+    Example:
+        >>> import dataclasses
+        >>> from ternbench.schedules import _tvm
+        >>> zen4 = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4",
+        ...                        is_x86=True, features=frozenset())
+        >>> full_rate_permutes(zen4), full_rate_permutes(dataclasses.replace(zen4,
+        ...                                                  mcpu="sapphirerapids"))
+        (True, False)
+    """
+    return target.mcpu in FULL_RATE_PERMUTE_CPUS
+
+
 def _applies_t2_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where the ``t2_lut`` kernel can run: one-group int8-activation ternary convs on AVX-512BW
     (``vpermw zmm``)."""
@@ -438,11 +464,14 @@ def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over ``vpdpbusd``: convs whose input tables are each read >= 9 times
     (``kh * kw / (sh * sw)``: 3x3/1, 7x7/2) with >= LUT_MIN_CHANNELS inputs or a stem's <= 4
     (one triple per tap: ``vpdpbusd`` pads its 4-byte steps), and those read >= 2 times (3x3/2)
-    with >= LUT_MIN_CHANNELS_STRIDED inputs. Measured: docs/kernels.md."""
+    with >= LUT_MIN_CHANNELS_STRIDED inputs; without full-rate permutes
+    (:func:`full_rate_permutes`) the stems only. Measured: docs/kernels.md."""
     if not _applies_t2_lut_any(lx, target):
         return False
     (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
     reuse, c = kh * kw / (sh * sw), lx.in_channels
+    if not full_rate_permutes(target):
+        return reuse >= 9 and c <= 4
     return ((reuse >= 9 and (c >= LUT_MIN_CHANNELS or c <= 4))
             or (reuse >= 2 and c >= LUT_MIN_CHANNELS_STRIDED))
 
@@ -519,8 +548,11 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: convs wider than 1 tap with >=
     TT_LUT_MIN_INPUTS inputs and TT_LUT_MIN_CHANNELS outputs, 1x1 convs with >=
-    TT_LUT_MIN_CHANNELS_1X1 inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs.
-    Measured: docs/kernels.md."""
+    TT_LUT_MIN_CHANNELS_1X1 inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs;
+    without full-rate permutes (:func:`full_rate_permutes`) the stems only. Measured:
+    docs/kernels.md."""
+    if not full_rate_permutes(target):
+        return _applies_tt_lut_any(lx, target) and lx.in_channels <= 4
     outs = lx.out_channels >= TT_LUT_MIN_CHANNELS
     wide = lx.kernel_size[1] > 1 and outs and lx.in_channels >= TT_LUT_MIN_INPUTS
     one = (tuple(lx.kernel_size) == (1, 1) and outs

@@ -41,17 +41,21 @@ def x86_info():
     return _tvm.target_info("x86")
 
 
-def expected_t2_impl(features: frozenset[str], lx=None) -> str:
+def expected_t2_impl(features: frozenset[str], lx=None, full_rate: bool = True) -> str:
     """The int8-activation ternary kernel a feature set should get (derived from the CPU's
     features, never a hard-coded name: CI machines differ). With the layer ``lx``: the
     table-lookup kernel on AVX-512BW for one-group convs whose input tables are each read >= 9
-    times with >= 64 or <= 4 input channels, or >= 2 times with >= 256."""
+    times with >= 64 or <= 4 input channels, or >= 2 times with >= 128; on a CPU without
+    full-rate permutes (``full_rate``: ``x86.full_rate_permutes``) for the <= 4-channel stems
+    only."""
     if lx is not None and {"avx512f", "avx512bw"} <= features and lx.op == "conv2d":
         (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
         c = lx.in_channels
-        if lx.group_size >= lx.fan_in and (
-                (kh * kw >= 9 * sh * sw and (c >= 64 or c <= 4))
-                or (kh * kw >= 2 * sh * sw and c >= 256)):
+        reuse9, reuse2 = kh * kw >= 9 * sh * sw, kh * kw >= 2 * sh * sw
+        chosen = reuse9 and c <= 4
+        if full_rate:
+            chosen = chosen or (reuse9 and c >= 64) or (reuse2 and c >= 128)
+        if lx.group_size >= lx.fan_in and chosen:
             return "tvm_t2_lut"
     if {"avx512vnni", "avx512vl"} <= features or "avxvnni" in features:
         return "tvm_t2_vnni"
@@ -70,15 +74,16 @@ def require_x86_features(features: set[str], what: str) -> None:
         pytest.skip(f"{what}; this target is {x86_info().isa}")
 
 
-def expected_tt_impl(features: frozenset[str], lx=None) -> str:
+def expected_tt_impl(features: frozenset[str], lx=None, full_rate: bool = True) -> str:
     """The ternary x ternary kernel a feature set should get. With the layer ``lx``: the
     byte-table lookup kernel on AVX512-VBMI for one-group convs (RTN's offsets included) whose
-    input and output channels are both >= 32 (1x1 convs never), or whose input has <= 4
-    channels (stems)."""
+    input and output channels are both >= 32 (for the wider-than-1x1 cases used here), or whose
+    input has <= 4 channels (stems); without full-rate permutes (``full_rate``) stems only."""
     if lx is not None and {"avx512bw", "avx512vbmi"} <= features and lx.op == "conv2d":
+        wide = (full_rate and lx.kernel_size[1] > 1
+                and min(lx.in_channels, lx.out_channels) >= 32)
         if (lx.group_size >= lx.fan_in and lx.fan_in < 2 ** 15
-                and ((lx.kernel_size[1] > 1 and min(lx.in_channels, lx.out_channels) >= 32)
-                     or lx.in_channels <= 4)):
+                and (wide or lx.in_channels <= 4)):
             return "tvm_tt_lut"
     return "tvm_tt_popc" if "avx2" in features else "tvm_tt_popc_generic"
 

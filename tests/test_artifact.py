@@ -205,33 +205,37 @@ def _conv128(method: str, data, **kw):
 
 def test_table_lookup_convs_lower_and_match(data) -> None:
     """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
-    128-channel 3x3/1 conv run the table-lookup kernel inside the one module, and the module
-    reproduces the fake-quant logits."""
-    from ternbench.schedules import _tvm
+    128-channel 3x3/1 conv run the table-lookup kernel inside the one module (the conv on CPUs
+    with full-rate permutes), and the module reproduces the fake-quant logits."""
+    from ternbench.schedules import _tvm, x86
     from ternbench.schedules.model import compare_logits
 
     qm, gm, ref = _conv128("twn", data, act_bits=8)
     impls = [k.impl for k in gm.kernels]
-    lut = {"avx512f", "avx512bw"} <= _tvm.target_info("x86").features
-    assert impls[:2] == (["tvm_t2_lut"] * 2 if lut else impls[:2]) and len(impls) == 3
+    info = _tvm.target_info("x86")
+    lut = {"avx512f", "avx512bw"} <= info.features
+    # the 128-channel conv takes them on a CPU with full-rate permutes only (Zen 4, not Intel)
+    want = ["tvm_t2_lut", "tvm_t2_lut" if x86.full_rate_permutes(info) else "tvm_t2_vnni"]
+    assert impls[:2] == (want if lut else impls[:2]) and len(impls) == 3
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
 @pytest.mark.parametrize("method", ["sttn", "rtn"])
 def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     """Ternary activations on a 128-channel 3x3 conv inside the one module, which reproduces the
-    fake-quant logits. On AVX512-VBMI the byte-table lookup kernel, fed activation codes, for
-    STTN (no offsets) and RTN (offsets: window sums and border terms in its epilogue);
-    elsewhere the popcount kernel, quantizing its float input while packing; with VPOPCNTDQ it
-    keeps the two popcount sums apart (18 words per output)."""
-    from ternbench.schedules import _tvm
+    fake-quant logits. On AVX512-VBMI with full-rate permutes (Zen 4) the byte-table lookup
+    kernel, fed activation codes, for STTN (no offsets) and RTN (offsets: window sums and
+    border terms in its epilogue); elsewhere the popcount kernel, quantizing its float input
+    while packing; with VPOPCNTDQ it keeps the two popcount sums apart (18 words per output)."""
+    from ternbench.schedules import _tvm, x86
     from ternbench.schedules.model import compare_logits
 
     qm, gm, ref = _conv128(method, data)
     conv = gm.kernels[1]
     text = gm.mod[conv.func].script()
-    feats = _tvm.target_info("x86").features
-    lut = {"avx512bw", "avx512vbmi"} <= feats
+    info = _tvm.target_info("x86")
+    feats = info.features
+    lut = {"avx512bw", "avx512vbmi"} <= feats and x86.full_rate_permutes(info)
     assert conv.impl == ("tvm_tt_lut" if lut else "tvm_tt_popc")
     x_dtype = "int8" if lut else "float32"  # codes, or quantized while packing
     assert f'X: T.Buffer((8, 28, 28, 128), "{x_dtype}")' in text

@@ -91,6 +91,14 @@ def test_rule_gate():
     no_bw = dataclasses.replace(AVX512, features=frozenset({"avx2", "avx512f", "avx512vnni"}))
     assert measure.select_rule(make_layer("conv2d", cin=128), no_bw).name != "x86.t2_lut"
     assert x86.rules()[0].name == "x86.t2_lut"
+    # without full-rate 512-bit permutes (Intel: vpermw takes two cycles on one port) the stems
+    # only
+    intel = dataclasses.replace(AVX512, mcpu="emeraldrapids")
+    for kw, lut in ((dict(cin=3, out=16), True), (dict(cin=3, out=16, k=7, stride=2, pad=3,
+                                                        hw=(15, 15)), True),
+                    (dict(cin=128, out=32), False), (dict(cin=256, out=32, stride=2), False)):
+        want = "x86.t2_lut" if lut else "x86.t2_avx512vnni"
+        assert measure.select_rule(make_layer("conv2d", **kw), intel).name == want, kw
 
 
 def test_plan_tiles_one_image():

@@ -258,8 +258,11 @@ def test_rule_selection_is_gated_by_target_features():
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
     # AVX512-VBMI: byte-table lookups for one-group ternary convs (offsets or not), >= 16
     # channels in and 32 out (1x1: >= 64 in) or a stem's <= 4 inputs; everything else stays on
-    # the popcount
-    vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"})
+    # the popcount, on a CPU with full-rate 512-bit permutes (Zen 4); elsewhere (Intel) the
+    # stems only
+    vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"},
+                               mcpu="znver4")
+    intel = dataclasses.replace(vbmi, mcpu="emeraldrapids")
     for kw, lut in ((dict(cin=128, out=128), True), (dict(cin=3, out=16), True),
                     (dict(cin=64, out=128), True), (dict(cin=128, out=64), True),
                     (dict(cin=32, out=128), True), (dict(cin=128, out=16), False),
@@ -276,6 +279,8 @@ def test_rule_selection_is_gated_by_target_features():
                     (dict(cin=128, out=128, gs=64), False)):
         lx = make_layer("conv2d", act="ternary", hw=(4, 4), **kw)
         assert measure.select_rule(lx, vbmi).name == ("x86.tt_lut" if lut else "x86.tt_popc512")
+        stem = lut and lx.in_channels <= 4
+        assert measure.select_rule(lx, intel).name == ("x86.tt_lut" if stem else "x86.tt_popc512")
         assert measure.select_rule(lx, popc512).name == "x86.tt_popc512"  # no VBMI
     assert measure.select_rule(make_layer(act="ternary", cin=256, out=256), vbmi).name \
         == "x86.tt_popc512"  # linears: no pixel tables to share
@@ -405,10 +410,11 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
         assert not torch.allclose(layer_reference(lx, x), layer_reference(other, x))
     lat = measure_layer(lx, batch=batch, ev=EV)
     _sane(lat, lx, batch)
+    full_rate = x86.full_rate_permutes(x86_info())
     if impl == "t2":
-        impl = expected_t2_impl(x86_info().features, lx)
+        impl = expected_t2_impl(x86_info().features, lx, full_rate)
     elif impl == "tt":
-        impl = expected_tt_impl(x86_info().features, lx)
+        impl = expected_tt_impl(x86_info().features, lx, full_rate)
     assert lat.impl == impl and lat.isa == x86_info().isa
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
@@ -675,7 +681,7 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
         if spec.row_words:
             assert spec.Kp == 3 * spec.row_chunks * 64
     impl, y = run_layer(lx, x)
-    assert impl == expected_tt_impl(x86_info().features, lx)
+    assert impl == expected_tt_impl(x86_info().features, lx, x86.full_rate_permutes(x86_info()))
     ref = layer_reference(lx, x).numpy()
     assert y.shape == ref.shape
     affine = lx.act_offset != 0.0 or lx.weight_offset is not None
