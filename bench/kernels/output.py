@@ -138,6 +138,9 @@ def _markdown(df: Any, meta: dict[str, Any]) -> str:
     ok = df[df["median_us"].notna()].copy()
     if not len(ok):
         return "\n".join([*lines, "No impl could be timed.", ""])
+    engines = sorted(set(ok.loc[ok["impl"] == "torch_int8", "target_str"]))
+    if engines:  # e.g. AMX under torch's int8 convs: the bar the ternary kernels face
+        lines += ["torch int8 ran on: " + "; ".join(f"`{e}`" for e in engines) + ".", ""]
     # an impl measured in several activation modes (e.g. tvm_metaschedule) gets one column each
     modes = ok.groupby("impl")["act_mode"].nunique()
     ok["col"] = [i if modes[i] == 1 else f"{i} ({a})" for i, a in zip(ok["impl"], ok["act_mode"],

@@ -23,9 +23,13 @@ GMAC/s per recipe:
 * ``tt_vpermi2b``: the lookup of ``tvm_tt_lut`` (ternary x ternary): one ``vpermi2b`` (AVX512-VBMI:
   64 int8 lanes from a 128-entry table held in two registers, i.e. four ternary weights' 81 sums
   of four ternary activations, a table that depends only on the activations' code) and one
-  ``vpaddb`` per 256 MACs.
+  ``vpaddb`` per 256 MACs;
+* ``int8_amx``: AMX ``tdpbssd`` (16 x 16 int32 tile += a 16 x 64 by 64 x 16 int8 product,
+  16384 MACs) into four accumulator tiles: the bound of torch INT8's convs on a CPU with AMX
+  (oneDNN's ``brg_conv_fwd:..._amx``), which no ternary kernel here uses.
 
-Recipes whose instructions the CPU lacks are left out. Example::
+Recipes whose instructions the CPU lacks are left out (AMX also where Linux refuses the tile
+state). Example::
 
     >>> from ternbench.bench.kernels.peaks import measure_peaks
     >>> peaks = measure_peaks()  # doctest: +SKIP
@@ -55,6 +59,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lut_exact": ("avx512f", "avx512bw"),
     "lut_vpermw": ("avx512f", "avx512bw"),
     "tt_vpermi2b": ("avx512f", "avx512bw", "avx512vbmi"),
+    "int8_amx": ("amx_tile", "amx_int8"),
 }
 
 # peaks.c: each recipe is a function compiled for its own ISA (target attribute) and selected by
