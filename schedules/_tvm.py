@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -87,7 +88,37 @@ def require_tvm() -> ModuleType:
     ver = tvm_version()
     if ver is not None and ver != TESTED_TVM:
         log.warning("apache-tvm %s is installed; schedules were tested with %s", ver, TESTED_TVM)
+    enable_amx()
     return tvm
+
+
+@functools.cache
+def enable_amx() -> bool:
+    """Ask Linux for this process's AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``, Linux >= 5.16) where the CPU has AMX; returns whether it is granted.
+    An AMX instruction without it kills the process (SIGILL), so the ``t2_amx`` rule needs
+    this to hold; :func:`require_tvm` asks once per process, before any kernel runs.
+
+    Example:
+        >>> enable_amx() in (True, False)
+        True
+    """
+    if platform.system() != "Linux" or not is_x86_host():
+        return False
+    try:
+        flags = next((ln.split(":", 1)[1].split() for ln in
+                      Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), [])
+    except OSError:
+        return False
+    if "amx_tile" not in flags:
+        return False
+    import ctypes
+
+    arch_prctl, req_xcomp_perm, xtiledata = 158, 0x1023, 18  # x86-64 syscall number, constants
+    granted = ctypes.CDLL(None, use_errno=True).syscall(arch_prctl, req_xcomp_perm, xtiledata) == 0
+    log.info("AMX tile state %s", "granted" if granted else "refused by the kernel")
+    return bool(granted)
 
 
 def is_x86_host() -> bool:
@@ -137,15 +168,16 @@ def _parse_target(target_str: str) -> Any:
 
 #: features that x86 rules may gate on (queried once per target)
 _GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni",
-                   "avxvnni", "avx512vpopcntdq", "avx512bitalg", "avx512vbmi")
+                   "avxvnni", "avx512vpopcntdq", "avx512bitalg", "avx512vbmi", "amx-tile",
+                   "amx-int8")
 
 #: x86 ISA levels, lowest first, with the LLVM features each one switches off on the host CPU
 #: (LLVM also drops every feature that needs a disabled one: ``-avx512f`` takes VNNI and
 #: VPOPCNTDQ with it). Forcing a lower level gives one machine both rule sets to measure, and
 #: lets the AVX2 tests run on an AVX-512 CPU.
 ISA_LEVELS: dict[str, tuple[str, ...]] = {
-    "generic": ("-avx",),
-    "avx2": ("-avx512f", "-avxvnni"),
+    "generic": ("-avx", "-amx-tile"),
+    "avx2": ("-avx512f", "-avxvnni", "-amx-tile"),
     "avx512": (),
 }
 #: environment variable that forces an ISA level (what ``--isa`` sets)

@@ -41,6 +41,7 @@ from .generic import (
     schedule_gemm,
 )
 from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
+from .ops.amx import AMX_NB
 from .ops.lut import LUT_LANES
 from .ops.ttlut import TT_LUT_LANES
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "rules",
     "lut_rule",
+    "amx_rule",
     "tt_lut_rule",
     "full_rate_permutes",
     "schedule_t2_avx2",
@@ -536,6 +538,39 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
                 schedule_t2_lut, grid=_grid((64, 32), (7, 4, 14), (1,), LUT_DEFAULT))
 
 
+def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``t2_amx`` kernel can run: one-group int8-activation ternary convs with a
+    multiple of 64 input channels on AMX-INT8, in a process Linux granted the tile state
+    (:func:`.._tvm.enable_amx`)."""
+    if not (_is_x86(target) and target.has("amx-tile") and target.has("amx-int8")):
+        return False
+    return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "int"
+            and lx.act_qmax <= 127 and int(lx.group_size) >= lx.fan_in
+            and lx.in_channels % 64 == 0 and _tvm.enable_amx())
+
+
+def _applies_t2_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where it is chosen: convs wider than one tap. Measured on an Intel emeraldrapids (1
+    thread, one kernels run; speed over ``t2_vnni``, batch 1 / 64): ResNet-18's 3x3 convs
+    1.22-4.79x / 1.39-2.87x but 512x7x7 0.85x at batch 1; its 1x1/2 downsamples 0.80-1.23x /
+    0.35-0.85x (each reads a quarter of the padded copy it makes), so they stay on VNNI."""
+    return _applies_t2_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
+
+
+def _plan_t2_amx(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                 params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "t2_amx", nb=AMX_NB, mb_max=16, rows_per_task=16)
+
+
+def amx_rule(*, where_chosen: bool = True) -> Rule:
+    """The ``t2_amx`` rule (AMX ``tdpbssd`` on 2-bit weights decoded per call);
+    ``where_chosen=False`` applies wherever the kernel can run (the kernel benchmark times it
+    beside the chosen kernel on every int8-activation conv with 64k input channels)."""
+    return Rule("x86.t2_amx", "tvm_t2_amx",
+                _applies_t2_amx_chosen if where_chosen else _applies_t2_amx, _plan_t2_amx,
+                schedule_t2_lut)
+
+
 def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where the ``tt_lut`` kernel can run: one-group ternary x ternary convs (RTN's offsets
     included) on AVX512-VBMI (``vpermi2b zmm``), fan-in below 2^15 (int16 sums)."""
@@ -578,6 +613,8 @@ def tt_lut_rule(*, where_chosen: bool = True) -> Rule:
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
+        # AMX-INT8: convs wider than one tap on tdpbssd tiles (16 x 16 x 64 MACs each)
+        amx_rule(),
         # AVX-512BW: deep stride-1 convs as table lookups (vpermw, 96 MACs per instruction)
         lut_rule(),
         # VNNI CPUs: the same packing, one vpdpbusd per tile instead of three ops; AVX-512

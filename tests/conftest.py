@@ -41,13 +41,25 @@ def x86_info():
     return _tvm.target_info("x86")
 
 
-def expected_t2_impl(features: frozenset[str], lx=None, full_rate: bool = True) -> str:
+def amx_granted() -> bool:
+    """Whether this x86 target has AMX-INT8 and Linux granted this process the tile state."""
+    from ternbench.schedules import _tvm
+
+    return {"amx-tile", "amx-int8"} <= x86_info().features and _tvm.enable_amx()
+
+
+def expected_t2_impl(features: frozenset[str], lx=None, full_rate: bool = True,
+                     amx: bool = False) -> str:
     """The int8-activation ternary kernel a feature set should get (derived from the CPU's
     features, never a hard-coded name: CI machines differ). With the layer ``lx``: the
     table-lookup kernel on AVX-512BW for one-group convs whose input tables are each read >= 9
     times with >= 64 or <= 4 input channels, or >= 2 times with >= 128; on a CPU without
     full-rate permutes (``full_rate``: ``x86.full_rate_permutes``) for the <= 4-channel stems
-    only."""
+    only. With AMX granted (``amx``): ``t2_amx`` for one-group convs wider than one tap with
+    64k input channels, first."""
+    if (amx and lx is not None and lx.op == "conv2d" and lx.group_size >= lx.fan_in
+            and lx.in_channels % 64 == 0 and tuple(lx.kernel_size) != (1, 1)):
+        return "tvm_t2_amx"
     if lx is not None and {"avx512f", "avx512bw"} <= features and lx.op == "conv2d":
         (kh, kw), (sh, sw) = lx.kernel_size, lx.stride
         c = lx.in_channels

@@ -206,7 +206,9 @@ def _conv128(method: str, data, **kw):
 def test_table_lookup_convs_lower_and_match(data) -> None:
     """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
     128-channel 3x3/1 conv run the table-lookup kernel inside the one module (the conv on CPUs
-    with full-rate permutes), and the module reproduces the fake-quant logits."""
+    with full-rate permutes; on AMX the conv runs ``t2_amx``), and the module reproduces the
+    fake-quant logits."""
+    from conftest import amx_granted
     from ternbench.schedules import _tvm, x86
     from ternbench.schedules.model import compare_logits
 
@@ -214,8 +216,11 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
     impls = [k.impl for k in gm.kernels]
     info = _tvm.target_info("x86")
     lut = {"avx512f", "avx512bw"} <= info.features
-    # the 128-channel conv takes them on a CPU with full-rate permutes only (Zen 4, not Intel)
+    # the 128-channel conv takes them on a CPU with full-rate permutes only (Zen 4, not Intel),
+    # and the AMX kernel first where the process has the tile state
     want = ["tvm_t2_lut", "tvm_t2_lut" if x86.full_rate_permutes(info) else "tvm_t2_vnni"]
+    if amx_granted():
+        want[1] = "tvm_t2_amx"
     assert impls[:2] == (want if lut else impls[:2]) and len(impls) == 3
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
@@ -252,13 +257,14 @@ def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, 
                                            data) -> None:
     """Every lookup kernel of a whole module with non-temporal stores (forced): each imports
     the store helper, the module links it once, and it reproduces the fake-quant logits."""
-    from conftest import require_x86_features
+    from conftest import amx_granted, require_x86_features
     from ternbench.schedules.model import compare_logits
 
     require_x86_features(need[0], f"{impl.removeprefix('tvm_')} needs {need[1]}")
     qm, gm, ref = _conv128(method, data, **kw)
     streaming = [k for k in gm.kernels if "pragma_import_llvm" in gm.mod[k.func].script()]
-    assert {k.impl for k in streaming} == {impl}  # at least one, all of this kind
+    want = {impl, "tvm_t2_amx"} if impl == "tvm_t2_lut" and amx_granted() else {impl}
+    assert {k.impl for k in streaming} == want  # at least one, all of these kinds
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import expected_t2_impl, expected_tt_impl, x86_info
+from conftest import amx_granted, expected_t2_impl, expected_tt_impl, x86_info
 from ternbench.methods import ConfigError, LayerExport
 from ternbench.schedules import (
     EvaluatorCfg,
@@ -240,9 +240,9 @@ def test_rule_selection_is_gated_by_target_features():
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:8] == [
-        "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2", "x86.tt_lut",
-        "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
+    assert [r.name for r in x86.rules()][:9] == [
+        "x86.t2_amx", "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2",
+        "x86.tt_lut", "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
     # VPOPCNTDQ + DQ: the 512-bit rule, int64 accumulators; without them the AVX2 one
     popc512 = dataclasses.replace(info, features=frozenset(
         {"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vpopcntdq"}))
@@ -412,7 +412,7 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     _sane(lat, lx, batch)
     full_rate = x86.full_rate_permutes(x86_info())
     if impl == "t2":
-        impl = expected_t2_impl(x86_info().features, lx, full_rate)
+        impl = expected_t2_impl(x86_info().features, lx, full_rate, amx_granted())
     elif impl == "tt":
         impl = expected_tt_impl(x86_info().features, lx, full_rate)
     assert lat.impl == impl and lat.isa == x86_info().isa

@@ -137,7 +137,8 @@ _TT_ACT_RULES = ("x86.tt_popc512", "x86.tt_popc")
 
 def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
     """Every other ternary recipe this CPU runs for the layer's activations, timed beside the
-    chosen one; x86 only. int8 activations: table lookups (``tvm_t2_lut``, convs), ``vpdpbusd``
+    chosen one; x86 only. int8 activations: table lookups (``tvm_t2_lut``, convs), AMX
+    ``tdpbssd`` (``tvm_t2_amx``, convs with 64k input channels, on AMX-INT8), ``vpdpbusd``
     tiles (``tvm_t2_vnni``) and AVX2's ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums
     (``tvm_t2_avx2``). Ternary activations: byte-table lookups (``tvm_tt_lut``, convs) and the
     popcount kernel (``tvm_tt_popc``)."""
@@ -149,7 +150,7 @@ def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
         rules = [x86.tt_lut_rule(where_chosen=False),
                  *(r for r in x86.rules() if r.name in _TT_ACT_RULES)]
     else:
-        rules = [x86.lut_rule(where_chosen=False),
+        rules = [x86.lut_rule(where_chosen=False), x86.amx_rule(where_chosen=False),
                  *(r for r in x86.rules() if r.name in _INT8_ACT_RULES)]
     seen, out = {chosen.impl}, []
     for rule in rules:

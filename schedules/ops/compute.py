@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import _tvm
+from .amx import amx_compute
 from .lut import lut_compute
 from .packing import AVX2_ACT_OFFSET, TT_WORD, border_class_counts
 from .ttlut import ttlut_compute
@@ -120,6 +121,8 @@ def gemm_compute(spec: GemmSpec) -> Any:
         return tt_compute(spec)
     if spec.layout == "t2_lut":  # hand-scheduled TIR (a data-dependent in-register lookup)
         return lut_compute(spec)
+    if spec.layout == "t2_amx":  # hand-scheduled TIR (AMX tile registers)
+        return amx_compute(spec)
     if spec.layout == "tt_lut":
         return ttlut_compute(spec)
     tvm = _tvm.require_tvm()

@@ -341,6 +341,10 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     elif spec.layout == "t2_lut":
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
                                paired=spec.nb % 64 == 0)]
+    elif spec.layout == "t2_amx":
+        from .amx import pack_amx_tiles
+
+        w_args = [pack_amx_tiles(codes, spec.in_shape[0], spec.kernel, spec.Np)]
     elif spec.layout == "tt_lut":
         from .ttlut import TT_LUT_GROUP
 
@@ -355,7 +359,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
     if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
-    elif spec.layout in ("t2_lut", "tt_lut"):  # one group: a flat vector (vector loads)
+    elif spec.layout in ("t2_lut", "tt_lut", "t2_amx"):  # one group: a flat vector
         s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
-                       "tt_planes", "t2_lut", "tt_lut"]
+                       "tt_planes", "t2_lut", "tt_lut", "t2_amx"]
 #: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
 INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
 
@@ -292,6 +292,13 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
                              f"{lx.op} with {g} groups, {act} activations")
         kh_, kw_ = lx.kernel_size
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
+        w_dtype = "uint8"
+    elif layout == "t2_amx":
+        if lx.op != "conv2d" or g != 1 or act != "int8" or in_shape[0] % 64:
+            raise ValueError(f"layout t2_amx is for one-group int8-activation convs with a "
+                             f"multiple of 64 input channels, got {lx.op} with {g} groups, "
+                             f"{act} activations, {in_shape[0]} channels")
+        kp = gs = kg
         w_dtype = "uint8"
     elif layout == "tt_lut":
         if lx.op != "conv2d" or g != 1:
