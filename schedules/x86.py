@@ -103,10 +103,11 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: the adds, so that table lookups beat ``vpdpbusd`` and popcounts where the gates below say.
 #: 1-thread instruction peaks (``bench/kernels/peaks.py``, GMAC/s): znver4 ``lut_vpermw`` 335
 #: against ``int8_vpdpbusd`` 235, ``tt_vpermi2b`` 919 against ``tt_popcount`` 574; Intel
-#: emeraldrapids 164 against 186 and 329 against 432 (its permutes share one port and take two
-#: cycles each). There the lookups lost on every ResNet-18 3x3 conv (kernels run of
-#: docs/measured/kernels-x86-emr-avx512.md) and are chosen on stems only. Zen 5 keeps Zen 4's
-#: full-width permute units (assumed; not measured here).
+#: emeraldrapids 156-164 against 186-233 and 292-329 against 410-432 (its 512-bit permutes
+#: issue on one port, about once every two cycles). There the lookups lost on every ResNet-18
+#: 3x3 conv (docs/measured/kernels-x86-emr-resnet18-cifar-fea003e.md: ``t2_lut`` 0.43-0.77x
+#: ``t2_vnni``, ``tt_lut`` 0.68-0.98x the popcount kernel) and are chosen on stems only. Zen 5
+#: keeps Zen 4's full-width permute units (assumed; not measured here).
 FULL_RATE_PERMUTE_CPUS = frozenset({"znver4", "znver5"})
 #: table-lookup convs: 7 pixels of one output row x 2 zmm of 32 int16 lanes (64 channels);
 #: with 3x3 kernels 14 accumulators + 6 index vectors stay in registers, and each input
@@ -551,9 +552,10 @@ def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_t2_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen: convs wider than one tap. Measured on an Intel emeraldrapids (1
-    thread, one kernels run; speed over ``t2_vnni``, batch 1 / 64): ResNet-18's 3x3 convs
-    1.22-4.79x / 1.39-2.87x but 512x7x7 0.85x at batch 1; its 1x1/2 downsamples 0.80-1.23x /
-    0.35-0.85x (each reads a quarter of the padded copy it makes), so they stay on VNNI."""
+    thread, two kernels runs; speed over ``t2_vnni``, batch 1 / 64): ResNet-18's 3x3 convs
+    2.34-4.79x / 1.39-3.35x, but at batch 1 the two with 7-pixel output rows (a 16-pixel A
+    tile carries 7) 0.79-1.22x; its 1x1/2 downsamples 0.80-1.46x / 0.35-1.37x (each copies the
+    whole padded image and reads a quarter of it), so they stay on VNNI."""
     return _applies_t2_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
 
 

@@ -40,19 +40,24 @@ padding never changes the result):
   the activations' code of each pixel and channel quad selects, looked up 64 channels at a time
   with ``vpermi2b`` (:mod:`.ttlut`); RTN's offsets are the same affine terms, added in the
   row tile's epilogue.
+* ``t2_amx`` (int8 activations, one group, convs with 64k input channels; AMX-INT8): 2-bit
+  ternary codes of 16 x 64-byte B tiles ``[taps * C / 64, Np / 16, 256]``, decoded once per
+  call into the int8 tiles ``tdpbssd`` reads; A tiles come straight from a zero-padded copy of
+  each image (:mod:`.amx`).
 
 Nothing here imports tvm at module import time.
 
 Modules (one job each; every public name is re-exported here, ``ternbench.schedules.ops.X``):
 :mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
 description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
-definitions), :mod:`.lut` and :mod:`.ttlut` (the hand-scheduled ``t2_lut`` and ``tt_lut``
-kernels), :mod:`.rules`
-(:class:`Rule`, :class:`Kernel` and the kernel cache).
+definitions), :mod:`.lut`, :mod:`.ttlut` and :mod:`.amx` (the hand-scheduled ``t2_lut``,
+``tt_lut`` and ``t2_amx`` kernels), :mod:`.rules` (:class:`Rule`, :class:`Kernel` and the
+kernel cache).
 """
 
 from __future__ import annotations
 
+from .amx import pack_amx_tiles
 from .compute import gemm_compute, tt_compute
 from .packing import (
     AVX2_ACT_OFFSET,
@@ -92,6 +97,7 @@ __all__ = [
     "pack_i8_tiles",
     "pack_t2_blocked",
     "pack_lut_idx",
+    "pack_amx_tiles",
     "pack_dense_blocked",
     "group_code_sums",
     "layer_geometry",
