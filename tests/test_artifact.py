@@ -96,10 +96,30 @@ def test_manifest_records_what_a_deployer_needs(built) -> None:
 def test_runtime_only_loading_reproduces_the_logits(built, data, tmp_path) -> None:
     """docs/examples/run_artifact.py, run in a fresh interpreter that imports only tvm and
     numpy (ternbench must not be imported on the way)."""
+    path, _gm, ref = built
+    _run_example(path, data[0][:BATCH].numpy(), ref[:BATCH].numpy(), tmp_path)
+
+
+def test_runtime_only_loading_runs_amx_kernels(data, tmp_path) -> None:
+    """An artifact with ``t2_amx`` kernels (TWN, 8-bit activations, on AMX-INT8) runs from the
+    example script too: it asks Linux for the tile state itself."""
+    from conftest import amx_granted
+    from ternbench.schedules.artifact import write_artifact
+    from ternbench.schedules.graph import compile_graph
+
+    if not amx_granted():
+        pytest.skip("needs AMX-INT8 and the tile state")
+    _qm, gm, ref = _conv128("twn", data, act_bits=8)
+    assert "tvm_t2_amx" in [k.impl for k in gm.kernels]
+    path = write_artifact(tmp_path / "twn8", compile_graph(gm), gm.params,
+                          input_shape=gm.input_shape, output_shape=gm.output_shape,
+                          target=gm.target)
+    _run_example(path, data[0][:8].numpy(), ref[:8].numpy(), tmp_path)
+
+
+def _run_example(path: Path, x: np.ndarray, ref: np.ndarray, tmp_path: Path) -> None:
     from ternbench.schedules.model import compare_logits
 
-    path, _gm, ref = built
-    x = data[0][:BATCH].numpy()
     np.save(tmp_path / "x.npy", x)
     code = (
         "import runpy, sys\n"
@@ -113,7 +133,7 @@ def test_runtime_only_loading_reproduces_the_logits(built, data, tmp_path) -> No
                          cwd=tmp_path, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    compare_logits(np.asarray(out["logits"]), ref[:BATCH].numpy())
+    compare_logits(np.asarray(out["logits"]), ref)
 
 
 def _copy(path: Path, tmp_path: Path) -> Path:

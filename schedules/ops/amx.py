@@ -2,7 +2,7 @@
 
 On a CPU with AMX-INT8 torch's int8 convs run oneDNN's AMX kernels, and no ``vpdpbusd`` or
 table-lookup kernel comes near them (instruction peaks on an Intel emeraldrapids,
-``bench/kernels/peaks.py``: ``int8_amx`` 1055-2319 GMAC/s, ``int8_vpdpbusd`` 150-293). This
+``bench/kernels/peaks.py``: ``int8_amx`` 1055-2320 GMAC/s, ``int8_vpdpbusd`` 150-293). This
 kernel puts the ternary weights on the same unit:
 
 * weights stay 2-bit in memory (``Wp [taps * C / 64, Np / 16, 256]``: one byte holds the codes
@@ -17,7 +17,15 @@ kernel puts the ternary weights on the same unit:
   and four int32 accumulator tiles (all eight tile registers), one ``tdpbssd`` (16 x 16 x 64
   MACs) per pair; s8 x s8, so the int8 activations need no offset and the sums stay exact in
   int32 (``|x w| <= 128`` times a fan-in below 2^24);
-* the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias``.
+* the 32-channel block runs innermost (each A tile stays in L1 for all blocks) unless the
+  decoded weights outweigh twice the padded image; then the pixels do (each block's B tiles
+  stay in L2 for all pixels);
+* the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias``, with
+  non-temporal stores for outputs of 4 MB or more (:func:`.lut.streams_output`).
+
+Measured on the Intel emeraldrapids (docs/kernels.md, "Intel"): the ResNet-18 3x3 convs at
+batch 1 at a median 1.58x torch INT8's speed (oneDNN on AMX) and 2.34-3.98x ``t2_vnni``'s but
+for the two with 7-pixel output rows, where a 16-pixel A tile carries 7.
 
 Linux hands out the tile state per process on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``):
 :func:`.._tvm.require_tvm` asks for it on a CPU with AMX, before any kernel runs. Each parallel
