@@ -13,7 +13,8 @@ kernel puts the ternary weights on the same unit:
 * no im2col: each image is copied once into a zero-padded NHWC buffer, and an A tile is 16
   neighbouring output pixels of one output row under one tap and 64 input channels, loaded
   straight from it with a row stride of ``stride * C`` bytes;
-* a register tile is 2 output rows x 16 pixels x 32 output channels: two A tiles, two B tiles
+* a register tile is 2 output rows x 16 pixels (or a whole shorter row: the tiles are
+  configured with that many rows) x 32 output channels: two A tiles, two B tiles
   and four int32 accumulator tiles (all eight tile registers), one ``tdpbssd`` (16 x 16 x 64
   MACs) per pair; s8 x s8, so the int8 activations need no offset and the sums stay exact in
   int32 (``|x w| <= 128`` times a fan-in below 2^24);
@@ -110,6 +111,11 @@ def amx_source(spec: GemmSpec) -> str:
     ho, wo = spec.out_hw
     kc, segs, pairs, hp, wp, nblk = _geometry(spec)
     cc, mi = c // AMX_K, ho * wo
+    # rows of an A / accumulator tile: 16 output pixels, or a whole shorter row (tdpbssd's
+    # time follows its rows; one process, against 16-row tiles at batch 1 / 16: 7-pixel rows
+    # 0.91x / 0.74x the time on 3x3/2 256 -> 512 and 0.95x / 0.92x on 512x7x7, 14-pixel ones
+    # 0.79x / 0.96x on 256x14x14)
+    rows = min(AMX_ROWS, wo)
 
     def intrin(name: str, *args: str) -> str:
         return f"T.evaluate(T.call_llvm_intrin('void', 'llvm.x86.{name}', {', '.join(args)}))"
@@ -152,10 +158,11 @@ def amx_source(spec: GemmSpec) -> str:
         "                    cfg = T.alloc_buffer((64,), 'uint8')",
         f"                    acc = T.alloc_buffer(({2 * AMX_ROWS * AMX_NB},), 'int32')",
         "                    for i in range(64):",
-        # palette 1; 8 tiles of 16 rows x 64 bytes (colsb: uint16 at 16 + 2 i, rows at 48 + i)
+        # palette 1; 8 tiles of 64-byte rows (colsb: uint16 at 16 + 2 i, rows at 48 + i): the
+        # B tiles (6, 7) 16 rows, the A and accumulator tiles (0-5) one per pixel of a segment
         "                        cfg[i] = T.if_then_else(i == 0, T.uint8(1), T.if_then_else("
-        "i >= 16 and i < 32 and i % 2 == 0, T.uint8(64), T.if_then_else(i >= 48 and i < 56, "
-        "T.uint8(16), T.uint8(0))))",
+        "i >= 16 and i < 32 and i % 2 == 0, T.uint8(64), T.if_then_else(i >= 48 and i < 54, "
+        f"T.uint8({rows}), T.if_then_else(i >= 54 and i < 56, T.uint8(16), T.uint8(0)))))",
         "                    " + intrin("ldtilecfg", "T.address_of(cfg[0])"),
     ]
     ind = "                    "
