@@ -10,7 +10,8 @@ kernel puts the ternary weights on the same unit:
   them once into int8 tiles in the VNNI order ``tdpbssd`` reads (row ``r``, byte ``4 j + q`` =
   output channel ``j`` of the block, reduction index ``4 r + q`` of the 64-channel chunk): a
   shift, a mask and a subtract per 64 weights;
-* no im2col: each image is copied once into a zero-padded NHWC buffer, and an A tile is 16
+* no im2col: each image is copied once into a zero-padded NHWC buffer (the zero ring written
+  once per call), and an A tile is 16
   neighbouring output pixels of one output row under one tap and 64 input channels, loaded
   straight from it with a row stride of ``stride * C`` bytes;
 * a register tile is 2 output rows x 16 pixels (or a whole shorter row: the tiles are
@@ -139,13 +140,14 @@ def amx_source(spec: GemmSpec) -> str:
         "                for i in T.vectorized(256):",
         "                    Wd[k, nb, s * 256 + i] = T.Cast('int8', T.bitwise_and("
         "T.shift_right(Wp[k, nb, i], T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)",
+        # the zero ring, once per call (Xp is a per-call workspace; the images only fill the
+        # interior)
+        f"        for y in T.parallel({hp}):",
+        f"            for z in range({wp}):",
+        f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
+        f"                    for e in T.vectorized({c}):",
+        "                        Xp[y, z, e] = T.int8(0)",
         f"        for b in range({spec.batch}):",
-        # the zero ring (rewritten per image: Xp is a per-call workspace), then the image
-        f"            for y in T.parallel({hp}):",
-        f"                for z in range({wp}):",
-        f"                    if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
-        f"                        for e in T.vectorized({c}):",
-        "                            Xp[y, z, e] = T.int8(0)",
         f"            for y in T.parallel({h}):",
         f"                for z, q in T.grid({w}, {cc}):",
         f"                    for e in T.vectorized({AMX_K}):",
