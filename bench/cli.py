@@ -40,11 +40,13 @@ KERNELS_EPILOG = textwrap.dedent("""\
       tvm_t2_vnni     ternary weights (2-bit), int8 activations: vpdpbusd (AVX512-VNNI /
                       AVX-VNNI); tvm_t2_avx2 the AVX2 vpmaddubsw kernel (timed beside it)
       tvm_t2_lut      the same as table lookups (AVX-512BW vpermw; convs)
-      tvm_t2_amx      the same on AMX tdpbssd tiles, the 2-bit weights decoded per call
-                      (AMX-INT8 CPUs; convs with 64k input channels)
+      tvm_t2_amx      the same on AMX tdpbssd tiles, the 2-bit weights decoded to int8
+                      tiles per call (AMX-INT8 CPUs; convs with 64k input channels)
       tvm_t2_*_g<N>   with FGQ group scales every N weights (--group-sizes)
       tvm_tt_popc     ternary weights and ternary activations (bit-planes + popcount)
       tvm_tt_lut      the same as byte-table lookups (AVX512-VBMI vpermi2b; convs)
+      tvm_tt_amx      the same on AMX tdpbssd tiles, the activation codes as int8
+                      (AMX-INT8 CPUs; convs with 64k input channels)
       tvm_int8        int8 weights, int8 activations (blocked TVM GEMM, same loop nest)
       tvm_fp32        fp32 weights and activations (blocked TVM GEMM)
       torch_fp32      F.conv2d / F.linear (MKL / oneDNN)

@@ -52,6 +52,7 @@ __all__ = [
     "rules",
     "lut_rule",
     "amx_rule",
+    "tt_amx_rule",
     "tt_lut_rule",
     "full_rate_permutes",
     "schedule_t2_avx2",
@@ -539,15 +540,19 @@ def lut_rule(*, where_chosen: bool = True) -> Rule:
                 schedule_t2_lut, grid=_grid((64, 32), (7, 4, 14), (1,), LUT_DEFAULT))
 
 
-def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-    """Where the ``t2_amx`` kernel can run: one-group int8-activation ternary convs with a
-    multiple of 64 input channels on AMX-INT8, in a process Linux granted the tile state
-    (:func:`.._tvm.enable_amx`)."""
+def _amx_conv(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """A one-group ternary-weight conv with a multiple of 64 input channels on AMX-INT8, in a
+    process Linux granted the tile state (:func:`.._tvm.enable_amx`)."""
     if not (_is_x86(target) and target.has("amx-tile") and target.has("amx-int8")):
         return False
-    return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "int"
-            and lx.act_qmax <= 127 and int(lx.group_size) >= lx.fan_in
-            and lx.in_channels % 64 == 0 and _tvm.enable_amx())
+    return (lx.op == "conv2d" and lx.weight_format == "ternary"
+            and int(lx.group_size) >= lx.fan_in and lx.in_channels % 64 == 0
+            and _tvm.enable_amx())
+
+
+def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``t2_amx`` kernel can run: :func:`_amx_conv` with int8 activations."""
+    return lx.act_mode == "int" and lx.act_qmax <= 127 and _amx_conv(lx, target)
 
 
 def _applies_t2_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -570,6 +575,32 @@ def amx_rule(*, where_chosen: bool = True) -> Rule:
     beside the chosen kernel on every int8-activation conv with 64k input channels)."""
     return Rule("x86.t2_amx", "tvm_t2_amx",
                 _applies_t2_amx_chosen if where_chosen else _applies_t2_amx, _plan_t2_amx,
+                schedule_t2_lut)
+
+
+def _applies_tt_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``tt_amx`` kernel can run: :func:`_amx_conv` with ternary activations (RTN's
+    offsets included; the codes are exact int8 operands)."""
+    return lx.act_mode == "ternary" and _amx_conv(lx, target)
+
+
+def _applies_tt_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where it is chosen: convs wider than one tap."""
+    return _applies_tt_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
+
+
+def _plan_tt_amx(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
+                 params: Params) -> GemmSpec:
+    return plan_gemm(lx, batch, "tt_amx", nb=AMX_NB, mb_max=16, rows_per_task=16)
+
+
+def tt_amx_rule(*, where_chosen: bool = True) -> Rule:
+    """The ``tt_amx`` rule: ternary activation codes on the ``t2_amx`` tiles (AMX
+    ``tdpbssd``); ``where_chosen=False`` applies wherever the kernel can run (the kernel
+    benchmark times it beside the chosen kernel on every ternary-activation conv with 64k
+    input channels)."""
+    return Rule("x86.tt_amx", "tvm_tt_amx",
+                _applies_tt_amx_chosen if where_chosen else _applies_tt_amx, _plan_tt_amx,
                 schedule_t2_lut)
 
 
@@ -629,6 +660,8 @@ def rules() -> list[Rule]:
                                                       T2_DEFAULT)),
         Rule("x86.t2_avx2", "tvm_t2_avx2", _applies_t2_avx2, _plan_t2_avx2, schedule_t2_avx2,
              grid=_grid((8, 16, 32), (2, 4), (16, 64, 256), T2_DEFAULT)),
+        # AMX-INT8: ternary x ternary convs wider than one tap, the codes as int8 tiles
+        tt_amx_rule(),
         # AVX512-VBMI: wide ternary x ternary convs as byte-table lookups (vpermi2b, 256 MACs)
         tt_lut_rule(),
         Rule("x86.tt_popc512", "tvm_tt_popc", _applies_tt_popc512, _plan_tt_popc512,

@@ -5,13 +5,12 @@ packing, the rule gate, and exactness against the layer reference on every path 
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import numpy as np
 import pytest
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import _tvm, measure, x86
-from ternbench.schedules.ops.amx import AMX_K, AMX_N, amx_source, pack_amx_tiles
+from ternbench.schedules.ops.amx import AMX_K, AMX_N, amx_geometry, amx_source, pack_amx_tiles
 from test_schedules import make_layer
 
 
@@ -94,14 +93,59 @@ def test_source_names_every_tile_register():
 
 
 def test_tile_order_follows_the_weights():
-    """The channel block runs innermost on large images with small weights (64x56x56), the
-    pixels where the decoded weights outweigh twice the padded image (512x7x7)."""
-    def block_of_tile(**kw) -> str:
-        spec = x86.amx_rule().plan(make_layer("conv2d", **kw), 1, x86_info(), {})
-        return re.search(r"Wd\[\(dy \* 3 \+ dx\) \* \d+ \+ q, \((t [^)]*)\)", amx_source(spec))[1]
+    """The channel block runs innermost, image by image, with the weights decoded once per call
+    on large images with small weights (64x56x56); the pixels of the whole batch, each task
+    decoding its blocks into ``wl``, where the decoded weights outweigh twice the padded image
+    (512x7x7)."""
+    def source(**kw) -> str:
+        spec = x86.amx_rule().plan(make_layer("conv2d", **kw), 4, x86_info(), {})
+        return amx_source(spec)
 
-    assert block_of_tile(cin=64, out=64, hw=(56, 56)) == "t % 2"  # 2 blocks of 32 channels
-    assert block_of_tile(cin=512, out=512, hw=(7, 7)) == "t // 4"  # 4 row pairs x 1 segment
+    small = source(cin=64, out=64, hw=(56, 56))
+    assert "Wd = T.alloc_buffer" in small and "wl = " not in small
+    assert "Wd[(dy * 3 + dx) * 1 + q, (t % 2) * 2 + 0, 0]" in small  # 2 blocks
+    assert "Xp = T.alloc_buffer((1, " in small  # one image at a time
+    large = source(cin=512, out=512, hw=(7, 7))
+    assert "wl = T.alloc_buffer((72, 2, 1024)" in large and "Wd = " not in large
+    assert "Xp = T.alloc_buffer((4, " in large  # the whole batch
+
+
+def test_geometry_flat_and_row_tiles():
+    """Stride-1 convs whose padded row is narrower than its 16-pixel segments take flat tiles
+    (32 consecutive padded-width pixels); the others 2 rows x 16 pixels (or a shorter row)."""
+    def geo(**kw):
+        return amx_geometry(x86.amx_rule().plan(make_layer("conv2d", **kw), 1, x86_info(), {}))
+
+    g = geo(cin=64, out=64, hw=(56, 56))  # 58 < 64: flat, 56 x 58 indices in 102 tiles
+    assert g.flat and g.wp == 58 and g.tiles == -(-56 * 58 // 32) and g.rows == 16
+    assert g.hp * g.wp >= g.tiles * 32 + 2 * 58 + 2  # the last tile's reads stay inside
+    g = geo(cin=64, out=64, hw=(14, 14))  # 16 = 16: rows
+    assert not g.flat and (g.segs, g.pairs, g.rows) == (1, 7, 14)
+    g = geo(cin=64, out=64, hw=(7, 7), stride=2)  # stride 2: rows of 4 pixels
+    assert not g.flat and g.rows == 4
+
+
+def test_tt_amx_rule_gate():
+    """``tt_amx``: the same convs with ternary activations (RTN's offsets included), chosen
+    where wider than one tap and first of the ternary-activation rules; never for int8
+    activations."""
+    base = x86_info()
+    amx = dataclasses.replace(base, features=base.features | {"amx-tile", "amx-int8"})
+    granted = _tvm.enable_amx() if _tvm.is_x86_host() else False
+    rule = x86.tt_amx_rule(where_chosen=False)
+    tt = dict(act="ternary", out=32)
+    assert rule.applies(make_layer("conv2d", cin=64, **tt), amx) == granted
+    assert rule.applies(make_layer("conv2d", cin=128, act_offset=0.2, w_offset=True, **tt),
+                        amx) == granted
+    one = make_layer("conv2d", cin=64, k=1, pad=0, **tt)
+    assert rule.applies(one, amx) == granted and not x86.tt_amx_rule().applies(one, amx)
+    for kw in (dict(cin=96), dict(cin=3), dict(cin=128, gs=4, order="ijc")):
+        assert not rule.applies(make_layer("conv2d", **tt, **kw), amx), kw
+    assert not rule.applies(make_layer("conv2d", cin=64, out=32), amx)  # int8 activations
+    names = [r.name for r in x86.rules()]
+    assert names.index("x86.tt_amx") < names.index("x86.tt_lut")
+    if granted:
+        assert measure.select_rule(make_layer("conv2d", cin=64, **tt), amx).name == "x86.tt_amx"
 
 
 AMX_CASES = [
@@ -125,5 +169,39 @@ def test_amx_kernel_matches_reference(label, kw, batch):
     lx = make_layer("conv2d", name=label, seed=len(label), **kw)
     kern = x86.amx_rule().build(lx, batch, tinfo)
     assert "tdpbssd" in kern.module.inspect_source("asm")
+    prep = measure.prepare_kernel(kern, lx, tinfo)
+    assert np.isfinite(prep.max_abs_err)
+
+
+TT_AMX_CASES = [
+    ("tt_c64_n32", dict(cin=64, out=32, hw=(5, 7)), 1),  # STTN-like: no offsets, flat tiles
+    ("tt_rtn_c64_n48", dict(cin=64, out=48, hw=(6, 9), act_offset=0.2, w_offset=True), 2),
+    ("tt_rtn_c128_s2", dict(cin=128, out=64, hw=(9, 20), stride=2, act_offset=-0.3,
+                            w_offset=True), 2),  # row tiles, border and window terms
+    ("tt_rtn_c256_b3", dict(cin=256, out=96, hw=(6, 9), act_offset=0.2, w_offset=True), 3),
+    ("tt_border_only", dict(cin=64, out=64, hw=(7, 7), act_offset=0.25), 1),
+    ("tt_rtn_nopad", dict(cin=64, out=64, hw=(5, 8), pad=0, act_offset=0.4, w_offset=True), 1),
+    ("tt_rtn_1x1_s2", dict(cin=64, out=64, hw=(17, 18), k=1, pad=0, stride=2, act_offset=0.1,
+                           w_offset=True), 1),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch"), TT_AMX_CASES, ids=[c[0] for c in TT_AMX_CASES])
+def test_tt_amx_kernel_matches_reference(label, kw, batch):
+    """``tt_amx`` against the layer reference (``prepare_kernel`` raises on a mismatch): exact
+    without offsets; RTN's window-sum and border terms (``w_off`` / ``border``) in the
+    epilogue, which rounds like a float GEMM. The 256-channel case runs pixels inner (each task
+    decoding its blocks), the batch inside the tile loop."""
+    _needs_amx()
+    tinfo = x86_info()
+    lx = make_layer("conv2d", act="ternary", name=label, seed=len(label), **kw)
+    kern = x86.tt_amx_rule(where_chosen=False).build(lx, batch, tinfo)
+    spec = kern.spec
+    assert spec.layout == "tt_amx" and spec.w_off == bool(kw.get("w_offset"))
+    assert spec.border == (bool(kw.get("act_offset")) and kw.get("pad", 1) != 0)
+    assert "tdpbssd" in kern.module.inspect_source("asm")
+    if label == "tt_rtn_c256_b3":
+        assert "wl = T.alloc_buffer" in amx_source(spec)
     prep = measure.prepare_kernel(kern, lx, tinfo)
     assert np.isfinite(prep.max_abs_err)

@@ -250,8 +250,10 @@ def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     """Ternary activations on a 128-channel 3x3 conv inside the one module, which reproduces the
     fake-quant logits. On AVX512-VBMI with full-rate permutes (Zen 4) the byte-table lookup
     kernel, fed activation codes, for STTN (no offsets) and RTN (offsets: window sums and
-    border terms in its epilogue); elsewhere the popcount kernel, quantizing its float input
-    while packing; with VPOPCNTDQ it keeps the two popcount sums apart (18 words per output)."""
+    border terms in its epilogue); on AMX-INT8 the AMX kernel, fed the same codes (the same
+    terms); elsewhere the popcount kernel, quantizing its float input while packing; with
+    VPOPCNTDQ it keeps the two popcount sums apart (18 words per output)."""
+    from conftest import amx_granted
     from ternbench.schedules import _tvm, x86
     from ternbench.schedules.model import compare_logits
 
@@ -260,11 +262,12 @@ def test_wide_ternary_convs_lower_and_match(method, data) -> None:
     text = gm.mod[conv.func].script()
     info = _tvm.target_info("x86")
     feats = info.features
-    lut = {"avx512bw", "avx512vbmi"} <= feats and x86.full_rate_permutes(info)
-    assert conv.impl == ("tvm_tt_lut" if lut else "tvm_tt_popc")
-    x_dtype = "int8" if lut else "float32"  # codes, or quantized while packing
+    amx = amx_granted()
+    lut = not amx and {"avx512bw", "avx512vbmi"} <= feats and x86.full_rate_permutes(info)
+    assert conv.impl == ("tvm_tt_amx" if amx else "tvm_tt_lut" if lut else "tvm_tt_popc")
+    x_dtype = "int8" if lut or amx else "float32"  # codes, or quantized while packing
     assert f'X: T.Buffer((8, 28, 28, 128), "{x_dtype}")' in text
-    split = not lut and {"avx512vpopcntdq", "avx512dq"} <= feats
+    split = not (lut or amx) and {"avx512vpopcntdq", "avx512dq"} <= feats
     assert ('sblock("acc_pair_update")' in text) == split  # combines the two sums
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
@@ -283,7 +286,8 @@ def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, 
     require_x86_features(need[0], f"{impl.removeprefix('tvm_')} needs {need[1]}")
     qm, gm, ref = _conv128(method, data, **kw)
     streaming = [k for k in gm.kernels if "pragma_import_llvm" in gm.mod[k.func].script()]
-    want = {impl, "tvm_t2_amx"} if impl == "tvm_t2_lut" and amx_granted() else {impl}
+    amx = {"tvm_t2_lut": "tvm_t2_amx", "tvm_tt_lut": "tvm_tt_amx"}[impl]
+    want = {impl, amx} if amx_granted() else {impl}
     assert {k.impl for k in streaming} == want  # at least one, all of these kinds
     compare_logits(_run_in_process(qm, data), ref.numpy())
 

@@ -26,7 +26,8 @@ LAYER_OF = {"tvm_fp32": ("fp32", "fp32"), "tvm_int8": ("int8", "int8"),
             "tvm_t2_avx2": ("ternary", "int8"), "tvm_t2_generic": ("ternary", "int8"),
             "tvm_t2_vnni": ("ternary", "int8"), "tvm_t2_lut": ("ternary", "int8"),
             "tvm_tt_popc": ("ternary", "ternary"), "tvm_tt_popc_generic": ("ternary", "ternary"),
-            "tvm_tt_lut": ("ternary", "ternary")}
+            "tvm_t2_amx": ("ternary", "int8"), "tvm_tt_lut": ("ternary", "ternary"),
+            "tvm_tt_amx": ("ternary", "ternary")}
 
 
 @pytest.fixture(autouse=True)

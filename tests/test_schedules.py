@@ -240,9 +240,9 @@ def test_rule_selection_is_gated_by_target_features():
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:9] == [
+    assert [r.name for r in x86.rules()][:10] == [
         "x86.t2_amx", "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2",
-        "x86.tt_lut", "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
+        "x86.tt_amx", "x86.tt_lut", "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
     # VPOPCNTDQ + DQ: the 512-bit rule, int64 accumulators; without them the AVX2 one
     popc512 = dataclasses.replace(info, features=frozenset(
         {"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vpopcntdq"}))
@@ -414,7 +414,7 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
     if impl == "t2":
         impl = expected_t2_impl(x86_info().features, lx, full_rate, amx_granted())
     elif impl == "tt":
-        impl = expected_tt_impl(x86_info().features, lx, full_rate)
+        impl = expected_tt_impl(x86_info().features, lx, full_rate, amx_granted())
     assert lat.impl == impl and lat.isa == x86_info().isa
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
@@ -681,7 +681,8 @@ def test_ternary_kernel_matches_layer_reference(tvm_mod, label, kw, batch):
         if spec.row_words:
             assert spec.Kp == 3 * spec.row_chunks * 64
     impl, y = run_layer(lx, x)
-    assert impl == expected_tt_impl(x86_info().features, lx, x86.full_rate_permutes(x86_info()))
+    assert impl == expected_tt_impl(x86_info().features, lx, x86.full_rate_permutes(x86_info()),
+                                    amx_granted())
     ref = layer_reference(lx, x).numpy()
     assert y.shape == ref.shape
     affine = lx.act_offset != 0.0 or lx.weight_offset is not None

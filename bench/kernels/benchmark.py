@@ -140,14 +140,15 @@ def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
     chosen one; x86 only. int8 activations: table lookups (``tvm_t2_lut``, convs), AMX
     ``tdpbssd`` (``tvm_t2_amx``, convs with 64k input channels, on AMX-INT8), ``vpdpbusd``
     tiles (``tvm_t2_vnni``) and AVX2's ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums
-    (``tvm_t2_avx2``). Ternary activations: byte-table lookups (``tvm_tt_lut``, convs) and the
-    popcount kernel (``tvm_tt_popc``)."""
+    (``tvm_t2_avx2``). Ternary activations: AMX tiles (``tvm_tt_amx``, convs with 64k input
+    channels), byte-table lookups (``tvm_tt_lut``, convs) and the popcount kernel
+    (``tvm_tt_popc``)."""
     if tinfo.family != "x86" or lx.act_mode not in ("int", "ternary"):
         return []
     from ternbench.schedules import x86
 
     if lx.act_mode == "ternary":
-        rules = [x86.tt_lut_rule(where_chosen=False),
+        rules = [x86.tt_amx_rule(where_chosen=False), x86.tt_lut_rule(where_chosen=False),
                  *(r for r in x86.rules() if r.name in _TT_ACT_RULES)]
     else:
         rules = [x86.lut_rule(where_chosen=False), x86.amx_rule(where_chosen=False),

@@ -1,33 +1,38 @@
-"""The ``t2_amx`` layout: an int8-activation ternary conv on Intel AMX (``tdpbssd``).
+"""The ``t2_amx`` and ``tt_amx`` layouts: ternary-weight convs on Intel AMX (``tdpbssd``).
 
-On a CPU with AMX-INT8 torch's int8 convs run oneDNN's AMX kernels, and no ``vpdpbusd`` or
-table-lookup kernel comes near them (instruction peaks on an Intel emeraldrapids,
-``bench/kernels/peaks.py``: ``int8_amx`` 1055-2320 GMAC/s, ``int8_vpdpbusd`` 150-293). This
-kernel puts the ternary weights on the same unit:
+On a CPU with AMX-INT8 torch's int8 convs run oneDNN's AMX kernels, and no ``vpdpbusd``,
+popcount or table-lookup kernel comes near them (instruction peaks on an Intel
+emeraldrapids, ``bench/kernels/peaks.py``: ``int8_amx`` 1055-2320 GMAC/s, ``int8_vpdpbusd``
+150-293, the popcount step 344-432). These kernels put the ternary weights on the same unit,
+with int8 activations (``t2_amx``) or ternary activation codes in {-1, 0, 1}, which are int8
+operands as they are (``tt_amx``; RTN's offsets are the affine terms of
+:func:`.packing.tt_affine_terms`, added in the epilogue as :mod:`.ttlut` adds them):
 
 * weights stay 2-bit in memory (``Wp [taps * C / 64, Np / 16, 256]``: one byte holds the codes
-  ``w + 1`` of four elements of a 16 x 64-byte B tile, 256 bytes apart) and every call decodes
-  them once into int8 tiles in the VNNI order ``tdpbssd`` reads (row ``r``, byte ``4 j + q`` =
-  output channel ``j`` of the block, reduction index ``4 r + q`` of the 64-channel chunk): a
-  shift, a mask and a subtract per 64 weights;
+  ``w + 1`` of four elements of a 16 x 64-byte B tile, 256 bytes apart) and are decoded into
+  int8 tiles in the VNNI order ``tdpbssd`` reads (row ``r``, byte ``4 j + q`` = output channel
+  ``j`` of the block, reduction index ``4 r + q`` of the 64-channel chunk): a shift, a mask
+  and a subtract per 64 weights;
 * no im2col: each image is copied once into a zero-padded NHWC buffer (the zero ring written
-  once per call), and an A tile is 16
-  neighbouring output pixels of one output row under one tap and 64 input channels, loaded
-  straight from it with a row stride of ``stride * C`` bytes;
-* a register tile is 2 output rows x 16 pixels (or a whole shorter row: the tiles are
-  configured with that many rows) x 32 output channels: two A tiles, two B tiles
-  and four int32 accumulator tiles (all eight tile registers), one ``tdpbssd`` (16 x 16 x 64
-  MACs) per pair; s8 x s8, so the int8 activations need no offset and the sums stay exact in
-  int32 (``|x w| <= 128`` times a fan-in below 2^24);
-* the 32-channel block runs innermost (each A tile stays in L1 for all blocks) unless the
-  decoded weights outweigh twice the padded image; then the pixels do (each block's B tiles
-  stay in L2 for all pixels);
-* the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias``, with
-  non-temporal stores for outputs of 4 MB or more (:func:`.lut.streams_output`).
+  once per call), and an A tile is 16 output pixels under one tap and 64 input channels,
+  loaded straight from it with a row stride of ``stride * C`` bytes: 16 neighbours in one
+  output row, or, for stride-1 convs whose padded row is narrower than its 16-pixel
+  segments, 16 consecutive pixels of the padded-width output (:func:`amx_geometry`);
+* a register tile is 32 pixels (2 A tiles) x 32 output channels (2 B tiles), with four int32
+  accumulator tiles (all eight tile registers), one ``tdpbssd`` (16 x 16 x 64 MACs) per pair;
+  s8 x s8, so the activations need no offset and the sums stay exact in int32 (``|x w| <=
+  128`` times a fan-in below 2^24);
+* the 32-channel block runs innermost, image by image, with the weights decoded once per
+  call (each A tile stays in L1 for all blocks), unless the decoded weights outweigh twice
+  the padded image; then the pixels of the whole batch do, and each task decodes the blocks
+  it runs into a buffer that stays in L2 for all their pixels (instead of 4x the packed
+  weights written and read back per call);
+* a parallel task runs consecutive register tiles (at most :data:`AMX_TASKS` tasks), loading
+  the tile configuration once;
+* the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias [+
+  terms]``, with non-temporal stores for outputs of 4 MB or more (:func:`.lut.streams_output`).
 
-Measured on the Intel emeraldrapids (docs/kernels.md, "Intel"): the ResNet-18 3x3 convs at
-batch 1 at a median 1.58x torch INT8's speed (oneDNN on AMX) and 2.34-3.98x ``t2_vnni``'s but
-for the two with 7-pixel output rows, where a 16-pixel A tile carries 7.
+Measured on the Intel emeraldrapids: docs/kernels.md, "Intel".
 
 Linux hands out the tile state per process on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``):
 :func:`.._tvm.require_tvm` asks for it on a CPU with AMX, before any kernel runs. Each parallel
@@ -38,12 +43,15 @@ intrinsics take the tile numbers as immediates.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .. import _tvm
 from .lut import finish_source, streams_output
+from .packing import border_class_counts
+from .ttlut import channel_sum
 
 if TYPE_CHECKING:
     from .spec import GemmSpec
@@ -56,19 +64,56 @@ AMX_ROWS = 16
 AMX_N = 16
 #: output channels per register tile (two B tiles)
 AMX_NB = 2 * AMX_N
+#: parallel tasks of a call at most (each loads the tile configuration once)
+AMX_TASKS = 32
 
 
-def _geometry(spec: GemmSpec) -> tuple[int, int, int, int, int, int]:
-    """``(kc, segs, pairs, hp, wp, nblk)``: reduction chunks, 16-pixel segments per output row,
-    pairs of output rows, the padded copy's rows and columns (wide enough for the last
-    segment's and row pair's reads), output-channel blocks."""
+class AmxGeometry(NamedTuple):
+    """How a ``t2_amx`` / ``tt_amx`` conv is cut into register tiles of 32 output pixels (two
+    16-row A tiles) x 32 output channels (two B tiles)."""
+
+    kc: int  #: reduction chunks (64 input channels of one tap)
+    nblk: int  #: 32-channel output blocks
+    flat: bool  #: tiles of 32 consecutive pixels of the padded-width output (stride 1)
+    tiles: int  #: register tiles per image and block
+    segs: int  #: row tiles: 16-pixel segments per output row
+    pairs: int  #: row tiles: pairs of output rows
+    hp: int  #: rows of the padded copy (enough for the last tile's reads)
+    wp: int  #: columns of the padded copy
+    rows: int  #: rows of an A / accumulator tile
+
+
+def amx_geometry(spec: GemmSpec) -> AmxGeometry:
+    """The tiles of ``spec``. Row tiles cover 2 output rows x 16 pixels (or a whole shorter
+    row, the tiles configured with that many rows). Stride-1 convs whose padded row is
+    narrower than its 16-pixel segments take flat tiles instead: output pixel ``(yo, xo)``
+    at ``yo * wp + xo`` reads the padded copy at that index plus ``dy * wp + dx`` under tap
+    ``(dy, dx)``, so 16 consecutive indices are one strided tile load, and only the ``wp -
+    wo`` padding columns of each row are computed in vain (7x7: 7 of 9 rows of a tile are
+    outputs, against 7 of 16; 56x56: 56 of 58, against 56 of 64). One process, two runs,
+    flat against row tiles: 512x7x7 0.89-0.91x the time at batch 1, 0.71x at batch 16;
+    64x56x56 and 128x28x28 0.93-1.03x.
+
+    Example:
+        >>> from types import SimpleNamespace as S
+        >>> g = amx_geometry(S(in_shape=(64, 7, 7), kernel=(3, 3), stride=(1, 1),
+        ...                    padding=(1, 1), out_hw=(7, 7), Np=64))
+        >>> g.flat, g.tiles, g.wp, g.rows  # 7 rows of 9 = 63 indices: 2 tiles of 32
+        (True, 2, 9, 16)
+    """
     c, h, w = spec.in_shape
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
+    kc, nblk = kh * kw * c // AMX_K, spec.Np // AMX_NB
     segs, pairs = -(-wo // AMX_ROWS), -(-ho // 2)
+    wf = w + 2 * pw
+    if (sh, sw) == (1, 1) and wf < segs * AMX_ROWS:
+        tiles = -(-ho * wf // (2 * AMX_ROWS))
+        hp = max(h + 2 * ph, -(-(tiles * 2 * AMX_ROWS + (kh - 1) * wf + kw - 1) // wf))
+        return AmxGeometry(kc, nblk, True, tiles, segs, pairs, hp, wf, AMX_ROWS)
     hp = max(h + 2 * ph, (2 * pairs - 1) * sh + kh)
-    wp = max(w + 2 * pw, (segs * AMX_ROWS - 1) * sw + kw)
-    return kh * kw * c // AMX_K, segs, pairs, hp, wp, spec.Np // AMX_NB
+    wp = max(wf, (segs * AMX_ROWS - 1) * sw + kw)
+    return AmxGeometry(kc, nblk, False, pairs * segs, segs, pairs, hp, wp, min(AMX_ROWS, wo))
 
 
 def pack_amx_tiles(codes: np.ndarray, channels: int, kernel: tuple[int, int],
@@ -100,23 +145,33 @@ def pack_amx_tiles(codes: np.ndarray, channels: int, kernel: tuple[int, int],
 
 
 def amx_source(spec: GemmSpec) -> str:
-    """TVMScript text of the ``t2_amx`` kernel for ``spec`` (see the module docstring)."""
-    if spec.op != "conv2d" or spec.layout != "t2_amx" or spec.G != 1:
-        raise ValueError(f"t2_amx is a one-group conv2d layout, got {spec.op} {spec.layout} "
-                         f"G={spec.G}")
+    """TVMScript text of the ``t2_amx`` / ``tt_amx`` kernel for ``spec`` (see the module
+    docstring)."""
+    if spec.op != "conv2d" or spec.layout not in ("t2_amx", "tt_amx") or spec.G != 1:
+        raise ValueError(f"t2_amx / tt_amx are one-group conv2d layouts, got {spec.op} "
+                         f"{spec.layout} G={spec.G}")
     c, h, w = spec.in_shape
     if c % AMX_K or spec.Np % AMX_NB:
-        raise ValueError(f"t2_amx needs C % {AMX_K} == 0 and Np % {AMX_NB} == 0, got C={c}, "
-                         f"Np={spec.Np}")
+        raise ValueError(f"{spec.layout} needs C % {AMX_K} == 0 and Np % {AMX_NB} == 0, got "
+                         f"C={c}, Np={spec.Np}")
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
-    kc, segs, pairs, hp, wp, nblk = _geometry(spec)
-    cc, mi = c // AMX_K, ho * wo
-    # rows of an A / accumulator tile: 16 output pixels, or a whole shorter row (tdpbssd's
-    # time follows its rows; one process, against 16-row tiles at batch 1 / 16: 7-pixel rows
-    # 0.91x / 0.74x the time on 3x3/2 256 -> 512 and 0.95x / 0.92x on 512x7x7, 14-pixel ones
-    # 0.79x / 0.96x on 256x14x14)
-    rows = min(AMX_ROWS, wo)
+    geo = amx_geometry(spec)
+    kc, nblk, hp, wp = geo.kc, geo.nblk, geo.hp, geo.wp
+    cc, mi, nt, bt = c // AMX_K, ho * wo, spec.Np // AMX_N, spec.batch
+    # Tile t: (pixel tile, 32-channel block). The block runs innermost (each A tile stays in
+    # L1 for all blocks), image by image, unless the decoded weights outweigh twice the
+    # padded image; then the pixels of the whole batch do (one process, batch 1, pixels inner
+    # / block inner: 64x56x56 1.39x and 128x28x28 1.14x the time; 256x14x14 0.83x, 3x3/2 256
+    # -> 512 0.74x, 512x7x7 0.93x), and each task decodes its blocks' weights into a buffer
+    # that stays in L2 for all its pixels (``wl``).
+    pixels_inner = kc * spec.Np * AMX_K > 2 * hp * wp * c
+    px = geo.tiles * (bt if pixels_inner else 1)  # tiles per channel block
+    total = px * nblk
+    # a task runs ``per`` consecutive tiles: one ``ldtilecfg`` each (one per tile: 64x56x56
+    # took 1.43x the time)
+    tasks = min(total, AMX_TASKS)
+    per = -(-total // tasks)
 
     def intrin(name: str, *args: str) -> str:
         return f"T.evaluate(T.call_llvm_intrin('void', 'llvm.x86.{name}', {', '.join(args)}))"
@@ -124,99 +179,173 @@ def amx_source(spec: GemmSpec) -> str:
     def i8(v: int) -> str:
         return f"T.int8({v})"
 
+    def decode(dst: str, block: str) -> str:  # 64 codes w + 1 per 2-bit field -> int8 w
+        return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[k, {block}, i], "
+                "T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)")
+
+    extra, work, terms = _offset_terms(spec, hp, wp)
+    xb = bt if pixels_inner else 1  # images held in the padded copy [image, y * wp + x, C]
     lines = [
         "@T.prim_func(s_tir=True)",
-        f"def main(X: T.Buffer(({spec.batch}, {h}, {w}, {c}), 'int8'),"
-        f" Wp: T.Buffer(({kc}, {spec.Np // AMX_N}, 256), 'uint8'),"
+        f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), 'int8'),"
+        f" Wp: T.Buffer(({kc}, {nt}, 256), 'uint8'),"
+        + "".join(f" {e}," for e in extra) +
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
-        f"        Wd = T.alloc_buffer(({kc}, {spec.Np // AMX_N}, 1024), 'int8')",
-        f"        Xp = T.alloc_buffer(({hp}, {wp}, {c}), 'int8')",
-        # the 2-bit weights decoded once per call into int8 B tiles
-        f"        for k in T.parallel({kc}):",
-        f"            for nb, s in T.grid({spec.Np // AMX_N}, 4):",
-        "                for i in T.vectorized(256):",
-        "                    Wd[k, nb, s * 256 + i] = T.Cast('int8', T.bitwise_and("
-        "T.shift_right(Wp[k, nb, i], T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)",
-        # the zero ring, once per call (Xp is a per-call workspace; the images only fill the
-        # interior)
-        f"        for y in T.parallel({hp}):",
-        f"            for z in range({wp}):",
-        f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
-        f"                    for e in T.vectorized({c}):",
-        "                        Xp[y, z, e] = T.int8(0)",
-        f"        for b in range({spec.batch}):",
-        f"            for y in T.parallel({h}):",
-        f"                for z, q in T.grid({w}, {cc}):",
-        f"                    for e in T.vectorized({AMX_K}):",
-        f"                        Xp[y + {ph}, z + {pw}, q * {AMX_K} + e] = "
-        f"X[b, y, z, q * {AMX_K} + e]",
-        f"            for t in T.parallel({pairs * segs * nblk}):",
-        "                with T.sblock('tile'):",
-        "                    T.reads()",
-        "                    T.writes()",
-        "                    cfg = T.alloc_buffer((64,), 'uint8')",
-        f"                    acc = T.alloc_buffer(({2 * AMX_ROWS * AMX_NB},), 'int32')",
-        "                    for i in range(64):",
+        f"        Xp = T.alloc_buffer(({xb}, {hp * wp}, {c}), 'int8')",
+        *work,
+    ]
+    if not pixels_inner:  # the 2-bit weights decoded once per call into int8 B tiles
+        lines += [f"        Wd = T.alloc_buffer(({kc}, {nt}, 1024), 'int8')",
+                  f"        for k in T.parallel({kc}):",
+                  f"            for nb, s in T.grid({nt}, 4):",
+                  "                for i in T.vectorized(256):",
+                  "                    " + decode("Wd[k, nb, s * 256 + i]", "nb")]
+    # the zero ring, once per call (Xp is a per-call workspace; the images only fill the
+    # interior)
+    lines += [f"        for u, y in T.grid({xb}, {hp}):",
+              f"            for z in range({wp}):",
+              f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
+              f"                    for e in T.vectorized({c}):",
+              f"                        Xp[u, y * {wp} + z, e] = T.int8(0)"]
+    if spec.w_off:  # the codes' channel sums of the padded copy: zero on the ring
+        lines += [f"        for y, z in T.grid({hp}, {wp}):",
+                  "            asum[y, z] = 0"]
+    u = "b" if pixels_inner else "0"
+    lines += [f"        for b in range({bt}):",
+              f"            for y in T.parallel({h}):",
+              f"                for z, q in T.grid({w}, {cc}):",
+              f"                    for e in T.vectorized({AMX_K}):",
+              f"                        Xp[{u}, (y + {ph}) * {wp} + z + {pw}, q * {AMX_K} + e]"
+              f" = X[b, y, z, q * {AMX_K} + e]"]
+    if spec.w_off:  # each pixel's sum of codes, then each output's window sum
+        lines += [f"                for z in range({w}):",
+                  f"                    asum[y + {ph}, z + {pw}] = {channel_sum(c)}",
+                  f"            for yo in T.parallel({ho}):",
+                  f"                for xo in range({wo}):",
+                  f"                    wsum[b * {mi} + yo * {wo} + xo] = " + " + ".join(
+                      f"asum[yo * {sh} + {i}, xo * {sw} + {j}]"
+                      for i in range(kh) for j in range(kw))]
+    # pixels inner: every image copied first, then one tile loop; else a tile loop per image
+    base = "        " if pixels_inner else "            "
+    if pixels_inner:
+        nk, b, ti = f"t // {px}", f"t // {geo.tiles} % {bt}", f"t % {geo.tiles}"
+    else:
+        ti, nk, b = f"t // {nblk}", f"t % {nblk}", "b"
+    lines += [
+        f"{base}for p in T.parallel({tasks}):",
+        f"{base}    with T.sblock('tile'):",
+        f"{base}        T.reads()",
+        f"{base}        T.writes()",
+        f"{base}        cfg = T.alloc_buffer((64,), 'uint8')",
+        f"{base}        acc = T.alloc_buffer(({2 * AMX_ROWS * AMX_NB},), 'int32')",
+        *([f"{base}        wl = T.alloc_buffer(({kc}, 2, 1024), 'int8')"] if pixels_inner else []),
+        f"{base}        for i in range(64):",
         # palette 1; 8 tiles of 64-byte rows (colsb: uint16 at 16 + 2 i, rows at 48 + i): the
         # B tiles (6, 7) 16 rows, the A and accumulator tiles (0-5) one per pixel of a segment
-        "                        cfg[i] = T.if_then_else(i == 0, T.uint8(1), T.if_then_else("
+        f"{base}            cfg[i] = T.if_then_else(i == 0, T.uint8(1), T.if_then_else("
         "i >= 16 and i < 32 and i % 2 == 0, T.uint8(64), T.if_then_else(i >= 48 and i < 54, "
-        f"T.uint8({rows}), T.if_then_else(i >= 54 and i < 56, T.uint8(16), T.uint8(0)))))",
-        "                    " + intrin("ldtilecfg", "T.address_of(cfg[0])"),
+        f"T.uint8({geo.rows}), T.if_then_else(i >= 54 and i < 56, T.uint8(16), T.uint8(0)))))",
+        f"{base}        " + intrin("ldtilecfg", "T.address_of(cfg[0])"),
+        f"{base}        for t in range(p * {per}, T.min(p * {per} + {per}, {total})):",
     ]
-    ind = "                    "
+    ind = base + "            "
+    if pixels_inner:  # a new block (or the task's first tile): decode its B tiles
+        lines += [f"{ind}if t == p * {per} or t % {px} == 0:",
+                  f"{ind}    for k, j, s in T.grid({kc}, 2, 4):",
+                  f"{ind}        for i in T.vectorized(256):",
+                  f"{ind}            " + decode("wl[k, j, s * 256 + i]", f"({nk}) * 2 + j")]
     lines += [ind + intrin("tilezero", i8(a)) for a in range(4)]
-    # tile t: (row pair, 16-pixel segment, 32-channel block). The block runs innermost (each
-    # A tile stays in L1 for all blocks) unless the decoded weights outweigh twice the padded
-    # image: then the pixels do, and each block's B tiles stay in L2 for all pixels (one
-    # process, batch 1, pixels inner / block inner: 64x56x56 1.39x and 128x28x28 1.14x the
-    # time; 256x14x14 0.83x, 3x3/2 256 -> 512 0.74x, 512x7x7 0.93x)
-    if kc * spec.Np * AMX_K > 2 * hp * wp * c:
-        nk, py, sg = f"t // {pairs * segs}", f"t // {segs} % {pairs}", f"t % {segs}"
-    else:
-        py, sg, nk = f"t // {segs * nblk}", f"t // {nblk} % {segs}", f"t % {nblk}"
     lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
-    stride = f"T.int64({sw * c})"
-    for a in range(2):  # A tiles: output rows 2 py + a, pixels 16 sg .. 16 sg + 15
-        y = f"(2 * ({py}) + {a}) * {sh} + dy"
-        x = f"({sg}) * {AMX_ROWS * sw} + dx"
+    for a in range(2):  # A tiles: 16 output pixels each, from the padded copy
+        if geo.flat:  # indices 32 ti + 16 a .. + 15, shifted by the tap
+            pos = f"({ti}) * {2 * AMX_ROWS} + {a * AMX_ROWS} + dy * {wp} + dx"
+        else:  # output row 2 py + a, pixels 16 sg .. 16 sg + 15
+            py, sg = f"({ti}) // {geo.segs}", f"({ti}) % {geo.segs}"
+            pos = f"((2 * ({py}) + {a}) * {sh} + dy) * {wp} + ({sg}) * {AMX_ROWS * sw} + dx"
+        img = b if pixels_inner else "0"
         lines += [ind + "    " + intrin("tileloadd64", i8(4 + a),
-                                        f"T.address_of(Xp[{y}, {x}, q * {AMX_K}])", stride)]
+                                        f"T.address_of(Xp[{img}, {pos}, q * {AMX_K}])",
+                                        f"T.int64({sw * c})")]
     for j in range(2):  # B tiles: channels 32 nk + 16 j ..
-        lines += [ind + "    " + intrin(
-            "tileloadd64", i8(6 + j),
-            f"T.address_of(Wd[(dy * {kw} + dx) * {cc} + q, ({nk}) * 2 + {j}, 0])",
-            f"T.int64({AMX_K})")]
+        tap = f"(dy * {kw} + dx) * {cc} + q"
+        src = f"wl[{tap}, {j}, 0]" if pixels_inner else f"Wd[{tap}, ({nk}) * 2 + {j}, 0]"
+        lines += [ind + "    " + intrin("tileloadd64", i8(6 + j), f"T.address_of({src})",
+                                        f"T.int64({AMX_K})")]
     lines += [ind + "    " + intrin("tdpbssd", i8(2 * a + j), i8(4 + a), i8(6 + j))
               for a in range(2) for j in range(2)]
-    # accumulators -> acc [2 rows x 16 pixels, 32 channels] (row stride 128 bytes)
+    # accumulators -> acc [2 x 16 pixels, 32 channels] (row stride 128 bytes)
     lines += [ind + intrin("tilestored64", i8(2 * a + j),
                            f"T.address_of(acc[{a * AMX_ROWS * AMX_NB + j * AMX_N}])",
                            f"T.int64({AMX_NB * 4})")
               for a in range(2) for j in range(2)]
-    lines += [ind + intrin("tilerelease")]
-    full = spec.N % AMX_NB == 0
+    if geo.flat:
+        v = f"({ti}) * {2 * AMX_ROWS} + a * {AMX_ROWS} + r"
+        yo, xo = f"({v}) // {wp}", f"({v}) % {wp}"
+    else:
+        yo = f"2 * (({ti}) // {geo.segs}) + a"
+        xo = f"(({ti}) % {geo.segs}) * {AMX_ROWS} + r"
     lines += [f"{ind}for a, r in T.grid(2, {AMX_ROWS}):",
-              f"{ind}    if 2 * ({py}) + a < {ho} and ({sg}) * {AMX_ROWS} + r < {wo}:"]
-    row = f"b * {mi} + (2 * ({py}) + a) * {wo} + ({sg}) * {AMX_ROWS} + r"
+              f"{ind}    if {yo} < {ho} and {xo} < {wo}:"]
+    row = f"({b}) * {mi} + ({yo}) * {wo} + {xo}"
     ch = f"({nk}) * {AMX_NB}"
+    full = spec.N % AMX_NB == 0
     if full:
-        value = (f"T.Cast('float32x{AMX_NB}', acc[T.ramp((a * {AMX_ROWS} + r) * {AMX_NB}, 1, "
-                 f"{AMX_NB})]) * S[T.ramp({ch}, 1, {AMX_NB})] + bias[T.ramp({ch}, 1, {AMX_NB})]")
+        lanes = f"T.ramp({ch}, 1, {AMX_NB})"
+        value = " + ".join([
+            f"T.Cast('float32x{AMX_NB}', acc[T.ramp((a * {AMX_ROWS} + r) * {AMX_NB}, 1, "
+            f"{AMX_NB})]) * S[{lanes}] + bias[{lanes}]",
+            *(terms(row, yo, xo, lanes, AMX_NB) if terms else [])])
         if streams_output(spec):  # large outputs bypass the caches (see lut.STREAM_MIN_BYTES)
             lines += [f"{ind}        T.evaluate(T.call_extern('void', 'tb_stream_f32x{AMX_NB}', "
                       f"T.address_of(out[{row}, {ch}]), {value}))"]
         else:
-            lines += [f"{ind}        out[{row}, T.ramp({ch}, 1, {AMX_NB})] = {value}"]
+            lines += [f"{ind}        out[{row}, {lanes}] = {value}"]
     else:  # a partial last block: channel by channel
         lines += [f"{ind}        for n in range({AMX_NB}):",
                   f"{ind}            if {ch} + n < {spec.N}:",
-                  f"{ind}                out[{row}, {ch} + n] = T.Cast('float32', "
-                  f"acc[(a * {AMX_ROWS} + r) * {AMX_NB} + n]) * S[{ch} + n] + bias[{ch} + n]"]
+                  f"{ind}                out[{row}, {ch} + n] = " + " + ".join([
+                      f"T.Cast('float32', acc[(a * {AMX_ROWS} + r) * {AMX_NB} + n]) * "
+                      f"S[{ch} + n] + bias[{ch} + n]",
+                      *(terms(row, yo, xo, f"{ch} + n", 1) if terms else [])])]
+    lines += [f"{base}        " + intrin("tilerelease")]
     return finish_source(spec, lines, AMX_NB) if full else "\n".join(lines)
+
+
+#: ``terms(row, yo, xo, channels, width)``: TVMScript expressions added to an output vector
+AmxTerms = Callable[[str, str, str, str, int], list[str]]
+
+
+def _offset_terms(spec: GemmSpec, hp: int, wp: int
+                  ) -> tuple[list[str], list[str], AmxTerms | None]:
+    """RTN's offsets on ``tt_amx`` (:func:`.packing.tt_affine_terms`, as :mod:`.ttlut` adds
+    them): the parameters ``[Bw], [Rc, Cc, Tb]``, the work buffers ``asum`` (each padded
+    pixel's sum of codes, zero on the ring) and ``wsum`` (each output's window sum), and the
+    epilogue's terms ``Bw[n] * wsum[row]`` and ``Tb[Rc[yo], Cc[xo], n]``."""
+    if not (spec.w_off or spec.border):
+        return [], [], None
+    extra, work = [], []
+    if spec.w_off:
+        extra.append(f"Bw: T.Buffer(({spec.Np},), 'float32')")
+        work += [f"        asum = T.alloc_buffer(({hp}, {wp}), 'int32')",
+                 f"        wsum = T.alloc_buffer(({spec.M},), 'int32')"]
+    if spec.border:
+        (ho, wo), (r_, c_) = spec.out_hw, border_class_counts(spec)
+        extra += [f"Rc: T.Buffer(({ho},), 'int32')", f"Cc: T.Buffer(({wo},), 'int32')",
+                  f"Tb: T.Buffer(({r_}, {c_}, {spec.Np}), 'float32')"]
+
+    def terms(row: str, yo: str, xo: str, ch: str, width: int) -> list[str]:
+        out = []
+        if spec.w_off:
+            s = f"T.Cast('float32', wsum[{row}])"
+            out.append(f"Bw[{ch}] * " + (f"T.broadcast({s}, {width})" if width > 1 else s))
+        if spec.border:
+            out.append(f"Tb[Rc[{yo}], Cc[{xo}], {ch}]")
+        return out
+
+    return extra, work, terms
 
 
 def amx_compute(spec: GemmSpec) -> Any:

@@ -341,7 +341,7 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     elif spec.layout == "t2_lut":
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
                                paired=spec.nb % 64 == 0)]
-    elif spec.layout == "t2_amx":
+    elif spec.layout in ("t2_amx", "tt_amx"):
         from .amx import pack_amx_tiles
 
         w_args = [pack_amx_tiles(codes, spec.in_shape[0], spec.kernel, spec.Np)]
@@ -359,13 +359,14 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
     if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
-    elif spec.layout in ("t2_lut", "tt_lut", "t2_amx"):  # one group: a flat vector
+    elif spec.layout in ("t2_lut", "tt_lut", "t2_amx", "tt_amx"):  # one group: a flat vector
         s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:
         bias[: spec.N] = np.asarray(lx.bias, dtype=np.float32)
-    if spec.layout == "tt_lut" and spec.affine:  # RTN's offsets, as for tt_planes: their
-        offsets, bias = _tt_offset_args(spec, lx)  # arguments, and a bias with a term folded in
+    if spec.layout in ("tt_lut", "tt_amx") and spec.affine:  # RTN's offsets, as for
+        # tt_planes: their arguments, and a bias with a term folded in
+        offsets, bias = _tt_offset_args(spec, lx)
         w_args += offsets
     return [*w_args, s, bias]
 

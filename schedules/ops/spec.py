@@ -18,9 +18,13 @@ if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
-                       "tt_planes", "t2_lut", "tt_lut", "t2_amx"]
+                       "tt_planes", "t2_lut", "tt_lut", "t2_amx", "tt_amx"]
 #: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
 INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
+#: layouts of ternary-activation kernels (their int8 input holds codes in {-1, 0, 1})
+TT_LAYOUTS = ("tt_planes", "tt_lut", "tt_amx")
+#: the AMX ``tdpbssd`` conv layouts (:mod:`.amx`): int8 activations, and ternary codes
+AMX_LAYOUTS = ("t2_amx", "tt_amx")
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -256,7 +260,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     g, gs = _groups(lx)
     act = _act_dtype(lx)
     k, n = lx.fan_in, lx.out_channels
-    if (layout in ("tt_planes", "tt_lut")) != (lx.act_mode == "ternary"):
+    if (layout in TT_LAYOUTS) != (lx.act_mode == "ternary"):
         raise ValueError(f"layout {layout} does not fit act_mode {lx.act_mode!r}")
     if g == 1 or lx.weight_format == "fp32":
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
@@ -293,11 +297,11 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kh_, kw_ = lx.kernel_size
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "uint8"
-    elif layout == "t2_amx":
+    elif layout in AMX_LAYOUTS:
         if lx.op != "conv2d" or g != 1 or act != "int8" or in_shape[0] % 64:
-            raise ValueError(f"layout t2_amx is for one-group int8-activation convs with a "
-                             f"multiple of 64 input channels, got {lx.op} with {g} groups, "
-                             f"{act} activations, {in_shape[0]} channels")
+            raise ValueError(f"layout {layout} is for one-group convs with int8 (or ternary) "
+                             f"activations and a multiple of 64 input channels, got {lx.op} "
+                             f"with {g} groups, {act} activations, {in_shape[0]} channels")
         kp = gs = kg
         w_dtype = "uint8"
     elif layout == "tt_lut":
@@ -334,7 +338,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         k_row = _round_up(kw_ * in_shape[0], AVX2_TILE_K if layout == "t2_avx2" else 4)
         kp = gs = kh_ * k_row  # one group over the padded rows (pad weights are zeros)
     w_off = border = affine = False
-    if layout in ("tt_planes", "tt_lut"):
+    if layout in TT_LAYOUTS:
         a_off, w_off = layer_offsets(lx)
         border = a_off and lx.op == "conv2d" and any(tuple(lx.padding))
         affine = w_off or a_off
