@@ -121,8 +121,11 @@ def test_geometry_flat_and_row_tiles():
     assert g.hp * g.wp >= g.tiles * 32 + 2 * 58 + 2  # the last tile's reads stay inside
     g = geo(cin=64, out=64, hw=(14, 14))  # 16 = 16: rows
     assert not g.flat and (g.segs, g.pairs, g.rows) == (1, 7, 14)
-    g = geo(cin=64, out=64, hw=(7, 7), stride=2)  # stride 2: rows of 4 pixels
-    assert not g.flat and g.rows == 4
+    g = geo(cin=64, out=64, hw=(14, 14), stride=2)  # 4 phase planes of 8 x 8: 7 x 8 indices
+    assert g.flat and (g.qh, g.qw, g.wp, g.tiles) == (2, 2, 8, 2)
+    assert g.copy_pixels == 4 * g.hp * 8 and g.hp * 8 >= 2 * 32 + 8 + 1
+    g = geo(cin=64, out=64, hw=(32, 32), stride=2)  # 16 = 16: rows of a 3x3/2
+    assert not g.flat and g.rows == 16 and (g.qh, g.qw) == (1, 1)
 
 
 def test_tt_amx_rule_gate():
@@ -151,11 +154,15 @@ def test_tt_amx_rule_gate():
 AMX_CASES = [
     ("c64_n32_3x3", dict(cin=64, out=32, hw=(5, 7)), 1),
     ("c64_n48_3x3_b3", dict(cin=64, out=48, hw=(6, 9)), 3),  # partial channel block
-    ("c128_n64_s2", dict(cin=128, out=64, hw=(9, 20), stride=2), 2),  # 2 segments, odd rows
+    ("c128_n64_s2", dict(cin=128, out=64, hw=(9, 20), stride=2), 2),  # odd rows, 4 planes
+    ("c64_n32_rows_2segs", dict(cin=64, out=32, hw=(5, 32)), 1),  # row tiles, 2 segments
     ("c64_n64_1x1_s2", dict(cin=64, out=64, hw=(17, 18), k=1, pad=0, stride=2), 1),
     ("c192_n32_w35", dict(cin=192, out=32, hw=(3, 35)), 2),  # a row of 3 segments
     ("c64_n32_7x7_s2", dict(cin=64, out=32, hw=(11, 11), k=7, pad=3, stride=2), 1),
     ("c64_n64_w33", dict(cin=64, out=64, hw=(20, 33)), 1),
+    ("c64_n32_rows14", dict(cin=64, out=32, hw=(14, 14)), 2),  # row tiles of 14 rows
+    ("c64_n32_s2_planes", dict(cin=64, out=32, hw=(15, 13), stride=2), 1),  # odd sizes, 4 planes
+    ("c256_n64_s2_b3", dict(cin=256, out=64, hw=(14, 14), stride=2), 3),  # planes, pixels inner
 ]
 
 
@@ -177,9 +184,12 @@ TT_AMX_CASES = [
     ("tt_c64_n32", dict(cin=64, out=32, hw=(5, 7)), 1),  # STTN-like: no offsets, flat tiles
     ("tt_rtn_c64_n48", dict(cin=64, out=48, hw=(6, 9), act_offset=0.2, w_offset=True), 2),
     ("tt_rtn_c128_s2", dict(cin=128, out=64, hw=(9, 20), stride=2, act_offset=-0.3,
-                            w_offset=True), 2),  # row tiles, border and window terms
+                            w_offset=True), 2),  # border and window terms
     ("tt_rtn_c256_b3", dict(cin=256, out=96, hw=(6, 9), act_offset=0.2, w_offset=True), 3),
     ("tt_border_only", dict(cin=64, out=64, hw=(7, 7), act_offset=0.25), 1),
+    ("tt_rtn_s2_planes", dict(cin=128, out=64, hw=(14, 14), stride=2, act_offset=0.2,
+                              w_offset=True), 2),  # phase planes, offsets
+    ("tt_rtn_rows14", dict(cin=64, out=32, hw=(14, 14), act_offset=0.1, w_offset=True), 1),
     ("tt_rtn_nopad", dict(cin=64, out=64, hw=(5, 8), pad=0, act_offset=0.4, w_offset=True), 1),
     ("tt_rtn_1x1_s2", dict(cin=64, out=64, hw=(17, 18), k=1, pad=0, stride=2, act_offset=0.1,
                            w_offset=True), 1),

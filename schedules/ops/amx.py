@@ -70,28 +70,39 @@ AMX_TASKS = 32
 
 class AmxGeometry(NamedTuple):
     """How a ``t2_amx`` / ``tt_amx`` conv is cut into register tiles of 32 output pixels (two
-    16-row A tiles) x 32 output channels (two B tiles)."""
+    16-row A tiles) x 32 output channels (two B tiles), and the padded copy they read."""
 
     kc: int  #: reduction chunks (64 input channels of one tap)
     nblk: int  #: 32-channel output blocks
-    flat: bool  #: tiles of 32 consecutive pixels of the padded-width output (stride 1)
+    flat: bool  #: tiles of 32 consecutive pixels of the plane-width output
     tiles: int  #: register tiles per image and block
     segs: int  #: row tiles: 16-pixel segments per output row
     pairs: int  #: row tiles: pairs of output rows
-    hp: int  #: rows of the padded copy (enough for the last tile's reads)
-    wp: int  #: columns of the padded copy
+    hp: int  #: rows of the padded copy (flat: of one phase plane), enough for the last reads
+    wp: int  #: columns of the padded copy (flat: of one phase plane)
     rows: int  #: rows of an A / accumulator tile
+    qh: int = 1  #: flat: phase planes per padded-image row step (the conv's vertical stride)
+    qw: int = 1  #: flat: phase planes per column step (the horizontal stride)
+
+    @property
+    def copy_pixels(self) -> int:
+        """Pixels of one image's padded copy (all its phase planes)."""
+        return self.qh * self.qw * self.hp * self.wp
 
 
 def amx_geometry(spec: GemmSpec) -> AmxGeometry:
     """The tiles of ``spec``. Row tiles cover 2 output rows x 16 pixels (or a whole shorter
-    row, the tiles configured with that many rows). Stride-1 convs whose padded row is
-    narrower than its 16-pixel segments take flat tiles instead: output pixel ``(yo, xo)``
-    at ``yo * wp + xo`` reads the padded copy at that index plus ``dy * wp + dx`` under tap
-    ``(dy, dx)``, so 16 consecutive indices are one strided tile load, and only the ``wp -
-    wo`` padding columns of each row are computed in vain (7x7: 7 of 9 rows of a tile are
-    outputs, against 7 of 16; 56x56: 56 of 58, against 56 of 64). One process, two runs,
-    flat against row tiles: 512x7x7 0.89-0.91x the time at batch 1, 0.71x at batch 16;
+    row, the tiles configured with that many rows). Convs whose output rows fill their
+    16-pixel segments worse than the padded rows' phase planes do take flat tiles instead.
+    The padded image is copied as ``sh x sw`` phase planes (plane ``(ry, rx)`` holds padded
+    pixels ``(sh i + ry, sw j + rx)``; one plane, the padded image itself, at stride 1), so tap
+    ``(dy, dx)`` of output ``(yo, xo)`` reads plane ``(dy % sh, dx % sw)`` at ``(yo + dy //
+    sh, xo + dx // sw)``: with output pixel ``(yo, xo)`` at index ``yo * wp + xo`` of a
+    plane-width output, 16 consecutive indices are one strided tile load from index ``+ dy //
+    sh * wp + dx // sw`` of the plane, and only the ``wp - wo`` columns past each output row
+    are computed in vain (3x3/1 at 7x7: 7 of 9 rows of a tile are outputs, against 7 of 16;
+    3x3/2 from 14x14: 7 of 8; 56x56: 56 of 58, against 56 of 64). One process, two runs, flat
+    against row tiles, stride 1: 512x7x7 0.89-0.91x the time at batch 1, 0.71x at batch 16;
     64x56x56 and 128x28x28 0.93-1.03x.
 
     Example:
@@ -100,19 +111,24 @@ def amx_geometry(spec: GemmSpec) -> AmxGeometry:
         ...                    padding=(1, 1), out_hw=(7, 7), Np=64))
         >>> g.flat, g.tiles, g.wp, g.rows  # 7 rows of 9 = 63 indices: 2 tiles of 32
         (True, 2, 9, 16)
+        >>> g = amx_geometry(S(in_shape=(64, 14, 14), kernel=(3, 3), stride=(2, 2),
+        ...                    padding=(1, 1), out_hw=(7, 7), Np=64))
+        >>> g.flat, g.tiles, g.wp, (g.qh, g.qw)  # 4 planes of 8 columns: 7 rows of 8
+        (True, 2, 8, (2, 2))
     """
     c, h, w = spec.in_shape
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
     kc, nblk = kh * kw * c // AMX_K, spec.Np // AMX_NB
     segs, pairs = -(-wo // AMX_ROWS), -(-ho // 2)
-    wf = w + 2 * pw
-    if (sh, sw) == (1, 1) and wf < segs * AMX_ROWS:
-        tiles = -(-ho * wf // (2 * AMX_ROWS))
-        hp = max(h + 2 * ph, -(-(tiles * 2 * AMX_ROWS + (kh - 1) * wf + kw - 1) // wf))
-        return AmxGeometry(kc, nblk, True, tiles, segs, pairs, hp, wf, AMX_ROWS)
+    wq = -(-(w + 2 * pw) // sw)  # columns of a phase plane
+    if wq < segs * AMX_ROWS:
+        tiles = -(-ho * wq // (2 * AMX_ROWS))
+        last = tiles * 2 * AMX_ROWS + (kh - 1) // sh * wq + (kw - 1) // sw  # reads end here
+        hq = max(-(-(h + 2 * ph) // sh), -(-last // wq))
+        return AmxGeometry(kc, nblk, True, tiles, segs, pairs, hq, wq, AMX_ROWS, sh, sw)
     hp = max(h + 2 * ph, (2 * pairs - 1) * sh + kh)
-    wp = max(wf, (segs * AMX_ROWS - 1) * sw + kw)
+    wp = max(w + 2 * pw, (segs * AMX_ROWS - 1) * sw + kw)
     return AmxGeometry(kc, nblk, False, pairs * segs, segs, pairs, hp, wp, min(AMX_ROWS, wo))
 
 
@@ -165,7 +181,7 @@ def amx_source(spec: GemmSpec) -> str:
     # / block inner: 64x56x56 1.39x and 128x28x28 1.14x the time; 256x14x14 0.83x, 3x3/2 256
     # -> 512 0.74x, 512x7x7 0.93x), and each task decodes its blocks' weights into a buffer
     # that stays in L2 for all its pixels (``wl``).
-    pixels_inner = kc * spec.Np * AMX_K > 2 * hp * wp * c
+    pixels_inner = kc * spec.Np * AMX_K > 2 * geo.copy_pixels * c
     px = geo.tiles * (bt if pixels_inner else 1)  # tiles per channel block
     total = px * nblk
     # a task runs ``per`` consecutive tiles: one ``ldtilecfg`` each (one per tile: 64x56x56
@@ -183,8 +199,16 @@ def amx_source(spec: GemmSpec) -> str:
         return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[k, {block}, i], "
                 "T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)")
 
-    extra, work, terms = _offset_terms(spec, hp, wp)
-    xb = bt if pixels_inner else 1  # images held in the padded copy [image, y * wp + x, C]
+    extra, work, terms = _offset_terms(spec, h + 2 * ph, w + 2 * pw)
+    xb = bt if pixels_inner else 1  # images held in the padded copy [image, pixel, C]
+    qh, qw, plane = geo.qh, geo.qw, hp * wp
+
+    def at(y: str, z: str) -> str:  # padded pixel (y, z) in the copy (flat: its phase plane)
+        if (qh, qw) == (1, 1):
+            return f"({y}) * {wp} + {z}"
+        return (f"(({y}) % {qh} * {qw} + ({z}) % {qw}) * {plane} + ({y}) // {qh} * {wp} + "
+                f"({z}) // {qw}")
+
     lines = [
         "@T.prim_func(s_tir=True)",
         f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), 'int8'),"
@@ -194,7 +218,7 @@ def amx_source(spec: GemmSpec) -> str:
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
-        f"        Xp = T.alloc_buffer(({xb}, {hp * wp}, {c}), 'int8')",
+        f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), 'int8')",
         *work,
     ]
     if not pixels_inner:  # the 2-bit weights decoded once per call into int8 B tiles
@@ -205,20 +229,20 @@ def amx_source(spec: GemmSpec) -> str:
                   "                    " + decode("Wd[k, nb, s * 256 + i]", "nb")]
     # the zero ring, once per call (Xp is a per-call workspace; the images only fill the
     # interior)
-    lines += [f"        for u, y in T.grid({xb}, {hp}):",
-              f"            for z in range({wp}):",
+    lines += [f"        for u, y in T.grid({xb}, {hp * qh}):",
+              f"            for z in range({wp * qw}):",
               f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
               f"                    for e in T.vectorized({c}):",
-              f"                        Xp[u, y * {wp} + z, e] = T.int8(0)"]
-    if spec.w_off:  # the codes' channel sums of the padded copy: zero on the ring
-        lines += [f"        for y, z in T.grid({hp}, {wp}):",
+              f"                        Xp[u, {at('y', 'z')}, e] = T.int8(0)"]
+    if spec.w_off:  # the codes' channel sums of the padded image: zero on the ring
+        lines += [f"        for y, z in T.grid({h + 2 * ph}, {w + 2 * pw}):",
                   "            asum[y, z] = 0"]
     u = "b" if pixels_inner else "0"
     lines += [f"        for b in range({bt}):",
               f"            for y in T.parallel({h}):",
               f"                for z, q in T.grid({w}, {cc}):",
               f"                    for e in T.vectorized({AMX_K}):",
-              f"                        Xp[{u}, (y + {ph}) * {wp} + z + {pw}, q * {AMX_K} + e]"
+              f"                        Xp[{u}, {at(f'y + {ph}', f'z + {pw}')}, q * {AMX_K} + e]"
               f" = X[b, y, z, q * {AMX_K} + e]"]
     if spec.w_off:  # each pixel's sum of codes, then each output's window sum
         lines += [f"                for z in range({w}):",
@@ -260,15 +284,17 @@ def amx_source(spec: GemmSpec) -> str:
     lines += [ind + intrin("tilezero", i8(a)) for a in range(4)]
     lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
     for a in range(2):  # A tiles: 16 output pixels each, from the padded copy
-        if geo.flat:  # indices 32 ti + 16 a .. + 15, shifted by the tap
-            pos = f"({ti}) * {2 * AMX_ROWS} + {a * AMX_ROWS} + dy * {wp} + dx"
+        if geo.flat:  # indices 32 ti + 16 a .. + 15 of the tap's plane, shifted by the tap
+            pos = f"({ti}) * {2 * AMX_ROWS} + {a * AMX_ROWS} + dy // {qh} * {wp} + dx // {qw}"
+            if (qh, qw) != (1, 1):
+                pos = f"(dy % {qh} * {qw} + dx % {qw}) * {plane} + {pos}"
         else:  # output row 2 py + a, pixels 16 sg .. 16 sg + 15
             py, sg = f"({ti}) // {geo.segs}", f"({ti}) % {geo.segs}"
             pos = f"((2 * ({py}) + {a}) * {sh} + dy) * {wp} + ({sg}) * {AMX_ROWS * sw} + dx"
         img = b if pixels_inner else "0"
         lines += [ind + "    " + intrin("tileloadd64", i8(4 + a),
                                         f"T.address_of(Xp[{img}, {pos}, q * {AMX_K}])",
-                                        f"T.int64({sw * c})")]
+                                        f"T.int64({(1 if geo.flat else sw) * c})")]
     for j in range(2):  # B tiles: channels 32 nk + 16 j ..
         tap = f"(dy * {kw} + dx) * {cc} + q"
         src = f"wl[{tap}, {j}, 0]" if pixels_inner else f"Wd[{tap}, ({nk}) * 2 + {j}, 0]"
