@@ -215,3 +215,20 @@ def test_tt_amx_kernel_matches_reference(label, kw, batch):
         assert "wl = T.alloc_buffer" in amx_source(spec)
     prep = measure.prepare_kernel(kern, lx, tinfo)
     assert np.isfinite(prep.max_abs_err)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("act", ["int", "ternary"])
+def test_amx_streaming_stores_match_reference(stream_everything, act):
+    """With non-temporal stores forced: a pixels-inner conv (the batch inside the tile loop,
+    wrapped whole in the store helper's import) and a block-inner one stay exact."""
+    _needs_amx()
+    tinfo = x86_info()
+    for kw, batch, inner in ((dict(cin=256, out=64, hw=(6, 6)), 2, True),
+                             (dict(cin=64, out=32, hw=(12, 12)), 2, False)):
+        lx = make_layer("conv2d", act=act, name=f"stream_{act}", seed=7, **kw)
+        rule = x86.tt_amx_rule() if act == "ternary" else x86.amx_rule()
+        kern = rule.build(lx, batch, tinfo)
+        src = amx_source(kern.spec)
+        assert "tb_stream_f32x32" in src and ("wl = T.alloc_buffer" in src) == inner
+        measure.prepare_kernel(kern, lx, tinfo)

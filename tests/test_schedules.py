@@ -227,6 +227,10 @@ def test_rule_selection_is_gated_by_target_features():
     assert measure.select_rule(make_layer(cin=66, gs=6), info).name == "generic.t2"
     assert measure.select_rule(make_layer(fmt="int8"), info).name == "x86.int8"
     assert measure.select_rule(make_layer(fmt="fp32", act="fp32"), info).name == "x86.fp32"
+    # AVX-512: FP32 tiles two zmm wide (the FP32 stems of the ternary models)
+    wide = dataclasses.replace(info, features=info.features | {"avx512f"})
+    fp32_512 = measure.select_rule(make_layer(fmt="fp32", act="fp32"), wide)
+    assert fp32_512.name == "x86.fp32_512" and fp32_512.default_params["nb"] == 32
     # TWN style (ternary weights, float activations): decoded-to-fp32 blocked GEMM, any x86
     twn = make_layer(act="fp32", gs=6, cin=66)
     for target in (info, no_avx2):

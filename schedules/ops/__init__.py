@@ -41,9 +41,12 @@ padding never changes the result):
   with ``vpermi2b`` (:mod:`.ttlut`); RTN's offsets are the same affine terms, added in the
   row tile's epilogue.
 * ``t2_amx`` (int8 activations, one group, convs with 64k input channels; AMX-INT8): 2-bit
-  ternary codes of 16 x 64-byte B tiles ``[taps * C / 64, Np / 16, 256]``, decoded once per
-  call into the int8 tiles ``tdpbssd`` reads; A tiles come straight from a zero-padded copy of
-  each image (:mod:`.amx`).
+  ternary codes of 16 x 64-byte B tiles ``[taps * C / 64, Np / 16, 256]``, decoded into the
+  int8 tiles ``tdpbssd`` reads (once per call, or per task and channel block for large
+  weights); A tiles come straight from a zero-padded copy of the images, as phase planes for
+  strided convs (:mod:`.amx`).
+* ``tt_amx`` (ternary activations *and* weights, the same convs): the ``t2_amx`` kernel on the
+  activation codes in {-1, 0, 1}; RTN's offsets are the same affine terms as ``tt_lut``'s.
 
 Nothing here imports tvm at module import time.
 
@@ -51,8 +54,8 @@ Modules (one job each; every public name is re-exported here, ``ternbench.schedu
 :mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
 description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
 definitions), :mod:`.lut`, :mod:`.ttlut` and :mod:`.amx` (the hand-scheduled ``t2_lut``,
-``tt_lut`` and ``t2_amx`` kernels), :mod:`.rules` (:class:`Rule`, :class:`Kernel` and the
-kernel cache).
+``tt_lut`` and ``t2_amx`` / ``tt_amx`` kernels), :mod:`.rules` (:class:`Rule`,
+:class:`Kernel` and the kernel cache).
 """
 
 from __future__ import annotations
