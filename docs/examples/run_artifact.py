@@ -14,7 +14,7 @@ manifest = json.loads((root / "manifest.json").read_text())
 for name, digest in manifest["files"].items():  # refuse a modified artifact
     if hashlib.sha256((root / name).read_bytes()).hexdigest() != digest:
         sys.exit(f"{root / name}: sha256 does not match the manifest; refusing to load it")
-# AMX kernels (t2_amx, built on CPUs with AMX-INT8) need the tile state, which Linux hands
+# AMX kernels (t2_amx, tt_amx: built on CPUs with AMX-INT8) need the tile state, which Linux hands
 # out per process on request: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), Linux >= 5.16
 if platform.machine() == "x86_64" and "amx_tile" in Path("/proc/cpuinfo").read_text():
     ctypes.CDLL(None).syscall(158, 0x1023, 18)
