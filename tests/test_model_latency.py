@@ -124,7 +124,8 @@ def test_float_input_kernels_quantize_while_packing(data, monkeypatch) -> None:
     """RTN on 64-channel convs: the popcount kernels take the float input and quantize it as
     they pack (no torch quantize pass); the model still matches the fake-quant logits, and each
     such kernel equals the codes-input kernel on the same data. (On AVX512-VBMI these convs
-    run the byte-table lookups, which read codes: the test keeps them on the popcount.)"""
+    run the byte-table lookups, on AMX-INT8 the AMX kernel, both of which read codes: the test
+    keeps them on the popcount.)"""
     from ternbench.schedules import build_layer, run_layer, x86
     from ternbench.schedules.model import TvmLayer, check_model, compile_model
 
@@ -137,6 +138,7 @@ def test_float_input_kernels_quantize_while_packing(data, monkeypatch) -> None:
     with torch.no_grad():
         ref = qm.module(x)
     monkeypatch.setattr(x86, "TT_LUT_MIN_CHANNELS", 1 << 30)
+    monkeypatch.setattr(x86, "_applies_tt_amx", lambda lx, target: False)
     m = compile_model(qm.module, qm.export(), batch=2)
     takes = {mod.lx.name: mod.takes_float for mod in m.modules() if isinstance(mod, TvmLayer)}
     assert takes["3"] and takes["6"] and not takes["0"] and not takes["11"]
