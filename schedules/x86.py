@@ -40,7 +40,7 @@ from .generic import (
     schedule_blocked,
     schedule_gemm,
 )
-from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, plan_gemm, tile_kwargs
+from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, WeightLayout, plan_gemm, tile_kwargs
 from .ops.amx import AMX_NB
 from .ops.lut import LUT_LANES
 from .ops.ttlut import TT_LUT_LANES
@@ -568,16 +568,18 @@ def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_t2_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen: convs wider than one tap. Measured on an Intel emeraldrapids (1
-    thread, two kernels runs; speed over ``t2_vnni``, batch 1 / 64): ResNet-18's 3x3 convs
-    2.34-4.79x / 1.39-3.35x, but at batch 1 the two with 7-pixel output rows (a 16-pixel A
-    tile carries 7) 0.79-1.22x; its 1x1/2 downsamples 0.80-1.46x / 0.35-1.37x (each copies the
-    whole padded image and reads a quarter of it), so they stay on VNNI."""
+    thread; speed over ``t2_vnni``, batch 1 / 64; docs/kernels.md, "Intel"): ResNet-18's 3x3
+    convs 1.61-5.9x / 3.3-5.5x in the ``d84b6f2`` run. Its 1x1/2 downsamples stay on VNNI:
+    0.80-1.46x / 0.35-1.37x in the two runs with row tiles, 1.23-1.69x / 1.18-1.39x in the one
+    with phase planes (one run: not yet enough to move the gate)."""
     return _applies_t2_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
 
 
-def _plan_t2_amx(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-                 params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "t2_amx", nb=AMX_NB, mb_max=16, rows_per_task=16)
+def _plan_amx(layout: WeightLayout) -> Any:
+    def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params) -> GemmSpec:
+        return plan_gemm(lx, batch, layout, nb=AMX_NB, mb_max=16, rows_per_task=16)
+
+    return plan
 
 
 def amx_rule(*, where_chosen: bool = True) -> Rule:
@@ -585,8 +587,8 @@ def amx_rule(*, where_chosen: bool = True) -> Rule:
     ``where_chosen=False`` applies wherever the kernel can run (the kernel benchmark times it
     beside the chosen kernel on every int8-activation conv with 64k input channels)."""
     return Rule("x86.t2_amx", "tvm_t2_amx",
-                _applies_t2_amx_chosen if where_chosen else _applies_t2_amx, _plan_t2_amx,
-                schedule_t2_lut)
+                _applies_t2_amx_chosen if where_chosen else _applies_t2_amx,
+                _plan_amx("t2_amx"), schedule_t2_lut)
 
 
 def _applies_tt_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -596,13 +598,11 @@ def _applies_tt_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 
 def _applies_tt_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-    """Where it is chosen: convs wider than one tap."""
+    """Where it is chosen: convs wider than one tap (speed over the popcount kernel in the
+    ``d84b6f2`` run, batch 1 / 64: ResNet-18's 3x3 convs 1.18-2.97x / 1.36-2.89x; its 1x1/2
+    downsamples 0.96-1.30x / 0.99-1.16x, and 1.07x / 0.74x on 256 -> 512 at batch 1 / 16 in
+    one process: they stay on the popcount kernel)."""
     return _applies_tt_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
-
-
-def _plan_tt_amx(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-                 params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "tt_amx", nb=AMX_NB, mb_max=16, rows_per_task=16)
 
 
 def tt_amx_rule(*, where_chosen: bool = True) -> Rule:
@@ -611,8 +611,8 @@ def tt_amx_rule(*, where_chosen: bool = True) -> Rule:
     benchmark times it beside the chosen kernel on every ternary-activation conv with 64k
     input channels)."""
     return Rule("x86.tt_amx", "tvm_tt_amx",
-                _applies_tt_amx_chosen if where_chosen else _applies_tt_amx, _plan_tt_amx,
-                schedule_t2_lut)
+                _applies_tt_amx_chosen if where_chosen else _applies_tt_amx,
+                _plan_amx("tt_amx"), schedule_t2_lut)
 
 
 def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
