@@ -95,8 +95,9 @@ def require_tvm() -> ModuleType:
 def enable_amx() -> bool:
     """Ask Linux for this process's AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)``, Linux >= 5.16) where the CPU has AMX; returns whether it is granted.
-    An AMX instruction without it kills the process (SIGILL), so the ``t2_amx`` rule needs
-    this to hold; :func:`require_tvm` asks once per process, before any kernel runs.
+    An AMX instruction without it kills the process (SIGILL), so the AMX rules (``t2_amx``,
+    ``tt_amx``) need this to hold; :func:`require_tvm` asks once per process, before any
+    kernel runs.
 
     Example:
         >>> enable_amx()  # doctest: +SKIP

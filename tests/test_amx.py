@@ -15,7 +15,7 @@ from test_schedules import make_layer
 
 
 def _needs_amx() -> None:
-    require_x86_features({"amx-tile", "amx-int8"}, "t2_amx needs AMX-INT8")
+    require_x86_features({"amx-tile", "amx-int8"}, "t2_amx / tt_amx need AMX-INT8")
     if not _tvm.enable_amx():
         pytest.skip("Linux refused this process the AMX tile state")
 

@@ -26,7 +26,7 @@ GMAC/s per recipe:
   ``vpaddb`` per 256 MACs;
 * ``int8_amx``: AMX ``tdpbssd`` (16 x 16 int32 tile += a 16 x 64 by 64 x 16 int8 product,
   16384 MACs) into four accumulator tiles: the bound of torch INT8's convs on a CPU with AMX
-  (oneDNN's ``brg_conv_fwd:..._amx``), which no ternary kernel here uses.
+  (oneDNN's ``brg_conv_fwd:..._amx``), and of the ``tvm_t2_amx`` / ``tvm_tt_amx`` kernels.
 
 Recipes whose instructions the CPU lacks are left out (AMX also where Linux refuses the tile
 state). Example::

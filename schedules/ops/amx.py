@@ -50,8 +50,7 @@ import numpy as np
 
 from .. import _tvm
 from .lut import finish_source, streams_output
-from .packing import border_class_counts
-from .ttlut import channel_sum
+from .ttlut import channel_sum, offset_params, window_sum
 
 if TYPE_CHECKING:
     from .spec import GemmSpec
@@ -249,9 +248,8 @@ def amx_source(spec: GemmSpec) -> str:
                   f"                    asum[y + {ph}, z + {pw}] = {channel_sum(c)}",
                   f"            for yo in T.parallel({ho}):",
                   f"                for xo in range({wo}):",
-                  f"                    wsum[b * {mi} + yo * {wo} + xo] = " + " + ".join(
-                      f"asum[yo * {sh} + {i}, xo * {sw} + {j}]"
-                      for i in range(kh) for j in range(kw))]
+                  f"                    wsum[b * {mi} + yo * {wo} + xo] = "
+                  f"{window_sum(spec, 'yo', 'xo')}"]
     # pixels inner: every image copied first, then one tile loop; else a tile loop per image
     base = "        " if pixels_inner else "            "
     if pixels_inner:
@@ -352,15 +350,8 @@ def _offset_terms(spec: GemmSpec, hp: int, wp: int
     epilogue's terms ``Bw[n] * wsum[row]`` and ``Tb[Rc[yo], Cc[xo], n]``."""
     if not (spec.w_off or spec.border):
         return [], [], None
-    extra, work = [], []
-    if spec.w_off:
-        extra.append(f"Bw: T.Buffer(({spec.Np},), 'float32')")
-        work += [f"        asum = T.alloc_buffer(({hp}, {wp}), 'int32')",
-                 f"        wsum = T.alloc_buffer(({spec.M},), 'int32')"]
-    if spec.border:
-        (ho, wo), (r_, c_) = spec.out_hw, border_class_counts(spec)
-        extra += [f"Rc: T.Buffer(({ho},), 'int32')", f"Cc: T.Buffer(({wo},), 'int32')",
-                  f"Tb: T.Buffer(({r_}, {c_}, {spec.Np}), 'float32')"]
+    work = [f"        asum = T.alloc_buffer(({hp}, {wp}), 'int32')",
+            f"        wsum = T.alloc_buffer(({spec.M},), 'int32')"] if spec.w_off else []
 
     def terms(row: str, yo: str, xo: str, ch: str, width: int) -> list[str]:
         out = []
@@ -371,11 +362,12 @@ def _offset_terms(spec: GemmSpec, hp: int, wp: int
             out.append(f"Tb[Rc[{yo}], Cc[{xo}], {ch}]")
         return out
 
-    return extra, work, terms
+    return offset_params(spec), work, terms
 
 
 def amx_compute(spec: GemmSpec) -> Any:
-    """The ``t2_amx`` PrimFunc for ``spec`` (already scheduled: see the module docstring)."""
+    """The ``t2_amx`` / ``tt_amx`` PrimFunc for ``spec`` (already scheduled: see the module
+    docstring)."""
     tvm = _tvm.require_tvm()
     from tvm.script import tirx as T
 

@@ -210,28 +210,38 @@ def _offset_terms(spec: GemmSpec, f: ConvFrame
     and ``Tb[Rc[yo], Cc[xo], n]`` (the activation offset times the in-image taps' weights)."""
     if not (spec.w_off or spec.border):
         return [], [], None
-    extra, work = [], []
-    np_ = spec.Np
-    if spec.w_off:
-        extra.append(f"Bw: T.Buffer(({np_},), 'float32')")
-        work.append(f"        asum = T.alloc_buffer(({f.hp}, {f.wt}), 'int32')")
-    if spec.border:
-        (ho, wo), (r_, c_) = spec.out_hw, border_class_counts(spec)
-        extra += [f"Rc: T.Buffer(({ho},), 'int32')", f"Cc: T.Buffer(({wo},), 'int32')",
-                  f"Tb: T.Buffer(({r_}, {c_}, {np_}), 'float32')"]
-    kh = spec.kernel[0]
+    work = [f"        asum = T.alloc_buffer(({f.hp}, {f.wt}), 'int32')"] if spec.w_off else []
 
     def terms(yo: str, xo: str, ch: str, width: int) -> list[str]:
         out = []
-        if spec.w_off:  # padded pixel (yo * sh + i, xo * sw + j) under tap (i, j)
-            window = " + ".join(f"asum[({yo}) * {f.sh} + {i}, ({xo}) * {f.sw} + {j}]"
-                                for i in range(kh) for j in range(f.kw))
-            out.append(f"Bw[{ch}] * T.broadcast(T.Cast('float32', {window}), {width})")
+        if spec.w_off:
+            out.append(f"Bw[{ch}] * T.broadcast(T.Cast('float32', {window_sum(spec, yo, xo)}),"
+                       f" {width})")
         if spec.border:
             out.append(f"Tb[Rc[{yo}], Cc[{xo}], {ch}]")
         return out
 
-    return extra, work, terms
+    return offset_params(spec), work, terms
+
+
+def offset_params(spec: GemmSpec) -> list[str]:
+    """The TVMScript parameters of RTN's offset terms, ``[Bw], [Rc, Cc, Tb]`` (as
+    :func:`.packing.pack_weight_args` passes them), for ``spec.w_off`` / ``spec.border``."""
+    params = [f"Bw: T.Buffer(({spec.Np},), 'float32')"] if spec.w_off else []
+    if spec.border:
+        (ho, wo), (r_, c_) = spec.out_hw, border_class_counts(spec)
+        params += [f"Rc: T.Buffer(({ho},), 'int32')", f"Cc: T.Buffer(({wo},), 'int32')",
+                   f"Tb: T.Buffer(({r_}, {c_}, {spec.Np}), 'float32')"]
+    return params
+
+
+def window_sum(spec: GemmSpec, yo: str, xo: str) -> str:
+    """TVMScript: output ``(yo, xo)``'s window sum of ``asum`` (each padded pixel's sum of
+    activation codes, zero on the padding ring): padded pixel ``(yo * sh + i, xo * sw + j)``
+    under tap ``(i, j)``."""
+    (kh, kw), (sh, sw) = spec.kernel, spec.stride
+    return " + ".join(f"asum[({yo}) * {sh} + {i}, ({xo}) * {sw} + {j}]"
+                      for i in range(kh) for j in range(kw))
 
 
 def ttlut_compute(spec: GemmSpec) -> Any:
