@@ -96,8 +96,8 @@ def enable_amx() -> bool:
     """Ask Linux for this process's AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA)``, Linux >= 5.16) where the CPU has AMX; returns whether it is granted.
     An AMX instruction without it kills the process (SIGILL), so the AMX rules (``t2_amx``,
-    ``tt_amx``) need this to hold; :func:`require_tvm` asks once per process, before any
-    kernel runs.
+    ``tt_amx``, ``bf16_amx``) need this to hold; :func:`require_tvm` asks once per process,
+    before any kernel runs.
 
     Example:
         >>> enable_amx()  # doctest: +SKIP
@@ -165,7 +165,7 @@ def _parse_target(target_str: str) -> Any:
 #: features that x86 rules may gate on (queried once per target)
 _GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni",
                    "avxvnni", "avx512vpopcntdq", "avx512bitalg", "avx512vbmi", "amx-tile",
-                   "amx-int8")
+                   "amx-int8", "amx-bf16")
 
 #: x86 ISA levels, lowest first, with the LLVM features each one switches off on the host CPU
 #: (LLVM also drops every feature that needs a disabled one: ``-avx512f`` takes VNNI and

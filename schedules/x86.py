@@ -52,6 +52,7 @@ __all__ = [
     "rules",
     "lut_rule",
     "amx_rule",
+    "bf16_amx_rule",
     "tt_amx_rule",
     "tt_lut_rule",
     "full_rate_permutes",
@@ -591,6 +592,33 @@ def amx_rule(*, where_chosen: bool = True) -> Rule:
                 _plan_amx("t2_amx"), schedule_t2_lut)
 
 
+def _applies_bf16_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where the ``bf16_amx`` kernel runs: grouped (FGQ) ternary-weight convs with int8
+    activations and a multiple of 32 input channels on AMX-BF16, in a process Linux granted
+    the tile state. One-group layers stay on ``t2_amx`` (int8 tiles do 2x the MACs of bf16
+    ones, and need no second piece); so do 1x1 convs with fewer than 64 input channels (FGQ
+    N=4 on CIFAR's 1x1/2 32 -> 64 at 16x16: 1.0x / 0.66x the integer kernel's speed at batch
+    1 / 64, where the other ResNet-18 and CIFAR convs ran 1.3-3.8x / 1.1-2.3x; one process,
+    docs/kernels.md "Intel")."""
+    if not (_is_x86(target) and target.has("amx-tile") and target.has("amx-bf16")):
+        return False
+    one_tap = tuple(lx.kernel_size) == (1, 1)
+    return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "int"
+            and lx.act_qmax <= 127 and int(lx.group_size) < lx.fan_in
+            and lx.in_channels % 32 == 0 and not (one_tap and lx.in_channels < 64)
+            and _tvm.enable_amx())
+
+
+def bf16_amx_rule() -> Rule:
+    """The ``bf16_amx`` rule: FGQ's grouped convs on AMX ``tdpbf16ps``, the weights (codes
+    times their group scales) split into exact bf16 pieces (:func:`.ops.amx.bf16_pieces`: two
+    for FGQ's FP16 scales), so every product is exact and the sums are float32 like torch's.
+    Per group, an integer kernel converts and scales every few MACs (``vpdpbusd`` + convert +
+    FMA for N = 4: the ``fgq4`` peak); here the group size costs nothing."""
+    return Rule("x86.bf16_amx", "tvm_bf16_amx", _applies_bf16_amx, _plan_amx("bf16_amx"),
+                schedule_t2_lut)
+
+
 def _applies_tt_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where the ``tt_amx`` kernel can run: :func:`_amx_conv` with ternary activations (RTN's
     offsets included; the codes are exact int8 operands)."""
@@ -657,6 +685,8 @@ def tt_lut_rule(*, where_chosen: bool = True) -> Rule:
 def rules() -> list[Rule]:
     """x86 rules in priority order; ternary layers that miss the AVX2 gate fall to generic."""
     return [
+        # AMX-BF16: FGQ's grouped convs, the scales folded into exact bf16 weight pieces
+        bf16_amx_rule(),
         # AMX-INT8: convs wider than one tap on tdpbssd tiles (16 x 16 x 64 MACs each)
         amx_rule(),
         # AVX-512BW: deep stride-1 convs as table lookups (vpermw, 96 MACs per instruction)

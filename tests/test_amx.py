@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import _tvm, measure, x86
-from ternbench.schedules.ops.amx import AMX_K, AMX_N, amx_geometry, amx_source, pack_amx_tiles
+from ternbench.schedules.ops.amx import (
+    AMX_K,
+    AMX_N,
+    amx_geometry,
+    amx_source,
+    bf16_pieces,
+    bf16_value,
+    pack_amx_tiles,
+    pack_bf16_tiles,
+)
 from test_schedules import make_layer
 
 
@@ -64,7 +73,8 @@ def test_rule_gate():
     no_amx = dataclasses.replace(base, features=base.features - {"amx-tile", "amx-int8"})
     assert not applies(no_amx, cin=64, out=32)
     # chosen for convs wider than one tap (1x1 convs stay on vpdpbusd), first of all rules
-    assert x86.rules()[0].name == "x86.t2_amx"
+    # after the grouped convs' bf16 rule
+    assert [r.name for r in x86.rules()[:2]] == ["x86.bf16_amx", "x86.t2_amx"]
     one = make_layer("conv2d", cin=64, out=32, k=1, pad=0)
     assert x86.amx_rule(where_chosen=False).applies(one, amx) == granted
     assert not x86.amx_rule().applies(one, amx)
@@ -232,3 +242,113 @@ def test_amx_streaming_stores_match_reference(stream_everything, act):
         src = amx_source(kern.spec)
         assert "tb_stream_f32x32" in src and ("wl = T.alloc_buffer" in src) == inner
         measure.prepare_kernel(kern, lx, tinfo)
+
+
+# ----------------------------------------------------------------------------- bf16_amx (FGQ)
+
+
+def test_bf16_pieces_are_exact_and_fewest():
+    """float32 values split into bf16 pieces that sum back exactly: at most three for any
+    value, two for FP16 values (FGQ's scales), one for bf16 values; more than allowed raises."""
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(4096) * 10.0 ** rng.integers(-6, 3, 4096)).astype(np.float32)
+    for vals, most in ((x, 3), (x.astype(np.float16).astype(np.float32), 2),
+                       (bf16_value(bf16_pieces(x)[0]), 1), (np.zeros(4, np.float32), 1)):
+        pieces = bf16_pieces(vals)
+        assert len(pieces) <= most
+        total = sum(bf16_value(p).astype(np.float64) for p in pieces)
+        np.testing.assert_array_equal(total, vals.astype(np.float64))
+    assert len(bf16_pieces(x)) == 3
+    with pytest.raises(ValueError, match="more than 2 bf16 pieces"):
+        bf16_pieces(x, 2)
+
+
+def _unpack_bf16(tiles: np.ndarray, n: int, k: int) -> np.ndarray:
+    """float64 weights [n, k] back from ``bf16_amx`` tiles: the sum of the planes; element
+    32 r + 2 j + q of a tile is output channel j, reduction index 2 r + q."""
+    kc, planes, nblk, _ = tiles.shape
+    v = bf16_value(tiles).astype(np.float64).sum(axis=1)  # [kc, nblk, 512]
+    w = v.reshape(kc, nblk, 16, AMX_N, 2).transpose(1, 3, 0, 2, 4).reshape(nblk * AMX_N, kc * 32)
+    return w[:n, :k]
+
+
+def test_bf16_tile_packing_round_trips():
+    rng = np.random.default_rng(2)
+    for n, c, kernel, planes in ((48, 32, (3, 3), 3), (16, 64, (1, 1), 2), (40, 96, (1, 3), 3)):
+        k = kernel[0] * kernel[1] * c
+        s = (rng.random((n, k)) + 0.5).astype(np.float32)
+        if planes == 2:
+            s = s.astype(np.float16).astype(np.float32)
+        w = rng.integers(-1, 2, (n, k)).astype(np.float32) * s
+        n_pad = -(-n // 32) * 32
+        tiles = pack_bf16_tiles(w, c, kernel, n_pad, planes)
+        assert tiles.shape == (k // 32, planes, n_pad // AMX_N, 512)
+        np.testing.assert_array_equal(_unpack_bf16(tiles, n, k), w.astype(np.float64))
+        assert not _unpack_bf16(tiles, n_pad, k)[n:].any()  # padding channels: zero weights
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_bf16_tiles(np.zeros((16, 9 * 16), np.float32), 16, (3, 3), 16, 2)
+
+
+def test_bf16_amx_rule_gate():
+    """AMX-BF16 (and the tile state granted) with grouped int8-activation convs of 32k input
+    channels, any group size or order, 1x1 from 64 channels; never one-group layers (``t2_amx``),
+    ternary activations, linears, other channel counts, or a CPU without AMX-BF16."""
+    base = x86_info()
+    amx = dataclasses.replace(base, features=base.features | {"amx-tile", "amx-int8",
+                                                              "amx-bf16"})
+    granted = _tvm.enable_amx() if _tvm.is_x86_host() else False
+    rule = x86.bf16_amx_rule()
+
+    def applies(target=amx, **kw):
+        return rule.applies(make_layer("conv2d", **kw), target)
+
+    assert applies(cin=64, out=32, gs=4, order="ijc") == granted
+    assert applies(cin=32, out=16, gs=64, stride=2) == granted
+    assert applies(cin=128, out=64, gs=16, k=1, pad=0, stride=2) == granted
+    for kw in (dict(cin=64), dict(cin=48, gs=4), dict(cin=3, gs=4),
+               dict(cin=64, gs=4, act="ternary"), dict(cin=32, gs=4, k=1, pad=0)):
+        assert not applies(out=32, **kw), kw
+    assert not rule.applies(make_layer(cin=128, gs=4), amx)  # linear
+    no_bf16 = dataclasses.replace(amx, features=amx.features - {"amx-bf16"})
+    assert not applies(no_bf16, cin=64, out=32, gs=4)
+    if granted:
+        lx = make_layer("conv2d", cin=64, out=32, gs=4, order="ijc")
+        assert measure.select_rule(lx, amx).name == "x86.bf16_amx"
+
+
+def _fp16_scales(lx):
+    return dataclasses.replace(lx, scales=lx.scales.astype(np.float16).astype(np.float32))
+
+
+BF16_AMX_CASES = [  # (label, make_layer keywords, batch, FP16 scales: 2 pieces, else 3)
+    ("bf_c64_g4_ijc", dict(cin=64, out=32, hw=(5, 7), gs=4, order="ijc"), 1, True),
+    ("bf_c32_g16_cij_s2", dict(cin=32, out=48, hw=(9, 10), stride=2, gs=16), 2, False),
+    ("bf_c96_g64_rows", dict(cin=96, out=32, hw=(5, 32), gs=64, order="ijc"), 1, True),
+    ("bf_c64_1x1_s2", dict(cin=64, out=64, hw=(17, 18), k=1, pad=0, stride=2, gs=4), 1, True),
+    ("bf_c256_g4_inner_b3", dict(cin=256, out=64, hw=(6, 6), gs=4, order="ijc"), 3, False),
+    ("bf_c128_g8_planes_s2", dict(cin=128, out=64, hw=(14, 14), stride=2, gs=8), 2, True),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch", "fp16"), BF16_AMX_CASES,
+                         ids=[c[0] for c in BF16_AMX_CASES])
+def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
+    """``bf16_amx`` against the layer reference (``prepare_kernel`` raises on a mismatch):
+    exact products, float32 sums, so the float tolerance; two pieces for FP16 scales, three
+    for any float32 ones; row and flat tiles, strides, 1x1, a partial channel block, groups
+    along either order, and the batch inside the tile loop (large weights)."""
+    require_x86_features({"amx-tile", "amx-bf16"}, "bf16_amx needs AMX-BF16")
+    if not _tvm.enable_amx():
+        pytest.skip("Linux refused this process the AMX tile state")
+    tinfo = x86_info()
+    lx = make_layer("conv2d", name=label, seed=len(label), **kw)
+    if fp16:
+        lx = _fp16_scales(lx)
+    kern = x86.bf16_amx_rule().build(lx, batch, tinfo)
+    assert kern.spec.layout == "bf16_amx" and kern.spec.planes == (2 if fp16 else 3)
+    assert "tdpbf16ps" in kern.module.inspect_source("asm")
+    if label == "bf_c256_g4_inner_b3":
+        assert f"Xp = T.alloc_buffer(({batch}, " in amx_source(kern.spec)  # pixels inner
+    prep = measure.prepare_kernel(kern, lx, tinfo)
+    assert np.isfinite(prep.max_abs_err)

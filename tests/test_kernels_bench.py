@@ -301,17 +301,27 @@ def test_fgq_group_rows(tmp_path):
     """``group_sizes`` adds the int8-activation kernel with FGQ group scales, checked against
     the reference like every kernel (fan-in 72 with N=64: a partial, zero-padded last group)."""
     pytest.importorskip("tvm")
-    res = kernels.run_kernels(tmp_path / "k", shapes=TINY[:1], batches=(1,), quick=True,
+    from conftest import amx_granted, x86_info
+
+    wide = KernelShape("t", "t.conv32", "conv2d", 32, 32, (6, 6), 3, 1, 1)  # AMX-BF16 if any
+    res = kernels.run_kernels(tmp_path / "k", shapes=[TINY[0], wide], batches=(1,), quick=True,
                               act_modes=("int8",), progress=False, group_sizes=(4, 64),
                               group_axes=("cin_contiguous", "flat_fanin"))
     assert res.failures == ()
     df = pd.read_csv(res.csv_path)
     grouped = df[df["impl"].str.contains("_g")]
-    sizes = grouped["impl"].str.extract(r"_g(\d+)(_flat)?$")
-    assert sorted(sizes[0].astype(int)) == [4, 4, 64, 64]
-    assert sizes[1].notna().sum() == 2  # one flat_fanin row per size
     assert grouped["median_us"].notna().all() and (grouped["max_abs_err"] < 1e-3).all()
     assert not grouped["impl"].str.contains("generic").any()  # no fallback for N=64 on 72
+    bf16 = amx_granted() and "amx-bf16" in x86_info().features
+    for label, rows in grouped.groupby("shape"):
+        alt = rows["impl"].str.endswith("_alt")
+        sizes = rows.loc[~alt, "impl"].str.extract(r"_g(\d+)(_flat)?$")
+        assert sorted(sizes[0].astype(int)) == [4, 4, 64, 64]
+        assert sizes[1].notna().sum() == 2  # one flat_fanin row per size
+        on_amx = bf16 and "32x6x6" in label
+        # on AMX-BF16 the 32-channel conv runs bf16_amx, the integer group kernel beside it
+        assert rows.loc[~alt, "impl"].str.startswith("tvm_bf16_amx").all() == on_amx
+        assert alt.sum() == (4 if on_amx else 0)
     lx = kernels.synthetic_layer(TINY[0], "ternary", "int8", group_size=64)
     assert lx.scales.shape == (16, 2) and lx.group_size == 64
     assert lx.group_order == ("ijc" if lx.op == "conv2d" else "cij")

@@ -244,9 +244,9 @@ def test_rule_selection_is_gated_by_target_features():
         measure.select_rule(make_layer(fmt="int8", act="ternary"), info)
     assert [r.name for r in generic.rules()] == [
         "generic.t2", "generic.int8", "generic.fp32", "generic.tt_popc"]
-    assert [r.name for r in x86.rules()][:10] == [
-        "x86.t2_amx", "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni", "x86.t2_avx2",
-        "x86.tt_amx", "x86.tt_lut", "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
+    assert [r.name for r in x86.rules()][:11] == [
+        "x86.bf16_amx", "x86.t2_amx", "x86.t2_lut", "x86.t2_avx512vnni", "x86.t2_avxvnni",
+        "x86.t2_avx2", "x86.tt_amx", "x86.tt_lut", "x86.tt_popc512", "x86.tt_popc", "x86.t2_f32"]
     # VPOPCNTDQ + DQ: the 512-bit rule, int64 accumulators; without them the AVX2 one
     popc512 = dataclasses.replace(info, features=frozenset(
         {"avx2", "avx512f", "avx512vl", "avx512bw", "avx512dq", "avx512vpopcntdq"}))

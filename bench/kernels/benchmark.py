@@ -124,9 +124,23 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
             lx = synthetic_layer(shape, "ternary", "int8", group_size=gs,
                                  group_order=GROUP_ORDER[axis])
             rule = measure.select_rule(lx, tinfo)
-            name = f"{rule.impl_for(lx)}_g{gs}" + ("" if axis == "cin_contiguous" else "_flat")
+            tag = f"_g{gs}" + ("" if axis == "cin_contiguous" else "_flat")
+            name = f"{rule.impl_for(lx)}{tag}"
             attempt(name, "int8", "tvm", tvm_case(lx, "int8", rule, name))
+            for alt in _group_alternatives(lx, rule, tinfo):  # ``_alt``: not chosen
+                name = f"{alt.impl_for(lx)}{tag}_alt"
+                attempt(name, "int8", "tvm", tvm_case(lx, "int8", alt, name))
     return impls
+
+
+def _group_alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
+    """Where FGQ's grouped layer runs on AMX-BF16 (``tvm_bf16_amx``), the integer group kernel
+    of the highest ISA this CPU has, timed beside it (what a CPU without AMX runs)."""
+    if tinfo.family != "x86" or chosen.name != "x86.bf16_amx":
+        return []
+    from ternbench.schedules import x86
+
+    return [r for r in x86.rules() if r.name in _INT8_ACT_RULES and r.applies(lx, tinfo)][:1]
 
 
 #: the x86 int8-activation ternary rules besides the table lookups, highest ISA first

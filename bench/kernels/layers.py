@@ -24,7 +24,8 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
                     group_order: str = "ijc") -> Any:
     """A LayerExport of ``shape`` with seeded codes and per-channel scales (ternary with
     ``group_size``: one scale per group of that many fan-in weights, FGQ style, the last group
-    partial when the fan-in is not a multiple; a conv's groups run along ``group_order``:
+    partial when the fan-in is not a multiple, the scales FP16 values as FGQ stores them; a
+    conv's groups run along ``group_order``:
     ``ijc`` = FGQ's default ``cin_contiguous`` axis, ``cij`` = ``flat_fanin``).
 
     ``weight_format``: ``ternary`` (codes in {-1, 0, 1}), ``int8`` or ``fp32`` (the float
@@ -41,11 +42,15 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
     scales = (rng.random((n, 1)) * 0.5 + 0.5).astype(np.float32) / math.sqrt(k)
     bias = (rng.standard_normal(n) * 0.1).astype(np.float32)
     gs = k
+    extra_scale: dict[str, int] = {}
     if weight_format == "ternary":
         codes: np.ndarray = tern
         if group_size is not None:
             gs = int(group_size)
             scales = (rng.random((n, -(-k // gs))) * 0.5 + 0.5).astype(np.float32) / math.sqrt(k)
+            # FP16 values, as FGQ stores them (``TernaryGroupWeight.scale_bits``)
+            scales = scales.astype(np.float16).astype(np.float32)
+            extra_scale = {"scale_bits": 16}
     elif weight_format == "int8":
         codes = rng.integers(-127, 128, (n, k)).astype(np.int8)
         scales = scales / 127
@@ -64,4 +69,4 @@ def synthetic_layer(shape: KernelShape, weight_format: str = "ternary", act: str
         kernel_size=(shape.k, shape.k), stride=(shape.stride, shape.stride),
         padding=(shape.pad, shape.pad),
         input_shape=(shape.cin, *shape.hw) if conv else (shape.cin,),
-        output_hw=shape.out_hw, **extra)  # type: ignore[arg-type]
+        output_hw=shape.out_hw, **extra, **extra_scale)  # type: ignore[arg-type]

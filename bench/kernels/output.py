@@ -100,7 +100,8 @@ def _chosen_summary(ok: Any) -> list[str]:
     lines = ["Per suite, layer kind and batch: median (min-max) speed-up of the kernel the rules "
              "choose for each layer (what a deployed model runs), the slowest ternary kernel "
              "timed (any recipe, FGQ's included), and FGQ's group variants' median speed-up over "
-             "torch fp32 (`_flat`: groups along the flat fan-in):", "",
+             "torch fp32 (the kernel chosen for them; `_flat`: groups along the flat fan-in, "
+             "`_alt`: another recipe timed beside it):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (suite, kind, batch), g in ok.groupby(["suite", "kind", "batch"], sort=False):
         cells = [str(suite), kind, str(batch), str(g["shape"].nunique())]

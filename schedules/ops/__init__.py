@@ -47,6 +47,10 @@ padding never changes the result):
   strided convs (:mod:`.amx`).
 * ``tt_amx`` (ternary activations *and* weights, the same convs): the ``t2_amx`` kernel on the
   activation codes in {-1, 0, 1}; RTN's offsets are the same affine terms as ``tt_lut``'s.
+* ``bf16_amx`` (int8 activations, FGQ's grouped convs with 32k input channels; AMX-BF16): the
+  codes times their group scales split into exact bf16 pieces (two for FGQ's FP16 scales),
+  ``[taps * C / 32, planes, Np / 16, 512]`` uint16 B tiles that ``tdpbf16ps`` runs on the
+  activation codes as bf16; every product exact, the sums float32 (:mod:`.amx`).
 
 Nothing here imports tvm at module import time.
 
@@ -54,7 +58,7 @@ Modules (one job each; every public name is re-exported here, ``ternbench.schedu
 :mod:`.packing` (numpy weight packing and the layouts' tile constants), :mod:`.spec` (the GEMM
 description, :class:`GemmSpec` and :func:`plan_gemm`), :mod:`.compute` (the TE compute
 definitions), :mod:`.lut`, :mod:`.ttlut` and :mod:`.amx` (the hand-scheduled ``t2_lut``,
-``tt_lut`` and ``t2_amx`` / ``tt_amx`` kernels), :mod:`.rules` (:class:`Rule`,
+``tt_lut`` and ``t2_amx`` / ``tt_amx`` / ``bf16_amx`` kernels), :mod:`.rules` (:class:`Rule`,
 :class:`Kernel` and the kernel cache).
 """
 

@@ -1,4 +1,4 @@
-"""The ``t2_amx`` and ``tt_amx`` layouts: ternary-weight convs on Intel AMX (``tdpbssd``).
+"""The ``t2_amx``, ``tt_amx`` and ``bf16_amx`` layouts: ternary-weight convs on Intel AMX.
 
 On a CPU with AMX-INT8 torch's int8 convs run oneDNN's AMX kernels, and no ``vpdpbusd``,
 popcount or table-lookup kernel comes near them (instruction peaks on an Intel
@@ -32,6 +32,17 @@ operands as they are (``tt_amx``; RTN's offsets are the affine terms of
 * the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias [+
   terms]``, with non-temporal stores for outputs of 4 MB or more (:func:`.lut.streams_output`).
 
+``bf16_amx`` runs FGQ's grouped convs (a scale every N weights) on ``tdpbf16ps`` (16 x 16 x 32
+MACs, float32 accumulators). An integer kernel has to convert and scale each group's sum
+(for N = 4 one ``vpdpbusd`` + convert + FMA per 64 MACs: no more than 1.3x torch's fp32 FMAs);
+here the scales are folded into the weights instead: codes times their group scales, each
+split into the fewest bf16 pieces that sum to it exactly (:func:`bf16_pieces`: two for FGQ's
+FP16 scales, at most three for any float32 value), one B-tile plane per piece, all run on the
+same A tiles. The activation codes (|x| <= 127) are exact bf16 values, so every product is
+exact in float32 and only the sums round, as in torch's fp32 conv; the group size and order
+cost nothing. The weights are stored decoded (2 bytes per piece), the A tiles hold 32
+channels, the rest (padded copies, phase planes, tasks, pixels inner) is the int8 kernel's.
+
 Measured on the Intel emeraldrapids: docs/kernels.md, "Intel".
 
 Linux hands out the tile state per process on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``):
@@ -57,6 +68,8 @@ if TYPE_CHECKING:
 
 #: bytes of one tile row (the reduction chunk of an A tile: 64 input channels of one tap)
 AMX_K = 64
+#: channels of one ``bf16_amx`` tile row (32 bf16 = 64 bytes; ``tdpbf16ps`` reduces pairs)
+AMX_K_BF16 = 32
 #: rows of a tile (output pixels of an A tile, reduction quads of a B tile)
 AMX_ROWS = 16
 #: output channels of one B / accumulator tile (16 int32 = 64 bytes per row)
@@ -159,28 +172,103 @@ def pack_amx_tiles(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     return np.bitwise_or.reduce(e << shifts, axis=2).astype(np.uint8)
 
 
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to the nearest bf16 (ties to even), as uint16 bit patterns.
+
+    Example:
+        >>> bf16_bits(np.array([1.0, 1.00390625, -2.0], np.float32)).tolist()  # 1 + 2^-8: a tie
+        [16256, 16256, 49152]
+    """
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((b + (((b >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+
+
+def bf16_value(bits: np.ndarray) -> np.ndarray:
+    """float32 values of uint16 bf16 bit patterns."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def bf16_pieces(x: np.ndarray, max_pieces: int = 3) -> list[np.ndarray]:
+    """The fewest bf16 values (uint16 bit patterns, largest first) that sum exactly to each
+    float32 value of ``x``: each piece is the remainder rounded to bf16, and the remainder of
+    a rounding to 8 significant bits is exact in float32, so any float32 value takes at most
+    three (24 bits), an FP16 value (11 bits: FGQ's scales) at most two. Products of pieces
+    with int8 codes (8 bits each) are exact in float32.
+
+    Example:
+        >>> [bf16_value(p).tolist() for p in bf16_pieces(np.array([1.0009765625], np.float32))]
+        [[1.0], [0.0009765625]]
+    """
+    rest = np.asarray(x, dtype=np.float32)
+    pieces: list[np.ndarray] = []
+    for _ in range(max_pieces):
+        if pieces and not rest.any():
+            break
+        bits = bf16_bits(rest)
+        pieces.append(bits)
+        rest = rest - bf16_value(bits)  # exact: the remainder of a rounding
+    if rest.any():
+        raise ValueError(f"values need more than {max_pieces} bf16 pieces")
+    return pieces
+
+
+def pack_bf16_tiles(weights: np.ndarray, channels: int, kernel: tuple[int, int], n_pad: int,
+                    planes: int) -> np.ndarray:
+    """float32 weights ``[N, kh * kw * C]`` (reduction order (kh, kw, C); FGQ's codes times
+    their group scales) as the ``bf16_amx`` B tiles: ``[taps * C / 32, planes, n_pad / 16,
+    512]`` uint16, plane ``p`` holding each weight's ``p``-th bf16 piece (:func:`bf16_pieces`,
+    zero where it needs fewer); element ``32 r + 2 j + q`` of a tile is output channel ``j``,
+    reduction index ``2 r + q`` of the 32-channel chunk (the pair order ``tdpbf16ps`` reads).
+
+    Example:
+        >>> w = np.zeros((1, 32), np.float32)
+        >>> w[0, 3] = 1.0009765625  # row 1, q 1 of channel 0: two pieces
+        >>> t = pack_bf16_tiles(w, 32, (1, 1), 16, 2)
+        >>> t.shape, bf16_value(t[0, :, 0, 32 + 1]).tolist()
+        ((1, 2, 1, 512), [1.0, 0.0009765625])
+    """
+    n, k = weights.shape
+    if channels % AMX_K_BF16 or k != kernel[0] * kernel[1] * channels or n_pad % AMX_N \
+            or n > n_pad:
+        raise ValueError(f"bf16_amx tiles: C={channels} must be a multiple of {AMX_K_BF16}, "
+                         f"K={k} = taps x C, n_pad={n_pad} a multiple of {AMX_N} >= N={n}")
+    w = np.zeros((n_pad, k), np.float32)  # padding channels hold zero weights
+    w[:n] = weights
+    pieces = bf16_pieces(w, planes)
+    out = np.zeros((k // AMX_K_BF16, planes, n_pad // AMX_N, 512), np.uint16)
+    for p, bits in enumerate(pieces):  # [nblk, j, kc, r, q] -> [kc, nblk, r, j, q]
+        t = bits.reshape(n_pad // AMX_N, AMX_N, k // AMX_K_BF16, AMX_ROWS, 2)
+        out[:, p] = t.transpose(2, 0, 3, 1, 4).reshape(k // AMX_K_BF16, n_pad // AMX_N, 512)
+    return out
+
+
 def amx_source(spec: GemmSpec) -> str:
     """TVMScript text of the ``t2_amx`` / ``tt_amx`` kernel for ``spec`` (see the module
     docstring)."""
-    if spec.op != "conv2d" or spec.layout not in ("t2_amx", "tt_amx") or spec.G != 1:
-        raise ValueError(f"t2_amx / tt_amx are one-group conv2d layouts, got {spec.op} "
-                         f"{spec.layout} G={spec.G}")
+    if (spec.op != "conv2d" or spec.layout not in ("t2_amx", "tt_amx", "bf16_amx")
+            or spec.G != 1):
+        raise ValueError(f"t2_amx / tt_amx / bf16_amx are one-group conv2d layouts, got "
+                         f"{spec.op} {spec.layout} G={spec.G}")
+    bf = spec.layout == "bf16_amx"  # bf16 tiles (tdpbf16ps): 32 channels per 64-byte row
+    ck, esz = (AMX_K_BF16, 2) if bf else (AMX_K, 1)  # channels per tile row, operand bytes
+    planes, xdt = (spec.planes, "uint16") if bf else (1, "int8")
     c, h, w = spec.in_shape
-    if c % AMX_K or spec.Np % AMX_NB:
-        raise ValueError(f"{spec.layout} needs C % {AMX_K} == 0 and Np % {AMX_NB} == 0, got "
+    if c % ck or spec.Np % AMX_NB:
+        raise ValueError(f"{spec.layout} needs C % {ck} == 0 and Np % {AMX_NB} == 0, got "
                          f"C={c}, Np={spec.Np}")
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
     geo = amx_geometry(spec)
-    kc, nblk, hp, wp = geo.kc, geo.nblk, geo.hp, geo.wp
-    cc, mi, nt, bt = c // AMX_K, ho * wo, spec.Np // AMX_N, spec.batch
+    nblk, hp, wp = geo.nblk, geo.hp, geo.wp
+    kc = kh * kw * c // ck  # reduction chunks (one tile row of each tap's channels)
+    cc, mi, nt, bt = c // ck, ho * wo, spec.Np // AMX_N, spec.batch
     # Tile t: (pixel tile, 32-channel block). The block runs innermost (each A tile stays in
     # L1 for all blocks), image by image, unless the decoded weights outweigh twice the
     # padded image; then the pixels of the whole batch do (one process, batch 1, pixels inner
     # / block inner: 64x56x56 1.39x and 128x28x28 1.14x the time; 256x14x14 0.83x, 3x3/2 256
     # -> 512 0.74x, 512x7x7 0.93x), and each task decodes its blocks' weights into a buffer
     # that stays in L2 for all its pixels (``wl``).
-    pixels_inner = kc * spec.Np * AMX_K > 2 * geo.copy_pixels * c
+    pixels_inner = kh * kw * c * spec.Np * planes > 2 * geo.copy_pixels * c
     px = geo.tiles * (bt if pixels_inner else 1)  # tiles per channel block
     total = px * nblk
     # a task runs ``per`` consecutive tiles: one ``ldtilecfg`` each (one per tile: 64x56x56
@@ -198,6 +286,12 @@ def amx_source(spec: GemmSpec) -> str:
         return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[k, {block}, i], "
                 "T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)")
 
+    def load_x(src: str) -> str:  # an activation code as a tile operand (bf16: exact bits)
+        if not bf:
+            return src
+        return (f"T.Cast('uint16', T.shift_right(T.reinterpret('uint32', T.Cast('float32', "
+                f"{src})), T.uint32(16)))")
+
     extra, work, terms = _offset_terms(spec, h + 2 * ph, w + 2 * pw)
     xb = bt if pixels_inner else 1  # images held in the padded copy [image, pixel, C]
     qh, qw, plane = geo.qh, geo.qw, hp * wp
@@ -208,19 +302,20 @@ def amx_source(spec: GemmSpec) -> str:
         return (f"(({y}) % {qh} * {qw} + ({z}) % {qw}) * {plane} + ({y}) // {qh} * {wp} + "
                 f"({z}) // {qw}")
 
+    weights = (f" Wb: T.Buffer(({kc}, {planes}, {nt}, 512), 'uint16')," if bf else
+               f" Wp: T.Buffer(({kc}, {nt}, 256), 'uint8'),")
     lines = [
         "@T.prim_func(s_tir=True)",
-        f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), 'int8'),"
-        f" Wp: T.Buffer(({kc}, {nt}, 256), 'uint8'),"
+        f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), 'int8'),{weights}"
         + "".join(f" {e}," for e in extra) +
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
-        f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), 'int8')",
+        f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), '{xdt}')",
         *work,
     ]
-    if not pixels_inner:  # the 2-bit weights decoded once per call into int8 B tiles
+    if not pixels_inner and not bf:  # the 2-bit weights decoded once per call into B tiles
         lines += [f"        Wd = T.alloc_buffer(({kc}, {nt}, 1024), 'int8')",
                   f"        for k in T.parallel({kc}):",
                   f"            for nb, s in T.grid({nt}, 4):",
@@ -232,7 +327,7 @@ def amx_source(spec: GemmSpec) -> str:
               f"            for z in range({wp * qw}):",
               f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
               f"                    for e in T.vectorized({c}):",
-              f"                        Xp[u, {at('y', 'z')}, e] = T.int8(0)"]
+              f"                        Xp[u, {at('y', 'z')}, e] = T.{xdt}(0)"]
     if spec.w_off:  # the codes' channel sums of the padded image: zero on the ring
         lines += [f"        for y, z in T.grid({h + 2 * ph}, {w + 2 * pw}):",
                   "            asum[y, z] = 0"]
@@ -240,9 +335,9 @@ def amx_source(spec: GemmSpec) -> str:
     lines += [f"        for b in range({bt}):",
               f"            for y in T.parallel({h}):",
               f"                for z, q in T.grid({w}, {cc}):",
-              f"                    for e in T.vectorized({AMX_K}):",
-              f"                        Xp[{u}, {at(f'y + {ph}', f'z + {pw}')}, q * {AMX_K} + e]"
-              f" = X[b, y, z, q * {AMX_K} + e]"]
+              f"                    for e in T.vectorized({ck}):",
+              f"                        Xp[{u}, {at(f'y + {ph}', f'z + {pw}')}, q * {ck} + e]"
+              f" = {load_x(f'X[b, y, z, q * {ck} + e]')}"]
     if spec.w_off:  # each pixel's sum of codes, then each output's window sum
         lines += [f"                for z in range({w}):",
                   f"                    asum[y + {ph}, z + {pw}] = {channel_sum(c)}",
@@ -262,8 +357,10 @@ def amx_source(spec: GemmSpec) -> str:
         f"{base}        T.reads()",
         f"{base}        T.writes()",
         f"{base}        cfg = T.alloc_buffer((64,), 'uint8')",
-        f"{base}        acc = T.alloc_buffer(({2 * AMX_ROWS * AMX_NB},), 'int32')",
-        *([f"{base}        wl = T.alloc_buffer(({kc}, 2, 1024), 'int8')"] if pixels_inner else []),
+        f"{base}        acc = T.alloc_buffer(({2 * AMX_ROWS * AMX_NB},), "
+        f"'{'float32' if bf else 'int32'}')",
+        *([f"{base}        wl = T.alloc_buffer(({kc}, 2, 1024), 'int8')"]
+          if pixels_inner and not bf else []),
         f"{base}        for i in range(64):",
         # palette 1; 8 tiles of 64-byte rows (colsb: uint16 at 16 + 2 i, rows at 48 + i): the
         # B tiles (6, 7) 16 rows, the A and accumulator tiles (0-5) one per pixel of a segment
@@ -274,7 +371,7 @@ def amx_source(spec: GemmSpec) -> str:
         f"{base}        for t in range(p * {per}, T.min(p * {per} + {per}, {total})):",
     ]
     ind = base + "            "
-    if pixels_inner:  # a new block (or the task's first tile): decode its B tiles
+    if pixels_inner and not bf:  # a new block (or the task's first tile): decode its tiles
         lines += [f"{ind}if t == p * {per} or t % {px} == 0:",
                   f"{ind}    for k, j, s in T.grid({kc}, 2, 4):",
                   f"{ind}        for i in T.vectorized(256):",
@@ -291,15 +388,20 @@ def amx_source(spec: GemmSpec) -> str:
             pos = f"((2 * ({py}) + {a}) * {sh} + dy) * {wp} + ({sg}) * {AMX_ROWS * sw} + dx"
         img = b if pixels_inner else "0"
         lines += [ind + "    " + intrin("tileloadd64", i8(4 + a),
-                                        f"T.address_of(Xp[{img}, {pos}, q * {AMX_K}])",
-                                        f"T.int64({(1 if geo.flat else sw) * c})")]
-    for j in range(2):  # B tiles: channels 32 nk + 16 j ..
-        tap = f"(dy * {kw} + dx) * {cc} + q"
-        src = f"wl[{tap}, {j}, 0]" if pixels_inner else f"Wd[{tap}, ({nk}) * 2 + {j}, 0]"
-        lines += [ind + "    " + intrin("tileloadd64", i8(6 + j), f"T.address_of({src})",
-                                        f"T.int64({AMX_K})")]
-    lines += [ind + "    " + intrin("tdpbssd", i8(2 * a + j), i8(4 + a), i8(6 + j))
-              for a in range(2) for j in range(2)]
+                                        f"T.address_of(Xp[{img}, {pos}, q * {ck}])",
+                                        f"T.int64({(1 if geo.flat else sw) * c * esz})")]
+    tap = f"(dy * {kw} + dx) * {cc} + q"
+    for p in range(planes):  # bf16: each plane of the weights' pieces on the same A tiles
+        for j in range(2):  # B tiles: channels 32 nk + 16 j ..
+            if bf:
+                src = f"Wb[{tap}, {p}, ({nk}) * 2 + {j}, 0]"
+            else:
+                src = f"wl[{tap}, {j}, 0]" if pixels_inner else f"Wd[{tap}, ({nk}) * 2 + {j}, 0]"
+            lines += [ind + "    " + intrin("tileloadd64", i8(6 + j), f"T.address_of({src})",
+                                            f"T.int64({AMX_K})")]
+        lines += [ind + "    " + intrin("tdpbf16ps" if bf else "tdpbssd", i8(2 * a + j),
+                                        i8(4 + a), i8(6 + j))
+                  for a in range(2) for j in range(2)]
     # accumulators -> acc [2 x 16 pixels, 32 channels] (row stride 128 bytes)
     lines += [ind + intrin("tilestored64", i8(2 * a + j),
                            f"T.address_of(acc[{a * AMX_ROWS * AMX_NB + j * AMX_N}])",

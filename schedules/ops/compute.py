@@ -121,7 +121,7 @@ def gemm_compute(spec: GemmSpec) -> Any:
         return tt_compute(spec)
     if spec.layout == "t2_lut":  # hand-scheduled TIR (a data-dependent in-register lookup)
         return lut_compute(spec)
-    if spec.layout in ("t2_amx", "tt_amx"):  # hand-scheduled TIR (AMX tile registers)
+    if spec.layout in ("t2_amx", "tt_amx", "bf16_amx"):  # hand-scheduled TIR (AMX tiles)
         return amx_compute(spec)
     if spec.layout == "tt_lut":
         return ttlut_compute(spec)

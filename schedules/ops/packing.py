@@ -345,6 +345,13 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         from .amx import pack_amx_tiles
 
         w_args = [pack_amx_tiles(codes, spec.in_shape[0], spec.kernel, spec.Np)]
+    elif spec.layout == "bf16_amx":  # codes times their group scales, in (kh, kw, C) order
+        from .amx import pack_bf16_tiles
+
+        c, kh, kw = spec.in_shape[0], *spec.kernel
+        w = np.asarray(lx.dequantized_weight(), np.float32)
+        w = w.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
+        w_args = [pack_bf16_tiles(w, c, spec.kernel, spec.Np, spec.planes)]
     elif spec.layout == "tt_lut":
         from .ttlut import TT_LUT_GROUP
 
@@ -353,13 +360,14 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     else:
         w_args = [pack_dense_blocked(codes, spec.nb, spec.Np, spec.Kp, spec.w_dtype)]
     scales = np.asarray(lx.scales, dtype=np.float64)
-    if lx.weight_format == "fp32":  # the codes are the weights; scales are ones by contract
+    if lx.weight_format == "fp32" or spec.layout == "bf16_amx":  # fp32: the codes are the
+        # weights, scales are ones by contract; bf16_amx: the scales are in the weights
         scales = np.ones((spec.N, spec.G))
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
     if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
         s = np.ascontiguousarray(s.T)
-    elif spec.layout in ("t2_lut", "tt_lut", "t2_amx", "tt_amx"):  # one group: a flat vector
+    elif spec.layout in ("t2_lut", "tt_lut", "t2_amx", "tt_amx", "bf16_amx"):  # one group
         s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
     if lx.bias is not None:

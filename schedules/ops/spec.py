@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .amx import bf16_pieces
 from .lut import lut_geometry_of
 from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
 from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
@@ -18,13 +19,14 @@ if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
 
 WeightLayout = Literal["t2_avx2", "i8_avx2", "t2_blocked", "t2_decoded", "dense_blocked",
-                       "tt_planes", "t2_lut", "tt_lut", "t2_amx", "tt_amx"]
+                       "tt_planes", "t2_lut", "tt_lut", "t2_amx", "tt_amx", "bf16_amx"]
 #: layouts fed to the x86 u8 x s8 tile intrinsics (activations + 128, a Cw correction)
 INTRIN_LAYOUTS = ("t2_avx2", "i8_avx2")
 #: layouts of ternary-activation kernels (their int8 input holds codes in {-1, 0, 1})
 TT_LAYOUTS = ("tt_planes", "tt_lut", "tt_amx")
-#: the AMX ``tdpbssd`` conv layouts (:mod:`.amx`): int8 activations, and ternary codes
-AMX_LAYOUTS = ("t2_amx", "tt_amx")
+#: the AMX conv layouts (:mod:`.amx`): ``tdpbssd`` on int8 activations and on ternary codes,
+#: ``tdpbf16ps`` on grouped (FGQ) weights folded with their scales into bf16 pieces
+AMX_LAYOUTS = ("t2_amx", "tt_amx", "bf16_amx")
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -58,7 +60,7 @@ class GemmSpec:
     Np: int
     act_dtype: Literal["int8", "float32"]
     layout: WeightLayout
-    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16"]
+    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16", "uint16"]
     nb: int  # output channels per parallel task / register tile
     mb: int  # rows per register tile
     m_task: int  # register tiles per parallel task
@@ -91,6 +93,8 @@ class GemmSpec:
     #: (block ``acc_pair``): per word and lane block one add each instead of add, double and
     #: subtract (x86 AVX-512: 6 vector ops, not 7)
     tt_split: bool = False
+    #: ``bf16_amx``: bf16 pieces per weight (weight = their exact sum; FP16 scales take 2)
+    planes: int = 1
 
     @property
     def row_chunks(self) -> int:
@@ -114,6 +118,8 @@ class GemmSpec:
 
     @property
     def acc_dtype(self) -> str:
+        if self.layout == "bf16_amx":  # exact products, float32 sums (tdpbf16ps)
+            return "float32"
         if self.act_dtype == "int8" and self.w_dtype != "float32":
             return "int32"
         return "float32"
@@ -265,8 +271,9 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     if g == 1 or lx.weight_format == "fp32":
         g, gs = 1, k  # one group (fp32 exports carry unit scales whatever their group size)
     kg = g * gs  # >= K: a partial last group is zero-padded
-    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16"]
+    w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16", "uint16"]
     row_words = False
+    planes = 1
     if layout == "tt_planes":
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
@@ -297,6 +304,14 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kh_, kw_ = lx.kernel_size
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "uint8"
+    elif layout == "bf16_amx":
+        if lx.op != "conv2d" or act != "int8" or lx.act_mode != "int" or in_shape[0] % 32:
+            raise ValueError(f"layout bf16_amx is for int8-activation convs with a multiple "
+                             f"of 32 input channels, got {lx.op} with {act} activations, "
+                             f"{in_shape[0]} channels")
+        # the scales are folded into the weights (bf16 pieces): one group, any group size
+        g, gs, kp, w_dtype = 1, k, k, "uint16"
+        planes = len(bf16_pieces(np.asarray(lx.scales, np.float32)))
     elif layout in AMX_LAYOUTS:
         if lx.op != "conv2d" or g != 1 or act != "int8" or in_shape[0] % 64:
             raise ValueError(f"layout {layout} is for one-group convs with int8 (or ternary) "
@@ -349,6 +364,6 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
         affine=affine, tile_n=tile_n if layout in INTRIN_LAYOUTS else AVX2_TILE_N,
-        row_words=row_words, k_row=k_row,
+        row_words=row_words, k_row=k_row, planes=planes,
     )
 
