@@ -594,18 +594,19 @@ def amx_rule(*, where_chosen: bool = True) -> Rule:
 
 def _applies_bf16_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where the ``bf16_amx`` kernel runs: grouped (FGQ) ternary-weight convs with int8
-    activations and a multiple of 32 input channels on AMX-BF16, in a process Linux granted
-    the tile state. One-group layers stay on ``t2_amx`` (int8 tiles do 2x the MACs of bf16
-    ones, and need no second piece); so do 1x1 convs with fewer than 64 input channels (FGQ
-    N=4 on CIFAR's 1x1/2 32 -> 64 at 16x16: 1.0x / 0.66x the integer kernel's speed at batch
-    1 / 64, where the other ResNet-18 and CIFAR convs ran 1.3-3.8x / 1.1-2.3x; one process,
-    docs/kernels.md "Intel")."""
+    activations on AMX-BF16 (row chunks for channel counts off 32k), in a process Linux
+    granted the tile state. One-group layers stay on ``t2_amx`` (int8 tiles do 2x the MACs
+    of bf16 ones, and need no second piece); 1x1 convs with fewer than 64 input channels on
+    the integer group kernel (FGQ N=4 against ``t2_vnni``'s group kernel, one process:
+    CIFAR's 1x1/2 32 -> 64 and 16 -> 32 ran 0.45-1.0x its speed at batch 1 / 64; the other
+    ResNet-18 and CIFAR convs 1.4-4.4x at batch 1 and 1.1-4.3x at batch 64, but CIFAR's
+    3-channel stem 0.9x at batch 1 (1.6x at batch 64); docs/kernels.md "Intel")."""
     if not (_is_x86(target) and target.has("amx-tile") and target.has("amx-bf16")):
         return False
     one_tap = tuple(lx.kernel_size) == (1, 1)
     return (lx.op == "conv2d" and lx.weight_format == "ternary" and lx.act_mode == "int"
             and lx.act_qmax <= 127 and int(lx.group_size) < lx.fan_in
-            and lx.in_channels % 32 == 0 and not (one_tap and lx.in_channels < 64)
+            and not (one_tap and lx.in_channels < 64)
             and _tvm.enable_amx())
 
 

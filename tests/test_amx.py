@@ -290,9 +290,9 @@ def test_bf16_tile_packing_round_trips():
 
 
 def test_bf16_amx_rule_gate():
-    """AMX-BF16 (and the tile state granted) with grouped int8-activation convs of 32k input
-    channels, any group size or order, 1x1 from 64 channels; never one-group layers (``t2_amx``),
-    ternary activations, linears, other channel counts, or a CPU without AMX-BF16."""
+    """AMX-BF16 (and the tile state granted) with grouped int8-activation convs, any group size
+    or order, any channel count (row chunks below 32k), 1x1 from 64 channels; never one-group
+    layers (``t2_amx``), ternary activations, linears, or a CPU without AMX-BF16."""
     base = x86_info()
     amx = dataclasses.replace(base, features=base.features | {"amx-tile", "amx-int8",
                                                               "amx-bf16"})
@@ -305,8 +305,9 @@ def test_bf16_amx_rule_gate():
     assert applies(cin=64, out=32, gs=4, order="ijc") == granted
     assert applies(cin=32, out=16, gs=64, stride=2) == granted
     assert applies(cin=128, out=64, gs=16, k=1, pad=0, stride=2) == granted
-    for kw in (dict(cin=64), dict(cin=48, gs=4), dict(cin=3, gs=4),
-               dict(cin=64, gs=4, act="ternary"), dict(cin=32, gs=4, k=1, pad=0)):
+    assert applies(cin=3, out=16, gs=4, order="ijc") == granted  # row chunks
+    assert applies(cin=48, out=16, gs=16) == granted
+    for kw in (dict(cin=64), dict(cin=64, gs=4, act="ternary"), dict(cin=32, gs=4, k=1, pad=0)):
         assert not applies(out=32, **kw), kw
     assert not rule.applies(make_layer(cin=128, gs=4), amx)  # linear
     no_bf16 = dataclasses.replace(amx, features=amx.features - {"amx-bf16"})
@@ -327,6 +328,12 @@ BF16_AMX_CASES = [  # (label, make_layer keywords, batch, FP16 scales: 2 pieces,
     ("bf_c64_1x1_s2", dict(cin=64, out=64, hw=(17, 18), k=1, pad=0, stride=2, gs=4), 1, True),
     ("bf_c256_g4_inner_b3", dict(cin=256, out=64, hw=(6, 6), gs=4, order="ijc"), 3, False),
     ("bf_c128_g8_planes_s2", dict(cin=128, out=64, hw=(14, 14), stride=2, gs=8), 2, True),
+    # row chunks (C % 32 != 0): each kernel row's kw x C run read as whole tile rows
+    ("bf_c3_stem", dict(cin=3, out=16, hw=(8, 8), gs=4, order="ijc"), 1, True),
+    ("bf_c3_7x7_s2", dict(cin=3, out=64, hw=(20, 20), k=7, pad=3, stride=2, gs=4), 1, True),
+    ("bf_c16_s2_rows", dict(cin=16, out=32, hw=(9, 10), stride=2, gs=4), 2, False),
+    ("bf_c16_flat_b3", dict(cin=16, out=16, hw=(7, 7), gs=4, order="ijc"), 3, True),
+    ("bf_c48_g16", dict(cin=48, out=48, hw=(6, 7), gs=16), 2, True),
 ]
 
 
@@ -337,7 +344,8 @@ def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
     """``bf16_amx`` against the layer reference (``prepare_kernel`` raises on a mismatch):
     exact products, float32 sums, so the float tolerance; two pieces for FP16 scales, three
     for any float32 ones; row and flat tiles, strides, 1x1, a partial channel block, groups
-    along either order, and the batch inside the tile loop (large weights)."""
+    along either order, the batch inside the tile loop (large weights, one channel block),
+    and row chunks for channel counts off 32k (3-channel stems, 16 and 48 channels)."""
     require_x86_features({"amx-tile", "amx-bf16"}, "bf16_amx needs AMX-BF16")
     if not _tvm.enable_amx():
         pytest.skip("Linux refused this process the AMX tile state")
@@ -347,6 +355,7 @@ def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
         lx = _fp16_scales(lx)
     kern = x86.bf16_amx_rule().build(lx, batch, tinfo)
     assert kern.spec.layout == "bf16_amx" and kern.spec.planes == (2 if fp16 else 3)
+    assert bool(kern.spec.k_row) == (kw["cin"] % 32 != 0)
     assert "tdpbf16ps" in kern.module.inspect_source("asm")
     if label == "bf_c256_g4_inner_b3":
         assert f"Xp = T.alloc_buffer(({batch}, " in amx_source(kern.spec)  # pixels inner

@@ -303,7 +303,7 @@ def test_fgq_group_rows(tmp_path):
     pytest.importorskip("tvm")
     from conftest import amx_granted, x86_info
 
-    wide = KernelShape("t", "t.conv32", "conv2d", 32, 32, (6, 6), 3, 1, 1)  # AMX-BF16 if any
+    wide = KernelShape("t", "t.conv32", "conv2d", 32, 32, (6, 6), 3, 1, 1)
     res = kernels.run_kernels(tmp_path / "k", shapes=[TINY[0], wide], batches=(1,), quick=True,
                               act_modes=("int8",), progress=False, group_sizes=(4, 64),
                               group_axes=("cin_contiguous", "flat_fanin"))
@@ -313,13 +313,12 @@ def test_fgq_group_rows(tmp_path):
     assert grouped["median_us"].notna().all() and (grouped["max_abs_err"] < 1e-3).all()
     assert not grouped["impl"].str.contains("generic").any()  # no fallback for N=64 on 72
     bf16 = amx_granted() and "amx-bf16" in x86_info().features
-    for label, rows in grouped.groupby("shape"):
+    for _shape, rows in grouped.groupby("shape"):
         alt = rows["impl"].str.endswith("_alt")
         sizes = rows.loc[~alt, "impl"].str.extract(r"_g(\d+)(_flat)?$")
         assert sorted(sizes[0].astype(int)) == [4, 4, 64, 64]
         assert sizes[1].notna().sum() == 2  # one flat_fanin row per size
-        on_amx = bf16 and "32x6x6" in label
-        # on AMX-BF16 the 32-channel conv runs bf16_amx, the integer group kernel beside it
+        on_amx = bf16  # both convs: bf16_amx, the integer group kernel beside it
         assert rows.loc[~alt, "impl"].str.startswith("tvm_bf16_amx").all() == on_amx
         assert alt.sum() == (4 if on_amx else 0)
     lx = kernels.synthetic_layer(TINY[0], "ternary", "int8", group_size=64)

@@ -367,7 +367,8 @@ def test_list_targets_and_version():
         ("linear_partial_gs8", dict(op="linear", out=16, cin=30, gs=8), 2, "t2"),
         ("conv_partial_gs4", dict(op="conv2d", out=8, cin=3, gs=4, hw=(5, 5)), 1, "t2"),
         ("linear_partial_gs7", dict(op="linear", out=16, cin=30, gs=7), 1, "tvm_t2_generic"),
-        ("conv_gs6", dict(op="conv2d", out=8, cin=2, gs=6, hw=(5, 5)), 1, "tvm_t2_generic"),
+        # groups of 6: no integer x86 group kernel (4 k per step); AMX-BF16 folds any group
+        ("conv_gs6", dict(op="conv2d", out=8, cin=2, gs=6, hw=(5, 5)), 1, "bf16_or_generic"),
         ("linear_int8", dict(op="linear", fmt="int8", out=32, cin=64), 1, "tvm_int8"),
         (
             "conv_int8",
@@ -419,6 +420,9 @@ def test_measure_layer(tvm_mod, label, kw, batch, impl):
         impl = expected_t2_impl(x86_info().features, lx, full_rate, amx_granted())
     elif impl == "tt":
         impl = expected_tt_impl(x86_info().features, lx, full_rate, amx_granted())
+    elif impl == "bf16_or_generic":
+        bf16 = amx_granted() and "amx-bf16" in x86_info().features
+        impl = "tvm_bf16_amx" if bf16 else "tvm_t2_generic"
     assert lat.impl == impl and lat.isa == x86_info().isa
     assert lat.target_str == _tvm.host_target_string() and '"kind":"llvm"' in lat.target_str
 
@@ -712,10 +716,12 @@ PER_TASK_CASES = [
 @pytest.mark.tvm
 @pytest.mark.parametrize(("label", "kw", "batch"), PER_TASK_CASES,
                          ids=[c[0] for c in PER_TASK_CASES])
-def test_per_task_input_stage_matches_reference(tvm_mod, label, kw, batch):
-    """Convs large enough to build their im2col / plane words per row task stay exact."""
+def test_per_task_input_stage_matches_reference(tvm_mod, label, kw, batch, monkeypatch):
+    """Convs large enough to build their im2col / plane words per row task stay exact (the
+    grouped conv on the integer group kernel, not AMX-BF16's)."""
     from ternbench.core.reference import layer_reference
 
+    monkeypatch.setattr(x86, "_applies_bf16_amx", lambda lx, target: False)
     tvm = _tvm.require_tvm()
     lx = make_layer(**kw, name=label, seed=7)
     _rule, spec, func = graph.scheduled_kernel(lx, batch, x86_info())
@@ -853,9 +859,11 @@ def test_vnni_variant_selected_by_cpu_features(tvm_mod, mcpu, rule):
                                 dict(op="linear", cin=200, out=40, gs=16),
                                 dict(op="conv2d", cin=8, out=24, hw=(6, 6), stride=2)],
                          ids=["conv_gs4_n20", "linear_gs16", "conv_s2"])
-def test_vnni_tile_widths_are_exact(tvm_mod, params, kw):
+def test_vnni_tile_widths_are_exact(tvm_mod, params, kw, monkeypatch):
     """The AVX-512 VNNI rule's 8-wide (ymm) and 16-wide (zmm) tiles both match the reference
-    (groups, padded N, strides), so a tile search may pick either."""
+    (groups, padded N, strides), so a tile search may pick either (grouped convs: with
+    AMX-BF16's rule off)."""
+    monkeypatch.setattr(x86, "_applies_bf16_amx", lambda lx, target: False)
     info = x86_info()
     if not {"avx512vnni", "avx512vl", "avx512bw"} <= info.features:
         pytest.skip(f"this CPU (isa {info.isa}) has no AVX512-VNNI")
@@ -904,11 +912,12 @@ def test_row_tiles_avoid_one_row_tiles_on_7x7_maps():
 
 
 @pytest.mark.tvm
-def test_int8_tile_correction_starts_the_accumulator(tvm_mod):
+def test_int8_tile_correction_starts_the_accumulator(tvm_mod, monkeypatch):
     """The u8 x s8 tiles' offset correction is the accumulator's initial value (no subtraction
     per group in the epilogue); the kernel stays exact (checked by the layer cases above)."""
     from ternbench.schedules.graph import scheduled_kernel
 
+    monkeypatch.setattr(x86, "_applies_bf16_amx", lambda lx, target: False)
     lx = make_layer("conv2d", cin=16, out=16, hw=(6, 6), gs=4, name="cw_init")
     rule, _spec, func = scheduled_kernel(lx, 1, x86_info())
     if "t2" not in rule.name or "generic" in rule.name:

@@ -134,7 +134,10 @@ def amx_geometry(spec: GemmSpec) -> AmxGeometry:
     kc, nblk = kh * kw * c // AMX_K, spec.Np // AMX_NB
     segs, pairs = -(-wo // AMX_ROWS), -(-ho // 2)
     wq = -(-(w + 2 * pw) // sw)  # columns of a phase plane
-    if wq < segs * AMX_ROWS:
+    # row chunks (``k_row``) read each kernel row's taps as one run of the padded row: strided
+    # convs then need the padded image itself, not phase planes
+    planes_ok = not getattr(spec, "k_row", 0) or (sh, sw) == (1, 1)
+    if wq < segs * AMX_ROWS and planes_ok:
         tiles = -(-ho * wq // (2 * AMX_ROWS))
         last = tiles * 2 * AMX_ROWS + (kh - 1) // sh * wq + (kw - 1) // sw  # reads end here
         hq = max(-(-(h + 2 * ph) // sh), -(-last // wq))
@@ -253,14 +256,19 @@ def amx_source(spec: GemmSpec) -> str:
     ck, esz = (AMX_K_BF16, 2) if bf else (AMX_K, 1)  # channels per tile row, operand bytes
     planes, xdt = (spec.planes, "uint16") if bf else (1, "int8")
     c, h, w = spec.in_shape
-    if c % ck or spec.Np % AMX_NB:
-        raise ValueError(f"{spec.layout} needs C % {ck} == 0 and Np % {AMX_NB} == 0, got "
-                         f"C={c}, Np={spec.Np}")
+    if (c % ck and not (bf and spec.k_row)) or spec.Np % AMX_NB:
+        raise ValueError(f"{spec.layout} needs C % {ck} == 0 (bf16_amx: or row chunks) and Np "
+                         f"% {AMX_NB} == 0, got C={c}, Np={spec.Np}")
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     ho, wo = spec.out_hw
     geo = amx_geometry(spec)
     nblk, hp, wp = geo.nblk, geo.hp, geo.wp
-    kc = kh * kw * c // ck  # reduction chunks (one tile row of each tap's channels)
+    # row chunks (bf16_amx with C % 32 != 0, ``spec.k_row``): a kernel row's kw taps x C
+    # channels are one run of the padded row, read as k_row / 32 tile rows (weights past kw * C
+    # are zero, and what the run reads there is finite)
+    row_mode = bf and spec.k_row > 0
+    rc = spec.k_row // ck if row_mode else 0  # chunks per kernel row
+    kc = kh * rc if row_mode else kh * kw * c // ck  # reduction chunks
     cc, mi, nt, bt = c // ck, ho * wo, spec.Np // AMX_N, spec.batch
     # Tile t: (pixel tile, 32-channel block). The block runs innermost (each A tile stays in
     # L1 for all blocks), image by image, unless the decoded weights outweigh twice the
@@ -268,7 +276,11 @@ def amx_source(spec: GemmSpec) -> str:
     # / block inner: 64x56x56 1.39x and 128x28x28 1.14x the time; 256x14x14 0.83x, 3x3/2 256
     # -> 512 0.74x, 512x7x7 0.93x), and each task decodes its blocks' weights into a buffer
     # that stays in L2 for all its pixels (``wl``).
-    pixels_inner = kh * kw * c * spec.Np * planes > 2 * geo.copy_pixels * c
+    # bf16_amx with one channel block: nothing to keep in L1 across blocks, and a tile loop
+    # per image costs its tasks' set-up (one process, FGQ N=4 at batch 64, CIFAR's one-block
+    # convs: 0.60-0.95x the time pixels inner; at batch 1 1.00-1.01x)
+    pixels_inner = (kc * ck * spec.Np * planes > 2 * geo.copy_pixels * c
+                    or (bf and nblk == 1))
     px = geo.tiles * (bt if pixels_inner else 1)  # tiles per channel block
     total = px * nblk
     # a task runs ``per`` consecutive tiles: one ``ldtilecfg`` each (one per tile: 64x56x56
@@ -295,6 +307,13 @@ def amx_source(spec: GemmSpec) -> str:
     extra, work, terms = _offset_terms(spec, h + 2 * ph, w + 2 * pw)
     xb = bt if pixels_inner else 1  # images held in the padded copy [image, pixel, C]
     qh, qw, plane = geo.qh, geo.qw, hp * wp
+    # row chunks: a flat copy with a zeroed tail, for the last run's reads past the end
+    slack = rc * ck if row_mode else 0
+
+    def xp(u: str, pix: str, e: str) -> str:  # element e of pixel pix of image u in the copy
+        if not row_mode:
+            return f"Xp[{u}, {pix}, {e}]"
+        return f"Xp[(({u}) * {geo.copy_pixels} + {pix}) * {c} + {e}]"
 
     def at(y: str, z: str) -> str:  # padded pixel (y, z) in the copy (flat: its phase plane)
         if (qh, qw) == (1, 1):
@@ -312,7 +331,8 @@ def amx_source(spec: GemmSpec) -> str:
         f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
-        f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), '{xdt}')",
+        (f"        Xp = T.alloc_buffer(({xb * geo.copy_pixels * c + slack},), '{xdt}')"
+         if row_mode else f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), '{xdt}')"),
         *work,
     ]
     if not pixels_inner and not bf:  # the 2-bit weights decoded once per call into B tiles
@@ -327,17 +347,26 @@ def amx_source(spec: GemmSpec) -> str:
               f"            for z in range({wp * qw}):",
               f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
               f"                    for e in T.vectorized({c}):",
-              f"                        Xp[u, {at('y', 'z')}, e] = T.{xdt}(0)"]
+              f"                        {xp('u', at('y', 'z'), 'e')} = T.{xdt}(0)"]
+    if slack:
+        lines += [f"        for e in range({slack}):",
+                  f"            Xp[{xb * geo.copy_pixels * c} + e] = T.{xdt}(0)"]
     if spec.w_off:  # the codes' channel sums of the padded image: zero on the ring
         lines += [f"        for y, z in T.grid({h + 2 * ph}, {w + 2 * pw}):",
                   "            asum[y, z] = 0"]
     u = "b" if pixels_inner else "0"
     lines += [f"        for b in range({bt}):",
-              f"            for y in T.parallel({h}):",
-              f"                for z, q in T.grid({w}, {cc}):",
-              f"                    for e in T.vectorized({ck}):",
-              f"                        Xp[{u}, {at(f'y + {ph}', f'z + {pw}')}, q * {ck} + e]"
-              f" = {load_x(f'X[b, y, z, q * {ck} + e]')}"]
+              f"            for y in T.parallel({h}):"]
+    if row_mode:  # one plane: the image row is one run of the padded row (C = 3: 3-lane
+        # vectors per pixel took 1.4x the time of the whole conv ... measured below)
+        lines += [f"                for e in T.vectorized({w * c}):",
+                  f"                    {xp(u, at(f'y + {ph}', str(pw)), 'e')}"
+                  f" = {load_x(f'X[b, y, e // {c}, e % {c}]')}"]
+    else:
+        lines += [f"                for z, q in T.grid({w}, {cc}):",
+                  f"                    for e in T.vectorized({ck}):",
+                  f"                        {xp(u, at(f'y + {ph}', f'z + {pw}'), f'q * {ck} + e')}"
+                  f" = {load_x(f'X[b, y, z, q * {ck} + e]')}"]
     if spec.w_off:  # each pixel's sum of codes, then each output's window sum
         lines += [f"                for z in range({w}):",
                   f"                    asum[y + {ph}, z + {pw}] = {channel_sum(c)}",
@@ -377,7 +406,10 @@ def amx_source(spec: GemmSpec) -> str:
                   f"{ind}        for i in T.vectorized(256):",
                   f"{ind}            " + decode("wl[k, j, s * 256 + i]", f"({nk}) * 2 + j")]
     lines += [ind + intrin("tilezero", i8(a)) for a in range(4)]
-    lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
+    if row_mode:  # tap (dy, 0) of the run, element q * 32 on
+        lines += [f"{ind}for dy, q in T.grid({kh}, {rc}):", f"{ind}    dx = 0"]
+    else:
+        lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
     for a in range(2):  # A tiles: 16 output pixels each, from the padded copy
         if geo.flat:  # indices 32 ti + 16 a .. + 15 of the tap's plane, shifted by the tap
             pos = f"({ti}) * {2 * AMX_ROWS} + {a * AMX_ROWS} + dy // {qh} * {wp} + dx // {qw}"
@@ -388,9 +420,9 @@ def amx_source(spec: GemmSpec) -> str:
             pos = f"((2 * ({py}) + {a}) * {sh} + dy) * {wp} + ({sg}) * {AMX_ROWS * sw} + dx"
         img = b if pixels_inner else "0"
         lines += [ind + "    " + intrin("tileloadd64", i8(4 + a),
-                                        f"T.address_of(Xp[{img}, {pos}, q * {ck}])",
+                                        f"T.address_of({xp(img, pos, f'q * {ck}')})",
                                         f"T.int64({(1 if geo.flat else sw) * c * esz})")]
-    tap = f"(dy * {kw} + dx) * {cc} + q"
+    tap = f"dy * {rc} + q" if row_mode else f"(dy * {kw} + dx) * {cc} + q"
     for p in range(planes):  # bf16: each plane of the weights' pieces on the same A tiles
         for j in range(2):  # B tiles: channels 32 nk + 16 j ..
             if bf:

@@ -350,8 +350,15 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
 
         c, kh, kw = spec.in_shape[0], *spec.kernel
         w = np.asarray(lx.dequantized_weight(), np.float32)
-        w = w.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
-        w_args = [pack_bf16_tiles(w, c, spec.kernel, spec.Np, spec.planes)]
+        w = w.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, kh, kw * c)
+        if spec.k_row:  # row chunks: each kernel row's run padded with zero weights
+            rows = np.zeros((spec.N, kh, spec.k_row), np.float32)
+            rows[:, :, : kw * c] = w
+            w_args = [pack_bf16_tiles(rows.reshape(spec.N, spec.Kp), spec.k_row, (kh, 1),
+                                      spec.Np, spec.planes)]
+        else:
+            w_args = [pack_bf16_tiles(w.reshape(spec.N, spec.K), c, spec.kernel, spec.Np,
+                                      spec.planes)]
     elif spec.layout == "tt_lut":
         from .ttlut import TT_LUT_GROUP
 

@@ -83,7 +83,8 @@ class GemmSpec:
     row_words: bool = False
     #: small-channel convs (stems, C < 16) on the x86 tile intrinsics: each kernel row's
     #: ``kw * C`` fan-in elements padded to ``k_row`` (0: not padded), so the im2col row is
-    #: (kernel row, padded run) with constant indices instead of a div/mod per element
+    #: (kernel row, padded run) with constant indices instead of a div/mod per element;
+    #: ``bf16_amx`` with C % 32 != 0: the run padded to 32k, read as whole tile rows
     k_row: int = 0
     #: ``tt_planes``: accumulate the popcounts in int64 lanes (x86: ``vpopcntq`` results need
     #: no narrowing per word), else int32
@@ -273,7 +274,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     kg = g * gs  # >= K: a partial last group is zero-padded
     w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16", "uint16"]
     row_words = False
-    planes = 1
+    planes, bf_row = 1, 0
     if layout == "tt_planes":
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
@@ -305,13 +306,16 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "uint8"
     elif layout == "bf16_amx":
-        if lx.op != "conv2d" or act != "int8" or lx.act_mode != "int" or in_shape[0] % 32:
-            raise ValueError(f"layout bf16_amx is for int8-activation convs with a multiple "
-                             f"of 32 input channels, got {lx.op} with {act} activations, "
-                             f"{in_shape[0]} channels")
+        if lx.op != "conv2d" or act != "int8" or lx.act_mode != "int":
+            raise ValueError(f"layout bf16_amx is for int8-activation convs, got {lx.op} with "
+                             f"{act} activations")
         # the scales are folded into the weights (bf16 pieces): one group, any group size
         g, gs, kp, w_dtype = 1, k, k, "uint16"
         planes = len(bf16_pieces(np.asarray(lx.scales, np.float32)))
+        if in_shape[0] % 32:  # row chunks: each kernel row's kw * C run padded to 32k
+            kh_, kw_ = lx.kernel_size
+            bf_row = _round_up(kw_ * in_shape[0], 32)
+            kp = gs = kh_ * bf_row
     elif layout in AMX_LAYOUTS:
         if lx.op != "conv2d" or g != 1 or act != "int8" or in_shape[0] % 64:
             raise ValueError(f"layout {layout} is for one-group convs with int8 (or ternary) "
@@ -352,6 +356,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kh_, kw_ = lx.kernel_size
         k_row = _round_up(kw_ * in_shape[0], AVX2_TILE_K if layout == "t2_avx2" else 4)
         kp = gs = kh_ * k_row  # one group over the padded rows (pad weights are zeros)
+    k_row = k_row or bf_row
     w_off = border = affine = False
     if layout in TT_LAYOUTS:
         a_off, w_off = layer_offsets(lx)
