@@ -568,12 +568,12 @@ def _applies_t2_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 
 def _applies_t2_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
-    """Where it is chosen: convs wider than one tap. Measured on an Intel emeraldrapids (1
-    thread; speed over ``t2_vnni``, batch 1 / 64; docs/kernels.md, "Intel"): ResNet-18's 3x3
-    convs 1.61-5.9x / 3.3-5.5x in the ``d84b6f2`` run. Its 1x1/2 downsamples stay on VNNI:
-    0.80-1.46x / 0.35-1.37x in the two runs with row tiles, 1.23-1.69x / 1.18-1.39x in the one
-    with phase planes (one run: not yet enough to move the gate)."""
-    return _applies_t2_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
+    """Where it is chosen: wherever it runs. Measured on an Intel emeraldrapids (1 thread;
+    speed over ``t2_vnni``, batch 1 / 64; docs/kernels.md, "Intel"): ResNet-18's 3x3 convs
+    1.61-5.9x / 3.3-5.5x in the ``d84b6f2`` run; its 1x1/2 downsamples, with phase planes,
+    1.23-1.69x / 1.18-1.39x in that run and 1.27-1.66x / 1.25-1.83x in the ``ae8ba10`` one
+    (chosen since; with row tiles they had run 0.80-1.46x / 0.35-1.37x)."""
+    return _applies_t2_amx(lx, target)
 
 
 def _plan_amx(layout: WeightLayout) -> Any:
@@ -688,7 +688,7 @@ def rules() -> list[Rule]:
     return [
         # AMX-BF16: FGQ's grouped convs, the scales folded into exact bf16 weight pieces
         bf16_amx_rule(),
-        # AMX-INT8: convs wider than one tap on tdpbssd tiles (16 x 16 x 64 MACs each)
+        # AMX-INT8: one-group convs on tdpbssd tiles (16 x 16 x 64 MACs each)
         amx_rule(),
         # AVX-512BW: deep stride-1 convs as table lookups (vpermw, 96 MACs per instruction)
         lut_rule(),

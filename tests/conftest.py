@@ -55,15 +55,15 @@ def expected_t2_impl(features: frozenset[str], lx=None, full_rate: bool = True,
     table-lookup kernel on AVX-512BW for one-group convs whose input tables are each read >= 9
     times with >= 64 or <= 4 input channels, or >= 2 times with >= 128; on a CPU without
     full-rate permutes (``full_rate``: ``x86.full_rate_permutes``) for the <= 4-channel stems
-    only. With AMX granted (``amx``): ``t2_amx`` for one-group convs wider than one tap with
-    64k input channels, first, and with AMX-BF16 ``bf16_amx`` for grouped (FGQ) convs (1x1
+    only. With AMX granted (``amx``): ``t2_amx`` for one-group convs with 64k input channels
+    (1x1 ones too), first, and with AMX-BF16 ``bf16_amx`` for grouped (FGQ) convs (1x1
     ones from 64 input channels)."""
     if (amx and "amx-bf16" in features and lx is not None and lx.op == "conv2d"
             and lx.group_size < lx.fan_in
             and not (tuple(lx.kernel_size) == (1, 1) and lx.in_channels < 64)):
         return "tvm_bf16_amx"
     if (amx and lx is not None and lx.op == "conv2d" and lx.group_size >= lx.fan_in
-            and lx.in_channels % 64 == 0 and tuple(lx.kernel_size) != (1, 1)):
+            and lx.in_channels % 64 == 0):
         return "tvm_t2_amx"
     if lx is not None and {"avx512f", "avx512bw"} <= features and lx.op == "conv2d":
         (kh, kw), (sh, sw) = lx.kernel_size, lx.stride

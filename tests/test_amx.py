@@ -65,19 +65,19 @@ def test_rule_gate():
 
     assert applies(cin=64, out=32) == granted
     assert applies(cin=128, out=16, stride=2) == granted
-    assert applies(cin=256, out=64, k=1, pad=0, stride=2) == granted  # timed, not chosen
+    assert applies(cin=256, out=64, k=1, pad=0, stride=2) == granted
     for kw in (dict(cin=96), dict(cin=3), dict(cin=128, gs=4, order="ijc"),
                dict(cin=128, act="ternary")):
         assert not applies(out=32, **kw), kw
     assert not x86.amx_rule().applies(make_layer(cin=128), amx)  # linear
     no_amx = dataclasses.replace(base, features=base.features - {"amx-tile", "amx-int8"})
     assert not applies(no_amx, cin=64, out=32)
-    # chosen for convs wider than one tap (1x1 convs stay on vpdpbusd), first of all rules
-    # after the grouped convs' bf16 rule
+    # chosen wherever it runs (1x1 convs too, since ae8ba10), first of all rules after the
+    # grouped convs' bf16 rule
     assert [r.name for r in x86.rules()[:2]] == ["x86.bf16_amx", "x86.t2_amx"]
     one = make_layer("conv2d", cin=64, out=32, k=1, pad=0)
     assert x86.amx_rule(where_chosen=False).applies(one, amx) == granted
-    assert not x86.amx_rule().applies(one, amx)
+    assert x86.amx_rule().applies(one, amx) == granted
     if granted:
         assert measure.select_rule(make_layer("conv2d", cin=64, out=32), amx).name == \
             "x86.t2_amx"

@@ -168,12 +168,36 @@ AMX static double amx(long n) {  /* 16384 MACs per tdpbssd: 16 x 16 int32 += 16 
   _tile_release();
   return (n / 64) * 16.0 * 16384 / t;
 }
+#define AMXBF __attribute__((target("amx-tile,amx-bf16")))
+AMXBF static double amxbf(long n) {  /* 8192 MACs per tdpbf16ps: 16 x 16 fp32 += 16 x 32 . 32 x 16 bf16 */
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return 0;
+  struct tilecfg c; memset(&c, 0, sizeof c); c.palette = 1;
+  for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+  _tile_loadconfig(&c);
+  static unsigned short buf[16 * 32] __attribute__((aligned(64)));
+  for (int i = 0; i < 16 * 32; i++) buf[i] = (unsigned short)(i % 3 ? 0x3f80 : 0xbf80);  /* +-1 */
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  _tile_loadd(4, buf, 64); _tile_loadd(5, buf, 64); _tile_loadd(6, buf, 64); _tile_loadd(7, buf, 64);
+  double t = now();
+  for (long r = 0; r < n / 64; r++) {
+    _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {
+      _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  t = now() - t;
+  static float o[16 * 16] __attribute__((aligned(64)));
+  _tile_stored(0, o, 64); sink = (long)o[0];
+  _tile_release();
+  return (n / 64) * 16.0 * 8192 / t;
+}
 typedef double (*fn)(long);
 int main(int argc, char **argv) {
   struct { const char *name; fn f; } r[] = {
     {"fp32_fma256", fma256}, {"fp32_fma512", fma512}, {"int8_vpdpbusd", vnni},
     {"int8_vpmaddubsw", maddubs}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
-    {"lut_vpermw", permw}, {"tt_vpermi2b", permi2b}, {"int8_amx", amx}};
+    {"lut_vpermw", permw}, {"tt_vpermi2b", permi2b}, {"int8_amx", amx},
+    {"bf16_amx", amxbf}};
   for (int a = 1; a < argc; a++)
     for (unsigned i = 0; i < sizeof r / sizeof r[0]; i++)
       if (!strcmp(argv[a], r[i].name)) {

@@ -26,7 +26,10 @@ GMAC/s per recipe:
   ``vpaddb`` per 256 MACs;
 * ``int8_amx``: AMX ``tdpbssd`` (16 x 16 int32 tile += a 16 x 64 by 64 x 16 int8 product,
   16384 MACs) into four accumulator tiles: the bound of torch INT8's convs on a CPU with AMX
-  (oneDNN's ``brg_conv_fwd:..._amx``), and of the ``tvm_t2_amx`` / ``tvm_tt_amx`` kernels.
+  (oneDNN's ``brg_conv_fwd:..._amx``), and of the ``tvm_t2_amx`` / ``tvm_tt_amx`` kernels;
+* ``bf16_amx``: AMX ``tdpbf16ps`` (16 x 16 fp32 tile += a 16 x 32 by 32 x 16 bf16 product,
+  8192 MACs): the bound of ``tvm_bf16_amx`` (FGQ), which runs it once per bf16 piece of the
+  weights (two for FGQ's FP16 scales).
 
 Recipes whose instructions the CPU lacks are left out (AMX also where Linux refuses the tile
 state). Example::
@@ -60,6 +63,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "lut_vpermw": ("avx512f", "avx512bw"),
     "tt_vpermi2b": ("avx512f", "avx512bw", "avx512vbmi"),
     "int8_amx": ("amx_tile", "amx_int8"),
+    "bf16_amx": ("amx_tile", "amx_bf16"),
 }
 
 # peaks.c: each recipe is a function compiled for its own ISA (target attribute) and selected by
