@@ -246,8 +246,8 @@ def pack_bf16_tiles(weights: np.ndarray, channels: int, kernel: tuple[int, int],
 
 
 def amx_source(spec: GemmSpec) -> str:
-    """TVMScript text of the ``t2_amx`` / ``tt_amx`` kernel for ``spec`` (see the module
-    docstring)."""
+    """TVMScript text of the ``t2_amx`` / ``tt_amx`` / ``bf16_amx`` kernel for ``spec`` (see
+    the module docstring)."""
     if (spec.op != "conv2d" or spec.layout not in ("t2_amx", "tt_amx", "bf16_amx")
             or spec.G != 1):
         raise ValueError(f"t2_amx / tt_amx / bf16_amx are one-group conv2d layouts, got "
@@ -357,8 +357,8 @@ def amx_source(spec: GemmSpec) -> str:
     u = "b" if pixels_inner else "0"
     lines += [f"        for b in range({bt}):",
               f"            for y in T.parallel({h}):"]
-    if row_mode:  # one plane: the image row is one run of the padded row (C = 3: 3-lane
-        # vectors per pixel took 1.4x the time of the whole conv ... measured below)
+    if row_mode:  # one plane: each image row is one run of the padded row, copied as one
+        # vector loop instead of a C-lane vector per pixel
         lines += [f"                for e in T.vectorized({w * c}):",
                   f"                    {xp(u, at(f'y + {ph}', str(pw)), 'e')}"
                   f" = {load_x(f'X[b, y, e // {c}, e % {c}]')}"]
@@ -500,8 +500,8 @@ def _offset_terms(spec: GemmSpec, hp: int, wp: int
 
 
 def amx_compute(spec: GemmSpec) -> Any:
-    """The ``t2_amx`` / ``tt_amx`` PrimFunc for ``spec`` (already scheduled: see the module
-    docstring)."""
+    """The ``t2_amx`` / ``tt_amx`` / ``bf16_amx`` PrimFunc for ``spec`` (already scheduled: see
+    the module docstring)."""
     tvm = _tvm.require_tvm()
     from tvm.script import tirx as T
 
