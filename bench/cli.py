@@ -44,8 +44,8 @@ KERNELS_EPILOG = textwrap.dedent("""\
                       tiles per call (AMX-INT8 CPUs; convs with 64k input channels)
       tvm_t2_*_g<N>   with FGQ group scales every N weights (--group-sizes)
       tvm_bf16_amx_g<N>  the same on AMX tdpbf16ps tiles, the codes times their scales
-                      as exact bf16 pieces (AMX-BF16 CPUs; convs with 32k input
-                      channels); *_alt: the integer group kernel timed beside it
+                      as exact bf16 pieces (AMX-BF16 CPUs; convs, 1x1 ones from 64
+                      input channels); *_alt: the integer group kernel timed beside it
       tvm_tt_popc     ternary weights and ternary activations (bit-planes + popcount)
       tvm_tt_lut      the same as byte-table lookups (AVX512-VBMI vpermi2b; convs)
       tvm_tt_amx      the same on AMX tdpbssd tiles, the activation codes as int8

@@ -47,10 +47,11 @@ padding never changes the result):
   strided convs (:mod:`.amx`).
 * ``tt_amx`` (ternary activations *and* weights, the same convs): the ``t2_amx`` kernel on the
   activation codes in {-1, 0, 1}; RTN's offsets are the same affine terms as ``tt_lut``'s.
-* ``bf16_amx`` (int8 activations, FGQ's grouped convs with 32k input channels; AMX-BF16): the
-  codes times their group scales split into exact bf16 pieces (two for FGQ's FP16 scales),
-  ``[taps * C / 32, planes, Np / 16, 512]`` uint16 B tiles that ``tdpbf16ps`` runs on the
-  activation codes as bf16; every product exact, the sums float32 (:mod:`.amx`).
+* ``bf16_amx`` (int8 activations, FGQ's grouped convs; AMX-BF16): the codes times their group
+  scales split into exact bf16 pieces (two for FGQ's FP16 scales), ``[taps * C / 32, planes,
+  Np / 16, 512]`` uint16 B tiles that ``tdpbf16ps`` runs on the activation codes as bf16;
+  every product exact, the sums float32; channel counts off 32k as kernel-row runs padded to
+  32k (``GemmSpec.k_row``) (:mod:`.amx`).
 
 Nothing here imports tvm at module import time.
 
