@@ -23,8 +23,8 @@ from ternbench.schedules.ops.amx import (
 from test_schedules import make_layer
 
 
-def _needs_amx() -> None:
-    require_x86_features({"amx-tile", "amx-int8"}, "t2_amx / tt_amx need AMX-INT8")
+def _needs_amx(unit: str = "amx-int8", what: str = "t2_amx / tt_amx need AMX-INT8") -> None:
+    require_x86_features({"amx-tile", unit}, what)
     if not _tvm.enable_amx():
         pytest.skip("Linux refused this process the AMX tile state")
 
@@ -346,9 +346,7 @@ def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
     for any float32 ones; row and flat tiles, strides, 1x1, a partial channel block, groups
     along either order, the batch inside the tile loop (large weights, one channel block),
     and row chunks for channel counts off 32k (3-channel stems, 16 and 48 channels)."""
-    require_x86_features({"amx-tile", "amx-bf16"}, "bf16_amx needs AMX-BF16")
-    if not _tvm.enable_amx():
-        pytest.skip("Linux refused this process the AMX tile state")
+    _needs_amx("amx-bf16", "bf16_amx needs AMX-BF16")
     tinfo = x86_info()
     lx = make_layer("conv2d", name=label, seed=len(label), **kw)
     if fp16:

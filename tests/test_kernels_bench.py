@@ -318,9 +318,9 @@ def test_fgq_group_rows(tmp_path):
         sizes = rows.loc[~alt, "impl"].str.extract(r"_g(\d+)(_flat)?$")
         assert sorted(sizes[0].astype(int)) == [4, 4, 64, 64]
         assert sizes[1].notna().sum() == 2  # one flat_fanin row per size
-        on_amx = bf16  # both convs: bf16_amx, the integer group kernel beside it
-        assert rows.loc[~alt, "impl"].str.startswith("tvm_bf16_amx").all() == on_amx
-        assert alt.sum() == (4 if on_amx else 0)
+        # on AMX-BF16 both convs run bf16_amx, the integer group kernel beside it
+        assert rows.loc[~alt, "impl"].str.startswith("tvm_bf16_amx").all() == bf16
+        assert alt.sum() == (4 if bf16 else 0)
     lx = kernels.synthetic_layer(TINY[0], "ternary", "int8", group_size=64)
     assert lx.scales.shape == (16, 2) and lx.group_size == 64
     assert lx.group_order == ("ijc" if lx.op == "conv2d" else "cij")

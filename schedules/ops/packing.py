@@ -313,7 +313,9 @@ def _interleave(idx: np.ndarray, width: int) -> np.ndarray:
 
 def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
     """Runtime weight arguments of a kernel, in PrimFunc order: weights (+ Cw), S, bias."""
-    codes = np.asarray(lx.codes)
+    # bf16_amx packs the codes times their group scales; they take the same reorder / padding
+    codes = (np.asarray(lx.dequantized_weight(), np.float32) if spec.layout == "bf16_amx"
+             else np.asarray(lx.codes))
     if spec.op == "conv2d" and spec.k_order == "ijc":
         c, kh, kw = spec.in_shape[0], *spec.kernel
         codes = codes.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, spec.K)
@@ -345,20 +347,12 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         from .amx import pack_amx_tiles
 
         w_args = [pack_amx_tiles(codes, spec.in_shape[0], spec.kernel, spec.Np)]
-    elif spec.layout == "bf16_amx":  # codes times their group scales, in (kh, kw, C) order
+    elif spec.layout == "bf16_amx":  # row chunks: each padded kernel row is one "tap"
         from .amx import pack_bf16_tiles
 
-        c, kh, kw = spec.in_shape[0], *spec.kernel
-        w = np.asarray(lx.dequantized_weight(), np.float32)
-        w = w.reshape(spec.N, c, kh, kw).transpose(0, 2, 3, 1).reshape(spec.N, kh, kw * c)
-        if spec.k_row:  # row chunks: each kernel row's run padded with zero weights
-            rows = np.zeros((spec.N, kh, spec.k_row), np.float32)
-            rows[:, :, : kw * c] = w
-            w_args = [pack_bf16_tiles(rows.reshape(spec.N, spec.Kp), spec.k_row, (kh, 1),
-                                      spec.Np, spec.planes)]
-        else:
-            w_args = [pack_bf16_tiles(w.reshape(spec.N, spec.K), c, spec.kernel, spec.Np,
-                                      spec.planes)]
+        rows = (spec.k_row, (spec.kernel[0], 1)) if spec.k_row else (spec.in_shape[0],
+                                                                     spec.kernel)
+        w_args = [pack_bf16_tiles(codes, *rows, spec.Np, spec.planes)]
     elif spec.layout == "tt_lut":
         from .ttlut import TT_LUT_GROUP
 
