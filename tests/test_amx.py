@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import require_x86_features, x86_info
 from ternbench.schedules import _tvm, measure, x86
+from ternbench.schedules.ops import rules
 from ternbench.schedules.ops.amx import (
     AMX_K,
     AMX_N,
@@ -118,6 +119,44 @@ def test_tile_order_follows_the_weights():
     large = source(cin=512, out=512, hw=(7, 7))
     assert "wl = T.alloc_buffer((72, 2, 1024)" in large and "Wd = " not in large
     assert "Xp = T.alloc_buffer((4, " in large  # the whole batch
+    # batch > 1, pixels inner: the pipelined order (the last chunk's products outside the loop)
+    assert "for kk in range(71):" in large and large.count("llvm.x86.tdpbssd") == 8
+    assert small.count("llvm.x86.tdpbssd") == 4  # image by image: loads, then products
+
+
+def test_large_batches_go_in_chunks_that_fit_the_l2(monkeypatch):
+    """Pixels inner, the batch runs in chunks of images whose padded copies fit in
+    ``AMX_CHUNK_BYTES`` (a divisor of the batch), every block over one chunk, then the next."""
+    import ternbench.schedules.ops.amx as amx_mod
+
+    lx = make_layer("conv2d", cin=512, out=64, hw=(7, 7))
+    spec = x86.amx_rule().plan(lx, 6, x86_info(), {})
+    copy = amx_geometry(spec).copy_pixels * 512
+    monkeypatch.setattr(amx_mod, "AMX_CHUNK_BYTES", 2 * copy + 1)  # 2 of 6 images fit
+    src = amx_source(spec)
+    # 2 tiles per image, 2 blocks: 4 tiles per block and chunk; image = chunk * 2 + ...
+    assert "t // 4 % 2" in src and "t // 8 * 2 + t // 2 % 2" in src
+    monkeypatch.setattr(amx_mod, "AMX_CHUNK_BYTES", 4 * copy)  # 4 fit, but 4 does not divide 6
+    assert "t // 12 * 3 + t // 2 % 3" in amx_source(spec)
+
+
+@pytest.mark.tvm
+def test_batch_chunks_match_reference(monkeypatch):
+    """Several chunks, the weights decoded again at each chunk's blocks, tasks that span chunk
+    boundaries, and the pipelined order: exact against the reference."""
+    import ternbench.schedules.ops.amx as amx_mod
+
+    _needs_amx()
+    tinfo = x86_info()
+    monkeypatch.setattr(amx_mod, "AMX_CHUNK_BYTES", 1)  # one image per chunk
+    monkeypatch.setattr(rules, "_CACHE", {})  # these kernels stay out of the shared cache
+    for act in ("int", "ternary"):
+        lx = make_layer("conv2d", cin=256, out=64, hw=(6, 6), act=act, name=f"chunks_{act}")
+        rule = x86.amx_rule() if act == "int" else x86.tt_amx_rule()
+        kern = rule.build(lx, 5, tinfo)
+        assert "for kk in range(" in amx_source(kern.spec)
+        prep = measure.prepare_kernel(kern, lx, tinfo)
+        assert np.isfinite(prep.max_abs_err)
 
 
 def test_geometry_flat_and_row_tiles():
