@@ -114,7 +114,7 @@ def test_tile_order_follows_the_weights():
 
     small = source(cin=64, out=64, hw=(56, 56))
     assert "Wd = T.alloc_buffer" in small and "wl = " not in small
-    assert "Wd[(dy * 3 + dx) * 1 + q, (t % 2) * 2 + 0, 0]" in small  # 2 blocks
+    assert "Wd[(dy * 3 + dx) * 1 + q, ((t) % 2) * 2 + 0, 0]" in small  # 2 blocks
     assert "Xp = T.alloc_buffer((1, " in small  # one image at a time
     large = source(cin=512, out=512, hw=(7, 7))
     assert "wl = T.alloc_buffer((72, 2, 1024)" in large and "Wd = " not in large
@@ -135,9 +135,9 @@ def test_large_batches_go_in_chunks_that_fit_the_l2(monkeypatch):
     monkeypatch.setattr(amx_mod, "AMX_CHUNK_BYTES", 2 * copy + 1)  # 2 of 6 images fit
     src = amx_source(spec)
     # 2 tiles per image, 2 blocks: 4 tiles per block and chunk; image = chunk * 2 + ...
-    assert "t // 4 % 2" in src and "t // 8 * 2 + t // 2 % 2" in src
+    assert "(t) // 4 % 2" in src and "(t) // 8 * 2 + (t) // 2 % 2" in src
     monkeypatch.setattr(amx_mod, "AMX_CHUNK_BYTES", 4 * copy)  # 4 fit, but 4 does not divide 6
-    assert "t // 12 * 3 + t // 2 % 3" in amx_source(spec)
+    assert "(t) // 12 * 3 + (t) // 2 % 3" in amx_source(spec)
 
 
 @pytest.mark.tvm
