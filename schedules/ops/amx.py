@@ -30,7 +30,8 @@ operands as they are (``tt_amx``; RTN's offsets are the affine terms of
   padded copies fit in half the L2 (:data:`AMX_CHUNK_BYTES`), every block over one chunk
   before the next, and each source tile is reloaded for the next chunk right after its last
   product (AMX does not rename tile registers: a load waits for the products that read it);
-* a parallel task runs consecutive register tiles (at most :data:`AMX_TASKS` tasks), loading
+* a parallel task runs consecutive register tiles (at most :data:`AMX_TASKS` tasks; pixels
+  inner, one per channel block and batch chunk, which decodes the block once), loading
   the tile configuration once;
 * the epilogue stores the tiles to a small int32 buffer and writes ``acc * S + bias [+
   terms]``, with non-temporal stores for outputs of 4 MB or more (:func:`.lut.streams_output`),
@@ -282,14 +283,17 @@ def amx_source(spec: GemmSpec) -> str:
     # Tile t: (pixel tile, 32-channel block). The block runs innermost (each A tile stays in
     # L1 for all blocks), image by image, unless the decoded weights outweigh twice the
     # padded image; then the pixels of the whole batch do (one process, batch 1, pixels inner
-    # / block inner: 64x56x56 1.39x and 128x28x28 1.14x the time; 256x14x14 0.83x, 3x3/2 256
-    # -> 512 0.74x, 512x7x7 0.93x), and each task decodes its blocks' weights into a buffer
-    # that stays in L2 for all its pixels (``wl``).
+    # / block inner: 256x14x14 0.83x, 3x3/2 256 -> 512 0.74x, 512x7x7 0.93x the time), and each
+    # task decodes its block's weights into a buffer that stays in L2 for all its pixels
+    # (``wl``). Those figures predate one task per block: 64x56x56 and 128x28x28 took 1.39x /
+    # 1.14x the time then, the block decoded by several tasks.
     # bf16_amx with one channel block: nothing to keep in L1 across blocks, and a tile loop
     # per image costs its tasks' set-up (one process, FGQ N=4 at batch 64, CIFAR's one-block
     # convs: 0.60-0.95x the time pixels inner; at batch 1 1.00-1.01x)
+    # one image (int8 tiles): pixels inner too, each block decoded once by its task (one
+    # process, batch 1: 64x56x56, 3x3/2 64 -> 128 and 128x28x28 0.82-0.92x the time)
     pixels_inner = (kc * ck * spec.Np * planes > 2 * geo.copy_pixels * c
-                    or (bf and nblk == 1))
+                    or (bf and nblk == 1) or (not bf and bt == 1))
     # pixels inner: the batch in chunks of ``ic`` images whose padded copies fit in half the
     # L2 (the blocks run over one chunk, then the next): a block's pass over the whole batch
     # streamed the copy from memory once per block (one process, batch 64, the ResNet-18 convs
@@ -305,6 +309,12 @@ def amx_source(spec: GemmSpec) -> str:
     # took 1.43x the time)
     tasks = min(total, AMX_TASKS)
     per = -(-total // tasks)
+    if pixels_inner and not bf:
+        # one task per channel block (and batch chunk), so each decodes its block once: at
+        # most 32 tasks split 256x14x14's 7 tiles per block at batch 1 over 4 tasks, each
+        # decoding the block again (one process, batch 1, the ResNet-18 convs that run pixels
+        # inner: 0.64-0.75x the time; batch 64 0.99-1.04x)
+        per, tasks = px, total // px
 
     def intrin(name: str, *args: str) -> str:
         return f"T.evaluate(T.call_llvm_intrin('void', 'llvm.x86.{name}', {', '.join(args)}))"
