@@ -86,8 +86,6 @@ AMX_NB = 2 * AMX_N
 AMX_TASKS = 32
 #: bytes of the padded images one pass of the channel blocks covers (pixels inner)
 AMX_CHUNK_BYTES = 1 << 20
-#: each tile's epilogue interleaved with the next tile's products
-AMX_INTERLEAVE = True
 
 
 class AmxGeometry(NamedTuple):
@@ -417,8 +415,12 @@ def amx_source(spec: GemmSpec) -> str:
     # (one process, int8 and ternary activations, the ResNet-18 3x3 convs: 0.90-1.02x the
     # time at batch 64, median 0.97x; 0.84-1.02x at batch 1; bf16_amx at batch 1 0.95-1.03x).
     # The task's last tile's runs after its loop.
-    il = AMX_INTERLEAVE
-    n_slots = kc - 1 if pixels_inner and bt > 1 else kc  # chunk-loop iterations
+    # The pipelined order where a task runs many tiles of one block (batch > 1, pixels inner):
+    # one process, batch 64, int8 and ternary activations, it took 0.90-0.98x the time of the
+    # plain order (both with batch chunks) on the ResNet-18 convs from 256 channels, 1.01-1.02x
+    # on 128 -> 256 at stride 2; image by image (block inner) 1.10-1.18x, at batch 1 0.98-1.13x
+    pipelined = pixels_inner and bt > 1
+    n_slots = kc - 1 if pipelined else kc  # chunk-loop iterations
     epr = -(-2 * AMX_ROWS // max(n_slots, 1))  # epilogue rows per chunk
     lines += [
         f"{base}for p in T.parallel({tasks}):",
@@ -426,7 +428,7 @@ def amx_source(spec: GemmSpec) -> str:
         f"{base}        T.reads()",
         f"{base}        T.writes()",
         f"{base}        cfg = T.alloc_buffer((64,), 'uint8')",
-        f"{base}        acc = T.alloc_buffer(({(2 if il else 1) * 2 * AMX_ROWS * AMX_NB},), "
+        f"{base}        acc = T.alloc_buffer(({2 * 2 * AMX_ROWS * AMX_NB},), "
         f"'{'float32' if bf else 'int32'}')",
         *([f"{base}        wl = T.alloc_buffer(({kc}, 2, 1024), 'int8')"]
           if pixels_inner and not bf else []),
@@ -446,11 +448,6 @@ def amx_source(spec: GemmSpec) -> str:
                   f"{ind}        for i in T.vectorized(256):",
                   f"{ind}            " + decode("wl[k, j, s * 256 + i]", f"({nk}) * 2 + j")]
     lines += [ind + intrin("tilezero", i8(a)) for a in range(4)]
-    # the pipelined order where a task runs many tiles of one block (batch > 1, pixels inner):
-    # one process, batch 64, int8 and ternary activations, it took 0.90-0.98x the time of the
-    # plain order (both with batch chunks) on the ResNet-18 convs from 256 channels, 1.01-1.02x
-    # on 128 -> 256 at stride 2; image by image (block inner) 1.10-1.18x, at batch 1 0.98-1.13x
-    pipelined = pixels_inner and bt > 1
 
     def lets(k: str, sfx: str) -> list[str]:  # chunk k's tap (dy, dx) and channel chunk q
         if row_mode:  # tap (dy, 0) of the run, element q * 32 on
@@ -481,14 +478,14 @@ def amx_source(spec: GemmSpec) -> str:
     def dp(a: int, j: int) -> str:
         return intrin("tdpbf16ps" if bf else "tdpbssd", i8(2 * a + j), i8(4 + a), i8(6 + j))
 
-    slot = f"t % 2 * {2 * AMX_ROWS * AMX_NB}" if il else "0"  # this tile's half of acc
+    slot = f"t % 2 * {2 * AMX_ROWS * AMX_NB}"  # this tile's half of acc
     full = spec.N % AMX_NB == 0
 
     def epilogue(tv: str, lo: str, hi: str) -> list[str]:
         """Rows ``lo .. hi - 1`` (of 2 x 16 pixels) of tile ``tv``'s ``acc * S + bias [+
         terms]``, from its half of ``acc``."""
         tnk, tb, tti = tile_of(tv)
-        at0 = f"({tv}) % 2 * {2 * AMX_ROWS * AMX_NB}" if il else "0"
+        at0 = f"({tv}) % 2 * {2 * AMX_ROWS * AMX_NB}"
         if geo.flat:
             v = f"({tti}) * {2 * AMX_ROWS} + rr"
             yo, xo = f"({v}) // {wp}", f"({v}) % {wp}"
@@ -519,8 +516,6 @@ def amx_source(spec: GemmSpec) -> str:
         return out
 
     def previous_rows(k: str) -> list[str]:  # chunk k's share of the previous tile's rows
-        if not il:
-            return []
         lo = f"({k}) * {epr}"
         return [f"if t > p * {per} and {lo} < {2 * AMX_ROWS}:",
                 *("    " + x for x in epilogue("t - 1", lo, f"T.min({lo} + {epr}, "
@@ -573,13 +568,9 @@ def amx_source(spec: GemmSpec) -> str:
                            f"T.address_of(acc[{slot} + {a * AMX_ROWS * AMX_NB + j * AMX_N}])",
                            f"T.int64({AMX_NB * 4})")
               for a in range(2) for j in range(2)]
-    if not il:
-        lines += [ind + x for x in epilogue("t", "0", str(2 * AMX_ROWS))]
-    else:  # the task's last tile
-        last = f"T.min(p * {per} + {per}, {total}) - 1"
-        lines += [f"{base}        if p * {per} < {total}:",
-                  *(f"{base}            " + x
-                    for x in epilogue(last, "0", str(2 * AMX_ROWS)))]
+    last = f"T.min(p * {per} + {per}, {total}) - 1"  # the task's last tile, after its loop
+    lines += [f"{base}        if p * {per} < {total}:",
+              *(f"{base}            " + x for x in epilogue(last, "0", str(2 * AMX_ROWS)))]
     lines += [f"{base}        " + intrin("tilerelease")]
     return finish_source(spec, lines, AMX_NB) if full else "\n".join(lines)
 
