@@ -105,9 +105,9 @@ def test_source_names_every_tile_register():
 
 def test_tile_order_follows_the_weights():
     """The channel block runs innermost, image by image, with the weights decoded once per call
-    on large images with small weights (64x56x56); the pixels of the whole batch, each task
-    decoding its blocks into ``wl``, where the decoded weights outweigh twice the padded image
-    (512x7x7)."""
+    on large images with small weights (64x56x56, batch > 1); the pixels of the whole batch,
+    one task per block decoding it into ``wl``, where the decoded weights outweigh twice the
+    padded image (512x7x7) and at batch 1."""
     def source(**kw) -> str:
         spec = x86.amx_rule().plan(make_layer("conv2d", **kw), 4, x86_info(), {})
         return amx_source(spec)
@@ -122,6 +122,11 @@ def test_tile_order_follows_the_weights():
     # batch > 1, pixels inner: the pipelined order (the last chunk's products outside the loop)
     assert "for kk in range(71):" in large and large.count("llvm.x86.tdpbssd") == 8
     assert small.count("llvm.x86.tdpbssd") == 4  # image by image: loads, then products
+    assert "for p in T.parallel(16):" in large  # one task per block, each decoding it once
+    # one image: pixels inner whatever the weights, one task per block
+    one = amx_source(x86.amx_rule().plan(make_layer("conv2d", cin=64, out=64, hw=(56, 56)), 1,
+                                         x86_info(), {}))
+    assert "wl = T.alloc_buffer((9, 2, 1024)" in one and "for p in T.parallel(2):" in one
 
 
 def test_large_batches_go_in_chunks_that_fit_the_l2(monkeypatch):
@@ -142,8 +147,8 @@ def test_large_batches_go_in_chunks_that_fit_the_l2(monkeypatch):
 
 @pytest.mark.tvm
 def test_batch_chunks_match_reference(monkeypatch):
-    """Several chunks, the weights decoded again at each chunk's blocks, tasks that span chunk
-    boundaries, and the pipelined order: exact against the reference."""
+    """Several chunks, each block decoded again by its task in every chunk, and the pipelined
+    order: exact against the reference."""
     import ternbench.schedules.ops.amx as amx_mod
 
     _needs_amx()
