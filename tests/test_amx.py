@@ -310,9 +310,10 @@ def test_bf16_pieces_are_exact_and_fewest():
 def _unpack_bf16(tiles: np.ndarray, n: int, k: int) -> np.ndarray:
     """float64 weights [n, k] back from ``bf16_amx`` tiles: the sum of the planes; element
     32 r + 2 j + q of a tile is output channel j, reduction index 2 r + q."""
-    kc, planes, nblk, _ = tiles.shape
-    v = bf16_value(tiles).astype(np.float64).sum(axis=1)  # [kc, nblk, 512]
-    w = v.reshape(kc, nblk, 16, AMX_N, 2).transpose(1, 3, 0, 2, 4).reshape(nblk * AMX_N, kc * 32)
+    blocks, kc, planes, _, _ = tiles.shape
+    v = bf16_value(tiles).astype(np.float64).sum(axis=2)  # [blocks, kc, 2, 512]
+    w = v.reshape(blocks, kc, 2, 16, AMX_N, 2).transpose(0, 2, 4, 1, 3, 5)
+    w = w.reshape(blocks * 2 * AMX_N, kc * 32)
     return w[:n, :k]
 
 
@@ -326,11 +327,11 @@ def test_bf16_tile_packing_round_trips():
         w = rng.integers(-1, 2, (n, k)).astype(np.float32) * s
         n_pad = -(-n // 32) * 32
         tiles = pack_bf16_tiles(w, c, kernel, n_pad, planes)
-        assert tiles.shape == (k // 32, planes, n_pad // AMX_N, 512)
+        assert tiles.shape == (n_pad // 32, k // 32, planes, 2, 512)
         np.testing.assert_array_equal(_unpack_bf16(tiles, n, k), w.astype(np.float64))
         assert not _unpack_bf16(tiles, n_pad, k)[n:].any()  # padding channels: zero weights
     with pytest.raises(ValueError, match="multiple of 32"):
-        pack_bf16_tiles(np.zeros((16, 9 * 16), np.float32), 16, (3, 3), 16, 2)
+        pack_bf16_tiles(np.zeros((16, 9 * 16), np.float32), 16, (3, 3), 32, 2)
 
 
 def test_bf16_amx_rule_gate():

@@ -226,30 +226,33 @@ def bf16_pieces(x: np.ndarray, max_pieces: int = 3) -> list[np.ndarray]:
 def pack_bf16_tiles(weights: np.ndarray, channels: int, kernel: tuple[int, int], n_pad: int,
                     planes: int) -> np.ndarray:
     """float32 weights ``[N, kh * kw * C]`` (reduction order (kh, kw, C); FGQ's codes times
-    their group scales) as the ``bf16_amx`` B tiles: ``[taps * C / 32, planes, n_pad / 16,
-    512]`` uint16, plane ``p`` holding each weight's ``p``-th bf16 piece (:func:`bf16_pieces`,
-    zero where it needs fewer); element ``32 r + 2 j + q`` of a tile is output channel ``j``,
-    reduction index ``2 r + q`` of the 32-channel chunk (the pair order ``tdpbf16ps`` reads).
+    their group scales) as the ``bf16_amx`` B tiles: ``[n_pad / 32, taps * C / 32, planes, 2,
+    512]`` uint16, block-major (a 32-channel block's tiles for the whole reduction are one
+    contiguous run, read in order), plane ``p`` holding each weight's ``p``-th bf16 piece
+    (:func:`bf16_pieces`, zero where it needs fewer); element ``32 r + 2 j + q`` of tile ``t``
+    of a block is output channel ``16 t + j``, reduction index ``2 r + q`` of the 32-channel
+    chunk (the pair order ``tdpbf16ps`` reads).
 
     Example:
         >>> w = np.zeros((1, 32), np.float32)
         >>> w[0, 3] = 1.0009765625  # row 1, q 1 of channel 0: two pieces
-        >>> t = pack_bf16_tiles(w, 32, (1, 1), 16, 2)
-        >>> t.shape, bf16_value(t[0, :, 0, 32 + 1]).tolist()
-        ((1, 2, 1, 512), [1.0, 0.0009765625])
+        >>> t = pack_bf16_tiles(w, 32, (1, 1), 32, 2)
+        >>> t.shape, bf16_value(t[0, 0, :, 0, 32 + 1]).tolist()
+        ((1, 1, 2, 2, 512), [1.0, 0.0009765625])
     """
     n, k = weights.shape
-    if channels % AMX_K_BF16 or k != kernel[0] * kernel[1] * channels or n_pad % AMX_N \
+    if channels % AMX_K_BF16 or k != kernel[0] * kernel[1] * channels or n_pad % AMX_NB \
             or n > n_pad:
         raise ValueError(f"bf16_amx tiles: C={channels} must be a multiple of {AMX_K_BF16}, "
-                         f"K={k} = taps x C, n_pad={n_pad} a multiple of {AMX_N} >= N={n}")
+                         f"K={k} = taps x C, n_pad={n_pad} a multiple of {AMX_NB} >= N={n}")
     w = np.zeros((n_pad, k), np.float32)  # padding channels hold zero weights
     w[:n] = weights
     pieces = bf16_pieces(w, planes)
-    out = np.zeros((k // AMX_K_BF16, planes, n_pad // AMX_N, 512), np.uint16)
-    for p, bits in enumerate(pieces):  # [nblk, j, kc, r, q] -> [kc, nblk, r, j, q]
-        t = bits.reshape(n_pad // AMX_N, AMX_N, k // AMX_K_BF16, AMX_ROWS, 2)
-        out[:, p] = t.transpose(2, 0, 3, 1, 4).reshape(k // AMX_K_BF16, n_pad // AMX_N, 512)
+    kc = k // AMX_K_BF16
+    out = np.zeros((n_pad // AMX_NB, kc, planes, 2, 512), np.uint16)
+    for p, bits in enumerate(pieces):  # [blk, t, j, kc, r, q] -> [blk, kc, t, r, j, q]
+        t = bits.reshape(n_pad // AMX_NB, 2, AMX_N, kc, AMX_ROWS, 2)
+        out[:, :, p] = t.transpose(0, 3, 1, 4, 2, 5).reshape(n_pad // AMX_NB, kc, 2, 512)
     return out
 
 
@@ -347,7 +350,7 @@ def amx_source(spec: GemmSpec) -> str:
         return (f"(({y}) % {qh} * {qw} + ({z}) % {qw}) * {plane} + ({y}) // {qh} * {wp} + "
                 f"({z}) // {qw}")
 
-    weights = (f" Wb: T.Buffer(({kc}, {planes}, {nt}, 512), 'uint16')," if bf else
+    weights = (f" Wb: T.Buffer(({nblk}, {kc}, {planes}, 2, 512), 'uint16')," if bf else
                f" Wp: T.Buffer(({kc}, {nt}, 256), 'uint8'),")
     lines = [
         "@T.prim_func(s_tir=True)",
@@ -470,7 +473,7 @@ def amx_source(spec: GemmSpec) -> str:
 
     def load_b(j: int, k: str, p: int) -> str:  # B tile j (channels 32 nk + 16 j ..), plane p
         if bf:
-            src = f"Wb[{k}, {p}, ({nk}) * 2 + {j}, 0]"
+            src = f"Wb[{nk}, {k}, {p}, {j}, 0]"
         else:
             src = f"wl[{k}, {j}, 0]" if pixels_inner else f"Wd[{k}, ({nk}) * 2 + {j}, 0]"
         return intrin("tileloadd64", i8(6 + j), f"T.address_of({src})", f"T.int64({AMX_K})")
