@@ -42,14 +42,15 @@ padding never changes the result):
   row tile's epilogue.
 * ``t2_amx`` (int8 activations, one group, convs with 64k input channels; AMX-INT8): 2-bit
   ternary codes of 16 x 64-byte B tiles ``[taps * C / 64, Np / 16, 256]``, decoded into the
-  int8 tiles ``tdpbssd`` reads (once per call, or per task and channel block for large
-  weights); A tiles come straight from a zero-padded copy of the images, as phase planes for
-  strided convs (:mod:`.amx`).
+  int8 tiles ``tdpbssd`` reads (once per call, or by one task per channel block at batch 1
+  and for large weights); A tiles come straight from a zero-padded copy of the images, as
+  phase planes for strided convs (:mod:`.amx`).
 * ``tt_amx`` (ternary activations *and* weights, the same convs): the ``t2_amx`` kernel on the
   activation codes in {-1, 0, 1}; RTN's offsets are the same affine terms as ``tt_lut``'s.
 * ``bf16_amx`` (int8 activations, FGQ's grouped convs; AMX-BF16): the codes times their group
-  scales split into exact bf16 pieces (two for FGQ's FP16 scales), ``[taps * C / 32, planes,
-  Np / 16, 512]`` uint16 B tiles that ``tdpbf16ps`` runs on the activation codes as bf16;
+  scales split into exact bf16 pieces (two for FGQ's FP16 scales), ``[Np / 32, taps * C / 32,
+  planes, 2, 512]`` uint16 B tiles (block-major) that ``tdpbf16ps`` runs on the activation
+  codes as bf16;
   every product exact, the sums float32; channel counts off 32k as kernel-row runs padded to
   32k (``GemmSpec.k_row``) (:mod:`.amx`).
 

@@ -48,9 +48,9 @@ same A tiles. The activation codes (|x| <= 127) are exact bf16 values, so every 
 exact in float32 and only the sums round, as in torch's fp32 conv; the group size and order
 cost nothing. The weights are stored decoded (2 bytes per piece) and block-major, a 32-channel
 block's tiles for the whole reduction in the order they are read (they stream from memory in
-a whole model: FGQ's ResNet-18 took 0.76-0.79x the time so, against chunk-major tiles 64 KB
-apart); the A tiles hold 32 channels, the rest (padded copies, phase planes, tasks, pixels
-inner) is the int8 kernel's.
+a whole model: FGQ's ResNet-18 took 0.78x the time so, against chunk-major tiles 64 KB
+apart, docs/kernels.md "Intel"); the A tiles hold 32 channels, the rest (padded copies, phase
+planes, tasks, pixels inner) is the int8 kernel's.
 
 Measured on the Intel emeraldrapids: docs/kernels.md, "Intel".
 
