@@ -236,6 +236,30 @@ def _check(name: str, what: str, out: np.ndarray, ref: np.ndarray, rtol: float) 
     return err
 
 
+def _check_codes(name: str, what: str, q: np.ndarray, ref: np.ndarray, out_scale: float,
+                 clip: tuple[int, int], rtol: float) -> float:
+    """Check int8 output codes against ``clip(round(ref / out_scale))``: equal, or one apart
+    where the reference lies within ``rtol`` of a rounding boundary (the kernel's float32
+    epilogue rounds there, the float64 reference does not). Returns max ``|q * out_scale -
+    ref|``."""
+    if q.shape != ref.shape:
+        raise KernelMismatchError(f"{name}: {what} output shape {q.shape} != {ref.shape}")
+    lo, hi = clip
+    v = ref / out_scale
+    want = np.clip(np.rint(v), lo, hi)
+    off = np.abs(q.astype(np.int64) - want)
+    near = np.abs(np.abs(v - np.floor(v)) - 0.5) <= rtol * max(1.0, float(np.max(np.abs(v),
+                                                                                 initial=0)))
+    bad = (off > 1) | ((off == 1) & ~near)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise KernelMismatchError(
+            f"{name}: {what} int8 output disagrees with the torch reference at {bad.sum()} of "
+            f"{bad.size} elements (first: code {q.flat[i]} against {want.flat[i]:.0f}, "
+            f"reference {v.flat[i]:.4f} output steps)")
+    return float(np.max(np.abs(q * out_scale - ref), initial=0.0))
+
+
 # ----------------------------------------------------------------------------- measuring
 
 
@@ -297,9 +321,14 @@ class PreparedKernel:
 
 
 def prepare_kernel(kern: ops.Kernel, lx: LayerExport, tinfo: _tvm.TargetInfo,
-                   x: torch.Tensor | None = None, *, check: bool = True) -> PreparedKernel:
+                   x: torch.Tensor | None = None, *, check: bool = True,
+                   out_scale: float | None = None) -> PreparedKernel:
     """Runtime arguments for ``kern`` on its local device (input from ``x``, else seeded: see
     :func:`kernel_input`), one run, and the check against :func:`reference_output`.
+
+    A kernel with int8 outputs (``spec.out_clip``) writes codes of ``out_scale`` (None: the
+    reference's largest magnitude over the clip's top, as the torch INT8 baseline sets its
+    output scale); its check compares them with the reference rounded to those codes.
 
     Raises :class:`KernelMismatchError` when the output disagrees; a kernel that fails here is
     never timed. ``check=False`` skips the check (``max_abs_err`` is then NaN).
@@ -309,17 +338,29 @@ def prepare_kernel(kern: ops.Kernel, lx: LayerExport, tinfo: _tvm.TargetInfo,
                            "process: use check_layer (qemu) or an RPC session")
     tvm = _tvm.require_tvm()
     dev = _device(tinfo)
-    a = kernel_input(lx, kern.spec, x)
+    spec = kern.spec
+    a = kernel_input(lx, spec, x)
     weights = kern.pack(lx)
+    ref = reference_output(lx, a) if check or spec.out_clip is not None else None
+    if spec.out_clip is not None:
+        assert ref is not None
+        if out_scale is None:
+            out_scale = float(np.max(np.abs(ref), initial=0.0)) / spec.out_clip[1] or 1.0
+        weights = ops.requantize_args(spec, weights, out_scale)
     # tvm.runtime.tensor copies into 64-byte aligned memory (from_dlpack of a numpy-backed
     # tensor can fail the alignment check)
     args = [tvm.runtime.tensor(v, dev) for v in (a, *weights)]
-    out = tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev)
+    out = tvm.runtime.empty((spec.M, spec.N), spec.out_dtype, dev)
     kern.func(*args, out)
     err = math.nan
-    if check:
-        err = _check(lx.name, kern.impl, out.numpy(), reference_output(lx, a), _rtol(kern.spec))
-    nbytes = a.nbytes + sum(w.nbytes for w in weights) + kern.spec.M * kern.spec.N * 4
+    if check and ref is not None:
+        if spec.out_clip is not None and out_scale is not None:
+            err = _check_codes(lx.name, kern.impl, out.numpy(), ref, out_scale, spec.out_clip,
+                               _rtol(spec))
+        else:
+            err = _check(lx.name, kern.impl, out.numpy(), ref, _rtol(spec))
+    out_bytes = spec.M * spec.N * (1 if spec.out_clip is not None else 4)
+    nbytes = a.nbytes + sum(w.nbytes for w in weights) + out_bytes
     return PreparedKernel(kern, a, args, out, err, int(nbytes))
 
 

@@ -102,12 +102,14 @@ SEARCH_EV = EvaluatorCfg(number=5, repeat=5, min_repeat_ms=10)
 
 
 def prepare_rule(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo,
-                 params: Params | None = None) -> PreparedKernel:
+                 params: Params | None = None, *,
+                 out_clip: tuple[int, int] | None = None) -> PreparedKernel:
     """Build ``rule``'s kernel for ``lx`` (``params`` None: the cached best point, else the
-    rule's default), then :func:`~.measure.prepare_kernel` (seeded input, checked)."""
+    rule's default; ``out_clip``: int8 outputs, :attr:`.ops.GemmSpec.out_clip`), then
+    :func:`~.measure.prepare_kernel` (seeded input, checked)."""
     if params is None:
         params = cached_params(rule, lx, batch, tinfo)
-    return prepare_kernel(rule.build(lx, batch, tinfo, params), lx, tinfo)
+    return prepare_kernel(rule.build(lx, batch, tinfo, params, out_clip=out_clip), lx, tinfo)
 
 
 def measure_rule(rule: Rule, lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo,

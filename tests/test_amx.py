@@ -404,3 +404,82 @@ def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
         assert f"Xp = T.alloc_buffer(({batch}, " in amx_source(kern.spec)  # pixels inner
     prep = measure.prepare_kernel(kern, lx, tinfo)
     assert np.isfinite(prep.max_abs_err)
+
+
+# ----------------------------------------------------------------------------- int8 outputs
+
+
+def test_int8_outputs_are_validated_and_never_streamed(stream_everything):
+    """``out_clip`` (int8 outputs requantized in the epilogue) is for the AMX int8-tile layouts
+    with a clip inside int8; its stores are plain (a 32-channel block is half a cache line,
+    so non-temporal stores would flush partial lines), however large the output."""
+    from ternbench.schedules.ops.lut import streams_output
+
+    lx = make_layer("conv2d", cin=64, out=32, hw=(8, 8))
+    spec = x86.amx_rule().plan(lx, 2, x86_info(), {})
+    assert spec.out_dtype == "float32" and streams_output(spec)
+    q = dataclasses.replace(spec, out_clip=(0, 127))
+    assert q.out_dtype == "int8" and not streams_output(q)
+    src = amx_source(q)
+    assert "'int8')):" in src and "T.nearbyint" in src and "tb_stream" not in src
+    assert "T.float32(0), 32)" in src and "T.float32(127), 32)" in src  # the clip, vectorized
+    for bad in ((5, 5), (-129, 127), (0, 128)):
+        with pytest.raises(ValueError, match="out_clip"):
+            dataclasses.replace(spec, out_clip=bad)
+    with pytest.raises(ValueError, match="t2_amx / tt_amx only"):
+        dataclasses.replace(spec, layout="bf16_amx", out_clip=(-128, 127))
+
+
+def test_int8_output_check_allows_only_boundary_rounding():
+    """The codes' check: round half to even and the clip, one step apart only where the
+    reference sits on a rounding boundary; anything else is a mismatch."""
+    ref = np.array([[0.49, 2.5, 1.2, -3.7, 300.0]])  # output steps (out_scale 2: ref * 2)
+    q = np.array([[0, 2, 1, -4, 127]], np.int8)
+    err = measure._check_codes("l", "k", q, 2 * ref, 2.0, (-128, 127), 1e-5)
+    assert err == pytest.approx(2 * (300 - 127))
+    q[0, 1] = 3  # 2.5 rounded up: on the boundary, allowed
+    measure._check_codes("l", "k", q, 2 * ref, 2.0, (-128, 127), 1e-5)
+    q[0, 2] = 2  # 1.2 -> 2: a real error
+    with pytest.raises(measure.KernelMismatchError, match="1 of 5 elements"):
+        measure._check_codes("l", "k", q, 2 * ref, 2.0, (-128, 127), 1e-5)
+    relu = np.array([[0, 2, 1, 0, 127]], np.int8)  # (0, 127): negatives clip to 0
+    measure._check_codes("l", "k", relu, 2 * ref, 2.0, (0, 127), 1e-5)
+    with pytest.raises(ValueError, match="out_scale"):
+        from ternbench.schedules.ops import requantize_args
+
+        spec = dataclasses.replace(x86.amx_rule().plan(make_layer("conv2d"), 1, x86_info(), {}),
+                                   out_clip=(-128, 127))
+        requantize_args(spec, [np.zeros(1, np.uint8)], 0.0)
+
+
+INT8_OUT_CASES = [  # (label, act, layer kwargs, batch, clip, out_scale: None = the ref's range)
+    ("q8_c64_n48_b3", "int", dict(cin=64, out=48, hw=(6, 9)), 3, (-128, 127), None),
+    ("q8_relu_c256_inner", "int", dict(cin=256, out=64, hw=(6, 6)), 2, (0, 127), None),
+    ("q8_s2_planes", "int", dict(cin=128, out=64, hw=(15, 13), stride=2), 1, (-128, 127), 0.05),
+    ("q8_tt_rtn", "ternary", dict(cin=128, out=64, hw=(9, 20), stride=2, act_offset=-0.3,
+                                  w_offset=True), 2, (-128, 127), None),
+    ("q8_tt_codes", "ternary", dict(cin=64, out=32, hw=(5, 7)), 1, (-1, 1), None),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "act", "kw", "batch", "clip", "scale"), INT8_OUT_CASES,
+                         ids=[c[0] for c in INT8_OUT_CASES])
+def test_int8_outputs_match_reference(label, act, kw, batch, clip, scale):
+    """int8 outputs on both activation kinds, block inner and pixels inner, a partial channel
+    block, phase planes and RTN's offset terms: the codes are the reference divided by the
+    output scale, rounded half to even and clipped (``prepare_kernel`` raises otherwise)."""
+    _needs_amx()
+    tinfo = x86_info()
+    lx = make_layer("conv2d", act=act, name=label, seed=len(label), **kw)
+    rule = x86.tt_amx_rule(where_chosen=False) if act == "ternary" else x86.amx_rule()
+    kern = rule.build(lx, batch, tinfo, out_clip=clip)
+    assert kern.spec.out_clip == clip
+    if kern.spec.N % 32 == 0:  # whole blocks: 32 lanes narrowed at once (a partial one: scalar)
+        assert "vpmovdb" in kern.module.inspect_source("asm")
+    prep = measure.prepare_kernel(kern, lx, tinfo, out_scale=scale)
+    q = prep.out.numpy()
+    assert q.dtype == np.int8 and q.min() >= clip[0] and q.max() <= clip[1]
+    assert len(np.unique(q)) >= min(3, clip[1] - clip[0] + 1)  # the codes are not constant
+    if scale is not None:  # a fixed scale: the clip bites and the check still holds
+        assert (q == clip[1]).any() or (q == clip[0]).any()

@@ -346,3 +346,34 @@ def test_instruction_peaks(monkeypatch):
         assert got["int8_vpdpbusd"] > 2 * got["fp32_fma"]
     monkeypatch.setattr(peaks.shutil, "which", lambda name: None)
     assert peaks.measure_peaks() == {}
+
+
+def test_int8_output_rows_and_summary(monkeypatch):
+    """The AMX kernels are timed again with int8 outputs (``_q8``) where they apply, and the
+    summary gives their speed-up over torch int8 in a column of its own."""
+    import dataclasses
+
+    from conftest import x86_info
+    from ternbench.bench.kernels import benchmark
+    from ternbench.bench.kernels.output import _chosen_summary
+    from ternbench.schedules import _tvm
+
+    base = x86_info()
+    amx = dataclasses.replace(base, features=base.features | {"amx-tile", "amx-int8"})
+    monkeypatch.setattr(_tvm, "enable_amx", lambda: True)
+    shape = next(s for s in kernels.select_shapes("resnet18") if "256x14x14->256" in s.label)
+    for act, rule in (("int8", "x86.t2_amx"), ("ternary", "x86.tt_amx")):
+        lx = kernels.synthetic_layer(shape, "ternary", act)
+        assert [r.name for r in benchmark._int8_output_rules(lx, amx)] == [rule]
+        no_amx = dataclasses.replace(base, features=base.features - {"amx-tile", "amx-int8"})
+        assert benchmark._int8_output_rules(lx, no_amx) == []
+    df = pd.DataFrame({"shape": ["conv 3x3/1 64x8x8->64"] * 4, "suite": "s", "batch": 1,
+                       "impl": ["tvm_t2_amx", "tvm_t2_amx_q8", "tvm_tt_amx", "tvm_tt_amx_q8"],
+                       "act_mode": ["int8", "int8", "ternary", "ternary"],
+                       "chosen": [True, False, True, False],
+                       "speedup_vs_torch_fp32": [8.0, 9.0, 10.0, 11.0],
+                       "speedup_vs_torch_int8": [1.0, 1.25, 1.5, 1.75]})
+    lines = _chosen_summary(df)
+    head = next(x for x in lines if x.startswith("| suite"))
+    assert "int8 outputs (`_q8`), int8 act: x torch int8 | int8 outputs (`_q8`), ternary" in head
+    assert "| s | 3x3 convs | 1 | 1 | 8.00, 1.00 | 10.00, 1.50 | 1.25 | 1.75 | 8.00 |" in lines

@@ -79,13 +79,13 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
             impls.append(_Impl(impl=impl, act_mode=act_mode, backend=backend,
                                note=f"failed: {msg}"[:500], chosen=chosen))
 
-    def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None
-                 ) -> Callable[[], _Impl]:
+    def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None,
+                 out_clip: tuple[int, int] | None = None) -> Callable[[], _Impl]:
         def make() -> _Impl:
             if tune and len(rule.grid) > 1:
                 tuning.search(lx, batch, tinfo.name, rule=rule, threads=threads,
                               max_points=tune_points, budget_s=tune_budget_s)
-            prep = tuning.prepare_rule(rule, lx, batch, tinfo)
+            prep = tuning.prepare_rule(rule, lx, batch, tinfo, out_clip=out_clip)
             return _tvm_impl(prep, act_mode, rule.name, dev, impl)
 
         return make
@@ -105,6 +105,9 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
         attempt(rule.impl_for(lx), mode, "tvm", tvm_case(lx, mode, rule), chosen=True)
         for alt in _alternatives(lx, rule, tinfo):  # the other recipes, same run
             attempt(alt.impl_for(lx), mode, "tvm", tvm_case(lx, mode, alt))
+        for q8 in _int8_output_rules(lx, tinfo):  # ``_q8``: int8 outputs, as torch int8's
+            attempt(f"{q8.impl_for(lx)}{Q8_SUFFIX}", mode, "tvm",
+                    tvm_case(lx, mode, q8, f"{q8.impl_for(lx)}{Q8_SUFFIX}", Q8_CLIP))
         if generic:
             g = gen["generic.t2" if mode == "int8" else "generic.tt_popc"]
             if g.name != rule.name:
@@ -173,6 +176,23 @@ def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
             seen.add(rule.impl)
             out.append(rule)
     return out
+
+
+#: impl suffix of the kernels timed with int8 outputs (requantized in their epilogue, as torch's
+#: quantized conv writes quint8), and their clip range
+Q8_SUFFIX, Q8_CLIP = "_q8", (-128, 127)
+
+
+def _int8_output_rules(lx: Any, tinfo: Any) -> list[Any]:
+    """The AMX rule of the layer's activations where it applies (x86 convs with 64k input
+    channels on AMX-INT8): timed again with int8 outputs (:attr:`.ops.GemmSpec.out_clip`) beside
+    the float32-output kernels the whole models run."""
+    if tinfo.family != "x86" or lx.act_mode not in ("int", "ternary"):
+        return []
+    from ternbench.schedules import x86
+
+    rule = (x86.tt_amx_rule if lx.act_mode == "ternary" else x86.amx_rule)(where_chosen=False)
+    return [rule] if rule.applies(lx, tinfo) else []
 
 
 def _import_tvm() -> Any:

@@ -93,15 +93,19 @@ def _chosen_summary(ok: Any) -> list[str]:
     groups = sorted(fgq["group"].unique(), key=lambda g: (g.endswith("_flat"),
                                                           int(g.split("_")[0])))
     modes = sorted(set(chosen["act_mode"]), key=lambda m: (m != "int8", m))  # int8 first
+    q8 = ok[ok["impl"].str.endswith("_q8")]  # int8 outputs (benchmark.Q8_SUFFIX)
+    q8_modes = sorted(set(q8["act_mode"]), key=lambda m: (m != "int8", m))
     head = ["suite", "layers", "batch", "shapes",
             *[f"chosen, {m} act: x torch fp32, x torch int8" for m in modes],
+            *[f"int8 outputs (`_q8`), {m} act: x torch int8" for m in q8_modes],
             "slowest ternary kernel: x torch fp32",
             *([f"FGQ N={' / '.join(groups)}: x torch fp32"] if groups else [])]
     lines = ["Per suite, layer kind and batch: median (min-max) speed-up of the kernel the rules "
-             "choose for each layer (what a deployed model runs), the slowest ternary kernel "
-             "timed (any recipe, FGQ's included), and FGQ's group variants' median speed-up over "
-             "torch fp32 (the kernel chosen for them; `_flat`: groups along the flat fan-in, "
-             "`_alt`: another recipe timed beside it):", "",
+             "choose for each layer (what a deployed model runs), the AMX kernels with int8 "
+             "outputs (`_q8`, requantized in the epilogue as torch int8 writes quint8), the "
+             "slowest ternary kernel timed (any recipe, FGQ's included), and FGQ's group "
+             "variants' median speed-up over torch fp32 (the kernel chosen for them; `_flat`: "
+             "groups along the flat fan-in, `_alt`: another recipe timed beside it):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (suite, kind, batch), g in ok.groupby(["suite", "kind", "batch"], sort=False):
         cells = [str(suite), kind, str(batch), str(g["shape"].nunique())]
@@ -109,6 +113,9 @@ def _chosen_summary(ok: Any) -> list[str]:
             c = g[g["chosen"] & (g["act_mode"] == m)]
             cells.append(f"{_span(c['speedup_vs_torch_fp32'])}, "
                          f"{_span(c['speedup_vs_torch_int8'])}" if len(c) else "-")
+        for m in q8_modes:
+            c = g[g["impl"].str.endswith("_q8") & (g["act_mode"] == m)]
+            cells.append(_span(c["speedup_vs_torch_int8"]) if len(c) else "-")
         tern = g.loc[g["act_mode"].isin(("int8", "ternary")) & g["impl"].str.startswith("tvm_")
                      & ~g["impl"].isin(("tvm_fp32", "tvm_int8")), "speedup_vs_torch_fp32"]
         cells.append(f"{tern.min():.2f}" if len(tern) else "-")

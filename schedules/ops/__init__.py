@@ -83,6 +83,7 @@ from .packing import (
     pack_t2_avx2,
     pack_t2_blocked,
     pack_weight_args,
+    requantize_args,
     tt_affine_terms,
 )
 from .rules import Kernel, Rule, clear_kernel_cache, kernel_cache_size
@@ -113,6 +114,7 @@ __all__ = [
     "layer_offsets",
     "plan_gemm",
     "pack_weight_args",
+    "requantize_args",
     "gemm_compute",
     "tt_compute",
     "pack_planes",

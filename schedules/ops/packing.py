@@ -3,6 +3,7 @@ in each layout of the package docstring, with the layouts' tile constants."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -378,6 +379,33 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         offsets, bias = _tt_offset_args(spec, lx)
         w_args += offsets
     return [*w_args, s, bias]
+
+
+def requantize_args(spec: GemmSpec, args: list[np.ndarray], out_scale: float
+                    ) -> list[np.ndarray]:
+    """The weight arguments of an int8-output kernel (``spec.out_clip``): every float32
+    epilogue argument (S, bias, RTN's ``Bw`` and ``Tb``) divided by ``out_scale``, so the
+    epilogue's value counts output steps (the codes the next layer reads).
+
+    Example:
+        >>> import dataclasses
+        >>> from ternbench.schedules.ops.spec import GemmSpec
+        >>> spec = GemmSpec(op="conv2d", batch=1, in_shape=(64, 8, 8), kernel=(3, 3),
+        ...                 stride=(1, 1), padding=(1, 1), out_hw=(8, 8), k_order="ijc", N=32,
+        ...                 K=576, G=1, gs=576, Kp=576, Np=32, act_dtype="int8",
+        ...                 layout="t2_amx", w_dtype="uint8", nb=32, mb=32, m_task=1,
+        ...                 out_clip=(-128, 127))
+        >>> w, s, b = requantize_args(spec, [np.zeros(4, np.uint8), np.full(2, 0.5, np.float32),
+        ...                                  np.ones(2, np.float32)], 0.25)
+        >>> s.tolist(), b.tolist()
+        ([2.0, 2.0], [4.0, 4.0])
+    """
+    if spec.out_clip is None:
+        raise ValueError("requantize_args: the spec has float32 outputs (out_clip is None)")
+    if not (math.isfinite(out_scale) and out_scale > 0):
+        raise ValueError(f"out_scale: must be a positive finite number, got {out_scale}")
+    return [args[0], *((a / np.float64(out_scale)).astype(np.float32) if a.dtype == np.float32
+                       else a for a in args[1:])]
 
 
 def _tt_offset_args(spec: GemmSpec, lx: LayerExport) -> tuple[list[np.ndarray], np.ndarray]:

@@ -107,24 +107,30 @@ class Rule:
         return self.impl
 
     def spec_for(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo, params: Params,
-                 *, float_input: bool = False) -> GemmSpec:
+                 *, float_input: bool = False,
+                 out_clip: tuple[int, int] | None = None) -> GemmSpec:
         """The planned spec; with ``float_input`` a ``pixel_bits`` ternary conv takes the
-        layer's float input and quantizes it while packing."""
+        layer's float input and quantizes it while packing; ``out_clip`` asks for int8
+        outputs (:attr:`GemmSpec.out_clip`: AMX layouts only, else ``ValueError``)."""
         spec = self.plan(lx, batch, target, params)
         if float_input and spec.pixel_bits and lx.act_threshold >= 0:
             spec = dataclasses.replace(spec, float_in=True, threshold=float(lx.act_threshold))
+        if out_clip is not None:
+            spec = dataclasses.replace(spec, out_clip=(int(out_clip[0]), int(out_clip[1])))
         return spec
 
     def build(self, lx: LayerExport, batch: int, target: _tvm.TargetInfo,
-              params: Params | None = None, *, float_input: bool = False) -> Kernel:
+              params: Params | None = None, *, float_input: bool = False,
+              out_clip: tuple[int, int] | None = None) -> Kernel:
         """Compile (or fetch from the in-process cache) the kernel for ``lx`` at ``batch``.
 
         ``float_input``: where the layout can quantize while packing (``pixel_bits`` ternary
         convs), take the layer's float input instead of activation codes; elsewhere ignored
-        (check ``kernel.spec.float_in``).
+        (check ``kernel.spec.float_in``). ``out_clip``: int8 outputs requantized in the
+        epilogue (:attr:`GemmSpec.out_clip`).
         """
         p = dict(self.default_params if params is None else params)
-        spec = self.spec_for(lx, batch, target, p, float_input=float_input)
+        spec = self.spec_for(lx, batch, target, p, float_input=float_input, out_clip=out_clip)
         key = (self.name, spec, target.target_str)
         with _CACHE_LOCK:
             hit = _CACHE.get(key)

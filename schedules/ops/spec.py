@@ -96,6 +96,26 @@ class GemmSpec:
     tt_split: bool = False
     #: ``bf16_amx``: bf16 pieces per weight (weight = their exact sum; FP16 scales take 2)
     planes: int = 1
+    #: ``t2_amx`` / ``tt_amx``: the output requantized in the epilogue, ``clip(round(acc * S +
+    #: bias [+ terms]), lo, hi)`` as int8 (S, bias and the terms divided by the output scale
+    #: on the host: :func:`.packing.requantize_args`), as torch's quantized conv writes quint8;
+    #: ``(-128, 127)`` int8 codes, ``(0, 127)`` with a ReLU, ``(-1, 1)`` ternary codes.
+    #: None: float32 output
+    out_clip: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.out_clip is not None:
+            lo, hi = self.out_clip
+            if self.layout not in ("t2_amx", "tt_amx"):
+                raise ValueError(f"out_clip: int8 outputs are t2_amx / tt_amx only, got layout "
+                                 f"{self.layout!r}")
+            if not -128 <= lo < hi <= 127:
+                raise ValueError(f"out_clip: need -128 <= lo < hi <= 127, got {self.out_clip}")
+
+    @property
+    def out_dtype(self) -> str:
+        """The kernel's output dtype: int8 with :attr:`out_clip`, else float32."""
+        return "float32" if self.out_clip is None else "int8"
 
     @property
     def row_chunks(self) -> int:
