@@ -53,6 +53,7 @@ __all__ = [
     "lut_rule",
     "amx_rule",
     "bf16_amx_rule",
+    "fp32_amx_rule",
     "tt_amx_rule",
     "tt_lut_rule",
     "full_rate_permutes",
@@ -620,6 +621,36 @@ def bf16_amx_rule() -> Rule:
                 schedule_t2_lut)
 
 
+def _applies_fp32_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where FP32 convs run on ``bf16_amx`` (weights and inputs as three exact bf16 pieces
+    each, the six piece products with ``i + j <= 2``): AMX-BF16, in a process Linux granted
+    the tile state."""
+    if not (_is_x86(target) and target.has("amx-tile") and target.has("amx-bf16")):
+        return False
+    return (lx.op == "conv2d" and lx.weight_format == "fp32" and lx.act_mode == "fp32"
+            and _tvm.enable_amx())
+
+
+def _applies_fp32_amx_chosen(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Where it is chosen over the AVX-512 FP32 GEMM: convs wider than one tap. One process,
+    batch 1, against ``x86.fp32_512`` on an Intel emeraldrapids: ResNet-18's 7x7/2 stem 0.75x
+    the time (batch 64: 0.65x), its 3x3 convs 0.42x (64x56x56, 256x14x14) and 0.81x
+    (512x7x7), CIFAR's 16-channel 3x3 0.72x and its 3-channel stem 1.01x (batch 64: 0.90x);
+    the 1x1/2 downsample 64 -> 128 took 1.41x (docs/kernels.md, "Intel")."""
+    return _applies_fp32_amx(lx, target) and tuple(lx.kernel_size) != (1, 1)
+
+
+def fp32_amx_rule(*, where_chosen: bool = True) -> Rule:
+    """FP32 convs (the stems ternary models keep in FP32) on AMX ``tdpbf16ps``: each float32
+    weight and input split exactly into three bf16 pieces, and the products of the pieces
+    whose orders sum to at most 2 (six of nine: each one left out is at most about 2^-24 of
+    its product, float32's own unit roundoff); the sums are float32, as in torch's conv.
+    Named ``tvm_fp32`` like the other FP32 rules (the ``rule`` column tells them apart)."""
+    return Rule("x86.fp32_amx", "tvm_fp32",
+                _applies_fp32_amx_chosen if where_chosen else _applies_fp32_amx,
+                _plan_amx("bf16_amx"), schedule_t2_lut)
+
+
 def _applies_tt_amx(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where the ``tt_amx`` kernel can run: :func:`_amx_conv` with ternary activations (RTN's
     offsets included; the codes are exact int8 operands)."""
@@ -721,6 +752,8 @@ def rules() -> list[Rule]:
                                                       T2_DEFAULT)),
         Rule("x86.int8", "tvm_int8", _applies_dense("int8"), _plan_dense, schedule_blocked,
              grid=_grid((8, 16), (2, 4), (16, 64, 256), DENSE_DEFAULT)),
+        # AMX-BF16: FP32 convs wider than one tap as exact bf16 pieces (six products)
+        fp32_amx_rule(),
         Rule("x86.fp32_512", "tvm_fp32", _applies_dense_512("fp32"), _plan_dense,
              schedule_blocked, grid=_grid((16, 32, 64), (2, 4, 8), (16, 64, 256),
                                           DENSE_512_DEFAULT)),

@@ -483,3 +483,79 @@ def test_int8_outputs_match_reference(label, act, kw, batch, clip, scale):
     assert len(np.unique(q)) >= min(3, clip[1] - clip[0] + 1)  # the codes are not constant
     if scale is not None:  # a fixed scale: the clip bites and the check still holds
         assert (q == clip[1]).any() or (q == clip[0]).any()
+
+
+# ----------------------------------------------------------------------------- FP32 convs
+
+
+def test_fp32_amx_source_runs_six_piece_products():
+    """FP32 convs on ``bf16_amx``: three pieces of each input (the copy holds three planes)
+    and of each weight, and the six piece products with ``i + j <= 2`` per reduction chunk."""
+    lx = make_layer("conv2d", fmt="fp32", act="fp32", cin=3, out=64, hw=(20, 20), k=7, pad=3,
+                    stride=2)
+    spec = x86.fp32_amx_rule().plan(lx, 1, x86_info(), {})
+    assert (spec.layout, spec.planes, spec.a_planes, spec.act_dtype) == ("bf16_amx", 3, 3,
+                                                                         "float32")
+    src = amx_source(spec)
+    assert "X: T.Buffer((1, 20, 20, 3), 'float32')" in src
+    assert src.count("'llvm.x86.tdpbf16ps'") == 6 * 4  # six pairs x four tiles
+    assert "Xp = T.alloc_buffer((3 * " not in src and "T.grid(3, 1, " in src  # 3 zero rings
+    with pytest.raises(ValueError, match="float32 inputs"):
+        amx_source(dataclasses.replace(spec, act_dtype="int8"))
+
+
+def test_fp32_amx_rule_gate():
+    """FP32 convs on AMX-BF16 (tile state granted), chosen for kernels wider than one tap;
+    never for ternary or int8 layers, linears, or a CPU without AMX-BF16."""
+    base = x86_info()
+    amx = dataclasses.replace(base, features=base.features | {"amx-tile", "amx-bf16"})
+    granted = _tvm.enable_amx() if _tvm.is_x86_host() else False
+    f32 = dict(fmt="fp32", act="fp32")
+    stem = make_layer("conv2d", cin=3, out=64, hw=(16, 16), k=7, pad=3, stride=2, **f32)
+    one = make_layer("conv2d", cin=64, out=64, k=1, pad=0, stride=2, **f32)
+    assert x86.fp32_amx_rule().applies(stem, amx) == granted
+    assert not x86.fp32_amx_rule().applies(one, amx)  # 1x1: the AVX-512 GEMM (1.41x faster)
+    assert x86.fp32_amx_rule(where_chosen=False).applies(one, amx) == granted
+    for lx in (make_layer("conv2d", cin=64), make_layer("conv2d", cin=64, act="fp32"),
+               make_layer("conv2d", fmt="int8", cin=64), make_layer(**f32)):
+        assert not x86.fp32_amx_rule(where_chosen=False).applies(lx, amx)
+    no_bf16 = dataclasses.replace(base, features=base.features - {"amx-bf16"})
+    assert not x86.fp32_amx_rule().applies(stem, no_bf16)
+    names = [r.name for r in x86.rules()]
+    assert names.index("x86.fp32_amx") < names.index("x86.fp32_512")
+    if granted:
+        assert measure.select_rule(stem, amx).name == "x86.fp32_amx"
+
+
+FP32_AMX_CASES = [
+    ("f32_stem_7x7_s2", dict(cin=3, out=64, hw=(23, 21), k=7, pad=3, stride=2), 1),  # row chunks
+    ("f32_cifar_stem", dict(cin=3, out=16, hw=(12, 12)), 2),  # one partial block
+    ("f32_c32_n48", dict(cin=32, out=48, hw=(9, 7)), 2),  # whole chunks, partial block
+    ("f32_c64_s2", dict(cin=64, out=64, hw=(10, 10), stride=2), 3),  # phase planes
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "kw", "batch"), FP32_AMX_CASES,
+                         ids=[c[0] for c in FP32_AMX_CASES])
+def test_fp32_amx_is_as_accurate_as_torch_fp32(label, kw, batch):
+    """Against the float64 reference: within 4x the error of torch's own FP32 conv on the
+    same input (the pieces are exact; the products left out are at float32's roundoff)."""
+    import torch
+    import torch.nn.functional as F
+
+    _needs_amx("amx-bf16", "fp32_amx needs AMX-BF16")
+    tinfo = x86_info()
+    lx = make_layer("conv2d", fmt="fp32", act="fp32", name=label, seed=len(label), **kw)
+    rule = x86.fp32_amx_rule()
+    assert rule.applies(lx, tinfo)
+    kern = rule.build(lx, batch, tinfo)
+    prep = measure.prepare_kernel(kern, lx, tinfo)
+    ref = measure.reference_output(lx, prep.a)
+    x = torch.from_numpy(prep.a).permute(0, 3, 1, 2)
+    w = torch.from_numpy(lx.codes.astype(np.float32)).reshape(lx.out_channels, kw["cin"],
+                                                              *lx.kernel_size)
+    y = F.conv2d(x, w, torch.from_numpy(np.asarray(lx.bias, np.float32)), stride=lx.stride,
+                 padding=lx.padding).permute(0, 2, 3, 1).reshape(ref.shape).numpy()
+    torch_err = float(np.abs(y - ref).max())
+    assert prep.max_abs_err <= 4 * torch_err + 1e-6 * float(np.abs(ref).max())

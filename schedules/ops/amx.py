@@ -269,6 +269,11 @@ def amx_source(spec: GemmSpec) -> str:
     bf = spec.layout == "bf16_amx"  # bf16 tiles (tdpbf16ps): 32 channels per 64-byte row
     ck, esz = (AMX_K_BF16, 2) if bf else (AMX_K, 1)  # channels per tile row, operand bytes
     planes, xdt = (spec.planes, "uint16") if bf else (1, "int8")
+    ap = spec.a_planes if bf else 1  # bf16 pieces per input value (float32 inputs: 3)
+    if ap > 1 and spec.act_dtype != "float32":
+        raise ValueError(f"a_planes > 1 is for float32 inputs, got {spec.act_dtype}")
+    # the piece products run: all weight planes on the codes, i + j <= 2 on float32 inputs
+    pairs = [(i, j) for i in range(ap) for j in range(planes) if ap == 1 or i + j <= 2]
     c, h, w = spec.in_shape
     if (c % ck and not (bf and spec.k_row)) or spec.Np % AMX_NB:
         raise ValueError(f"{spec.layout} needs C % {ck} == 0 (bf16_amx: or row chunks) and Np "
@@ -296,7 +301,7 @@ def amx_source(spec: GemmSpec) -> str:
     # convs: 0.60-0.95x the time pixels inner; at batch 1 1.00-1.01x)
     # one image (int8 tiles): pixels inner too, each block decoded once by its task (one
     # process, batch 1: 64x56x56, 3x3/2 64 -> 128 and 128x28x28 0.82-0.92x the time)
-    pixels_inner = (kc * ck * spec.Np * planes > 2 * geo.copy_pixels * c
+    pixels_inner = (kc * ck * spec.Np * planes > 2 * geo.copy_pixels * c * ap
                     or (bf and nblk == 1) or (not bf and bt == 1))
     # pixels inner: the batch in chunks of ``ic`` images whose padded copies fit in half the
     # L2 (the blocks run over one chunk, then the next): a block's pass over the whole batch
@@ -305,7 +310,7 @@ def amx_source(spec: GemmSpec) -> str:
     # 0.85-0.97x, 128 KB 1.02-1.26x)
     ic = 1
     if pixels_inner:
-        fit = max(1, AMX_CHUNK_BYTES // (geo.copy_pixels * c * esz))
+        fit = max(1, AMX_CHUNK_BYTES // (geo.copy_pixels * c * esz * ap))
         ic = max(d for d in range(1, bt + 1) if bt % d == 0 and d <= fit)
     px = geo.tiles * (ic if pixels_inner else 1)  # tiles per channel block (and chunk)
     total = px * nblk * (bt // ic if pixels_inner else 1)
@@ -330,22 +335,31 @@ def amx_source(spec: GemmSpec) -> str:
         return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[k, {block}, i], "
                 "T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)")
 
-    def load_x(src: str) -> str:  # an activation code as a tile operand (bf16: exact bits)
+    def load_x(src: str, piece: int = 0) -> str:
+        """An activation as a tile operand: int8 codes as they are, as exact bf16 bits, or
+        (float32 inputs) its ``piece``-th bf16 piece: the top 16 bits of what the pieces
+        before it leave (truncation: each remainder is exact, and three cover 24 bits)."""
         if not bf:
             return src
-        return (f"T.Cast('uint16', T.shift_right(T.reinterpret('uint32', T.Cast('float32', "
-                f"{src})), T.uint32(16)))")
+        v = src if ap > 1 else f"T.Cast('float32', {src})"
+        for _ in range(piece):  # the remainder below the previous piece
+            v = (f"({v} - T.reinterpret('float32', T.bitwise_and(T.reinterpret('uint32', {v}), "
+                 f"T.uint32(4294901760))))")
+        return f"T.Cast('uint16', T.shift_right(T.reinterpret('uint32', {v}), T.uint32(16)))"
 
     extra, work, terms = _offset_terms(spec, h + 2 * ph, w + 2 * pw)
     xb = bt if pixels_inner else 1  # images held in the padded copy [image, pixel, C]
     qh, qw, plane = geo.qh, geo.qw, hp * wp
     # row chunks: a flat copy with a zeroed tail, for the last run's reads past the end
     slack = rc * ck if row_mode else 0
+    piece_len = xb * geo.copy_pixels * c  # elements of one piece's copy (float32 inputs)
 
-    def xp(u: str, pix: str, e: str) -> str:  # element e of pixel pix of image u in the copy
+    def xp(u: str, pix: str, e: str, piece: str = "0") -> str:
+        """Element e of pixel pix of image u in the copy (of the input's bf16 piece)."""
         if not row_mode:
-            return f"Xp[{u}, {pix}, {e}]"
-        return f"Xp[(({u}) * {geo.copy_pixels} + {pix}) * {c} + {e}]"
+            return f"Xp[{u}, {pix}, {e}]" if ap == 1 else f"Xp[({piece}) * {xb} + {u}, {pix}, {e}]"
+        at_piece = "" if ap == 1 else f"({piece}) * {piece_len} + "
+        return f"Xp[{at_piece}(({u}) * {geo.copy_pixels} + {pix}) * {c} + {e}]"
 
     def at(y: str, z: str) -> str:  # padded pixel (y, z) in the copy (flat: its phase plane)
         if (qh, qw) == (1, 1):
@@ -357,14 +371,14 @@ def amx_source(spec: GemmSpec) -> str:
                f" Wp: T.Buffer(({kc}, {nt}, 256), 'uint8'),")
     lines = [
         "@T.prim_func(s_tir=True)",
-        f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), 'int8'),{weights}"
+        f"def main(X: T.Buffer(({bt}, {h}, {w}, {c}), '{spec.act_dtype}'),{weights}"
         + "".join(f" {e}," for e in extra) +
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
         f" out: T.Buffer(({spec.M}, {spec.N}), '{spec.out_dtype}')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
-        (f"        Xp = T.alloc_buffer(({xb * geo.copy_pixels * c + slack},), '{xdt}')"
-         if row_mode else f"        Xp = T.alloc_buffer(({xb}, {geo.copy_pixels}, {c}), '{xdt}')"),
+        (f"        Xp = T.alloc_buffer(({ap * piece_len + slack},), '{xdt}')" if row_mode
+         else f"        Xp = T.alloc_buffer(({ap * xb}, {geo.copy_pixels}, {c}), '{xdt}')"),
         *work,
     ]
     if not pixels_inner and not bf:  # the 2-bit weights decoded once per call into B tiles
@@ -375,14 +389,14 @@ def amx_source(spec: GemmSpec) -> str:
                   "                    " + decode("Wd[k, nb, s * 256 + i]", "nb")]
     # the zero ring, once per call (Xp is a per-call workspace; the images only fill the
     # interior)
-    lines += [f"        for u, y in T.grid({xb}, {hp * qh}):",
+    lines += [f"        for i, u, y in T.grid({ap}, {xb}, {hp * qh}):",
               f"            for z in range({wp * qw}):",
               f"                if y < {ph} or y >= {h + ph} or z < {pw} or z >= {w + pw}:",
               f"                    for e in T.vectorized({c}):",
-              f"                        {xp('u', at('y', 'z'), 'e')} = T.{xdt}(0)"]
+              f"                        {xp('u', at('y', 'z'), 'e', 'i')} = T.{xdt}(0)"]
     if slack:
         lines += [f"        for e in range({slack}):",
-                  f"            Xp[{xb * geo.copy_pixels * c} + e] = T.{xdt}(0)"]
+                  f"            Xp[{ap * piece_len} + e] = T.{xdt}(0)"]
     if spec.w_off:  # the codes' channel sums of the padded image: zero on the ring
         lines += [f"        for y, z in T.grid({h + 2 * ph}, {w + 2 * pw}):",
                   "            asum[y, z] = 0"]
@@ -391,14 +405,15 @@ def amx_source(spec: GemmSpec) -> str:
               f"            for y in T.parallel({h}):"]
     if row_mode:  # one plane: each image row is one run of the padded row, copied as one
         # vector loop instead of a C-lane vector per pixel
-        lines += [f"                for e in T.vectorized({w * c}):",
-                  f"                    {xp(u, at(f'y + {ph}', str(pw)), 'e')}"
-                  f" = {load_x(f'X[b, y, e // {c}, e % {c}]')}"]
+        lines += [f"                for e in T.vectorized({w * c}):"]
+        lines += [f"                    {xp(u, at(f'y + {ph}', str(pw)), 'e', str(i))}"
+                  f" = {load_x(f'X[b, y, e // {c}, e % {c}]', i)}" for i in range(ap)]
     else:
         lines += [f"                for z, q in T.grid({w}, {cc}):",
-                  f"                    for e in T.vectorized({ck}):",
-                  f"                        {xp(u, at(f'y + {ph}', f'z + {pw}'), f'q * {ck} + e')}"
-                  f" = {load_x(f'X[b, y, z, q * {ck} + e]')}"]
+                  f"                    for e in T.vectorized({ck}):"]
+        lines += [f"                        "
+                  f"{xp(u, at(f'y + {ph}', f'z + {pw}'), f'q * {ck} + e', str(i))}"
+                  f" = {load_x(f'X[b, y, z, q * {ck} + e]', i)}" for i in range(ap)]
     if spec.w_off:  # each pixel's sum of codes, then each output's window sum
         lines += [f"                for z in range({w}):",
                   f"                    asum[y + {ph}, z + {pw}] = {channel_sum(c)}",
@@ -425,7 +440,7 @@ def amx_source(spec: GemmSpec) -> str:
     # one process, batch 64, int8 and ternary activations, it took 0.90-0.98x the time of the
     # plain order (both with batch chunks) on the ResNet-18 convs from 256 channels, 1.01-1.02x
     # on 128 -> 256 at stride 2; image by image (block inner) 1.10-1.18x, at batch 1 0.98-1.13x
-    pipelined = pixels_inner and bt > 1
+    pipelined = pixels_inner and bt > 1 and ap == 1
     n_slots = kc - 1 if pipelined else kc  # chunk-loop iterations
     epr = -(-2 * AMX_ROWS // max(n_slots, 1))  # epilogue rows per chunk
     lines += [
@@ -461,7 +476,7 @@ def amx_source(spec: GemmSpec) -> str:
         return [f"dy{sfx} = {k} // {kw * cc}", f"dx{sfx} = {k} // {cc} % {kw}",
                 f"q{sfx} = {k} % {cc}"]
 
-    def load_a(a: int, sfx: str) -> str:  # A tile a: 16 output pixels, from the padded copy
+    def load_a(a: int, sfx: str, piece: int = 0) -> str:  # A tile a: 16 output pixels
         dy, dx, q = f"dy{sfx}", f"dx{sfx}", f"q{sfx}"
         if geo.flat:  # indices 32 ti + 16 a .. + 15 of the tap's plane, shifted by the tap
             pos = f"({ti}) * {2 * AMX_ROWS} + {a * AMX_ROWS} + {dy} // {qh} * {wp} + {dx} // {qw}"
@@ -471,7 +486,8 @@ def amx_source(spec: GemmSpec) -> str:
             py, sg = f"({ti}) // {geo.segs}", f"({ti}) % {geo.segs}"
             pos = f"((2 * ({py}) + {a}) * {sh} + {dy}) * {wp} + ({sg}) * {AMX_ROWS * sw} + {dx}"
         img = b if pixels_inner else "0"
-        return intrin("tileloadd64", i8(4 + a), f"T.address_of({xp(img, pos, f'{q} * {ck}')})",
+        return intrin("tileloadd64", i8(4 + a),
+                      f"T.address_of({xp(img, pos, f'{q} * {ck}', str(piece))})",
                       f"T.int64({(1 if geo.flat else sw) * c * esz})")
 
     def load_b(j: int, k: str, p: int) -> str:  # B tile j (channels 32 nk + 16 j ..), plane p
@@ -563,8 +579,9 @@ def amx_source(spec: GemmSpec) -> str:
         else:
             lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
         tap = f"dy * {rc} + q" if row_mode else f"(dy * {kw} + dx) * {cc} + q"
-        lines += [ind + "    " + x for x in (load_a(0, ""), load_a(1, ""))]
-        for p in range(planes):
+        for i, p in pairs:  # each input piece's A tiles once, then its weight planes
+            if p == next(j for k, j in pairs if k == i):
+                lines += [ind + "    " + x for x in (load_a(0, "", i), load_a(1, "", i))]
             lines += [ind + "    " + x for x in (load_b(0, tap, p), load_b(1, tap, p),
                                                 dp(0, 0), dp(0, 1), dp(1, 0), dp(1, 1))]
         lines += [ind + "    " + x for x in previous_rows(tap)]

@@ -96,6 +96,10 @@ class GemmSpec:
     tt_split: bool = False
     #: ``bf16_amx``: bf16 pieces per weight (weight = their exact sum; FP16 scales take 2)
     planes: int = 1
+    #: ``bf16_amx`` on float32 inputs (FP32 convs: the stems ternary models keep in FP32): bf16
+    #: pieces per input value, split exactly while the image is copied (3: 24 bits); the
+    #: kernel runs the piece products ``a_i x w_j`` with ``i + j <= 2`` (:data:`.amx.PIECE_ORDER`)
+    a_planes: int = 1
     #: ``t2_amx`` / ``tt_amx``: the output requantized in the epilogue, ``clip(round(acc * S +
     #: bias [+ terms]), lo, hi)`` as int8 (S, bias and the terms divided by the output scale
     #: on the host: :func:`.packing.requantize_args`), as torch's quantized conv writes quint8;
@@ -294,7 +298,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     kg = g * gs  # >= K: a partial last group is zero-padded
     w_dtype: Literal["uint8", "int8", "float32", "uint64", "int16", "uint16"]
     row_words = False
-    planes, bf_row = 1, 0
+    planes, a_planes, bf_row = 1, 1, 0
     if layout == "tt_planes":
         kp = g * _round_up(gs, TT_WORD)  # each group padded to whole words
         w_dtype = "uint64"
@@ -326,12 +330,15 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         kp = gs = kh_ * kw_ * 3 * lut_geometry_of(in_shape[0], (kh_, kw_)).cgp  # padded triples
         w_dtype = "uint8"
     elif layout == "bf16_amx":
-        if lx.op != "conv2d" or act != "int8" or lx.act_mode != "int":
-            raise ValueError(f"layout bf16_amx is for int8-activation convs, got {lx.op} with "
-                             f"{act} activations")
-        # the scales are folded into the weights (bf16 pieces): one group, any group size
+        fp32 = lx.weight_format == "fp32" and lx.act_mode == "fp32"  # an FP32 conv
+        if lx.op != "conv2d" or not (fp32 or (act == "int8" and lx.act_mode == "int")):
+            raise ValueError(f"layout bf16_amx is for int8-activation and FP32 convs, got "
+                             f"{lx.op} with {lx.weight_format} weights and {act} activations")
+        # the scales are folded into the weights (bf16 pieces): one group, any group size;
+        # float32 weights and inputs take three pieces each
         g, gs, kp, w_dtype = 1, k, k, "uint16"
-        planes = len(bf16_pieces(np.asarray(lx.scales, np.float32)))
+        planes = 3 if fp32 else len(bf16_pieces(np.asarray(lx.scales, np.float32)))
+        a_planes = 3 if fp32 else 1
         if in_shape[0] % 32:  # row chunks: each kernel row's kw * C run padded to 32k
             kh_, kw_ = lx.kernel_size
             bf_row = _round_up(kw_ * in_shape[0], 32)
@@ -389,6 +396,6 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
         N=n, K=k, G=g, gs=gs, Kp=kp, Np=_round_up(n, nb), act_dtype=act, layout=layout,
         w_dtype=w_dtype, nb=nb, mb=mb, m_task=m_task, w_off=w_off, border=border,
         affine=affine, tile_n=tile_n if layout in INTRIN_LAYOUTS else AVX2_TILE_N,
-        row_words=row_words, k_row=k_row, planes=planes,
+        row_words=row_words, k_row=k_row, planes=planes, a_planes=a_planes,
     )
 
