@@ -106,16 +106,18 @@ _SCHED_LOCK = threading.Lock()
 
 
 def scheduled_kernel(lx: LayerExport, batch: int, tinfo: _tvm.TargetInfo, *,
-                     float_input: bool = False) -> tuple[ops.Rule, ops.GemmSpec, Any]:
+                     float_input: bool = False, out_clip: tuple[int, int] | None = None
+                     ) -> tuple[ops.Rule, ops.GemmSpec, Any]:
     """(rule, spec, scheduled PrimFunc) of ``lx``: the same rule, tile parameters and schedule
-    as :func:`.measure.build_layer` (so the whole model runs exactly the timed kernels)."""
+    as :func:`.measure.build_layer` (so the whole model runs exactly the timed kernels);
+    ``out_clip``: with int8 outputs (:attr:`.ops.GemmSpec.out_clip`)."""
     from . import tuning
     from .measure import select_rule
 
     rule = select_rule(lx, tinfo)
     cached = tuning.cached_params(rule, lx, batch, tinfo)
     p = dict(rule.default_params if cached is None else cached)
-    spec = rule.spec_for(lx, batch, tinfo, p, float_input=float_input)
+    spec = rule.spec_for(lx, batch, tinfo, p, float_input=float_input, out_clip=out_clip)
     key = (rule.name, spec, tinfo.target_str)
     with _SCHED_LOCK:
         func = _SCHED_CACHE.get(key)
@@ -134,6 +136,9 @@ class _Src:
     var: Any
     layout: str  # "nchw" | "nhwc" | "mn" (NHWC flattened to [B*H*W, C]) | "bf" | "vec"
     shape: tuple[int, ...]  # logical: (B, C, H, W), (B, F) or (C,)
+    #: int8 codes already quantized for this layer's kernel (a producer's fused output
+    #: quantizer, :meth:`_Lowering.output_codes`), not float32 values
+    codes_for: str = ""
 
 
 def _physical(src: _Src) -> tuple[int, ...]:
@@ -235,6 +240,8 @@ class _Lowering:
         self.kernels: list[KernelInfo] = []
         self.funcs: dict[int, Any] = {}  # id(scheduled PrimFunc) -> GlobalVar
         self.n_stage = 0
+        #: layer -> (the conv that alone reads its output, whether a ReLU sits between)
+        self.consumers: dict[str, tuple[_Gemm, bool]] = {}
 
     # -- helpers
     def param(self, name: str, arr: np.ndarray) -> Any:
@@ -292,6 +299,12 @@ class _Lowering:
         """The kernel input of ``spec``: codes (int8) or float32, NHWC / [B, K], from ``v``."""
         tirx = self.tirx
         f32 = "float32"
+        if _is_plain(v) and v.srcs[0].codes_for:  # quantized by the producer's epilogue
+            src = v.srcs[0]
+            if src.codes_for != lx.name or spec.float_in:
+                raise UnsupportedGraphError(f"{lx.name}: its input holds codes for "
+                                            f"{src.codes_for}")
+            return self.bb.emit(self.relax.op.reshape(src.var, spec.input_shape))
 
         def q(x: Any) -> Any:
             if spec.float_in or lx.act_mode == "fp32":
@@ -341,8 +354,34 @@ class _Lowering:
             return src.var
         return self.bb.emit(self.relax.op.reshape(src.var, shape))
 
+    def output_codes(self, spec: ops.GemmSpec, name: str
+                     ) -> tuple[tuple[int, int], float, str] | None:
+        """Whether a conv's epilogue can write the codes its one consumer's quantizer would
+        (``(out_clip, output scale, consumer)``, else None): an AMX int8-tile conv (int8
+        outputs: :attr:`.ops.GemmSpec.out_clip`) whose output is read only by another conv,
+        directly or through a ReLU (the clip's lower bound 0), whose input is int8 codes of
+        ``clip(round(x / act_scale), -qmax, qmax)`` (scale ``act_scale``) or ternary codes of
+        ``|x| > t`` (``clip(round(x / 2t), -1, 1)``, scale ``2 t``: equal but at ``|x| = t``
+        exactly). The scale is divided into the epilogue's S and bias on the host, so codes
+        one rounding boundary apart can differ from the separate quantize stage's."""
+        found = self.consumers.get(name)
+        if found is None or spec.layout not in ("t2_amx", "tt_amx") or spec.op != "conv2d":
+            return None
+        consumer, relu = found
+        lq = consumer.parts[0]
+        _r, sq, _f = scheduled_kernel(lq, self.batch, self.tinfo, float_input=True)
+        if (sq.float_in or sq.op != "conv2d"
+                or sq.input_shape != (self.batch, *spec.out_hw, spec.N)):
+            return None
+        if lq.act_mode == "int" and sq.act_dtype == "int8" and lq.act_qmax <= 127:
+            qm = int(lq.act_qmax)
+            return (0 if relu else -qm, qm), float(lq.act_scale), lq.name
+        if lq.act_mode == "ternary" and lq.act_threshold > 0:
+            return (0 if relu else -1, 1), 2.0 * float(lq.act_threshold), lq.name
+        return None
+
     # -- ops
-    def gemm(self, mod: _Gemm, v: _Val) -> _Val:
+    def gemm(self, mod: _Gemm, v: _Val, name: str = "") -> _Val:
         relax = self.relax
         outs: list[_Val] = []
         specs = []
@@ -353,6 +392,11 @@ class _Lowering:
             raise ValueError(f"{mod.parts[0].name}: branches disagree on float input")
         lx0, _r0, spec0, _f0 = specs[0]
         xin = self.quantized_input(lx0, spec0, v)
+        codes = self.output_codes(spec0, name) if len(specs) == 1 else None
+        if codes is not None:  # the consumer's quantizer fused into this epilogue
+            rule, spec, func = scheduled_kernel(lx0, self.batch, self.tinfo, float_input=True,
+                                                out_clip=codes[0])
+            specs = [(lx0, rule, spec, func)]
         for part, rule, spec, func in specs:
             gv = self.funcs.get(id(func))
             if gv is None:
@@ -361,15 +405,19 @@ class _Lowering:
                 gv = self.bb.add_func(func.with_attr("global_symbol", name)
                                       .with_attr("tirx.is_scheduled", True), name)
                 self.funcs[id(func)] = gv
-            pvars = [self.param(f"{part.name}.{i}", a)
-                     for i, a in enumerate(ops.pack_weight_args(spec, part))]
+            wargs = ops.pack_weight_args(spec, part)
+            if codes is not None:
+                wargs = ops.requantize_args(spec, wargs, codes[1])
+            pvars = [self.param(f"{part.name}.{i}", a) for i, a in enumerate(wargs)]
             out = self.bb.emit(relax.call_tir(
-                gv, [xin, *pvars], relax.TensorType((spec.M, spec.N), "float32")))
-            self.kernels.append(KernelInfo(part.name, rule.impl_for(part), rule.name,
+                gv, [xin, *pvars], relax.TensorType((spec.M, spec.N), spec.out_dtype)))
+            self.kernels.append(KernelInfo(part.name, rule.impl_for(part)
+                                           + ("_q8" if codes is not None else ""), rule.name,
                                            gv.name_hint, spec.shape_key))
             if spec.op == "conv2d":
                 ho, wo = spec.out_hw
-                src = _Src(out, "mn", (self.batch, spec.N, ho, wo))
+                src = _Src(out, "mn", (self.batch, spec.N, ho, wo),
+                           codes_for=codes[2] if codes is not None else "")
             else:
                 src = _Src(out, "bf", (self.batch, spec.N))
             outs.append(_Val.of(src))
@@ -403,6 +451,11 @@ class _Lowering:
 
     def clamp(self, v: _Val, lo: float | None, hi: float | None) -> _Val:
         tirx = self.tirx
+        if _is_plain(v) and v.srcs[0].codes_for:  # a ReLU fused into the codes' clip
+            if (lo, hi) != (0.0, None):
+                raise UnsupportedGraphError(f"clamp({lo}, {hi}) of codes for "
+                                            f"{v.srcs[0].codes_for}")
+            return v
 
         def f(ts: Sequence[Any], idx: Sequence[Any]) -> Any:
             x = v.f(ts, idx)
@@ -563,6 +616,7 @@ def build_graph(graph: nn.Module, exports: Mapping[str, LayerExport], *, batch: 
     shape = (batch, *input_shape)
     x = relax.Var("x", relax.TensorType(shape, "float32"))
     mods = dict(gm.named_modules())
+    low.consumers = _conv_consumers(gm, mods)
     env: dict[str, _Val] = {}
     users = {n.name: len(n.users) for n in gm.graph.nodes}
     out_val: _Val | None = None
@@ -609,6 +663,35 @@ def _with_params(low: _Lowering, mod: Any, x: Any) -> Any:
     return mod
 
 
+def _is_relu(node: torch.fx.Node, mods: Mapping[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(mods.get(str(node.target)), nn.ReLU)
+    if node.op == "call_function":
+        return node.target in _RELU and not node.kwargs
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _conv_consumers(gm: torch.fx.GraphModule, mods: Mapping[str, nn.Module]
+                    ) -> dict[str, tuple[_Gemm, bool]]:
+    """Each layer whose output only one conv/linear reads, directly or through one ReLU
+    that nothing else reads: ``{layer: (that module, whether the ReLU sits between)}``."""
+    out: dict[str, tuple[_Gemm, bool]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(mods.get(str(node.target)), _Gemm):
+            continue
+        prev, relu = node, False
+        if len(prev.users) != 1:
+            continue
+        (user,) = prev.users
+        if _is_relu(user, mods) and len(user.users) == 1 and user.args[:1] == (prev,):
+            prev, relu = user, True
+            (user,) = prev.users
+        target = mods.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(target, _Gemm) and user.args[:1] == (prev,):
+            out[str(node.target)] = (target, relu)
+    return out
+
+
 def _is_plain(v: _Val) -> bool:
     return getattr(v.f, "_plain", False)
 
@@ -629,7 +712,7 @@ def _lower_node(low: _Lowering, node: torch.fx.Node, mods: dict[str, nn.Module],
         mod = mods[str(node.target)]
         name = str(node.target)
         if isinstance(mod, _Gemm):
-            return low.gemm(mod, arg(0))
+            return low.gemm(mod, arg(0), name)
         if isinstance(mod, nn.Identity | nn.Dropout):
             return arg(0)
         if isinstance(mod, nn.ReLU):

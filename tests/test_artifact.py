@@ -292,6 +292,48 @@ def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, 
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
+@pytest.mark.parametrize(("method", "kw"), [("twn", {"act_bits": 8}), ("sttn", {}),
+                                          ("rtn", {})])
+def test_output_quantizer_fused_into_amx_convs(method, kw, data, monkeypatch) -> None:
+    """conv -> ReLU -> conv on AMX: the first 128-channel conv writes the second's int8 (or
+    ternary) codes from its epilogue (``_q8``, the ReLU in the clip), no quantize stage runs
+    between them, and the module reproduces the fake-quant logits; the second conv, read by
+    a pooling stage, keeps float32 outputs."""
+    from conftest import amx_granted
+    from ternbench.schedules.graph import build_graph
+    from ternbench.schedules.model import compare_logits
+
+    if not amx_granted():
+        pytest.skip("int8 outputs are fused on AMX-INT8 (t2_amx / tt_amx) only")
+    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
+    torch.manual_seed(0)
+    x, y = data
+    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
+                       progress=False)
+    qm = create_method(method, first_last="same", **kw).quantize(model, ctx)
+    qm.module.eval()
+    with torch.no_grad():
+        ref = qm.module(x)
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    impls = [k.impl for k in gm.kernels]
+    amx = "tvm_tt_amx" if method != "twn" else "tvm_t2_amx"
+    assert impls[1:3] == [amx + "_q8", amx], impls
+    text = gm.mod[gm.kernels[1].func].script()
+    assert 'out: T.Buffer((6272, 128), "int8")' in text
+    compare_logits(_run_in_process(qm, data), ref.numpy())
+    # one quantize stage fewer than with the fusion off (float32 out, a stage quantizes it)
+    from ternbench.schedules import graph
+
+    monkeypatch.setattr(graph, "_conv_consumers", lambda gm, mods: {})
+    plain = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    assert [k.impl for k in plain.kernels][1:3] == [amx, amx]
+    stages = [gm.mod["main"].script().count("quant_"), plain.mod["main"].script().count("quant_")]
+    assert stages[0] == stages[1] - 1 > 0
+
+
 def test_unsupported_op_is_named(data) -> None:
     from ternbench.schedules.graph import UnsupportedGraphError, build_graph
 
