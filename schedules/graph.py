@@ -15,7 +15,11 @@ node by node into a Relax function::
   of the next kernel (int8 or ternary codes, NHWC), a pooling stage, or a value that has
   several consumers (written once, float32 NHWC);
 * kernels read NHWC codes (or, for ``pixel_bits`` ternary convs, the float input, quantizing
-  while packing) and write ``[M, N]`` = NHWC, which the next stage reads in place.
+  while packing) and write ``[M, N]`` = NHWC, which the next stage reads in place;
+* an AMX int8-tile conv (``t2_amx`` / ``tt_amx``) whose output only another conv reads,
+  directly or through a ReLU, writes that conv's int8 or ternary codes from its epilogue
+  (:meth:`_Lowering.output_codes`; the ReLU is the clip's lower bound), so no quantize stage
+  runs between them: in ResNet-18 every block's first conv.
 
 No Python runs between layers: the Relax VM executes the whole graph. The result is compiled
 with :func:`compile_graph` (``tvm.compile``, CPU pipeline: no TIR rescheduling, static memory
