@@ -204,13 +204,14 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
-def _conv128(method: str, data, **kw):
-    """A 1-channel stem and a 128-channel 3x3/1 conv quantized by ``method`` (every layer,
-    ``first_last="same"``), its whole-model graph (batch 8) and its fake-quant logits."""
+def _conv128(method: str, data, depth: int = 1, **kw):
+    """A 1-channel stem and ``depth`` 128-channel 3x3/1 convs (each with a ReLU) quantized by
+    ``method`` (every layer, ``first_last="same"``), its whole-model graph (batch 8) and its
+    fake-quant logits."""
     from ternbench.schedules.graph import build_graph
 
-    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+    convs = [m for _ in range(depth) for m in (nn.Conv2d(128, 128, 3, padding=1), nn.ReLU())]
+    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(), *convs,
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
     torch.manual_seed(0)
     x, y = data
@@ -305,19 +306,7 @@ def test_output_quantizer_fused_into_amx_convs(method, kw, data, monkeypatch) ->
 
     if not amx_granted():
         pytest.skip("int8 outputs are fused on AMX-INT8 (t2_amx / tt_amx) only")
-    model = nn.Sequential(nn.Conv2d(1, 128, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
-                          nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10)).eval()
-    torch.manual_seed(0)
-    x, y = data
-    ctx = QuantContext(calib_loader=[(x, y)], train_loader=[(x, y)], bn_batches=1,
-                       progress=False)
-    qm = create_method(method, first_last="same", **kw).quantize(model, ctx)
-    qm.module.eval()
-    with torch.no_grad():
-        ref = qm.module(x)
-    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    qm, gm, ref = _conv128(method, data, depth=2, **kw)
     impls = [k.impl for k in gm.kernels]
     amx = "tvm_tt_amx" if method != "twn" else "tvm_t2_amx"
     assert impls[1:3] == [amx + "_q8", amx], impls

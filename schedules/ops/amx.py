@@ -52,6 +52,18 @@ a whole model: FGQ's ResNet-18 took 0.78x the time so, against chunk-major tiles
 apart, docs/kernels.md "Intel"); the A tiles hold 32 channels, the rest (padded copies, phase
 planes, tasks, pixels inner) is the int8 kernel's.
 
+FP32 convs (the stems ternary models keep in FP32; rule ``x86.fp32_amx``) run the same
+``bf16_amx`` kernel on float32 inputs (``GemmSpec.a_planes = 3``): each input value is split
+exactly into three bf16 pieces while the image is copied (one copy per piece), each weight
+into three (:func:`bf16_pieces`), and each reduction chunk runs the six piece products
+``a_i x w_j`` with ``i + j <= 2``; the three left out are each at most about 2^-24 of their
+product, float32's unit roundoff.
+
+``t2_amx`` / ``tt_amx`` can write int8 outputs (``GemmSpec.out_clip``): the epilogue rounds
+``acc * S + bias [+ terms]`` half to even, clips and narrows it, S, bias and the terms divided
+by the output scale on the host (:func:`.packing.requantize_args`); plain stores, since a
+32-channel block is half a cache line.
+
 Measured on the Intel emeraldrapids: docs/kernels.md, "Intel".
 
 Linux hands out the tile state per process on request (``arch_prctl(ARCH_REQ_XCOMP_PERM)``):

@@ -388,7 +388,6 @@ def requantize_args(spec: GemmSpec, args: list[np.ndarray], out_scale: float
     epilogue's value counts output steps (the codes the next layer reads).
 
     Example:
-        >>> import dataclasses
         >>> from ternbench.schedules.ops.spec import GemmSpec
         >>> spec = GemmSpec(op="conv2d", batch=1, in_shape=(64, 8, 8), kernel=(3, 3),
         ...                 stride=(1, 1), padding=(1, 1), out_hw=(8, 8), k_order="ijc", N=32,
