@@ -514,7 +514,8 @@ def amx_source(spec: GemmSpec) -> str:
 
     def requant(value: str, width: int) -> str:
         """``value`` as stored: float32, or (``out_clip``) rounded half to even, clipped and
-        narrowed to int8 (``vcvtps2dq`` + ``vpmovdb``), as torch's quantized ops round."""
+        narrowed to int8 (``vrndscaleps``, min / max, ``vcvttps2dq`` + ``vpmovdb``), as torch's
+        quantized ops round."""
         if spec.out_clip is None:
             return value
         lo, hi = (f"T.float32({v})" if width == 1 else f"T.broadcast(T.float32({v}), {width})"
@@ -592,7 +593,7 @@ def amx_source(spec: GemmSpec) -> str:
             lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
         tap = f"dy * {rc} + q" if row_mode else f"(dy * {kw} + dx) * {cc} + q"
         for i, p in pairs:  # each input piece's A tiles once, then its weight planes
-            if p == next(j for k, j in pairs if k == i):
+            if p == 0:  # the piece's first pair (pairs run i-major, j from 0)
                 lines += [ind + "    " + x for x in (load_a(0, "", i), load_a(1, "", i))]
             lines += [ind + "    " + x for x in (load_b(0, tap, p), load_b(1, tap, p),
                                                 dp(0, 0), dp(0, 1), dp(1, 0), dp(1, 1))]

@@ -98,7 +98,7 @@ class GemmSpec:
     planes: int = 1
     #: ``bf16_amx`` on float32 inputs (FP32 convs: the stems ternary models keep in FP32): bf16
     #: pieces per input value, split exactly while the image is copied (3: 24 bits); the
-    #: kernel runs the piece products ``a_i x w_j`` with ``i + j <= 2`` (:data:`.amx.PIECE_ORDER`)
+    #: kernel runs the piece products ``a_i x w_j`` with ``i + j <= 2`` (:func:`.amx.amx_source`)
     a_planes: int = 1
     #: ``t2_amx`` / ``tt_amx``: the output requantized in the epilogue, ``clip(round(acc * S +
     #: bias [+ terms]), lo, hi)`` as int8 (S, bias and the terms divided by the output scale
