@@ -164,6 +164,29 @@ def test_batch_chunks_match_reference(monkeypatch):
         assert np.isfinite(prep.max_abs_err)
 
 
+@pytest.mark.tvm
+def test_batch_one_decodes_inside_the_first_tile_or_up_front(monkeypatch):
+    """Batch 1: a block of at most ``AMX_INLINE_DECODE_TILES`` register tiles decodes each
+    chunk's B tiles in its first tile's chunk loop, a larger one all of them before its first
+    product; both exact against the reference (int8 and ternary activations)."""
+    import ternbench.schedules.ops.amx as amx_mod
+
+    _needs_amx()
+    tinfo = x86_info()
+    monkeypatch.setattr(rules, "_CACHE", {})  # these kernels stay out of the shared cache
+    for act in ("int", "ternary"):
+        lx = make_layer("conv2d", cin=128, out=64, hw=(7, 7), act=act, name=f"dec_{act}")
+        rule = x86.amx_rule() if act == "int" else x86.tt_amx_rule()
+        for tiles, inline in ((16, True), (1, False)):  # 2 tiles per block (flat, 7 x 9)
+            monkeypatch.setattr(amx_mod, "AMX_INLINE_DECODE_TILES", tiles)
+            rules._CACHE.clear()
+            kern = rule.build(lx, 1, tinfo)
+            src = amx_source(kern.spec)
+            assert ("Wp[(dy * 3 + dx) * 2 + q," in src) is inline
+            assert ("for k, j, s in T.grid(18, 2, 4):" in src) is not inline
+            measure.prepare_kernel(kern, lx, tinfo)  # raises on any mismatch
+
+
 def test_geometry_flat_and_row_tiles():
     """Stride-1 convs whose padded row is narrower than its 16-pixel segments take flat tiles
     (32 consecutive padded-width pixels); the others 2 rows x 16 pixels (or a shorter row)."""

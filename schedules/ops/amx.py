@@ -26,7 +26,9 @@ operands as they are (``tt_amx``; RTN's offsets are the affine terms of
   call (each A tile stays in L1 for all blocks), unless the decoded weights outweigh twice
   the padded image; then the pixels of the whole batch do, and each task decodes the blocks
   it runs into a buffer that stays in L2 for all their pixels (instead of 4x the packed
-  weights written and read back per call); a large batch goes in chunks of images whose
+  weights written and read back per call); at batch 1 a block of few tiles decodes each
+  chunk's B tiles inside its first tile's chunk loop, so the vector units decode while AMX
+  multiplies (:data:`AMX_INLINE_DECODE_TILES`); a large batch goes in chunks of images whose
   padded copies fit in half the L2 (:data:`AMX_CHUNK_BYTES`), every block over one chunk
   before the next, and each source tile is reloaded for the next chunk right after its last
   product (AMX does not rename tile registers: a load waits for the products that read it);
@@ -101,6 +103,9 @@ AMX_NB = 2 * AMX_N
 AMX_TASKS = 32
 #: bytes of the padded images one pass of the channel blocks covers (pixels inner)
 AMX_CHUNK_BYTES = 1 << 20
+#: batch 1: a block of at most this many register tiles decodes each chunk's B tiles in its
+#: first tile's chunk loop (the vector units decode while AMX multiplies), not all up front
+AMX_INLINE_DECODE_TILES = 16
 
 
 class AmxGeometry(NamedTuple):
@@ -343,8 +348,8 @@ def amx_source(spec: GemmSpec) -> str:
     def i8(v: int) -> str:
         return f"T.int8({v})"
 
-    def decode(dst: str, block: str) -> str:  # 64 codes w + 1 per 2-bit field -> int8 w
-        return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[k, {block}, i], "
+    def decode(dst: str, block: str, k: str = "k") -> str:  # 2-bit w + 1 -> int8 w
+        return (f"{dst} = T.Cast('int8', T.bitwise_and(T.shift_right(Wp[{k}, {block}, i], "
                 "T.Cast('uint8', 2 * s)), T.uint8(3))) - T.int8(1)")
 
     def load_x(src: str, piece: int = 0) -> str:
@@ -453,6 +458,12 @@ def amx_source(spec: GemmSpec) -> str:
     # plain order (both with batch chunks) on the ResNet-18 convs from 256 channels, 1.01-1.02x
     # on 128 -> 256 at stride 2; image by image (block inner) 1.10-1.18x, at batch 1 0.98-1.13x
     pipelined = pixels_inner and bt > 1 and ap == 1
+    # Batch 1 (int8 tiles, a task per block): a block of few tiles spent a large share of its
+    # time decoding its B tiles before the first product. Decoded chunk by chunk inside the
+    # first tile's loop, the decode overlaps the products (docs/measured/
+    # ab-x86-emr-inline-decode.txt: one process, paired rounds, against decoding up front).
+    inline_decode = (pixels_inner and not bf and bt == 1
+                     and px <= AMX_INLINE_DECODE_TILES)
     n_slots = kc - 1 if pipelined else kc  # chunk-loop iterations
     epr = -(-2 * AMX_ROWS // max(n_slots, 1))  # epilogue rows per chunk
     lines += [
@@ -475,8 +486,16 @@ def amx_source(spec: GemmSpec) -> str:
         f"{base}        for t in range(p * {per}, T.min(p * {per} + {per}, {total})):",
     ]
     ind = base + "            "
-    if pixels_inner and not bf:  # a new block (or the task's first tile): decode its tiles
-        lines += [f"{ind}if t == p * {per} or t % {px} == 0:",
+    first_tile = f"t == p * {per} or t % {px} == 0"  # a new block, or the task's first tile
+
+    def decode_chunk(k: str) -> list[str]:  # chunk k's B tiles, in a block's first tile
+        return [f"if {first_tile}:",
+                "    for j, s in T.grid(2, 4):",
+                "        for i in T.vectorized(256):",
+                "            " + decode(f"wl[{k}, j, s * 256 + i]", f"({nk}) * 2 + j", k)]
+
+    if pixels_inner and not bf and not inline_decode:  # decode the new block's tiles
+        lines += [f"{ind}if {first_tile}:",
                   f"{ind}    for k, j, s in T.grid({kc}, 2, 4):",
                   f"{ind}        for i in T.vectorized(256):",
                   f"{ind}            " + decode("wl[k, j, s * 256 + i]", f"({nk}) * 2 + j")]
@@ -592,6 +611,8 @@ def amx_source(spec: GemmSpec) -> str:
         else:
             lines += [f"{ind}for dy, dx, q in T.grid({kh}, {kw}, {cc}):"]
         tap = f"dy * {rc} + q" if row_mode else f"(dy * {kw} + dx) * {cc} + q"
+        if inline_decode:
+            lines += [ind + "    " + x for x in decode_chunk(tap)]
         for i, p in pairs:  # each input piece's A tiles once, then its weight planes
             if p == 0:  # the piece's first pair (pairs run i-major, j from 0)
                 lines += [ind + "    " + x for x in (load_a(0, "", i), load_a(1, "", i))]
