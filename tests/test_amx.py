@@ -160,8 +160,7 @@ def test_batch_chunks_match_reference(monkeypatch):
         rule = x86.amx_rule() if act == "int" else x86.tt_amx_rule()
         kern = rule.build(lx, 5, tinfo)
         assert "for kk in range(" in amx_source(kern.spec)
-        prep = measure.prepare_kernel(kern, lx, tinfo)
-        assert np.isfinite(prep.max_abs_err)
+        measure.prepare_kernel(kern, lx, tinfo)  # raises on any mismatch
 
 
 @pytest.mark.tvm
