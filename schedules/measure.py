@@ -222,9 +222,13 @@ def _max_err(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return err, float(np.max(np.abs(ref))) if ref.size else 0.0
 
 
-def _check(name: str, what: str, out: np.ndarray, ref: np.ndarray, rtol: float) -> float:
+def _check_shape(name: str, what: str, out: np.ndarray, ref: np.ndarray) -> None:
     if out.shape != ref.shape:
         raise KernelMismatchError(f"{name}: {what} output shape {out.shape} != {ref.shape}")
+
+
+def _check(name: str, what: str, out: np.ndarray, ref: np.ndarray, rtol: float) -> float:
+    _check_shape(name, what, out, ref)
     if not np.all(np.isfinite(out)):
         raise KernelMismatchError(f"{name}: {what} produced non-finite values")
     err, scale = _max_err(out, ref)
@@ -242,8 +246,7 @@ def _check_codes(name: str, what: str, q: np.ndarray, ref: np.ndarray, out_scale
     where the reference lies within ``rtol`` of a rounding boundary (the kernel's float32
     epilogue rounds there, the float64 reference does not). Returns max ``|q * out_scale -
     ref|``."""
-    if q.shape != ref.shape:
-        raise KernelMismatchError(f"{name}: {what} output shape {q.shape} != {ref.shape}")
+    _check_shape(name, what, q, ref)
     lo, hi = clip
     v = ref / out_scale
     want = np.clip(np.rint(v), lo, hi)
