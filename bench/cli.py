@@ -193,11 +193,7 @@ def _add_kernels_parser(sub: Any) -> None:
 
 
 def _cmd_kernels(a: argparse.Namespace) -> int:
-    from . import kernels
-
-    # before anything imports tvm (torch is already loaded: see the epilog)
-    for note in kernels.configure_env(a.threads):
-        log.warning(note)
+    from . import kernels  # main() set the thread pools and capped torch to --isa
     if a.metaschedule < 0:
         print("ternbench: error: --metaschedule TRIALS must be >= 0", file=sys.stderr)
         return 2
@@ -285,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     p.add_argument("--isa", choices=("native", "avx512", "avx2", "generic"), default=None,
                    help="x86 kernels for this ISA level instead of the CPU's own (e.g. "
-                   "--isa avx2 on an AVX-512 machine measures the AVX2 rule set; recorded in "
-                   "every latency row; env TERNBENCH_ISA)")
+                   "--isa avx2 on an AVX-512 machine measures the AVX2 rule set, and caps "
+                   "torch's baselines to AVX2 too; recorded in every latency row; env "
+                   "TERNBENCH_ISA)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     r = sub.add_parser(
@@ -700,6 +697,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.command is None:
         parser.print_help()
         return 2
+    if a.command == "kernels":  # the thread pools, before --isa's feature query imports tvm
+        from . import kernels
+
+        for note in kernels.configure_env(a.threads):
+            log.warning(note)
     try:
         if a.isa is not None:
             from ternbench import schedules
@@ -709,6 +711,14 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 print(f"ternbench: error: --isa: {exc}", file=sys.stderr)
                 return 2
+        from ternbench.schedules import forced_isa
+
+        from .kernels.env import cap_torch_isa
+
+        # torch's baselines at the forced level too (in this process and in the Ray workers
+        # it starts, which inherit the variables)
+        for note in cap_torch_isa(forced_isa()):
+            log.warning(note)
         if a.command == "run":
             return _cmd_run(a, ["ternbench", *argv])
         if a.command == "list":

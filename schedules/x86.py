@@ -11,8 +11,10 @@ The ternary kernel (bitnet.cpp "I2_S"-like, measured in ``shared/notes/tvm.md`` 
 * weights: 2-bit ``u = w + 1`` in 8n x 16k tiles; one ``vpsrlw + vpand`` per 32 bytes decodes an
   8n x 4k tile, minus 1 gives the signed codes;
 * activations: ``a + 128`` as uint8 (the ``A_in`` stage), so ``vpmaddubsw(u8 act, s8 w)``
-  followed by ``vpmaddwd(., 1)`` accumulates 8 int32 dot products of length 4; pair sums stay
-  within int16 (|255 + 255| < 2^15);
+  gives 8 outputs' pair sums of 4 k in int16 (|255 + 255| < 2^15); four of them (16 k) are
+  added in int16 (``vpaddw``: at most 8 * 255 per lane) before one ``vpmaddwd(., 1)`` widens
+  the 8 dot products to int32 (:func:`register_avx2_chain_intrinsic`; groups of 4, 8 or 12
+  widen every 4 k);
 * epilogue: ``S[n, g] * (acc - 128 * sum_{k in g} w[n, k]) + bias`` per group, fused under the
   group loop.
 
@@ -70,6 +72,10 @@ log = logging.getLogger(__name__)
 #: our own tensor intrinsic (``import tvm.s_tir.tensor_intrin`` would parse ~500 TVMScript
 #: functions and take minutes)
 AVX2_U8S8_8X4 = "ternbench_avx2_u8s8i32_8x4_local"
+AVX2_U8S8_CHAIN = "ternbench_avx2_u8s8i32_8x16_chain_local"
+#: the AVX2 kernel sums each 16-k tile in int16 before widening (see
+#: :func:`register_avx2_chain_intrinsic`); False: one widening per 4 k (the former kernel)
+AVX2_INT16_CHAIN = True
 
 # Tile constants (from the probe's 1-thread sweep, not re-tuned): T2_NB = 16 output channels
 # (2 AVX2 tiles) per task was best at batch 1 (NB = 64 was 2.6x slower); MB = 4 rows share a
@@ -221,6 +227,83 @@ def register_avx2_intrinsic() -> str:
     return AVX2_U8S8_8X4
 
 
+@functools.cache
+def _u8s8_chain_desc() -> Any:
+    """What the AVX2 chain intrinsic computes: ``C[i] += sum_k u8 A[k] * s8 W[k // 4, i, k % 4]``
+    over 16 k (four 8 x 4 tiles, 128 contiguous bytes of ``W_dec``)."""
+    _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((16,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((4, 8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:16], W[0:4, 0:8, 0:4])
+            T.writes(C[0:8])
+            for r, i, k in T.grid(4, 8, 4):
+                with T.sblock("update"):
+                    vi = T.axis.spatial(8, i)
+                    vk = T.axis.reduce(16, r * 4 + k)
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", W[vk // 4, vi, vk % 4])
+
+    return desc
+
+
+@functools.cache
+def register_avx2_chain_intrinsic() -> str:
+    """The AVX2 tile over 16 k with an int16 accumulation chain: four ``vpmaddubsw`` summed
+    with ``vpaddw``, then one ``vpmaddwd(., 1)`` + ``vpaddd`` into int32 (12 ops -> 9, and 8
+    multiplies -> 5 on the two ports that run them). Each int16 lane sums 8 products
+    ``(a + 128) * w`` with ``|w| <= 1``: at most 8 * 255 = 2040, no saturation (ternary
+    weights only: full-range int8 weights overflow one pair)."""
+    tvm = _tvm.require_tvm()
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((16,), "uint8", offset_factor=1),  # type: ignore[valid-type]
+        W: T.Buffer((4, 8, 4), "int8", offset_factor=1),  # type: ignore[valid-type]
+        C: T.Buffer((8,), "int32", offset_factor=1, scope=TILE_SCOPE),  # type: ignore[valid-type]
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:16], W[0:4, 0:8, 0:4])
+            T.writes(C[0:8])
+            # each step: the 4 activation bytes of k = 4r..4r+3 broadcast to all 8 lanes
+            q0 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            p0 = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(q0, 8), dtype="uint8x32"),
+                W.vload([0, 0, 0], dtype="int8x32"), dtype="int16x16")
+            q1 = T.reinterpret(A.vload([4], "uint8x4"), dtype="int32")
+            p1 = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(q1, 8), dtype="uint8x32"),
+                W.vload([1, 0, 0], dtype="int8x32"), dtype="int16x16")
+            q2 = T.reinterpret(A.vload([8], "uint8x4"), dtype="int32")
+            p2 = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(q2, 8), dtype="uint8x32"),
+                W.vload([2, 0, 0], dtype="int8x32"), dtype="int16x16")
+            q3 = T.reinterpret(A.vload([12], "uint8x4"), dtype="int32")
+            p3 = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(q3, 8), dtype="uint8x32"),
+                W.vload([3, 0, 0], dtype="int8x32"), dtype="int16x16")
+            p16 = (p0 + p1) + (p2 + p3)
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p16, T.int16x16(1),
+                dtype="int32x8")
+
+    try:
+        tvm.s_tir.TensorIntrin.register(AVX2_U8S8_CHAIN, _u8s8_chain_desc(), impl)
+    except Exception:  # tvm raises a generic error when the name exists (e.g. module reload)
+        tvm.s_tir.TensorIntrin.get(AVX2_U8S8_CHAIN)
+    return AVX2_U8S8_CHAIN
+
+
 #: LLVM intrinsic per VNNI flavour and tile width: AVX512-VNNI (+VL for the 256-bit EVEX
 #: form; 512-bit ``zmm`` for 16-wide tiles) or AVX-VNNI (VEX, 256-bit only); LLVM has one
 #: 256-bit intrinsic for both and picks the encoding from the target's features
@@ -291,21 +374,29 @@ def schedule_t2_avx2(func: Any, spec: GemmSpec, intrin: str | None = None) -> An
     mp, mo, mi = sch.split(m, [None, spec.m_task, spec.mb])
     tn = spec.tile_n
     no, nb, ni = sch.split(n, [None, spec.nb // tn, tn])
+    chain = (intrin == AVX2_U8S8_8X4 and AVX2_INT16_CHAIN and spec.gs % AVX2_TILE_K == 0
+             and spec.layout == "t2_avx2")
     if spec.gs % AVX2_TILE_K == 0:
         ko, kr, ki = sch.split(kk, [None, 4, 4])  # kk = ko*16 + kr*4 + ki
         red = [ko, kr]
     else:  # small groups (4, 8, 12): gs/4 sub-tiles of 4 k per group
         kr, ki = sch.split(kk, [None, 4])
         red = [kr]
-    sch.reorder(mp, no, mo, g, *red, mi, nb, ni, ki)
+    if chain:  # the 16 k of a tile inside the intrinsic: (mi | nb | [kr x ni x ki])
+        sch.reorder(mp, no, mo, g, ko, mi, nb, kr, ni, ki)
+        tile, intrin = kr, register_avx2_chain_intrinsic()
+    else:
+        sch.reorder(mp, no, mo, g, *red, mi, nb, ni, ki)
+        tile = ni
     fuse_epilogue(sch, acc, ep, out, g, mo)
     sch.compute_at(wd, no if spec.m_task > 1 else red[0])
     wl = sch.get_loops(wd)
     sch.vectorize(sch.fuse(wl[-2], wl[-1]))  # 32 bytes: one shift + mask + sub
     sch.unroll(mi)
     sch.unroll(nb)
-    sch.unroll(kr)
-    mod = finish_tensorized(sch, spec, acc, ep, out, (mp, no), g, red[0], ni, intrin)
+    if not chain:
+        sch.unroll(kr)
+    mod = finish_tensorized(sch, spec, acc, ep, out, (mp, no), g, red[0], tile, intrin)
     return _correction_into_init(mod)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from ternbench.bench import cli, kernels
 from ternbench.bench.kernels import KernelShape
-from ternbench.schedules import measure, ops
+from ternbench.schedules import _tvm, measure, ops
 
 TINY = [KernelShape("t", "t.conv", "conv2d", 8, 16, (6, 6), 3, 2, 1),
         KernelShape("t", "t.lin", "linear", 64, 24)]
@@ -95,6 +95,37 @@ def test_configure_env_sets_only_unset_variables(monkeypatch):
         assert any("TVM_THREAD_POOL_SPIN_COUNT" in n for n in notes)
     else:
         assert os.environ["TVM_THREAD_POOL_SPIN_COUNT"] == "0"
+
+
+_CAP_PROBE = """
+import sys, torch
+from ternbench.bench import kernels
+if sys.argv[1] == "late":
+    torch.ones(2).sum()  # torch picks its kernels before the cap
+notes = kernels.configure_env(1)
+print(torch.backends.cpu.get_cpu_capability(), len(notes))
+"""
+
+
+@pytest.mark.parametrize("isa,want", [("generic", "DEFAULT"), ("avx2", "AVX2")])
+def test_forced_isa_caps_torch_baselines(isa, want):
+    """A forced ISA level caps torch too (fresh processes: torch reads the cap once)."""
+    import subprocess
+
+    if not _tvm.is_x86_host():
+        pytest.skip("x86 ISA levels only")
+    if isa not in _tvm.host_isa_levels():
+        pytest.skip(f"this CPU has no {isa}")
+    env = {**os.environ, "TERNBENCH_ISA": isa}
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS"):
+        env.pop(var, None)
+    out = {when: subprocess.run([sys.executable, "-c", _CAP_PROBE, when], env=env,
+                                capture_output=True, text=True, check=True).stdout.split()
+           for when in ("early", "late")}
+    assert out["early"] == [want, "0"]
+    native = _tvm.host_isa_levels()[-1]
+    if native != isa:  # too late: torch kept the CPU's own kernels, and a note says so
+        assert out["late"][0] != want and out["late"][1] == "1"
 
 
 def test_cli_help_teaches(capsys):

@@ -450,6 +450,35 @@ def test_int8_act_kernel_instructions_per_isa(isa):
     assert lat.isa == isa and lat.impl == kern.impl
 
 
+@pytest.mark.tvm
+@pytest.mark.parametrize("gs,chained", [(None, True), (16, True), (4, False)])
+@pytest.mark.parametrize("sign", [1, -1])
+def test_avx2_kernel_sums_16_k_in_int16_before_widening(monkeypatch, gs, chained, sign):
+    """The AVX2 kernel adds four ``vpmaddubsw`` per 16 k in int16 and widens once (groups of
+    16k); groups of 4 widen every 4 k. Exact at the int16 chain's largest sums: every weight
+    +1 (or -1) against activation codes at +127 and at -127."""
+    pytest.importorskip("tvm")
+    if not _tvm.is_x86_host() or "avx2" not in _tvm.host_isa_levels():
+        pytest.skip("the AVX2 kernel needs an x86 CPU with AVX2")
+    monkeypatch.setenv(_tvm.ISA_ENV, "avx2")
+    info = x86_info()
+    lx = make_layer("conv2d", cin=16, out=16, hw=(6, 6), gs=gs)
+    lx = dataclasses.replace(lx, codes=np.full_like(lx.codes, sign))
+    rule = measure.select_rule(lx, info)
+    assert rule.name == "x86.t2_avx2"
+    kern = rule.build(lx, 2, info)
+    asm = kern.module.inspect_source("asm")
+    madd, widen = asm.count("vpmaddubsw"), asm.count("vpmaddwd")
+    assert madd > 0
+    if chained:
+        assert "vpaddw" in asm and 4 * widen <= madd, (madd, widen)
+    else:
+        assert widen >= madd, (madd, widen)
+    x = torch.full((2, *lx.input_shape), 100.0)
+    x[1] = -100.0  # codes +127 and -127 (the uint8 operand's 255 and 1)
+    measure.prepare_kernel(kern, lx, info, x)  # raises on any difference from the reference
+
+
 def test_isa_levels_and_forcing(monkeypatch):
     pytest.importorskip("tvm")
     if not _tvm.is_x86_host():

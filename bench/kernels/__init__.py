@@ -37,7 +37,7 @@ bandwidth, provenance), :mod:`.peaks` (the CPU's instruction peaks per inner rec
 from __future__ import annotations
 
 from .benchmark import QUICK_ROUNDS, QUICK_SAMPLE_S, ROUNDS, SAMPLE_S, KernelsResult, run_kernels
-from .env import configure_env, measure_bandwidth
+from .env import cap_torch_isa, configure_env, measure_bandwidth
 from .impls import loop_timer
 from .layers import ACT_MODES, synthetic_layer
 from .output import COLUMNS
@@ -64,6 +64,7 @@ __all__ = [
     "select_shapes",
     "synthetic_layer",
     "configure_env",
+    "cap_torch_isa",
     "measure_bandwidth",
     "measure_peaks",
     "RECIPES",

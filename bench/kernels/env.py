@@ -38,7 +38,46 @@ def configure_env(threads: int) -> list[str]:
                              "before starting ternbench")
             continue
         os.environ[var] = value
-    return notes
+    from ternbench.schedules import forced_isa
+
+    return notes + cap_torch_isa(forced_isa())
+
+
+#: per forced ISA level, what caps torch's own kernels to it: ATen's vectorised ops, oneDNN
+#: (torch's FP32 convs and the ``x86`` engine's int8 convs) and fbgemm (int8 linears; it needs
+#: AVX2, so it has no lower level). Each is read once, on first use.
+TORCH_ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+}
+
+
+def cap_torch_isa(isa: str | None) -> list[str]:
+    """Cap torch's kernels to the ISA level forced on the TVM rules (``--isa``), so that the
+    torch FP32 / INT8 baselines of a forced run are what a CPU of that level runs: ``--isa
+    avx2`` on an AVX-512 machine compares the AVX2 kernels with AVX2 torch, not with torch's
+    AVX-512 or AMX kernels. Variables the user set stay. Returns a note when torch already
+    picked its kernels (the cap then applies to nothing: start a fresh process).
+
+    Example:
+        >>> cap_torch_isa(None)  # the CPU's own level: torch is left alone
+        []
+    """
+    caps = TORCH_ISA_CAPS.get(isa or "", {})
+    for var, value in caps.items():
+        os.environ.setdefault(var, value)
+    if not caps:
+        return []
+    import torch
+
+    want = os.environ["ATEN_CPU_CAPABILITY"].upper()
+    got = torch.backends.cpu.get_cpu_capability()
+    if got.upper() != want:
+        return [f"torch runs {got} kernels, not {want}: it chose them before --isa {isa} "
+                "capped them; export ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA before "
+                "starting ternbench"]
+    return []
 
 
 def _l3_bytes() -> int:

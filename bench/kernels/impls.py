@@ -172,10 +172,16 @@ def _int8_engine(op: str) -> str:
     """What runs torch's int8 ``op``: the quantized engine, and for convs on a CPU with AMX
     tiles that the engine hands to oneDNN, "oneDNN AMX" (seen with ONEDNN_VERBOSE on an Intel
     emeraldrapids: ``brg_conv_fwd:avx10_1_512_amx``, ~630 GMAC/s on one core against
-    ``vpdpbusd``'s 186; dynamic quantized Linear stays on fbgemm)."""
+    ``vpdpbusd``'s 186; dynamic quantized Linear stays on fbgemm). Under a forced ISA level
+    (``--isa``), the level torch was capped to (:func:`.env.cap_torch_isa`)."""
     import torch
+    from ternbench.schedules import forced_isa
+
+    from .env import TORCH_ISA_CAPS
 
     engine = torch.backends.quantized.engine
+    if forced_isa() in TORCH_ISA_CAPS:
+        return f"{engine}, capped to {forced_isa()}"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if op == "conv2d" and engine in ("x86", "onednn") and amx:
         return f"{engine}, oneDNN AMX"

@@ -58,6 +58,24 @@ A2 static double maddubs(long n) {  /* 32 MACs per vpmaddubsw + vpmaddwd + vpadd
   for (int i = 0; i < 8; i++) { _mm256_storeu_si256((__m256i *)o, acc[i]); s += o[0]; }
   sink = s; return n * 8.0 * 32 / t;
 }
+A2 static double maddubs_chain(long n) {  /* 128 MACs per 4 vpmaddubsw + 3 vpaddw + vpmaddwd + vpaddd */
+  __m256i acc[8], b[8], a[4], one = _mm256_set1_epi16(1);
+  for (int i = 0; i < 8; i++) { acc[i] = _mm256_setzero_si256(); b[i] = _mm256_set1_epi8(i); }
+  for (int j = 0; j < 4; j++) a[j] = _mm256_set1_epi8(1 + j);
+  double t = now();
+  for (long r = 0; r < n; r++) {  /* four activation vectors: every (a, b) product distinct */
+    _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) {
+      __m256i s = _mm256_add_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(a[0], b[i]), _mm256_maddubs_epi16(a[1], b[i])),
+          _mm256_add_epi16(_mm256_maddubs_epi16(a[2], b[i]), _mm256_maddubs_epi16(a[3], b[i])));
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s, one));
+    }
+    __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]));
+  }
+  t = now() - t; int o[8]; long s = 0;
+  for (int i = 0; i < 8; i++) { _mm256_storeu_si256((__m256i *)o, acc[i]); s += o[0]; }
+  sink = s; return n * 8.0 * 128 / t;
+}
 A512 static double fgq4(long n) {  /* 64 MACs per vpdpbusd + vcvtdq2ps + FMA */
   __m512 acc[8]; __m512i w[8]; __m512 sc[8];
   __m512i cw = _mm512_set1_epi32(-3), a = _mm512_set1_epi8(7);
@@ -195,7 +213,7 @@ typedef double (*fn)(long);
 int main(int argc, char **argv) {
   struct { const char *name; fn f; } r[] = {
     {"fp32_fma256", fma256}, {"fp32_fma512", fma512}, {"int8_vpdpbusd", vnni},
-    {"int8_vpmaddubsw", maddubs}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
+    {"int8_vpmaddubsw", maddubs}, {"int8_vpmaddubsw_chain", maddubs_chain}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
     {"lut_vpermw", permw}, {"tt_vpermi2b", permi2b}, {"int8_amx", amx},
     {"bf16_amx", amxbf}};
   for (int a = 1; a < argc; a++)

@@ -9,7 +9,9 @@ GMAC/s per recipe:
 * ``int8_vpdpbusd``: u8 x s8 ``vpdpbusd`` on zmm, 64 MACs per instruction: the bound of torch
   INT8 (fbgemm) and of every int8-activation ternary kernel that multiplies (``tvm_t2_vnni``);
 * ``int8_vpmaddubsw``: AVX2's ``vpmaddubsw`` + ``vpmaddwd`` + ``vpaddd`` per 32 MACs
-  (``tvm_t2_avx2``);
+  (``tvm_t2_avx2`` with groups of 4, 8 or 12);
+* ``int8_vpmaddubsw_chain``: four ``vpmaddubsw`` summed in int16 (three ``vpaddw``), then one
+  ``vpmaddwd`` + ``vpaddd``, per 128 MACs (``tvm_t2_avx2``'s int16 chain over 16 k);
 * ``fgq4``: FGQ N=4's step, ``vpdpbusd`` onto the group's correction, ``vcvtdq2ps``, one FMA
   with the group scale: 64 MACs per three instructions;
 * ``tt_popcount``: ternary x ternary, per 64-bit word and 8 lanes ``vpandq``, ``vpternlogq``, two
@@ -57,6 +59,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "fp32_fma": ("avx2", "fma"),
     "int8_vpdpbusd": ("avx512f", "avx512bw", "avx512_vnni"),
     "int8_vpmaddubsw": ("avx2",),
+    "int8_vpmaddubsw_chain": ("avx2",),
     "fgq4": ("avx512f", "avx512bw", "avx512_vnni"),
     "tt_popcount": ("avx512f", "avx512_vpopcntdq"),
     "lut_exact": ("avx512f", "avx512bw"),
