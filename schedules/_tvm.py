@@ -41,6 +41,7 @@ __all__ = [
     "isa_of",
     "forced_isa",
     "force_isa",
+    "x86_target_at",
     "host_isa_levels",
 ]
 
@@ -223,6 +224,20 @@ def force_isa(isa: str | None) -> None:
         os.environ[ISA_ENV] = isa
     else:
         os.environ.pop(ISA_ENV, None)
+
+
+def x86_target_at(isa: str) -> TargetInfo:
+    """The local x86 target at ISA level ``isa`` whatever level is forced: what a CPU of that
+    level compiles (the benchmark builds a lower level's kernel this way when it times it beside
+    the chosen one). Raises ValueError above this CPU's level.
+
+    Example:
+        >>> x86_target_at("generic").isa  # doctest: +SKIP
+        'generic'
+    """
+    if isa not in ISA_LEVELS:
+        raise ValueError(f"isa must be one of {', '.join(ISA_LEVELS)}; got {isa!r}")
+    return _x86_info_for(None if isa == host_isa_levels()[-1] else isa)
 
 
 def host_isa_levels() -> tuple[str, ...]:

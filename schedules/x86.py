@@ -271,31 +271,36 @@ def register_avx2_chain_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:16], W[0:4, 0:8, 0:4])
             T.writes(C[0:8])
-            # each step: the 4 activation bytes of k = 4r..4r+3 broadcast to all 8 lanes
-            q0 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            p0 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.broadcast(q0, 8), dtype="uint8x32"),
-                W.vload([0, 0, 0], dtype="int8x32"), dtype="int16x16")
-            q1 = T.reinterpret(A.vload([4], "uint8x4"), dtype="int32")
-            p1 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.broadcast(q1, 8), dtype="uint8x32"),
-                W.vload([1, 0, 0], dtype="int8x32"), dtype="int16x16")
-            q2 = T.reinterpret(A.vload([8], "uint8x4"), dtype="int32")
-            p2 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.broadcast(q2, 8), dtype="uint8x32"),
-                W.vload([2, 0, 0], dtype="int8x32"), dtype="int16x16")
-            q3 = T.reinterpret(A.vload([12], "uint8x4"), dtype="int32")
-            p3 = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.broadcast(q3, 8), dtype="uint8x32"),
-                W.vload([3, 0, 0], dtype="int8x32"), dtype="int16x16")
-            p16 = (p0 + p1) + (p2 + p3)
+            # one expression, no named temporaries: TVM gives a let-bound value a workspace
+            # allocation inside the loop. Step r: the 4 activation bytes of k = 4r..4r+3
+            # broadcast to all 8 lanes, times the r-th 8 x 4 weight tile.
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p16, T.int16x16(1),
-                dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                (T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="uint8x32"),
+                        W.vload([0, 0, 0], dtype="int8x32"), dtype="int16x16")
+                 + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([4], "uint8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="uint8x32"),
+                        W.vload([1, 0, 0], dtype="int8x32"), dtype="int16x16"))
+                + (T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([8], "uint8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="uint8x32"),
+                        W.vload([2, 0, 0], dtype="int8x32"), dtype="int16x16")
+                   + T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([12], "uint8x4"),
+                                                                dtype="int32"), 8),
+                                      dtype="uint8x32"),
+                        W.vload([3, 0, 0], dtype="int8x32"), dtype="int16x16")),
+                T.int16x16(1), dtype="int32x8")
 
     try:
         tvm.s_tir.TensorIntrin.register(AVX2_U8S8_CHAIN, _u8s8_chain_desc(), impl)

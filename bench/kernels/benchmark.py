@@ -82,10 +82,11 @@ def _group(shape: KernelShape, batch: int, *, threads: int, act_modes: Sequence[
     def tvm_case(lx: Any, act_mode: str, rule: Any, impl: str | None = None,
                  out_clip: tuple[int, int] | None = None) -> Callable[[], _Impl]:
         def make() -> _Impl:
-            if tune and len(rule.grid) > 1:
+            target = _rule_target(rule, tinfo)
+            if tune and len(rule.grid) > 1 and target is tinfo:
                 tuning.search(lx, batch, tinfo.name, rule=rule, threads=threads,
                               max_points=tune_points, budget_s=tune_budget_s)
-            prep = tuning.prepare_rule(rule, lx, batch, tinfo, out_clip=out_clip)
+            prep = tuning.prepare_rule(rule, lx, batch, target, out_clip=out_clip)
             return _tvm_impl(prep, act_mode, rule.name, dev, impl)
 
         return make
@@ -144,6 +145,24 @@ def _group_alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
     from ternbench.schedules import x86
 
     return [r for r in x86.rules() if r.name in _INT8_ACT_RULES and r.applies(lx, tinfo)][:1]
+
+
+#: x86 rules of an ISA level below AVX-512 that are timed beside the chosen kernels there
+_RULE_LEVEL = {"x86.t2_avx2": "avx2"}
+
+
+def _rule_target(rule: Any, tinfo: Any) -> Any:
+    """The target to build ``rule`` for: a lower ISA level's rule (``x86.t2_avx2`` on an
+    AVX-512 CPU) is compiled as for a CPU of that level (LLVM ``mattr`` ``-avx512f``...), as
+    that CPU would run it. Built for the whole host CPU instead, LLVM's AVX-512 code around its
+    AVX2 intrinsics took 1.04-1.23x the time on the CIFAR convs (one process, Intel
+    emeraldrapids: docs/measured/ab-x86-emr-avx2-build-target.txt)."""
+    level = _RULE_LEVEL.get(rule.name)
+    if tinfo.family != "x86" or level is None or level == tinfo.isa:
+        return tinfo
+    from ternbench.schedules import _tvm
+
+    return _tvm.x86_target_at(level)
 
 
 #: the x86 int8-activation ternary rules besides the table lookups, highest ISA first
