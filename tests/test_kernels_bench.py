@@ -128,6 +128,27 @@ def test_forced_isa_caps_torch_baselines(isa, want):
         assert out["late"][0] != want and out["late"][1] == "1"
 
 
+def test_lower_level_kernels_are_built_for_their_level(monkeypatch):
+    """On an AVX-512 CPU the AVX2 kernel timed beside the chosen ones is compiled as for an
+    AVX2 CPU (``-avx512f``); every other rule, and every rule under a forced level, for the
+    target the run uses."""
+    pytest.importorskip("tvm")
+    from ternbench.bench.kernels.benchmark import _rule_target
+    from ternbench.schedules import x86
+
+    if not _tvm.is_x86_host() or "avx512" not in _tvm.host_isa_levels():
+        pytest.skip("needs an AVX-512 CPU (a lower level to build for)")
+    monkeypatch.delenv(_tvm.ISA_ENV, raising=False)
+    native = _tvm.target_info("x86")
+    by_name = {r.name: r for r in x86.rules()}
+    lower = _rule_target(by_name["x86.t2_avx2"], native)
+    assert lower.isa == "avx2" and "-avx512f" in lower.target_str
+    assert "avx512f" not in lower.features and native.isa == "avx512"
+    assert _rule_target(by_name["x86.t2_avx512vnni"], native) is native
+    forced = _tvm.x86_target_at("avx2")
+    assert _rule_target(by_name["x86.t2_avx2"], forced) is forced
+
+
 def test_cli_help_teaches(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["kernels", "--help"])

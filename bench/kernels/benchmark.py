@@ -175,10 +175,10 @@ def _alternatives(lx: Any, chosen: Any, tinfo: Any) -> list[Any]:
     """Every other ternary recipe this CPU runs for the layer's activations, timed beside the
     chosen one; x86 only. int8 activations: table lookups (``tvm_t2_lut``, convs), AMX
     ``tdpbssd`` (``tvm_t2_amx``, convs with 64k input channels, on AMX-INT8), ``vpdpbusd``
-    tiles (``tvm_t2_vnni``) and AVX2's ``vpmaddubsw`` + ``vpmaddwd`` int16 pair sums
-    (``tvm_t2_avx2``). Ternary activations: AMX tiles (``tvm_tt_amx``, convs with 64k input
-    channels), byte-table lookups (``tvm_tt_lut``, convs) and the popcount kernel
-    (``tvm_tt_popc``)."""
+    tiles (``tvm_t2_vnni``) and AVX2's ``vpmaddubsw`` int16 chains (``tvm_t2_avx2``, built
+    for the avx2 level: :func:`_rule_target`). Ternary activations: AMX tiles
+    (``tvm_tt_amx``, convs with 64k input channels), byte-table lookups (``tvm_tt_lut``,
+    convs) and the popcount kernel (``tvm_tt_popc``)."""
     if tinfo.family != "x86" or lx.act_mode not in ("int", "ternary"):
         return []
     from ternbench.schedules import x86
