@@ -262,6 +262,16 @@ def register_avx2_chain_intrinsic() -> str:
     tvm = _tvm.require_tvm()
     from tvm.script import tirx as T
 
+    def step(a: Any, w: Any, r: int) -> Any:
+        """``vpmaddubsw`` of k = 4r..4r+3: the 4 activation bytes broadcast to all 8 lanes,
+        times the r-th 8 x 4 weight tile (an expression: a named temporary inside the
+        intrinsic became a workspace allocation per tile)."""
+        word = T.reinterpret(a.vload([4 * r], "uint8x4"), dtype="int32")
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+            T.reinterpret(T.broadcast(word, 8), dtype="uint8x32"),
+            w.vload([r, 0, 0], dtype="int8x32"), dtype="int16x16")
+
     @T.prim_func(s_tir=True)
     def impl(
         A: T.Buffer((16,), "uint8", offset_factor=1),  # type: ignore[valid-type]
@@ -271,35 +281,9 @@ def register_avx2_chain_intrinsic() -> str:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:16], W[0:4, 0:8, 0:4])
             T.writes(C[0:8])
-            # one expression, no named temporaries: TVM gives a let-bound value a workspace
-            # allocation inside the loop. Step r: the 4 activation bytes of k = 4r..4r+3
-            # broadcast to all 8 lanes, times the r-th 8 x 4 weight tile.
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                (T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"),
-                                                                dtype="int32"), 8),
-                                      dtype="uint8x32"),
-                        W.vload([0, 0, 0], dtype="int8x32"), dtype="int16x16")
-                 + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([4], "uint8x4"),
-                                                                dtype="int32"), 8),
-                                      dtype="uint8x32"),
-                        W.vload([1, 0, 0], dtype="int8x32"), dtype="int16x16"))
-                + (T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([8], "uint8x4"),
-                                                                dtype="int32"), 8),
-                                      dtype="uint8x32"),
-                        W.vload([2, 0, 0], dtype="int8x32"), dtype="int16x16")
-                   + T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([12], "uint8x4"),
-                                                                dtype="int32"), 8),
-                                      dtype="uint8x32"),
-                        W.vload([3, 0, 0], dtype="int8x32"), dtype="int16x16")),
+                (step(A, W, 0) + step(A, W, 1)) + (step(A, W, 2) + step(A, W, 3)),
                 T.int16x16(1), dtype="int32x8")
 
     try:
