@@ -25,6 +25,7 @@ from ._tvm import (
     set_num_threads,
     target_info,
     tvm_version,
+    x86_target_at,
 )
 from .measure import (
     EvaluatorCfg,
@@ -69,4 +70,5 @@ __all__ = [
     "target_info",
     "time_kernel",
     "tvm_version",
+    "x86_target_at",
 ]

@@ -160,9 +160,9 @@ def _rule_target(rule: Any, tinfo: Any) -> Any:
     level = _RULE_LEVEL.get(rule.name)
     if tinfo.family != "x86" or level is None or level == tinfo.isa:
         return tinfo
-    from ternbench.schedules import _tvm
+    from ternbench.schedules import x86_target_at
 
-    return _tvm.x86_target_at(level)
+    return x86_target_at(level)
 
 
 #: the x86 int8-activation ternary rules besides the table lookups, highest ISA first
