@@ -717,15 +717,16 @@ def main(argv: list[str] | None = None) -> int:
 
         # torch's baselines at the forced level too (in this process and in the Ray workers
         # it starts, which inherit the variables)
-        for note in cap_torch_isa(forced_isa()):
-            log.warning(note)
-        if a.command == "run":
-            return _cmd_run(a, ["ternbench", *argv])
-        if a.command == "list":
-            return _cmd_list(a)
-        if a.command == "kernels":
-            return _cmd_kernels(a)
-        return _cmd_report(a)
+        with cap_torch_isa(forced_isa()) as notes:
+            for note in notes:
+                log.warning(note)
+            if a.command == "run":
+                return _cmd_run(a, ["ternbench", *argv])
+            if a.command == "list":
+                return _cmd_list(a)
+            if a.command == "kernels":
+                return _cmd_kernels(a)
+            return _cmd_report(a)
     except _user_errors() as exc:
         if a.debug:
             raise

@@ -98,18 +98,22 @@ def test_configure_env_sets_only_unset_variables(monkeypatch):
 
 
 _CAP_PROBE = """
-import sys, torch
+import os, sys, torch
 from ternbench.bench import kernels
+from ternbench.schedules import forced_isa
 if sys.argv[1] == "late":
     torch.ones(2).sum()  # torch picks its kernels before the cap
-notes = kernels.configure_env(1)
-print(torch.backends.cpu.get_cpu_capability(), len(notes))
+with kernels.cap_torch_isa(forced_isa()) as notes:
+    inside = os.environ.get("ONEDNN_MAX_CPU_ISA", "-")
+print(torch.backends.cpu.get_cpu_capability(), len(notes), inside,
+      os.environ.get("ONEDNN_MAX_CPU_ISA", "-"))
 """
 
 
 @pytest.mark.parametrize("isa,want", [("generic", "DEFAULT"), ("avx2", "AVX2")])
 def test_forced_isa_caps_torch_baselines(isa, want):
-    """A forced ISA level caps torch too (fresh processes: torch reads the cap once)."""
+    """A forced ISA level caps torch too (fresh processes: torch reads the cap once), and only
+    within the block: afterwards the variables are gone (no cap leaks into later Ray workers)."""
     import subprocess
 
     if not _tvm.is_x86_host():
@@ -122,7 +126,9 @@ def test_forced_isa_caps_torch_baselines(isa, want):
     out = {when: subprocess.run([sys.executable, "-c", _CAP_PROBE, when], env=env,
                                 capture_output=True, text=True, check=True).stdout.split()
            for when in ("early", "late")}
-    assert out["early"] == [want, "0"]
+    onednn = {"avx2": "AVX2", "generic": "SSE41"}[isa]
+    # capped inside the block (inherited by processes started there), restored after it
+    assert out["early"] == [want, "0", onednn, "-"]
     native = _tvm.host_isa_levels()[-1]
     if native != isa:  # too late: torch kept the CPU's own kernels, and a note says so
         assert out["late"][0] != want and out["late"][1] == "1"

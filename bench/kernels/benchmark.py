@@ -155,7 +155,7 @@ def _rule_target(rule: Any, tinfo: Any) -> Any:
     """The target to build ``rule`` for: a lower ISA level's rule (``x86.t2_avx2`` on an
     AVX-512 CPU) is compiled as for a CPU of that level (LLVM ``mattr`` ``-avx512f``...), as
     that CPU would run it. Built for the whole host CPU instead, LLVM's AVX-512 code around its
-    AVX2 intrinsics took 1.04-1.23x the time on the CIFAR convs (one process, Intel
+    AVX2 intrinsics took 0.98-1.56x the time on the CIFAR convs (one process, Intel
     emeraldrapids: docs/measured/ab-x86-emr-avx2-build-target.txt)."""
     level = _RULE_LEVEL.get(rule.name)
     if tinfo.family != "x86" or level is None or level == tinfo.isa:

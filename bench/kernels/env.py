@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,7 @@ def configure_env(threads: int) -> list[str]:
                              "before starting ternbench")
             continue
         os.environ[var] = value
-    from ternbench.schedules import forced_isa
-
-    return notes + cap_torch_isa(forced_isa())
+    return notes
 
 
 #: per forced ISA level, what caps torch's own kernels to it: ATen's vectorised ops, oneDNN
@@ -53,31 +52,40 @@ TORCH_ISA_CAPS: dict[str, dict[str, str]] = {
 }
 
 
-def cap_torch_isa(isa: str | None) -> list[str]:
-    """Cap torch's kernels to the ISA level forced on the TVM rules (``--isa``), so that the
-    torch FP32 / INT8 baselines of a forced run are what a CPU of that level runs: ``--isa
-    avx2`` on an AVX-512 machine compares the AVX2 kernels with AVX2 torch, not with torch's
-    AVX-512 or AMX kernels. Variables the user set stay. Returns a note when torch already
-    picked its kernels (the cap then applies to nothing: start a fresh process).
+@contextlib.contextmanager
+def cap_torch_isa(isa: str | None) -> Iterator[list[str]]:
+    """Within the block, torch's kernels are capped to the ISA level forced on the TVM rules
+    (``--isa``), so that the torch FP32 / INT8 baselines of a forced run are what a CPU of that
+    level runs: ``--isa avx2`` on an AVX-512 machine compares the AVX2 kernels with AVX2
+    torch, not with torch's AVX-512 or AMX kernels. Processes started inside the block (Ray
+    workers) inherit the cap; the variables are restored after it. Variables the user set
+    stay. Yields notes: one when this process's torch had already picked its kernels (the
+    cap then does not apply here: start a fresh process).
 
     Example:
-        >>> cap_torch_isa(None)  # the CPU's own level: torch is left alone
+        >>> with cap_torch_isa(None) as notes:  # the CPU's own level: torch is left alone
+        ...     notes
         []
     """
     caps = TORCH_ISA_CAPS.get(isa or "", {})
-    for var, value in caps.items():
-        os.environ.setdefault(var, value)
-    if not caps:
-        return []
-    import torch
+    added = [var for var in caps if var not in os.environ]
+    for var in added:
+        os.environ[var] = caps[var]
+    notes: list[str] = []
+    try:
+        if caps:
+            import torch
 
-    want = os.environ["ATEN_CPU_CAPABILITY"].upper()
-    got = torch.backends.cpu.get_cpu_capability()
-    if got.upper() != want:
-        return [f"torch runs {got} kernels, not {want}: it chose them before --isa {isa} "
-                "capped them; export ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA before "
-                "starting ternbench"]
-    return []
+            want = os.environ["ATEN_CPU_CAPABILITY"].upper()
+            got = torch.backends.cpu.get_cpu_capability()
+            if got.upper() != want:
+                notes.append(f"torch runs {got} kernels, not {want}: it chose them before "
+                             f"--isa {isa} capped them; export ATEN_CPU_CAPABILITY and "
+                             "ONEDNN_MAX_CPU_ISA before starting ternbench")
+        yield notes
+    finally:
+        for var in added:
+            os.environ.pop(var, None)
 
 
 def _l3_bytes() -> int:

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -175,13 +176,11 @@ def _int8_engine(op: str) -> str:
     ``vpdpbusd``'s 186; dynamic quantized Linear stays on fbgemm). Under a forced ISA level
     (``--isa``), the level torch was capped to (:func:`.env.cap_torch_isa`)."""
     import torch
-    from ternbench.schedules import forced_isa
-
-    from .env import TORCH_ISA_CAPS
 
     engine = torch.backends.quantized.engine
-    if forced_isa() in TORCH_ISA_CAPS:
-        return f"{engine}, capped to {forced_isa()}"
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    if capped:
+        return f"{engine}, oneDNN capped to {capped}"
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     if op == "conv2d" and engine in ("x86", "onednn") and amx:
         return f"{engine}, oneDNN AMX"
