@@ -58,7 +58,8 @@ A2 static double maddubs(long n) {  /* 32 MACs per vpmaddubsw + vpmaddwd + vpadd
   for (int i = 0; i < 8; i++) { _mm256_storeu_si256((__m256i *)o, acc[i]); s += o[0]; }
   sink = s; return n * 8.0 * 32 / t;
 }
-A2 static double maddubs_chain(long n) {  /* 128 MACs per 4 vpmaddubsw + 3 vpaddw + vpmaddwd + vpaddd */
+/* 128 MACs per 4 vpmaddubsw + 3 vpaddw + vpmaddwd + vpaddd (tvm_t2_avx2's int16 chain) */
+A2 static double maddubs_chain(long n) {
   __m256i acc[8], b[8], a[4], one = _mm256_set1_epi16(1);
   for (int i = 0; i < 8; i++) { acc[i] = _mm256_setzero_si256(); b[i] = _mm256_set1_epi8(i); }
   for (int j = 0; j < 4; j++) a[j] = _mm256_set1_epi8(1 + j);
@@ -213,7 +214,8 @@ typedef double (*fn)(long);
 int main(int argc, char **argv) {
   struct { const char *name; fn f; } r[] = {
     {"fp32_fma256", fma256}, {"fp32_fma512", fma512}, {"int8_vpdpbusd", vnni},
-    {"int8_vpmaddubsw", maddubs}, {"int8_vpmaddubsw_chain", maddubs_chain}, {"fgq4", fgq4}, {"tt_popcount", popc}, {"lut_exact", lut},
+    {"int8_vpmaddubsw", maddubs}, {"int8_vpmaddubsw_chain", maddubs_chain}, {"fgq4", fgq4},
+    {"tt_popcount", popc}, {"lut_exact", lut},
     {"lut_vpermw", permw}, {"tt_vpermi2b", permi2b}, {"int8_amx", amx},
     {"bf16_amx", amxbf}};
   for (int a = 1; a < argc; a++)
