@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _tvm
 from .ops import GemmSpec, Params, Rule, plan_gemm, tile_kwargs
+from .ops.compute import unrolled_im2col
 
 if TYPE_CHECKING:
     from ternbench.core.export import LayerExport
@@ -126,6 +127,8 @@ def _split_im2col_columns(sch: Any, k: Any, name: str, spec: GemmSpec) -> None:
     if spec.k_row and name == "A_in":  # the run unrolled: constant indices
         _i, r = sch.split(k, [kh, spec.k_row])
         sch.unroll(r)
+    elif name == "A_in" and unrolled_im2col(spec):  # every column a constant offset
+        sch.unroll(k)
     elif width == spec.K and spec.k_order == "ijc":
         _i, _j, ch = sch.split(k, [kh, kw, c])
         _vector_split(sch, ch, c)

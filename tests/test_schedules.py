@@ -739,7 +739,37 @@ PER_TASK_CASES = [
     ("int8_stem_krow", dict(op="conv2d", fmt="int8", out=16, cin=3, k=7, stride=2, pad=3,
                             hw=(64, 64)), 1),
     ("tt_pixel", dict(op="conv2d", out=16, cin=16, hw=(32, 32), act="ternary"), 1),
+    # K padded (FGQ groups): one im2col stage, its columns unrolled (compute.unrolled_im2col)
+    ("t2_gs4_stem", dict(op="conv2d", out=16, cin=3, gs=4, hw=(32, 32), order="ijc"), 1),
+    ("t2_gs64_c16", dict(op="conv2d", out=16, cin=16, gs=64, hw=(32, 32), order="ijc"), 1),
 ]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("max_k", [0, 64, 256])
+def test_padded_im2col_one_stage_or_two(tvm_mod, max_k, monkeypatch):
+    """A grouped conv whose padded im2col row (K = 27 -> Kp) is at most
+    ``UNROLLED_IM2COL_MAX_K`` wide builds it in one stage with every column unrolled; a wider
+    one (here: the limit 0) as the im2col proper (``A_core``) plus a padding copy. Both exact."""
+    from ternbench.core.reference import layer_reference
+    from ternbench.schedules.ops import compute
+
+    monkeypatch.setattr(x86, "_applies_bf16_amx", lambda lx, target: False)
+    monkeypatch.setattr(compute, "UNROLLED_IM2COL_MAX_K", max_k)
+    # the kernel caches are keyed by spec, which does not hold the limit
+    monkeypatch.setattr(graph, "_SCHED_CACHE", {})
+    monkeypatch.setattr(ops.rules, "_CACHE", {})
+    lx = make_layer("conv2d", out=16, cin=3, gs=4, hw=(9, 7), order="ijc", seed=11)
+    _rule, spec, func = graph.scheduled_kernel(lx, 2, x86_info())
+    assert spec.Kp != spec.K == 27 and not spec.k_row
+    one_stage = spec.Kp <= max_k
+    assert compute.unrolled_im2col(spec) == one_stage
+    assert generic.has_block(_tvm.require_tvm().s_tir.Schedule(func), "A_core") != one_stage
+    x = torch.randn(2, *lx.input_shape, generator=torch.Generator().manual_seed(2))
+    _impl, y = run_layer(lx, x)
+    ref = layer_reference(lx, x).numpy()
+    assert np.abs(y - ref).max() <= measure.FLOAT_RTOL * np.abs(ref).max()
+    assert np.abs(ref).max() > 1.0
 
 
 @pytest.mark.tvm

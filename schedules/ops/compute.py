@@ -42,6 +42,22 @@ def _source_col(spec: GemmSpec, k: Any) -> tuple[Any, Any]:
     return te.min(k, k_ - 1), k < k_
 
 
+#: a padded im2col row of at most this many columns is built in one stage with its columns
+#: unrolled (constant indices), not as the im2col proper plus a padding copy
+UNROLLED_IM2COL_MAX_K = 256
+
+
+def unrolled_im2col(spec: GemmSpec) -> bool:
+    """Whether a conv's padded im2col row (``Kp != K``, no ``k_row``) is short enough to build
+    in one stage with every column unrolled: each column's source is then a constant offset
+    from the output pixel's, and LLVM merges the runs of one kernel row into 8- and 1-byte
+    copies (FGQ N=4 on a 3-channel stem, 27 -> 32 columns: two root stages of byte copies
+    with a sign extension per element took 0.68 of the kernel's time, perf on the Intel
+    emeraldrapids). Wider rows keep the two stages (no div/mod per element)."""
+    return (spec.op == "conv2d" and not spec.k_row and spec.Kp != spec.K
+            and spec.Kp <= UNROLLED_IM2COL_MAX_K and spec.layout != "tt_planes")
+
+
 def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
     """``A_in [M, Kp]`` of a conv: a padded copy ``X_pad`` (bounds checks once per pixel,
     contiguous over C) when the conv pads, then a gather with affine indices only.
@@ -63,7 +79,7 @@ def _im2col(spec: GemmSpec, x: Any, shift: Callable[[Any], Any] | None) -> Any:
 
         src = te.compute((spec.batch, h + 2 * ph, w + 2 * pw, c), pad, name="X_pad")
 
-    if not spec.k_row and spec.Kp != spec.K:
+    if not spec.k_row and spec.Kp != spec.K and not unrolled_im2col(spec):
         # K padded (FGQ groups that do not divide the fan-in, e.g. N=64 on 144; a 3-channel
         # stem's 27 -> 32 or 64 bits): the im2col proper over [M, K] (a perfect (C, kh, kw)
         # split, no div/mod per element), then a copy that inserts the zero columns
