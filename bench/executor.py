@@ -121,6 +121,26 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def forwarded_env() -> dict[str, str]:
+    """The variables of this process that fix the ISA level kernels run at: the forced x86 rule
+    level (``--isa`` / ``TERNBENCH_ISA``) and the caps it puts on torch
+    (:func:`.kernels.env.cap_torch_isa`). An embedded Ray's workers inherit them; an existing
+    cluster's workers get them through the job's ``runtime_env``, so that a forced run computes
+    the same everywhere.
+
+    Example:
+        >>> set(forwarded_env()) <= {"TERNBENCH_ISA", "ATEN_CPU_CAPABILITY",
+        ...                          "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS"}
+        True
+    """
+    from ternbench.schedules import ISA_ENV
+
+    from .kernels.env import TORCH_ISA_CAPS
+
+    names = {ISA_ENV, *(k for caps in TORCH_ISA_CAPS.values() for k in caps)}
+    return {k: os.environ[k] for k in sorted(names) if os.environ.get(k)}
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0].strip()
@@ -154,8 +174,13 @@ class RayExecutor:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             if address:
                 log.info("connecting to Ray cluster at %s", address)
+                env_vars = forwarded_env()
+                if env_vars:
+                    log.info("the cluster's workers get %s", ", ".join(
+                        f"{k}={v}" for k, v in sorted(env_vars.items())))
                 try:
-                    ray.init(address=address, log_to_driver=False)
+                    ray.init(address=address, log_to_driver=False,
+                             runtime_env={"env_vars": env_vars} if env_vars else None)
                 except Exception as exc:
                     raise RayStartError(
                         f"cannot connect to the Ray cluster at {address} ({origin}): "

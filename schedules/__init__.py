@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from ._tvm import (
+    ISA_ENV,
     KNOWN_TARGETS,
     TargetInfo,
     cuda_arch,
@@ -46,6 +47,7 @@ from .measure import (
 
 __all__ = [
     "EvaluatorCfg",
+    "ISA_ENV",
     "KNOWN_TARGETS",
     "KernelMismatchError",
     "LayerCheck",

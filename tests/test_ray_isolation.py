@@ -64,3 +64,48 @@ def test_run_ignores_a_local_ray_cluster(tmp_path: Path) -> None:
                 pass
         time.sleep(0.5)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_cluster_workers_get_the_forced_isa(tmp_path: Path) -> None:
+    """With ``--ray-address`` (an existing cluster, whose workers do not inherit the driver's
+    environment) a forced ISA level and its torch caps reach the workers via the job's
+    runtime_env, so that a forced run computes the same on a cluster as on an embedded Ray."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp = Path(tempfile.mkdtemp(prefix="tbisa-", dir="/tmp"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    for k in ("RAY_ADDRESS", "TERNBENCH_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA"):
+        env.pop(k, None)
+    port = "46393"
+    probe = (
+        "import os, ray\n"
+        "from ternbench.bench.executor import RayExecutor\n"
+        f"ex = RayExecutor(address='127.0.0.1:{port}')\n"
+        "f = ray.remote(num_cpus=1)(lambda: [os.environ.get(k) for k in "
+        "('TERNBENCH_ISA', 'ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA')])\n"
+        "print('WORKER', ray.get(f.remote()))\n"
+        "ray.shutdown()\n")
+    try:
+        # the cluster starts without the variables: its workers cannot have them from it
+        subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=1",
+                        "--include-dashboard=false", f"--temp-dir={temp}"], env=env,
+                       check=True, capture_output=True, timeout=120)
+        forced = {**env, "TERNBENCH_ISA": "generic", "ATEN_CPU_CAPABILITY": "default",
+                  "ONEDNN_MAX_CPU_ISA": "SSE41"}
+        proc = subprocess.run([sys.executable, "-c", probe], env=forced, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER"))
+        assert line == "WORKER ['generic', 'default', 'SSE41']", line
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER"))
+        assert line == "WORKER [None, None, None]", line
+    finally:
+        for pid in _pids_with(str(temp), f":{port} "):  # by PID, never `ray stop`
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.5)
+        shutil.rmtree(temp, ignore_errors=True)
