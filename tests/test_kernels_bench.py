@@ -435,3 +435,59 @@ def test_int8_output_rows_and_summary(monkeypatch):
     head = next(x for x in lines if x.startswith("| suite"))
     assert "int8 outputs (`_q8`), int8 act: x torch int8 | int8 outputs (`_q8`), ternary" in head
     assert "| s | 3x3 convs | 1 | 1 | 8.00, 1.00 | 10.00, 1.50 | 1.25 | 1.75 | 8.00 |" in lines
+
+
+# ----------------------------------------------------------------------------- A/B tool
+
+
+def test_ab_settings_parse_and_restore():
+    from ternbench.bench.kernels import ab
+    from ternbench.schedules.ops import compute
+
+    s = ab.Setting.parse("ternbench.schedules.ops.compute.UNROLLED_IM2COL_MAX_K = 0")
+    assert (s.module, s.name, s.value) == ("ternbench.schedules.ops.compute",
+                                           "UNROLLED_IM2COL_MAX_K", 0)
+    for bad, words in (("UNROLLED_IM2COL_MAX_K", "MODULE.NAME=VALUE"),
+                       ("ternbench.schedules.ops.compute.UNROLLED_IM2COL_MAX_K=abc", "literal"),
+                       ("ternbench.nowhere.X=1", "cannot import"),
+                       ("ternbench.schedules.ops.compute.NO_SUCH=1", "no attribute")):
+        with pytest.raises(ValueError, match=words):
+            ab.Setting.parse(bad)
+    before = compute.UNROLLED_IM2COL_MAX_K
+    with ab.applied([s]):
+        assert compute.UNROLLED_IM2COL_MAX_K == 0
+    assert compute.UNROLLED_IM2COL_MAX_K == before
+    with pytest.raises(RuntimeError), ab.applied([s]):  # restored on an error too
+        raise RuntimeError
+    assert compute.UNROLLED_IM2COL_MAX_K == before
+
+
+def test_ab_cli_reports_bad_input(capsys):
+    from ternbench.bench.kernels import ab
+
+    assert ab.main(["--rule", "x86.t2_avx2", "--a", "nothing"]) == 2
+    assert "ab: error: setting 'nothing'" in capsys.readouterr().err
+
+
+@pytest.mark.tvm
+def test_ab_times_both_variants_beside_torch():
+    """The one-stage im2col (B, as is) against the two stages (A) on a small grouped stem: both
+    built, checked and timed; a control with one group builds the same kernel both ways."""
+    pytest.importorskip("tvm")
+    from ternbench.bench.kernels import ab
+
+    info = _tvm.target_info("x86")
+    if not info.has("avx2"):
+        pytest.skip("x86.t2_avx2 needs an x86 CPU with AVX2")
+    with pytest.raises(ValueError, match="did you mean 'x86.t2_avx2'"):
+        ab.run_ab("x86.t2_avx3", [])
+    shape = KernelShape("t", "t.stem", "conv2d", 3, 16, (12, 12), 3, 1, 1)
+    a = [ab.Setting.parse("ternbench.schedules.ops.compute.UNROLLED_IM2COL_MAX_K=0")]
+    rows = ab.run_ab("x86.t2_avx2", a, shapes=[shape], batches=[2], group_sizes=[4, 0],
+                     rounds=3, sample_s=0.001)
+    assert [(r.shape, r.group_size, r.batch) for r in rows] == [
+        ("conv 3x3/1 3x12x12->16", 4, 2), ("conv 3x3/1 3x12x12->16", 0, 2)]
+    for r in rows:
+        assert all(math.isfinite(v) and v > 0 for v in
+                   (r.a_us, r.b_us, r.torch_fp32_us, r.b_over_a, r.a_x_fp32, r.b_x_fp32))
+        assert "B/A" in r.line()

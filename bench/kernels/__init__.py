@@ -31,7 +31,9 @@ Modules (one job each; every public name is re-exported here, ``ternbench.bench.
 :mod:`.shapes` (the shape suites), :mod:`.layers` (synthetic layers), :mod:`.env` (thread pools,
 bandwidth, provenance), :mod:`.peaks` (the CPU's instruction peaks per inner recipe),
 :mod:`.impls` (the measured implementations), :mod:`.benchmark`
-(:func:`run_kernels`), :mod:`.output` (CSV rows and the Markdown summary).
+(:func:`run_kernels`), :mod:`.output` (CSV rows and the Markdown summary), :mod:`.ab` (a paired
+A/B of one rule built under two settings; a tool run as ``python -m
+ternbench.bench.kernels.ab``, not re-exported).
 """
 
 from __future__ import annotations
