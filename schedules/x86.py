@@ -407,9 +407,12 @@ def _correction_into_init(mod: Any) -> Any:
         body = blk.body
         if blk.name_hint == "acc_init" and isinstance(body, tirx.BufferStore):
             _m, vg, vn = (iv.var for iv in blk.iter_vars)
-            store = tirx.BufferStore(body.buffer, tirx.const(0, "int32") - cw[vg, vn],
+            nbw = int(cw.shape[2])  # block-major [Np/nb, G, nb] (see ops.gemm_compute)
+            at = (vn // nbw, vg, vn % nbw)
+            store = tirx.BufferStore(body.buffer, tirx.const(0, "int32") - cw[at],
                                      body.indices)
-            return s_tir.SBlock(blk.iter_vars, [cw[vg:vg + 1, vn:vn + 1]], blk.writes,
+            return s_tir.SBlock(blk.iter_vars, [cw[at[0]:at[0] + 1, vg:vg + 1,
+                                                   at[2]:at[2] + 1]], blk.writes,
                                 blk.name_hint, store, blk.init, blk.alloc_buffers,
                                 blk.match_buffers, blk.annotations)
         if blk.name_hint == "ep_update":

@@ -982,4 +982,6 @@ def test_int8_tile_correction_starts_the_accumulator(tvm_mod, monkeypatch):
     if "t2" not in rule.name or "generic" in rule.name:
         pytest.skip(f"{rule.name} has no tile correction")
     text = func.script()
-    assert "= 0 - Cw[v_g, v_n]" in text and "- Cw[" not in text.replace("= 0 - Cw[", "")
+    # Cw block-major [Np/nb, G, nb] (ops.gemm_compute)
+    assert re.search(r"= 0 - Cw\[v_n // \d+, v_g, v_n % \d+\]", text)
+    assert "- Cw[" not in text.replace("= 0 - Cw[", "")

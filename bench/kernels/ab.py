@@ -167,9 +167,9 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
             for batch in batches:
                 impls: list[_Impl] = []
                 for tag, settings in (("A", a), ("B", b)):
-                    with applied(settings):
+                    with applied(settings):  # packing may read them too
                         kern = r.build(lx, batch, tinfo, None)
-                    prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
+                        prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
                     impls.append(_tvm_impl(prep, act, rule, dev, impl=tag))
                 impls.append(_torch_fp32_impl(lx, batch, threads))
                 _time_group(impls, threads=threads, rounds=rounds, min_s=sample_s)

@@ -14,8 +14,9 @@ padding never changes the result):
 * ``t2_avx2``: 2-bit unsigned codes ``u = w + 1``, tile ``[Np/8, Kp/16, 32]`` (an 8n x 4k int8
   tile per 32 bytes after one shift+mask). The x86 kernel feeds ``vpmaddubsw`` with *unsigned*
   activations ``a + 128`` and signed decoded weights, so the correction ``128 * sum_k w`` is a
-  weight-only constant ``Cw[g, n]`` (passed like the scales, which this layout takes
-  group-major, ``S[g, n]``, so a tile's scales are one vector load) and the epilogue has a single
+  weight-only constant ``Cw`` (passed like the scales, which this layout takes block-major,
+  ``S[n // nb, g, n % nb]``, so a tile's scales are one vector load and a channel block's
+  groups are contiguous, :func:`.packing.block_major`) and the epilogue has a single
   producer, which lets it be fused under the group loop.
 * ``i8_avx2``: dense int8 weights in the decoded ``t2_avx2`` tile order ``[Np/T, Kp/4, 4T]``,
   fed to the same VNNI tile intrinsic (``vpdpbusd`` accumulates in int32: full-range int8

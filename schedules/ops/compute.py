@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .. import _tvm
 from .amx import amx_compute
 from .lut import lut_compute
-from .packing import AVX2_ACT_OFFSET, TT_WORD, border_class_counts
+from .packing import AVX2_ACT_OFFSET, TT_WORD, border_class_counts, scale_block
 from .ttlut import ttlut_compute
 
 if TYPE_CHECKING:
@@ -155,16 +155,19 @@ def gemm_compute(spec: GemmSpec) -> Any:
     a = _input_stage(spec, x, shifted if avx2 else None)
     assert a.dtype == ("uint8" if avx2 else spec.act_dtype)
 
-    # t2_avx2 takes S and Cw group-major ([G, Np]): the epilogue under the group loop then
+    # t2_avx2 takes S and Cw block-major ([Np/nb, G, nb]): the epilogue under the group loop
     # loads a tile's scales as one contiguous vector (an [Np, G] row per channel was a
-    # G-strided gather per group: FGQ N=4 ran below torch FP32)
-    s = te.placeholder((g_, np_) if avx2 else (np_, g_), "float32", name="S")
+    # G-strided gather per group: FGQ N=4 ran below torch FP32), and a channel block's groups
+    # follow each other (group-major [G, Np] put them Np * 4 bytes apart: 2 KB at 512
+    # channels, few cache sets, so FGQ N=4 on 512x7x7 re-read them from L3 every row tile)
+    nbw = scale_block(spec)
+    s = te.placeholder((np_ // nbw, g_, nbw) if avx2 else (np_, g_), "float32", name="S")
     bias = te.placeholder((np_,), "float32", name="bias")
     kk = te.reduce_axis((0, gs), "kk")
     acc_t = spec.acc_dtype
     if avx2:
         tn = spec.tile_n
-        cw = te.placeholder((g_, np_), "int32", name="Cw")
+        cw = te.placeholder((np_ // nbw, g_, nbw), "int32", name="Cw")
         if spec.layout == "i8_avx2":
             # dense int8 weights already in tiles [N/T, K/4, 4T]: W_dec is a copy of a task's
             # tiles (the same schedule places it), no decode
@@ -194,7 +197,8 @@ def gemm_compute(spec: GemmSpec) -> Any:
             name="acc")
 
         def term(m: Any, g: Any, n: Any) -> Any:
-            return s[g, n] * (acc[m, g, n] - cw[g, n]).astype("float32")
+            blk, j = n // nbw, n % nbw
+            return s[blk, g, j] * (acc[m, g, n] - cw[blk, g, j]).astype("float32")
     else:
         if spec.layout in ("t2_blocked", "t2_decoded"):
             wp = te.placeholder((np_ // spec.nb, kp // 4, spec.nb), "uint8", name="Wp")

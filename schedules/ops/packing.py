@@ -102,6 +102,30 @@ def pack_dense_blocked(w: np.ndarray, nb: int, np_: int, kp: int, dtype: str) ->
     return np.ascontiguousarray(p.reshape(np_ // nb, nb, kp).transpose(0, 2, 1))
 
 
+#: the ``t2_avx2`` / ``i8_avx2`` scales and corrections in blocks of the register tile's
+#: channels (False: one block of all ``Np``, i.e. group-major ``[G, Np]``, the layout before)
+SCALES_BLOCK_MAJOR = True
+
+
+def scale_block(spec: GemmSpec) -> int:
+    """Channels per block of the ``t2_avx2`` / ``i8_avx2`` scales and corrections (see
+    :func:`block_major`): the register tile's ``nb``."""
+    return spec.nb if SCALES_BLOCK_MAJOR else spec.Np
+
+
+def block_major(per_group: np.ndarray, nb: int) -> np.ndarray:
+    """``[Np, G]`` per-(output, group) values -> ``[Np / nb, G, nb]``: a block of ``nb`` output
+    channels holds its groups one after the other, each group's ``nb`` values contiguous (the
+    ``t2_avx2`` / ``i8_avx2`` scales and corrections; with one group it is the ``[Np]`` order).
+
+    Example:
+        >>> block_major(np.arange(8).reshape(4, 2), 2)[1].tolist()  # channels 2, 3
+        [[4, 6], [5, 7]]
+    """
+    np_, g = per_group.shape
+    return np.ascontiguousarray(per_group.reshape(np_ // nb, nb, g).transpose(0, 2, 1))
+
+
 def group_code_sums(codes: np.ndarray, groups: int, gs: int, np_: int) -> np.ndarray:
     """int32 [Np, G]: ``sum`` of the codes of each (output, group), zero rows for padding."""
     n = codes.shape[0]
@@ -336,9 +360,9 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         return _pack_tt_args(spec, lx, codes)
     if spec.layout in ("t2_avx2", "i8_avx2"):
         pack = pack_t2_avx2 if spec.layout == "t2_avx2" else pack_i8_tiles
-        w_args = [pack(codes, spec.Np, spec.Kp, spec.tile_n),
-                  np.ascontiguousarray(
-                      (AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np)).T)]
+        w_args = [pack(codes, spec.Np, spec.Kp, spec.tile_n), block_major(
+            AVX2_ACT_OFFSET * group_code_sums(codes, spec.G, spec.gs, spec.Np),
+            scale_block(spec))]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
     elif spec.layout == "t2_lut":
@@ -367,8 +391,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
         scales = np.ones((spec.N, spec.G))
     act_scale = 1.0 if lx.act_mode == "fp32" else float(lx.act_scale)  # fp32: used as is
     s = _pad2((scales * act_scale).astype(np.float32), spec.Np, spec.G)
-    if spec.layout in ("t2_avx2", "i8_avx2"):  # group-major (see gemm_compute)
-        s = np.ascontiguousarray(s.T)
+    if spec.layout in ("t2_avx2", "i8_avx2"):  # block-major (see gemm_compute)
+        s = block_major(s, scale_block(spec))
     elif spec.layout in ("t2_lut", "tt_lut", "t2_amx", "tt_amx", "bf16_amx"):  # one group
         s = s.reshape(spec.Np)
     bias = np.zeros(spec.Np, np.float32)
