@@ -26,6 +26,17 @@ def _pids_with(*texts: str) -> list[int]:
             if any(t in line for t in texts) and str(os.getpid()) != line.split(None, 1)[0]]
 
 
+def _stop_cluster(temp: Path, port: str) -> None:
+    """End the test's own cluster: its processes by PID (never `ray stop`), then its folder."""
+    for pid in _pids_with(str(temp), f":{port} "):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    time.sleep(0.5)
+    shutil.rmtree(temp, ignore_errors=True)
+
+
 def test_run_ignores_a_local_ray_cluster(tmp_path: Path) -> None:
     ray_bin = Path(sys.executable).with_name("ray")
     # our cluster's own (short: socket paths) temp dir; its processes carry it in argv
@@ -57,13 +68,7 @@ def test_run_ignores_a_local_ray_cluster(tmp_path: Path) -> None:
             env=env, capture_output=True, text=True, timeout=120)
         assert ping.stdout.strip().splitlines()[-1] == "1", ping.stderr[-2000:]
     finally:
-        for pid in _pids_with(str(temp), f":{port} "):  # by PID, never `ray stop`
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_cluster(temp, port)
 
 
 def test_cluster_workers_get_the_forced_isa(tmp_path: Path) -> None:
@@ -102,10 +107,4 @@ def test_cluster_workers_get_the_forced_isa(tmp_path: Path) -> None:
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("WORKER"))
         assert line == "WORKER [None, None, None]", line
     finally:
-        for pid in _pids_with(str(temp), f":{port} "):  # by PID, never `ray stop`
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-        shutil.rmtree(temp, ignore_errors=True)
+        _stop_cluster(temp, port)
