@@ -50,9 +50,9 @@ UNROLLED_IM2COL_MAX_K = 256
 def unrolled_im2col(spec: GemmSpec) -> bool:
     """Whether a conv's padded im2col row (``Kp != K``, no ``k_row``) is short enough to build
     in one stage with every column unrolled: each column's source is then a constant offset
-    from the output pixel's, and LLVM merges the runs of one kernel row into 8- and 1-byte
-    copies (FGQ N=4 on a 3-channel stem, 27 -> 32 columns: two root stages of byte copies
-    with a sign extension per element took 0.68 of the kernel's time, perf on the Intel
+    from the output pixel's, and LLVM merges the runs of one kernel row into wide copies
+    (FGQ N=4 on a 3-channel stem, 27 -> 32 columns: two root stages of byte copies with a
+    sign extension per element took 0.61-0.62 of the kernel's time, perf on the Intel
     emeraldrapids). Wider rows keep the two stages (no div/mod per element)."""
     return (spec.op == "conv2d" and not spec.k_row and spec.Kp != spec.K
             and spec.Kp <= UNROLLED_IM2COL_MAX_K and spec.layout != "tt_planes")
