@@ -279,11 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    p.add_argument("--isa", choices=("native", "avx512", "avx2", "generic"), default=None,
+    p.add_argument("--isa", choices=("native", "amx", "avx512", "avx2", "generic"),
+                   default=None,
                    help="x86 kernels for this ISA level instead of the CPU's own (e.g. "
                    "--isa avx2 on an AVX-512 machine measures the AVX2 rule set, and caps "
-                   "torch's baselines to AVX2 too; recorded in every latency row; env "
-                   "TERNBENCH_ISA)")
+                   "torch's baselines to AVX2 too; --isa avx512 on an AMX CPU measures what "
+                   "an AVX-512 CPU without AMX runs, torch's int8 convs kept off AMX too; "
+                   "recorded in every latency row; env TERNBENCH_ISA)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     r = sub.add_parser(

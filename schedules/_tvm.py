@@ -170,16 +170,19 @@ _GATED_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq",
 
 #: x86 ISA levels, lowest first, with the LLVM features each one switches off on the host CPU
 #: (LLVM also drops every feature that needs a disabled one: ``-avx512f`` takes VNNI and
-#: VPOPCNTDQ with it). Forcing a lower level gives one machine both rule sets to measure, and
-#: lets the AVX2 tests run on an AVX-512 CPU.
+#: VPOPCNTDQ with it, ``-amx-tile`` AMX-INT8 and AMX-BF16). Forcing a lower level gives one
+#: machine several rule sets to measure, and lets the AVX2 tests run on an AVX-512 CPU;
+#: ``avx512`` on an AMX CPU is what an AVX-512 CPU without AMX (AMD znver4) runs.
 ISA_LEVELS: dict[str, tuple[str, ...]] = {
     "generic": ("-avx", "-amx-tile"),
     "avx2": ("-avx512f", "-avxvnni", "-amx-tile"),
-    "avx512": (),
+    "avx512": ("-amx-tile",),
+    "amx": (),
 }
 #: environment variable that forces an ISA level (what ``--isa`` sets)
 ISA_ENV = "TERNBENCH_ISA"
 _AVX512_BASE = frozenset({"avx512f", "avx512bw", "avx512vl"})
+_AMX_INT8 = frozenset({"amx-tile", "amx-int8"})
 
 
 def isa_of(features: frozenset[str]) -> str:
@@ -188,9 +191,11 @@ def isa_of(features: frozenset[str]) -> str:
     Example:
         >>> isa_of(frozenset({"avx2", "fma"}))
         'avx2'
+        >>> isa_of(frozenset({"avx512f", "avx512bw", "avx512vl", "amx-tile", "amx-int8"}))
+        'amx'
     """
     if _AVX512_BASE <= features:
-        return "avx512"
+        return "amx" if _AMX_INT8 <= features else "avx512"
     return "avx2" if "avx2" in features else "generic"
 
 
@@ -221,6 +226,9 @@ def force_isa(isa: str | None) -> None:
         if isa not in avail:
             raise ValueError(f"this CPU cannot run ISA level {isa!r}; it has: "
                              f"{', '.join(avail)}")
+        if isa == avail[-1]:  # the CPU's own level: nothing to force (torch is left alone too)
+            isa = None
+    if isa is not None:
         os.environ[ISA_ENV] = isa
     else:
         os.environ.pop(ISA_ENV, None)
@@ -336,6 +344,8 @@ def _x86_info_for(isa: str | None) -> TargetInfo:
             target = tvm.target.Target({**spec, "mattr": list(ISA_LEVELS[isa])})
         desc += f", forced to {isa}"
     feats = frozenset(f for f in _GATED_FEATURES if codegen.llvm_cpu_has_features(f, target))
+    if not enable_amx():  # tiles the kernel refuses to this process are not there for us
+        feats -= {"amx-tile", "amx-int8", "amx-bf16"}
     info = TargetInfo(name="x86", target_str=str(target), kind="llvm", mcpu=mcpu,
                       is_x86=True, features=feats, family="x86", local=True,
                       description=desc, isa=isa_of(feats))

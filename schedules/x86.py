@@ -95,9 +95,17 @@ TT_NB = 8
 TT_MB = 4
 TT_ROWS_PER_TASK = 64
 T2_DEFAULT = {"nb": T2_NB, "mb": T2_MB, "rows": T2_ROWS_PER_TASK}
-#: AVX-512 VNNI: 16-wide (zmm) tiles, two per task (the best point of a first sweep over the
-#: ResNet-18 convs and the 4608x512 GEMV; the 8-wide ymm tiles stay in the grid)
-T2_512_DEFAULT = {"nb": 32, "mb": 4, "rows": 64, "tn": 16}
+#: AVX-512 VNNI: 16-wide (zmm) tiles, two per block, 8 rows: 16 zmm accumulators. Intel's
+#: cores issue two 512-bit ``vpdpbusd`` a cycle at a 5-cycle latency, so they need 10 or more
+#: independent accumulators: 4 rows (8) took 1.19-1.51x the time of 8 on the ResNet-18 3x3
+#: convs (emeraldrapids forced to ``avx512``; the same on 7x7 maps at batch 1, whose 49 rows
+#: tile by 7 either way) and 1.04-1.30x on CIFAR's (``docs/measured/ab-x86-emr-vnni-rows.txt``).
+#: The 8-wide ymm tiles stay in the grid.
+T2_512_DEFAULT = {"nb": 32, "mb": 8, "rows": 64, "tn": 16}
+#: ... except for one-tap layers (1x1 convs, linears) with at most this many inputs: there 8
+#: rows took 1.15-1.61x the time of 4 (the CIFAR and ResNet-18 1x1/2 downsamples with 16-64
+#: inputs, the 64 -> 10 classifier), so their plan keeps at most 4 rows per register tile
+T2_512_SHORT_K = 64
 TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 #: AVX-512 VPOPCNTDQ: 16 channels (two zmm of int64 accumulators) x 2 rows (ResNet-18 3x3
 #: convs 2-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
@@ -483,6 +491,8 @@ def _tile_plan(layout: Any) -> Any:
         # blocks) would compute padding channels: clamp it to the channels, whole tiles
         tn = kw.get("tile_n", 8)
         kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
+        if tn == 16 and lx.fan_in <= T2_512_SHORT_K and tuple(lx.kernel_size) == (1, 1):
+            kw["mb_max"] = min(kw["mb_max"], 4)
         return plan_gemm(lx, batch, layout, **kw)
 
     return plan
@@ -810,7 +820,7 @@ def rules() -> list[Rule]:
         # tiles are 16 channels wide (zmm), AVX-VNNI's 8 (ymm)
         Rule("x86.t2_avx512vnni", "tvm_t2_vnni", _applies_vnni("avx512vnni"), _plan_t2_avx2,
              _schedule_t2_vnni("avx512vnni"),
-             grid=_grid((16, 32, 64), (2, 4), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
+             grid=_grid((16, 32, 64), (2, 4, 8), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
         Rule("x86.t2_avxvnni", "tvm_t2_vnni", _applies_vnni("avxvnni"), _plan_t2_avx2,
              _schedule_t2_vnni("avxvnni"), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256),
                                                       T2_DEFAULT)),
@@ -829,7 +839,7 @@ def rules() -> list[Rule]:
         # dense int8 on VNNI: the same tiles and intrinsic, the weights copied instead of decoded
         Rule("x86.i8_avx512vnni", "tvm_int8", _applies_i8_vnni("avx512vnni"), _plan_i8_vnni,
              _schedule_t2_vnni("avx512vnni"),
-             grid=_grid((16, 32, 64), (2, 4), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
+             grid=_grid((16, 32, 64), (2, 4, 8), (16, 64, 256), T2_512_DEFAULT, tns=(16, 8))),
         Rule("x86.i8_avxvnni", "tvm_int8", _applies_i8_vnni("avxvnni"), _plan_i8_vnni,
              _schedule_t2_vnni("avxvnni"), grid=_grid((8, 16, 32), (2, 4), (16, 64, 256),
                                                       T2_DEFAULT)),

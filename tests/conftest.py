@@ -31,7 +31,7 @@ needs_fashion = pytest.mark.skipif(
 
 # ------------------------------------------------------------------- x86 ISA levels (kernels)
 #: every x86 ISA level the rules know, highest first
-ISAS = ("avx512", "avx2", "generic")
+ISAS = ("amx", "avx512", "avx2", "generic")
 
 
 def x86_info():

@@ -110,10 +110,12 @@ print(torch.backends.cpu.get_cpu_capability(), len(notes), inside,
 """
 
 
-@pytest.mark.parametrize("isa,want", [("generic", "DEFAULT"), ("avx2", "AVX2")])
+@pytest.mark.parametrize("isa,want", [("generic", "DEFAULT"), ("avx2", "AVX2"),
+                                      ("avx512", "AVX512")])
 def test_forced_isa_caps_torch_baselines(isa, want):
     """A forced ISA level caps torch too (fresh processes: torch reads the cap once), and only
-    within the block: afterwards the variables are gone (no cap leaks into later Ray workers)."""
+    within the block: afterwards the variables are gone (no cap leaks into later Ray workers).
+    ``avx512`` caps oneDNN only (off AMX), ATen keeps its AVX-512 kernels."""
     import subprocess
 
     if not _tvm.is_x86_host():
@@ -126,11 +128,11 @@ def test_forced_isa_caps_torch_baselines(isa, want):
     out = {when: subprocess.run([sys.executable, "-c", _CAP_PROBE, when], env=env,
                                 capture_output=True, text=True, check=True).stdout.split()
            for when in ("early", "late")}
-    onednn = {"avx2": "AVX2", "generic": "SSE41"}[isa]
+    onednn = {"avx512": "AVX512_CORE_VNNI", "avx2": "AVX2", "generic": "SSE41"}[isa]
     # capped inside the block (inherited by processes started there), restored after it
     assert out["early"] == [want, "0", onednn, "-"]
     native = _tvm.host_isa_levels()[-1]
-    if native != isa:  # too late: torch kept the CPU's own kernels, and a note says so
+    if native != isa and isa != "avx512":  # too late: torch kept its own kernels, a note says
         assert out["late"][0] != want and out["late"][1] == "1"
 
 
@@ -149,7 +151,7 @@ def test_lower_level_kernels_are_built_for_their_level(monkeypatch):
     by_name = {r.name: r for r in x86.rules()}
     lower = _rule_target(by_name["x86.t2_avx2"], native)
     assert lower.isa == "avx2" and "-avx512f" in lower.target_str
-    assert "avx512f" not in lower.features and native.isa == "avx512"
+    assert "avx512f" not in lower.features and native.isa in ("avx512", "amx")
     assert _rule_target(by_name["x86.t2_avx512vnni"], native) is native
     forced = _tvm.x86_target_at("avx2")
     assert _rule_target(by_name["x86.t2_avx2"], forced) is forced
@@ -491,3 +493,28 @@ def test_ab_times_both_variants_beside_torch():
         assert all(math.isfinite(v) and v > 0 for v in
                    (r.a_us, r.b_us, r.torch_fp32_us, r.b_over_a, r.a_x_fp32, r.b_x_fp32))
         assert "B/A" in r.line()
+
+
+def test_ab_variant_reaches_the_rules_default_tile_parameters(monkeypatch):
+    """A variant may change a rule's default grid point (a module constant read when the rule
+    list is made): each variant's kernel is built with its own register tile."""
+    pytest.importorskip("tvm")
+    from ternbench.bench.kernels import ab
+    from ternbench.schedules import measure
+
+    if not _tvm.target_info("x86").has("avx2"):
+        pytest.skip("x86.t2_avx2 needs an x86 CPU with AVX2")
+    seen = []
+    real = measure.prepare_kernel
+
+    def spy(kern, *args, **kwargs):
+        seen.append(kern.spec.mb)
+        return real(kern, *args, **kwargs)
+
+    monkeypatch.setattr(measure, "prepare_kernel", spy)
+    shape = KernelShape("t", "t.conv", "conv2d", 16, 16, (12, 12), 3, 1, 1)
+    a = [ab.Setting.parse('ternbench.schedules.x86.T2_DEFAULT={"nb": 8, "mb": 2, "rows": 16}')]
+    ab.run_ab("x86.t2_avx2", a, shapes=[shape], batches=[2], rounds=1, sample_s=0.001)
+    from ternbench.schedules import x86
+
+    assert seen == [2, x86.T2_MB]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 import subprocess
 import sys
@@ -437,7 +438,7 @@ def test_int8_act_kernel_instructions_per_isa(isa):
     assert measure.select_rule(lx, info).impl_for(lx) == expected_t2_impl(info.features)
     kern = measure.select_rule(lx, info).build(lx, 1, info)
     asm = kern.module.inspect_source("asm")
-    if isa == "avx512":
+    if isa in ("amx", "avx512"):
         assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
         if "avx512vnni" in info.features:  # 16-wide tiles: one vpdpbusd on a zmm register
             assert kern.spec.tile_n == 16 and re.search(r"vpdpbusd\s+[^\n]*zmm", asm)
@@ -501,6 +502,35 @@ def test_isa_levels_and_forcing(monkeypatch):
     if "avx512" not in have:
         with pytest.raises(ValueError, match="cannot run ISA level 'avx512'"):
             _tvm.force_isa("avx512")
+    _tvm.force_isa(have[-1])  # the CPU's own level is no forcing
+    assert _tvm.ISA_ENV not in os.environ
+
+
+def test_amx_level_is_avx512_with_tiles(monkeypatch):
+    """``amx`` sits above ``avx512``: forcing ``avx512`` on an AMX CPU drops the tiles (the
+    AMX rules step aside, as on an AVX-512 CPU without AMX) and keeps every AVX-512 feature;
+    torch's int8 convs are kept off AMX beside it."""
+    pytest.importorskip("tvm")
+    from ternbench.bench.kernels.env import cap_torch_isa
+
+    assert _tvm.isa_of(frozenset({"avx512f", "avx512bw", "avx512vl", "amx-tile"})) == "avx512"
+    assert _tvm.isa_of(frozenset({"avx512f", "avx512bw", "avx512vl", "amx-tile",
+                                  "amx-int8"})) == "amx"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    with cap_torch_isa("avx512"):
+        assert os.environ["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE_VNNI"
+    assert "ONEDNN_MAX_CPU_ISA" not in os.environ
+    if not _tvm.is_x86_host() or "amx" not in _tvm.host_isa_levels():
+        pytest.skip("the tile-free level is only tested on a CPU with AMX-INT8 granted")
+    monkeypatch.delenv(_tvm.ISA_ENV, raising=False)
+    native = _tvm.target_info("x86")
+    monkeypatch.setenv(_tvm.ISA_ENV, "avx512")
+    forced = _tvm.target_info("x86")
+    assert forced.isa == "avx512" and "-amx-tile" in forced.target_str
+    assert forced.features == native.features - {"amx-tile", "amx-int8", "amx-bf16"}
+    lx = make_layer("conv2d", cin=64, out=64, hw=(6, 6))
+    assert measure.select_rule(lx, native).name == "x86.t2_amx"
+    assert measure.select_rule(lx, forced).name != "x86.t2_amx"
 
 
 @pytest.mark.tvm

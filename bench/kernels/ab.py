@@ -168,7 +168,10 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
                 impls: list[_Impl] = []
                 for tag, settings in (("A", a), ("B", b)):
                     with applied(settings):  # packing may read them too
-                        kern = r.build(lx, batch, tinfo, None)
+                        # the rule list is made under the settings: its grid's first point
+                        # (the default tile parameters) reads module constants
+                        rv = next(x for x in x86.rules() if x.name == rule)
+                        kern = rv.build(lx, batch, tinfo, None)
                         prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
                     impls.append(_tvm_impl(prep, act, rule, dev, impl=tag))
                 impls.append(_torch_fp32_impl(lx, batch, threads))

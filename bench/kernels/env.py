@@ -44,8 +44,11 @@ def configure_env(threads: int) -> list[str]:
 
 #: per forced ISA level, what caps torch's own kernels to it: ATen's vectorised ops, oneDNN
 #: (torch's FP32 convs and the ``x86`` engine's int8 convs) and fbgemm (int8 linears; it needs
-#: AVX2, so it has no lower level). Each is read once, on first use.
+#: AVX2, so it has no lower level). Each is read once, on first use. ``avx512`` (forced on an
+#: AMX CPU) keeps oneDNN off the tiles: its int8 convs then run ``vpdpbusd``
+#: (``brg_conv_fwd:avx512_core_vnni``), as on an AVX-512 CPU without AMX; fbgemm has no AMX.
 TORCH_ISA_CAPS: dict[str, dict[str, str]] = {
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
              "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"},
     "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
@@ -73,7 +76,7 @@ def cap_torch_isa(isa: str | None) -> Iterator[list[str]]:
         os.environ[var] = caps[var]
     notes: list[str] = []
     try:
-        if caps:
+        if "ATEN_CPU_CAPABILITY" in caps:
             import torch
 
             want = os.environ["ATEN_CPU_CAPABILITY"].upper()
