@@ -100,8 +100,11 @@ T2_DEFAULT = {"nb": T2_NB, "mb": T2_MB, "rows": T2_ROWS_PER_TASK}
 #: independent accumulators: 4 rows (8) took 1.19-1.51x the time of 8 on the ResNet-18 3x3
 #: convs (emeraldrapids forced to ``avx512``; the same on 7x7 maps at batch 1, whose 49 rows
 #: tile by 7 either way) and 1.04-1.30x on CIFAR's (``docs/measured/ab-x86-emr-vnni-rows.txt``).
-#: The 8-wide ymm tiles stay in the grid.
-T2_512_DEFAULT = {"nb": 32, "mb": 8, "rows": 64, "tn": 16}
+#: 256 rows per task (each decoded weight block serves 32 register tiles instead of 8): 64 took
+#: 1.00-1.12x the time of 256 on the ResNet-18 convs with one group, 0.99-1.26x on CIFAR's,
+#: 0.93-1.06x with FGQ N=4 (``docs/measured/ab-x86-emr-vnni-task-rows.txt``). The 8-wide ymm
+#: tiles stay in the grid.
+T2_512_DEFAULT = {"nb": 32, "mb": 8, "rows": 256, "tn": 16}
 #: ... except for one-tap layers (1x1 convs, linears) with at most this many inputs: there 8
 #: rows took 1.15-1.61x the time of 4 (the CIFAR and ResNet-18 1x1/2 downsamples with 16-64
 #: inputs, the 64 -> 10 classifier), so their plan keeps at most 4 rows per register tile
