@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ternbench.schedules import _tvm
 from torch import nn
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -30,21 +31,17 @@ needs_fashion = pytest.mark.skipif(
 
 
 # ------------------------------------------------------------------- x86 ISA levels (kernels)
-#: every x86 ISA level the rules know, highest first
-ISAS = ("amx", "avx512", "avx2", "generic")
+#: every x86 ISA level the rules know, highest first (``_tvm`` imports no TVM at import time)
+ISAS = tuple(reversed(_tvm.ISA_LEVELS))
 
 
 def x86_info():
     """The x86 target as the rules see it now (the CPU's own level, or a forced one)."""
-    from ternbench.schedules import _tvm
-
     return _tvm.target_info("x86")
 
 
 def amx_granted() -> bool:
     """Whether this x86 target has AMX-INT8 and Linux granted this process the tile state."""
-    from ternbench.schedules import _tvm
-
     return {"amx-tile", "amx-int8"} <= x86_info().features and _tvm.enable_amx()
 
 
@@ -83,8 +80,6 @@ def require_x86_features(features: set[str], what: str) -> None:
     """Skip, saying why, unless TVM is installed and this x86 target has ``features``
     (``what``: e.g. "t2_lut needs AVX-512BW"). Forced lower ISA levels lack them too."""
     pytest.importorskip("tvm")
-    from ternbench.schedules import _tvm
-
     if not _tvm.is_x86_host():
         pytest.skip("not an x86 host")
     if not features <= x86_info().features:
@@ -116,8 +111,6 @@ def isa(request, monkeypatch) -> str:
     """Runs the test once per x86 ISA level this CPU has (lower ones forced through
     ``TERNBENCH_ISA``), and skips the levels it lacks, saying so."""
     pytest.importorskip("tvm")
-    from ternbench.schedules import _tvm
-
     if not _tvm.is_x86_host():
         pytest.skip("not an x86 host")
     level = request.param
