@@ -109,6 +109,13 @@ T2_512_DEFAULT = {"nb": 32, "mb": 8, "rows": 256, "tn": 16}
 #: rows took 1.15-1.61x the time of 4 (the CIFAR and ResNet-18 1x1/2 downsamples with 16-64
 #: inputs, the 64 -> 10 classifier), so their plan keeps at most 4 rows per register tile
 T2_512_SHORT_K = 64
+#: ... and on these CPUs (AMD Zen: 512-bit ops on 256-bit units) for FGQ's group kernels
+#: (several groups per output), whose tile holds an int32 and a float32 accumulator per vector,
+#: so 8 rows x 2 zmm would take all 32 registers. On znver4 8 rows took 1.69-1.75x the time of 4
+#: with N=4, 1.25-1.36x with N=16 and 1.15-1.21x with N=64 where the plan used them (ResNet-18
+#: 3x3 convs, batch 1 and 64; with one group 0.91-1.04x: ``ab-x86-znver4-vnni-rows.txt``); on
+#: emeraldrapids forced to ``avx512`` 0.85-1.02x with N=4 and 64, so Intel keeps 8
+T2_512_GROUP_4ROW_CPUS = frozenset({"znver4", "znver5"})
 TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 #: AVX-512 VPOPCNTDQ: 16 channels (two zmm of int64 accumulators) x 2 rows (ResNet-18 3x3
 #: convs 2-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
@@ -494,7 +501,9 @@ def _tile_plan(layout: Any) -> Any:
         # blocks) would compute padding channels: clamp it to the channels, whole tiles
         tn = kw.get("tile_n", 8)
         kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
-        if tn == 16 and lx.fan_in <= T2_512_SHORT_K and tuple(lx.kernel_size) == (1, 1):
+        if tn == 16 and (lx.fan_in <= T2_512_SHORT_K and tuple(lx.kernel_size) == (1, 1)
+                         or int(lx.group_size) < lx.fan_in
+                         and target.mcpu in T2_512_GROUP_4ROW_CPUS):
             kw["mb_max"] = min(kw["mb_max"], 4)
         return plan_gemm(lx, batch, layout, **kw)
 

@@ -1000,6 +1000,28 @@ def test_row_tiles_avoid_one_row_tiles_on_7x7_maps():
     assert _row_tiles(9, 4, 64)[0] == 3
 
 
+def test_vnni_zmm_tile_rows_by_layer_and_cpu():
+    """The AVX-512 VNNI plan takes 8-row register tiles, except 4 on one-tap layers with few
+    inputs and, on Zen, on FGQ's group kernels (an int32 and a float32 accumulator per vector:
+    8 rows x 2 zmm would take every register)."""
+    from ternbench.schedules import x86
+
+    rule = next(r for r in x86.rules() if r.name == "x86.t2_avx512vnni")
+    feats = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"})
+
+    def rows(lx, mcpu):
+        info = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu=mcpu,
+                               is_x86=True, features=feats)
+        assert rule.applies(lx, info)
+        return rule.plan(lx, 8, info, rule.default_params).mb
+
+    one = make_layer("conv2d", out=64, cin=64, hw=(16, 16))
+    fgq = make_layer("conv2d", out=64, cin=64, hw=(16, 16), gs=4)
+    short = make_layer("conv2d", out=64, cin=32, hw=(16, 16), k=1, pad=0)
+    assert [rows(lx, "znver4") for lx in (one, fgq, short)] == [8, 4, 4]
+    assert [rows(lx, "sapphirerapids") for lx in (one, fgq, short)] == [8, 8, 4]
+
+
 @pytest.mark.tvm
 def test_int8_tile_correction_starts_the_accumulator(tvm_mod, monkeypatch):
     """The u8 x s8 tiles' offset correction is the accumulator's initial value (no subtraction

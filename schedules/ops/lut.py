@@ -65,6 +65,8 @@ LUT_INT16_RUN = 85
 #: added to every table entry (``|T[e]| <= 3 * 128``): entries are 0..768, and a run of 85
 #: adds up to 65280 <= 65535 as unsigned int16 (:func:`row_tile_kernel`)
 LUT_BIAS = 3 * 128
+#: the padding ring's tables written once per call, not per image (see :func:`lut_source`)
+LUT_RING_ONCE = True
 #: the weight index of three zero weights (padding channels and groups)
 LUT_ZERO_INDEX = 13
 
@@ -436,18 +438,32 @@ def lut_source(spec: GemmSpec) -> str:
         "            cq[i] = -128 * ("
         + " + ".join(f"{_digit_of('i // 16', 'i % 16', str(k))} - 1" for k in range(3))
         + f") + {LUT_BIAS}",
-        f"        for b in range({spec.batch}):",
-        # the zero ring (and a partial tile's columns past it) and the padding triples: sums of
-        # zeros, so the bias alone (rewritten per image: cheap, and the buffer is a per-call
-        # workspace)
-        f"            for y in T.parallel({f.hp}):",
-        f"                for z, g in T.grid({f.wt}, {geo.cgp}):",
-        f"                    if {padding_ring(f)} or g >= {geo.cg}:",
-        "                        for e in T.vectorized(32):",
-        f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})",
-        f"            for y in T.parallel({h}):",
-        f"                for z in range({w}):",
     ]
+    # the zero ring (and a partial tile's columns past it) and the padding triples: sums of
+    # zeros, so the bias alone. The images write the other tables only, so the ring is written
+    # once per call (the buffer is a per-call workspace), decided per pixel, not per triple
+    ring = [f"for y in T.parallel({f.hp}):",
+            f"    for z in range({f.wt}):",
+            f"        if {padding_ring(f)}:",
+            f"            for g in range({geo.cgp}):",
+            "                for e in T.vectorized(32):",
+            f"                    tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    if geo.cgp > geo.cg:
+        ring += ["        else:",
+                 f"            for g in range({geo.cg}, {geo.cgp}):",
+                 "                for e in T.vectorized(32):",
+                 f"                    tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    if LUT_RING_ONCE:
+        lines += ["        " + x for x in ring] + [f"        for b in range({spec.batch}):"]
+    else:  # per image, decided per triple (before the ring was hoisted; kept for the A/B)
+        lines += [f"        for b in range({spec.batch}):",
+                  f"            for y in T.parallel({f.hp}):",
+                  f"                for z, g in T.grid({f.wt}, {geo.cgp}):",
+                  f"                    if {padding_ring(f)} or g >= {geo.cg}:",
+                  "                        for e in T.vectorized(32):",
+                  f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    lines += [f"            for y in T.parallel({h}):",
+              f"                for z in range({w}):"]
     digit = _digits("e")
 
     def table(g: str, n: int) -> str:
