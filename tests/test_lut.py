@@ -101,6 +101,17 @@ def test_rule_gate():
         assert measure.select_rule(make_layer("conv2d", **kw), intel).name == want, kw
 
 
+def test_last_chunk_skips_the_padding_triple(monkeypatch):
+    """128 channels: 43 triples per tap padded to 2 chunks of 22; the last chunk stops at the
+    43rd (its kernel is checked against the reference in ``c128_w17_partial_tile``)."""
+    from ternbench.schedules.ops import lut
+
+    spec = x86.lut_rule().plan(make_layer("conv2d", cin=128, out=64), 1, AVX512, {})
+    assert "for k in range(T.min(22, 43 - cc * 22)):" in lut_source(spec)
+    monkeypatch.setattr(lut, "LUT_SKIP_PADDING", False)
+    assert "for k in range(22):" in lut_source(spec)
+
+
 def test_plan_tiles_one_image():
     lx = make_layer("conv2d", cin=130, out=40, hw=(7, 7))
     spec = x86.lut_rule().plan(lx, 3, AVX512, {})

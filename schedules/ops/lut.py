@@ -67,6 +67,12 @@ LUT_INT16_RUN = 85
 LUT_BIAS = 3 * 128
 #: the padding ring's tables written once per call, not per image (see :func:`lut_source`)
 LUT_RING_ONCE = True
+#: ``t2_lut``'s row tiles skip the padding triples of a padded fan-in (:func:`row_tile_kernel`;
+#: the 128- and 256-channel 3x3 convs have 1 and 2 in 44 and 88, one per chunk): 0.974-0.988x
+#: the time on the ResNet-18 convs with them, batch 1 and 64, in one process
+#: (``docs/measured/ab-x86-znver4-lut-skip-padding.txt``; ``tt_lut``'s 512-channel conv, 2 quads
+#: in 130, took 1.01-1.02x there, so its kernel keeps them)
+LUT_SKIP_PADDING = True
 #: the weight index of three zero weights (padding channels and groups)
 LUT_ZERO_INDEX = 13
 
@@ -214,7 +220,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                     regs: list[str], column: Callable[[str, str, str], list[str]],
                     lookup: Callable[[str], str],
                     indices: Callable[[int, str, str], list[str]], bias: int,
-                    terms: EpilogueTerms | None = None) -> list[str]:
+                    terms: EpilogueTerms | None = None,
+                    skip_padding: bool = False) -> list[str]:
     """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
     Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
@@ -241,7 +248,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
 
     The small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
     become heap workspaces in TVM 0.27). ``terms`` adds to each stored output (see
-    :func:`_tile_stores`)."""
+    :func:`_tile_stores`). ``skip_padding``: the last chunk's loop stops at the last real group
+    (a run-time trip count) instead of looking up the padding groups' biased zeros."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
     mb, nv, kw = f.mb, f.nv, f.kw
     tile = [(r, j) for r in range(mb) for j in range(nv)]
@@ -267,8 +275,12 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
     lines += [f"                            {nn}_{r}_{j}[{v}] = T.broadcast(T.{nt}(0), {n})"
               for r, j in tile]
+    # the padding groups (cgp > cg: fewer than one per chunk, all in the last) add a biased
+    # zero each; ``skip_padding``: the last chunk stops at the last real group instead
+    skip = skip_padding and geo.cgp > geo.cg
+    steps = f"T.min({geo.cgc}, {geo.cg} - cc * {geo.cgc})" if skip else str(geo.cgc)
     lines += [f"                            for i in range({geo.tpc}):",
-              f"                                for k in range({geo.cgc}):"]
+              f"                                for k in range({steps}):"]
     ind = "                                    "
     dy, grp = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
     for d in range(kw):
@@ -287,8 +299,9 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
         lines += [f"                            se_{r}_{j}[{hv}] = se_{r}_{j}[{hv}] + {u}",
                   f"                            so_{r}_{j}[{hv}] = so_{r}_{j}[{hv}]"
                   f" + T.shift_right({u}, {shift})"]
-    # every output adds taps x cgp lookups, each biased
-    corr = f"T.broadcast(T.{ut}({bias * f.taps * geo.cgp % (1 << 2 * bits)}), {h})"
+    # every output adds taps x (cg or cgp) lookups, each biased
+    looked = geo.cg if skip else geo.cgp
+    corr = f"T.broadcast(T.{ut}({bias * f.taps * looked % (1 << 2 * bits)}), {h})"
     for r, j in tile:
         lines += [f"                        {wn}_{r}_{j}[T.ramp(0, 1, {h})] = T.reinterpret("
                   f"se_{r}_{j}[{hv}] - T.shift_left(so_{r}_{j}[{hv}], {shift}) - {corr}, "
@@ -519,7 +532,8 @@ def lut_source(spec: GemmSpec) -> str:
 
     lines += row_tile_kernel(spec, f, geo, wide=("acc", "int32"), narrow=("a16", "int16"),
                              idx_dtype="int16", regs=["tv"], column=column, lookup=lookup,
-                             indices=indices, bias=LUT_BIAS)
+                             indices=indices, bias=LUT_BIAS,
+                             skip_padding=LUT_SKIP_PADDING)
     return finish_source(spec, lines, LUT_LANES)
 
 
