@@ -68,7 +68,7 @@ LUT_BIAS = 3 * 128
 #: the padding ring's tables written once per call, not per image (see :func:`lut_source`)
 LUT_RING_ONCE = True
 #: ``t2_lut``'s row tiles skip the padding triples of a padded fan-in (:func:`row_tile_kernel`;
-#: the 128- and 256-channel 3x3 convs have 1 and 2 in 44 and 88, one per chunk): 0.974-0.988x
+#: the 128- and 256-channel 3x3 convs have 1 and 2 in 44 and 88): 0.974-0.988x
 #: the time on the ResNet-18 convs with them, batch 1 and 64, in one process
 #: (``docs/measured/ab-x86-znver4-lut-skip-padding.txt``; ``tt_lut``'s 512-channel conv, 2 quads
 #: in 130, took 1.01-1.02x there, so its kernel keeps them)
@@ -275,8 +275,8 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
     lines += [f"                            {nn}_{r}_{j}[{v}] = T.broadcast(T.{nt}(0), {n})"
               for r, j in tile]
-    # the padding groups (cgp > cg: fewer than one per chunk, all in the last) add a biased
-    # zero each; ``skip_padding``: the last chunk stops at the last real group instead
+    # the padding groups (cgp > cg: fewer than nc, all in the last chunk) add a biased zero
+    # each; ``skip_padding``: the last chunk stops at the last real group instead
     skip = skip_padding and geo.cgp > geo.cg
     steps = f"T.min({geo.cgc}, {geo.cg} - cc * {geo.cgc})" if skip else str(geo.cgc)
     lines += [f"                            for i in range({geo.tpc}):",
