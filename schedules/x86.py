@@ -109,13 +109,14 @@ T2_512_DEFAULT = {"nb": 32, "mb": 8, "rows": 256, "tn": 16}
 #: rows took 1.15-1.61x the time of 4 (the CIFAR and ResNet-18 1x1/2 downsamples with 16-64
 #: inputs, the 64 -> 10 classifier), so their plan keeps at most 4 rows per register tile
 T2_512_SHORT_K = 64
-#: ... and on these CPUs (AMD Zen: 512-bit ops on 256-bit units) for FGQ's group kernels
-#: (several groups per output), whose tile holds an int32 and a float32 accumulator per vector,
-#: so 8 rows x 2 zmm would take all 32 registers. On znver4 8 rows took 1.69-1.75x the time of 4
-#: with N=4, 1.25-1.36x with N=16 and 1.15-1.21x with N=64 where the plan used them (ResNet-18
-#: 3x3 convs, batch 1 and 64; with one group 0.91-1.04x: ``ab-x86-znver4-vnni-rows.txt``); on
-#: emeraldrapids forced to ``avx512`` 0.85-1.02x with N=4 and 64, so Intel keeps 8
-T2_512_GROUP_4ROW_CPUS = frozenset({"znver4", "znver5"})
+#: ... and on these CPUs (AMD Zen: 512-bit ops on 256-bit units) everywhere. On znver4 8 rows
+#: took 0.97-1.11x the time of 4 with one ternary group (ResNet-18, batch 1 and 64); FGQ's group
+#: kernels, whose tile holds an int32 and a float32 accumulator per vector (8 rows x 2 zmm take
+#: all 32 registers), 1.69-1.75x with N=4, 1.25-1.36x with N=16 and 1.15-1.21x with N=64; the
+#: dense int8 7x7/2 stem (``i8_avx512vnni``) 1.81x at batch 1 and 2.19x at batch 64
+#: (``docs/measured/ab-x86-znver4-vnni-rows.txt``). On emeraldrapids forced to ``avx512`` FGQ
+#: N=4 and 64 took 0.85-1.02x with 8, one group 0.67-0.85x on the 3x3 convs, so Intel keeps 8
+T2_512_4ROW_CPUS = frozenset({"znver4", "znver5"})
 TT_DEFAULT = {"nb": TT_NB, "mb": TT_MB, "rows": TT_ROWS_PER_TASK}
 #: AVX-512 VPOPCNTDQ: 16 channels (two zmm of int64 accumulators) x 2 rows (ResNet-18 3x3
 #: convs 2-12% faster than 8 x 4 on znver4; on AVX2 8 x 4 stays best)
@@ -130,6 +131,10 @@ DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: 16 x 4: the FP32 ResNet-18 stem (7x7/2 3 -> 64, which the ternary models keep in FP32)
 #: 0.69-0.70x the time, the 512 -> 1000 fc 0.93x
 DENSE_512_DEFAULT = {"nb": 32, "mb": 4, "rows": DENSE_ROWS_PER_TASK}
+#: dense blocks are clamped to the layer's channels in whole vectors of this many lanes
+#: (:func:`_plan_dense`; ``DENSE_CLAMP_LANES = 1024`` turns the clamp off for an A/B). With 32
+#: on a 16-channel conv the FP32 kernel computed as many padding channels as real ones
+DENSE_CLAMP_LANES = 16
 #: LLVM CPUs whose 512-bit permutes (``vpermw``, ``vpermi2b``) issue about one per cycle beside
 #: the adds, so that table lookups beat ``vpdpbusd`` and popcounts where the gates below say.
 #: 1-thread instruction peaks (``bench/kernels/peaks.py``, GMAC/s): znver4 ``lut_vpermw`` 335
@@ -502,8 +507,7 @@ def _tile_plan(layout: Any) -> Any:
         tn = kw.get("tile_n", 8)
         kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
         if tn == 16 and (lx.fan_in <= T2_512_SHORT_K and tuple(lx.kernel_size) == (1, 1)
-                         or int(lx.group_size) < lx.fan_in
-                         and target.mcpu in T2_512_GROUP_4ROW_CPUS):
+                         or target.mcpu in T2_512_4ROW_CPUS):
             kw["mb_max"] = min(kw["mb_max"], 4)
         return plan_gemm(lx, batch, layout, **kw)
 
@@ -635,8 +639,11 @@ def _applies_dense_512(fmt: str) -> Any:
 
 def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                 params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "dense_blocked",
-                     **tile_kwargs(params, DENSE_DEFAULT))
+    kw = tile_kwargs(params, DENSE_DEFAULT)
+    # a block wider than the layer computes padding channels (the 16-channel CIFAR and
+    # Fashion-MNIST convs under the 32-wide AVX-512 default): clamp it to whole 16-lane vectors
+    kw["nb"] = min(kw["nb"], -(-lx.out_channels // DENSE_CLAMP_LANES) * DENSE_CLAMP_LANES)
+    return plan_gemm(lx, batch, "dense_blocked", **kw)
 
 
 def _grid(nbs: tuple[int, ...], mbs: tuple[int, ...], rows: tuple[int, ...],

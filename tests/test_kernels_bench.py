@@ -495,6 +495,23 @@ def test_ab_times_both_variants_beside_torch():
         assert "B/A" in r.line()
 
 
+@pytest.mark.tvm
+def test_ab_dense_weights_reach_the_dense_rules():
+    """``weights="fp32"``: the dense FP32 rule's layer (float weights and activations, one
+    group whatever the group sizes say), its default block against a clamp-free variant."""
+    pytest.importorskip("tvm")
+    from ternbench.bench.kernels import ab
+
+    with pytest.raises(ValueError, match="weights must be one of"):
+        ab.run_ab("x86.fp32", [], weights="int4")
+    shape = KernelShape("t", "t.conv", "conv2d", 3, 16, (8, 8), 3, 1, 1)
+    a = [ab.Setting.parse("ternbench.schedules.x86.DENSE_CLAMP_LANES=1024")]
+    rows = ab.run_ab("x86.fp32", a, shapes=[shape], batches=[2], group_sizes=[4, 0],
+                     rounds=1, sample_s=0.001, weights="fp32")
+    assert [(r.group_size, r.batch) for r in rows] == [(0, 2)]
+    assert all(math.isfinite(v) and v > 0 for v in (rows[0].a_us, rows[0].b_us))
+
+
 def test_ab_variant_reaches_the_rules_default_tile_parameters(monkeypatch):
     """A variant may change a rule's default grid point (a module constant read when the rule
     list is made): each variant's kernel is built with its own register tile."""

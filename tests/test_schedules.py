@@ -1002,8 +1002,8 @@ def test_row_tiles_avoid_one_row_tiles_on_7x7_maps():
 
 def test_vnni_zmm_tile_rows_by_layer_and_cpu():
     """The AVX-512 VNNI plan takes 8-row register tiles, except 4 on one-tap layers with few
-    inputs and, on Zen, on FGQ's group kernels (an int32 and a float32 accumulator per vector:
-    8 rows x 2 zmm would take every register)."""
+    inputs, and 4 everywhere on Zen (there FGQ's group kernels and the dense int8 stem took up
+    to 2.2x the time with 8, and one group gained nothing)."""
     from ternbench.schedules import x86
 
     rule = next(r for r in x86.rules() if r.name == "x86.t2_avx512vnni")
@@ -1018,8 +1018,22 @@ def test_vnni_zmm_tile_rows_by_layer_and_cpu():
     one = make_layer("conv2d", out=64, cin=64, hw=(16, 16))
     fgq = make_layer("conv2d", out=64, cin=64, hw=(16, 16), gs=4)
     short = make_layer("conv2d", out=64, cin=32, hw=(16, 16), k=1, pad=0)
-    assert [rows(lx, "znver4") for lx in (one, fgq, short)] == [8, 4, 4]
+    assert [rows(lx, "znver4") for lx in (one, fgq, short)] == [4, 4, 4]
     assert [rows(lx, "sapphirerapids") for lx in (one, fgq, short)] == [8, 8, 4]
+
+
+def test_dense_blocks_clamped_to_the_channels():
+    """The 32-wide AVX-512 FP32 default on a 16-channel conv would compute 16 padding channels."""
+    from ternbench.schedules import x86
+
+    rule = next(r for r in x86.rules() if r.name == "x86.fp32_512")
+    info = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4",
+                           is_x86=True, features=frozenset({"avx2", "avx512f"}))
+    for out, nb in ((16, 16), (10, 16), (64, 32)):
+        lx = make_layer("conv2d", "fp32", out=out, cin=16, act="fp32")
+        assert rule.applies(lx, info)
+        spec = rule.plan(lx, 2, info, rule.default_params)
+        assert (spec.nb, spec.Np) == (nb, max(nb, out)), out
 
 
 @pytest.mark.tvm

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 AB_ROUNDS = 15
 #: seconds one sample lasts at least (calls per sample are calibrated to it)
 AB_SAMPLE_S = 0.02
+#: weight formats of the A/B layers (``--weights``): ternary, or the dense int8 / fp32 layers
+WEIGHT_FORMATS = ("ternary", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -134,9 +136,11 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
            batches: Sequence[int] = (1, 64), act: str = "int8",
            group_sizes: Sequence[int] = (0,), rounds: int = AB_ROUNDS,
            sample_s: float = AB_SAMPLE_S, threads: int = 1,
-           shapes: Sequence[Any] | None = None) -> list[AbRow]:
+           shapes: Sequence[Any] | None = None, weights: str = "ternary") -> list[AbRow]:
     """Time ``rule`` built under settings ``a`` against ``b`` on every selected shape it applies
-    to (group size 0: one group per output channel), torch FP32 beside them.
+    to (group size 0: one group per output channel), torch FP32 beside them. ``weights``:
+    ``ternary`` layers with ``act`` activations, or the dense ``int8`` (int8 activations) or
+    ``fp32`` (float activations) layers the dense rules take (one group only).
 
     Raises ValueError for an unknown rule; a kernel that disagrees with its reference raises
     :class:`ternbench.schedules.KernelMismatchError` before anything is timed.
@@ -155,12 +159,16 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
         near = difflib.get_close_matches(rule, list(rules), n=1)
         raise ValueError(f"unknown rule {rule!r}" + (f"; did you mean {near[0]!r}?" if near
                                                      else f"; choose from {sorted(rules)}"))
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights != "ternary":  # dense layers: their own activations, one group
+        act, group_sizes = weights, (0,)
     r = rules[rule]
     dev = tvm.cpu(0)
     out = []
     for sh in shapes if shapes is not None else select_shapes(suites, layers):
         for gs in group_sizes:
-            lx = synthetic_layer(sh, "ternary", act, group_size=gs or None)
+            lx = synthetic_layer(sh, weights, act, group_size=gs or None)
             if not r.applies(lx, tinfo):
                 log.info("%s N=%s: %s does not apply", sh.label, gs or "-", rule)
                 continue
@@ -203,6 +211,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", default="1,64", help="batch sizes (default: 1,64)")
     p.add_argument("--act", default="int8", choices=("int8", "ternary"),
                    help="activations of the ternary layer (default: int8)")
+    p.add_argument("--weights", default="ternary", choices=WEIGHT_FORMATS,
+                   help="weights of the layer (default: ternary); int8 / fp32: the dense "
+                   "layers of the int8 / fp32 rules, with int8 / float activations")
     p.add_argument("--group-sizes", default="0",
                    help="FGQ group sizes, 0 = one group per channel (default: 0)")
     p.add_argument("--rounds", type=int, default=AB_ROUNDS, help="paired rounds")
@@ -253,7 +264,7 @@ def _run(args: argparse.Namespace, a: list[Setting], b: list[Setting]) -> int:
     rows = run_ab(args.rule, a, b, suites=args.shapes,
                   layers=args.layers.split(",") if args.layers else None,
                   batches=args.batch_list, act=args.act, group_sizes=args.gs_list,
-                  rounds=args.rounds)
+                  rounds=args.rounds, weights=args.weights)
     for row in rows:
         print(row.line(), flush=True)
     if args.out:
