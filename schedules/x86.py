@@ -497,6 +497,17 @@ def _applies_vnni(flavour: str) -> Any:
     return applies
 
 
+def _clamp_block(nb: int, channels: int, lanes: int) -> int:
+    """A channel block no wider than the layer, in whole ``lanes``-wide vectors or tiles (a
+    wider one computes padding channels).
+
+    Example:
+        >>> _clamp_block(32, 16, 16), _clamp_block(32, 10, 8), _clamp_block(32, 64, 16)
+        (16, 16, 32)
+    """
+    return min(nb, -(-channels // lanes) * lanes)
+
+
 def _tile_plan(layout: Any) -> Any:
     """The plan of the u8 x s8 tile rules (``t2_avx2`` / ``i8_avx2`` layouts)."""
     def plan(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
@@ -505,7 +516,7 @@ def _tile_plan(layout: Any) -> Any:
         # a block wider than the layer (16-channel CIFAR layers under 32-wide AVX-512
         # blocks) would compute padding channels: clamp it to the channels, whole tiles
         tn = kw.get("tile_n", 8)
-        kw["nb"] = min(kw["nb"], -(-lx.out_channels // tn) * tn)
+        kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, tn)
         if tn == 16 and (lx.fan_in <= T2_512_SHORT_K and tuple(lx.kernel_size) == (1, 1)
                          or target.mcpu in T2_512_4ROW_CPUS):
             kw["mb_max"] = min(kw["mb_max"], 4)
@@ -640,9 +651,8 @@ def _applies_dense_512(fmt: str) -> Any:
 def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                 params: Params) -> GemmSpec:
     kw = tile_kwargs(params, DENSE_DEFAULT)
-    # a block wider than the layer computes padding channels (the 16-channel CIFAR and
-    # Fashion-MNIST convs under the 32-wide AVX-512 default): clamp it to whole 16-lane vectors
-    kw["nb"] = min(kw["nb"], -(-lx.out_channels // DENSE_CLAMP_LANES) * DENSE_CLAMP_LANES)
+    # the 16-channel CIFAR and Fashion-MNIST convs under the 32-wide AVX-512 default
+    kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, DENSE_CLAMP_LANES)
     return plan_gemm(lx, batch, "dense_blocked", **kw)
 
 

@@ -65,8 +65,6 @@ LUT_INT16_RUN = 85
 #: added to every table entry (``|T[e]| <= 3 * 128``): entries are 0..768, and a run of 85
 #: adds up to 65280 <= 65535 as unsigned int16 (:func:`row_tile_kernel`)
 LUT_BIAS = 3 * 128
-#: the padding ring's tables written once per call, not per image (see :func:`lut_source`)
-LUT_RING_ONCE = True
 #: ``t2_lut``'s row tiles skip the padding triples of a padded fan-in (:func:`row_tile_kernel`;
 #: the 128- and 256-channel 3x3 convs have 1 and 2 in 44 and 88): 0.974-0.988x
 #: the time on the ResNet-18 convs with them, batch 1 and 64, in one process
@@ -452,29 +450,23 @@ def lut_source(spec: GemmSpec) -> str:
         + " + ".join(f"{_digit_of('i // 16', 'i % 16', str(k))} - 1" for k in range(3))
         + f") + {LUT_BIAS}",
     ]
-    # the zero ring (and a partial tile's columns past it) and the padding triples: sums of
-    # zeros, so the bias alone. The images write the other tables only, so the ring is written
-    # once per call (the buffer is a per-call workspace), decided per pixel, not per triple
-    ring = [f"for y in T.parallel({f.hp}):",
-            f"    for z in range({f.wt}):",
-            f"        if {padding_ring(f)}:",
-            f"            for g in range({geo.cgp}):",
-            "                for e in T.vectorized(32):",
-            f"                    tab[y, z, g, e] = T.int16({LUT_BIAS})"]
-    if geo.cgp > geo.cg:
-        ring += ["        else:",
-                 f"            for g in range({geo.cg}, {geo.cgp}):",
-                 "                for e in T.vectorized(32):",
-                 f"                    tab[y, z, g, e] = T.int16({LUT_BIAS})"]
-    if LUT_RING_ONCE:
-        lines += ["        " + x for x in ring] + [f"        for b in range({spec.batch}):"]
-    else:  # per image, decided per triple (before the ring was hoisted; kept for the A/B)
-        lines += [f"        for b in range({spec.batch}):",
-                  f"            for y in T.parallel({f.hp}):",
-                  f"                for z, g in T.grid({f.wt}, {geo.cgp}):",
-                  f"                    if {padding_ring(f)} or g >= {geo.cg}:",
+    # the zero ring (and a partial tile's columns past it), and the padding triples where the
+    # row tiles look them up (not LUT_SKIP_PADDING): sums of zeros, so the bias alone. The
+    # images write the other tables only, so this is written once per call (the buffer is a
+    # per-call workspace), decided per pixel: against once per image, decided per triple,
+    # 0.976-1.011x the time at batch 64 (``docs/measured/ab-x86-znver4-lut-ring-once.txt``)
+    lines += [f"        for y in T.parallel({f.hp}):",
+              f"            for z in range({f.wt}):",
+              f"                if {padding_ring(f)}:",
+              f"                    for g in range({geo.cgp}):",
+              "                        for e in T.vectorized(32):",
+              f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    if geo.cgp > geo.cg and not LUT_SKIP_PADDING:
+        lines += ["                else:",
+                  f"                    for g in range({geo.cg}, {geo.cgp}):",
                   "                        for e in T.vectorized(32):",
                   f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    lines += [f"        for b in range({spec.batch}):"]
     lines += [f"            for y in T.parallel({h}):",
               f"                for z in range({w}):"]
     digit = _digits("e")
