@@ -6,6 +6,7 @@ checked, speed-ups from the same run, roofline arithmetic), never the speed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -246,6 +247,10 @@ def test_quick_benchmark_rows(tmp_path):
             if r.backend == "tvm":  # every TVM kernel matched the reference before timing
                 assert r.max_abs_err <= measure.FLOAT_RTOL * _ref_scale(shape, batch, r.impl)
                 assert r.rule and r.params.startswith("{")
+                # the tile the plan built: never wider than the grid point it was asked for
+                tile, asked = json.loads(r.tile), json.loads(r.params)
+                assert {"nb", "mb", "m_task"} <= set(tile)
+                assert tile["mb"] <= asked.get("mb", tile["mb"]), (r.impl, tile, asked)
             else:
                 assert np.isfinite(r.max_abs_err)
         assert by.loc["torch_fp32", "speedup_vs_torch_fp32"] == 1.0
@@ -469,6 +474,9 @@ def test_ab_cli_reports_bad_input(capsys):
 
     assert ab.main(["--rule", "x86.t2_avx2", "--a", "nothing"]) == 2
     assert "ab: error: setting 'nothing'" in capsys.readouterr().err
+    # dense layers take their own activations: an --act beside them is refused, not ignored
+    assert ab.main(["--rule", "x86.int8", "--weights", "int8", "--act", "ternary"]) == 2
+    assert "--act ternary applies to ternary weights" in capsys.readouterr().err
 
 
 @pytest.mark.tvm

@@ -1036,6 +1036,25 @@ def test_dense_blocks_clamped_to_the_channels():
         assert (spec.nb, spec.Np) == (nb, max(nb, out)), out
 
 
+def test_latency_rows_report_the_tile_the_plan_built():
+    """``kernels.csv``'s ``tile`` column is the plan's tile, not the grid point: on Zen the VNNI
+    grid point asks for 8 rows and gets 4; on a 16-channel conv the FP32 one asks for 32
+    channels and gets 16."""
+    from ternbench.bench.kernels.impls import kernel_tile
+
+    feats = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni"})
+    info = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4",
+                           is_x86=True, features=feats)
+    rules = {r.name: r for r in x86.rules()}
+    vnni, fp32 = rules["x86.t2_avx512vnni"], rules["x86.fp32_512"]
+    lx = make_layer("conv2d", out=64, cin=64, hw=(16, 16))
+    tile = kernel_tile(vnni.plan(lx, 8, info, vnni.default_params))
+    assert (vnni.default_params["mb"], tile["mb"], tile["tn"]) == (8, 4, 16)
+    lx = make_layer("conv2d", "fp32", out=16, cin=16, act="fp32")
+    tile = kernel_tile(fp32.plan(lx, 2, info, fp32.default_params))
+    assert (fp32.default_params["nb"], tile["nb"]) == (32, 16) and "tn" not in tile
+
+
 @pytest.mark.tvm
 def test_int8_tile_correction_starts_the_accumulator(tvm_mod, monkeypatch):
     """The u8 x s8 tiles' offset correction is the accumulator's initial value (no subtraction

@@ -209,8 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="all", help="shape suites (as for `ternbench kernels`)")
     p.add_argument("--layers", default=None, help="comma list of layer-name patterns")
     p.add_argument("--batches", default="1,64", help="batch sizes (default: 1,64)")
-    p.add_argument("--act", default="int8", choices=("int8", "ternary"),
-                   help="activations of the ternary layer (default: int8)")
+    p.add_argument("--act", default=None, choices=("int8", "ternary"),
+                   help="activations of the ternary layer (default: int8; the dense --weights "
+                   "take their own)")
     p.add_argument("--weights", default="ternary", choices=WEIGHT_FORMATS,
                    help="weights of the layer (default: ternary); int8 / fp32: the dense "
                    "layers of the int8 / fp32 rules, with int8 / float activations")
@@ -231,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         b = [Setting.parse(t) for t in args.b]
         args.batch_list = [int(x) for x in args.batches.split(",") if x.strip()]
         args.gs_list = [int(x) for x in args.group_sizes.split(",") if x.strip()]
+        if args.act is not None and args.weights != "ternary":
+            raise ValueError(f"--act {args.act} applies to ternary weights; --weights "
+                             f"{args.weights} layers take {args.weights} activations")
     except ValueError as exc:
         print(f"ab: error: {exc}", file=sys.stderr)
         return 2
@@ -263,7 +267,7 @@ def _run(args: argparse.Namespace, a: list[Setting], b: list[Setting]) -> int:
     print(head, flush=True)
     rows = run_ab(args.rule, a, b, suites=args.shapes,
                   layers=args.layers.split(",") if args.layers else None,
-                  batches=args.batch_list, act=args.act, group_sizes=args.gs_list,
+                  batches=args.batch_list, act=args.act or "int8", group_sizes=args.gs_list,
                   rounds=args.rounds, weights=args.weights)
     for row in rows:
         print(row.line(), flush=True)

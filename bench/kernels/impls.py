@@ -32,6 +32,9 @@ class _Impl:
     backend: str
     rule: str = ""
     params: str = ""
+    #: the tile the plan built (JSON): ``params`` is the grid point asked for, which a plan may
+    #: clamp (e.g. to the layer's channels, or to 4 rows on Zen: :func:`kernel_tile`)
+    tile: str = ""
     run_n: Callable[[int], float] | None = None  # seconds per call over n calls
     nbytes: int = 0
     max_abs_err: float = math.nan
@@ -54,6 +57,24 @@ def _quiet_torch_quant() -> Iterator[None]:
         yield
 
 
+def kernel_tile(spec: Any) -> dict[str, int]:
+    """The register tile and task a kernel was built with, from its spec: ``nb`` output
+    channels, ``mb`` rows per register tile, ``m_task`` tiles per parallel task, and ``tn``
+    (the channels of one int8-activation vector tile) where the layout has one.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> kernel_tile(SimpleNamespace(nb=32, mb=4, m_task=64, tile_n=16, layout="t2_avx2"))
+        {'nb': 32, 'mb': 4, 'm_task': 64, 'tn': 16}
+    """
+    from ternbench.schedules.ops.spec import INTRIN_LAYOUTS
+
+    tile = {"nb": int(spec.nb), "mb": int(spec.mb), "m_task": int(spec.m_task)}
+    if spec.layout in INTRIN_LAYOUTS:
+        tile["tn"] = int(spec.tile_n)
+    return tile
+
+
 def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any, impl: str | None = None) -> _Impl:
     kern = prep.kernel
     timers: dict[int, Any] = {}
@@ -64,7 +85,8 @@ def _tvm_impl(prep: Any, act_mode: str, rule: str, dev: Any, impl: str | None = 
         return float(timers[n](*prep.args, prep.out).mean)
 
     return _Impl(impl=impl or kern.impl, act_mode=act_mode, backend="tvm", rule=rule,
-                 params=json.dumps(dict(kern.params), sort_keys=True), run_n=run_n,
+                 params=json.dumps(dict(kern.params), sort_keys=True),
+                 tile=json.dumps(kernel_tile(kern.spec), sort_keys=True), run_n=run_n,
                  nbytes=prep.nbytes, max_abs_err=prep.max_abs_err, build_s=kern.build_s,
                  target_str=kern.target_str)
 

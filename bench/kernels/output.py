@@ -17,8 +17,8 @@ COLUMNS = (
     "op", "shape", "batch", "M", "K", "N", "act_mode", "impl", "target", "threads",
     "median_us", "p25_us", "p75_us", "speedup_vs_torch_fp32", "speedup_vs_torch_int8",
     "gmacs", "bytes", "roofline_fraction", "bandwidth_gbs", "max_abs_err",
-    "suite", "layer", "backend", "rule", "chosen", "params", "build_s", "rounds", "target_str",
-    "note",
+    "suite", "layer", "backend", "rule", "chosen", "params", "tile", "build_s", "rounds",
+    "target_str", "note",
     "tvm_version", "torch_version", "cpu", "isa", "git",
 )
 
@@ -44,7 +44,7 @@ def _rows(shape: KernelShape, batch: int, impls: list[_Impl], *, bandwidth_gbs: 
             "roofline_fraction": (i.nbytes / t / (bandwidth_gbs * 1e9)) if i.nbytes else math.nan,
             "bandwidth_gbs": bandwidth_gbs, "max_abs_err": i.max_abs_err,
             "suite": shape.suite, "layer": shape.name, "backend": i.backend, "rule": i.rule,
-            "chosen": i.chosen, "params": i.params, "build_s": i.build_s,
+            "chosen": i.chosen, "params": i.params, "tile": i.tile, "build_s": i.build_s,
             "rounds": len(i.samples) or rounds,
             "target_str": i.target_str, "note": i.note, **prov,
         }
