@@ -135,6 +135,12 @@ DENSE_512_DEFAULT = {"nb": 32, "mb": 4, "rows": DENSE_ROWS_PER_TASK}
 #: (:func:`_plan_dense`; ``DENSE_CLAMP_LANES = 1024`` turns the clamp off for an A/B). With 32
 #: on a 16-channel conv the FP32 kernel computed as many padding channels as real ones
 DENSE_CLAMP_LANES = 16
+#: row tasks of a dense conv whose block was clamped (a layer narrower than the block): at most
+#: this many rows. On znver4 (one process, 1 thread; ``docs/measured/ab-x86-znver4-dense-narrow-
+#: rows.txt``) 32-row tasks took the 3-channel CIFAR stem (3x32x32 -> 16, which the ternary CIFAR
+#: models keep in FP32) 0.68-0.73x the time of 64-row ones, the 16-channel conv 0.92-1.00x; 32
+#: rows on every layer gained nothing on the wider ones (the ResNet-18 stem 1.015x)
+DENSE_NARROW_ROWS = 32
 #: LLVM CPUs whose 512-bit permutes (``vpermw``, ``vpermi2b``) issue about one per cycle beside
 #: the adds, so that table lookups beat ``vpdpbusd`` and popcounts where the gates below say.
 #: 1-thread instruction peaks (``bench/kernels/peaks.py``, GMAC/s): znver4 ``lut_vpermw`` 335
@@ -652,7 +658,10 @@ def _plan_dense(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                 params: Params) -> GemmSpec:
     kw = tile_kwargs(params, DENSE_DEFAULT)
     # the 16-channel CIFAR and Fashion-MNIST convs under the 32-wide AVX-512 default
-    kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, DENSE_CLAMP_LANES)
+    nb = _clamp_block(kw["nb"], lx.out_channels, DENSE_CLAMP_LANES)
+    if nb < kw["nb"] and lx.op == "conv2d":
+        kw["rows_per_task"] = min(kw["rows_per_task"], DENSE_NARROW_ROWS)
+    kw["nb"] = nb
     return plan_gemm(lx, batch, "dense_blocked", **kw)
 
 

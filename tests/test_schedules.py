@@ -1023,7 +1023,8 @@ def test_vnni_zmm_tile_rows_by_layer_and_cpu():
 
 
 def test_dense_blocks_clamped_to_the_channels():
-    """The 32-wide AVX-512 FP32 default on a 16-channel conv would compute 16 padding channels."""
+    """The 32-wide AVX-512 FP32 default on a 16-channel conv would compute 16 padding channels;
+    such a clamped conv also gets row tasks of at most ``DENSE_NARROW_ROWS``."""
     from ternbench.schedules import x86
 
     rule = next(r for r in x86.rules() if r.name == "x86.fp32_512")
@@ -1034,6 +1035,9 @@ def test_dense_blocks_clamped_to_the_channels():
         assert rule.applies(lx, info)
         spec = rule.plan(lx, 2, info, rule.default_params)
         assert (spec.nb, spec.Np) == (nb, max(nb, out)), out
+        # a clamped conv block also takes shorter row tasks (the 3-channel CIFAR stem ran 0.7x)
+        rows = 32 if nb < 32 else 64
+        assert spec.mb * spec.m_task == rows, (out, spec.mb, spec.m_task)
 
 
 def test_latency_rows_report_the_tile_the_plan_built():
