@@ -247,10 +247,12 @@ def test_quick_benchmark_rows(tmp_path):
             if r.backend == "tvm":  # every TVM kernel matched the reference before timing
                 assert r.max_abs_err <= measure.FLOAT_RTOL * _ref_scale(shape, batch, r.impl)
                 assert r.rule and r.params.startswith("{")
-                # the tile the plan built: never wider than the grid point it was asked for
+                # the tile the plan built from the grid point: no more rows than asked, but
+                # the lookup tiles may take one more pixel where that pads the row less
                 tile, asked = json.loads(r.tile), json.loads(r.params)
                 assert {"nb", "mb", "m_task"} <= set(tile)
-                assert tile["mb"] <= asked.get("mb", tile["mb"]), (r.impl, tile, asked)
+                extra = 1 if "_lut" in r.impl else 0
+                assert tile["mb"] <= asked.get("mb", tile["mb"]) + extra, (r.impl, tile, asked)
             else:
                 assert np.isfinite(r.max_abs_err)
         assert by.loc["torch_fp32", "speedup_vs_torch_fp32"] == 1.0

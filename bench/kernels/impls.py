@@ -32,8 +32,8 @@ class _Impl:
     backend: str
     rule: str = ""
     params: str = ""
-    #: the tile the plan built (JSON): ``params`` is the grid point asked for, which a plan may
-    #: clamp (e.g. to the layer's channels, or to 4 rows on Zen: :func:`kernel_tile`)
+    #: the tile the plan built (JSON, :func:`kernel_tile`): ``params`` is the grid point asked
+    #: for, which a plan fits to the layer and CPU (e.g. the layer's channels, 4 rows on Zen)
     tile: str = ""
     run_n: Callable[[int], float] | None = None  # seconds per call over n calls
     nbytes: int = 0
