@@ -617,7 +617,7 @@ def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                  params: Params) -> GemmSpec:
     kw = tile_kwargs(params, LUT_DEFAULT)
-    kw["nb"] = min(kw["nb"], -(-lx.out_channels // LUT_LANES) * LUT_LANES)
+    kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, LUT_LANES)
     return plan_gemm(lx, batch, "t2_lut", **kw)
 
 
@@ -835,7 +835,7 @@ def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def _plan_tt_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                  params: Params) -> GemmSpec:
     kw = tile_kwargs(params, TT_LUT_DEFAULT)
-    kw["nb"] = min(kw["nb"], -(-lx.out_channels // TT_LUT_LANES) * TT_LUT_LANES)
+    kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, TT_LUT_LANES)
     return plan_gemm(lx, batch, "tt_lut", **kw)
 
 
