@@ -16,8 +16,9 @@ node by node into a Relax function::
   several consumers (written once, float32 NHWC);
 * kernels read NHWC codes (or, for ``pixel_bits`` ternary convs, the float input, quantizing
   while packing) and write ``[M, N]`` = NHWC, which the next stage reads in place;
-* an AMX int8-tile conv (``t2_amx`` / ``tt_amx``) whose output only another conv reads,
-  directly or through a ReLU, writes that conv's int8 or ternary codes from its epilogue
+* a conv whose kernel can write int8 outputs (:data:`.ops.OUT_CLIP_LAYOUTS`: the AMX
+  int8-tile and the table-lookup layouts) and whose output only another conv reads, directly
+  or through a ReLU, writes that conv's int8 or ternary codes from its epilogue
   (:meth:`_Lowering.output_codes`; the ReLU is the clip's lower bound), so no quantize stage
   runs between them: in ResNet-18 every block's first conv.
 
@@ -361,15 +362,16 @@ class _Lowering:
     def output_codes(self, spec: ops.GemmSpec, name: str
                      ) -> tuple[tuple[int, int], float, str] | None:
         """Whether a conv's epilogue can write the codes its one consumer's quantizer would
-        (``(out_clip, output scale, consumer)``, else None): an AMX int8-tile conv (int8
-        outputs: :attr:`.ops.GemmSpec.out_clip`) whose output is read only by another conv,
+        (``(out_clip, output scale, consumer)``, else None): a conv whose layout can write int8
+        outputs (:data:`.ops.OUT_CLIP_LAYOUTS`, :attr:`.ops.GemmSpec.out_clip`) whose output
+        is read only by another conv,
         directly or through a ReLU (the clip's lower bound 0), whose input is int8 codes of
         ``clip(round(x / act_scale), -qmax, qmax)`` (scale ``act_scale``) or ternary codes of
         ``|x| > t`` (``clip(round(x / 2t), -1, 1)``, scale ``2 t``: equal but at ``|x| = t``
         exactly). The scale is divided into the epilogue's S and bias on the host, so codes
         one rounding boundary apart can differ from the separate quantize stage's."""
         found = self.consumers.get(name)
-        if found is None or spec.layout not in ("t2_amx", "tt_amx") or spec.op != "conv2d":
+        if found is None or spec.layout not in ops.OUT_CLIP_LAYOUTS or spec.op != "conv2d":
             return None
         consumer, relu = found
         lq = consumer.parts[0]

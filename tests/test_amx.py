@@ -432,9 +432,10 @@ def test_bf16_amx_kernel_matches_reference(label, kw, batch, fp16):
 
 
 def test_int8_outputs_are_validated_and_never_streamed(stream_everything):
-    """``out_clip`` (int8 outputs requantized in the epilogue) is for the AMX int8-tile layouts
-    with a clip inside int8; its stores are plain (a 32-channel block is half a cache line,
-    so non-temporal stores would flush partial lines), however large the output."""
+    """``out_clip`` (int8 outputs requantized in the epilogue) is for the AMX int8-tile (and
+    the table-lookup) layouts with a clip inside int8; its stores are plain (a 32-channel block
+    is half a cache line, so non-temporal stores would flush partial lines), however large the
+    output."""
     from ternbench.schedules.ops.lut import streams_output
 
     lx = make_layer("conv2d", cin=64, out=32, hw=(8, 8))
@@ -448,7 +449,7 @@ def test_int8_outputs_are_validated_and_never_streamed(stream_everything):
     for bad in ((5, 5), (-129, 127), (0, 128)):
         with pytest.raises(ValueError, match="out_clip"):
             dataclasses.replace(spec, out_clip=bad)
-    with pytest.raises(ValueError, match="t2_amx / tt_amx only"):
+    with pytest.raises(ValueError, match="t2_amx / tt_amx / t2_lut / tt_lut only"):
         dataclasses.replace(spec, layout="bf16_amx", out_clip=(-128, 127))
 
 

@@ -225,10 +225,10 @@ def _conv128(method: str, data, depth: int = 1, **kw):
 
 
 def test_table_lookup_convs_lower_and_match(data) -> None:
-    """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem and the
-    128-channel 3x3/1 conv run the table-lookup kernel inside the one module (the conv on CPUs
-    with full-rate permutes; on AMX the conv runs ``t2_amx``), and the module reproduces the
-    fake-quant logits."""
+    """TWN with int8 activations on every layer: on AVX-512BW the 1-channel stem (writing the
+    next conv's int8 codes) and the 128-channel 3x3/1 conv run the table-lookup kernel inside
+    the one module (the conv on CPUs with full-rate permutes; on AMX the conv runs
+    ``t2_amx``), and the module reproduces the fake-quant logits."""
     from conftest import amx_granted
     from ternbench.schedules import _tvm, x86
     from ternbench.schedules.model import compare_logits
@@ -238,8 +238,9 @@ def test_table_lookup_convs_lower_and_match(data) -> None:
     info = _tvm.target_info("x86")
     lut = {"avx512f", "avx512bw"} <= info.features
     # the 128-channel conv takes them on a CPU with full-rate permutes only (Zen 4, not Intel),
-    # and the AMX kernel first where the process has the tile state
-    want = ["tvm_t2_lut", "tvm_t2_lut" if x86.full_rate_permutes(info) else "tvm_t2_vnni"]
+    # and the AMX kernel first where the process has the tile state; the stem, read by the conv
+    # through a ReLU, writes the conv's codes (``_q8``)
+    want = ["tvm_t2_lut_q8", "tvm_t2_lut" if x86.full_rate_permutes(info) else "tvm_t2_vnni"]
     if amx_granted():
         want[1] = "tvm_t2_amx"
     assert impls[:2] == (want if lut else impls[:2]) and len(impls) == 3
@@ -295,32 +296,35 @@ def test_streaming_lookups_lower_and_match(stream_everything, method, kw, impl, 
 
 @pytest.mark.parametrize(("method", "kw"), [("twn", {"act_bits": 8}), ("sttn", {}),
                                           ("rtn", {})])
-def test_output_quantizer_fused_into_amx_convs(method, kw, data, monkeypatch) -> None:
-    """conv -> ReLU -> conv on AMX: the first 128-channel conv writes the second's int8 (or
-    ternary) codes from its epilogue (``_q8``, the ReLU in the clip), no quantize stage runs
-    between them, and the module reproduces the fake-quant logits; the second conv, read by
-    a pooling stage, keeps float32 outputs."""
-    from conftest import amx_granted
+def test_output_quantizer_fused_into_int8_output_convs(method, kw, data, monkeypatch) -> None:
+    """conv -> ReLU -> conv on a kernel that can write int8 outputs (AMX int8 tiles; the table
+    lookups on AVX-512): the first 128-channel conv writes the second's int8 (or ternary) codes
+    from its epilogue (``_q8``, the ReLU in the clip), no quantize stage runs between them, and
+    the module reproduces the fake-quant logits; the second conv, read by a pooling stage,
+    keeps float32 outputs."""
     from ternbench.schedules.graph import build_graph
     from ternbench.schedules.model import compare_logits
 
-    if not amx_granted():
-        pytest.skip("int8 outputs are fused on AMX-INT8 (t2_amx / tt_amx) only")
     qm, gm, ref = _conv128(method, data, depth=2, **kw)
     impls = [k.impl for k in gm.kernels]
-    amx = "tvm_tt_amx" if method != "twn" else "tvm_t2_amx"
-    assert impls[1:3] == [amx + "_q8", amx], impls
+    base = impls[2]  # the second conv's kernel, the same rule as the first's
+    if base not in ("tvm_t2_amx", "tvm_tt_amx", "tvm_t2_lut", "tvm_tt_lut"):
+        pytest.skip(f"{base} writes float32 outputs only (int8 outputs: AMX int8 tiles, "
+                    "table lookups)")
+    assert impls[1:3] == [base + "_q8", base], impls
     text = gm.mod[gm.kernels[1].func].script()
     assert 'out: T.Buffer((6272, 128), "int8")' in text
     compare_logits(_run_in_process(qm, data), ref.numpy())
-    # one quantize stage fewer than with the fusion off (float32 out, a stage quantizes it)
+    # a quantize stage fewer per fused conv than with the fusion off (float32 out, a stage
+    # quantizes it): on the lookups the 1-channel stem fuses as well
     from ternbench.schedules import graph
 
     monkeypatch.setattr(graph, "_conv_consumers", lambda gm, mods: {})
     plain = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
-    assert [k.impl for k in plain.kernels][1:3] == [amx, amx]
+    assert [k.impl for k in plain.kernels][1:3] == [base, base]
     stages = [gm.mod["main"].script().count("quant_"), plain.mod["main"].script().count("quant_")]
-    assert stages[0] == stages[1] - 1 > 0
+    fused = sum(k.impl.endswith("_q8") for k in gm.kernels)
+    assert fused == 1 + (impls[0] == f"{base}_q8") and stages[0] == stages[1] - fused > 0
 
 
 def test_unsupported_op_is_named(data) -> None:

@@ -264,3 +264,41 @@ def test_streaming_kernels_share_one_module(stream_everything):
     assert "vmovntps" in mod.inspect_source("asm")
     for name in funcs:
         assert mod[name] is not None
+
+
+LOOKUP_Q8_CASES = [  # (label, act, layer kwargs, batch, clip, out_scale: None = the ref's range)
+    ("q8_c130_n40_b2", "int", dict(cin=130, out=40, hw=(6, 6)), 2, (-128, 127), None),
+    ("q8_relu_w17", "int", dict(cin=64, out=64, hw=(4, 17)), 2, (0, 127), 0.05),
+    ("q8_tt_codes_n72", "ternary", dict(cin=64, out=72, hw=(5, 7)), 1, (-1, 1), None),
+    ("q8_tt_rtn_s2", "ternary", dict(cin=128, out=64, hw=(9, 20), stride=2, act_offset=-0.3,
+                                     w_offset=True), 2, (-128, 127), None),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("label", "act", "kw", "batch", "clip", "scale"), LOOKUP_Q8_CASES,
+                         ids=[c[0] for c in LOOKUP_Q8_CASES])
+def test_lookup_int8_outputs_match_reference(label, act, kw, batch, clip, scale):
+    """The lookup kernels' int8 outputs (``out_clip``, as the AMX ones): whole and partial
+    channel blocks, a partial pixel tile, the ReLU clip, ternary codes and RTN's offset terms;
+    the codes are the reference divided by the output scale, rounded half to even and clipped
+    (``prepare_kernel`` raises otherwise), and the stores are plain int8 vectors."""
+    tinfo = x86_info()
+    if act == "ternary":
+        require_x86_features({"avx512bw", "avx512vbmi"}, "tt_lut needs AVX512-VBMI")
+        rule = x86.tt_lut_rule(where_chosen=False)
+    else:
+        _needs_bw()
+        rule = x86.lut_rule(where_chosen=False)
+    lx = make_layer("conv2d", act=act, name=label, seed=len(label), **kw)
+    kern = rule.build(lx, batch, tinfo, out_clip=clip)
+    assert kern.spec.out_clip == clip and kern.spec.out_dtype == "int8"
+    src = kern.spec.layout == "t2_lut" and lut_source(kern.spec)
+    assert not src or ("'int8')):" in src and "T.nearbyint" in src and "tb_stream" not in src)
+    assert "vpmovdb" in kern.module.inspect_source("asm")
+    prep = measure.prepare_kernel(kern, lx, tinfo, out_scale=scale)
+    q = prep.out.numpy()
+    assert q.dtype == np.int8 and q.min() >= clip[0] and q.max() <= clip[1]
+    assert len(np.unique(q)) >= min(3, clip[1] - clip[0] + 1)  # the codes are not constant
+    if scale is not None:  # a fixed scale: the clip bites and the check still holds
+        assert (q == clip[1]).any() and (q == clip[0]).any()

@@ -203,15 +203,20 @@ Q8_SUFFIX, Q8_CLIP = "_q8", (-128, 127)
 
 
 def _int8_output_rules(lx: Any, tinfo: Any) -> list[Any]:
-    """The AMX rule of the layer's activations where it applies (x86 convs with 64k input
-    channels on AMX-INT8): timed again with int8 outputs (:attr:`.ops.GemmSpec.out_clip`) beside
-    the float32-output kernels the whole models run."""
+    """The rule timed again with int8 outputs (:attr:`.ops.GemmSpec.out_clip`) beside the
+    float32-output kernels the per-layer figures hold: on x86 the AMX rule of the layer's
+    activations where it applies (convs with 64k input channels on AMX-INT8), else the
+    table-lookup rule where it can run (one-group convs on AVX-512BW; chosen or not)."""
     if tinfo.family != "x86" or lx.act_mode not in ("int", "ternary"):
         return []
     from ternbench.schedules import x86
 
-    rule = (x86.tt_amx_rule if lx.act_mode == "ternary" else x86.amx_rule)(where_chosen=False)
-    return [rule] if rule.applies(lx, tinfo) else []
+    tt = lx.act_mode == "ternary"
+    for make in ((x86.tt_amx_rule, x86.tt_lut_rule) if tt else (x86.amx_rule, x86.lut_rule)):
+        rule = make(where_chosen=False)
+        if rule.applies(lx, tinfo):
+            return [rule]
+    return []
 
 
 def _import_tvm() -> Any:

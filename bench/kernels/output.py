@@ -101,8 +101,9 @@ def _chosen_summary(ok: Any) -> list[str]:
             "slowest ternary kernel: x torch fp32",
             *([f"FGQ N={' / '.join(groups)}: x torch fp32"] if groups else [])]
     lines = ["Per suite, layer kind and batch: median (min-max) speed-up of the kernel the rules "
-             "choose for each layer (what a deployed model runs), the AMX kernels with int8 "
-             "outputs (`_q8`, requantized in the epilogue as torch int8 writes quint8), the "
+             "choose for each layer (what a deployed model runs), the kernels with int8 outputs "
+             "(`_q8`, requantized in the epilogue as torch int8 writes quint8: AMX, else the "
+             "table lookups), the "
              "slowest ternary kernel timed (any recipe, FGQ's included), and FGQ's group "
              "variants' median speed-up over torch fp32 (the kernel chosen for them; `_flat`: "
              "groups along the flat fan-in, `_alt`: another recipe timed beside it):", "",

@@ -89,6 +89,7 @@ from .packing import (
 )
 from .rules import Kernel, Rule, clear_kernel_cache, kernel_cache_size
 from .spec import (
+    OUT_CLIP_LAYOUTS,
     GemmSpec,
     Params,
     UnsupportedLayerError,
@@ -116,6 +117,7 @@ __all__ = [
     "plan_gemm",
     "pack_weight_args",
     "requantize_args",
+    "OUT_CLIP_LAYOUTS",
     "gemm_compute",
     "tt_compute",
     "pack_planes",

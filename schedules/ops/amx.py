@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 
 from .. import _tvm
-from .lut import finish_source, streams_output
+from .lut import finish_source, requantized, streams_output
 from .ttlut import channel_sum, offset_params, window_sum
 
 if TYPE_CHECKING:
@@ -531,17 +531,6 @@ def amx_source(spec: GemmSpec) -> str:
     def dp(a: int, j: int) -> str:
         return intrin("tdpbf16ps" if bf else "tdpbssd", i8(2 * a + j), i8(4 + a), i8(6 + j))
 
-    def requant(value: str, width: int) -> str:
-        """``value`` as stored: float32, or (``out_clip``) rounded half to even, clipped and
-        narrowed to int8 (``vrndscaleps``, min / max, ``vcvttps2dq`` + ``vpmovdb``), as torch's
-        quantized ops round."""
-        if spec.out_clip is None:
-            return value
-        lo, hi = (f"T.float32({v})" if width == 1 else f"T.broadcast(T.float32({v}), {width})"
-                  for v in spec.out_clip)
-        dt = "int8" if width == 1 else f"int8x{width}"
-        return f"T.Cast('{dt}', T.max(T.min(T.nearbyint({value}), {hi}), {lo}))"
-
     slot = f"t % 2 * {2 * AMX_ROWS * AMX_NB}"  # this tile's half of acc
     full = spec.N % AMX_NB == 0
 
@@ -569,14 +558,14 @@ def amx_source(spec: GemmSpec) -> str:
                 out += [f"        T.evaluate(T.call_extern('void', 'tb_stream_f32x{AMX_NB}', "
                         f"T.address_of(out[{row}, {ch}]), {value}))"]
             else:
-                out += [f"        out[{row}, {lanes}] = {requant(value, AMX_NB)}"]
+                out += [f"        out[{row}, {lanes}] = {requantized(spec, value, AMX_NB)}"]
         else:  # a partial last block: channel by channel
             value = " + ".join([f"T.Cast('float32', acc[{at0} + rr * {AMX_NB} + n]) * "
                                 f"S[{ch} + n] + bias[{ch} + n]",
                                 *(terms(row, yo, xo, f"{ch} + n", 1) if terms else [])])
             out += [f"        for n in range({AMX_NB}):",
                     f"            if {ch} + n < {spec.N}:",
-                    f"                out[{row}, {ch} + n] = {requant(value, 1)}"]
+                    f"                out[{row}, {ch} + n] = {requantized(spec, value, 1)}"]
         return out
 
     def previous_rows(k: str) -> list[str]:  # chunk k's share of the previous tile's rows

@@ -202,7 +202,7 @@ def kernel_head(spec: GemmSpec, f: ConvFrame, cgp: int, w_dtype: str,
         f"def main(X: T.Buffer(({spec.batch}, {f.h}, {f.w}, {f.c}), 'int8'),"
         f" Wi: T.Buffer(({f.taps}, {cgp}, {spec.Np}), '{w_dtype}'),{more}"
         f" S: T.Buffer(({spec.Np},), 'float32'), bias: T.Buffer(({spec.Np},), 'float32'),"
-        f" out: T.Buffer(({spec.M}, {spec.N}), 'float32')):",
+        f" out: T.Buffer(({spec.M}, {spec.N}), '{spec.out_dtype}')):",
         "    T.func_attr({'global_symbol': 'main', 'tir.noalias': True})",
         "    with T.sblock('root'):",
     ]
@@ -266,7 +266,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     lines += [f"                    {x} = T.alloc_buffer(({n},), '{idx_dtype}')"
               for x in idx + regs]
     if spec.N % spec.nb:  # a partial last block's vector, stored through it (_tile_stores)
-        lines += [f"                    ot = T.alloc_buffer(({n},), 'float32')"]
+        lines += [f"                    ot = T.alloc_buffer(({n},), '{spec.out_dtype}')"]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {x}_{r}_{j}[{hv}] = T.broadcast(T.{ut}(0), {h})"
               for r, j in tile for x in ("se", "so")]
@@ -371,6 +371,32 @@ def finish_source(spec: GemmSpec, lines: list[str], lanes: int) -> str:
     return "\n".join([*lines[:i], attr, *("    " + x for x in lines[i:])])
 
 
+def requantized(spec: GemmSpec, value: str, width: int) -> str:
+    """TVMScript of an epilogue ``value`` (``width`` float32 lanes; 1: a scalar) as stored:
+    itself, or with :attr:`~.spec.GemmSpec.out_clip` rounded half to even, clipped and narrowed
+    to int8 (``vrndscaleps``, min / max, ``vcvttps2dq`` + ``vpmovdb``), as torch's quantized
+    ops round.
+
+    Example:
+        >>> import dataclasses
+        >>> from ternbench.schedules.ops.spec import GemmSpec
+        >>> spec = GemmSpec(op="conv2d", batch=1, in_shape=(64, 8, 8), kernel=(3, 3),
+        ...                 stride=(1, 1), padding=(1, 1), out_hw=(8, 8), k_order="ijc", N=64,
+        ...                 K=576, G=1, gs=576, Kp=576, Np=64, act_dtype="int8",
+        ...                 layout="t2_lut", w_dtype="uint8", nb=64, mb=7, m_task=1)
+        >>> requantized(spec, "v", 1)
+        'v'
+        >>> requantized(dataclasses.replace(spec, out_clip=(0, 127)), "v", 1)
+        "T.Cast('int8', T.max(T.min(T.nearbyint(v), T.float32(127)), T.float32(0)))"
+    """
+    if spec.out_clip is None:
+        return value
+    lo, hi = (f"T.float32({v})" if width == 1 else f"T.broadcast(T.float32({v}), {width})"
+              for v in spec.out_clip)
+    dt = "int8" if width == 1 else f"int8x{width}"
+    return f"T.Cast('{dt}', T.max(T.min(T.nearbyint({value}), {hi}), {lo}))"
+
+
 def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
                  terms: EpilogueTerms | None = None) -> list[str]:
     """The epilogue of a row tile: ``out = acc * S + bias [+ terms]`` per pixel and vector
@@ -401,7 +427,8 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
                 store = (f"T.evaluate(T.call_extern('void', 'tb_stream_f32x{n}', "
                          f"T.address_of(out[{row}, {c0}]), {value(a, xo, c0, n)}))")
             else:
-                store = f"out[{row}, T.ramp({c0}, 1, {n})] = {value(a, xo, c0, n)}"
+                store = (f"out[{row}, T.ramp({c0}, 1, {n})] = "
+                         f"{requantized(spec, value(a, xo, c0, n), n)}")
             valid = min(max(spec.N - last * spec.nb - n * j, 0), n)  # its lanes in the last block
             if valid == n:
                 body = [store]
@@ -412,9 +439,10 @@ def _tile_stores(spec: GemmSpec, f: ConvFrame, acc: str,
                 if not valid:
                     tail = []
                 elif valid == w:
-                    tail = [f"out[{row}, T.ramp({c1}, 1, {w})] = {value(a, xo, c1, w)}"]
+                    tail = [f"out[{row}, T.ramp({c1}, 1, {w})] = "
+                            f"{requantized(spec, value(a, xo, c1, w), w)}"]
                 else:
-                    tail = [f"ot[T.ramp(0, 1, {w})] = {value(a, xo, c1, w)}",
+                    tail = [f"ot[T.ramp(0, 1, {w})] = {requantized(spec, value(a, xo, c1, w), w)}",
                             f"for n in range({valid}):", f"    out[{row}, {c1} + n] = ot[n]"]
                 body = tail
                 if last:  # the other blocks are whole

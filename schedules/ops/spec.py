@@ -27,6 +27,9 @@ TT_LAYOUTS = ("tt_planes", "tt_lut", "tt_amx")
 #: the AMX conv layouts (:mod:`.amx`): ``tdpbssd`` on int8 activations and on ternary codes,
 #: ``tdpbf16ps`` on grouped (FGQ) weights folded with their scales into bf16 pieces
 AMX_LAYOUTS = ("t2_amx", "tt_amx", "bf16_amx")
+#: layouts whose epilogue can requantize the output to int8 codes (:attr:`GemmSpec.out_clip`):
+#: the AMX int8-tile convs and the table-lookup convs (:mod:`.lut`, :mod:`.ttlut`)
+OUT_CLIP_LAYOUTS = ("t2_amx", "tt_amx", "t2_lut", "tt_lut")
 
 
 class UnsupportedLayerError(NotImplementedError):
@@ -100,8 +103,8 @@ class GemmSpec:
     #: pieces per input value, split exactly while the image is copied (3: 24 bits); the
     #: kernel runs the piece products ``a_i x w_j`` with ``i + j <= 2`` (:func:`.amx.amx_source`)
     a_planes: int = 1
-    #: ``t2_amx`` / ``tt_amx``: the output requantized in the epilogue, ``clip(round(acc * S +
-    #: bias [+ terms]), lo, hi)`` as int8 (S, bias and the terms divided by the output scale
+    #: :data:`OUT_CLIP_LAYOUTS`: the output requantized in the epilogue, ``clip(round(acc * S
+    #: + bias [+ terms]), lo, hi)`` as int8 (S, bias and the terms divided by the output scale
     #: on the host: :func:`.packing.requantize_args`), as torch's quantized conv writes quint8;
     #: ``(-128, 127)`` int8 codes, ``(0, 127)`` with a ReLU, ``(-1, 1)`` ternary codes.
     #: None: float32 output
@@ -110,9 +113,9 @@ class GemmSpec:
     def __post_init__(self) -> None:
         if self.out_clip is not None:
             lo, hi = self.out_clip
-            if self.layout not in ("t2_amx", "tt_amx"):
-                raise ValueError(f"out_clip: int8 outputs are t2_amx / tt_amx only, got layout "
-                                 f"{self.layout!r}")
+            if self.layout not in OUT_CLIP_LAYOUTS:
+                raise ValueError(f"out_clip: int8 outputs are {' / '.join(OUT_CLIP_LAYOUTS)} "
+                                 f"only, got layout {self.layout!r}")
             if not -128 <= lo < hi <= 127:
                 raise ValueError(f"out_clip: need -128 <= lo < hi <= 127, got {self.out_clip}")
 
