@@ -205,7 +205,7 @@ def artifact_rows(cell: CellSpec, store: Any, cfg: Any, base: dict[str, Any],
     runs: dict[str, Callable[[int], float]] = {
         "tvm": lambda n: art.timer(xn, n)(),
         # the same kernels one by one, timed in the same rounds (the glue's cost)
-        "kernel_sum": kernel_sum_timer(exports, cfg.latency_batch),
+        "kernel_sum": kernel_sum_timer(exports, cfg.latency_batch, out_clips=gm.out_clips()),
         # ... and one after another in one VM function, without the stages between them
         "kernel_chain": kernel_chain_timer(gm),
         "torch_fp32": loop_timer(lambda: graph(x)),

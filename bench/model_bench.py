@@ -196,7 +196,8 @@ def whole_model_latency(model: str = "resnet18", method: str | None = None, *, b
         ort = ort_int8_model(fp32, x, threads=threads) if ort_available() else None
         runs: dict[str, Any] = {"tvm": lambda n: art.timer(xn, n)(),
                                 # the same kernels one by one, in the same rounds
-                                "kernel_sum": kernel_sum_timer(exports, batch),
+                                "kernel_sum": kernel_sum_timer(exports, batch,
+                                                               out_clips=gm.out_clips()),
                                 # ... and in sequence, in one VM function without the stages
                                 "kernel_chain": kernel_chain_timer(gm),
                                 "torch_fp32": loop_timer(lambda: fp32(xb)),

@@ -84,6 +84,9 @@ class KernelInfo:
     rule: str
     func: str  # PrimFunc name in the IRModule
     shape_key: str
+    #: the clip of its int8 outputs (the next conv's codes: :meth:`_Lowering.output_codes`);
+    #: None: float32 outputs
+    out_clip: tuple[int, int] | None = None
 
 
 @dataclass
@@ -102,6 +105,11 @@ class GraphModule:
     @property
     def batch(self) -> int:
         return int(self.input_shape[0])
+
+    def out_clips(self) -> dict[str, tuple[int, int]]:
+        """Layer -> the clip of its kernel's int8 outputs, for the kernels that write the next
+        conv's codes (:func:`kernel_sum_timer` times those kernels)."""
+        return {k.layer: k.out_clip for k in self.kernels if k.out_clip is not None}
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -419,7 +427,8 @@ class _Lowering:
                 gv, [xin, *pvars], relax.TensorType((spec.M, spec.N), spec.out_dtype)))
             self.kernels.append(KernelInfo(part.name, rule.impl_for(part)
                                            + ("_q8" if codes is not None else ""), rule.name,
-                                           gv.name_hint, spec.shape_key))
+                                           gv.name_hint, spec.shape_key,
+                                           codes[0] if codes is not None else None))
             if spec.op == "conv2d":
                 ho, wo = spec.out_hw
                 src = _Src(out, "mn", (self.batch, spec.N, ho, wo),
@@ -868,23 +877,47 @@ def compile_graph(gm: GraphModule) -> Any:
 
 
 def kernel_sum_timer(exports: Mapping[str, LayerExport], batch: int, *,
-                     target: str = "x86") -> Callable[[int], float]:
+                     target: str = "x86",
+                     out_clips: Mapping[str, tuple[int, int]] | None = None
+                     ) -> Callable[[int], float]:
     """A timer of the model's kernels run one by one (seconds per pass over all of them, each
     kernel ``number`` times in ``time_evaluator``'s C++ loop), so that the kernel sum can be
     timed in the same interleaved rounds as the whole module. Each kernel is first checked
-    against the reference (:func:`.measure.measure_layer`, one short repeat)."""
-    from .measure import EvaluatorCfg, build_layer, kernel_input, measure_layer
+    against the reference (:func:`.measure.measure_layer`, one short repeat).
+
+    ``out_clips``: layer -> the clip of the int8 outputs the whole module's kernel writes
+    there (``KernelInfo.out_clip`` of :attr:`GraphModule.kernels`); those layers are timed
+    with the same int8-output kernel (checked as codes), not the float32 one."""
+    from .measure import (
+        EvaluatorCfg,
+        build_layer,
+        kernel_input,
+        measure_layer,
+        prepare_kernel,
+        select_rule,
+    )
+    from .tuning_cache import cached_params
 
     tvm = _tvm.require_tvm()
     dev = tvm.cpu(0)
     quick = EvaluatorCfg(number=1, repeat=1, min_repeat_ms=0)
+    clips = dict(out_clips or {})
     runs: list[tuple[Any, list[Any]]] = []
-    for lx in exports.values():
-        measure_layer(lx, batch=batch, target=target, ev=quick)  # raises on a mismatch
-        kern = build_layer(lx, batch, target)
+    for name, lx in exports.items():
+        if name in clips:
+            tinfo = _tvm.target_info(target)
+            rule = select_rule(lx, tinfo)
+            kern = rule.build(lx, batch, tinfo, cached_params(rule, lx, batch, tinfo),
+                              out_clip=clips[name])
+            prepare_kernel(kern, lx, tinfo)  # raises on a mismatch (the codes' check)
+        else:
+            measure_layer(lx, batch=batch, target=target, ev=quick)  # raises on a mismatch
+            kern = build_layer(lx, batch, target)
+        # (an int8-output kernel gets the float32 epilogue arguments: its codes saturate,
+        # which its time does not depend on)
         args = [tvm.runtime.tensor(v, dev)
                 for v in (kernel_input(lx, kern.spec), *kern.pack(lx))]
-        args.append(tvm.runtime.empty((kern.spec.M, kern.spec.N), "float32", dev))
+        args.append(tvm.runtime.empty((kern.spec.M, kern.spec.N), kern.spec.out_dtype, dev))
         runs.append((kern.module, args))
 
     def run(number: int) -> float:

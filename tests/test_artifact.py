@@ -325,6 +325,25 @@ def test_output_quantizer_fused_into_int8_output_convs(method, kw, data, monkeyp
     stages = [gm.mod["main"].script().count("quant_"), plain.mod["main"].script().count("quant_")]
     fused = sum(k.impl.endswith("_q8") for k in gm.kernels)
     assert fused == 1 + (impls[0] == f"{base}_q8") and stages[0] == stages[1] - fused > 0
+    # the kernel sum times the module's int8-output kernels where it runs them (checked as
+    # codes), the float32 ones elsewhere
+    from ternbench.schedules import measure
+    from ternbench.schedules.graph import kernel_sum_timer
+
+    clips = gm.out_clips()
+    assert sorted(clips) == sorted(k.layer for k in gm.kernels if k.impl.endswith("_q8"))
+    assert all(c[0] == 0 for c in clips.values())  # each through a ReLU
+    seen = []
+
+    def spy(kern, *a, **kw):
+        seen.append(kern.spec.out_clip)
+        return prepare(kern, *a, **kw)
+
+    prepare = measure.prepare_kernel
+    monkeypatch.setattr(measure, "prepare_kernel", spy)
+    timer = kernel_sum_timer(qm.export(), 8, out_clips=clips)
+    assert sorted(c for c in seen if c is not None) == sorted(clips.values())
+    assert timer(1) > 0
 
 
 def test_unsupported_op_is_named(data) -> None:
