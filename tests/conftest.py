@@ -196,3 +196,15 @@ def stream_everything(monkeypatch):
     monkeypatch.setattr(lut, "STREAM_MIN_BYTES", 0)
     monkeypatch.setattr(rules, "_CACHE", {})
     monkeypatch.setattr(graph, "_SCHED_CACHE", {})
+
+
+def assert_int8_codes(q, clip: tuple[int, int], fixed_scale: bool, both_ends: bool = False):
+    """An int8-output kernel's codes (``out_clip``): int8 inside the clip, not constant, and
+    with a fixed output scale reaching the clip's ends (``both_ends``: both, else either)."""
+    import numpy as np
+
+    assert q.dtype == np.int8 and q.min() >= clip[0] and q.max() <= clip[1]
+    assert len(np.unique(q)) >= min(3, clip[1] - clip[0] + 1)  # the codes are not constant
+    if fixed_scale:  # a fixed scale: the clip bites and the check still holds
+        ends = [bool((q == clip[1]).any()), bool((q == clip[0]).any())]
+        assert all(ends) if both_ends else any(ends)
