@@ -888,15 +888,7 @@ def kernel_sum_timer(exports: Mapping[str, LayerExport], batch: int, *,
     ``out_clips``: layer -> the clip of the int8 outputs the whole module's kernel writes
     there (``KernelInfo.out_clip`` of :attr:`GraphModule.kernels`); those layers are timed
     with the same int8-output kernel (checked as codes), not the float32 one."""
-    from .measure import (
-        EvaluatorCfg,
-        build_layer,
-        kernel_input,
-        measure_layer,
-        prepare_kernel,
-        select_rule,
-    )
-    from .tuning_cache import cached_params
+    from .measure import EvaluatorCfg, build_layer, kernel_input, measure_layer, prepare_kernel
 
     tvm = _tvm.require_tvm()
     dev = tvm.cpu(0)
@@ -904,15 +896,11 @@ def kernel_sum_timer(exports: Mapping[str, LayerExport], batch: int, *,
     clips = dict(out_clips or {})
     runs: list[tuple[Any, list[Any]]] = []
     for name, lx in exports.items():
-        if name in clips:
-            tinfo = _tvm.target_info(target)
-            rule = select_rule(lx, tinfo)
-            kern = rule.build(lx, batch, tinfo, cached_params(rule, lx, batch, tinfo),
-                              out_clip=clips[name])
-            prepare_kernel(kern, lx, tinfo)  # raises on a mismatch (the codes' check)
+        kern = build_layer(lx, batch, target, out_clip=clips.get(name))
+        if name in clips:  # raises on a mismatch (the codes' check)
+            prepare_kernel(kern, lx, _tvm.target_info(target))
         else:
             measure_layer(lx, batch=batch, target=target, ev=quick)  # raises on a mismatch
-            kern = build_layer(lx, batch, target)
         # (an int8-output kernel gets the float32 epilogue arguments: its codes saturate,
         # which its time does not depend on)
         args = [tvm.runtime.tensor(v, dev)

@@ -278,19 +278,20 @@ def _device(tinfo: _tvm.TargetInfo) -> Any:
 
 
 def build_layer(lx: LayerExport, batch: int, target: str,
-                params: ops.Params | None = None, *, float_input: bool = False) -> ops.Kernel:
+                params: ops.Params | None = None, *, float_input: bool = False,
+                out_clip: tuple[int, int] | None = None) -> ops.Kernel:
     """Select the rule of ``target`` for ``lx`` and build its kernel (any target, local or
     not: ARM kernels are cross-compiled, CUDA kernels need no GPU to build).
 
     ``params`` None: the best tile parameters a search (:func:`.tuning.search`) cached for
-    this shape, else the rule's default grid point. ``float_input``: see
+    this shape, else the rule's default grid point. ``float_input``, ``out_clip``: see
     :meth:`.ops.Rule.build` (whole models)."""
     _check_target(target)
     tinfo = _tvm.target_info(target)
     rule = select_rule(lx, tinfo)
     if params is None:
         params = cached_params(rule, lx, batch, tinfo)
-    return rule.build(lx, batch, tinfo, params, float_input=float_input)
+    return rule.build(lx, batch, tinfo, params, float_input=float_input, out_clip=out_clip)
 
 
 def _local_target(target: str) -> _tvm.TargetInfo:
