@@ -18,6 +18,7 @@ from ternbench.schedules.ops.lut import (
     lut_geometry_of,
     lut_source,
 )
+from ternbench.schedules.ops.ttlut import ttlut_source
 from test_schedules import make_layer
 
 AVX512 = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4", is_x86=True,
@@ -293,8 +294,8 @@ def test_lookup_int8_outputs_match_reference(label, act, kw, batch, clip, scale)
     lx = make_layer("conv2d", act=act, name=label, seed=len(label), **kw)
     kern = rule.build(lx, batch, tinfo, out_clip=clip)
     assert kern.spec.out_clip == clip and kern.spec.out_dtype == "int8"
-    src = kern.spec.layout == "t2_lut" and lut_source(kern.spec)
-    assert not src or ("'int8')):" in src and "T.nearbyint" in src and "tb_stream" not in src)
+    src = (lut_source if act == "int" else ttlut_source)(kern.spec)
+    assert "'int8')):" in src and "T.nearbyint" in src and "tb_stream" not in src
     assert "vpmovdb" in kern.module.inspect_source("asm")
     prep = measure.prepare_kernel(kern, lx, tinfo, out_scale=scale)
     assert_int8_codes(prep.out.numpy(), clip, scale is not None, both_ends=True)
