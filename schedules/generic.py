@@ -322,11 +322,13 @@ def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
     Returns the (block, loop) pairs to ``decompose_reduction`` once annotations are done."""
     bits = sch.get_sblock("A_bits")
     if spec.pixel_bits:  # X_bits packs pixels (parallel over image rows); A_bits gathers words
-        xb = sch.get_sblock("X_bits")
-        b, y, _z, _q, xs, xj = sch.get_loops(xb)
-        todo = [(xb, xj)]
-        sch.parallel(sch.fuse(b, y))
-        sch.unroll(xs)
+        todo = []
+        if not spec.mask_words:  # (else an extern stage, parallel inside: _mask_pixels)
+            xb = sch.get_sblock("X_bits")
+            b, y, _z, _q, xs, xj = sch.get_loops(xb)
+            todo = [(xb, xj)]
+            sch.parallel(sch.fuse(b, y))
+            sch.unroll(xs)
         if spec.row_words:  # X_rows: parallel over image rows too; A_bits is a plain load
             # (kept materialised: inlined into acc and asum it measured slower on RTN layers)
             xr = sch.get_sblock("X_rows")
@@ -341,10 +343,13 @@ def _schedule_tt_stages(sch: Any, spec: GemmSpec) -> list[tuple[Any, Any]]:
             _i, jq = sch.split(w, [spec.kernel[0], None])
             sch.vectorize(sch.fuse(jq, s))
             s = None
+    elif spec.mask_words:  # an extern stage, parallel over rows inside (mask_planes)
+        m = s = None
+        todo = []
     else:
         m, _w, s, j = sch.get_loops(bits)
         todo = [(bits, j)]
-    if spec.M > 1 and not tt_bits_per_task(spec):
+    if m is not None and spec.M > 1 and not tt_bits_per_task(spec):
         sch.parallel(m)
     if s is not None:
         sch.unroll(s)

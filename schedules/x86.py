@@ -19,7 +19,8 @@ The ternary kernel (bitnet.cpp "I2_S"-like, measured in ``shared/notes/tvm.md`` 
   group loop.
 
 Ternary activations (``tvm_tt_popc``, RTN/STTN): the kernel packs its int8 activation codes into
-uint64 mask/sign planes (stage ``A_bits``, cost included), then per group
+uint64 mask/sign planes (stage ``A_bits``, cost included; each word one compare into a mask,
+``GemmSpec.mask_words``), then per group
 ``popc(am & wm) - 2 popc(am & wm & (as ^ ws))`` vectorised over 8 output channels; offsets
 (``act_offset``, ``weight_offset``) add exact border-aware corrections (see
 :func:`.ops.tt_compute`). With AVX-512 VPOPCNTDQ + DQ (``x86.tt_popc512``) the popcounts
@@ -126,6 +127,9 @@ TT_512_DEFAULT = {"nb": 16, "mb": 2, "rows": TT_ROWS_PER_TASK}
 #: ResNet-18 convs with 18-72 words ran 4-12% faster (batch 1 and 64), those with 1-9 words
 #: within noise (0.97-1.03x) and the 3-word 7x7 stem 9-11% slower
 TT_SPLIT_MIN_WORDS = 16
+#: popcount GEMMs pack each bit-plane word with one compare into a mask (``GemmSpec.mask_words``;
+#: words of 64 codes of an input row or pixel, or a pixel of 8-32 channels)
+TT_MASK_WORDS = True
 DENSE_DEFAULT = {"nb": DENSE_NB, "mb": DENSE_MB, "rows": DENSE_ROWS_PER_TASK}
 #: AVX-512 FP32: 32 channels (two zmm) x 4 rows. One process on an Intel emeraldrapids, against
 #: 16 x 4: the FP32 ResNet-18 stem (7x7/2 3 -> 64, which the ternary models keep in FP32)
@@ -543,9 +547,14 @@ def _applies_tt_popc(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
             and lx.act_mode == "ternary")
 
 
+def _mask_words(spec: GemmSpec) -> GemmSpec:
+    # bit-plane words as one compare each wherever they hold whole runs of codes
+    return dataclasses.replace(spec, mask_words=TT_MASK_WORDS and spec.mask_lanes > 0)
+
+
 def _plan_tt_popc(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                   params: Params) -> GemmSpec:
-    return plan_gemm(lx, batch, "tt_planes", **tile_kwargs(params, TT_DEFAULT))
+    return _mask_words(plan_gemm(lx, batch, "tt_planes", **tile_kwargs(params, TT_DEFAULT)))
 
 
 def _applies_tt_popc512(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
@@ -558,8 +567,8 @@ def _plan_tt_popc512(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
     # int64 accumulators: vpopcntq's 64-bit lanes added as they are (no narrowing per word),
     # converted once per output (vcvtqq2ps, AVX512-DQ)
     spec = plan_gemm(lx, batch, "tt_planes", **tile_kwargs(params, TT_512_DEFAULT))
-    return dataclasses.replace(spec, tt_acc64=True,
-                               tt_split=spec.gsp // 64 >= TT_SPLIT_MIN_WORDS)
+    return _mask_words(dataclasses.replace(spec, tt_acc64=True,
+                                           tt_split=spec.gsp // 64 >= TT_SPLIT_MIN_WORDS))
 
 
 def _applies_t2_f32(lx: LayerExport, target: _tvm.TargetInfo) -> bool:

@@ -480,6 +480,63 @@ def test_avx2_kernel_sums_16_k_in_int16_before_widening(monkeypatch, gs, chained
     measure.prepare_kernel(kern, lx, info, x)  # raises on any difference from the reference
 
 
+@pytest.mark.tvm
+@pytest.mark.parametrize("label,kw,batch,lanes", [
+    ("linear_k_padded", dict(cin=100, out=24), 3, 64),  # A_in: K 100 -> Kp 128 of zeros
+    ("linear", dict(cin=192, out=32), 1, 64),
+    ("conv_c128_s2", dict(op="conv2d", cin=128, out=16, hw=(7, 7), stride=2), 2, 64),
+    ("conv_1x1_s2", dict(op="conv2d", cin=64, out=16, hw=(6, 7), k=1, pad=0, stride=2), 2, 64),
+    ("conv_c32", dict(op="conv2d", cin=32, out=16, hw=(6, 5)), 2, 32),
+    ("conv_c16_off", dict(op="conv2d", cin=16, out=8, hw=(6, 6), act_offset=0.3,
+                          w_offset=True), 1, 16),
+    ("conv_c8", dict(op="conv2d", cin=8, out=8, hw=(5, 5), stride=2), 2, 8),
+    # FGQ-style groups of 48 (each padded to 64): im2col rows, not pixels
+    ("conv_groups", dict(op="conv2d", cin=16, out=8, hw=(5, 5), gs=48), 2, 64),
+    ("stem_c3", dict(op="conv2d", cin=3, out=8, hw=(9, 9)), 1, 0),  # 27 bits: not packed so
+])
+def test_popcount_mask_words_match_reference(isa, monkeypatch, label, kw, batch, lanes):
+    """The popcount kernels pack each bit-plane word with one compare into a mask
+    (``GemmSpec.mask_words``: input rows, pixels of C % 64 == 0 or 8-32 channels) on every x86
+    ISA level with a popcount rule, exact against the reference like the shifted-bit reduction
+    they replace (``x86.TT_MASK_WORDS = False``), padding rings, K padding and offsets
+    included; the words come from the LLVM helper, not a loop over bits."""
+    info = x86_info()
+    name = "x86.tt_popc512" if "avx512vpopcntdq" in info.features else "x86.tt_popc"
+    rules = [r for r in x86.rules() if r.name == name]
+    if isa == "generic" or not rules[0].applies(make_layer(act="ternary"), info):
+        pytest.skip(f"{isa}: no x86 popcount rule at this level")
+    rule = rules[0]
+    conv = {"order": "ijc"} if kw.get("op") == "conv2d" else {}
+    lx = make_layer(act="ternary", name=label, **{**conv, **kw})
+    x = torch.randn(batch, *lx.input_shape)
+    x[0].flatten()[:5] = torch.tensor([3.0, -3.0, 0.0, 0.5, -0.5])  # codes 1, -1, 0 at the edge
+    for on in (True, False):
+        monkeypatch.setattr(x86, "TT_MASK_WORDS", on)
+        spec = rule.plan(lx, batch, info, rule.default_params)
+        assert spec.mask_words == (on and lanes > 0) and spec.mask_lanes == lanes
+        assert spec.pixel_bits == (lx.op == "conv2d" and label != "conv_groups")
+        func = ops.gemm_compute(spec).script()
+        assert (f"tb_mask{lanes}_nz" in func) == spec.mask_words
+        kern = rule.build(lx, batch, info, rule.default_params)
+        measure.prepare_kernel(kern, lx, info, x)  # raises on any difference from the reference
+
+
+def test_mask_words_spec_validation():
+    lx = make_layer("conv2d", act="ternary", cin=3, out=8, hw=(9, 9), order="ijc")
+    spec = ops.plan_gemm(lx, 1, "tt_planes", nb=8, mb_max=4, rows_per_task=64)
+    assert spec.pixel_bits and spec.mask_lanes == 0
+    with pytest.raises(ValueError, match="mask_words: tt_planes specs whose words"):
+        dataclasses.replace(spec, mask_words=True)
+    t2 = ops.plan_gemm(make_layer(), 1, "t2_avx2", nb=16, mb_max=4, rows_per_task=64)
+    with pytest.raises(ValueError, match="layout 't2_avx2'"):
+        dataclasses.replace(t2, mask_words=True)
+    from ternbench.schedules.ops.compute import mask_word_ir
+    with pytest.raises(ValueError, match="lanes must be one of"):
+        mask_word_ir(24, False)
+    ir = mask_word_ir(16, True)  # float inputs against the threshold, zero-extended to i64
+    assert "fcmp ogt <16 x float>" in ir and "zext i16" in ir and "@tb_mask16f_neg" in ir
+
+
 def test_isa_levels_and_forcing(monkeypatch):
     pytest.importorskip("tvm")
     if not _tvm.is_x86_host():

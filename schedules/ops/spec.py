@@ -97,6 +97,11 @@ class GemmSpec:
     #: (block ``acc_pair``): per word and lane block one add each instead of add, double and
     #: subtract (x86 AVX-512: 6 vector ops, not 7)
     tt_split: bool = False
+    #: ``tt_planes``: each word of the bit-planes (of an input row, or of a pixel: ``X_bits``)
+    #: is one compare of :attr:`mask_lanes` codes turned into its mask (an LLVM helper,
+    #: :func:`.compute.mask_word_ir`: ``vptestmb`` / ``vpcmpgtb`` + ``kmovq`` on AVX-512,
+    #: ``vpcmpeqb`` + ``vpmovmskb`` on AVX2), instead of a reduction of shifted bits
+    mask_words: bool = False
     #: ``bf16_amx``: bf16 pieces per weight (weight = their exact sum; FP16 scales take 2)
     planes: int = 1
     #: ``bf16_amx`` on float32 inputs (FP32 convs: the stems ternary models keep in FP32): bf16
@@ -111,6 +116,10 @@ class GemmSpec:
     out_clip: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        if self.mask_words and not self.mask_lanes:
+            raise ValueError("mask_words: tt_planes specs whose words are 64 contiguous codes "
+                             "or a pixel of 8, 16 or 32 channels only, got layout "
+                             f"{self.layout!r} with in_shape {self.in_shape}")
         if self.out_clip is not None:
             lo, hi = self.out_clip
             if self.layout not in OUT_CLIP_LAYOUTS:
@@ -172,6 +181,27 @@ class GemmSpec:
         return (self.layout == "tt_planes" and self.op == "conv2d" and self.G == 1
                 and self.k_order == "ijc"
                 and (c % TT_WORD == 0 or TT_WORD % c == 0 or whole))
+
+    @property
+    def mask_lanes(self) -> int:
+        """Codes per :attr:`mask_words` compare: 64 (input rows, pixels of C % 64 == 0
+        channels), C (pixels of 8, 16 or 32 channels); 0 where words are not packed so
+        (other layouts, 1-4 channel and whole-kernel pixels).
+
+        Example:
+            >>> spec = GemmSpec(op="linear", batch=1, in_shape=(4608,), kernel=(1, 1),
+            ...                 stride=(1, 1), padding=(0, 0), out_hw=(1, 1), k_order="cij",
+            ...                 N=512, K=4608, G=1, gs=4608, Kp=4608, Np=512, act_dtype="int8",
+            ...                 layout="tt_planes", w_dtype="uint64", nb=16, mb=1, m_task=1)
+            >>> spec.mask_lanes
+            64
+        """
+        if self.layout != "tt_planes":
+            return 0
+        if not self.pixel_bits:
+            return TT_WORD
+        c = self.in_shape[0]
+        return TT_WORD if c % TT_WORD == 0 else (c if c in (8, 16, 32) else 0)
 
     @property
     def has_input_stage(self) -> bool:
