@@ -195,6 +195,14 @@ TT_LUT_MIN_CHANNELS = 32
 #: 1.07x / 1.09x, 1.34x; 3x3/2 16 -> 32 1.12x, 1.03x / 1.18x, 1.07x; 3x3/1 16 -> 64 on 16x16
 #: 1.56x, 1.50x / 1.61x, 1.84x
 TT_LUT_MIN_INPUTS = 16
+#: ... but with fewer inputs than TT_LUT_FEW_INPUTS, from TT_LUT_MIN_CHANNELS_FEW_INPUTS outputs:
+#: since the popcount kernel packs its words as compare masks (``GemmSpec.mask_words``) it
+#: wins the 16 -> 32 convs (one process, batch 1 / 64, popcount over lookup time: 3x3/2
+#: 0.67-0.74x with or without RTN's offsets; 3x3/1 0.88-0.92x except 1.16-1.18x at batch 64 with
+#: the offsets); 16 -> 64 on 16x16 stays on the lookups (1.36-1.65x), as do 32 inputs
+#: (0.99-1.21x; ``docs/measured/ab-x86-znver4-ttlut-vs-popc-16-inputs.txt``)
+TT_LUT_FEW_INPUTS = 32
+TT_LUT_MIN_CHANNELS_FEW_INPUTS = 64
 #: 1x1 convs share no rows; with the biased widening and byte codes (fe33809) they are chosen
 #: from 64 inputs. ResNet-18's 1x1/2 downsamples (64, 128, 256 inputs), speed over the popcount
 #: kernel in one process, batch 1: 1.55x, 1.42x, 1.20x; batch 64: 1.47x, 1.56x, 0.84x (the two
@@ -828,14 +836,17 @@ def _applies_tt_lut_any(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 
 def _applies_tt_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Where it is chosen over the popcount kernel: convs wider than 1 tap with >=
-    TT_LUT_MIN_INPUTS inputs and TT_LUT_MIN_CHANNELS outputs, 1x1 convs with >=
+    TT_LUT_MIN_INPUTS inputs and TT_LUT_MIN_CHANNELS outputs (TT_LUT_MIN_CHANNELS_FEW_INPUTS
+    with fewer than TT_LUT_FEW_INPUTS inputs), 1x1 convs with >=
     TT_LUT_MIN_CHANNELS_1X1 inputs (and TT_LUT_MIN_CHANNELS outputs), or a stem's <= 4 inputs;
     without full-rate permutes (:func:`full_rate_permutes`) the stems only. Measured:
     docs/kernels.md."""
     if not full_rate_permutes(target):
         return _applies_tt_lut_any(lx, target) and lx.in_channels <= 4
     outs = lx.out_channels >= TT_LUT_MIN_CHANNELS
-    wide = lx.kernel_size[1] > 1 and outs and lx.in_channels >= TT_LUT_MIN_INPUTS
+    few = lx.in_channels < TT_LUT_FEW_INPUTS
+    wide = (lx.kernel_size[1] > 1 and outs and lx.in_channels >= TT_LUT_MIN_INPUTS
+            and (not few or lx.out_channels >= TT_LUT_MIN_CHANNELS_FEW_INPUTS))
     one = (tuple(lx.kernel_size) == (1, 1) and outs
            and lx.in_channels >= TT_LUT_MIN_CHANNELS_1X1)
     return _applies_tt_lut_any(lx, target) and (wide or one or lx.in_channels <= 4)

@@ -91,15 +91,17 @@ def expected_tt_impl(features: frozenset[str], lx=None, full_rate: bool = True,
     """The ternary x ternary kernel a feature set should get. With the layer ``lx``: with AMX
     granted (``amx``), ``tt_amx`` for one-group convs wider than one tap with 64k input
     channels, first; the byte-table lookup kernel on AVX512-VBMI for one-group convs (RTN's
-    offsets included) whose input and output channels are both >= 32 (for the wider-than-1x1
-    cases used here), or whose input has <= 4 channels (stems); without full-rate permutes
+    offsets included) whose input and output channels are both >= 32 (16 inputs: >= 64
+    outputs; for the wider-than-1x1 cases used here), or whose input has <= 4 channels
+    (stems); without full-rate permutes
     (``full_rate``) stems only."""
     if (amx and lx is not None and lx.op == "conv2d" and lx.group_size >= lx.fan_in
             and lx.in_channels % 64 == 0 and tuple(lx.kernel_size) != (1, 1)):
         return "tvm_tt_amx"
     if lx is not None and {"avx512bw", "avx512vbmi"} <= features and lx.op == "conv2d":
         wide = (full_rate and lx.kernel_size[1] > 1
-                and min(lx.in_channels, lx.out_channels) >= 32)
+                and (min(lx.in_channels, lx.out_channels) >= 32
+                     or lx.in_channels >= 16 and lx.out_channels >= 64))
         if (lx.group_size >= lx.fan_in and lx.fan_in < 2 ** 15
                 and (wide or lx.in_channels <= 4)):
             return "tvm_tt_lut"

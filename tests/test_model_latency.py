@@ -149,6 +149,8 @@ def test_float_input_kernels_quantize_while_packing(data, monkeypatch) -> None:
     lx = qm.export()["6"]
     kern = build_layer(lx, 2, "x86", float_input=True)
     assert kern.spec.float_in and kern.spec.threshold == lx.act_threshold
+    # x86: each word one float compare against the threshold (GemmSpec.mask_words)
+    assert kern.spec.mask_words == kern.rule.startswith("x86.tt_popc")
     import tvm  # noqa: F401  (loaded by build_layer already)
 
     xin = torch.randn(2, 64, 28, 28) * 2 * lx.act_threshold

@@ -261,17 +261,18 @@ def test_rule_selection_is_gated_by_target_features():
         spec = rule.plan(lx, 1, popc512, rule.default_params)
         assert (spec.gsp // 64, spec.tt_split) == (words, split)
     assert not measure.select_rule(tt, info).plan(tt, 1, info, {}).tt_split
-    # AVX512-VBMI: byte-table lookups for one-group ternary convs (offsets or not), >= 16
-    # channels in and 32 out (1x1: >= 64 in) or a stem's <= 4 inputs; everything else stays on
-    # the popcount, on a CPU with full-rate 512-bit permutes (Zen 4); elsewhere (Intel) the
-    # stems only
+    # AVX512-VBMI: byte-table lookups for one-group ternary convs (offsets or not), >= 32
+    # channels in and out (16 in: 64 out; 1x1: >= 64 in) or a stem's <= 4 inputs; everything
+    # else stays on the popcount, on a CPU with full-rate 512-bit permutes (Zen 4); elsewhere
+    # (Intel) the stems only
     vbmi = dataclasses.replace(popc512, features=popc512.features | {"avx512vbmi"},
                                mcpu="znver4")
     intel = dataclasses.replace(vbmi, mcpu="emeraldrapids")
     for kw, lut in ((dict(cin=128, out=128), True), (dict(cin=3, out=16), True),
                     (dict(cin=64, out=128), True), (dict(cin=128, out=64), True),
                     (dict(cin=32, out=128), True), (dict(cin=128, out=16), False),
-                    (dict(cin=16, out=32), True), (dict(cin=16, out=32, stride=2), True),
+                    (dict(cin=16, out=32), False), (dict(cin=16, out=32, stride=2), False),
+                    (dict(cin=16, out=64), True), (dict(cin=16, out=64, stride=2), True),
                     (dict(cin=16, out=16), False), (dict(cin=8, out=32), False),
                     (dict(cin=64, out=128, k=1, pad=0), True),
                     (dict(cin=32, out=64, k=1, pad=0, stride=2), False),
