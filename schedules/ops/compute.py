@@ -466,7 +466,10 @@ def _mask_extern(shape: tuple[int, ...], src: Any, lanes: int, threshold: float 
         return tirx.AttrStmt(tirx.const(0, "int32"), "pragma_import_llvm",
                              tvm.ir.StringImm(mask_word_ir(lanes, floats)), stmt)
 
-    return tvm.te.extern((*shape, 2), [src], body, name=name, dtype="uint64")
+    # the input as a plain buffer (te.extern's own has offset_factor=1: a symbolic offset on
+    # the kernel's parameter when ``src`` is the input itself)
+    inp = tirx.decl_buffer(src.shape, src.dtype, name=src.op.name)
+    return tvm.te.extern((*shape, 2), [src], body, name=name, dtype="uint64", in_buffers=[inp])
 
 
 def mask_planes(spec: GemmSpec, a: Any) -> Any:
