@@ -523,12 +523,10 @@ def tt_compute(spec: GemmSpec) -> Any:
 
     if spec.pixel_bits:
         planes = _pixel_planes(spec, x, word, j)
-    elif spec.mask_words:
-        planes = mask_planes(spec, _input_stage(spec, x, None))
     else:
         a = _input_stage(spec, x, None)
-        planes = te.compute((m_, kw_, 2), lambda m, w, s: word(a[m, w * TT_WORD + j], s),
-                            name="A_bits")
+        planes = mask_planes(spec, a) if spec.mask_words else te.compute(
+            (m_, kw_, 2), lambda m, w, s: word(a[m, w * TT_WORD + j], s), name="A_bits")
     wm = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Wm")
     ws = te.placeholder((np_ // nb, kw_, nb), "uint64", name="Ws")
 
