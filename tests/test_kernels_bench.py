@@ -459,6 +459,67 @@ def test_int8_output_rows_and_summary(monkeypatch):
     assert "| s | 3x3 convs | 1 | 1 | 8.00, 1.00 | 10.00, 1.50 | 1.25 | 1.75 | 8.00 |" in lines
 
 
+def _target_rows() -> pd.DataFrame:
+    """A run's rows just around issue 11's bounds (see ``test_targets_are_checked``)."""
+    rows = []
+
+    def add(suite, shape, batch, act, impl, fp32, int8, chosen=True, us=10.0):
+        rows.append(dict(suite=suite, shape=shape, batch=batch, act_mode=act, impl=impl,
+                         chosen=chosen, median_us=us, speedup_vs_torch_fp32=fp32,
+                         speedup_vs_torch_int8=int8))
+
+    convs = [f"conv 3x3/1 {c}x8x8->{c}" for c in (8, 16, 32, 64, 128, 256, 512)]
+    for b, lo in ((1, 1.5), (64, 1.2)):  # 3 below, 4 at or above the bound: median 4th = lo
+        for i, s in enumerate(convs):
+            add("resnet18", s, b, "int8", "tvm_t2_lut", 4.0, lo + (i - 3) * 0.1)
+        add("resnet18", "conv 7x7/2 3x224x224->64", b, "int8", "tvm_t2_lut", 4.0, 2.0)
+        for i, s in enumerate(convs):  # FGQ: N=4 at 2x, N=16 above N=64 at batch 64 only
+            add("resnet18", s, b, "int8", "tvm_t2_vnni_g4", 2.0 + i * 0.01, 0.5, chosen=False)
+            add("resnet18", s, b, "int8", "tvm_t2_vnni_g16", 3.0 if b == 1 else 5.0, 1.0,
+                chosen=False)
+            add("resnet18", s, b, "int8", "tvm_t2_vnni_g64", 4.0, 1.0, chosen=False)
+            add("resnet18", s, b, "int8", "tvm_t2_vnni_g4_flat", 0.1, 0.1, chosen=False)
+    for i, s in enumerate(convs):
+        add("resnet18", s, 1, "ternary", "tvm_tt_lut", 12.0 + i, 3.0 + i)
+    add("resnet18", convs[0], 1, "ternary", "tvm_tt_popc", 1.0, 0.5, chosen=False)
+    add("gemv", "linear 4608->512", 1, "ternary", "tvm_tt_popc", 24.9, 9.0, us=6.0)
+    for b, low in ((1, 1.0), (64, 0.99)):  # batch 64: one kernel below torch FP32
+        add("cifar", "conv 3x3/1 16x32x32->16", b, "int8", "tvm_t2_vnni", 3.0, 1.0)
+        add("cifar", "linear 64->10", b, "ternary", "tvm_tt_popc", low, 1.0, chosen=False)
+        add("cifar", "linear 64->10", b, "fp32", "tvm_fp32", 0.5, 0.2, chosen=False)
+    return pd.DataFrame(rows)
+
+
+def test_targets_are_checked():
+    """Each target reads the rows it names: the chosen kernels' medians (8 convs with the stem
+    for int8 activations), FGQ's ``_g<N>`` variants (not ``_flat``), every ternary CIFAR
+    kernel (not the dense TVM ones), and says "not in this run" where the rows are missing."""
+    from ternbench.bench.kernels.targets import check_targets, targets_markdown
+
+    got = {r.target.split(":")[0]: r for r in check_targets(_target_rows())}
+    verdicts = [r.verdict for r in got.values()]
+    assert verdicts == ["yes", "yes", "yes", "no", "yes", "no", "no"]
+    int8 = next(r for k, r in got.items() if "batch 1" in k and "int8 act" in k)
+    assert int8.measured.startswith("1.550x (8 convs; the 7 3x3 convs 1.50x, 1.20-1.80x)")
+    assert next(r for k, r in got.items() if "N=64" in k).measured == (
+        "batch 1: 4.00x vs 3.00x; batch 64: 4.00x vs 5.00x")
+    assert next(r for k, r in got.items() if "CIFAR" in k).measured == (
+        "every kernel >= 1.00x / >= 0.99x")
+    assert next(r for k, r in got.items() if "N=4" in k).measured == "2.03x / 2.03x"
+    # a bound missed by a hair: the 8-conv median (the 4th and 5th conv) is what counts
+    df = _target_rows()
+    for shape, v in (("conv 3x3/1 64x8x8->64", 1.19), ("conv 3x3/1 128x8x8->128", 1.2)):
+        df.loc[(df["batch"] == 64) & (df["shape"] == shape), "speedup_vs_torch_int8"] = v
+    assert check_targets(df)[1].met is False
+    assert check_targets(df)[1].measured.startswith("1.195x")
+    # rows of another suite only: nothing to say
+    only = df[df["suite"] == "gemv"]
+    assert [r.verdict for r in check_targets(only)].count("not in this run") == 6
+    md = targets_markdown(df, threads=2)
+    assert md[0].endswith("(this run: 2 threads; the targets are for 1):")
+    assert targets_markdown(df[df["suite"] == "bitnet"], threads=1) == []
+
+
 # ----------------------------------------------------------------------------- A/B tool
 
 

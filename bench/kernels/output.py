@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .targets import targets_markdown
+
 if TYPE_CHECKING:
     from .impls import _Impl
     from .shapes import KernelShape
@@ -150,6 +152,7 @@ def _markdown(df: Any, meta: dict[str, Any]) -> str:
     engines = sorted(set(ok.loc[ok["impl"] == "torch_int8", "target_str"]))
     if engines:  # e.g. AMX under torch's int8 convs: the bar the ternary kernels face
         lines += ["torch int8 ran on: " + "; ".join(f"`{e}`" for e in engines) + ".", ""]
+    lines += targets_markdown(ok, int(meta["threads"]))
     # an impl measured in several activation modes (e.g. tvm_metaschedule) gets one column each
     modes = ok.groupby("impl")["act_mode"].nunique()
     ok["col"] = [i if modes[i] == 1 else f"{i} ({a})" for i, a in zip(ok["impl"], ok["act_mode"],
