@@ -68,7 +68,9 @@ KERNELS_EPILOG = textwrap.dedent("""\
 
     outputs: OUT/kernels.csv (one row per shape x batch x impl: median_us, speed-ups over
     torch fp32 / int8 from the same run, GMAC/s, bytes, roofline_fraction, max_abs_err, and
-    provenance: TVM / torch versions, CPU, git) and OUT/kernels.md (summary table).
+    provenance: TVM / torch versions, CPU, git) and OUT/kernels.md (summary: the project's
+    latency targets, README "Where the kernels stand", checked on the run's own ratios, then
+    the tables).
 
     tuning: --tune searches each TVM kernel's tile grid first (checked, timed; results cached
     in $TERNBENCH_CACHE/tuning, default ~/.cache/ternbench/tuning, and reused by every later

@@ -160,7 +160,8 @@ def targets_markdown(df: Any, threads: int) -> list[str]:
     if all(r.met is None for r in results):
         return []
     note = "" if threads == 1 else f" (this run: {threads} threads; the targets are for 1)"
-    lines = [f"Issue 11's targets, checked on this run's ratios{note}:", "",
+    lines = [f"Latency targets (issue 11; README, \"Where the kernels stand\"), checked on "
+             f"this run's ratios{note}:", "",
              "| target | measured | met? |", "|---|---|---|"]
     lines += [f"| {r.target} | {r.measured} | {r.verdict} |" for r in results]
     return [*lines, ""]
