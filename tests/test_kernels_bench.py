@@ -577,6 +577,9 @@ def test_ab_times_both_variants_beside_torch():
         assert all(math.isfinite(v) and v > 0 for v in
                    (r.a_us, r.b_us, r.torch_fp32_us, r.b_over_a, r.a_x_fp32, r.b_x_fp32))
         assert "B/A" in r.line()
+    # the setting changes the grouped kernel only; the control says so on its line
+    assert [r.same_code for r in rows] == [False, True]
+    assert rows[1].line().endswith("| A and B built the same code")
 
 
 @pytest.mark.tvm

@@ -8,7 +8,8 @@ batch, the rule's kernel is built once with each variant's settings applied (the
 cleared before and after, the attributes restored), each build is checked against the layer's
 reference (a mismatch raises, nothing is timed), and the two kernels and torch FP32 are timed
 interleaved round by round in this process (the order rotating). Ratios are medians of per-round
-ratios, so a drift of the machine between rounds cancels.
+ratios, so a drift of the machine between rounds cancels. A line whose variants compiled to the
+same assembly says so (the setting does not reach that shape).
 
 Run (``--b`` defaults to no setting: the code as it is)::
 
@@ -119,12 +120,15 @@ class AbRow:
     b_over_a: float  #: median of per-round B / A times
     a_x_fp32: float  #: median of per-round torch FP32 / A times
     b_x_fp32: float
+    #: A and B compiled to the same assembly: the settings change nothing on this shape
+    same_code: bool = False
 
     def line(self) -> str:
         return (f"{self.shape:30s} N={self.group_size or '-':<3} b{self.batch:<3d} "
                 f"A {self.a_us:10.1f}  B {self.b_us:10.1f}  torch_fp32 {self.torch_fp32_us:10.1f}"
                 f" us | B/A {self.b_over_a:.3f} | x torch fp32: A {self.a_x_fp32:.2f} "
-                f"B {self.b_x_fp32:.2f}")
+                f"B {self.b_x_fp32:.2f}" + (" | A and B built the same code" if self.same_code
+                                            else ""))
 
 
 def _paired(num: list[float], den: list[float]) -> float:
@@ -174,6 +178,7 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
                 continue
             for batch in batches:
                 impls: list[_Impl] = []
+                code: list[str] = []
                 for tag, settings in (("A", a), ("B", b)):
                     with applied(settings):  # packing may read them too
                         # the rule list is made under the settings: its grid's first point
@@ -181,13 +186,15 @@ def run_ab(rule: str, a: Sequence[Setting], b: Sequence[Setting] = (), *,
                         rv = next(x for x in x86.rules() if x.name == rule)
                         kern = rv.build(lx, batch, tinfo, None)
                         prep = measure.prepare_kernel(kern, lx, tinfo)  # raises on a mismatch
+                    code.append(kern.module.inspect_source("asm"))
                     impls.append(_tvm_impl(prep, act, rule, dev, impl=tag))
                 impls.append(_torch_fp32_impl(lx, batch, threads))
                 _time_group(impls, threads=threads, rounds=rounds, min_s=sample_s)
                 ia, ib, it = (i.samples for i in impls)  # seconds per call, per round
                 row = AbRow(sh.label, gs, batch, statistics.median(ia) * 1e6,
                             statistics.median(ib) * 1e6, statistics.median(it) * 1e6,
-                            _paired(ib, ia), _paired(it, ia), _paired(it, ib))
+                            _paired(ib, ia), _paired(it, ia), _paired(it, ib),
+                            same_code=code[0] == code[1])
                 log.info("%s", row.line())
                 out.append(row)
     return out
