@@ -506,6 +506,8 @@ def test_targets_are_checked():
     assert next(r for k, r in got.items() if "CIFAR" in k).measured == (
         "every kernel >= 1.00x / >= 0.99x")
     assert next(r for k, r in got.items() if "N=4" in k).measured == "2.03x / 2.03x"
+    assert next(r for k, r in got.items() if "ternary act" in k).measured == (
+        "15.00x / 6.00x (7 convs)")  # the chosen kernels only, not the popcount row beside
     # a bound missed by a hair: the 8-conv median (the 4th and 5th conv) is what counts
     df = _target_rows()
     for shape, v in (("conv 3x3/1 64x8x8->64", 1.19), ("conv 3x3/1 128x8x8->128", 1.2)):
