@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .targets import targets_markdown
+from .targets import targets_markdown, ternary_kernels
 
 if TYPE_CHECKING:
     from .impls import _Impl
@@ -119,8 +119,7 @@ def _chosen_summary(ok: Any) -> list[str]:
         for m in q8_modes:
             c = g[g["impl"].str.endswith("_q8") & (g["act_mode"] == m)]
             cells.append(_span(c["speedup_vs_torch_int8"]) if len(c) else "-")
-        tern = g.loc[g["act_mode"].isin(("int8", "ternary")) & g["impl"].str.startswith("tvm_")
-                     & ~g["impl"].isin(("tvm_fp32", "tvm_int8")), "speedup_vs_torch_fp32"]
+        tern = g.loc[ternary_kernels(g), "speedup_vs_torch_fp32"]
         cells.append(f"{tern.min():.2f}" if len(tern) else "-")
         if groups:
             cells.append(" / ".join(

@@ -40,6 +40,13 @@ class TargetResult:
         return {True: "yes", False: "no", None: "not in this run"}[self.met]
 
 
+def ternary_kernels(df: Any) -> Any:
+    """Row mask: the ternary TVM kernels (any recipe, FGQ's included), not the dense TVM
+    GEMMs or torch (shared with ``kernels.md``'s "slowest ternary kernel" column)."""
+    return (df["act_mode"].isin(("int8", "ternary")) & df["impl"].str.startswith("tvm_")
+            & ~df["impl"].isin(("tvm_fp32", "tvm_int8")))
+
+
 def _rows(df: Any, *, suite: str, batch: int, act: str | None = None,
           prefixes: tuple[str, ...] = ("conv 3x3",), chosen: bool = True) -> Any:
     sel = (df["suite"] == suite) & (df["batch"] == batch) & df["median_us"].notna()
@@ -89,8 +96,7 @@ def _group_medians(df: Any, batch: int) -> dict[int, float]:
     """FGQ group size -> median speed-up over torch FP32 on the ResNet-18 3x3 convs."""
     c = _rows(df, suite="resnet18", batch=batch, chosen=False)
     n = c["impl"].str.extract(_GROUP, expand=False)
-    return {int(k): float(np.median(g["speedup_vs_torch_fp32"]))
-            for k, g in c.groupby(n) if len(g)}
+    return {int(k): float(np.median(g["speedup_vs_torch_fp32"])) for k, g in c.groupby(n)}
 
 
 def _fgq_n4(df: Any) -> TargetResult:
@@ -119,8 +125,7 @@ def _cifar(df: Any) -> TargetResult:
     lows: list[float | None] = []
     for b in (1, 64):
         c = _rows(df, suite="cifar", batch=b, prefixes=("conv", "linear"), chosen=False)
-        c = c[c["act_mode"].isin(("int8", "ternary")) & c["impl"].str.startswith("tvm_")
-              & ~c["impl"].isin(("tvm_fp32", "tvm_int8"))]
+        c = c[ternary_kernels(c)]
         lows.append(float(c["speedup_vs_torch_fp32"].min()) if len(c) else None)
     have = [x for x in lows if x is not None]
     if len(have) < len(lows):
