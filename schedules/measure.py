@@ -486,10 +486,39 @@ def check_layer(lx: LayerExport, *, batch: int = 1, target: str,
                       "no GPU visible" if target == "cuda" else "cannot run here")
 
 
+class _DropNoCudaRuntime(logging.Filter):
+    """Drops torch's "No CUDA runtime is found" warning, nothing else.
+
+    ``torch.utils.benchmark`` imports ``torch.utils.cpp_extension``, which looks for a CUDA
+    toolkit when imported and warns when it finds one (an ``nvcc`` on PATH) without a GPU. The
+    torch FP32 / INT8 baselines are CPU timings, where that message only misleads.
+
+    Example:
+        >>> rec = logging.LogRecord("torch.utils.cpp_extension", logging.WARNING, "", 0,
+        ...                         "No CUDA runtime is found, using CUDA_HOME='%s'", ("/x",), None)
+        >>> _DropNoCudaRuntime().filter(rec)
+        False
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _torch_timer() -> type:
+    """``torch.utils.benchmark.Timer``, imported without cpp_extension's CUDA-home warning."""
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _DropNoCudaRuntime()
+    cpp_log.addFilter(quiet)
+    try:
+        from torch.utils.benchmark import Timer
+    finally:
+        cpp_log.removeFilter(quiet)
+    return Timer
+
+
 def _torch_repeats(fn: Callable[[], Any], ev: EvaluatorCfg, threads: int) -> list[float]:
     """Per-call seconds of ``ev.repeat`` repeats, with time_evaluator's min_repeat_ms rule."""
-    from torch.utils.benchmark import Timer
-
+    Timer = _torch_timer()  # noqa: N806 (a class)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     number = ev.number
     if ev.min_repeat_ms > 0:  # grow `number` until one repeat lasts min_repeat_ms (as TVM does)

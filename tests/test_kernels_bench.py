@@ -138,6 +138,34 @@ def test_forced_isa_caps_torch_baselines(isa, want):
         assert out["late"][0] != want and out["late"][1] == "1"
 
 
+_TIMER_PROBE = """
+import sys
+if sys.argv[1] == "ours":
+    from ternbench.schedules import measure
+    measure._torch_timer()
+else:
+    import torch.utils.benchmark
+"""
+
+
+def test_torch_timer_import_drops_the_cuda_home_warning(tmp_path):
+    """Importing torch's benchmark Timer warns "No CUDA runtime is found" wherever a CUDA
+    toolkit is found without a GPU (here: ``CUDA_HOME`` set); the CPU baselines' import drops
+    that one message (fresh processes: torch warns once, when cpp_extension is imported)."""
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: torch does not warn")
+    env = {**os.environ, "CUDA_HOME": str(tmp_path)}
+    err = {who: subprocess.run([sys.executable, "-c", _TIMER_PROBE, who], env=env,
+                               capture_output=True, text=True, check=True).stderr
+           for who in ("torch", "ours")}
+    assert "No CUDA runtime is found" in err["torch"]  # the control: torch does warn here
+    assert "No CUDA runtime is found" not in err["ours"]
+
+
 def test_lower_level_kernels_are_built_for_their_level(monkeypatch):
     """On an AVX-512 CPU the AVX2 kernel timed beside the chosen ones is compiled as for an
     AVX2 CPU (``-avx512f``); every other rule, and every rule under a forced level, for the
