@@ -147,6 +147,30 @@ def _enough_row_tasks(spec: GemmSpec) -> bool:
     return -(-spec.M // spec.m_task) >= LOCAL_IM2COL_MIN_TASKS
 
 
+#: float convs with at most this many input channels (stems: 1-4) read their padded input in
+#: the GEMM instead of an im2col copy (:func:`inline_im2col`)
+INLINE_IM2COL_MAX_C = 4
+#: ... and at most this many fan-in columns (the reduction loop is unrolled)
+INLINE_IM2COL_MAX_K = 256
+
+
+def inline_im2col(sch: Any, spec: GemmSpec) -> bool:
+    """Whether a float conv's GEMM reads ``X_pad`` itself (``A_in`` inlined, the reduction
+    unrolled so every column is a constant offset from its pixel): a small-channel stem, whose
+    im2col rows are runs of 1-4 floats. Copying them cost about as much as the GEMM that reads
+    them once per 16-64 output channels. On znver4 (one process per level, 1 thread, time with
+    / without, batch 1 / 64; ``docs/measured/ab-x86-znver4-inline-im2col.txt``): the CIFAR stem
+    (3 -> 16, 32x32) 0.40-0.44x / 0.39-0.43x, AVX2 forced 0.54x / 0.54x, SSE 0.69x / 0.70x; a
+    1 -> 16 28x28 stem 0.69-0.72x / 0.39x; 3 -> 64 and 4 -> 16 3x3 convs 0.55-0.90x;
+    ResNet-18's 7x7/2 stem (147 columns) 1.00-1.01x / 0.96-0.98x. With 16 or more channels
+    the im2col stays: inlined, the CIFAR 3x3/1 convs took 1.1-1.5x the time."""
+    c = spec.in_shape[0]
+    return (spec.op == "conv2d" and spec.layout == "dense_blocked"
+            and spec.act_dtype == "float32" and spec.Kp == spec.K
+            and c <= INLINE_IM2COL_MAX_C and spec.K <= INLINE_IM2COL_MAX_K
+            and has_block(sch, "A_in") and not has_block(sch, "A_core"))
+
+
 def im2col_per_task(sch: Any, spec: GemmSpec) -> bool:
     """Whether a GEMM builds its im2col rows inside each row task (in cache, right before
     use) rather than the whole [M, Kp] matrix first: a conv with one im2col stage and at least
@@ -242,6 +266,10 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
         # k % 4 becomes the unrolled loop index: constant shifts for the 2-bit decode
         red = list(sch.split(kk, [None, 4]))
     sch.reorder(mp, no, mo, g, *red, mi, *([t] if split else []), ni)
+    inline_a = inline_im2col(sch, spec)
+    if inline_a:  # the GEMM reads X_pad itself: each A element a broadcast load
+        sch.compute_inline(sch.get_sblock("A_in"))
+        sch.unroll(kk)
     if split:
         sch.unroll(t)
     sch.set_scope(acc, 0, TILE_SCOPE)
@@ -273,7 +301,7 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     # the row task builds its own input rows right before its GEMM (it is then the only
     # parallel loop; its channel blocks reuse the rows from cache)
     bits_local = tt_bits_per_task(spec)
-    a_local = spec.layout != "tt_planes" and im2col_per_task(sch, spec)
+    a_local = spec.layout != "tt_planes" and not inline_a and im2col_per_task(sch, spec)
     if bits_local:
         sch.compute_at(sch.get_sblock("A_bits"), mp)
     if a_local:
@@ -291,7 +319,9 @@ def schedule_gemm(func: Any, spec: GemmSpec, *, vector_n: bool) -> Any:
     # parallel/vectorize check the subtree's dataflow, which decomposed reductions (blocks
     # without init) fail, so every loop annotation comes before decompose_reduction
     sch.parallel(task)
-    if not a_local:
+    if inline_a:
+        schedule_padding(sch, spec)
+    elif not a_local:
         schedule_input_stage(sch, spec)
     tt_inits = _schedule_tt_stages(sch, spec) if spec.layout == "tt_planes" else []
     for blk, loop in tt_inits:

@@ -385,6 +385,9 @@ def test_list_targets_and_version():
             1,
             "tvm_fp32",
         ),
+        # one input channel, stride 2: the GEMM reads the padded input itself (inline_im2col)
+        ("conv_fp32_c1_s2", dict(op="conv2d", fmt="fp32", act="fp32", out=16, cin=1, hw=(9, 9),
+                                 stride=2), 2, "tvm_fp32"),
         ("linear_t2_f32", dict(op="linear", act="fp32", out=16, cin=64), 1, "tvm_t2_f32"),
         ("conv_t2_f32_gs16", dict(op="conv2d", act="fp32", out=16, cin=4, gs=16, hw=(6, 6)), 2,
          "tvm_t2_f32"),
@@ -1096,6 +1099,21 @@ def test_dense_blocks_clamped_to_the_channels():
         # a clamped conv block also takes shorter row tasks (the 3-channel CIFAR stem ran 0.7x)
         rows = 32 if nb < 32 else 64
         assert spec.mb * spec.m_task == rows, (out, spec.mb, spec.m_task)
+
+
+@pytest.mark.parametrize("cin,inlined", [(1, True), (3, True), (4, True), (8, False)])
+def test_small_channel_float_convs_read_their_input_in_the_gemm(tvm_mod, cin, inlined):
+    """A float conv with 1-4 input channels has no im2col stage (its GEMM reads ``X_pad``);
+    wider ones keep it. Both compute the reference (``measure_layer`` checks before timing)."""
+    from ternbench.schedules import generic
+
+    lx = make_layer("conv2d", "fp32", out=16, cin=cin, hw=(7, 7), act="fp32")
+    spec = ops.plan_gemm(lx, 2, "dense_blocked", nb=16, mb_max=4, rows_per_task=64)
+    mod = generic.schedule_blocked(ops.gemm_compute(spec), spec)
+    assert ("A_in" in mod.script()) is not inlined
+    assert ("X_pad" in mod.script())  # the padding copy stays
+    lat = measure_layer(lx, batch=2, ev=EV)
+    _sane(lat, lx, 2)
 
 
 def test_latency_rows_report_the_tile_the_plan_built():
