@@ -145,7 +145,9 @@ DENSE_CLAMP_LANES = 16
 #: models keep in FP32) 0.68-0.73x the time of 64-row ones, the 16-channel conv 0.92-1.00x; 32
 #: rows on every layer gained nothing on the wider ones (the ResNet-18 stem 1.015x). With 64
 #: rows LLVM vectorises the stem's im2col copy over the rows with 27 ``vgatherdps`` (none with
-#: 32 at batch 1; unrolling its 27 columns did not remove them)
+#: 32 at batch 1; unrolling its 27 columns did not remove them). Since the stem has no im2col
+#: (``generic.inline_im2col``) the two take the same time (0.97-1.00x, in
+#: ``ab-x86-znver4-inline-im2col.txt``)
 DENSE_NARROW_ROWS = 32
 #: LLVM CPUs whose 512-bit permutes (``vpermw``, ``vpermi2b``) issue about one per cycle beside
 #: the adds, so that table lookups beat ``vpdpbusd`` and popcounts where the gates below say.
