@@ -161,7 +161,7 @@ def inline_im2col(sch: Any, spec: GemmSpec) -> bool:
     them once per 16-64 output channels. On znver4 (one process per level, 1 thread, time with
     / without, batch 1 / 64; ``docs/measured/ab-x86-znver4-inline-im2col.txt``): the CIFAR stem
     (3 -> 16, 32x32) 0.40-0.44x / 0.39-0.43x, AVX2 forced 0.54x / 0.54x, SSE 0.69x / 0.70x; a
-    1 -> 16 28x28 stem 0.69-0.72x / 0.39x; 3 -> 64 and 4 -> 16 3x3 convs 0.55-0.90x;
+    1 -> 16 28x28 stem 0.69-0.72x / 0.39-0.40x; 3 -> 64 and 4 -> 16 3x3 convs 0.55-0.90x;
     ResNet-18's 7x7/2 stem (147 columns) 1.00-1.01x / 0.96-0.98x. With 16 or more channels
     the im2col stays: inlined, the CIFAR 3x3/1 convs took 1.1-1.5x the time."""
     c = spec.in_shape[0]
