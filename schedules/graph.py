@@ -70,6 +70,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: an elementwise stage's vector spans at least this many elements: where a pixel has fewer
+#: channels (4k, < 32) it spans several neighbouring pixels of one row. On one 16- or
+#: 24-lane vector LLVM vectorises the pixel loop around it once more, with gathers and
+#: byte-by-byte stores: a float32 -> int8 quantize of a 28x28x16 map took 9.0-9.3 us, of a
+#: 32x32x16 one 14-19 us, against 1.3 / 1.7-1.8 us on 32 lanes (znver4, 1 thread; 0 restores one
+#: pixel per vector; docs/measured/ab-x86-znver4-stage-lanes.txt). x86 only: the ARM stages
+#: keep one pixel per vector (NEON has no gathers, and no ARM device times them here)
+STAGE_MIN_LANES = 32
+
 
 class UnsupportedGraphError(NotImplementedError):
     """The model uses an op the whole-model lowering does not know (named in the message)."""
@@ -289,7 +298,11 @@ class _Lowering:
             try:
                 sch = tvm.s_tir.Schedule(func)
                 loops = sch.get_loops(sch.get_sblock(name))
-                if shape[-1] % 4 == 0 and shape[-1] <= 1024:
+                pixels = _stage_pixels(shape) if self.tinfo.family == "x86" else 1
+                if pixels > 1:  # whole pixels per vector: see STAGE_MIN_LANES
+                    fused = sch.fuse(loops[-2], loops[-1])
+                    sch.vectorize(sch.split(fused, [None, pixels * shape[-1]])[1])
+                elif shape[-1] % 4 == 0 and shape[-1] <= 1024:
                     sch.vectorize(loops[-1])
                 func = sch.mod["main"]
             except Exception as exc:  # an unscheduled stage is still correct
@@ -561,6 +574,27 @@ class _Lowering:
             return v.f(ts, (bi, k // (h * w), (k // w) % h, k % w))
 
         return _Val((b, c * h * w), v.srcs, f)
+
+
+def _stage_pixels(shape: Sequence[int]) -> int:
+    """How many pixels (entries of the second-last axis) one vector of an elementwise stage of
+    ``shape`` spans: 1, or the fewest that divide the row and reach :data:`STAGE_MIN_LANES`
+    when the last axis is 4k channels short of it.
+
+    Example:
+        >>> _stage_pixels((1, 28, 28, 16)), _stage_pixels((1, 16, 16, 24))
+        (2, 2)
+        >>> _stage_pixels((1, 14, 14, 32)), _stage_pixels((1, 28, 28, 3)), _stage_pixels((1, 16))
+        (1, 1, 1)
+    """
+    c = int(shape[-1])
+    if len(shape) < 2 or c % 4 or c >= STAGE_MIN_LANES:
+        return 1
+    row = int(shape[-2])
+    for k in range(2, row + 1):
+        if row % k == 0 and c * k >= STAGE_MIN_LANES:
+            return k if c * k <= 1024 else 1
+    return 1
 
 
 def _gpu_stage(func: Any) -> Any:

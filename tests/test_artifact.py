@@ -204,6 +204,29 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
+def test_small_channel_stages_vectorise_whole_pixels(data) -> None:
+    """On x86 a stage over a 16-channel map vectorises two pixels (32 lanes) at a time: on one
+    16-lane vector LLVM vectorised the pixel loop around it once more, with gathers (a 28x28x16
+    int8 quantize took 9.0 µs against 1.3). The int8 ResNet-8 built that way still matches."""
+    import re
+
+    from ternbench.schedules.graph import build_graph
+    from ternbench.schedules.model import compare_logits
+
+    qm, ref = _quantize("int8", data)
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    lanes: dict[str, tuple[int, list[int]]] = {}
+    for gv, func in gm.mod.functions.items():
+        if gv.name_hint.startswith(("quant_", "act_")):
+            text = func.script()
+            out_shape = re.findall(r"T\.Buffer\(\(([^)]*)\)", text)[-1]
+            lanes[gv.name_hint] = (int(out_shape.split(",")[-1]),
+                                   [int(v) for v in re.findall(r"T\.vectorized\((\d+)\)", text)])
+    sixteen = [v for c, v in lanes.values() if c == 16]
+    assert len(sixteen) >= 4 and all(v == [32] for v in sixteen), lanes
+    compare_logits(_run_in_process(qm, data), ref.numpy())
+
+
 def _conv128(method: str, data, depth: int = 1, **kw):
     """A 1-channel stem and ``depth`` 128-channel 3x3/1 convs (each with a ReLU) quantized by
     ``method`` (every layer, ``first_last="same"``), its whole-model graph (batch 8) and its
