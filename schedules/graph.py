@@ -264,6 +264,8 @@ class _Lowering:
         self.n_stage = 0
         #: layer -> (the conv that alone reads its output, whether a ReLU sits between)
         self.consumers: dict[str, tuple[_Gemm, bool]] = {}
+        #: (source var, op, shape, dtype, quantizer) -> the quantize stage's Relax var
+        self.quantized: dict[tuple[Any, ...], Any] = {}
 
     # -- helpers
     def param(self, name: str, arr: np.ndarray) -> Any:
@@ -349,15 +351,27 @@ class _Lowering:
             if spec.float_in or lx.act_mode == "fp32" else None
         if view is not None:
             return view
+        # a value read by two convs with the same quantizer (a downsampling block's first conv
+        # and its 1x1 shortcut) is quantized once
+        key = (v.srcs[0].var, spec.op, tuple(spec.input_shape), dtype, spec.float_in,
+               lx.act_mode, float(lx.act_scale), float(lx.act_qmax),
+               float(lx.act_threshold)) if _is_plain(v) else None
+        if key is not None and key in self.quantized:
+            return self.quantized[key]
         if spec.op == "conv2d":
             if len(v.shape) != 4:
                 raise UnsupportedGraphError(f"{lx.name}: conv input is not 4-D: {v.shape}")
-            return self.emit("quant", spec.input_shape, dtype, v.srcs,
-                             lambda ts, i: q(v.f(ts, (i[0], i[3], i[1], i[2]))))
-        if len(v.shape) != 2 or v.shape[1] != spec.K:
-            raise UnsupportedGraphError(f"{lx.name}: linear input {v.shape} is not [B, {spec.K}]")
-        return self.emit("quant", spec.input_shape, dtype, v.srcs,
-                         lambda ts, i: q(v.f(ts, i)))
+            out = self.emit("quant", spec.input_shape, dtype, v.srcs,
+                            lambda ts, i: q(v.f(ts, (i[0], i[3], i[1], i[2]))))
+        else:
+            if len(v.shape) != 2 or v.shape[1] != spec.K:
+                raise UnsupportedGraphError(
+                    f"{lx.name}: linear input {v.shape} is not [B, {spec.K}]")
+            out = self.emit("quant", spec.input_shape, dtype, v.srcs,
+                            lambda ts, i: q(v.f(ts, i)))
+        if key is not None:
+            self.quantized[key] = out
+        return out
 
     def _view(self, v: _Val, shape: tuple[int, ...]) -> Any:
         """``v`` as a tensor of ``shape`` without a copy, or None.

@@ -204,10 +204,12 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
-def test_small_channel_stages_vectorise_whole_pixels(data) -> None:
+def test_quantize_stages_vectorise_whole_pixels_and_run_once(data) -> None:
     """On x86 a stage over a 16-channel map vectorises two pixels (32 lanes) at a time: on one
     16-lane vector LLVM vectorised the pixel loop around it once more, with gathers (a 28x28x16
-    int8 quantize took 9.0 µs against 1.3). The int8 ResNet-8 built that way still matches."""
+    int8 quantize took 9.0 µs against 1.3). A downsampling block's first conv and its shortcut
+    read the same codes (one quantize stage: 8 for ResNet-8's 10 convs/linear, not 10). The
+    int8 ResNet-8 built that way still matches."""
     import re
 
     from ternbench.schedules.graph import build_graph
@@ -224,6 +226,7 @@ def test_small_channel_stages_vectorise_whole_pixels(data) -> None:
                                    [int(v) for v in re.findall(r"T\.vectorized\((\d+)\)", text)])
     sixteen = [v for c, v in lanes.values() if c == 16]
     assert len(sixteen) >= 4 and all(v == [32] for v in sixteen), lanes
+    assert sum(name.startswith("quant_") for name in lanes) == 8, sorted(lanes)
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
