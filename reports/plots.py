@@ -252,8 +252,15 @@ def _plain_log_axis(axis: Any, values: Sequence[float]) -> None:
     axis.set_major_formatter(fmt)
     vals = [v for v in values if v > 0]
     narrow = bool(vals) and max(vals) / min(vals) < 30
-    # within ~1.5 decades the major ticks are too few, so label the minor ones as well
-    axis.set_minor_formatter(fmt if narrow else NullFormatter())
+    # within ~1.5 decades the major ticks are too few, so label the minor ones as well, but
+    # only 2x, 3x and 5x a power of ten: labels at 6, 7, 8, 9x ran into each other
+    minor = FuncFormatter(lambda v, _pos: f"{v:g}" if _leading_digit(v) in (2, 3, 5) else "")
+    axis.set_minor_formatter(minor if narrow else NullFormatter())
+
+
+def _leading_digit(v: float) -> int:
+    """The first significant digit of ``v > 0`` (``_leading_digit(300.0) == 3``)."""
+    return int(f"{v:e}"[0])
 
 
 def _legend(fig: Figure, handles: list[Any]) -> None:

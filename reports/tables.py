@@ -657,11 +657,22 @@ _META_ORDER = (
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested run metadata as one field per leaf; a list of mappings (``sessions``: one per
+    start of a resumed run; ``baselines``) numbers its items from 1, so no cell holds a dict.
+
+    Example:
+        >>> _flatten({"sessions": [{"argv": ["ternbench", "run"],
+        ...                         "versions": {"torch": "2.14.1"}}]})
+        {'sessions.1.argv': ['ternbench', 'run'], 'sessions.1.versions.torch': '2.14.1'}
+    """
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, Mapping):
             out.update(_flatten(v, f"{key}."))
+        elif isinstance(v, list | tuple) and v and all(isinstance(x, Mapping) for x in v):
+            for i, item in enumerate(v, 1):
+                out.update(_flatten(item, f"{key}.{i}."))
         else:
             out[key] = v
     return out

@@ -327,6 +327,28 @@ def test_two_run_comparison(tmp_path: Path) -> None:
     assert "2.14.1" in md and "abc1234" in md
 
 
+def test_resumed_run_metadata_is_one_field_per_line(tmp_path: Path) -> None:
+    """run.json as the runner writes it: one ``sessions`` entry per start of a resumed run,
+    ``baselines`` a list too. Each leaf gets its own row, no dict is dumped into a cell."""
+    d = write_run(tmp_path / "a", make_results("run_a"), "run_a")
+    session = {"argv": ["ternbench", "run", "--methods", "fgq"], "git_sha": "abc1234",
+               "versions": {"torch": "2.14.1", "apache-tvm": "0.27.0.post1"}, "cpu": "AMD EPYC"}
+    meta = {"schema_version": 1, "run_id": "run_a",
+            "sessions": [session, {**session, "git_sha": "def5678"}],
+            "config": {"methods": ["fgq"], "latency_threads": 1},
+            "baselines": [{"model": "resnet8", "source": "shipped"}]}
+    (d / "run.json").write_text(json.dumps(meta), encoding="utf-8")
+    md = build_report([d], tmp_path / "out", formats=("md",))["md"].read_text(encoding="utf-8")
+    runs = md.split("## Runs", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip()
+            for line in runs.splitlines() if line.startswith("| ") and "---" not in line}
+    assert rows["sessions.1.argv"] == "ternbench run --methods fgq"
+    assert rows["sessions.2.git_sha"] == "def5678"
+    assert rows["sessions.1.versions.apache-tvm"] == "0.27.0.post1"
+    assert rows["baselines.1.source"] == "shipped"
+    assert "{'" not in runs and "[{" not in runs
+
+
 def test_same_run_twice_stays_two_columns(tmp_path: Path) -> None:
     d1 = write_run(tmp_path / "a", make_results("run_a"), "run_a")
     df, metas = load_results(d1, d1)
@@ -402,3 +424,24 @@ def test_paper_numbers_shown_only_for_matching_model_and_dataset(tmp_path) -> No
     other = pd.DataFrame([{**r, "model": "resnet8", "dataset": "fashion-mnist"} for r in rows])
     md2 = build_report(other, tmp_path / "b")["md"].read_text()
     assert "Reported in the papers" not in md2
+
+
+def test_narrow_log_axis_labels_only_1_2_3_5_times_powers_of_ten() -> None:
+    """A latency axis within ~1.5 decades labels its minor ticks too, but not 6-9x a power of
+    ten (those labels ran into each other: "600700800900")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ternbench.reports.plots import _plain_log_axis
+
+    fig, ax = plt.subplots()
+    ax.set_xscale("log")
+    ax.set_xlim(60, 1100)
+    _plain_log_axis(ax.xaxis, [60.0, 1100.0])
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.xaxis.get_ticklabels(minor=True) + ax.xaxis.get_ticklabels()
+              if t.get_text()]
+    plt.close(fig)
+    assert {"100", "200", "300", "500", "1000"} <= set(labels)
+    assert not {"60", "70", "80", "90", "600", "700", "800", "900"} & set(labels), labels
