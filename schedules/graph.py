@@ -592,8 +592,8 @@ class _Lowering:
 
 def _stage_pixels(shape: Sequence[int]) -> int:
     """How many pixels (entries of the second-last axis) one vector of an elementwise stage of
-    ``shape`` spans: 1, or the fewest that divide the row and reach :data:`STAGE_MIN_LANES`
-    when the last axis is 4k channels short of it.
+    ``shape`` spans: where the last axis (a multiple of 4 channels) is shorter than
+    :data:`STAGE_MIN_LANES`, the fewest pixels that divide the row and reach it; else 1.
 
     Example:
         >>> _stage_pixels((1, 28, 28, 16)), _stage_pixels((1, 16, 16, 24))
