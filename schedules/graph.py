@@ -75,8 +75,11 @@ log = logging.getLogger(__name__)
 #: 24-lane vector LLVM vectorises the pixel loop around it once more, with gathers and
 #: byte-by-byte stores: a float32 -> int8 quantize of a 28x28x16 map took 9.0-9.3 us, of a
 #: 32x32x16 one 14-19 us, against 1.3 / 1.7-1.8 us on 32 lanes (znver4, 1 thread; 0 restores one
-#: pixel per vector; docs/measured/ab-x86-znver4-stage-lanes.txt). x86 only: the ARM stages
-#: keep one pixel per vector (NEON has no gathers, and no ARM device times them here)
+#: pixel per vector; docs/measured/ab-x86-znver4-stage-lanes.txt). Only for pointwise stages
+#: without per-channel parameters: a vector over 2 pixels reads those at lane % C (a gather:
+#: FGQ on the preact ResNet-8 took 1.30x the time) and 2 max-pooling windows (3x3/2 pooling of
+#: 28x28x16 8.7 against 1.3 us). x86 only: the ARM stages keep one pixel per vector (NEON has
+#: no gathers, and no ARM device times them here)
 STAGE_MIN_LANES = 32
 
 
@@ -282,11 +285,14 @@ class _Lowering:
         return _Val((len(a),), (src,), lambda ts, idx: ts[0][idx[0]])
 
     def emit(self, name: str, shape: tuple[int, ...], dtype: str, srcs: Sequence[_Src],
-             body: Callable[[Sequence[Any], Sequence[Any]], Any]) -> Any:
+             body: Callable[[Sequence[Any], Sequence[Any]], Any], *,
+             pointwise: bool = True) -> Any:
         """One elementwise TE stage ``out[i] = body(tensors, i)`` over ``srcs`` -> Relax var.
 
-        The stage is scheduled here (innermost loop, the channels of NHWC, vectorised) and
-        called with ``call_tir`` like a kernel."""
+        The stage is scheduled here (innermost loop, the channels of NHWC, vectorised; a
+        ``pointwise`` stage, which reads each output pixel's own input pixel, and no
+        per-channel parameter, over whole neighbouring pixels where they have few channels:
+        :data:`STAGE_MIN_LANES`) and called with ``call_tir`` like a kernel."""
         te, tvm = self.te, self.tvm
         self.n_stage += 1
         fname = f"{name}_{self.n_stage}"
@@ -300,7 +306,13 @@ class _Lowering:
             try:
                 sch = tvm.s_tir.Schedule(func)
                 loops = sch.get_loops(sch.get_sblock(name))
-                pixels = _stage_pixels(shape) if self.tinfo.family == "x86" else 1
+                pixels = _stage_pixels(shape) if pointwise and self.tinfo.family == "x86" \
+                    else 1
+                if any(src.layout == "vec" for src in srcs):
+                    # per-channel parameters: one vector over 2 pixels reads them at lane % C,
+                    # a gather (FGQ on the preact ResNet-8 1.30x the time; 2 pixels unrolled,
+                    # one vector each, 1.00x: not worth a third schedule)
+                    pixels = 1
                 if pixels > 1:  # whole pixels per vector: see STAGE_MIN_LANES
                     fused = sch.fuse(loops[-2], loops[-1])
                     sch.vectorize(sch.split(fused, [None, pixels * shape[-1]])[1])
@@ -560,7 +572,9 @@ class _Lowering:
                     acc = val if acc is None else tirx.max(acc, val)
             return acc
 
-        var = self.emit("maxpool", (b, ho, wo, c), "float32", v.srcs, body)
+        # not pointwise: a vector over 2 output pixels reads 2 windows (7x slower: 8.7 against
+        # 1.3 us for 3x3/2 pooling of 28x28x16; docs/measured/ab-x86-znver4-stage-lanes.txt)
+        var = self.emit("maxpool", (b, ho, wo, c), "float32", v.srcs, body, pointwise=False)
         return _Val.of(_Src(var, "nhwc", (b, c, ho, wo)))
 
     def pad_channels(self, v: _Val, extra: int) -> _Val:

@@ -530,13 +530,31 @@ def test_max_pooling_and_residual_graph_matches(data) -> None:
 def test_sttn_layout_model_lowers_and_matches(data) -> None:
     """The STTN repository's block (BN -> Hardtanh -> conv -> BN -> + parameter-free shortcut
     (2x2 ceil max pool, zero channels) -> PReLU), quantized by STTN."""
+    import re
+
     from ternbench.bench.models import create_model
+    from ternbench.schedules.graph import build_graph
     from ternbench.schedules.model import compare_logits
 
     torch.manual_seed(0)
     qm, ref = _quantize("sttn", data, create_model("sttn_resnet8", in_chans=1,
                                                    num_classes=10).eval())
     compare_logits(_run_in_process(qm, data), ref.numpy())
+    # max pooling is not pointwise: one pixel per vector (2 pixels' windows in one vector ran
+    # 7x slower), where the 16-channel pointwise stages span 2 pixels
+    gm = build_graph(qm.module, qm.export(), batch=8, input_shape=(1, 28, 28))
+    lanes = {gv.name_hint: re.findall(r"T\.vectorized\((\d+)\)", f.script())
+             for gv, f in gm.mod.functions.items()
+             if gv.name_hint.startswith(("maxpool_", "quant_", "act_"))}
+    pools = [v for n, v in lanes.items() if n.startswith("maxpool_")]
+    assert ["16"] in pools and all(v in (["16"], ["32"]) for v in pools), lanes
+    assert ["32"] in [v for n, v in lanes.items() if not n.startswith("maxpool_")], lanes
+    # nor are stages that read per-channel parameters (BatchNorm, PReLU) spread over pixels:
+    # lane % C would index them (a gather: FGQ on this block took 1.30x the time)
+    with_params = [lanes[gv.name_hint] for gv, f in gm.mod.functions.items()
+                   if gv.name_hint in lanes and "T.Buffer((16,)" in f.script()
+                   and re.findall(r"T\.Buffer\(\(([^)]*)\)", f.script())[-1].endswith(" 16")]
+    assert with_params and all(v == ["16"] for v in with_params), lanes
 
 
 def test_straight_line_plan_mirrors_main(built) -> None:
