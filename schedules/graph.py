@@ -353,9 +353,15 @@ class _Lowering:
                 t = tirx.const(float(lx.act_threshold), f32)
                 one, zero = tirx.const(1, "int8"), tirx.const(0, "int8")
                 return tirx.Select(x > t, one, tirx.Select(x < -t, -one, zero))
-            # float32 division, half-to-even rounding: exactly ActQuantizer
+            # float32 division, half-to-even rounding: exactly ActQuantizer. On the CPUs
+            # tirx.round lowers to llvm.nearbyint (half to even) and vectorises; TVM 0.27
+            # does not mark tirx.nearbyint vectorisable, so a "vectorised" stage ran as a
+            # scalar loop that LLVM unrolled and re-vectorised over pixels with gathers (a
+            # 28x28x16 quantize 12.0 against 1.4 us; docs/measured/ab-x86-znver4-stage-lanes.txt).
+            # On CUDA round is roundf (half away from zero): nearbyint there
+            rint = tirx.nearbyint if self.tinfo.family == "cuda" else tirx.round
             qm = float(lx.act_qmax)
-            r = tirx.nearbyint(x / tirx.const(float(lx.act_scale), f32))
+            r = rint(x / tirx.const(float(lx.act_scale), f32))
             return tirx.max(tirx.min(r, tirx.const(qm, f32)), tirx.const(-qm, f32))
 
         dtype = "float32" if spec.float_in else spec.act_dtype

@@ -204,6 +204,25 @@ def test_other_methods_lower_and_match(method, data) -> None:
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
+def test_tvm_round_is_half_to_even_on_the_cpu() -> None:
+    """The quantize stages round with ``tirx.round``: on the CPU (LLVM) it must round half to
+    even like torch.round / ``ActQuantizer``, in a vectorised loop and at its tail."""
+    import tvm
+    from tvm import te
+
+    vals = np.arange(-130, 130, 0.5, dtype=np.float32)  # every half from -130 to 129.5
+    x = te.placeholder((len(vals),), "float32", name="x")
+    out = te.compute((len(vals),), lambda i: tvm.tirx.round(x[i]), name="r")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, out]))
+    _outer, inner = sch.split(sch.get_loops(sch.get_sblock("r"))[0], [None, 16])
+    sch.vectorize(inner)
+    mod = tvm.compile(sch.mod, target="llvm")
+    got = tvm.runtime.tensor(np.zeros_like(vals))
+    mod(tvm.runtime.tensor(vals), got)
+    assert np.array_equal(got.numpy(), np.rint(vals))
+    assert np.array_equal(got.numpy(), torch.round(torch.from_numpy(vals)).numpy())
+
+
 def test_quantize_stages_vectorise_whole_pixels_and_run_once(data) -> None:
     """On x86 a stage over a 16-channel map vectorises two pixels (32 lanes) at a time: on one
     16-lane vector LLVM vectorised the pixel loop around it once more, with gathers (a 28x28x16
@@ -227,6 +246,10 @@ def test_quantize_stages_vectorise_whole_pixels_and_run_once(data) -> None:
     sixteen = [v for c, v in lanes.values() if c == 16]
     assert len(sixteen) >= 4 and all(v == [32] for v in sixteen), lanes
     assert sum(name.startswith("quant_") for name in lanes) == 8, sorted(lanes)
+    # rounding by tirx.round (vectorisable; llvm.nearbyint), not tirx.nearbyint (which TVM
+    # 0.27 scalarises inside a vectorised loop)
+    quant = [f.script() for gv, f in gm.mod.functions.items() if gv.name_hint.startswith("quant_")]
+    assert any("T.round(" in t for t in quant) and not any("T.nearbyint(" in t for t in quant)
     compare_logits(_run_in_process(qm, data), ref.numpy())
 
 
