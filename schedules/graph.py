@@ -79,7 +79,10 @@ log = logging.getLogger(__name__)
 #: without per-channel parameters: a vector over 2 pixels reads those at lane % C (a gather:
 #: FGQ on the preact ResNet-8 took 1.30x the time) and 2 max-pooling windows (3x3/2 pooling of
 #: 28x28x16 8.7 against 1.3 us). x86 only: the ARM stages keep one pixel per vector (NEON has
-#: no gathers, and no ARM device times them here)
+#: no gathers, and no ARM device times them here). The figures above were with the quantizer
+#: rounding by ``tirx.nearbyint``, which TVM 0.27 leaves scalar in a vectorised loop (the root
+#: cause); it rounds with ``tirx.round`` since, and a 16-lane quantize alone then takes 1.4 us
+#: against 1.3 fused: this rule may now be redundant (not re-measured on whole models)
 STAGE_MIN_LANES = 32
 
 
