@@ -43,9 +43,18 @@ from .generic import (
     schedule_blocked,
     schedule_gemm,
 )
-from .ops import AVX2_TILE_K, GemmSpec, Params, Rule, WeightLayout, plan_gemm, tile_kwargs
+from .ops import (
+    AVX2_TILE_K,
+    GemmSpec,
+    Params,
+    Rule,
+    WeightLayout,
+    plan_gemm,
+    tile_kwargs,
+    with_lut_dp,
+)
 from .ops.amx import AMX_NB
-from .ops.lut import LUT_LANES
+from .ops.lut import LUT_LANES, lut_dp_geometry_of
 from .ops.ttlut import TT_LUT_LANES
 
 if TYPE_CHECKING:
@@ -178,6 +187,19 @@ LUT_MIN_CHANNELS = 64
 #: batch 1 1.06x (run c424f6f), 1.04x and 1.04x (the two runs at fe33809), 1.05x (one process,
 #: d0e3aa2); at batch 64 1.04x, 1.12x, 1.11x and 0.95x; 64 -> 128 0.89-0.92x at batch 1
 LUT_MIN_CHANNELS_STRIDED = 128
+#: ... or 64 where it has dot-product channels (:func:`lut_dp_applies`): 3x3/2 64 -> 128 then
+#: ran 0.79x the time of the plain lookups and 0.90x that of the VNNI kernel (one process,
+#: batch 1; ``docs/measured/ab-x86-znver4-lut-dp.txt``)
+LUT_MIN_CHANNELS_STRIDED_DP = 64
+#: most bytes of int8 weights a ``t2_lut`` conv's dot-product channels may take (per layer):
+#: past about half of Zen 4's 1 MB L2 they lost (batch 1, one process, against plain lookups:
+#: 3x3/2 256 -> 512, 0.63 MB, 1.01x the time; 3x3/1 512, 1.25 MB, 1.02x; 3x3/1 256, 0.31 MB,
+#: 0.91x; ``docs/measured/ab-x86-znver4-lut-dp.txt``)
+LUT_DP_MAX_BYTES = 512 << 10
+#: pixels per tile with dot-product channels: 7 x 32 channels hold 7 int16 + 14 int32
+#: accumulators, 3 index and 2 weight vectors; 8 pixels spilled (1.04x the time of plain
+#: lookups on 128x28x28, against 0.91x with 7)
+LUT_DP_MAX_PIXELS = 7
 #: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
 #: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4
 #: zmm and 12 indices spilled: 3.7x slower)
@@ -629,13 +651,50 @@ def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     reuse, c = kh * kw / (sh * sw), lx.in_channels
     if not full_rate_permutes(target):
         return reuse >= 9 and c <= 4
+    strided = LUT_MIN_CHANNELS_STRIDED_DP if lut_dp_applies(lx, target) else (
+        LUT_MIN_CHANNELS_STRIDED)
     return ((reuse >= 9 and (c >= LUT_MIN_CHANNELS or c <= 4))
-            or (reuse >= 2 and c >= LUT_MIN_CHANNELS_STRIDED))
+            or (reuse >= 2 and c >= strided))
+
+
+def lut_dp_applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
+    """Whether a ``t2_lut`` conv sends some input channels to ``vpdpbusd`` (:attr:`GemmSpec.
+    lut_dp`): on full-rate-permute CPUs with AVX512-VNNI, where the channels split into the
+    chunks of :func:`.ops.lut.lut_dp_geometry_of` and the int8 weights of the multiplied
+    channels take at most :data:`LUT_DP_MAX_BYTES`.
+
+    Example:
+        >>> from ternbench.schedules import _tvm
+        >>> from ternbench.bench.kernels.layers import synthetic_layer
+        >>> from ternbench.bench.kernels.shapes import select_shapes
+        >>> zen4 = _tvm.TargetInfo(name="x86", target_str="{}", kind="llvm", mcpu="znver4",
+        ...                        is_x86=True, features=frozenset({"avx512f", "avx512bw",
+        ...                                                          "avx512vnni"}))
+        >>> convs = {s.label: synthetic_layer(s, "ternary", "int8")
+        ...          for s in select_shapes("resnet18") if s.op == "conv2d"}
+        >>> [lut_dp_applies(convs[k], zen4) for k in ("conv 3x3/1 256x14x14->256",
+        ...                                           "conv 3x3/1 512x7x7->512")]
+        [True, False]
+    """
+    if not (_applies_t2_lut_any(lx, target) and target.has("avx512vnni")
+            and full_rate_permutes(target)):
+        return False
+    geo = lut_dp_geometry_of(lx.in_channels, tuple(lx.kernel_size))  # type: ignore[arg-type]
+    if geo is None:
+        return False
+    kh, kw = lx.kernel_size
+    return kh * kw * geo.nc * geo.qc * 4 * lx.out_channels <= LUT_DP_MAX_BYTES
 
 
 def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,
                  params: Params) -> GemmSpec:
     kw = tile_kwargs(params, LUT_DEFAULT)
+    if lut_dp_applies(lx, target):
+        # 32-channel tiles (7 pixels: 7 int16 + 14 int32 accumulators); the planner takes
+        # mb_max or one more pixel, whichever pads the row less
+        mb = min(kw["mb_max"], LUT_DP_MAX_PIXELS - 1)
+        return with_lut_dp(plan_gemm(lx, batch, "t2_lut", nb=LUT_LANES, mb_max=mb,
+                                     rows_per_task=kw["rows_per_task"]))
     kw["nb"] = _clamp_block(kw["nb"], lx.out_channels, LUT_LANES)
     return plan_gemm(lx, batch, "t2_lut", **kw)
 

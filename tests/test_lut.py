@@ -15,6 +15,7 @@ from ternbench.schedules.ops.lut import (
     LUT_GROUP,
     LUT_INT16_RUN,
     LUT_ZERO_INDEX,
+    lut_dp_geometry_of,
     lut_geometry_of,
     lut_source,
 )
@@ -71,6 +72,73 @@ def test_pack_lut_idx_decodes_to_the_codes():
         ops.pack_lut_idx(codes[:5], c, (kh, kw), 8)
 
 
+def test_lut_dp_split_covers_every_channel_once():
+    for c in (64, 128, 192, 256, 512, 1024):
+        geo = lut_dp_geometry_of(c, (3, 3))
+        assert geo is not None and geo.nc * geo.chunk == c
+        assert LUT_GROUP * geo.cgc + 4 * geo.qc == geo.chunk
+        assert 3 * geo.cgc <= LUT_INT16_RUN  # a kernel row's lookups: one int16 run
+        firsts = ([eval(geo.triple_channel("g"), {"g": g}) + i for g in range(geo.nc * geo.cgc)
+                   for i in range(LUT_GROUP)]
+                  + [eval(geo.quad_channel("q"), {"q": q}) + i for q in range(geo.nc * geo.qc)
+                     for i in range(4)])
+        assert sorted(firsts) == list(range(c))
+    for c in (32, 96, 130):
+        assert lut_dp_geometry_of(c, (3, 3)) is None
+
+
+def test_pack_lut_dp_decodes_to_the_codes():
+    rng = np.random.default_rng(1)
+    n, c, kh, kw = 40, 192, 3, 3  # 64-channel chunks (192 % 128 != 0), 24 padding channels
+    codes = rng.integers(-1, 2, (n, kh * kw * c)).astype(np.int8)
+    wi, wv, cv = ops.pack_lut_dp(codes, c, (kh, kw), 64)
+    geo = lut_dp_geometry_of(c, (kh, kw))
+    assert wi.dtype == np.int16 and wv.dtype == np.int8 and cv.dtype == np.int32
+    back = np.zeros((64, kh * kw, c), np.int64)
+    i = wi.astype(np.int64)[..., [32 * (ch // 32) + 2 * (ch % 16) + ch % 32 // 16
+                                  for ch in range(64)]]  # lanes 2m, 2m + 1: m, 16 + m
+    for g in range(geo.nc * geo.cgc):
+        c0 = eval(geo.triple_channel("g"), {"g": g})
+        back[:, :, c0:c0 + 3] = (np.stack([i[:, g] % 3, i[:, g] // 3 % 3, i[:, g] // 9], -1)
+                                 - 1).transpose(1, 0, 2)
+    quads = wv.reshape(kh * kw, geo.nc * geo.qc, 64, 4).astype(np.int64)
+    for q in range(geo.nc * geo.qc):
+        c0 = eval(geo.quad_channel("q"), {"q": q})
+        back[:, :, c0:c0 + 4] = quads[:, q].transpose(1, 0, 2)
+    np.testing.assert_array_equal(back[:n].reshape(n, -1), codes)
+    assert not back[n:].any()  # padding output channels: zero weights
+    want = -128 * np.array([sum(int(back[m, :, eval(geo.quad_channel("q"), {"q": q}) + j].sum())
+                                for q in range(geo.nc * geo.qc) for j in range(4))
+                            for m in range(64)])
+    np.testing.assert_array_equal(cv, want)
+    with pytest.raises(ValueError, match="no split"):
+        ops.pack_lut_dp(codes[:, :9 * 96], 96, (3, 3), 64)
+
+
+def test_lut_dp_plan_and_source():
+    """With AVX512-VNNI on znver4: 32-channel tiles of 7 pixels, int16 indices, the quads'
+    weights ``Wv`` and correction ``Cv`` as arguments, and each group step's lookups followed
+    by a quad's ``vpdpbusd`` (17 steps of both, then the 3 triples left alone); not past
+    LUT_DP_MAX_BYTES of dot-product weights, nor without VNNI or full-rate permutes."""
+    spec = x86.lut_rule().plan(make_layer("conv2d", cin=128, out=64, hw=(28, 28)), 1, AVX512,
+                               {})
+    assert spec.lut_dp and spec.nb == 32 and spec.mb == 7 and spec.w_dtype == "int16"
+    assert spec.Kp == spec.K == 9 * 128
+    src = lut_source(spec)
+    assert "Wv: T.Buffer((9, 17, 256), 'int8'), Cv: T.Buffer((64,), 'int32')" in src
+    steps = src[src.index("for k in range(17):"):]
+    assert "permvar.hi.512" in steps and "vpdpbusd.512" in steps
+    assert "for k in range(17, 20):" in src  # the 3 triples left look up alone
+    for kw, ok in ((dict(cin=256, out=256), True), (dict(cin=256, out=512), False),
+                   (dict(cin=512, out=512), False), (dict(cin=96, out=64), False)):
+        assert x86.lut_dp_applies(make_layer("conv2d", **kw), AVX512) == ok, kw
+    for target in (dataclasses.replace(AVX512, features=AVX512.features - {"avx512vnni"}),
+                   dataclasses.replace(AVX512, mcpu="emeraldrapids")):
+        assert not x86.lut_dp_applies(make_layer("conv2d", cin=128, out=64), target)
+    with pytest.raises(ValueError, match="lut_dp"):
+        dataclasses.replace(spec, nb=64)
+
+
 def test_rule_gate():
     """Chosen where each input table is read >= 9 times with >= 64 or <= 4 channels, or >= 2
     times (3x3/2) with >= 256; never for groups (FGQ), ternary activations, narrower stride-2
@@ -84,9 +152,14 @@ def test_rule_gate():
     assert rule(cin=64, out=16) == "x86.t2_lut"
     assert rule(cin=256, out=32, stride=2) == "x86.t2_lut"  # tables read 2.25 times, 256 ch
     assert rule(cin=128, out=32, stride=2) == "x86.t2_lut"  # and 128
-    for kw in (dict(cin=32), dict(cin=64, stride=2), dict(cin=256, k=1, pad=0),
+    for kw in (dict(cin=32), dict(cin=96, stride=2), dict(cin=256, k=1, pad=0),
                dict(cin=128, gs=4, order="ijc")):
         assert rule(out=32, **kw) == "x86.t2_avx512vnni", kw
+    # 64-channel 3x3/2 convs where the lookups share the channels with vpdpbusd (lut_dp)
+    assert rule(cin=64, out=32, stride=2) == "x86.t2_lut"
+    no_vnni = dataclasses.replace(AVX512, features=AVX512.features - {"avx512vnni"})
+    assert measure.select_rule(make_layer("conv2d", cin=64, out=32, stride=2),
+                               no_vnni).name == "x86.t2_avx2"
     assert rule(cin=128, out=32, act="ternary") == "x86.tt_popc"
     assert measure.select_rule(make_layer(cin=128), AVX512).name != "x86.t2_lut"  # linear
     no_bw = dataclasses.replace(AVX512, features=frozenset({"avx2", "avx512f", "avx512vnni"}))
@@ -107,7 +180,9 @@ def test_last_chunk_skips_the_padding_triple(monkeypatch):
     43rd (its kernel is checked against the reference in ``c128_w17_partial_tile``)."""
     from ternbench.schedules.ops import lut
 
-    spec = x86.lut_rule().plan(make_layer("conv2d", cin=128, out=64), 1, AVX512, {})
+    no_vnni = dataclasses.replace(AVX512, features=AVX512.features - {"avx512vnni"})
+    spec = x86.lut_rule().plan(make_layer("conv2d", cin=128, out=64), 1, no_vnni, {})
+    assert not spec.lut_dp
     assert "for k in range(T.min(22, 43 - cc * 22)):" in lut_source(spec)
     monkeypatch.setattr(lut, "LUT_SKIP_PADDING", False)
     assert "for k in range(22):" in lut_source(spec)
@@ -156,6 +231,10 @@ CASES = [
     ("c8_s2", dict(cin=8, out=32, stride=2, hw=(9, 9)), 2),
     ("c16_1x1_nopad", dict(cin=16, out=32, k=1, pad=0, hw=(5, 5)), 1),
     ("c2_nopad", dict(cin=2, out=16, pad=0, hw=(6, 6)), 1),
+    # dot-product channels (lut_dp, with AVX512-VNNI on znver4; plain lookups elsewhere): two
+    # 128-channel chunks at stride 2, a partial channel block, batch 2; 64-channel chunks 1x1/2
+    ("dp_c256_s2_n40_b2", dict(cin=256, out=40, stride=2, hw=(9, 9)), 2),
+    ("dp_c64_1x1_s2", dict(cin=64, out=32, k=1, pad=0, stride=2, hw=(8, 8)), 1),
 ]
 
 
@@ -168,6 +247,7 @@ def test_lut_kernel_matches_reference(label, kw, batch):
     lx = make_layer("conv2d", **kw, name=label)
     prep = tuning.prepare_rule(x86.lut_rule(where_chosen=False), lx, batch, x86_info())
     assert prep.kernel.impl == "tvm_t2_lut" and prep.kernel.spec.layout == "t2_lut"
+    assert prep.kernel.spec.lut_dp == x86.lut_dp_applies(lx, x86_info())
     if "partial" in label:
         assert 17 % prep.kernel.spec.mb
     assert np.isfinite(prep.max_abs_err)  # prepare_rule raised KernelMismatchError otherwise
@@ -204,7 +284,9 @@ def test_lut_tiles_stay_in_registers():
     kern = x86.lut_rule().build(make_layer("conv2d", cin=128, out=64, hw=(4, 4)), 1,
                                 x86_info())
     ll = kern.module.inspect_source("ll")
-    assert ll.count("load ptr, ptr @__TVMBackendAllocWorkspace") == 1
+    # with dot-product channels also their inputs + 128 (xu)
+    workspaces = 2 if kern.spec.lut_dp else 1
+    assert ll.count("load ptr, ptr @__TVMBackendAllocWorkspace") == workspaces
     asm = kern.module.inspect_source("asm")
     assert "vpermw" in asm
 

@@ -35,7 +35,10 @@ padding never changes the result):
   added in the epilogue (see :func:`tt_compute`).
 * ``t2_lut`` (int8 activations, one group, convs; AVX-512BW): byte indices of three ternary
   weights ``[taps, CGp, Np]`` into 27-entry tables the kernel builds per input pixel and channel
-  triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`).
+  triple, looked up 32 channels at a time with ``vpermw`` (:mod:`.lut`). With dot-product
+  channels (``GemmSpec.lut_dp``; znver4 with VNNI): int16 indices of each chunk's triples, the
+  int8 weights of its other channels ``Wv [taps, quads, 4 Np]`` for ``vpdpbusd`` interleaved
+  with the lookups, and ``Cv [Np]`` (-128 x their sum per channel).
 * ``tt_lut`` (ternary activations *and* weights, one group, convs; AVX512-VBMI): int8 indices
   of four ternary weights ``[taps, CGp, Np]`` into the 128-byte row of an 81 x 128 table that
   the activations' code of each pixel and channel quad selects, looked up 64 channels at a time
@@ -79,6 +82,7 @@ from .packing import (
     group_code_sums,
     pack_dense_blocked,
     pack_i8_tiles,
+    pack_lut_dp,
     pack_lut_idx,
     pack_planes,
     pack_t2_avx2,
@@ -98,6 +102,7 @@ from .spec import (
     layer_offsets,
     plan_gemm,
     tile_kwargs,
+    with_lut_dp,
 )
 
 __all__ = [
@@ -108,6 +113,7 @@ __all__ = [
     "pack_t2_avx2",
     "pack_i8_tiles",
     "pack_t2_blocked",
+    "pack_lut_dp",
     "pack_lut_idx",
     "pack_amx_tiles",
     "pack_dense_blocked",
@@ -115,6 +121,7 @@ __all__ = [
     "layer_geometry",
     "layer_offsets",
     "plan_gemm",
+    "with_lut_dp",
     "pack_weight_args",
     "requantize_args",
     "OUT_CLIP_LAYOUTS",

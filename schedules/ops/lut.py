@@ -27,6 +27,18 @@ without sign extension (:func:`row_tile_kernel`); the reduction runs in chunks o
 rows of at most 85 lookups (rows grouped when a row has few triples, triples split when it has
 many: :func:`lut_geometry_of`).
 
+Dot-product channels (:attr:`.spec.GemmSpec.lut_dp`, chosen by ``x86.lut_dp_applies``): on
+znver4 ``vpermw`` and ``vpdpbusd`` issue on different pipes, so a loop that does both runs at about
+the sum of their rates (operands in registers: 6 lookups + 6 ``vpdpbusd`` 333-352 GMAC/s, the
+lookups alone 270-279, ``vpdpbusd`` alone 229-234). Each chunk of 128 (or 64) input channels
+then sends 20 (8) triples to the tables and the other 68 (40) channels, in quads, to ``vpdpbusd``
+on int8 weights (``Wv``, the inputs + 128 copied once per pixel into ``xu``, ``Cv = -128 sum(w)``
+cancelling the 128); each group step of the row tile looks up one triple and multiplies one quad
+(:class:`DotSteps`). Tiles are 7 pixels x 32 channels (7 int16 + 14 int32 accumulators) and the
+indices int16 (no widening shuffle beside the lookups). Against the plain lookups in one process
+(batch 1): the ResNet-18 3x3 convs with 64-256 inputs 0.79-0.91x the time
+(``docs/measured/ab-x86-znver4-lut-dp.txt``).
+
 The kernel is written as TVMScript text (one unrolled register tile, a Python-generated body):
 TE cannot express a data-dependent in-register lookup, and tensorize cannot match one. It
 keeps the common signature ``main(X, Wi, S, bias, out)``: ``X`` int8 NHWC, ``Wi [taps, CGp,
@@ -120,7 +132,70 @@ def lut_geometry_of(channels: int, kernel: tuple[int, int], group: int = LUT_GRO
 
 
 def lut_geometry(spec: GemmSpec) -> LutGeometry:
+    if spec.lut_dp:
+        dp = lut_dp_geometry_of(spec.in_shape[0], (spec.kernel[0], spec.kernel[1]))
+        if dp is None:
+            raise ValueError(f"t2_lut with dot-product channels: {spec.in_shape[0]} inputs and "
+                             f"kernel {spec.kernel} have no split (lut_dp_geometry_of)")
+        return dp.lookups(spec.kernel[0])
     return lut_geometry_of(spec.in_shape[0], (spec.kernel[0], spec.kernel[1]))
+
+
+#: ``t2_lut`` with dot-product channels (:attr:`.spec.GemmSpec.lut_dp`): per chunk of input
+#: channels (the key), how many triples are looked up and how many quads go to ``vpdpbusd``.
+#: On znver4 ``vpermw`` and ``vpdpbusd`` issue on different pipes: in one loop (1 thread,
+#: operands in registers, ``docs/measured/ab-x86-znver4-lut-dp.txt``) 6 lookups + 6
+#: ``vpdpbusd`` ran at 333-352 GMAC/s against 270-279 for lookups alone and 229-234 for
+#: ``vpdpbusd`` alone. The splits are the fastest of those tried on the ResNet-18 3x3 convs
+#: (20 triples + 17 quads: 60 channels looked up, 68 multiplied; 64-channel chunks 8 + 10).
+LUT_DP_SPLITS: dict[int, tuple[int, int]] = {128: (20, 17), 64: (8, 10)}
+
+
+@dataclass(frozen=True)
+class DpGeometry:
+    """How a ``t2_lut`` conv with dot-product channels splits its inputs: ``nc`` chunks of
+    ``chunk`` channels, each ``cgc`` triples (channels ``3k .. 3k + 2`` of the chunk, table
+    lookups) then ``qc`` quads (the next ``4 qc`` channels, ``vpdpbusd``).
+
+    Example:
+        >>> g = lut_dp_geometry_of(256, (3, 3))
+        >>> g
+        DpGeometry(chunk=128, cgc=20, qc=17, nc=2)
+        >>> g.triple_channel("g"), g.quad_channel("q")
+        ('g // 20 * 128 + g % 20 * 3', 'q // 17 * 128 + 60 + q % 17 * 4')
+        >>> g.lookups(3)
+        LutGeometry(cg=40, cgp=40, nc=2, cgc=20, tpc=1, nt=3)
+        >>> lut_dp_geometry_of(96, (3, 3)) is None  # neither 128 nor 64 divides it
+        True
+    """
+
+    chunk: int
+    cgc: int
+    qc: int
+    nc: int
+
+    def triple_channel(self, g: str) -> str:
+        """TVMScript: the first input channel of triple ``g``."""
+        return f"{g} // {self.cgc} * {self.chunk} + {g} % {self.cgc} * {LUT_GROUP}"
+
+    def quad_channel(self, q: str) -> str:
+        """TVMScript: the first input channel of quad ``q``."""
+        return (f"{q} // {self.qc} * {self.chunk} + {LUT_GROUP * self.cgc} + {q} % {self.qc} "
+                "* 4")
+
+    def lookups(self, kh: int) -> LutGeometry:
+        """The chunking of the lookups: one chunk per kernel row and channel chunk."""
+        t = self.nc * self.cgc
+        return LutGeometry(cg=t, cgp=t, nc=self.nc, cgc=self.cgc, tpc=1, nt=kh)
+
+
+def lut_dp_geometry_of(channels: int, kernel: tuple[int, int]) -> DpGeometry | None:
+    """The split of ``channels`` inputs (:data:`LUT_DP_SPLITS`), or None where no chunk size
+    divides them or a kernel row's lookups would overrun an int16 run."""
+    for chunk, (cgc, qc) in LUT_DP_SPLITS.items():
+        if channels % chunk == 0 and kernel[1] * cgc <= LUT_INT16_RUN:
+            return DpGeometry(chunk=chunk, cgc=cgc, qc=qc, nc=channels // chunk)
+    return None
 
 
 #: LLVM names of ``vpdpbusd zmm`` (u8 x s8, 4 per dword, accumulate) and ``vpackssdw zmm``
@@ -213,13 +288,26 @@ def padding_ring(f: ConvFrame) -> str:
     return f"y < {f.ph} or y >= {f.h + f.ph} or z < {f.pw} or z >= {f.w + f.pw}"
 
 
+@dataclass(frozen=True)
+class DotSteps:
+    """``vpdpbusd`` work that a row tile interleaves with its lookups (:func:`row_tile_kernel`):
+    ``quads`` per chunk; ``lines(quad, tap_row, row, col0)`` gives one quad's TVMScript
+    (indent 36); ``allocs`` its register buffers; ``corr`` an int32 per-channel buffer added
+    to every output."""
+
+    quads: int
+    lines: Callable[[str, str, str, str], list[str]]
+    allocs: tuple[str, ...]
+    corr: str
+
+
 def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                     wide: tuple[str, str], narrow: tuple[str, str], idx_dtype: str,
                     regs: list[str], column: Callable[[str, str, str], list[str]],
                     lookup: Callable[[str], str],
                     indices: Callable[[int, str, str], list[str]], bias: int,
                     terms: EpilogueTerms | None = None,
-                    skip_padding: bool = False) -> list[str]:
+                    skip_padding: bool = False, dots: DotSteps | None = None) -> list[str]:
     """The parallel loop over the row tiles of one image (under ``for b``), down to the stores.
 
     Per output-channel block ``nk`` and chunk ``(tc, cc)``: ``narrow`` accumulators (name,
@@ -247,7 +335,13 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     The small "global" buffers stay stack allocas that LLVM keeps in registers ("local" ones
     become heap workspaces in TVM 0.27). ``terms`` adds to each stored output (see
     :func:`_tile_stores`). ``skip_padding``: the last chunk's loop stops at the last real group
-    (a run-time trip count) instead of looking up the padding groups' biased zeros."""
+    (a run-time trip count) instead of looking up the padding groups' biased zeros.
+
+    ``dots``: ``vpdpbusd`` work on other input channels, interleaved with the lookups (one
+    quad per group step while both last, so the out-of-order core issues both recipes at once):
+    per chunk ``dots.quads`` quads, ``dots.lines(quad, row, tap_row, col0)`` the lines of one
+    (indent 36); their int32 sums ``va_{r}_{j}_{p}`` (16 channels: half ``p`` of vector ``j``)
+    and ``dots.corr`` (an int32 buffer per channel) join the widened sums once per block."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
     mb, nv, kw = f.mb, f.nv, f.kw
     tile = [(r, j) for r in range(mb) for j in range(nv)]
@@ -265,11 +359,15 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
               for r, j in tile for x in ("se", "so")]
     lines += [f"                    {x} = T.alloc_buffer(({n},), '{idx_dtype}')"
               for x in idx + regs]
+    dot_acc = [f"va_{r}_{j}_{p}" for r, j in tile for p in (0, 1)] if dots else []
+    lines += [f"                    {x} = T.alloc_buffer(({h},), 'int32')" for x in dot_acc]
+    lines += [f"                    {x}" for x in (dots.allocs if dots else [])]
     if spec.N % spec.nb:  # a partial last block's vector, stored through it (_tile_stores)
         lines += [f"                    ot = T.alloc_buffer(({n},), '{spec.out_dtype}')"]
     lines += [f"                    for nk in range({spec.Np // spec.nb}):"]
     lines += [f"                        {x}_{r}_{j}[{hv}] = T.broadcast(T.{ut}(0), {h})"
               for r, j in tile for x in ("se", "so")]
+    lines += [f"                        {x}[{hv}] = T.broadcast(T.int32(0), {h})" for x in dot_acc]
     lines += [f"                        for tc, cc in T.grid({geo.nt}, {geo.nc}):"]
     lines += [f"                            {nn}_{r}_{j}[{v}] = T.broadcast(T.{nt}(0), {n})"
               for r, j in tile]
@@ -277,20 +375,36 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
     # each; ``skip_padding``: the last chunk stops at the last real group instead
     skip = skip_padding and geo.cgp > geo.cg
     steps = f"T.min({geo.cgc}, {geo.cg} - cc * {geo.cgc})" if skip else str(geo.cgc)
-    lines += [f"                            for i in range({geo.tpc}):",
-              f"                                for k in range({steps}):"]
-    ind = "                                    "
     dy, grp = f"(tc * {geo.tpc} + i)", f"cc * {geo.cgc} + k"
-    for d in range(kw):
-        lines += indices(d, f"{dy} * {kw} + {d}", grp)
     y0, x0 = f"t // {f.per_row} * {f.sh} + {dy}", f"t % {f.per_row} * {mb * f.sw}"
-    for q in range((mb - 1) * f.sw + kw):
-        pairs = [(r, q - r * f.sw) for r in range(mb) if 0 <= q - r * f.sw < kw]
-        if not pairs:
-            continue
-        lines += column(y0, f"{x0} + {q}", grp)
-        lines += [f"{ind}{nn}_{r}_{j}[{v}] = {nn}_{r}_{j}[{v}] + {lookup(f'iv_{d}_{j}[{v}]')}"
-                  for r, d in pairs for j in range(nv)]
+
+    def lookups() -> list[str]:  # one group step: its indices, then every column's lookups
+        out = []
+        for d in range(kw):
+            out += indices(d, f"{dy} * {kw} + {d}", grp)
+        for q in range((mb - 1) * f.sw + kw):
+            pairs = [(r, q - r * f.sw) for r in range(mb) if 0 <= q - r * f.sw < kw]
+            if not pairs:
+                continue
+            out += column(y0, f"{x0} + {q}", grp)
+            out += [f"{ind}{nn}_{r}_{j}[{v}] = {nn}_{r}_{j}[{v}] + {lookup(f'iv_{d}_{j}[{v}]')}"
+                    for r, d in pairs for j in range(nv)]
+        return out
+
+    ind = "                                    "
+    lines += [f"                            for i in range({geo.tpc}):"]
+    if dots is None:
+        lines += [f"                                for k in range({steps}):", *lookups()]
+    else:  # a quad beside each group while both last, then the rest of either
+        both, quad = min(geo.cgc, dots.quads), f"cc * {dots.quads} + k"
+        dot = dots.lines(quad, dy, y0, x0)
+        lines += [f"                                for k in range({both}):", *lookups(), *dot]
+        if geo.cgc > both:
+            lines += [f"                                for k in range({both}, {geo.cgc}):",
+                      *lookups()]
+        if dots.quads > both:
+            lines += [f"                                for k in range({both}, {dots.quads}):",
+                      *dot]
     shift = f"T.broadcast(T.{ut}({bits}), {h})"
     for r, j in tile:  # (narrow sums wrap past 2^(bits-1): LLVM adds below 32 bits wrap)
         u = f"T.reinterpret({nn}_{r}_{j}[{v}], dtype='{ut}x{h}')"
@@ -306,6 +420,9 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
                   f"dtype='{wt}x{h}')",
                   f"                        {wn}_{r}_{j}[T.ramp({h}, 1, {h})] = T.reinterpret("
                   f"so_{r}_{j}[{hv}] - {corr}, dtype='{wt}x{h}')"]
+        if dots:  # half p: channels (block nk, vector j) + h p .. + h
+            lines[-2:] = [f"{x} + va_{r}_{j}_{p}[{hv}] + {dots.corr}[T.ramp(nk * {spec.nb}"
+                          f" + {n * j + h * p}, 1, {h})]" for p, x in enumerate(lines[-2:])]
     return lines + _tile_stores(spec, f, wn, terms)
 
 
@@ -465,7 +582,10 @@ def lut_source(spec: GemmSpec) -> str:
     geo = lut_geometry(spec)
     c, h, w, ph, pw = f.c, f.h, f.w, f.ph, f.pw
     v = "T.ramp(0, 1, 32)"
-    lines = kernel_head(spec, f, geo.cgp, "uint8") + [
+    dpg = lut_dp_geometry_of(c, (spec.kernel[0], spec.kernel[1])) if spec.lut_dp else None
+    extra = ([f"Wv: T.Buffer(({f.taps}, {dpg.nc * dpg.qc}, {4 * spec.Np}), 'int8')",
+              f"Cv: T.Buffer(({spec.Np},), 'int32')"] if dpg else [])
+    lines = kernel_head(spec, f, geo.cgp, spec.w_dtype, extra) + [
         f"        tab = T.alloc_buffer(({f.hp}, {f.wt}, {geo.cgp}, 32), 'int16')",
         # the table-building constants (see below): signed weights of each entry, 4 bytes per
         # dword (the 4th zero), and -128 * their sum + LUT_BIAS
@@ -489,6 +609,11 @@ def lut_source(spec: GemmSpec) -> str:
               f"                    for g in range({geo.cgp}):",
               "                        for e in T.vectorized(32):",
               f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})"]
+    if dpg:  # the dot-product channels: each pixel's quads + 128 (u8), the ring's 0 + 128
+        lines[-6:-6] = [f"        xu = T.alloc_buffer(({f.hp}, {f.wt}, {dpg.nc * dpg.qc}), "
+                        "'int32')"]
+        lines += [f"                    for q in range({dpg.nc * dpg.qc}):",
+                  f"                        xu[y, z, q] = T.int32({_XOR_128})"]
     if geo.cgp > geo.cg and not LUT_SKIP_PADDING:
         lines += ["                else:",
                   f"                    for g in range({geo.cg}, {geo.cgp}):",
@@ -509,9 +634,15 @@ def lut_source(spec: GemmSpec) -> str:
     # dwords, against each entry's signed weights (w0, w1, w2, 0), starting from the constant
     # -128 * sum(w) (the +128 cancelled exactly); packssdw interleaves the two halves per 128-bit
     # lane, so half h, dword 4L + q holds entry 8L + 4h + q and the table is in entry order.
-    fast = (c - 1) // LUT_GROUP
-    xb = (f"T.reinterpret(T.broadcast(T.bitwise_xor(T.reinterpret(X.vload([b, y, z, g * 3], "
-          f"'int8x4'), dtype='int32'), T.int32({_XOR_128})), 16), dtype='int8x64')")
+    # (with dot-product channels every triple is followed by a quad in its chunk)
+    fast = geo.cg if dpg else (c - 1) // LUT_GROUP
+    first = dpg.triple_channel("g") if dpg else "g * 3"
+
+    def plus_128(channel: str) -> str:  # 4 input bytes + 128 each, as one int32
+        return (f"T.bitwise_xor(T.reinterpret(X.vload([b, y, z, {channel}], 'int8x4'), "
+                f"dtype='int32'), T.int32({_XOR_128}))")
+
+    xb = f"T.reinterpret(T.broadcast({plus_128(first)}, 16), dtype='int8x64')"
     dp = [f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{VPDPBUSD}'), "
           f"cq[T.ramp({16 * h}, 1, 16)], {xb}, wq[T.ramp({64 * h}, 1, 64)], dtype='int32x16')"
           for h in (0, 1)]
@@ -520,6 +651,10 @@ def lut_source(spec: GemmSpec) -> str:
                   f"                        tab[y + {ph}, z + {pw}, g, {v}] = "
                   f"T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id('{PACKSSDW}'), "
                   f"{dp[0]}, {dp[1]}, dtype='int16x32')"]
+    if dpg:
+        lines += [f"                    for q in range({dpg.nc * dpg.qc}):",
+                  f"                        xu[y + {ph}, z + {pw}, q] = "
+                  f"{plus_128(dpg.quad_channel('q'))}"]
     for g in range(fast, geo.cg):  # the last triple(s): plain vector arithmetic
         n = min(LUT_GROUP, c - LUT_GROUP * g)
         lines += ["                    for e in T.vectorized(32):",
@@ -540,9 +675,10 @@ def lut_source(spec: GemmSpec) -> str:
     # vector is widened
     def indices(d: int, tap: str, g: str) -> list[str]:
         ind, out = "                                    ", []
-        if f.nv % 2:
-            return [f"{ind}iv_{d}_{j}[{v}] = T.Cast('int16x32', Wi[{tap}, {g}, "
-                    f"T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)])" for j in range(f.nv)]
+        if f.nv % 2:  # (int16 indices: no widening, a shuffle the lookups would wait for)
+            cast = ("{}" if spec.w_dtype == "int16" else "T.Cast('int16x32', {})").format
+            return [f"{ind}iv_{d}_{j}[{v}] = " + cast(f"Wi[{tap}, {g}, "
+                    f"T.ramp(nk * {spec.nb} + {32 * j}, 1, 32)]") for j in range(f.nv)]
         for j in range(0, f.nv, 2):
             block = f"Wi[{tap}, {g}, T.ramp(nk * {spec.nb} + {32 * j}, 1, 64)]"
             out += [f"{ind}iv_{d}_{j}[{v}] = T.reinterpret({block}, dtype='int16x32')",
@@ -553,8 +689,35 @@ def lut_source(spec: GemmSpec) -> str:
     lines += row_tile_kernel(spec, f, geo, wide=("acc", "int32"), narrow=("a16", "int16"),
                              idx_dtype="int16", regs=["tv"], column=column, lookup=lookup,
                              indices=indices, bias=LUT_BIAS,
-                             skip_padding=LUT_SKIP_PADDING)
+                             skip_padding=LUT_SKIP_PADDING,
+                             dots=_dot_steps(spec, f, dpg) if dpg else None)
     return finish_source(spec, lines, LUT_LANES)
+
+
+def _dot_steps(spec: GemmSpec, f: ConvFrame, dpg: DpGeometry) -> DotSteps:
+    """The ``vpdpbusd`` quads of a ``t2_lut`` conv with dot-product channels: per tap of the
+    kernel row, the block's weights (``Wv [tap, quad, 4 Np]``: 16 channels x 4 bytes per zmm,
+    natural channel order) stay in registers while each tile pixel's 4 bytes + 128 (``xu``)
+    are broadcast; ``Cv = -128 sum(w)`` per channel cancels the + 128."""
+    ind, hv, bv = " " * 36, "T.ramp(0, 1, 16)", "T.ramp(0, 1, 64)"
+    halves = [(j, p) for j in range(f.nv) for p in (0, 1)]
+
+    def lines(quad: str, dy: str, y0: str, x0: str) -> list[str]:
+        out = []
+        for d in range(f.kw):
+            out += [f"{ind}wv_{j}_{p}[{bv}] = Wv[{dy} * {f.kw} + {d}, {quad}, T.ramp((nk * "
+                    f"{spec.nb} + {32 * j + 16 * p}) * 4, 1, 64)]" for j, p in halves]
+            for r in range(f.mb):
+                out.append(f"{ind}xv[{bv}] = T.reinterpret(T.broadcast(xu[{y0}, {x0} + "
+                           f"{r * f.sw + d}, {quad}], 16), dtype='int8x64')")
+                out += [f"{ind}va_{r}_{j}_{p}[{hv}] = T.call_llvm_pure_intrin("
+                        f"T.llvm_lookup_intrinsic_id('{VPDPBUSD}'), va_{r}_{j}_{p}[{hv}], "
+                        f"xv[{bv}], wv_{j}_{p}[{bv}], dtype='int32x16')" for j, p in halves]
+        return out
+
+    allocs = tuple(f"{x} = T.alloc_buffer((64,), 'int8')"
+                   for x in ["xv", *(f"wv_{j}_{p}" for j, p in halves)])
+    return DotSteps(quads=dpg.qc, lines=lines, allocs=allocs, corr="Cv")
 
 
 def lut_compute(spec: GemmSpec) -> Any:

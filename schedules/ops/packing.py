@@ -323,6 +323,43 @@ def pack_lut_idx(codes: np.ndarray, channels: int, kernel: tuple[int, int],
     return idx
 
 
+def pack_lut_dp(codes: np.ndarray, channels: int, kernel: tuple[int, int],
+                np_: int) -> list[np.ndarray]:
+    """``t2_lut`` with dot-product channels (:attr:`.spec.GemmSpec.lut_dp`): ``Wi [taps, T,
+    Np]`` int16 indices of the looked-up triples (as :func:`pack_lut_idx`), ``Wv [taps, Q,
+    4 Np]`` int8 weights of the quads (byte ``4 n + i``: channel ``n``, the quad's input ``i``)
+    and ``Cv [Np]`` = -128 x the sum of each channel's quad weights (the kernel adds 128 to
+    the quads' inputs: ``vpdpbusd`` multiplies unsigned by signed bytes). ``codes [N, K]`` in
+    (kh, kw, C) order.
+
+    Example:
+        >>> codes = np.zeros((32, 128), int)
+        >>> codes[1, 0], codes[1, 60:64] = 1, [1, -1, 1, 1]  # triple 0; quad 0 of chunk 0
+        >>> wi, wv, cv = pack_lut_dp(codes, 128, (1, 1), 32)
+        >>> wi.shape, wv.shape, int(wi[0, 0, 2]), wv[0, 0, 4:8].tolist(), int(cv[1])
+        ((1, 20, 32), (1, 17, 128), 14, [1, -1, 1, 1], -256)
+    """
+    from .lut import LUT_GROUP, LUT_LANES, lut_dp_geometry_of
+
+    _check_ternary(codes)
+    geo = lut_dp_geometry_of(channels, kernel)
+    if geo is None:
+        raise ValueError(f"lut_dp: {channels} input channels with kernel {kernel} have no split")
+    if np_ % LUT_LANES:
+        raise ValueError(f"table-lookup indices need Np % {LUT_LANES} == 0, got {np_}")
+    n, taps = codes.shape[0], kernel[0] * kernel[1]
+    w = np.zeros((np_, taps, geo.nc, geo.chunk), np.int16)  # padding channels: zeros (index 13)
+    w[:n] = np.asarray(codes, np.int16).reshape(n, taps, geo.nc, geo.chunk)
+    split = LUT_GROUP * geo.cgc
+    d = w[..., :split].reshape(np_, taps, geo.nc * geo.cgc, LUT_GROUP) + 1
+    idx = (d * 3 ** np.arange(LUT_GROUP)).sum(-1).transpose(1, 2, 0).astype(np.int16)
+    quads = w[..., split:].reshape(np_, taps, geo.nc * geo.qc, 4)
+    wv = np.ascontiguousarray(quads.transpose(1, 2, 0, 3)).reshape(taps, geo.nc * geo.qc,
+                                                                   4 * np_)
+    cv = (-128 * quads.sum(axis=(1, 2, 3))).astype(np.int32)
+    return [_interleave(idx, LUT_LANES), wv.astype(np.int8), cv]
+
+
 def _interleave(idx: np.ndarray, width: int) -> np.ndarray:
     """Per block of ``width`` channels of the last axis: position ``2k + half`` takes channel
     ``half * width / 2 + k``.
@@ -365,6 +402,8 @@ def pack_weight_args(spec: GemmSpec, lx: LayerExport) -> list[np.ndarray]:
             scale_block(spec))]
     elif spec.layout in ("t2_blocked", "t2_decoded"):
         w_args = [pack_t2_blocked(codes, spec.nb, spec.Np, spec.Kp)]
+    elif spec.layout == "t2_lut" and spec.lut_dp:
+        w_args = pack_lut_dp(codes, spec.in_shape[0], spec.kernel, spec.Np)
     elif spec.layout == "t2_lut":
         w_args = [pack_lut_idx(codes, spec.in_shape[0], spec.kernel, spec.Np,
                                paired=spec.nb % 64 == 0)]

@@ -3,6 +3,7 @@ and :func:`plan_gemm`, which turns an exported layer into one for a layout and t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from .amx import bf16_pieces
-from .lut import lut_geometry_of
+from .lut import lut_dp_geometry_of, lut_geometry_of
 from .packing import AVX2_TILE_K, AVX2_TILE_N, AVX512_TILE_N, TT_WORD
 from .ttlut import TT_LUT_GROUP, ttlut_geometry_of
 
@@ -114,12 +115,20 @@ class GemmSpec:
     #: ``(-128, 127)`` int8 codes, ``(0, 127)`` with a ReLU, ``(-1, 1)`` ternary codes.
     #: None: float32 output
     out_clip: tuple[int, int] | None = None
+    #: ``t2_lut``: some input channels of each chunk go to ``vpdpbusd`` instead of the tables
+    #: (:func:`.lut.lut_dp_geometry_of`), the two recipes interleaved in one loop; weights
+    #: ``Wi`` (int16 indices of the triples), ``Wv`` (int8 weights of the quads) and ``Cv``
+    #: (-128 x their sum per channel); 32-channel tiles
+    lut_dp: bool = False
 
     def __post_init__(self) -> None:
         if self.mask_words and not self.mask_lanes:
             raise ValueError("mask_words: tt_planes specs whose words are 64 contiguous codes "
                              "or a pixel of 8, 16 or 32 channels only, got layout "
                              f"{self.layout!r} with in_shape {self.in_shape}")
+        if self.lut_dp and (self.layout != "t2_lut" or self.nb != 32 or self.w_dtype != "int16"):
+            raise ValueError("lut_dp: t2_lut specs with 32-channel tiles and int16 indices only, "
+                             f"got layout {self.layout!r}, nb={self.nb}, w_dtype={self.w_dtype}")
         if self.out_clip is not None:
             lo, hi = self.out_clip
             if self.layout not in OUT_CLIP_LAYOUTS:
@@ -286,6 +295,17 @@ def _round_up(v: int, q: int) -> int:
 
 #: one point of a rule's tile-parameter grid (e.g. ``{"nb": 16, "mb": 4, "rows": 64}``)
 Params = Mapping[str, int]
+
+
+def with_lut_dp(spec: GemmSpec) -> GemmSpec:
+    """A ``t2_lut`` spec planned with 32-channel tiles, turned into one with dot-product
+    channels (:attr:`GemmSpec.lut_dp`): int16 indices, and the chunks hold every channel
+    exactly (no padding triples: ``Kp = K``)."""
+    if spec.layout != "t2_lut" or lut_dp_geometry_of(spec.in_shape[0], spec.kernel) is None:
+        raise ValueError(f"lut_dp: a t2_lut conv whose {spec.in_shape[0]} input channels split "
+                         f"into chunks (lut_dp_geometry_of), got layout {spec.layout!r} with "
+                         f"kernel {spec.kernel}")
+    return dataclasses.replace(spec, lut_dp=True, w_dtype="int16", Kp=spec.K, gs=spec.K)
 
 
 def tile_kwargs(params: Params, default: Mapping[str, int]) -> dict[str, int]:
