@@ -49,6 +49,7 @@ from .ops import (
     Params,
     Rule,
     WeightLayout,
+    layer_geometry,
     plan_gemm,
     tile_kwargs,
     with_lut_dp,
@@ -198,7 +199,9 @@ LUT_MIN_CHANNELS_STRIDED_DP = 64
 LUT_DP_MAX_BYTES = 512 << 10
 #: pixels per tile with dot-product channels: 7 x 32 channels hold 7 int16 + 14 int32
 #: accumulators, 3 index and 2 weight vectors; 8 pixels spilled (1.04x the time of plain
-#: lookups on 128x28x28, against 0.91x with 7)
+#: lookups on 128x28x28, against 0.91x with 7). Output rows that such tiles pad by more than
+#: 1/8 keep the plain lookups: CIFAR's 64x8x8 conv, in tiles of 6 + 2 pixels, took 1.21x /
+#: 1.18x the plain lookups' time (8-pixel tiles) at batch 1 / 64 (``ab-x86-znver4-lut-dp.txt``)
 LUT_DP_MAX_PIXELS = 7
 #: ternary x ternary byte-table lookups: 7 pixels of one output row x 2 zmm of 64 int8 lanes
 #: (128 channels); with 3x3 kernels 14 accumulators + 6 index vectors stay in registers (4 x 4
@@ -683,7 +686,14 @@ def lut_dp_applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     if geo is None:
         return False
     kh, kw = lx.kernel_size
-    return kh * kw * geo.nc * geo.qc * 4 * lx.out_channels <= LUT_DP_MAX_BYTES
+    if kh * kw * geo.nc * geo.qc * 4 * lx.out_channels > LUT_DP_MAX_BYTES:
+        return False
+    # the row tiles the planner takes (LUT_DP_MAX_PIXELS - 1 or one more pixel, whichever pads
+    # the output row less) may pad it by at most 1/8
+    wo = layer_geometry(lx)[1][1]
+    padded = min(-(-wo // m) * m for m in (min(c, wo) for c in (LUT_DP_MAX_PIXELS - 1,
+                                                                  LUT_DP_MAX_PIXELS)))
+    return 8 * (padded - wo) <= padded
 
 
 def _plan_t2_lut(lx: LayerExport, batch: int, target: _tvm.TargetInfo,

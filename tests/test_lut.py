@@ -129,12 +129,18 @@ def test_lut_dp_plan_and_source():
     steps = src[src.index("for k in range(17):"):]
     assert "permvar.hi.512" in steps and "vpdpbusd.512" in steps
     assert "for k in range(17, 20):" in src  # the 3 triples left look up alone
-    for kw, ok in ((dict(cin=256, out=256), True), (dict(cin=256, out=512), False),
-                   (dict(cin=512, out=512), False), (dict(cin=96, out=64), False)):
+    for kw, ok in ((dict(cin=256, out=256, hw=(14, 14)), True),
+                   (dict(cin=256, out=512, hw=(14, 14)), False),  # 0.63 MB of quad weights
+                   (dict(cin=512, out=512, hw=(7, 7)), False),
+                   (dict(cin=96, out=64, hw=(7, 7)), False),  # no chunk size divides 96
+                   # rows of 8 (6 + 2 pixels: 1/3 padding) and 16 (6 + 6 + 6: 1/9) pixels
+                   (dict(cin=64, out=64, hw=(8, 8)), False),
+                   (dict(cin=64, out=64, hw=(16, 16)), True)):
         assert x86.lut_dp_applies(make_layer("conv2d", **kw), AVX512) == ok, kw
     for target in (dataclasses.replace(AVX512, features=AVX512.features - {"avx512vnni"}),
                    dataclasses.replace(AVX512, mcpu="emeraldrapids")):
-        assert not x86.lut_dp_applies(make_layer("conv2d", cin=128, out=64), target)
+        assert not x86.lut_dp_applies(make_layer("conv2d", cin=128, out=64, hw=(7, 7)),
+                                      target)
     with pytest.raises(ValueError, match="lut_dp"):
         dataclasses.replace(spec, nb=64)
 

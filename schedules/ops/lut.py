@@ -28,16 +28,16 @@ rows of at most 85 lookups (rows grouped when a row has few triples, triples spl
 many: :func:`lut_geometry_of`).
 
 Dot-product channels (:attr:`.spec.GemmSpec.lut_dp`, chosen by ``x86.lut_dp_applies``): on
-znver4 ``vpermw`` and ``vpdpbusd`` issue on different pipes, so a loop that does both runs at about
-the sum of their rates (operands in registers: 6 lookups + 6 ``vpdpbusd`` 333-352 GMAC/s, the
-lookups alone 270-279, ``vpdpbusd`` alone 229-234). Each chunk of 128 (or 64) input channels
+znver4 ``vpermw`` and ``vpdpbusd`` issue on different pipes, so a loop that does both runs faster
+than either alone (operands in registers: 6 lookups + 6 ``vpdpbusd`` 326-344 GMAC/s, the
+lookups alone 275-284, ``vpdpbusd`` alone 231-236). Each chunk of 128 (or 64) input channels
 then sends 20 (8) triples to the tables and the other 68 (40) channels, in quads, to ``vpdpbusd``
 on int8 weights (``Wv``, the inputs + 128 copied once per pixel into ``xu``, ``Cv = -128 sum(w)``
 cancelling the 128); each group step of the row tile looks up one triple and multiplies one quad
 (:class:`DotSteps`). Tiles are 7 pixels x 32 channels (7 int16 + 14 int32 accumulators) and the
-indices int16 (no widening shuffle beside the lookups). Against the plain lookups in one process
-(batch 1): the ResNet-18 3x3 convs with 64-256 inputs 0.79-0.91x the time
-(``docs/measured/ab-x86-znver4-lut-dp.txt``).
+indices int16 (no widening shuffle beside the lookups). Against the plain lookups in one process:
+the ResNet-18 3x3 convs with 64-256 inputs 0.80-0.95x the time at batch 1, 0.83-0.93x at batch
+64 (``docs/measured/ab-x86-znver4-lut-dp.txt``).
 
 The kernel is written as TVMScript text (one unrolled register tile, a Python-generated body):
 TE cannot express a data-dependent in-register lookup, and tensorize cannot match one. It
@@ -145,7 +145,7 @@ def lut_geometry(spec: GemmSpec) -> LutGeometry:
 #: channels (the key), how many triples are looked up and how many quads go to ``vpdpbusd``.
 #: On znver4 ``vpermw`` and ``vpdpbusd`` issue on different pipes: in one loop (1 thread,
 #: operands in registers, ``docs/measured/ab-x86-znver4-lut-dp.txt``) 6 lookups + 6
-#: ``vpdpbusd`` ran at 333-352 GMAC/s against 270-279 for lookups alone and 229-234 for
+#: ``vpdpbusd`` ran at 326-344 GMAC/s against 275-284 for lookups alone and 231-236 for
 #: ``vpdpbusd`` alone. The splits are the fastest of those tried on the ResNet-18 3x3 convs
 #: (20 triples + 17 quads: 60 channels looked up, 68 multiplied; 64-channel chunks 8 + 10).
 LUT_DP_SPLITS: dict[int, tuple[int, int]] = {128: (20, 17), 64: (8, 10)}
@@ -339,7 +339,7 @@ def row_tile_kernel(spec: GemmSpec, f: ConvFrame, geo: LutGeometry, *,
 
     ``dots``: ``vpdpbusd`` work on other input channels, interleaved with the lookups (one
     quad per group step while both last, so the out-of-order core issues both recipes at once):
-    per chunk ``dots.quads`` quads, ``dots.lines(quad, row, tap_row, col0)`` the lines of one
+    per chunk ``dots.quads`` quads, ``dots.lines(quad, tap_row, row, col0)`` the lines of one
     (indent 36); their int32 sums ``va_{r}_{j}_{p}`` (16 channels: half ``p`` of vector ``j``)
     and ``dots.corr`` (an int32 buffer per channel) join the widened sums once per block."""
     n, v = f.lanes, f"T.ramp(0, 1, {f.lanes})"
@@ -585,8 +585,11 @@ def lut_source(spec: GemmSpec) -> str:
     dpg = lut_dp_geometry_of(c, (spec.kernel[0], spec.kernel[1])) if spec.lut_dp else None
     extra = ([f"Wv: T.Buffer(({f.taps}, {dpg.nc * dpg.qc}, {4 * spec.Np}), 'int8')",
               f"Cv: T.Buffer(({spec.Np},), 'int32')"] if dpg else [])
+    # the dot-product channels' inputs + 128 (u8, a quad per int32), per padded pixel
+    xu = ([f"        xu = T.alloc_buffer(({f.hp}, {f.wt}, {dpg.nc * dpg.qc}), 'int32')"]
+          if dpg else [])
     lines = kernel_head(spec, f, geo.cgp, spec.w_dtype, extra) + [
-        f"        tab = T.alloc_buffer(({f.hp}, {f.wt}, {geo.cgp}, 32), 'int16')",
+        f"        tab = T.alloc_buffer(({f.hp}, {f.wt}, {geo.cgp}, 32), 'int16')", *xu,
         # the table-building constants (see below): signed weights of each entry, 4 bytes per
         # dword (the 4th zero), and -128 * their sum + LUT_BIAS
         "        wq = T.alloc_buffer((128,), 'int8')",
@@ -609,9 +612,7 @@ def lut_source(spec: GemmSpec) -> str:
               f"                    for g in range({geo.cgp}):",
               "                        for e in T.vectorized(32):",
               f"                            tab[y, z, g, e] = T.int16({LUT_BIAS})"]
-    if dpg:  # the dot-product channels: each pixel's quads + 128 (u8), the ring's 0 + 128
-        lines[-6:-6] = [f"        xu = T.alloc_buffer(({f.hp}, {f.wt}, {dpg.nc * dpg.qc}), "
-                        "'int32')"]
+    if dpg:  # the ring's quads: zeros + 128
         lines += [f"                    for q in range({dpg.nc * dpg.qc}):",
                   f"                        xu[y, z, q] = T.int32({_XOR_128})"]
     if geo.cgp > geo.cg and not LUT_SKIP_PADDING:
