@@ -663,8 +663,11 @@ def _applies_t2_lut(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
 def lut_dp_applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     """Whether a ``t2_lut`` conv sends some input channels to ``vpdpbusd`` (:attr:`GemmSpec.
     lut_dp`): on full-rate-permute CPUs with AVX512-VNNI, where the channels split into the
-    chunks of :func:`.ops.lut.lut_dp_geometry_of` and the int8 weights of the multiplied
-    channels take at most :data:`LUT_DP_MAX_BYTES`.
+    chunks of :func:`.ops.lut.lut_dp_geometry_of`, the int8 weights of the multiplied
+    channels take at most :data:`LUT_DP_MAX_BYTES`, and the default tiles (at most
+    :data:`LUT_DP_MAX_PIXELS` pixels) pad the output row by at most 1/8. With them the plan
+    takes 32-channel tiles whatever the grid point's ``nb`` (the kernel benchmark's ``params``
+    column keeps the point asked for, ``tile`` the tiles built).
 
     Example:
         >>> from ternbench.schedules import _tvm
