@@ -2,7 +2,6 @@
 #include <time.h>
 static double now(void){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec+1e-9*t.tv_nsec;}
 static int act[64] __attribute__((aligned(64)));
-#define LK(i) "vpermw %%zmm31, %%zmm" #i ", %%zmm" #i "\n\t" /* placeholder */
 /* lookups: acc zmm0-11, idx zmm12-23 (kept), tmp zmm24-27, table zmm31 */
 #define L(a,x,t) "vpermw %%zmm31, %%zmm" #x ", %%zmm" #t "\n\t vpaddw %%zmm" #t ", %%zmm" #a ", %%zmm" #a "\n\t"
 /* vnni: acc, weight zmm28/29, embedded broadcast from act */
