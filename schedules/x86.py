@@ -51,6 +51,7 @@ from .ops import (
     WeightLayout,
     layer_geometry,
     plan_gemm,
+    row_tile_pixels,
     tile_kwargs,
     with_lut_dp,
 )
@@ -189,7 +190,7 @@ LUT_MIN_CHANNELS = 64
 #: d0e3aa2); at batch 64 1.04x, 1.12x, 1.11x and 0.95x; 64 -> 128 0.89-0.92x at batch 1
 LUT_MIN_CHANNELS_STRIDED = 128
 #: ... or 64 where it has dot-product channels (:func:`lut_dp_applies`): 3x3/2 64 -> 128 then
-#: ran 0.79x the time of the plain lookups and 0.90x that of the VNNI kernel (one process,
+#: ran 0.80x the time of the plain lookups and 0.91x that of the VNNI kernel (one process,
 #: batch 1; ``docs/measured/ab-x86-znver4-lut-dp.txt``)
 LUT_MIN_CHANNELS_STRIDED_DP = 64
 #: most bytes of int8 weights a ``t2_lut`` conv's dot-product channels may take (per layer):
@@ -694,8 +695,8 @@ def lut_dp_applies(lx: LayerExport, target: _tvm.TargetInfo) -> bool:
     # the row tiles the planner takes (LUT_DP_MAX_PIXELS - 1 or one more pixel, whichever pads
     # the output row less) may pad it by at most 1/8
     wo = layer_geometry(lx)[1][1]
-    padded = min(-(-wo // m) * m for m in (min(c, wo) for c in (LUT_DP_MAX_PIXELS - 1,
-                                                                  LUT_DP_MAX_PIXELS)))
+    mb = row_tile_pixels(wo, LUT_DP_MAX_PIXELS - 1)
+    padded = -(-wo // mb) * mb
     return 8 * (padded - wo) <= padded
 
 

@@ -101,6 +101,7 @@ from .spec import (
     layer_geometry,
     layer_offsets,
     plan_gemm,
+    row_tile_pixels,
     tile_kwargs,
     with_lut_dp,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "layer_geometry",
     "layer_offsets",
     "plan_gemm",
+    "row_tile_pixels",
     "with_lut_dp",
     "pack_weight_args",
     "requantize_args",

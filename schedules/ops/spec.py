@@ -297,6 +297,19 @@ def _round_up(v: int, q: int) -> int:
 Params = Mapping[str, int]
 
 
+def row_tile_pixels(width: int, mb_max: int) -> int:
+    """Pixels per row tile of the lookup kernels (``t2_lut``, ``tt_lut``) on output rows of
+    ``width``: ``mb_max`` or one more, whichever pads the row less (a row's last tile may be
+    partial), never more than the row.
+
+    Example:
+        >>> [row_tile_pixels(w, m) for w, m in ((56, 7), (32, 7), (8, 6), (4, 7))]
+        [7, 8, 6, 4]
+    """
+    return min((min(c, width) for c in (mb_max, mb_max + 1)),
+               key=lambda c: (-(-width // c) * c, c))
+
+
 def with_lut_dp(spec: GemmSpec) -> GemmSpec:
     """A ``t2_lut`` spec planned with 32-channel tiles, turned into one with dot-product
     channels (:attr:`GemmSpec.lut_dp`): int16 indices, and the chunks hold every channel
@@ -418,9 +431,7 @@ def plan_gemm(lx: LayerExport, batch: int, layout: WeightLayout, *, nb: int, mb_
     if layout in ("t2_lut", "tt_lut"):  # tiles of one image's pixels (tables per image) that
         # lie in one output row (they share table rows): mb_max or one more pixel, whichever
         # pads the row less; a row's last tile may be partial (wider tiles would spill)
-        mi = out_hw[1]
-        mb = min((min(c, mi) for c in (mb_max, mb_max + 1)), key=lambda c: (-(-mi // c) * c, c))
-        m_task = 1
+        mb, m_task = row_tile_pixels(out_hw[1], mb_max), 1
     else:
         mb, m_task = _row_tiles(batch * out_hw[0] * out_hw[1], mb_max, rows_per_task)
     # One group, or groups along the input channels of each tap (group_order "ijc"): reduce in
